@@ -1,0 +1,22 @@
+"""stepwell: run people's Python steps on data, sandboxed and exactly once.
+
+Inside a run, the node API is importable from here (``from stepwell import
+Table, State``) as well as from ``patterns``. Importing ``stepwell`` itself
+stays light: the API is loaded on first use.
+"""
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_NODE_API = frozenset({"Table", "Stream", "State", "Parameter", "Connection"})
+
+__all__ = sorted(_NODE_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NODE_API:
+        from stepwell.runtimes.node import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'stepwell' has no attribute {name!r}")

@@ -1,0 +1,307 @@
+"""The ``stepwell`` command line (DESIGN section 7a)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run Python steps on data: sandboxed, incremental, exactly once.",
+    pretty_exceptions_enable=False,
+)
+
+_verbose = False
+
+AppArg = Annotated[str, typer.Argument(help="App folder or app file (default: current dir)")]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="STEPWELL_STORE", help="Store URL (postgresql://...)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr."""
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks")] = False,
+) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@contextmanager
+def _opened(app_path: str, store_url: str | None):
+    """Load the app and open its store."""
+    from stepwell.app import load_app
+    from stepwell.store import open_store
+
+    spec = load_app(app_path)
+    for warning in spec.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    store = open_store(store_url or spec.store, spec.root)
+    try:
+        yield spec, store
+    finally:
+        store.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if hasattr(value, "as_tuple"):  # Decimal
+        return str(value)
+    return str(value)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, default=_jsonable, indent=2))
+
+
+# -- init -------------------------------------------------------------------
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder to create the app in")],
+    style: Annotated[str, typer.Option(help="node (more styles arrive with their runtimes)")] = "node",
+) -> None:
+    """Scaffold a new app."""
+    from stepwell.scaffold import scaffold
+
+    created = scaffold(directory, style)
+    _console().print(f"Created [bold]{directory}[/] ({', '.join(created)}). Next: "
+                     f"[cyan]stepwell run {directory}[/]")
+
+
+# -- run --------------------------------------------------------------------
+@app.command()
+def run(
+    app_path: AppArg = ".",
+    steps: Annotated[list[str] | None, typer.Argument(help="Steps to run (default: all)")] = None,
+    store: StoreOpt = None,
+    executor: Annotated[str, typer.Option(help="local")] = "local",
+) -> None:
+    """Run steps once, in dependency order, with a progress display."""
+    from stepwell.cli_progress import RunProgress
+    from stepwell.engine.app_run import run_steps, select_steps
+    from stepwell.engine.runner import SUCCESS, Runner
+
+    if executor != "local":
+        raise CliError(f"executor {executor!r} is not available yet; use --executor local")
+    with _opened(app_path, store) as (spec, st):
+        names = select_steps(spec, steps)
+        console = _console()
+        with RunProgress(console, total_steps=len(names)) as progress:
+            runs = run_steps(Runner(spec, st, listener=progress), names)
+        failed = [r for r in runs if r.status not in SUCCESS]
+        for r in failed:
+            print(f"error: step {r.step!r} {r.status}: {r.error} (details: stepwell logs "
+                  f"{app_path} {r.id})", file=sys.stderr)
+            if _verbose and r.traceback:
+                print(r.traceback, file=sys.stderr)
+        if failed:
+            raise typer.Exit(1)
+
+
+# -- load -------------------------------------------------------------------
+@app.command()
+def load(
+    app_path: AppArg,
+    table: Annotated[str, typer.Argument(help="Table to append to")],
+    file: Annotated[Path, typer.Argument(help=".csv, .jsonl, .json or .parquet file")],
+    store: StoreOpt = None,
+) -> None:
+    """Append a file's rows to a table as one committed write."""
+    from stepwell.engine.loading import load_file
+
+    with _opened(app_path, store) as (_spec, st):
+        rows = load_file(st, table, file)
+    _console().print(f"Loaded {rows} rows into [bold]{table}[/].")
+
+
+# -- table / tables -----------------------------------------------------------
+@app.command()
+def table(
+    app_path: AppArg,
+    name: Annotated[str, typer.Argument(help="Table name")],
+    limit: Annotated[int, typer.Option(help="Rows to show")] = 20,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Preview a table's rows."""
+    with _opened(app_path, store) as (_spec, st):
+        info = st.table_info(name)
+        if info is None:
+            known = ", ".join(t.name for t in st.list_tables()) or "none yet"
+            raise CliError(f"table {name!r} does not exist (tables: {known})")
+        rows = []
+        for batch in st.scan(name, batch_rows=max(limit, 1)):
+            rows.extend(batch.to_pylist())
+            if len(rows) >= limit:
+                break
+        rows = rows[:limit]
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.table import Table as RichTable
+
+    view = RichTable(title=f"{name} ({info.row_count} rows, version {info.version})")
+    for column in info.columns:
+        view.add_column(f"{column.name}\n[dim]{column.type}[/]")
+    for row in rows:
+        view.add_row(*[_cell(row.get(c.name)) for c in info.columns])
+    _console().print(view)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "[dim]null[/]"
+    text = value.isoformat() if hasattr(value, "isoformat") else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@app.command()
+def tables(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt = None) -> None:
+    """List tables with row counts and schemas."""
+    with _opened(app_path, store) as (_spec, st):
+        infos = st.list_tables()
+    if as_json:
+        _print_json(
+            [
+                {
+                    "name": t.name,
+                    "rows": t.row_count,
+                    "version": t.version,
+                    "unique_on": t.unique_on,
+                    "columns": {c.name: c.type for c in t.columns},
+                }
+                for t in infos
+            ]
+        )
+        return
+    from rich.table import Table as RichTable
+
+    view = RichTable("table", "rows", "version", "columns")
+    for t in infos:
+        view.add_row(t.name, str(t.row_count), str(t.version),
+                     ", ".join(f"{c.name} {c.type}" for c in t.columns))
+    _console().print(view)
+
+
+# -- runs / logs --------------------------------------------------------------
+RUN_FIELDS = ("id", "step", "status", "started_at", "ended_at", "rows_in", "rows_out", "error")
+
+
+@app.command()
+def runs(
+    app_path: AppArg = ".",
+    step: Annotated[str | None, typer.Option(help="Only this step's runs")] = None,
+    limit: Annotated[int, typer.Option(help="How many")] = 50,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """List runs, newest first."""
+    with _opened(app_path, store) as (_spec, st):
+        records = st.list_runs(step=step, limit=limit)
+    if as_json:
+        _print_json([{f: getattr(r, f) for f in RUN_FIELDS} for r in records])
+        return
+    from rich.table import Table as RichTable
+
+    view = RichTable("run", "step", "status", "started", "seconds", "in", "out", "error")
+    for r in records:
+        seconds = (r.ended_at - r.started_at).total_seconds() if r.ended_at and r.started_at else None
+        view.add_row(
+            r.id, r.step, _status(r.status),
+            r.started_at.strftime("%Y-%m-%d %H:%M:%S") if r.started_at else "",
+            f"{seconds:.2f}" if seconds is not None else "",
+            str(r.rows_in), str(r.rows_out), (r.error or "")[:80],
+        )
+    _console().print(view)
+
+
+def _status(status: str) -> str:
+    color = {"succeeded": "green", "succeeded_no_data": "green", "running": "cyan",
+             "succeeded_with_errors": "yellow"}.get(status, "red")
+    return f"[{color}]{status}[/]"
+
+
+@app.command()
+def logs(
+    app_path: AppArg,
+    run_id: Annotated[str, typer.Argument(help="Run id (see `stepwell runs`)")],
+    store: StoreOpt = None,
+) -> None:
+    """Print a run's log lines."""
+    with _opened(app_path, store) as (_spec, st):
+        record = st.get_run(run_id)
+        if record is None:
+            raise CliError(f"no run {run_id!r} (list runs with `stepwell runs {app_path}`)")
+        lines = st.get_logs(run_id)
+    for line in lines:
+        print(f"{line.ts.strftime('%H:%M:%S.%f')[:-3]} {line.level:5} {line.message}")
+    if record.error:
+        print(f"{record.status}: {record.error}")
+        if record.traceback:
+            print(record.traceback.rstrip())
+
+
+# -- state --------------------------------------------------------------------
+@app.command()
+def state(
+    app_path: AppArg,
+    step: Annotated[str, typer.Argument(help="Step name")],
+    reset: Annotated[bool, typer.Option("--reset", help="Clear state and stream positions")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE (JSON or text)")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """View or change a step's state and stream positions."""
+    from stepwell.engine.state_admin import change_state, describe_state
+
+    with _opened(app_path, store) as (spec, st):
+        spec.step(step)
+        if reset or set_:
+            change_state(st, step, reset=reset, assignments=set_ or [])
+        _print_json(describe_state(st, step))
+
+
+def main() -> None:
+    """Console-script entry: one clear line on failure, tracebacks with --verbose."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # usage errors from typer
+            exc.show()
+            sys.exit(exc.exit_code)
+        if _verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Running several steps of an app in dependency order."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from stepwell.engine.runner import SUCCESS, Runner
+from stepwell.store.base import RunRecord
+
+#: A step asking for another run (``State.request_new_run``) gets at most this many
+#: follow-up runs within one `stepwell run`.
+MAX_FOLLOW_UPS = 100
+#: Longest pause honoured for ``wait_atleast_seconds`` in the foreground runner.
+MAX_FOREGROUND_WAIT = 300.0
+
+
+def select_steps(app: Any, names: Sequence[str] | None) -> list[str]:
+    """The steps to run, in dependency order (all of them when ``names`` is empty)."""
+    order = [step.name for step in app.upstream_order()]
+    if not names:
+        return order
+    for name in names:
+        app.step(name)  # raises a clear error for unknown names
+    wanted = set(names)
+    return [name for name in order if name in wanted]
+
+
+def run_steps(runner: Runner, names: Sequence[str]) -> list[RunRecord]:
+    """Run each step once (plus the follow-up runs it requests), in order.
+
+    A failed step does not stop independent later steps, but steps reading
+    what a failed step writes still run on the data committed so far."""
+    runs: list[RunRecord] = []
+    for name in names:
+        run = runner.run_step(name)
+        runs.append(run)
+        follow_ups = 0
+        while run.status in SUCCESS and run.info.get("request_new_run") and follow_ups < MAX_FOLLOW_UPS:
+            wait = run.info["request_new_run"].get("wait_atleast_seconds") or 0
+            if wait:
+                time.sleep(min(float(wait), MAX_FOREGROUND_WAIT))
+            run = runner.run_step(name, trigger="request_new_run")
+            runs.append(run)
+            follow_ups += 1
+    return runs

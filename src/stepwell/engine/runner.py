@@ -1,0 +1,254 @@
+"""Running one step: create the run record, execute, commit or roll back.
+
+The runner is where a run's staged effects become one store transaction. For
+Python steps it starts a worker, serves it (``WorkerSession``) and maps how
+the worker ended onto the run's final status; SQL steps run in the host.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from stepwell.engine.logs import Redactor, RunLog
+from stepwell.engine.staging import StagedRun
+from stepwell.engine.worker_session import Outcome, WorkerSession
+from stepwell.runtimes.node import host as node_host
+from stepwell.runtimes.sql import run_sql_step
+from stepwell.sandbox.launcher import start_worker
+from stepwell.store import ids
+from stepwell.store.base import LogLine, RunRecord, Store
+
+#: Time limit when neither the step nor the app's defaults set one.
+DEFAULT_TIMEOUT = 600.0
+SUCCESS = frozenset({"succeeded", "succeeded_no_data", "succeeded_with_errors"})
+
+
+class RunListener(Protocol):
+    """Hooks for progress display (CLI) and live streaming (server)."""
+
+    def run_started(self, run: RunRecord) -> None: ...
+    def progress(self, run: RunRecord, rows_in: int, rows_out: int) -> None: ...
+    def log_line(self, run: RunRecord, line: LogLine) -> None: ...
+    def run_finished(self, run: RunRecord) -> None: ...
+
+
+class NullListener:
+    def run_started(self, run: RunRecord) -> None:
+        pass
+
+    def progress(self, run: RunRecord, rows_in: int, rows_out: int) -> None:
+        pass
+
+    def log_line(self, run: RunRecord, line: LogLine) -> None:
+        pass
+
+    def run_finished(self, run: RunRecord) -> None:
+        pass
+
+
+@dataclass
+class StepContext:
+    """What a run needs besides the store: resolved parameters and secrets."""
+
+    parameters: dict[str, Any]
+    secret_values: list[str]
+    time_limit: float | None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def recover_orphans(store: Store) -> list[str]:
+    """Close runs left ``running`` by a host process that no longer exists.
+
+    Their uncommitted effects were never committed, so only the record needs
+    fixing. Returns the ids it closed."""
+    closed = []
+    for run in store.list_runs(limit=10_000):
+        if run.status not in ("running", "queued"):
+            continue
+        if run.host_pid and run.host_pid != os.getpid() and _alive(run.host_pid):
+            continue
+        if run.host_pid == os.getpid():
+            continue
+        store.update_run(
+            run.id,
+            status="killed",
+            ended_at=_now(),
+            error=(
+                f"the host process (pid {run.host_pid}) stopped while this run was in "
+                f"progress; nothing after its last commit point was kept"
+            ),
+        )
+        closed.append(run.id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Runner:
+    def __init__(
+        self,
+        app: Any,
+        store: Store,
+        *,
+        listener: RunListener | None = None,
+        environ: Mapping[str, str] | None = None,
+    ):
+        self.app = app
+        self.store = store
+        self.listener = listener or NullListener()
+        self.environ = dict(os.environ if environ is None else environ)
+        self._env = None
+        self._env_checked = False
+        recover_orphans(store)
+
+    # -- preparation -----------------------------------------------------
+    def _context(self, step: Any) -> StepContext:
+        from stepwell.app import secrets
+
+        parameters = dict(step.parameters or {})
+        secret_values: list[str] = []
+        for name in sorted(secrets.find_secret_refs(parameters)):
+            value = secrets.resolve("${{ secrets.%s }}" % name, self.app.root, self.environ)
+            secret_values.extend(_strings(value))
+        resolved = secrets.resolve(parameters, self.app.root, self.environ)
+        limits = step.effective_limits(self.app.defaults)
+        timeout = limits.timeout if limits.timeout else DEFAULT_TIMEOUT
+        return StepContext(resolved, secret_values, timeout)
+
+    def _environment(self, log: RunLog) -> list[str]:
+        """The app's requirements environment (built once per content hash)."""
+        if not getattr(self.app, "requirements_file", None):
+            return []
+        from stepwell.engine.envs import env_for_app
+
+        if not self._env_checked:
+            self._env = env_for_app(self.app.root, self.app.requirements_file)
+            self._env_checked = True
+            how = "reused" if self._env.reused else f"built in {self._env.build_seconds:.1f}s"
+        else:
+            how = "reused"
+        log.add("info", [f"[stepwell] environment {self._env.key[:12]} for "
+                         f"{self.app.requirements_file}: {how}"])
+        return [str(self._env.site_packages)]
+
+    # -- running -----------------------------------------------------------
+    def run_step(self, name: str, trigger: str = "manual") -> RunRecord:
+        step = self.app.step(name)
+        run = RunRecord(
+            id=ids.new_id(),
+            step=step.name,
+            status="running",
+            trigger=trigger,
+            started_at=_now(),
+            host_pid=os.getpid(),
+        )
+        self.store.create_run(run)
+        self.listener.run_started(run)
+        redact = Redactor([])
+        log = RunLog(self.store, run.id, redact, lambda line: self.listener.log_line(run, line))
+        staged = None
+        try:
+            context = self._context(step)
+            redact.values = Redactor(context.secret_values).values
+            staged = StagedRun(self.store, run.id, step.name, unique_on=self._unique_on())
+            if step.kind == "sql":
+                outcome = self._run_sql(step, staged)
+            elif step.kind == "node":
+                outcome = self._run_node(step, run, context, staged, log, redact)
+            else:
+                outcome = Outcome("failed", f"step {step.name!r}: {step.kind} steps are not supported yet")
+        except Exception as exc:  # configuration problems: secrets, environment, files
+            if staged is not None:
+                staged.rollback()
+            outcome = Outcome("failed", redact(f"step {step.name!r}: {exc}"))
+        log.flush()
+        if outcome.status not in SUCCESS:
+            self.store.update_run(
+                run.id,
+                status=outcome.status,
+                ended_at=_now(),
+                error=outcome.error,
+                traceback=outcome.traceback,
+                rows_out=staged.committed_rows_out if staged else 0,
+            )
+        final = self.store.get_run(run.id) or run
+        self.listener.run_finished(final)
+        return final
+
+    def _unique_on(self) -> dict[str, list[str]]:
+        return {t.name: list(t.unique_on) for t in self.app.tables if getattr(t, "unique_on", None)}
+
+    def _run_sql(self, step: Any, staged: StagedRun) -> Outcome:
+        rows = run_sql_step(step, self.app.root, staged, self.store.dialect.name, self.app.table_names())
+        status = "succeeded" if rows else "succeeded_no_data"
+        staged.commit(None, None, run_fields={"status": status, "ended_at": _now(), "rows_out": rows})
+        return Outcome(status)
+
+    def _run_node(
+        self,
+        step: Any,
+        run: RunRecord,
+        context: StepContext,
+        staged: StagedRun,
+        log: RunLog,
+        redact: Redactor,
+    ) -> Outcome:
+        began = time.monotonic()
+        sys_path = self._environment(log)
+        start = node_host.start_message(
+            store=self.store,
+            run_id=run.id,
+            step=step,
+            app_root=str(self.app.root),
+            parameters=context.parameters,
+            time_limit=context.time_limit,
+            sys_path=sys_path,
+        )
+        worker = start_worker(self.app.root)
+        try:
+            start["elapsed"] = time.monotonic() - began
+            session = WorkerSession(
+                self.store,
+                staged,
+                worker,
+                log,
+                redact,
+                deadline=began + context.time_limit if context.time_limit else None,
+                limit_note=f" (timeout {_seconds(context.time_limit)})" if context.time_limit else "",
+                on_progress=lambda rows_in, rows_out: self.listener.progress(run, rows_in, rows_out),
+            )
+            return session.serve(start)
+        finally:
+            worker.close()
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "none"
+    return f"{value:g}s"
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return [str(value)] if value is not None else []

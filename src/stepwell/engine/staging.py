@@ -1,0 +1,150 @@
+"""A run's staged effects: the one place they become a store transaction.
+
+Writes go into an open store transaction as they arrive (so a long run's
+output never has to fit in memory), and nothing is visible to anyone else
+until ``commit`` adds the stream positions, state and run-record fields and
+commits all of it at once. ``rollback`` (or the host dying) discards it all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from stepwell.store import ids
+from stepwell.store.base import Store, StreamPosition, Transaction
+
+
+class StagedRun:
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        step: str,
+        *,
+        unique_on: Mapping[str, Sequence[str]] | None = None,
+        column_types: Mapping[str, Mapping[str, pa.DataType]] | None = None,
+    ):
+        self.store = store
+        self.run_id = run_id
+        self.step = step
+        self.rows_out = 0  # rows written, including staged ones
+        self.committed_rows_out = 0
+        self._unique_on = dict(unique_on or {})
+        self._column_types = dict(column_types or {})
+        self._tx: Transaction | None = None
+
+    def tx(self) -> Transaction:
+        if self._tx is None:
+            self._tx = self.store.transaction()
+        return self._tx
+
+    @property
+    def open(self) -> bool:
+        return self._tx is not None
+
+    # -- writes ----------------------------------------------------------
+    def prepare(
+        self,
+        data: pa.Table,
+        *,
+        id_column: str | None = "patterns_id",
+        add_created: str | None = None,
+        schema: Mapping[str, pa.DataType] | None = None,
+    ) -> pa.Table:
+        """Cast to declared column types and add the id / created-at columns."""
+        for name, type_ in (schema or {}).items():
+            if name in data.column_names and data.schema.field(name).type != type_:
+                index = data.column_names.index(name)
+                try:
+                    column = data.column(name).cast(type_)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise ValueError(f"field {name!r} does not fit its declared type {type_}: {exc}") from None
+                data = data.set_column(index, pa.field(name, type_), column)
+        if add_created:
+            now = pa.array([dt.datetime.now(dt.UTC)] * data.num_rows, pa.timestamp("us", "UTC"))
+            data = _put_column(data, add_created, now)
+        if id_column:
+            data = _put_column(data, id_column, ids.new_ids(data.num_rows))
+        return data
+
+    def write(
+        self,
+        table: str,
+        data: pa.Table,
+        *,
+        mode: str = "append",
+        unique_on: Sequence[str] | None = None,
+        id_column: str | None = "patterns_id",
+        add_created: str | None = None,
+        schema: Mapping[str, pa.DataType] | None = None,
+    ) -> int:
+        unique_on = list(unique_on or self._unique_on.get(table) or []) or None
+        declared = dict(self._column_types.get(table, {}))
+        declared.update(schema or {})
+        data = self.prepare(data, id_column=id_column, add_created=add_created, schema=declared)
+        if mode == "upsert":
+            if not unique_on:
+                raise ValueError(f"upsert into {table!r} needs unique_on columns")
+            written = self.tx().upsert(table, data, unique_on)
+        elif mode == "append":
+            written = self.tx().append(table, data, unique_on)
+        else:
+            raise ValueError(f"unknown write mode {mode!r}")
+        self.rows_out += written
+        return written
+
+    def truncate(self, table: str) -> None:
+        self.tx().truncate(table)
+
+    def reset(self, table: str) -> int:
+        return self.tx().reset(table)
+
+    def query(self, sql: str) -> pa.Table:
+        return self._tx.query(sql) if self._tx is not None else self.store.query(sql)
+
+    # -- commit points ---------------------------------------------------
+    def commit(
+        self,
+        positions: Sequence[Mapping[str, Any]] | None,
+        state: Mapping[str, Any] | None,
+        run_fields: Mapping[str, Any] | None = None,
+    ) -> None:
+        tx = self.tx()
+        if positions is not None:
+            tx.clear_positions(self.step)
+            for p in positions:
+                tx.set_position(
+                    StreamPosition(
+                        self.step,
+                        p["table"],
+                        tuple(p["order_by"]),
+                        int(p["table_version"]),
+                        p["value"],
+                        p["last_id"],
+                    )
+                )
+        if state is not None:
+            tx.set_state(self.step, dict(state))
+        if run_fields:
+            tx.update_run(self.run_id, **run_fields)
+        tx.commit()
+        self._tx = None
+        self.committed_rows_out = self.rows_out
+
+    def rollback(self) -> None:
+        if self._tx is not None:
+            tx, self._tx = self._tx, None
+            tx.rollback()
+        self.rows_out = self.committed_rows_out
+
+
+def _put_column(data: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    """Set ``name`` to ``values``, replacing a column of that name if present."""
+    if name in data.column_names:
+        index = data.column_names.index(name)
+        return data.set_column(index, pa.field(name, values.type), values)
+    return data.append_column(pa.field(name, values.type), values)

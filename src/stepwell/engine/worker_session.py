@@ -1,0 +1,259 @@
+"""The host's side of one worker run: answer the worker's requests until ``done``.
+
+Every data request (scan, write, read_sql, commit, ...) is served here against
+the store; writes and positions go through the run's ``StagedRun`` so they
+commit together. The session ends with an outcome the runner turns into the
+run's final status.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from stepwell.engine.logs import Redactor, RunLog
+from stepwell.engine.staging import StagedRun
+from stepwell.runtimes.sqlcheck import restrict_select
+from stepwell.sandbox.launcher import WorkerProcess
+from stepwell.sandbox.protocol import NOTIFY_OPS, PeerGone, ProtocolError, decode_table, encode_table
+from stepwell.store.base import Store
+
+
+@dataclass
+class Outcome:
+    """How the worker run ended (before the runner maps it to a run status)."""
+
+    status: str  # succeeded | failed | timed_out | killed
+    error: str | None = None
+    traceback: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkerSession:
+    def __init__(
+        self,
+        store: Store,
+        staged: StagedRun,
+        worker: WorkerProcess,
+        log: RunLog,
+        redact: Redactor,
+        *,
+        deadline: float | None,
+        limit_note: str = "",
+        column_types: Mapping[str, Mapping[str, pa.DataType]] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ):
+        self.store = store
+        self.staged = staged
+        self.worker = worker
+        self.log = log
+        self.redact = redact
+        self.deadline = deadline
+        self.limit_note = limit_note
+        self.schemas = dict(column_types or {})
+        self.on_progress = on_progress
+        self.rows_in = 0
+        self.committed_rows_in = 0
+        self._scans: dict[int, Iterator[pa.RecordBatch]] = {}
+        self._scan_ids = itertools.count(1)
+        self._done: Outcome | None = None
+
+    # -- the loop --------------------------------------------------------
+    def serve(self, start: dict[str, Any]) -> Outcome:
+        channel = self.worker.channel
+        try:
+            channel.send(start)
+            while self._done is None:
+                if self.deadline is not None:
+                    remaining = self.deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    channel.sock.settimeout(remaining)
+                message, body = channel.recv()
+                op = message.get("op")
+                reply, reply_body = self._dispatch(op, message, body)
+                if op not in NOTIFY_OPS:
+                    channel.send(reply, reply_body)
+        except (TimeoutError, socket.timeout):
+            self.worker.kill()
+            self.staged.rollback()
+            return Outcome("timed_out", f"the step exceeded its time limit{self.limit_note}")
+        except PeerGone:
+            self.staged.rollback()
+            if self._done is not None:
+                return self._done
+            return Outcome("killed", self._death_reason())
+        except ProtocolError as exc:
+            self.worker.kill()
+            self.staged.rollback()
+            return Outcome("failed", f"the worker broke the wire protocol: {exc}")
+        finally:
+            self._close_scans()
+        return self._done
+
+    def _death_reason(self) -> str:
+        description = self.worker.exit_description()
+        if "SIGKILL" in description and self.limit_note:
+            description += f" (a resource limit may have been exceeded{self.limit_note})"
+        return description
+
+    def _dispatch(self, op: Any, message: dict, body: bytes) -> tuple[dict, bytes]:
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown request {op!r}"}, b""
+        try:
+            result = handler(message, body)
+        except Exception as exc:  # errors go back to user code as exceptions
+            return {"ok": False, "error": self.redact(str(exc)) or type(exc).__name__}, b""
+        if isinstance(result, tuple):
+            reply, reply_body = result
+        else:
+            reply, reply_body = result or {}, b""
+        return {"ok": True, **reply}, reply_body
+
+    # -- reads -----------------------------------------------------------
+    def op_table_info(self, message: dict, _body: bytes) -> dict:
+        info = self.store.table_info(str(message["table"]))
+        if info is None:
+            return {"exists": False, "row_count": 0, "version": 0}
+        return {
+            "exists": True,
+            "row_count": info.row_count,
+            "version": info.version,
+            "columns": {c.name: c.type for c in info.columns},
+        }
+
+    def op_scan_open(self, message: dict, _body: bytes) -> dict:
+        table = str(message["table"])
+        info = self.store.table_info(table)
+        if info is None:
+            return {"scan": None, "version": 0}
+        order_by = message.get("order_by")
+        after = message.get("after")
+        if order_by:
+            missing = [c for c in order_by if c not in {col.name for col in info.columns}]
+            if missing:
+                raise ValueError(
+                    f"cannot stream table {table!r} ordered by {', '.join(missing)}: no such "
+                    f"column (columns: {', '.join(c.name for c in info.columns)})"
+                )
+        batches = self.store.scan(
+            table,
+            order_by=order_by or None,
+            after=tuple(after) if after else None,
+            batch_rows=int(message.get("batch_rows") or 50_000),
+        )
+        scan_id = next(self._scan_ids)
+        self._scans[scan_id] = iter(batches)
+        return {"scan": scan_id, "version": info.version}
+
+    def op_scan_next(self, message: dict, _body: bytes) -> tuple[dict, bytes]:
+        scan = self._scans.get(message.get("scan"))
+        if scan is None:
+            raise ValueError("unknown or closed scan")
+        batch = next(scan, None)
+        if batch is None:
+            self._scans.pop(message["scan"], None)
+            return {"done": True}, b""
+        self.rows_in += batch.num_rows
+        self._progress()
+        return {"rows": batch.num_rows}, encode_table(batch)
+
+    def op_scan_close(self, message: dict, _body: bytes) -> dict:
+        scan = self._scans.pop(message.get("scan"), None)
+        if scan is not None and hasattr(scan, "close"):
+            scan.close()
+        return {}
+
+    def _close_scans(self) -> None:
+        for scan in self._scans.values():
+            if hasattr(scan, "close"):
+                scan.close()
+        self._scans.clear()
+
+    def op_read_sql(self, message: dict, _body: bytes) -> tuple[dict, bytes]:
+        allowed = {str(k): str(v) for k, v in (message.get("tables") or {}).items()}
+        sql = restrict_select(
+            str(message["sql"]), allowed, self.store.dialect.name, where=f"read_sql in {self.staged.step}"
+        )
+        return {}, encode_table(self.staged.query(sql))
+
+    # -- writes ----------------------------------------------------------
+    def op_write(self, message: dict, body: bytes) -> dict:
+        data = decode_table(body)
+        schema_name = message.get("schema")
+        declared = self.schemas.get(f"schema:{schema_name}") if isinstance(schema_name, str) else None
+        if isinstance(schema_name, str) and declared is None:
+            raise ValueError(
+                f"Table({message['table']!r}, schema={schema_name!r}): no schema of that name "
+                f"is declared in the app file (`schemas:`)"
+            )
+        written = self.staged.write(
+            str(message["table"]),
+            data,
+            mode=str(message.get("mode", "append")),
+            unique_on=message.get("unique_on"),
+            id_column=message.get("id_column"),
+            add_created=message.get("add_created"),
+            schema=declared,
+        )
+        self._progress()
+        return {"rows": written}
+
+    def op_truncate(self, message: dict, _body: bytes) -> dict:
+        self.staged.truncate(str(message["table"]))
+        return {}
+
+    def op_reset(self, message: dict, _body: bytes) -> dict:
+        return {"version": self.staged.reset(str(message["table"]))}
+
+    # -- commit points ---------------------------------------------------
+    def op_commit(self, message: dict, _body: bytes) -> dict:
+        self.staged.commit(message.get("positions"), message.get("state"))
+        self.committed_rows_in = self.rows_in
+        return {}
+
+    def op_rollback(self, _message: dict, _body: bytes) -> dict:
+        self.staged.rollback()
+        self.rows_in = self.committed_rows_in
+        return {}
+
+    def op_done(self, message: dict, _body: bytes) -> dict:
+        if message.get("status") != "ok":
+            self.staged.rollback()
+            self._done = Outcome(
+                "failed",
+                self.redact(str(message.get("error") or "the step failed")),
+                self.redact(message.get("traceback")),
+            )
+            return {}
+        info = {}
+        if message.get("request_new_run"):
+            info["request_new_run"] = message["request_new_run"]
+        status = "succeeded" if self.rows_in or self.staged.rows_out else "succeeded_no_data"
+        fields = {
+            "status": status,
+            "ended_at": dt.datetime.now(dt.UTC),
+            "rows_in": self.rows_in,
+            "rows_out": self.staged.rows_out,
+            "info": info,
+        }
+        self.log.flush()
+        self.staged.commit(message.get("positions"), message.get("state"), run_fields=fields)
+        self._done = Outcome(status, info=info)
+        return {}
+
+    def op_log(self, message: dict, _body: bytes) -> dict:
+        self.log.add(str(message.get("level", "info")), message.get("lines") or [])
+        return {}
+
+    def _progress(self) -> None:
+        if self.on_progress:
+            self.on_progress(self.rows_in, self.staged.rows_out)

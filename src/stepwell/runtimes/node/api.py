@@ -1,0 +1,525 @@
+"""The node API user code sees: ``Table``, ``Stream``, ``State``, ``Parameter``.
+
+Inside a worker this module is also importable as ``patterns``, so nodes
+written for Patterns run unchanged; ``from stepwell import Table`` works too.
+Every call is served by the host over the wire protocol; nothing here touches
+the store directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from stepwell.runtimes.node.records import RecordError, records_to_arrow, to_records
+from stepwell.runtimes.node.session import NodeSession
+
+__all__ = ["Connection", "Parameter", "State", "Stream", "Table", "RecordError"]
+
+ID_COLUMN = "patterns_id"
+#: Rows buffered per table before they are shipped to the host as one Arrow batch.
+FLUSH_ROWS = 20_000
+#: consume_with_rollback() commits at most this often (records / seconds).
+GROUP_COMMIT_ROWS, GROUP_COMMIT_SECONDS = 10_000, 1.0
+
+_session: NodeSession | None = None
+
+
+def _current() -> NodeSession:
+    if _session is None:
+        raise RuntimeError(
+            "the stepwell node API only works inside a run: use `stepwell run APP STEP`"
+        )
+    return _session
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+class Table:
+    """A table the node reads (``mode="r"``, the default) or writes (``mode="w"``)."""
+
+    def __init__(
+        self,
+        name: str,
+        mode: str = "r",
+        description: str | None = None,
+        schema: str | dict | None = None,
+        required: bool = True,
+    ):
+        if mode not in ("r", "w"):
+            raise ValueError(f"Table({name!r}): mode must be 'r' or 'w', not {mode!r}")
+        session = _current()
+        self.port = name
+        self.table_name = session.resolve_table(name)
+        self.mode = mode
+        self.description = description
+        self.required = required
+        self._session = session
+        self._buffer: list[dict[str, Any]] = []
+        self._buffer_mode = "append"
+        self._rows_written = 0
+        self._options: dict[str, Any] = {
+            "id_column": ID_COLUMN,
+            "unique_on": None,
+            "add_created": None,
+            "schema": schema,
+        }
+        session.tables[name] = self
+
+    # -- identity --------------------------------------------------------
+    @property
+    def sql_name(self) -> str:
+        return f'"{self.table_name}"'
+
+    def __str__(self) -> str:
+        return self.sql_name
+
+    def __repr__(self) -> str:
+        return f"Table({self.port!r}, mode={self.mode!r})"
+
+    @property
+    def is_connected(self) -> bool:
+        return True
+
+    def _info(self) -> dict[str, Any]:
+        return self._session.table_info(self.table_name)
+
+    @property
+    def exists(self) -> bool:
+        return bool(self._info().get("exists"))
+
+    @property
+    def record_count(self) -> int:
+        return int(self._info().get("row_count", 0))
+
+    @property
+    def schema(self) -> dict[str, str] | None:
+        info = self._info()
+        return info.get("columns") if info.get("exists") else None
+
+    # -- reading ---------------------------------------------------------
+    def _batches(self, order_by: list[str] | None = None):
+        for _, batch in self._session.scan(self.table_name, order_by, None):
+            yield batch
+
+    def read(self, as_format: str = "records", chunksize: int | None = None) -> Any:
+        """All committed rows as records (list of dicts) or a DataFrame
+        (``as_format="dataframe"``); with ``chunksize``, an iterator of chunks."""
+        return _shape(self._batches(), as_format, chunksize)
+
+    def read_dataframe(self, chunksize: int | None = None) -> Any:
+        return self.read("dataframe", chunksize)
+
+    def read_sql(self, sql: str, as_format: str = "records", chunksize: int | None = None) -> Any:
+        """Run a SELECT over this node's own tables (by port name or ``str(table)``)."""
+        return _shape(iter(self._session.read_sql(sql).to_batches()), as_format, chunksize)
+
+    def as_stream(self, order_by: str | None = None, starting_value: Any = None) -> Stream:
+        return Stream(self, order_by, starting_value)
+
+    # -- writing ---------------------------------------------------------
+    def _check_writable(self, what: str) -> None:
+        if self.mode != "w":
+            raise PermissionError(
+                f"Table({self.port!r}) is read-only; open it with Table({self.port!r}, 'w') "
+                f"to {what}"
+            )
+
+    def init(
+        self,
+        schema: str | dict | None = None,
+        schema_hints: dict | None = None,
+        unique_on: str | list[str] | None = None,
+        add_created: str | None = None,
+        add_monotonic_id: str | None = ID_COLUMN,
+        auto_indexes: bool = True,
+    ) -> None:
+        """Set how rows are written: ``unique_on`` (needed by ``upsert``), the
+        monotonic id column (None disables ``patterns_id``), a created-at column."""
+        if isinstance(unique_on, str):
+            unique_on = [unique_on]
+        self._options.update(
+            unique_on=unique_on,
+            add_created=add_created,
+            id_column=add_monotonic_id,
+            schema=schema if schema is not None else self._options["schema"],
+            schema_hints=schema_hints,
+        )
+
+    def _add(self, records: Any, mode: str) -> None:
+        data = to_records(records)
+        if mode != self._buffer_mode:
+            self._send_buffer()
+            self._buffer_mode = mode
+        if isinstance(data, list):
+            self._buffer.extend(data)
+            if len(self._buffer) >= FLUSH_ROWS:
+                self._send_buffer()
+        else:  # an Arrow table (from a DataFrame): keep order, ship as is
+            self._send_buffer()
+            self._ship(data, mode)
+
+    def append(self, records: Any) -> None:
+        """Append a dict, a list of dicts or a DataFrame."""
+        self._check_writable("append rows")
+        self._add(records, "append")
+
+    def upsert(self, records: Any) -> None:
+        """Insert or replace rows by the ``unique_on`` columns given to ``init``."""
+        self._check_writable("upsert rows")
+        if not self._options["unique_on"]:
+            raise ValueError(
+                f"Table({self.port!r}).upsert needs unique_on: call "
+                f"Table({self.port!r}, 'w').init(unique_on=[...]) first"
+            )
+        self._add(records, "upsert")
+
+    def replace(self, records: Any) -> None:
+        """Point the table at a new version holding exactly ``records``."""
+        self.reset()
+        self.append(records)
+
+    def truncate(self) -> None:
+        """Delete all rows (keeps the table and its schema)."""
+        self._check_writable("truncate it")
+        self._buffer.clear()
+        self._session.link.call("truncate", table=self.table_name)
+
+    def reset(self) -> None:
+        """Start a new empty version; earlier versions are kept."""
+        self._check_writable("reset it")
+        self._buffer.clear()
+        self._session.link.call("reset", table=self.table_name)
+
+    def flush(self) -> None:
+        """A commit point: everything written and consumed so far becomes durable."""
+        self._session.commit()
+
+    def _send_buffer(self) -> None:
+        if not self._buffer:
+            return
+        rows, self._buffer = self._buffer, []
+        data = records_to_arrow(rows, self.table_name, self._rows_written)
+        self._ship(data, self._buffer_mode)
+
+    def _ship(self, data: Any, mode: str) -> None:
+        self._session.write(self.table_name, data, mode=mode, **self._options)
+        self._rows_written += data.num_rows
+
+
+def _shape(batches: Iterator, as_format: str, chunksize: int | None) -> Any:
+    import pyarrow as pa
+
+    if as_format not in ("records", "dataframe"):
+        raise ValueError(f"as_format must be 'records' or 'dataframe', not {as_format!r}")
+
+    def convert(table: pa.Table) -> Any:
+        return table.to_pandas() if as_format == "dataframe" else table.to_pylist()
+
+    if chunksize:
+
+        def chunks() -> Iterator[Any]:
+            pending: list = []
+            count = 0
+            for batch in batches:
+                pending.append(batch)
+                count += batch.num_rows
+                while count >= chunksize:
+                    table = pa.Table.from_batches(pending)
+                    yield convert(table.slice(0, chunksize))
+                    rest = table.slice(chunksize)
+                    pending, count = rest.to_batches(), rest.num_rows
+            if count:
+                yield convert(pa.Table.from_batches(pending))
+
+        return chunks()
+    collected = list(batches)
+    if not collected:
+        return convert(pa.table({})) if as_format == "dataframe" else []
+    return convert(pa.Table.from_batches(collected))
+
+
+class Stream:
+    """Reads a table's rows exactly once across runs, in ``order_by`` order.
+
+    A row counts as consumed when it is yielded; progress becomes durable at
+    the next commit point. Ties in ``order_by`` are broken by ``patterns_id``.
+    """
+
+    def __init__(self, table: Table, order_by: str | None = None, starting_value: Any = None):
+        self.table = table
+        session = table._session
+        self._session = session
+        self.order_by_field = order_by or ID_COLUMN
+        self.order_columns: tuple[str, ...] = (
+            (ID_COLUMN,) if self.order_by_field == ID_COLUMN else (self.order_by_field, ID_COLUMN)
+        )
+        committed = session.committed_positions.get((table.table_name, self.order_columns))
+        self._committed_position = committed
+        if committed is None and starting_value is not None:
+            committed = (None, starting_value, None)
+        self._base = committed  # where this run's reading starts: (version, value, last_id)
+        self._current: tuple[int, Any, Any] | None = None  # last yielded row
+        self._generation = 0
+        session.streams.append(self)
+
+    # positions -----------------------------------------------------------
+    def position_for_commit(self) -> tuple[int, Any, Any] | None:
+        current = self._current or self._base
+        if current is None or current[0] is None:
+            return None
+        return current
+
+    def _committed(self) -> None:
+        self._committed_position = self.position_for_commit()
+
+    def _rolled_back(self) -> None:
+        self._base = self._committed_position
+        self._current = None
+        self._generation += 1
+
+    # consuming ---------------------------------------------------------
+    def _after(self) -> Any:
+        position = self._current or self._base
+        if position is None:
+            return None
+        return [position[1], position[2]]
+
+    def consume_records(self, with_metadata: bool = False) -> Iterator[dict[str, Any]]:
+        """Yield each row not consumed before, oldest first."""
+        generation = self._generation
+        columns = list(self.order_columns)
+        first = columns[0]
+        has_tie = len(columns) > 1
+        for version, batch in self._session.scan(self.table.table_name, columns, self._after()):
+            if has_tie and ID_COLUMN not in batch.schema.names:
+                raise ValueError(
+                    f"table {self.table.table_name!r} has no {ID_COLUMN} column to break "
+                    f"ties in order_by={first!r}; order by a unique column instead"
+                )
+            if first not in batch.schema.names:
+                raise ValueError(
+                    f"cannot stream table {self.table.table_name!r} by {first!r}: no such "
+                    f"column (columns: {', '.join(batch.schema.names)})"
+                )
+            rows = batch.to_pylist()
+            order_values = batch.column(first).to_pylist()
+            ids = batch.column(ID_COLUMN).to_pylist() if has_tie else None
+            for index, row in enumerate(rows):
+                if generation != self._generation:
+                    return  # rolled back: stop delivering from a stale position
+                self._current = (version, order_values[index], ids[index] if ids else None)
+                if with_metadata:
+                    yield {"record": row, "metadata": {"table": self.table.port,
+                                                       "order_by": self.order_by_field}}
+                else:
+                    yield row
+
+    __iter__ = consume_records
+
+    def checkpoint(self) -> None:
+        """A commit point: consumed rows and all writes so far become durable."""
+        self._session.commit()
+
+    def rollback(self) -> None:
+        """Forget everything since the last commit point (rows are consumed again,
+        writes since then are dropped)."""
+        self._session.rollback()
+
+    def rewind(self) -> None:
+        """Consume the table again from its first row."""
+        self._base = None
+        self._current = None
+        self._session.committed_positions.pop((self.table.table_name, self.order_columns), None)
+        self._generation += 1
+
+    def seek(self, value: Any) -> None:
+        """Continue with rows whose order_by value is strictly greater than ``value``."""
+        self._base = (self._version_hint(), value, None)
+        self._current = None
+        self._generation += 1
+
+    def _version_hint(self) -> int:
+        info = self._session.table_info(self.table.table_name)
+        return int(info.get("version", 1))
+
+    @contextlib.contextmanager
+    def consume_with_rollback(self) -> Iterator[Iterator[dict[str, Any]]]:
+        """Consume rows; if the block raises, roll back to the last commit point and
+        re-raise, so the failing row (and its writes) come again next run."""
+
+        def records() -> Iterator[dict[str, Any]]:
+            since, last = 0, _now()
+            for record in self.consume_records():
+                yield record
+                since += 1
+                if since >= GROUP_COMMIT_ROWS or _now() - last > GROUP_COMMIT_SECONDS:
+                    self.checkpoint()
+                    since, last = 0, _now()
+
+        try:
+            yield records()
+        except BaseException:
+            self.rollback()
+            raise
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+class State:
+    """Small JSON-able values kept per step across runs, committed with its data."""
+
+    def __init__(self) -> None:
+        self._session = _current()
+
+    def get(self) -> dict[str, Any]:
+        return dict(self._session.state)
+
+    def set(self, state: dict[str, Any]) -> None:
+        self._session.state = dict(_jsonable(state))
+
+    def get_value(self, key: str, default: Any = None) -> Any:
+        return self._session.state.get(key, default)
+
+    def set_value(self, key: str, value: Any) -> None:
+        self._session.state[key] = _jsonable(value)
+
+    def get_datetime(self, key: str, default: Any = None) -> dt.datetime | None:
+        value = self._session.state.get(key, default)
+        if isinstance(value, str):
+            return dt.datetime.fromisoformat(value)
+        return value
+
+    def reset(self) -> None:
+        """Clear all values and stream positions of this step (at the next commit)."""
+        self._session.state = {}
+        self._session.state_reset = True
+        self._session.committed_positions.clear()
+
+    def should_continue(
+        self, pct_of_limit: float | None = None, seconds_till_limit: float | None = None
+    ) -> bool:
+        """False once the run nears its time limit: by default at 80 % of it or
+        120 s before it, whichever comes first."""
+        limit = self._session.time_limit
+        if not limit:
+            return True
+        elapsed = self._session.elapsed()
+        pct = 0.8 if pct_of_limit is None else pct_of_limit
+        seconds = 120.0 if seconds_till_limit is None else seconds_till_limit
+        if pct_of_limit is not None and seconds_till_limit is None:
+            return elapsed < limit * pct
+        if seconds_till_limit is not None and pct_of_limit is None:
+            return elapsed < limit - seconds
+        return elapsed < min(limit * pct, limit - seconds)
+
+    def request_new_run(
+        self, trigger_downstream: bool = True, wait_atleast_seconds: float | None = None
+    ) -> None:
+        """Ask for another run of this step after this one ends."""
+        self._session.new_run_request = {
+            "trigger_downstream": trigger_downstream,
+            "wait_atleast_seconds": wait_atleast_seconds,
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    """State must survive a JSON round trip; reject what would not, early."""
+    try:
+        json.dumps(value, default=_state_default)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"State values must be JSON-serialisable: {exc}") from None
+    return json.loads(json.dumps(value, default=_state_default))
+
+
+def _state_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+class Connection(dict):
+    """A parameter type for connection credentials: ``Parameter("db", type=Connection("postgres"))``
+    returns a dict-like Connection of that kind."""
+
+    def __init__(self, connection_type: str | None = None, values: dict | None = None):
+        super().__init__(values or {})
+        self.connection_type = connection_type
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
+
+
+def _coerce(name: str, value: Any, type_: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if isinstance(type_, Connection):
+            if isinstance(value, str):
+                value = json.loads(value)
+            return Connection(type_.connection_type, dict(value))
+        if type_ is bool:
+            if isinstance(value, str):
+                if value.strip().lower() in _TRUE | _FALSE:
+                    return value.strip().lower() in _TRUE
+                raise ValueError(f"{value!r} is not true/false")
+            return bool(value)
+        if type_ is dt.datetime:
+            if isinstance(value, dt.datetime):
+                return value
+            if isinstance(value, dt.date):
+                return dt.datetime(value.year, value.month, value.day)
+            return dt.datetime.fromisoformat(str(value))
+        if type_ is dt.date:
+            if isinstance(value, dt.datetime):
+                return value.date()
+            if isinstance(value, dt.date):
+                return value
+            return dt.date.fromisoformat(str(value))
+        if type_ is list:
+            if isinstance(value, str):
+                text = value.strip()
+                if text.startswith("["):
+                    return list(json.loads(text))
+                return [part.strip() for part in text.split(",") if part.strip()]
+            return list(value)
+        if type_ in (int, float, str):
+            return type_(value)
+        return type_(value)
+    except (TypeError, ValueError) as exc:
+        type_name = getattr(type_, "__name__", type(type_).__name__)
+        raise ValueError(
+            f"parameter {name!r}: cannot use {value!r} as {type_name} ({exc}); fix its value "
+            f"under the step's parameters in the app file"
+        ) from None
+
+
+def Parameter(  # noqa: N802 - the Patterns API spells it as a class
+    name: str,
+    description: str | None = None,
+    type: Any = str,  # noqa: A002 - Patterns' keyword
+    default: Any = MISSING,
+) -> Any:
+    """The value of a step parameter, converted to ``type``."""
+    parameters = _current().parameters
+    if name in parameters:
+        return _coerce(name, parameters[name], type)
+    if default is MISSING:
+        raise ValueError(
+            f"parameter {name!r} has no value: set it under the step's `parameters:` in the "
+            f"app file (or `parameter_values:` in graph.yml), or give it a default"
+        )
+    return _coerce(name, default, type)

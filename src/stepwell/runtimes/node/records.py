@@ -1,0 +1,102 @@
+"""Turning user records into Arrow, with errors that name the row and field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+
+#: Field metadata marking a text column that holds JSON documents.
+JSON_META = {b"stepwell.type": b"json"}
+
+
+class RecordError(ValueError):
+    """A written record cannot be stored; the message names table, row and field."""
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _column(name: str, values: list[Any], table: str, first_row: int) -> pa.Array | tuple:
+    """Convert one column; nested values become JSON text, conflicts raise RecordError."""
+    sample = next((v for v in values if v is not None), None)
+    if isinstance(sample, (dict, list, tuple)):
+        texts = [None if v is None else json.dumps(v, default=_json_default) for v in values]
+        return pa.array(texts, pa.string()), True
+    try:
+        return pa.array(values), False
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError) as exc:
+        first_type = type(sample)
+        for index, value in enumerate(values):
+            if value is None:
+                continue
+            try:
+                pa.array([value])
+            except Exception:
+                raise RecordError(
+                    f"table {table!r}, row {first_row + index}, field {name!r}: a value of "
+                    f"type {type(value).__name__} cannot be stored; convert it to str, int, "
+                    f"float, bool, datetime, date, Decimal, dict or list"
+                ) from None
+            if type(value) is not first_type and not (
+                isinstance(value, (int, float)) and isinstance(sample, (int, float))
+            ):
+                raise RecordError(
+                    f"table {table!r}, row {first_row + index}, field {name!r}: got "
+                    f"{type(value).__name__} {value!r:.60} but earlier rows have "
+                    f"{first_type.__name__}; write one type per field"
+                ) from None
+        raise RecordError(f"table {table!r}, field {name!r}: {exc}") from None
+
+
+def records_to_arrow(records: list[dict[str, Any]], table: str, first_row: int = 0) -> pa.Table:
+    """Build an Arrow table from dict records (missing keys become NULL)."""
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise RecordError(
+                f"table {table!r}, row {first_row + index}: expected a dict (one record), "
+                f"got {type(record).__name__} {record!r:.60}"
+            )
+    try:
+        result = pa.Table.from_pylist(records)
+        if not any(pa.types.is_nested(f.type) for f in result.schema):
+            return result
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
+        pass
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(dict.fromkeys(record))
+    arrays, fields = [], []
+    for name in names:
+        array, is_json = _column(name, [r.get(name) for r in records], table, first_row)
+        arrays.append(array)
+        fields.append(pa.field(str(name), array.type, metadata=JSON_META if is_json else None))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def to_records(data: Any) -> Iterable[dict[str, Any]] | pa.Table:
+    """Normalise what a user passes to append/upsert: a dict, a list of dicts, or a
+    DataFrame / Arrow table (returned as an Arrow table)."""
+    if isinstance(data, dict):
+        return [dict(data)]
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if type(data).__name__ == "DataFrame" and hasattr(data, "to_dict"):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    if isinstance(data, (list, tuple)) or hasattr(data, "__iter__"):
+        return [dict(r) if isinstance(r, dict) else r for r in data]
+    raise RecordError(
+        f"cannot write a {type(data).__name__}; pass a dict, a list of dicts or a DataFrame"
+    )

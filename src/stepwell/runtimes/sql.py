@@ -1,0 +1,39 @@
+"""SQL steps: one SELECT over app tables, its result replaces the output table.
+
+SQL steps run in the host (there is no user Python to isolate), but the query
+is checked first: a single SELECT that reads only the app's tables, never the
+``stepwell`` bookkeeping schema, files or system functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from stepwell.runtimes.sqlcheck import restrict_select, template_tables
+
+
+def sql_output(step) -> str:
+    """The table a SQL step writes: ``output:``, else its only declared output."""
+    if getattr(step, "output", None):
+        return step.output
+    outputs = list((step.outputs or {}).values())
+    if len(outputs) == 1:
+        return outputs[0]
+    return step.name
+
+
+def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[str]) -> int:
+    """Run the step's query and stage its result as the new content of its output.
+    Returns the number of rows written (the caller commits)."""
+    path = app_root / step.file
+    sql = path.read_text()
+    allowed = {name: name for name in tables}
+    allowed.update({name: name for name in template_tables(sql)})
+    allowed.update(dict(step.inputs or {}))
+    checked = restrict_select(sql, allowed, dialect, where=str(step.file))
+    result = staged.query(checked)
+    output = sql_output(step)
+    if staged.store.table_info(output) is not None:
+        staged.truncate(output)
+    return staged.write(output, result, mode="append", id_column=None)

@@ -1,0 +1,75 @@
+"""Checking user SQL before the host runs it: one SELECT over allowed tables only."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+#: Patterns-style templating: ``{{ Table("orders") }}`` (optionally with a mode).
+_TABLE_TEMPLATE = re.compile(
+    r"""\{\{\s*Table\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']\s*(?:,\s*[^)]*)?\)\s*\}\}"""
+)
+
+
+#: store dialect names -> sqlglot dialect names
+_SQLGLOT_DIALECTS = {"postgresql": "postgres", "duckdb": "duckdb"}
+
+
+class SqlNotAllowed(ValueError):
+    """The SQL is not a single SELECT over the tables this step may read."""
+
+
+def expand_templates(sql: str) -> str:
+    """Replace ``{{ Table("x") }}`` with the plain table name ``x``."""
+    return _TABLE_TEMPLATE.sub(lambda m: m.group(1), sql)
+
+
+def template_tables(sql: str) -> list[str]:
+    return _TABLE_TEMPLATE.findall(sql)
+
+
+def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: str) -> str:
+    """Return ``sql`` rewritten so names in ``allowed`` (alias -> table) point at
+    their tables; raise ``SqlNotAllowed`` for anything but one SELECT reading only
+    those tables. ``where`` names the step or file for error messages."""
+    import sqlglot
+    from sqlglot import exp
+
+    dialect = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
+    text = expand_templates(sql).strip().rstrip(";")
+    try:
+        statements = [s for s in sqlglot.parse(text, read=dialect) if s is not None]
+    except sqlglot.errors.ParseError as exc:
+        first = str(exc).splitlines()[0]
+        raise SqlNotAllowed(f"{where}: cannot parse SQL: {first}") from None
+    if len(statements) != 1:
+        raise SqlNotAllowed(f"{where}: expected one SELECT statement, got {len(statements)}")
+    tree = statements[0]
+    if not isinstance(tree, (exp.Select, exp.Union, exp.Intersect, exp.Except)):
+        raise SqlNotAllowed(
+            f"{where}: only SELECT queries are allowed here, not {tree.key.upper()}"
+        )
+    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+    targets = set(allowed.values())
+    for table in tree.find_all(exp.Table):
+        name = table.name
+        if table.args.get("db") or table.args.get("catalog"):
+            raise SqlNotAllowed(
+                f"{where}: table {table.sql(dialect=dialect)} is not allowed: only this "
+                f"step's tables ({', '.join(sorted(allowed)) or 'none'}) can be read"
+            )
+        if name in ctes:
+            continue
+        if name in allowed:
+            table.set("this", exp.to_identifier(allowed[name], quoted=True))
+        elif name not in targets:
+            raise SqlNotAllowed(
+                f"{where}: table {name!r} is not one of this step's tables "
+                f"({', '.join(sorted(allowed)) or 'none'}); declare it with Table({name!r}) "
+                f"or list it in the step's inputs"
+            )
+    for func in tree.find_all(exp.Anonymous, exp.ReadCSV):
+        fname = str(func.name or func.key).lower()
+        if fname.startswith(("read_", "pg_", "lo_")):
+            raise SqlNotAllowed(f"{where}: function {fname}() is not allowed in step SQL")
+    return tree.sql(dialect=dialect)

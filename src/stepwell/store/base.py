@@ -1,0 +1,253 @@
+"""The store boundary.
+
+The host process is the only owner of the store: user code never holds a
+connection. Everything above this module (runner, CLI, server) talks to a
+``Store`` in plain types: Arrow tables/batches for data, dataclasses for
+bookkeeping records. Two implementations pass one conformance suite:
+``DuckDBStore`` (embedded, default) and ``PostgresStore`` (psycopg 3).
+
+Reads through ``Store`` see committed data only. Every change a run makes goes
+through one ``Transaction`` that the runner commits at a commit point, so data,
+stream positions, state and the run record become visible together or not at
+all::
+
+    with store.transaction() as tx:
+        tx.append("orders", arrow_table)
+        tx.set_position(StreamPosition("enrich", "orders", ("patterns_id",), 1, None, "01h..."))
+        tx.set_state("enrich", {"count": 3})
+        tx.commit()
+
+User tables live in the default schema under their own names (so SQL steps can
+name them directly); bookkeeping lives in the ``stepwell`` schema.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+#: Column holding the monotonic ULID every node/webhook/connector row gets.
+ID_COLUMN = "patterns_id"
+
+
+class StoreError(Exception):
+    """A store operation failed; the message says what and what to do."""
+
+
+class SchemaConflict(StoreError):
+    """Incoming data cannot be stored in a table's existing column without loss."""
+
+    def __init__(self, table: str, column: str, existing: str, incoming: str):
+        self.table, self.column, self.existing, self.incoming = table, column, existing, incoming
+        super().__init__(
+            f"table {table!r}, column {column!r}: existing type {existing} cannot hold "
+            f"incoming {incoming} values; write {existing} values, rename the field, "
+            f"or reset the table"
+        )
+
+
+@dataclass
+class ColumnInfo:
+    name: str
+    #: logical type: int, float, decimal(p,s), str, bool, date, datetime,
+    #: datetime_tz, json, binary
+    type: str
+
+
+@dataclass
+class TableInfo:
+    name: str
+    columns: list[ColumnInfo]
+    row_count: int
+    version: int
+    unique_on: list[str] | None = None
+
+
+@dataclass
+class TableVersion:
+    table: str
+    version: int
+    physical_name: str
+    created_at: datetime
+    active: bool
+    row_count: int
+
+
+@dataclass
+class RunRecord:
+    id: str
+    step: str
+    status: str
+    trigger: str = "manual"
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    rows_in: int = 0
+    rows_out: int = 0
+    error: str | None = None
+    traceback: str | None = None
+    host_pid: int | None = None
+    #: free-form JSON details (request_new_run, environment, partitions, ...)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LogLine:
+    run_id: str
+    seq: int
+    ts: datetime
+    level: str
+    message: str
+
+
+@dataclass
+class StreamPosition:
+    """How far ``step`` has consumed ``table`` in ``order_by`` order.
+
+    ``value`` is the last consumed row's first order_by value (JSON-able or a
+    datetime/date) and ``last_id`` its ``patterns_id`` (tie breaker), or None
+    when the table has no ``patterns_id``. A position recorded for another
+    ``table_version`` than the active one is ignored (the table was reset).
+    """
+
+    step: str
+    table: str
+    order_by: tuple[str, ...]
+    table_version: int
+    value: Any
+    last_id: str | None
+
+
+class Transaction(abc.ABC):
+    """One atomic unit of change. Nothing is visible to others before ``commit``."""
+
+    @abc.abstractmethod
+    def append(self, table: str, data: pa.Table, unique_on: Sequence[str] | None = None) -> int:
+        """Append rows, creating the table (schema from ``data``) or widening it.
+
+        Returns the number of rows written. Raises ``SchemaConflict`` when a
+        column cannot be widened safely.
+        """
+
+    @abc.abstractmethod
+    def upsert(self, table: str, data: pa.Table, unique_on: Sequence[str]) -> int:
+        """Insert rows, replacing existing rows with equal ``unique_on`` values
+        (last row wins within ``data``)."""
+
+    @abc.abstractmethod
+    def truncate(self, table: str) -> None:
+        """Delete all rows, keep the table, its schema and version."""
+
+    @abc.abstractmethod
+    def reset(self, table: str) -> int:
+        """Point ``table`` at a new empty version; the old version's rows are kept
+        under a versioned name. Returns the new version number."""
+
+    @abc.abstractmethod
+    def delete_where(self, table: str, column: str, values: Sequence[Any]) -> int:
+        """Delete rows whose ``column`` is one of ``values``; returns rows deleted."""
+
+    @abc.abstractmethod
+    def query(self, sql: str) -> pa.Table:
+        """Run SQL inside this transaction (sees its own uncommitted writes)."""
+
+    @abc.abstractmethod
+    def set_state(self, step: str, state: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def set_position(self, position: StreamPosition) -> None: ...
+
+    @abc.abstractmethod
+    def clear_positions(self, step: str) -> None: ...
+
+    @abc.abstractmethod
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Update fields of a run record as part of this transaction."""
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def rollback(self) -> None: ...
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Leaving the block without commit() discards everything.
+        self.rollback()
+
+
+class Store(abc.ABC):
+    """Tables plus engine bookkeeping, behind one interface."""
+
+    url: str
+
+    # -- user tables (committed data only) -------------------------------
+    @abc.abstractmethod
+    def list_tables(self) -> list[TableInfo]: ...
+
+    @abc.abstractmethod
+    def table_info(self, name: str) -> TableInfo | None: ...
+
+    @abc.abstractmethod
+    def scan(
+        self,
+        table: str,
+        *,
+        order_by: Sequence[str] | None = None,
+        after: tuple[Any, str | None] | None = None,
+        columns: Sequence[str] | None = None,
+        batch_rows: int = 65536,
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream a consistent snapshot of ``table`` in batches.
+
+        With ``order_by`` (a column name list; the engine passes
+        ``[col, "patterns_id"]`` or ``["patterns_id"]``) rows come sorted
+        ascending, NULLs first. ``after=(value, last_id)`` keeps only rows
+        strictly after that position in that order (``last_id`` None: compare on
+        the first column only). Memory stays bounded by ``batch_rows``.
+        """
+
+    @abc.abstractmethod
+    def query(self, sql: str) -> pa.Table:
+        """Run a read-only SQL query over committed data."""
+
+    @abc.abstractmethod
+    def table_versions(self, name: str) -> list[TableVersion]: ...
+
+    @abc.abstractmethod
+    def transaction(self) -> Transaction: ...
+
+    # -- bookkeeping (each call commits on its own) -----------------------
+    @abc.abstractmethod
+    def create_run(self, run: RunRecord) -> None: ...
+
+    @abc.abstractmethod
+    def update_run(self, run_id: str, **fields: Any) -> None: ...
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def list_runs(self, step: str | None = None, limit: int = 100) -> list[RunRecord]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    def append_logs(self, lines: Sequence[LogLine]) -> None: ...
+
+    @abc.abstractmethod
+    def get_logs(self, run_id: str) -> list[LogLine]: ...
+
+    @abc.abstractmethod
+    def get_state(self, step: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def get_positions(self, step: str) -> list[StreamPosition]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

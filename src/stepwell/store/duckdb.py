@@ -1,0 +1,163 @@
+"""The embedded store: one DuckDB file per app.
+
+One ``duckdb.connect(path)`` per store; every transaction, bookkeeping call and
+scan gets its own cursor (a DuckDB connection sharing the database), so a long
+scan on one thread and a write transaction on another coexist under DuckDB's
+snapshot isolation. Arrow data goes in through ``cursor.register`` +
+``INSERT … SELECT`` and comes out through streaming record batch readers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from stepwell.store import schema as sch
+from stepwell.store.base import StoreError
+from stepwell.store.sql import Dialect, Session, SQLStore, quote
+
+DIALECT = Dialect(
+    name="DuckDB",
+    type_names={
+        "int": "BIGINT",
+        "float": "DOUBLE",
+        "decimal": "DECIMAL",
+        "str": "VARCHAR",
+        "bool": "BOOLEAN",
+        "date": "DATE",
+        "datetime": "TIMESTAMP",
+        "datetime_tz": "TIMESTAMPTZ",
+        "json": "JSON",
+        "binary": "BLOB",
+    },
+    column_type_field="data_type",
+    case_insensitive=True,
+    max_identifier_length=None,
+    text_collation="",
+    secondary_indexes=False,
+    bootstrap_lock=None,
+)
+
+
+class DuckDBSession(Session):
+    """A transaction on its own cursor."""
+
+    dialect = DIALECT
+    errors = (duckdb.Error,)
+
+    def __init__(self, cursor: duckdb.DuckDBPyConnection, *, read_only: bool):
+        self._cur = cursor
+        self._names = itertools.count(1)
+        self._staged: dict[str, str] = {}
+        cursor.execute("SET TimeZone = 'UTC'")
+        cursor.execute("BEGIN TRANSACTION READ ONLY" if read_only else "BEGIN TRANSACTION")
+        self._active = True
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._cur.execute(sql, list(params) if params else None)
+        return self._cur.rowcount
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._cur.execute(sql, list(params) if params else None).fetchall()
+
+    def fetch_arrow(self, sql: str) -> pa.Table:
+        relation = self._cur.sql(sql)
+        if relation is None:
+            return pa.table({})
+        table = relation.to_arrow_table()
+        # DuckDB hands JSON out as plain text: mark those columns as JSON
+        for i, duck_type in enumerate(relation.types):
+            if str(duck_type) == "JSON":
+                table = table.set_column(
+                    i, sch.arrow_field(table.field(i).name, "json"), table.column(i)
+                )
+        return table
+
+    def _register(self, data: pa.Table) -> str:
+        # not a valid table name, so it never shadows a user table
+        name = f"stepwell-arrow-{next(self._names)}"
+        self._cur.register(name, data)
+        return name
+
+    def insert_arrow(self, target: str, data: pa.Table) -> int:
+        view = self._register(data)
+        try:
+            columns = ", ".join(quote(c) for c in data.column_names)
+            return self.execute(
+                f"INSERT INTO {target} ({columns}) SELECT {columns} FROM {quote(view)}"
+            )
+        finally:
+            self._cur.unregister(view)
+
+    def stage(self, data: pa.Table) -> str:
+        name = self._register(data)
+        self._staged[quote(name)] = name
+        return quote(name)
+
+    def unstage(self, relation: str) -> None:
+        name = self._staged.pop(relation, None)
+        if name is not None:
+            self._cur.unregister(name)
+
+    def stream(
+        self, sql: str, params: Sequence[Any], schema: pa.Schema, batch_rows: int
+    ) -> Iterator[pa.RecordBatch]:
+        reader = self._cur.sql(sql, params=list(params) if params else None).to_arrow_reader(
+            batch_rows
+        )
+        try:
+            for batch in reader:
+                yield sch.conform_batch(batch, schema)
+        finally:
+            reader.close()
+
+    def commit(self) -> None:
+        self._active = False
+        self._cur.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self._active:
+            self._active = False
+            self._cur.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._active = False
+        self._cur.close()
+
+
+class DuckDBStore(SQLStore):
+    """Store in a DuckDB database file (``":memory:"`` for a private in-memory one)."""
+
+    dialect = DIALECT
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.url = f"duckdb://{self.path}"
+        try:
+            self._con = duckdb.connect(self.path)
+        except duckdb.Error as exc:
+            raise StoreError(
+                f"cannot open the DuckDB store {self.path}: {exc}. A DuckDB file can be open "
+                "read-write by one process only: stop the other process using it (e.g. "
+                "`stepwell serve`), or talk to it through its API"
+            ) from exc
+        self._cursor_lock = threading.Lock()
+        super().__init__()
+
+    def _new_session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+        with self._cursor_lock:
+            cursor = self._con.cursor()
+        try:
+            return DuckDBSession(cursor, read_only=read_only or snapshot)
+        except BaseException:
+            cursor.close()
+            raise
+
+    def _close_backend(self) -> None:
+        self._con.close()

@@ -1,0 +1,288 @@
+"""The PostgreSQL store (psycopg 3).
+
+Every transaction, bookkeeping call and scan takes its own connection from a
+small pool; data is never written in autocommit mode. Arrow data goes in with
+``COPY … FROM STDIN (FORMAT csv)`` fed by Arrow's vectorized CSV writer
+(quoted values are never NULL, so empty strings and NULLs stay apart). Scans
+run in a ``REPEATABLE READ READ ONLY`` transaction through a server-side
+(named) cursor, ``batch_rows`` rows per fetch, converted to Arrow in the
+canonical types of :mod:`stepwell.store.schema`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import pq
+from psycopg.types.string import TextLoader
+
+from stepwell.store import schema as sch
+from stepwell.store.base import StoreError
+from stepwell.store.sql import Dialect, Session, SQLStore, quote
+
+DIALECT = Dialect(
+    name="PostgreSQL",
+    type_names={
+        "int": "BIGINT",
+        "float": "DOUBLE PRECISION",
+        "decimal": "NUMERIC",
+        "str": "TEXT",
+        "bool": "BOOLEAN",
+        "date": "DATE",
+        "datetime": "TIMESTAMP",
+        "datetime_tz": "TIMESTAMPTZ",
+        "json": "JSONB",
+        "binary": "BYTEA",
+    },
+    column_type_field="udt_name",
+    case_insensitive=False,
+    max_identifier_length=63,
+    text_collation=' COLLATE "C"',
+    secondary_indexes=True,
+    bootstrap_lock="SELECT pg_advisory_xact_lock(5172935101)",
+)
+
+#: Rows per CSV chunk sent to COPY (bounds the memory of the text form).
+COPY_CHUNK_ROWS = 65536
+_CSV_OPTIONS = pacsv.WriteOptions(include_header=False, quoting_style="all_valid")
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+@functools.lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    """Translate ``?`` placeholders to psycopg's ``%s`` (and escape ``%``),
+    leaving quoted identifiers and literals alone."""
+    out: list[str] = []
+    quoted: str | None = None
+    for ch in sql:
+        if ch == "%":
+            out.append("%%")
+        elif quoted:
+            quoted = None if ch == quoted else quoted
+            out.append(ch)
+        elif ch in "\"'":
+            quoted = ch
+            out.append(ch)
+        else:
+            out.append("%s" if ch == "?" else ch)
+    return "".join(out)
+
+
+def _csv_ready(data: pa.Table) -> pa.Table:
+    """Binary columns as PostgreSQL's ``\\x`` hex text; everything else as is."""
+    for i, f in enumerate(data.schema):
+        if pa.types.is_binary(f.type):
+            texts = [None if v is None else "\\x" + v.hex() for v in data.column(i).to_pylist()]
+            data = data.set_column(i, pa.field(f.name, pa.string()), pa.array(texts, pa.string()))
+    return data
+
+
+def _infer_numeric(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else float(v) for v in values], pa.float64())
+
+
+def _result_column(column: psycopg.Column, values: list[Any]) -> tuple[pa.Field, pa.Array]:
+    """Arrow field and array for one column of an arbitrary query result."""
+    info = psycopg.postgres.types.get(column.type_code)
+    type_name = info.name if info else "unknown"
+    logical = sch.logical_from_sql(type_name, column.precision, column.scale)
+    if type_name == "numeric" and column.precision is None:
+        return pa.field(column.name, pa.float64()), _infer_numeric(values)
+    if logical.startswith("sql:"):
+        values = [None if v is None else str(v) for v in values]
+    f = sch.arrow_field(column.name, logical)
+    return f, pa.array(values, f.type)
+
+
+def _rows_to_batch(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.RecordBatch:
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(schema)
+    arrays = [pa.array(values, f.type) for values, f in zip(columns, schema, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+class _Pool:
+    """A minimal thread-safe pool of idle connections."""
+
+    def __init__(self, url: str, max_idle: int):
+        self.url = url
+        self.max_idle = max_idle
+        self._idle: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> psycopg.Connection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed and not conn.broken:
+                    return conn
+        try:
+            conn = psycopg.connect(self.url, autocommit=False, connect_timeout=30)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL at {redact(self.url)}: {exc}") from exc
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.commit()
+        return conn
+
+    def put(self, conn: psycopg.Connection) -> None:
+        reusable = (
+            not conn.closed
+            and not conn.broken
+            and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        )
+        with self._lock:
+            if reusable and not self._closed and len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class PostgresSession(Session):
+    """A transaction on a pooled connection."""
+
+    dialect = DIALECT
+    errors = (psycopg.Error,)
+
+    def __init__(self, pool: _Pool, conn: psycopg.Connection, *, read_only: bool, snapshot: bool):
+        self._pool = pool
+        self._conn: psycopg.Connection | None = conn
+        self._names = itertools.count(1)
+        if snapshot:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        elif read_only:
+            conn.execute("SET TRANSACTION READ ONLY")
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None:
+            raise StoreError("the PostgreSQL session is closed")
+        return self._conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute(_pyformat(sql), list(params))
+            return cur.rowcount
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(_pyformat(sql), list(params))
+            return cur.fetchall()
+
+    def fetch_arrow(self, sql: str) -> pa.Table:
+        with self.conn.cursor() as cur:
+            for json_type in ("json", "jsonb"):
+                cur.adapters.register_loader(json_type, TextLoader)
+            cur.execute(sql)
+            if cur.description is None:
+                return pa.table({})
+            rows = cur.fetchall()
+            columns = list(zip(*rows, strict=True)) if rows else [()] * len(cur.description)
+            fields, arrays = [], []
+            for column, values in zip(cur.description, columns, strict=True):
+                f, array = _result_column(column, list(values))
+                fields.append(f)
+                arrays.append(array)
+            return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+    def insert_arrow(self, target: str, data: pa.Table) -> int:
+        data = _csv_ready(data)
+        columns = ", ".join(quote(c) for c in data.column_names)
+        with (
+            self.conn.cursor() as cur,
+            cur.copy(f"COPY {target} ({columns}) FROM STDIN (FORMAT csv)") as copy,
+        ):
+            for batch in data.to_batches(max_chunksize=COPY_CHUNK_ROWS):
+                buffer = io.BytesIO()
+                pacsv.write_csv(batch, buffer, _CSV_OPTIONS)
+                copy.write(buffer.getbuffer())
+        return data.num_rows
+
+    def stage(self, data: pa.Table) -> str:
+        # not a valid table name, so it never shadows a user table
+        name = quote(f"stepwell-stage-{next(self._names)}")
+        defs = ", ".join(
+            f"{quote(f.name)} {self.dialect.sql_type(sch.logical_type(f))}" for f in data.schema
+        )
+        self.execute(f"CREATE TEMPORARY TABLE {name} ({defs}) ON COMMIT DROP")
+        self.insert_arrow(name, data)
+        self.execute(f"ANALYZE {name}")
+        return name
+
+    def unstage(self, relation: str) -> None:
+        self.execute(f"DROP TABLE IF EXISTS {relation}")
+
+    def stream(
+        self, sql: str, params: Sequence[Any], schema: pa.Schema, batch_rows: int
+    ) -> Iterator[pa.RecordBatch]:
+        cur = self.conn.cursor(name=f"stepwell_scan_{next(self._names)}", binary=True)
+        try:
+            cur.execute(_pyformat(sql), list(params))
+            while rows := cur.fetchmany(batch_rows):
+                yield _rows_to_batch(rows, schema)
+        finally:
+            if not self.conn.broken:
+                cur.close()
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.rollback()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.info.transaction_status != pq.TransactionStatus.IDLE and not conn.broken:
+                try:
+                    conn.rollback()
+                except psycopg.Error:
+                    conn.close()
+            self._pool.put(conn)
+
+
+class PostgresStore(SQLStore):
+    """Store in a PostgreSQL database: user tables in the default schema,
+    bookkeeping in schema ``stepwell`` (created on open)."""
+
+    dialect = DIALECT
+
+    def __init__(self, url: str, *, max_idle_connections: int = 8):
+        self.url = url
+        self._pool = _Pool(url, max_idle_connections)
+        super().__init__()
+
+    def _new_session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+        conn = self._pool.get()
+        try:
+            return PostgresSession(self._pool, conn, read_only=read_only, snapshot=snapshot)
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreError(f"PostgreSQL at {redact(self.url)}: {exc}") from exc
+
+    def _close_backend(self) -> None:
+        self._pool.close()

@@ -1,0 +1,894 @@
+"""Everything the SQL backends share: one implementation of ``Store`` and
+``Transaction`` on top of a small :class:`Session` primitive.
+
+A backend (``duckdb.py``, ``postgres.py``) supplies a :class:`Dialect` (type
+names and the few spelling differences, as data) and a :class:`Session`: one
+database transaction that can run statements with ``?`` placeholders, return
+rows or Arrow, bulk-insert an Arrow table, stage an Arrow table as a
+temporary relation, and stream a query's result in Arrow batches. All SQL
+text, the widening rule, upsert/reset logic and the bookkeeping in the
+``stepwell`` schema live here, once.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import contextlib
+import json
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stepwell.store import schema as sch
+from stepwell.store.base import (
+    ColumnInfo,
+    LogLine,
+    RunRecord,
+    Store,
+    StoreError,
+    StreamPosition,
+    TableInfo,
+    TableVersion,
+    Transaction,
+)
+
+#: Schema holding the engine's bookkeeping tables.
+META = "stepwell"
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
+_RUN_TIME_FIELDS = frozenset({"started_at", "ended_at"})
+_LOG_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("seq", pa.int64()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("level", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+# -- dialect and identifiers ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the SQL engines, as data."""
+
+    name: str
+    #: logical base type -> SQL type name (``decimal`` gets ``(p,s)`` appended)
+    type_names: Mapping[str, str]
+    #: column of ``information_schema.columns`` that names a column's type
+    column_type_field: str
+    #: whether quoted identifiers differing only in case name the same column
+    case_insensitive: bool
+    #: longest identifier the engine keeps intact (None: no limit)
+    max_identifier_length: int | None
+    #: appended to text expressions in ORDER BY and comparisons, for byte order
+    text_collation: str
+    #: whether to create secondary indexes on bookkeeping tables
+    secondary_indexes: bool
+    #: statement serializing concurrent bootstrap, if needed
+    bootstrap_lock: str | None
+
+    def sql_type(self, logical: str) -> str:
+        dec = sch.parse_decimal(logical)
+        if dec:
+            return f"{self.type_names['decimal']}({dec[0]},{dec[1]})"
+        try:
+            return self.type_names[logical]
+        except KeyError:
+            raise StoreError(f"no {self.name} column type for logical type {logical!r}") from None
+
+
+def quote(identifier: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def check_table_name(name: str, dialect: Dialect) -> str:
+    """``name`` if it is a valid table name, else ``StoreError`` naming it."""
+    if not isinstance(name, str) or not _TABLE_NAME.match(name):
+        raise StoreError(
+            f"invalid table name {name!r}: use letters, digits and underscores, "
+            "starting with a letter or underscore"
+        )
+    limit = dialect.max_identifier_length
+    if limit is not None and len(name) > limit - 8:  # room for a __vNNNNN suffix
+        raise StoreError(f"table name {name!r} is too long: use at most {limit - 8} characters")
+    return name
+
+
+def check_column_name(table: str, name: str, dialect: Dialect) -> None:
+    if not name or "\x00" in name:
+        raise StoreError(f"table {table!r}: invalid column name {name!r}")
+    limit = dialect.max_identifier_length
+    if limit is not None and len(name.encode()) > limit:
+        raise StoreError(
+            f"table {table!r}: column name {name!r} is longer than {limit} bytes; rename it"
+        )
+
+
+def versioned_name(name: str, version: int) -> str:
+    """Physical name of an inactive table version."""
+    return f"{name}__v{version}"
+
+
+# -- tagged JSON (bookkeeping values that must round-trip dates) ----------------------
+
+
+def _tag(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, date):
+        return {"$date": value.isoformat()}
+    if isinstance(value, Decimal):
+        return {"$decimal": str(value)}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(f"cannot store a {type(value).__name__} value as JSON: {value!r}")
+
+
+_UNTAG: dict[str, Callable[[str], Any]] = {
+    "$datetime": datetime.fromisoformat,
+    "$date": date.fromisoformat,
+    "$decimal": Decimal,
+    "$bytes": base64.b64decode,
+}
+
+
+def _untag(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        ((key, text),) = obj.items()
+        if key in _UNTAG and isinstance(text, str):
+            return _UNTAG[key](text)
+    return obj
+
+
+def dumps_tagged(value: Any) -> str:
+    """JSON text in which datetimes, dates, decimals and bytes keep their type."""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=_tag, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(str(exc)) from exc
+
+
+def loads_tagged(text: str | None) -> Any:
+    return None if text is None else json.loads(text, object_hook=_untag)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """A timezone-aware UTC datetime (naive values are taken to be UTC)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- the backend primitive -------------------------------------------------------------
+
+
+class Session(abc.ABC):
+    """One open database transaction of a backend.
+
+    SQL passed to ``execute``/``fetchall``/``stream`` uses ``?`` placeholders
+    and identifiers quoted with :func:`quote`; ``fetch_arrow`` runs user SQL
+    verbatim.
+    """
+
+    dialect: Dialect
+    #: exception types of the driver, translated into ``StoreError``
+    errors: tuple[type[BaseException], ...]
+
+    @abc.abstractmethod
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; returns the rows it changed (-1 when not applicable)."""
+
+    @abc.abstractmethod
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    @abc.abstractmethod
+    def fetch_arrow(self, sql: str) -> pa.Table:
+        """Run user SQL and return its full result (empty table if it has none)."""
+
+    @abc.abstractmethod
+    def insert_arrow(self, target: str, data: pa.Table) -> int:
+        """Insert ``data`` (canonical types, columns named as in the table) into
+        the quoted relation ``target``; returns rows inserted."""
+
+    @abc.abstractmethod
+    def stage(self, data: pa.Table) -> str:
+        """Make ``data`` queryable as a temporary relation; returns its quoted name."""
+
+    @abc.abstractmethod
+    def unstage(self, relation: str) -> None: ...
+
+    @abc.abstractmethod
+    def stream(
+        self, sql: str, params: Sequence[Any], schema: pa.Schema, batch_rows: int
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream a query's rows as batches of at most ``batch_rows`` rows, with
+        ``schema`` (the result columns in canonical types)."""
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def rollback(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the session's resources (an open transaction is discarded)."""
+
+
+# -- SQL shared by transactions and the store --------------------------------------------
+
+
+def bootstrap_statements(d: Dialect) -> list[str]:
+    """Idempotent DDL creating the bookkeeping schema."""
+    text, big, ts, js, boolean = (
+        d.type_names["str"],
+        d.type_names["int"],
+        d.type_names["datetime_tz"],
+        d.type_names["json"],
+        d.type_names["bool"],
+    )
+    statements = [
+        f"CREATE SCHEMA IF NOT EXISTS {META}",
+        f"""CREATE TABLE IF NOT EXISTS {META}.runs (
+            id {text} PRIMARY KEY, step {text} NOT NULL, status {text} NOT NULL,
+            "trigger" {text}, started_at {ts}, ended_at {ts}, rows_in {big}, rows_out {big},
+            error {text}, traceback {text}, host_pid {big}, info {js})""",
+        f"""CREATE TABLE IF NOT EXISTS {META}.logs (
+            run_id {text} NOT NULL, seq {big} NOT NULL, ts {ts}, level {text}, message {text},
+            PRIMARY KEY (run_id, seq))""",
+        f"""CREATE TABLE IF NOT EXISTS {META}.state (step {text} PRIMARY KEY, value {js})""",
+        f"""CREATE TABLE IF NOT EXISTS {META}.positions (
+            step {text} NOT NULL, "table" {text} NOT NULL, order_by {text} NOT NULL,
+            table_version {big}, value {js}, last_id {text},
+            PRIMARY KEY (step, "table", order_by))""",
+        f"""CREATE TABLE IF NOT EXISTS {META}.tables (
+            name {text} PRIMARY KEY, version {big} NOT NULL, unique_on {js})""",
+        f"""CREATE TABLE IF NOT EXISTS {META}.table_versions (
+            name {text} NOT NULL, version {big} NOT NULL, physical_name {text} NOT NULL,
+            created_at {ts}, active {boolean} NOT NULL, PRIMARY KEY (name, version))""",
+    ]
+    if d.secondary_indexes:
+        statements.append(
+            f"CREATE INDEX IF NOT EXISTS runs_step_started ON {META}.runs (step, started_at)"
+        )
+    return statements
+
+
+def bootstrap(session: Session) -> None:
+    """Create the bookkeeping schema if missing (in ``session``, not committed)."""
+    if session.dialect.bootstrap_lock:
+        session.execute(session.dialect.bootstrap_lock)
+    for statement in bootstrap_statements(session.dialect):
+        session.execute(statement)
+
+
+def table_columns(session: Session, name: str) -> dict[str, str] | None:
+    """``{column: logical type}`` of a user table, None if it does not exist."""
+    rows = session.fetchall(
+        f"SELECT column_name, {session.dialect.column_type_field}, numeric_precision, "
+        "numeric_scale FROM information_schema.columns WHERE table_catalog = "
+        "current_database() AND table_schema = current_schema() AND table_name = ? "
+        "ORDER BY ordinal_position",
+        [name],
+    )
+    if not rows:
+        return None
+    return {col: sch.logical_from_sql(typ, prec, scale) for col, typ, prec, scale in rows}
+
+
+def _row_count(session: Session, physical: str) -> int:
+    return int(session.fetchall(f"SELECT count(*) FROM {quote(physical)}")[0][0])
+
+
+def _registration(session: Session, name: str) -> tuple[int, list[str] | None] | None:
+    rows = session.fetchall(
+        f"SELECT version, CAST(unique_on AS TEXT) FROM {META}.tables WHERE name = ?", [name]
+    )
+    if not rows:
+        return None
+    version, unique_on = rows[0]
+    return int(version), (json.loads(unique_on) if unique_on else None)
+
+
+def _json_param(session: Session) -> str:
+    return f"CAST(? AS {session.dialect.type_names['json']})"
+
+
+def _run_from_row(row: Sequence[Any]) -> RunRecord:
+    values = dict(zip(_RUN_FIELDS, row, strict=True))
+    for key in _RUN_TIME_FIELDS:
+        values[key] = _utc(values[key])
+    values["info"] = loads_tagged(values["info"]) or {}
+    return RunRecord(**values)
+
+
+def _run_params(key: str, value: Any) -> Any:
+    if key in _RUN_TIME_FIELDS:
+        return _utc(value)
+    if key == "info":
+        return dumps_tagged(value or {})
+    return value
+
+
+def _select_runs(
+    session: Session, where: str, params: Sequence[Any], limit: int | None
+) -> list[RunRecord]:
+    columns = ", ".join("CAST(info AS TEXT)" if f == "info" else quote(f) for f in _RUN_FIELDS)
+    collate = session.dialect.text_collation
+    sql = (
+        f"SELECT {columns} FROM {META}.runs {where} "
+        f"ORDER BY started_at DESC NULLS FIRST, id{collate} DESC"
+    )
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return [_run_from_row(row) for row in session.fetchall(sql, params)]
+
+
+def update_run(session: Session, run_id: str, changes: Mapping[str, Any]) -> None:
+    """Set fields of a run record; unknown fields and unknown runs are errors."""
+    unknown = sorted(set(changes) - set(_RUN_FIELDS[1:]))
+    if unknown:
+        raise StoreError(
+            f"update_run: unknown run fields {unknown}; known: {list(_RUN_FIELDS[1:])}"
+        )
+    if not changes:
+        return
+    sets = ", ".join(
+        f"{quote(k)} = {_json_param(session) if k == 'info' else '?'}" for k in changes
+    )
+    params = [_run_params(k, v) for k, v in changes.items()]
+    changed = session.execute(f"UPDATE {META}.runs SET {sets} WHERE id = ?", [*params, run_id])
+    if changed == 0:
+        raise StoreError(f"update_run: no run with id {run_id!r}")
+
+
+def scan_query(
+    dialect: Dialect,
+    name: str,
+    types: Mapping[str, str],
+    order_by: Sequence[str] | None,
+    after: tuple[Any, str | None] | None,
+    columns: Sequence[str] | None,
+) -> tuple[str, list[Any], pa.Schema]:
+    """SQL, parameters and result schema of a scan (see ``Store.scan``)."""
+    wanted = list(columns) if columns is not None else list(types)
+    if not wanted:
+        raise StoreError(f"scan of {name!r}: 'columns' names no columns")
+    order = list(order_by or [])
+    for column in [*wanted, *order]:
+        if column not in types:
+            raise StoreError(f"table {name!r} has no column {column!r}; columns: {list(types)}")
+
+    def select(column: str) -> str:
+        logical = types[column]
+        if logical == "json" or logical.startswith("sql:"):
+            return f"CAST({quote(column)} AS TEXT) AS {quote(column)}"
+        return quote(column)
+
+    def ordered(column: str) -> str:
+        return quote(column) + (dialect.text_collation if types[column] == "str" else "")
+
+    sql = f"SELECT {', '.join(select(c) for c in wanted)} FROM {quote(name)}"
+    params: list[Any] = []
+    if after is not None:
+        if not order:
+            raise StoreError(f"scan of {name!r}: 'after' needs 'order_by'")
+        value, last_id = after
+        first = ordered(order[0])
+        if last_id is not None and len(order) > 1:
+            tie = ordered(order[1])
+            if value is None:
+                sql += f" WHERE ({first} IS NULL AND {tie} > ?) OR {first} IS NOT NULL"
+                params = [last_id]
+            else:
+                sql += f" WHERE {first} > ? OR ({first} = ? AND {tie} > ?)"
+                params = [value, value, last_id]
+        elif value is None:
+            sql += f" WHERE {first} IS NOT NULL"
+        else:
+            sql += f" WHERE {first} > ?"
+            params = [value]
+    if order:
+        sql += " ORDER BY " + ", ".join(f"{ordered(c)} ASC NULLS FIRST" for c in order)
+    return sql, params, sch.arrow_schema({c: types[c] for c in wanted})
+
+
+def _dedupe_last(data: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """Keep the last row of each ``keys`` value; rows with a NULL key all stay
+    (NULL matches nothing, as in SQL)."""
+    n = data.num_rows
+    if n < 2:
+        return data
+    rows = pa.array(np.arange(n, dtype=np.int64))
+    has_key = pc.is_valid(data[keys[0]]).combine_chunks()
+    for key in keys[1:]:
+        has_key = pc.and_(has_key, pc.is_valid(data[key]).combine_chunks())
+    row = "stepwell row"  # not a name user data can collide with after select()
+    keyed = data.select(list(keys)).append_column(row, rows).filter(has_key)
+    last = keyed.group_by(list(keys), use_threads=False).aggregate([(row, "max")])
+    if last.num_rows == keyed.num_rows == n:
+        return data  # keys already unique
+    keep = pa.concat_arrays([last[f"{row}_max"].combine_chunks(), rows.filter(pc.invert(has_key))])
+    return data.take(pc.take(keep, pc.sort_indices(keep)))
+
+
+# -- the transaction ----------------------------------------------------------------------
+
+
+class SQLTransaction(Transaction):
+    """``Transaction`` over one backend :class:`Session`."""
+
+    def __init__(self, session: Session):
+        self._s = session
+        self._d = session.dialect
+        self._done = False
+        self._lock = threading.RLock()
+
+    # -- plumbing
+    @contextlib.contextmanager
+    def _op(self, what: str) -> Iterator[Session]:
+        with self._lock:
+            if self._done:
+                raise StoreError(f"{what}: the transaction is already committed or rolled back")
+            try:
+                yield self._s
+            except StoreError:
+                raise
+            except self._s.errors as exc:
+                raise StoreError(f"{what}: {exc}") from exc
+
+    def _create_table(self, s: Session, physical: str, columns: Mapping[str, str]) -> None:
+        defs = ", ".join(f"{quote(c)} {self._d.sql_type(t)}" for c, t in columns.items())
+        s.execute(f"CREATE TABLE {quote(physical)} ({defs})")
+
+    def _ensure_registered(self, s: Session, name: str) -> int:
+        found = _registration(s, name)
+        if found:
+            return found[0]
+        s.execute(
+            f"INSERT INTO {META}.tables (name, version, unique_on) VALUES (?, 1, NULL)", [name]
+        )
+        s.execute(
+            f"INSERT INTO {META}.table_versions (name, version, physical_name, created_at, active) "
+            "VALUES (?, 1, ?, ?, TRUE)",
+            [name, name, _now()],
+        )
+        return 1
+
+    def _record_unique_on(self, s: Session, name: str, unique_on: Sequence[str]) -> None:
+        found = _registration(s, name)
+        if found and found[1] != list(unique_on):
+            s.execute(
+                f"UPDATE {META}.tables SET unique_on = {_json_param(s)} WHERE name = ?",
+                [json.dumps(list(unique_on)), name],
+            )
+
+    def _prepare(self, s: Session, name: str, data: pa.Table) -> pa.Table:
+        """Create or widen table ``name`` for ``data``; returns ``data`` cast to it."""
+        if not isinstance(data, pa.Table):
+            raise StoreError(f"table {name!r}: expected a pyarrow.Table, got {type(data).__name__}")
+        data = sch.normalize(data, name=name)
+        if data.num_columns == 0:
+            if data.num_rows:
+                raise StoreError(f"table {name!r}: {data.num_rows} rows without any columns")
+            return data
+        for column in data.column_names:
+            check_column_name(name, column, self._d)
+        existing = table_columns(s, name)
+        plan = sch.plan_columns(
+            name, existing, data.schema, case_insensitive=self._d.case_insensitive
+        )
+        if plan.create:
+            self._create_table(s, name, plan.columns)
+        for column, logical in plan.add if not plan.create else ():
+            s.execute(
+                f"ALTER TABLE {quote(name)} ADD COLUMN {quote(column)} {self._d.sql_type(logical)}"
+            )
+        for column, logical in plan.alter:
+            sql_type = self._d.sql_type(logical)
+            s.execute(
+                f"ALTER TABLE {quote(name)} ALTER COLUMN {quote(column)} TYPE {sql_type} "
+                f"USING CAST({quote(column)} AS {sql_type})"
+            )
+        self._ensure_registered(s, name)
+        return sch.conform(name, data, plan.columns, plan.rename)
+
+    def _delete_matching(self, s: Session, name: str, keys: pa.Table) -> int:
+        """Delete rows of ``name`` whose key columns equal a row of ``keys``."""
+        relation = s.stage(keys)
+        try:
+            match = " AND ".join(f"t.{quote(k)} = s.{quote(k)}" for k in keys.column_names)
+            return s.execute(f"DELETE FROM {quote(name)} AS t USING {relation} AS s WHERE {match}")
+        finally:
+            s.unstage(relation)
+
+    # -- Transaction
+    def append(self, table: str, data: pa.Table, unique_on: Sequence[str] | None = None) -> int:
+        with self._op(f"append to table {table!r}") as s:
+            name = check_table_name(table, self._d)
+            data = self._prepare(s, name, data)
+            written = s.insert_arrow(quote(name), data) if data.num_rows else 0
+            if unique_on:
+                self._record_unique_on(s, name, unique_on)
+            return written
+
+    def upsert(self, table: str, data: pa.Table, unique_on: Sequence[str]) -> int:
+        with self._op(f"upsert into table {table!r}") as s:
+            name = check_table_name(table, self._d)
+            keys = [unique_on] if isinstance(unique_on, str) else list(unique_on or [])
+            if not keys:
+                raise StoreError(f"upsert into table {name!r}: unique_on names no columns")
+            missing = [k for k in keys if k not in getattr(data, "column_names", ())]
+            if missing:
+                raise StoreError(
+                    f"upsert into table {name!r}: unique_on columns {missing} are missing "
+                    f"from the data (columns: {getattr(data, 'column_names', None)})"
+                )
+            data = self._prepare(s, name, data)
+            data = _dedupe_last(data, keys)
+            if data.num_rows:
+                self._delete_matching(s, name, data.select(keys))
+            written = s.insert_arrow(quote(name), data) if data.num_rows else 0
+            self._record_unique_on(s, name, keys)
+            return written
+
+    def truncate(self, table: str) -> None:
+        with self._op(f"truncate table {table!r}") as s:
+            name = check_table_name(table, self._d)
+            if table_columns(s, name) is not None:
+                s.execute(f"DELETE FROM {quote(name)}")
+
+    def reset(self, table: str) -> int:
+        with self._op(f"reset table {table!r}") as s:
+            name = check_table_name(table, self._d)
+            columns = table_columns(s, name)
+            if columns is None:
+                found = _registration(s, name)
+                return found[0] if found else 1
+            old = self._ensure_registered(s, name)
+            new = old + 1
+            archived = versioned_name(name, old)
+            s.execute(f"ALTER TABLE {quote(name)} RENAME TO {quote(archived)}")
+            self._create_table(s, name, columns)
+            s.execute(
+                f"UPDATE {META}.table_versions SET physical_name = ?, active = FALSE "
+                "WHERE name = ? AND version = ?",
+                [archived, name, old],
+            )
+            s.execute(
+                f"INSERT INTO {META}.table_versions (name, version, physical_name, created_at, active) "
+                "VALUES (?, ?, ?, ?, TRUE)",
+                [name, new, name, _now()],
+            )
+            s.execute(f"UPDATE {META}.tables SET version = ? WHERE name = ?", [new, name])
+            return new
+
+    def delete_where(self, table: str, column: str, values: Sequence[Any]) -> int:
+        with self._op(f"delete from table {table!r}") as s:
+            name = check_table_name(table, self._d)
+            columns = table_columns(s, name)
+            if columns is None:
+                return 0
+            if column not in columns:
+                raise StoreError(
+                    f"table {name!r} has no column {column!r}; columns: {list(columns)}"
+                )
+            values = list(values)
+            if not values:
+                return 0
+            keys = sch.column_values(name, column, columns[column], values)
+            return self._delete_matching(s, name, keys)
+
+    def query(self, sql: str) -> pa.Table:
+        with self._op("query") as s:
+            return sch.clean_result(s.fetch_arrow(sql))
+
+    def set_state(self, step: str, state: dict[str, Any]) -> None:
+        with self._op(f"set state of step {step!r}") as s:
+            s.execute(
+                f"INSERT INTO {META}.state (step, value) VALUES (?, {_json_param(s)}) "
+                "ON CONFLICT (step) DO UPDATE SET value = excluded.value",
+                [step, dumps_tagged(state)],
+            )
+
+    def set_position(self, position: StreamPosition) -> None:
+        with self._op(f"set stream position of step {position.step!r}") as s:
+            s.execute(
+                f'INSERT INTO {META}.positions (step, "table", order_by, table_version, value, last_id) '
+                f"VALUES (?, ?, ?, ?, {_json_param(s)}, ?) "
+                'ON CONFLICT (step, "table", order_by) DO UPDATE SET '
+                "table_version = excluded.table_version, value = excluded.value, "
+                "last_id = excluded.last_id",
+                [
+                    position.step,
+                    position.table,
+                    ",".join(position.order_by),
+                    position.table_version,
+                    dumps_tagged(position.value),
+                    position.last_id,
+                ],
+            )
+
+    def clear_positions(self, step: str) -> None:
+        with self._op(f"clear stream positions of step {step!r}") as s:
+            s.execute(f"DELETE FROM {META}.positions WHERE step = ?", [step])
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        with self._op(f"update run {run_id!r}") as s:
+            update_run(s, run_id, fields)
+
+    def commit(self) -> None:
+        with self._lock:
+            if self._done:
+                raise StoreError("commit: the transaction is already committed or rolled back")
+            self._done = True
+            try:
+                self._s.commit()
+            except self._s.errors as exc:
+                with contextlib.suppress(*self._s.errors):
+                    self._s.rollback()
+                raise StoreError(f"commit failed, nothing was written: {exc}") from exc
+            finally:
+                self._s.close()
+
+    def rollback(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            try:
+                self._s.rollback()
+            finally:
+                self._s.close()
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+class SQLStore(Store):
+    """``Store`` over a backend's :meth:`_session` factory."""
+
+    dialect: Dialect
+
+    def __init__(self) -> None:
+        self._open: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._open_lock = threading.Lock()
+        self._closed = False
+        with self._autocommit() as s:
+            bootstrap(s)
+
+    @abc.abstractmethod
+    def _new_session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+        """A new session with its transaction begun (``snapshot``: a consistent
+        read-only view for a long scan)."""
+
+    @abc.abstractmethod
+    def _close_backend(self) -> None: ...
+
+    def _session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+        if self._closed:
+            raise StoreError(f"store {self.url} is closed")
+        session = self._new_session(read_only=read_only, snapshot=snapshot)
+        with self._open_lock:
+            self._open.add(session)
+        return session
+
+    @contextlib.contextmanager
+    def _autocommit(self, *, read_only: bool = False) -> Iterator[Session]:
+        """A session committed when the block succeeds, rolled back otherwise."""
+        s = self._session(read_only=read_only)
+        try:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                with contextlib.suppress(*s.errors):
+                    s.rollback()
+                raise
+        except StoreError:
+            raise
+        except s.errors as exc:
+            raise StoreError(str(exc)) from exc
+        finally:
+            s.close()
+
+    def _table_info(
+        self, s: Session, name: str, version: int, unique_on: list[str] | None
+    ) -> TableInfo | None:
+        columns = table_columns(s, name)
+        if columns is None:
+            return None
+        return TableInfo(
+            name=name,
+            columns=[ColumnInfo(c, t) for c, t in columns.items()],
+            row_count=_row_count(s, name),
+            version=version,
+            unique_on=unique_on,
+        )
+
+    # -- user tables
+    def list_tables(self) -> list[TableInfo]:
+        with self._autocommit(read_only=True) as s:
+            rows = s.fetchall(f"SELECT name, version, CAST(unique_on AS TEXT) FROM {META}.tables")
+            infos = [
+                self._table_info(s, name, int(version), json.loads(u) if u else None)
+                for name, version, u in sorted(rows)
+            ]
+        return [info for info in infos if info is not None]
+
+    def table_info(self, name: str) -> TableInfo | None:
+        check_table_name(name, self.dialect)
+        with self._autocommit(read_only=True) as s:
+            found = _registration(s, name)
+            version, unique_on = found if found else (1, None)
+            return self._table_info(s, name, version, unique_on)
+
+    def scan(
+        self,
+        table: str,
+        *,
+        order_by: Sequence[str] | None = None,
+        after: tuple[Any, str | None] | None = None,
+        columns: Sequence[str] | None = None,
+        batch_rows: int = 65536,
+    ) -> Iterator[pa.RecordBatch]:
+        name = check_table_name(table, self.dialect)
+        if batch_rows < 1:
+            raise StoreError(f"scan of {name!r}: batch_rows must be positive, got {batch_rows}")
+        s = self._session(read_only=True, snapshot=True)
+        try:
+            try:
+                types = table_columns(s, name)
+                if types is None:
+                    raise StoreError(f"table {name!r} does not exist")
+                sql, params, result_schema = scan_query(
+                    self.dialect, name, types, order_by, after, columns
+                )
+                yield from s.stream(sql, params, result_schema, batch_rows)
+            except s.errors as exc:
+                raise StoreError(f"scan of table {name!r}: {exc}") from exc
+            finally:
+                with contextlib.suppress(*s.errors):
+                    s.rollback()
+        finally:
+            s.close()
+
+    def query(self, sql: str) -> pa.Table:
+        with self._autocommit(read_only=True) as s:
+            return sch.clean_result(s.fetch_arrow(sql))
+
+    def table_versions(self, name: str) -> list[TableVersion]:
+        check_table_name(name, self.dialect)
+        with self._autocommit(read_only=True) as s:
+            rows = s.fetchall(
+                f"SELECT version, physical_name, created_at, active FROM {META}.table_versions "
+                "WHERE name = ? ORDER BY version",
+                [name],
+            )
+            return [
+                TableVersion(
+                    table=name,
+                    version=int(version),
+                    physical_name=physical,
+                    created_at=_utc(created),
+                    active=bool(active),
+                    row_count=_row_count(s, physical)
+                    if table_columns(s, physical) is not None
+                    else 0,
+                )
+                for version, physical, created, active in rows
+            ]
+
+    def transaction(self) -> Transaction:
+        return SQLTransaction(self._session())
+
+    # -- bookkeeping
+    def create_run(self, run: RunRecord) -> None:
+        values = [_run_params(f, getattr(run, f)) for f in _RUN_FIELDS]
+        with self._autocommit() as s:
+            placeholders = ", ".join(_json_param(s) if f == "info" else "?" for f in _RUN_FIELDS)
+            s.execute(
+                f"INSERT INTO {META}.runs ({', '.join(quote(f) for f in _RUN_FIELDS)}) "
+                f"VALUES ({placeholders})",
+                values,
+            )
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        with self._autocommit() as s:
+            update_run(s, run_id, fields)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        with self._autocommit(read_only=True) as s:
+            runs = _select_runs(s, "WHERE id = ?", [run_id], None)
+        return runs[0] if runs else None
+
+    def list_runs(self, step: str | None = None, limit: int = 100) -> list[RunRecord]:
+        with self._autocommit(read_only=True) as s:
+            if step is None:
+                return _select_runs(s, "", [], limit)
+            return _select_runs(s, "WHERE step = ?", [step], limit)
+
+    def append_logs(self, lines: Sequence[LogLine]) -> None:
+        if not lines:
+            return
+        data = pa.table(
+            {
+                "run_id": [line.run_id for line in lines],
+                "seq": [line.seq for line in lines],
+                "ts": [_utc(line.ts) for line in lines],
+                "level": [line.level for line in lines],
+                "message": [line.message for line in lines],
+            },
+            schema=_LOG_SCHEMA,
+        )
+        with self._autocommit() as s:
+            s.insert_arrow(f"{META}.logs", data)
+
+    def get_logs(self, run_id: str) -> list[LogLine]:
+        with self._autocommit(read_only=True) as s:
+            rows = s.fetchall(
+                f"SELECT run_id, seq, ts, level, message FROM {META}.logs WHERE run_id = ? ORDER BY seq",
+                [run_id],
+            )
+        return [LogLine(r, int(seq), _utc(ts), level, msg) for r, seq, ts, level, msg in rows]
+
+    def get_state(self, step: str) -> dict[str, Any]:
+        with self._autocommit(read_only=True) as s:
+            rows = s.fetchall(
+                f"SELECT CAST(value AS TEXT) FROM {META}.state WHERE step = ?", [step]
+            )
+        return (loads_tagged(rows[0][0]) or {}) if rows else {}
+
+    def get_positions(self, step: str) -> list[StreamPosition]:
+        with self._autocommit(read_only=True) as s:
+            rows = s.fetchall(
+                f'SELECT step, "table", order_by, table_version, CAST(value AS TEXT), last_id '
+                f"FROM {META}.positions WHERE step = ? "
+                f'ORDER BY "table"{s.dialect.text_collation}, order_by{s.dialect.text_collation}',
+                [step],
+            )
+        return [
+            StreamPosition(
+                step=st,
+                table=tb,
+                order_by=tuple(ob.split(",")) if ob else (),
+                table_version=int(ver),
+                value=loads_tagged(value),
+                last_id=last_id,
+            )
+            for st, tb, ob, ver, value, last_id in rows
+        ]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._open_lock:
+            sessions = list(self._open)
+        for session in sessions:
+            with contextlib.suppress(Exception):
+                session.close()
+        self._close_backend()

@@ -1,0 +1,65 @@
+"""Helpers for tests that build and run small apps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from stepwell.app import load_app
+from stepwell.engine.app_run import run_steps, select_steps
+from stepwell.engine.runner import Runner
+from stepwell.store import open_store
+from stepwell.store.base import RunRecord
+
+
+def write_app(root: Path, files: dict[str, str]) -> Path:
+    """Write ``files`` (name -> text, dedented) under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return root
+
+
+def run_app(root: Path, store_url: str | None = None, steps: list[str] | None = None,
+            environ: dict[str, str] | None = None) -> list[RunRecord]:
+    """Run steps in-process (the worker is still a separate process)."""
+    app = load_app(root)
+    store = open_store(store_url, app.root)
+    try:
+        runner = Runner(app, store, environ=environ)
+        return run_steps(runner, select_steps(app, steps))
+    finally:
+        store.close()
+
+
+def rows(root: Path, table: str, store_url: str | None = None, order_by: str | None = None) -> list[dict[str, Any]]:
+    store = open_store(store_url, root)
+    try:
+        if store.table_info(table) is None:
+            return []
+        sql = f'select * from "{table}"' + (f' order by "{order_by}"' if order_by else "")
+        return store.query(sql).to_pylist()
+    finally:
+        store.close()
+
+
+def logs(root: Path, run_id: str, store_url: str | None = None) -> list[str]:
+    store = open_store(store_url, root)
+    try:
+        return [line.message for line in store.get_logs(run_id)]
+    finally:
+        store.close()
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the real `stepwell` command line."""
+    return subprocess.run(
+        [sys.executable, "-m", "stepwell.cli", *args],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+    )

@@ -1,0 +1,622 @@
+"""Node steps (Patterns style) end to end: real worker processes, real stores."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from apputil import logs, rows, run_app, write_app
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def store_url(request):
+    if request.param == "duckdb":
+        return None
+    return request.getfixturevalue("make_pg_database")()
+
+
+PIPELINE = {
+    "stepwell.yml": """
+        title: pipeline
+        tables:
+          - name: messages
+          - name: enriched
+        steps:
+          - name: produce
+            node: produce.py
+            parameters: {count: 5}
+          - name: enrich
+            node: enrich.py
+            parameters: {label: hello}
+    """,
+    "produce.py": """
+        from patterns import Parameter, State, Table
+        out = Table("messages", "w")
+        state = State()
+        count = Parameter("count", type=int)
+        start = state.get_value("next", 0)
+        out.append([{"n": start + i, "text": f"m{start + i}"} for i in range(count)])
+        state.set_value("next", start + count)
+    """,
+    "enrich.py": """
+        from stepwell import Parameter, State, Table
+        messages = Table("messages")
+        enriched = Table("enriched", mode="w")
+        label = Parameter("label")
+        state = State()
+        seen = state.get_value("seen", 0)
+        for record in messages.as_stream().consume_records():
+            record["label"] = label
+            record["double"] = record["n"] * 2
+            enriched.append(record)
+            seen += 1
+        state.set_value("seen", seen)
+        print(f"seen={seen}")
+    """,
+}
+
+
+def test_stream_processes_each_row_once_across_runs(tmp_path, store_url):
+    app = write_app(tmp_path / "app", PIPELINE)
+    first = run_app(app, store_url)
+    assert [r.status for r in first] == ["succeeded", "succeeded"]
+    assert [(r.rows_in, r.rows_out) for r in first] == [(0, 5), (5, 5)]
+    second = run_app(app, store_url)
+    assert [(r.rows_in, r.rows_out) for r in second] == [(0, 5), (5, 5)]
+    third = run_app(app, store_url, steps=["enrich"])
+    assert third[0].status == "succeeded_no_data"
+    out = rows(app, "enriched", store_url, order_by="n")
+    assert [r["n"] for r in out] == list(range(10))
+    assert {r["label"] for r in out} == {"hello"}
+    assert [r["double"] for r in out] == [2 * n for n in range(10)]
+    assert logs(app, second[1].id, store_url)[-1] == "seen=10"
+    ids = [r["patterns_id"] for r in out]
+    assert all(re.fullmatch(r"[0-9a-hjkmnp-tv-z]{26}", i) for i in ids)
+    assert len(set(ids)) == 10
+    # patterns_id is the default stream order and is monotonic in write order
+    produced = rows(app, "messages", store_url, order_by="patterns_id")
+    assert [r["n"] for r in produced] == list(range(10))
+
+
+def test_failing_node_leaves_nothing_after_last_commit_point(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: produce
+                node: produce.py
+              - name: copy
+                node: copy.py
+        """,
+        "produce.py": """
+            from patterns import Table
+            Table("src", "w").append([{"i": i} for i in range(10)])
+        """,
+        "copy.py": """
+            from patterns import State, Table
+            src = Table("src")
+            dst = Table("dst", "w")
+            state = State()
+            stream = src.as_stream(order_by="i")
+            for record in stream.consume_records():
+                dst.append(record)
+                state.set_value("last", record["i"])
+                if record["i"] == 3:
+                    stream.checkpoint()
+                if record["i"] == 6:
+                    raise RuntimeError("boom at six")
+        """,
+    })
+    runs = run_app(app, store_url)
+    failed = runs[1]
+    assert failed.status == "failed"
+    assert "RuntimeError: boom at six" in failed.error
+    assert "copy.py:12" in failed.error
+    assert 'File "copy.py", line 12' in failed.traceback
+    assert "stepwell" not in failed.traceback.replace("stepwell.yml", "")
+    assert [r["i"] for r in rows(app, "dst", store_url, order_by="i")] == [0, 1, 2, 3]
+    # the next run continues from the commit point: 4..9 once, nothing twice
+    write_app(app, {"copy.py": """
+        from patterns import Table
+        dst = Table("dst", "w")
+        for record in Table("src").as_stream(order_by="i").consume_records():
+            dst.append(record)
+    """})
+    run_app(app, store_url, steps=["copy"])
+    assert [r["i"] for r in rows(app, "dst", store_url, order_by="i")] == list(range(10))
+
+
+def test_upsert_reset_and_versions(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: write
+                node: write.py
+        """,
+        "write.py": """
+            from patterns import State, Table
+            t = Table("people", "w")
+            t.init(unique_on="id")
+            state = State()
+            n = state.get_value("n", 0)
+            if n == 0:
+                t.upsert([{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 1, "name": "a2"}])
+            elif n == 1:
+                t.upsert({"id": 2, "name": "b2"})
+                t.upsert({"id": 3, "name": "c"})
+            else:
+                t.reset()
+                t.append({"id": 9, "name": "fresh"})
+            state.set_value("n", n + 1)
+        """,
+    })
+    run_app(app, store_url)
+    assert [(r["id"], r["name"]) for r in rows(app, "people", store_url, "id")] == [(1, "a2"), (2, "b")]
+    run_app(app, store_url)
+    assert [(r["id"], r["name"]) for r in rows(app, "people", store_url, "id")] == [
+        (1, "a2"), (2, "b2"), (3, "c")]
+    run_app(app, store_url)
+    assert [(r["id"], r["name"]) for r in rows(app, "people", store_url, "id")] == [(9, "fresh")]
+    from stepwell.store import open_store
+
+    store = open_store(store_url, app)
+    try:
+        versions = store.table_versions("people")
+        assert [v.version for v in versions][-2:] == [1, 2]
+        assert [v.active for v in versions][-2:] == [False, True]
+        assert [v.row_count for v in versions][-2:] == [3, 1]
+    finally:
+        store.close()
+
+
+def test_stream_restarts_after_input_reset(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: source
+                node: source.py
+              - name: sink
+                node: sink.py
+        """,
+        "source.py": """
+            from patterns import State, Table
+            t = Table("src", "w")
+            s = State()
+            n = s.get_value("n", 0)
+            if n == 1:
+                t.replace([{"v": "new"}])
+            else:
+                t.append([{"v": "old"}])
+            s.set_value("n", n + 1)
+        """,
+        "sink.py": """
+            from patterns import Table
+            out = Table("seen", "w")
+            for r in Table("src").as_stream().consume_records():
+                out.append({"v": r["v"]})
+        """,
+    })
+    run_app(app)
+    run_app(app)
+    assert sorted(r["v"] for r in rows(app, "seen")) == ["new", "old"]
+
+
+def test_ties_in_order_by_are_broken_by_patterns_id(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: source
+                node: source.py
+              - name: sink
+                node: sink.py
+        """,
+        "source.py": """
+            from patterns import Table
+            Table("events", "w").append([{"day": i // 10, "n": i} for i in range(50)])
+        """,
+        "sink.py": """
+            from patterns import State, Table
+            out = Table("seen", "w")
+            state = State()
+            # take 7 rows per run: the cut falls inside groups of equal `day`
+            taken = 0
+            for r in Table("events").as_stream(order_by="day").consume_records():
+                out.append({"n": r["n"]})
+                taken += 1
+                if taken == 7:
+                    state.request_new_run()
+                    break
+        """,
+    })
+    runs = run_app(app, store_url)
+    assert len(runs) == 1 + 8  # source, then sink runs until the stream is drained
+    assert sorted(r["n"] for r in rows(app, "seen", store_url)) == list(range(50))
+
+
+def test_rollback_rewind_seek_and_consume_with_rollback(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: source
+                node: source.py
+              - name: sink
+                node: sink.py
+        """,
+        "source.py": """
+            from patterns import Table
+            Table("nums", "w").append([{"n": i} for i in range(6)])
+        """,
+        "sink.py": """
+            from patterns import State, Table
+            out = Table("log", "w")
+            state = State()
+            phase = state.get_value("phase", 0)
+            stream = Table("nums").as_stream(order_by="n")
+            if phase == 0:
+                # consume two, write, then roll back: nothing written, nothing consumed
+                for r in stream.consume_records():
+                    out.append({"phase": 0, "n": r["n"]})
+                    if r["n"] == 1:
+                        break
+                stream.rollback()
+                state.set_value("phase", 1)
+                state.set_value("rolled_back", True)
+            elif phase == 1:
+                with stream.consume_with_rollback() as records:
+                    for r in records:
+                        out.append({"phase": 1, "n": r["n"]})
+                        if r["n"] == 3:
+                            state.set_value("phase", 2)
+                            raise ValueError("bad record 3")
+            elif phase == 2:
+                stream.seek(4)
+                for r in stream.consume_records():
+                    out.append({"phase": 2, "n": r["n"]})
+                state.set_value("phase", 3)
+            else:
+                stream.rewind()
+                for r in stream.consume_records():
+                    out.append({"phase": 3, "n": r["n"]})
+                state.set_value("phase", 4)
+        """,
+    })
+    run_app(app)
+    assert rows(app, "log") == []
+    from stepwell.store import open_store
+
+    store = open_store(None, app)
+    assert store.get_state("sink") == {"phase": 1, "rolled_back": True}
+    store.close()
+    failed = run_app(app, steps=["sink"])[0]
+    assert failed.status == "failed" and "bad record 3" in failed.error
+    # the failure rolled back to the last commit point: rows 0..3 are not kept
+    assert rows(app, "log") == []
+    run_app(app, steps=["sink"])  # phase is still 1: rows 0..3 raise again
+    assert rows(app, "log") == []
+
+
+def test_seek_and_rewind(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: source
+                node: source.py
+              - name: sink
+                node: sink.py
+        """,
+        "source.py": """
+            from patterns import Table
+            Table("nums", "w").append([{"n": i} for i in range(6)])
+        """,
+        "sink.py": """
+            from patterns import State, Table
+            out = Table("log", "w")
+            state = State()
+            run = state.get_value("run", 0)
+            stream = Table("nums").as_stream(order_by="n")
+            if run == 0:
+                stream.seek(3)
+            elif run == 2:
+                stream.rewind()
+            for r in stream.consume_records():
+                out.append({"run": run, "n": r["n"]})
+            state.set_value("run", run + 1)
+        """,
+    })
+    run_app(app)
+    run_app(app, steps=["sink"])
+    run_app(app, steps=["sink"])
+    got = sorted((r["run"], r["n"]) for r in rows(app, "log"))
+    assert got == [(0, 4), (0, 5)] + [(2, n) for n in range(6)]
+
+
+def test_read_sql_only_over_own_tables(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: source
+                node: source.py
+              - name: query
+                node: query.py
+              - name: sneaky
+                node: sneaky.py
+        """,
+        "source.py": """
+            from patterns import Table
+            Table("orders", "w").append([{"c": "a", "v": 1}, {"c": "a", "v": 2}, {"c": "b", "v": 5}])
+            Table("secret_table", "w").append({"x": 1})
+        """,
+        "query.py": """
+            from patterns import Table
+            orders = Table("orders")
+            out = Table("totals", "w")
+            result = orders.read_sql(f"select c, sum(v) as total from {orders} group by c order by c")
+            out.append(result)
+            df = orders.read_sql("select count(*) as n from orders", as_format="dataframe")
+            print("count", int(df["n"][0]))
+        """,
+        "sneaky.py": """
+            from patterns import Table
+            orders = Table("orders")
+            orders.read_sql("select * from secret_table")
+        """,
+    })
+    runs = run_app(app, store_url)
+    assert [r.status for r in runs] == ["succeeded", "succeeded", "failed"]
+    assert [(r["c"], int(r["total"])) for r in rows(app, "totals", store_url, "c")] == [("a", 3), ("b", 5)]
+    assert "count 3" in logs(app, runs[1].id, store_url)
+    assert "secret_table" in runs[2].error and "not one of this step's tables" in runs[2].error
+
+
+def test_ports_map_code_names_to_app_tables(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: source
+                node: source.py
+                outputs: {out: raw_events}
+              - name: sink
+                node: sink.py
+                inputs: {events: raw_events}
+                outputs: {result: final}
+        """,
+        "source.py": """
+            from patterns import Table
+            Table("out", "w").append({"k": 1})
+        """,
+        "sink.py": """
+            from patterns import Table
+            res = Table("result", "w")
+            for r in Table("events").as_stream().consume_records():
+                res.append({"k": r["k"] + 1})
+        """,
+    })
+    assert [r.status for r in run_app(app)] == ["succeeded", "succeeded"]
+    assert [r["k"] for r in rows(app, "raw_events")] == [1]
+    assert [r["k"] for r in rows(app, "final")] == [2]
+
+
+def test_relative_imports_dataframes_and_no_monotonic_id(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: node
+                node: nodes/node.py
+        """,
+        "__init__.py": "",
+        "nodes/__init__.py": "",
+        "common.py": "def shout(x):\n    return x.upper()\n",
+        "nodes/helpers.py": "FACTOR = 10\n",
+        "nodes/node.py": """
+            import pandas as pd
+            from patterns import Table
+            from .. import common
+            from .helpers import FACTOR
+            t = Table("plain", "w")
+            t.init(add_monotonic_id=None)
+            t.append(pd.DataFrame({"word": [common.shout("a"), common.shout("b")], "v": [FACTOR, 2 * FACTOR]}))
+            df = Table("plain").read_dataframe()
+            print("rows before commit", len(df))
+        """,
+    })
+    run = run_app(app)[0]
+    assert run.status == "succeeded", run.error
+    got = rows(app, "plain", order_by="v")
+    assert got == [{"word": "A", "v": 10}, {"word": "B", "v": 20}]
+
+
+def test_parameters_types_defaults_and_secrets(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: params
+                node: params.py
+                parameters:
+                  n: "42"
+                  ratio: 0.5
+                  flag: "true"
+                  names: "a, b"
+                  api_key: "${{ secrets.api_key }}"
+        """,
+        "params.py": """
+            from datetime import date, datetime
+            from patterns import Connection, Parameter, Table
+            values = {
+                "n": Parameter("n", type=int),
+                "ratio": Parameter("ratio", type=float),
+                "flag": Parameter("flag", type=bool),
+                "names": Parameter("names", type=list),
+                "since": Parameter("since", type=datetime, default="2000-01-02"),
+                "day": Parameter("day", type=date, default="2001-02-03"),
+                "missing_ok": Parameter("missing_ok", default=None),
+            }
+            key = Parameter("api_key", description="service key")
+            print("the key is", key)
+            Table("out", "w").append({k: str(v) for k, v in values.items()} | {"key_len": len(key)})
+        """,
+    })
+    run = run_app(app, environ={"STEPWELL_SECRET_API_KEY": "sk-very-secret-123"})[0]
+    assert run.status == "succeeded", run.error
+    (row,) = rows(app, "out")
+    assert row["n"] == "42" and row["ratio"] == "0.5" and row["flag"] == "True"
+    assert row["names"] == "['a', 'b']"
+    assert row["since"] == "2000-01-02 00:00:00" and row["day"] == "2001-02-03"
+    assert row["missing_ok"] == "None" and row["key_len"] == 18
+    lines = logs(app, run.id)
+    assert "the key is ***" in lines
+    assert not any("sk-very-secret-123" in line for line in lines)
+
+
+def test_missing_parameter_and_missing_secret_are_clear(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: a
+                node: a.py
+              - name: b
+                node: a.py
+                parameters: {token: "${{ secrets.nope }}"}
+        """,
+        "a.py": """
+            from patterns import Parameter
+            Parameter("token")
+        """,
+    })
+    a, b = run_app(app, environ={})
+    assert a.status == "failed"
+    assert "parameter 'token' has no value" in a.error
+    assert b.status == "failed" and "nope" in b.error
+
+
+def test_bad_records_types_and_unserialisable_values(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: good
+                node: good.py
+              - name: conflict
+                node: conflict.py
+              - name: mixed
+                node: mixed.py
+              - name: weird
+                node: weird.py
+        """,
+        "good.py": """
+            from patterns import Table
+            Table("t", "w").append({"a": 1, "b": "x"})
+        """,
+        "conflict.py": """
+            from patterns import Table
+            Table("t", "w").append({"a": "not a number"})
+        """,
+        "mixed.py": """
+            from patterns import Table
+            Table("u", "w").append([{"a": 1}, {"a": 2}, {"a": "three"}])
+        """,
+        "weird.py": """
+            from patterns import Table
+            Table("v", "w").append([{"a": 1}, {"a": object()}])
+        """,
+    })
+    good, conflict, mixed, weird = run_app(app, store_url)
+    assert good.status == "succeeded"
+    assert conflict.status == "failed" and "'t'" in conflict.error and "'a'" in conflict.error
+    assert mixed.status == "failed" and "row 2" in mixed.error and "field 'a'" in mixed.error
+    assert weird.status == "failed" and "row 1" in weird.error and "object" in weird.error
+    assert rows(app, "t", store_url) and len(rows(app, "t", store_url)) == 1
+    assert rows(app, "u", store_url) == [] and rows(app, "v", store_url) == []
+
+
+def test_json_values_nested_records(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: n\n    node: n.py\n",
+        "n.py": """
+            from decimal import Decimal
+            from datetime import datetime, timezone
+            from patterns import Table
+            t = Table("docs", "w")
+            t.append({"id": 1, "doc": {"a": [1, 2]}, "price": Decimal("1.50"),
+                      "at": datetime(2026, 1, 1, tzinfo=timezone.utc)})
+            t.append({"id": 2, "doc": {"b": "x"}, "price": Decimal("2.25"),
+                      "at": datetime(2026, 1, 2, tzinfo=timezone.utc)})
+        """,
+    })
+    run = run_app(app, store_url)[0]
+    assert run.status == "succeeded", run.error
+    got = rows(app, "docs", store_url, "id")
+    import json
+
+    assert [json.loads(r["doc"]) if isinstance(r["doc"], str) else r["doc"] for r in got] == [
+        {"a": [1, 2]}, {"b": "x"}]
+    assert str(got[1]["price"]) in ("2.25", "2.250")
+
+
+def test_killed_worker_and_timeout(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: suicide
+                node: suicide.py
+              - name: slow
+                node: slow.py
+                timeout: 1s
+              - name: graceful
+                node: graceful.py
+                timeout: 3s
+        """,
+        "suicide.py": """
+            import os, signal
+            from patterns import Table
+            Table("k", "w").append({"a": 1})
+            os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        "slow.py": """
+            import time
+            from patterns import Table
+            Table("s", "w").append({"a": 1})
+            time.sleep(30)
+        """,
+        "graceful.py": """
+            import time
+            from patterns import State, Table
+            state = State()
+            n = 0
+            while state.should_continue(pct_of_limit=0.3):
+                time.sleep(0.05)
+                n += 1
+            Table("g", "w").append({"loops": n})
+        """,
+    })
+    suicide, slow, graceful = run_app(app)
+    assert suicide.status == "killed" and "SIGKILL" in suicide.error
+    assert slow.status == "timed_out" and "timeout 1s" in slow.error
+    assert graceful.status == "succeeded", graceful.error
+    assert rows(app, "k") == [] and rows(app, "s") == []
+    assert 5 < rows(app, "g")[0]["loops"] < 40
+
+
+def test_sql_step_with_patterns_templates(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: source
+                node: source.py
+              - name: summary
+                sql: summary.sql
+                output: summary
+              - name: bad
+                sql: bad.sql
+                output: nothing
+        """,
+        "source.py": """
+            from patterns import Table
+            Table("sales", "w").append([{"c": "x", "v": 1}, {"c": "x", "v": 2}, {"c": "y", "v": 3}])
+        """,
+        "summary.sql": "select c, sum(v) as total from {{ Table(\"sales\") }} group by c order by c\n",
+        "bad.sql": "delete from sales\n",
+    })
+    runs = run_app(app, store_url)
+    assert [r.status for r in runs] == ["succeeded", "succeeded", "failed"]
+    assert [(r["c"], int(r["total"])) for r in rows(app, "summary", store_url, "c")] == [("x", 3), ("y", 3)]
+    assert "only SELECT" in runs[2].error and "bad.sql" in runs[2].error
+    run_app(app, store_url, steps=["source", "summary"])
+    assert [(r["c"], int(r["total"])) for r in rows(app, "summary", store_url, "c")] == [("x", 6), ("y", 6)]
