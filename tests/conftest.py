@@ -26,7 +26,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,7 +75,15 @@ class PostgresCluster:
         if self._as_other_user:
             # initdb and postgres refuse to run as root: hand the folder to the
             # postgres system user and run the server binaries as that user.
-            entry = pwd.getpwnam(_SYSTEM_USER)
+            try:
+                entry = pwd.getpwnam(_SYSTEM_USER)
+            except KeyError:
+                shutil.rmtree(self.root, ignore_errors=True)
+                raise RuntimeError(
+                    f"running as root, but there is no {_SYSTEM_USER!r} system user to run "
+                    "the server as (PostgreSQL refuses to run as root); install the "
+                    "postgresql package, which creates it, or run the tests as another user"
+                ) from None
             for path in (self.root, self.socket_dir):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
 
@@ -138,13 +145,6 @@ class PostgresCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _wait_gone(cluster: PostgresCluster) -> None:
-    for _ in range(50):
-        if not (cluster.data_dir / "postmaster.pid").exists():
-            return
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PostgresCluster]:
     """The session's PostgreSQL server (started on first use)."""
@@ -158,15 +158,16 @@ def pg_cluster() -> Iterator[PostgresCluster]:
             f"(e.g. apt-get install postgresql), or set {SKIP_ENV}=1 to skip these tests",
             pytrace=False,
         )
-    cluster = PostgresCluster(bin_dir)
+    cluster: PostgresCluster | None = None
     try:
+        cluster = PostgresCluster(bin_dir)
         cluster.start()
     except Exception as exc:
-        cluster.stop()
+        if cluster is not None:
+            cluster.stop()
         pytest.fail(f"could not start a test PostgreSQL server: {exc}", pytrace=False)
     yield cluster
     cluster.stop()
-    _wait_gone(cluster)
 
 
 @pytest.fixture(scope="session")

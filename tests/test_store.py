@@ -433,13 +433,14 @@ def test_two_transactions_on_different_tables_at_once(store: Store) -> None:
     first.append("left", pa.table({"a": [1]}))
     second.append("right", pa.table({"b": ["x"]}))
     first.append("shared", pa.table({"a": [1]}))
+    second.append("shared", pa.table({"a": [2]}))
     second.set_state("other", {"k": 1})
     first.set_state("one", {"k": 2})
     second.commit()
     first.commit()
     assert rows(store, "left") == [{"a": 1}]
     assert rows(store, "right") == [{"b": "x"}]
-    assert rows(store, "shared", ["a"]) == [{"a": 0}, {"a": 1}]
+    assert rows(store, "shared", ["a"]) == [{"a": 0}, {"a": 1}, {"a": 2}]
     assert store.get_state("other") == {"k": 1} and store.get_state("one") == {"k": 2}
 
 

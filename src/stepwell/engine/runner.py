@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stepwell.engine.logs import Redactor, RunLog
@@ -123,10 +123,10 @@ class Runner:
 
         parameters = dict(step.parameters or {})
         secret_values: list[str] = []
-        for name in sorted(secrets.find_secret_refs(parameters)):
-            value = secrets.resolve("${{ secrets.%s }}" % name, self.app.root, self.environ)
+        for ref in sorted(secrets.find_secret_refs(parameters)):
+            value = secrets.lookup(ref, self.app.root, self.environ, step=step.name)
             secret_values.extend(_strings(value))
-        resolved = secrets.resolve(parameters, self.app.root, self.environ)
+        resolved = secrets.resolve(parameters, self.app.root, self.environ, step=step.name)
         limits = step.effective_limits(self.app.defaults)
         timeout = limits.timeout if limits.timeout else DEFAULT_TIMEOUT
         return StepContext(resolved, secret_values, timeout)
@@ -167,12 +167,11 @@ class Runner:
             context = self._context(step)
             redact.values = Redactor(context.secret_values).values
             staged = StagedRun(self.store, run.id, step.name, unique_on=self._unique_on())
-            if step.kind == "sql":
-                outcome = self._run_sql(step, staged)
-            elif step.kind == "node":
-                outcome = self._run_node(step, run, context, staged, log, redact)
-            else:
+            execute = self._executors().get(step.kind)
+            if execute is None:
                 outcome = Outcome("failed", f"step {step.name!r}: {step.kind} steps are not supported yet")
+            else:
+                outcome = execute(ActiveRun(step, run, context, staged, log, redact))
         except Exception as exc:  # configuration problems: secrets, environment, files
             if staged is not None:
                 staged.rollback()
@@ -191,51 +190,68 @@ class Runner:
         self.listener.run_finished(final)
         return final
 
+    def _executors(self) -> dict[str, Callable[[ActiveRun], Outcome]]:
+        """How each step style runs. Worker-based styles build a ``start`` frame
+        and go through ``run_worker``; SQL runs in the host."""
+        return {"sql": self._run_sql, "node": self._run_node}
+
     def _unique_on(self) -> dict[str, list[str]]:
         return {t.name: list(t.unique_on) for t in self.app.tables if getattr(t, "unique_on", None)}
 
-    def _run_sql(self, step: Any, staged: StagedRun) -> Outcome:
-        rows = run_sql_step(step, self.app.root, staged, self.store.dialect.name, self.app.table_names())
+    def _run_sql(self, active: ActiveRun) -> Outcome:
+        rows = run_sql_step(
+            active.step, self.app.root, active.staged, self.store.dialect.name, self.app.table_names()
+        )
         status = "succeeded" if rows else "succeeded_no_data"
-        staged.commit(None, None, run_fields={"status": status, "ended_at": _now(), "rows_out": rows})
+        active.staged.commit(None, None, run_fields={"status": status, "ended_at": _now(), "rows_out": rows})
         return Outcome(status)
 
-    def _run_node(
-        self,
-        step: Any,
-        run: RunRecord,
-        context: StepContext,
-        staged: StagedRun,
-        log: RunLog,
-        redact: Redactor,
-    ) -> Outcome:
-        began = time.monotonic()
-        sys_path = self._environment(log)
+    def _run_node(self, active: ActiveRun) -> Outcome:
         start = node_host.start_message(
             store=self.store,
-            run_id=run.id,
-            step=step,
+            run_id=active.run.id,
+            step=active.step,
             app_root=str(self.app.root),
-            parameters=context.parameters,
-            time_limit=context.time_limit,
-            sys_path=sys_path,
+            parameters=active.context.parameters,
+            time_limit=active.context.time_limit,
+            sys_path=self._environment(active.log),
         )
+        return self.run_worker(active, start)
+
+    def run_worker(self, active: ActiveRun, start: dict[str, Any]) -> Outcome:
+        """Start a worker, send it ``start`` and serve it until it is done."""
+        time_limit = active.context.time_limit
         worker = start_worker(self.app.root)
         try:
-            start["elapsed"] = time.monotonic() - began
+            start["elapsed"] = time.monotonic() - active.began
             session = WorkerSession(
                 self.store,
-                staged,
+                active.staged,
                 worker,
-                log,
-                redact,
-                deadline=began + context.time_limit if context.time_limit else None,
-                limit_note=f" (timeout {_seconds(context.time_limit)})" if context.time_limit else "",
-                on_progress=lambda rows_in, rows_out: self.listener.progress(run, rows_in, rows_out),
+                active.log,
+                active.redact,
+                deadline=active.began + time_limit if time_limit else None,
+                limit_note=f" (timeout {_seconds(time_limit)})" if time_limit else "",
+                on_progress=lambda rows_in, rows_out: self.listener.progress(
+                    active.run, rows_in, rows_out
+                ),
             )
             return session.serve(start)
         finally:
             worker.close()
+
+
+@dataclass
+class ActiveRun:
+    """Everything an executor needs about the run in progress."""
+
+    step: Any
+    run: RunRecord
+    context: StepContext
+    staged: StagedRun
+    log: RunLog
+    redact: Redactor
+    began: float = field(default_factory=time.monotonic)
 
 
 def _seconds(value: float | None) -> str:

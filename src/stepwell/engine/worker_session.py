@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,13 @@ from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun
 from stepwell.runtimes.sqlcheck import restrict_select
 from stepwell.sandbox.launcher import WorkerProcess
-from stepwell.sandbox.protocol import NOTIFY_OPS, PeerGone, ProtocolError, decode_table, encode_table
+from stepwell.sandbox.protocol import (
+    NOTIFY_OPS,
+    PeerGone,
+    ProtocolError,
+    decode_table,
+    encode_table,
+)
 from stepwell.store.base import Store
 
 
@@ -81,7 +86,7 @@ class WorkerSession:
                 reply, reply_body = self._dispatch(op, message, body)
                 if op not in NOTIFY_OPS:
                     channel.send(reply, reply_body)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             self.worker.kill()
             self.staged.rollback()
             return Outcome("timed_out", f"the step exceeded its time limit{self.limit_note}")

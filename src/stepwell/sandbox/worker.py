@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import site
 import socket
 import sys
 import traceback
@@ -60,6 +61,15 @@ def error_summary(exc: BaseException, app_root: str | None = None) -> str:
     return (text[-1] if text else type(exc).__name__) + where
 
 
+def _add_site_dirs(paths: list[str]) -> None:
+    """Put the app environment's site-packages (with its .pth files) first on sys.path."""
+    before = list(sys.path)
+    for path in paths:
+        site.addsitedir(path)
+    added = [p for p in sys.path if p not in before]
+    sys.path[:] = added + before
+
+
 def load_entry(spec: str) -> Any:
     module_name, _, func = spec.partition(":")
     return getattr(importlib.import_module(module_name), func)
@@ -72,8 +82,7 @@ def serve(channel: Channel) -> int:
         start, _ = channel.recv()
     except PeerGone:
         return 3
-    for path in reversed(start.get("sys_path", [])):
-        sys.path.insert(0, path)
+    _add_site_dirs(start.get("sys_path", []))
     out, err = capture_output(link)
     try:
         load_entry(start["entry"])(link, start)

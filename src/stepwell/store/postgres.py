@@ -101,12 +101,22 @@ def _infer_numeric(values: list[Any]) -> pa.Array:
 def _result_column(column: psycopg.Column, values: list[Any]) -> tuple[pa.Field, pa.Array]:
     """Arrow field and array for one column of an arbitrary query result."""
     info = psycopg.postgres.types.get(column.type_code)
-    type_name = info.name if info else "unknown"
+    if info is None:
+        type_name = "unknown"
+    elif column.type_code == info.array_oid:
+        type_name = f"{info.name}[]"
+    else:
+        type_name = info.name
     logical = sch.logical_from_sql(type_name, column.precision, column.scale)
     if type_name == "numeric" and column.precision is None:
-        return pa.field(column.name, pa.float64()), _infer_numeric(values)
+        array = _infer_numeric(values)
+        return pa.field(column.name, array.type), array
     if logical.startswith("sql:"):
-        values = [None if v is None else str(v) for v in values]
+        if any(isinstance(v, list | dict) for v in values):  # arrays, composites
+            logical = "json"
+            values = [None if v is None else sch.json_dumps(v) for v in values]
+        else:
+            values = [None if v is None else str(v) for v in values]
     f = sch.arrow_field(column.name, logical)
     return f, pa.array(values, f.type)
 
@@ -244,7 +254,7 @@ class PostgresSession(Session):
             while rows := cur.fetchmany(batch_rows):
                 yield _rows_to_batch(rows, schema)
         finally:
-            if not self.conn.broken:
+            if self._conn is not None and not self._conn.closed and not self._conn.broken:
                 cur.close()
 
     def commit(self) -> None:
