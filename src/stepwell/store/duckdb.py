@@ -45,6 +45,18 @@ DIALECT = Dialect(
 )
 
 
+def _arrow_table(relation: duckdb.DuckDBPyRelation) -> pa.Table:
+    # DuckDB 2 renamed fetch_arrow_table() to to_arrow_table()
+    method = getattr(relation, "to_arrow_table", None) or relation.fetch_arrow_table
+    return method()
+
+
+def _arrow_reader(relation: duckdb.DuckDBPyRelation, batch_rows: int) -> pa.RecordBatchReader:
+    # DuckDB 2 renamed fetch_record_batch()/fetch_arrow_reader() to to_arrow_reader()
+    method = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
+    return method(batch_rows)
+
+
 class DuckDBSession(Session):
     """A transaction on its own cursor."""
 
@@ -70,7 +82,7 @@ class DuckDBSession(Session):
         relation = self._cur.sql(sql)
         if relation is None:
             return pa.table({})
-        table = relation.to_arrow_table()
+        table = _arrow_table(relation)
         # DuckDB hands JSON out as plain text: mark those columns as JSON
         for i, duck_type in enumerate(relation.types):
             if str(duck_type) == "JSON":
@@ -108,9 +120,8 @@ class DuckDBSession(Session):
     def stream(
         self, sql: str, params: Sequence[Any], schema: pa.Schema, batch_rows: int
     ) -> Iterator[pa.RecordBatch]:
-        reader = self._cur.sql(sql, params=list(params) if params else None).to_arrow_reader(
-            batch_rows
-        )
+        relation = self._cur.sql(sql, params=list(params) if params else None)
+        reader = _arrow_reader(relation, batch_rows)
         try:
             for batch in reader:
                 yield sch.conform_batch(batch, schema)
