@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class RunListener(Protocol):
     def progress(self, run: RunRecord, rows_in: int, rows_out: int) -> None: ...
     def log_line(self, run: RunRecord, line: LogLine) -> None: ...
     def run_finished(self, run: RunRecord) -> None: ...
+    def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
+        """A commit point of ``run`` made new rows of ``tables`` visible (optional hook)."""
 
 
 class NullListener:
@@ -49,6 +52,17 @@ class NullListener:
 
     def run_finished(self, run: RunRecord) -> None:
         pass
+
+    def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
+        pass
+
+
+@dataclass
+class _RunHandle:
+    """What ``Runner.cancel`` needs to stop a run in progress."""
+
+    worker: Any = None
+    cancel_reason: str | None = None
 
 
 @dataclass
@@ -115,6 +129,8 @@ class Runner:
         self.environ = dict(os.environ if environ is None else environ)
         self._env = None
         self._env_checked = False
+        self._active: dict[str, _RunHandle] = {}
+        self._active_lock = threading.Lock()
         recover_orphans(store)
 
     # -- preparation -----------------------------------------------------
@@ -147,18 +163,57 @@ class Runner:
                          f"{self.app.requirements_file}: {how}"])
         return [str(self._env.site_packages)]
 
+    # -- cancelling ----------------------------------------------------------
+    def cancel(self, run_id: str, reason: str = "cancelled on request") -> bool:
+        """Stop run ``run_id`` if it is in progress here: its worker is killed and the
+        run ends ``cancelled`` with everything since its last commit point rolled
+        back. Returns False when this runner has no such run in progress. A run
+        that commits its end before the kill lands keeps its status."""
+        with self._active_lock:
+            handle = self._active.get(run_id)
+            if handle is None:
+                return False
+            handle.cancel_reason = handle.cancel_reason or reason
+            worker = handle.worker
+        if worker is not None:
+            worker.kill()
+        return True
+
+    def active_runs(self) -> list[str]:
+        """Ids of the runs in progress in this runner."""
+        with self._active_lock:
+            return list(self._active)
+
     # -- running -----------------------------------------------------------
-    def run_step(self, name: str, trigger: str = "manual") -> RunRecord:
+    def run_step(self, name: str, trigger: str = "manual", *, run_id: str | None = None) -> RunRecord:
+        """Run step ``name`` once. ``run_id`` names a run record created beforehand
+        with status ``queued`` (by the scheduler); without it a new record is made."""
         step = self.app.step(name)
         run = RunRecord(
-            id=ids.new_id(),
+            id=run_id or ids.new_id(),
             step=step.name,
             status="running",
             trigger=trigger,
             started_at=_now(),
             host_pid=os.getpid(),
         )
-        self.store.create_run(run)
+        handle = _RunHandle()
+        with self._active_lock:
+            self._active[run.id] = handle
+        try:
+            return self._run(step, run, handle, existing=run_id is not None)
+        finally:
+            with self._active_lock:
+                self._active.pop(run.id, None)
+
+    def _run(self, step: Any, run: RunRecord, handle: _RunHandle, *, existing: bool) -> RunRecord:
+        if existing and self.store.get_run(run.id) is not None:
+            self.store.update_run(
+                run.id, status=run.status, trigger=run.trigger, started_at=run.started_at,
+                host_pid=run.host_pid,
+            )
+        else:
+            self.store.create_run(run)
         self.listener.run_started(run)
         redact = Redactor([])
         log = RunLog(self.store, run.id, redact, lambda line: self.listener.log_line(run, line))
@@ -166,9 +221,14 @@ class Runner:
         try:
             context = self._context(step)
             redact.values = Redactor(context.secret_values).values
-            staged = StagedRun(self.store, run.id, step.name, unique_on=self._unique_on())
+            staged = StagedRun(
+                self.store, run.id, step.name, unique_on=self._unique_on(),
+                on_commit=lambda tables: self._committed(run, tables),
+            )
             execute = self._executors().get(step.kind)
-            if execute is None:
+            if handle.cancel_reason is not None:
+                outcome = Outcome("cancelled", handle.cancel_reason)
+            elif execute is None:
                 outcome = Outcome("failed", f"step {step.name!r}: {step.kind} steps are not supported yet")
             else:
                 outcome = execute(ActiveRun(step, run, context, staged, log, redact))
@@ -176,6 +236,8 @@ class Runner:
             if staged is not None:
                 staged.rollback()
             outcome = Outcome("failed", redact(f"step {step.name!r}: {exc}"))
+        if handle.cancel_reason is not None and outcome.status not in SUCCESS:
+            outcome = Outcome("cancelled", handle.cancel_reason)
         log.flush()
         if outcome.status not in SUCCESS:
             self.store.update_run(
@@ -194,6 +256,11 @@ class Runner:
         """How each step style runs. Worker-based styles build a ``start`` frame
         and go through ``run_worker``; SQL runs in the host."""
         return {"sql": self._run_sql, "node": self._run_node}
+
+    def _committed(self, run: RunRecord, tables: set[str]) -> None:
+        notify = getattr(self.listener, "tables_committed", None)
+        if notify is not None:
+            notify(run, tables)
 
     def _unique_on(self) -> dict[str, list[str]]:
         return {t.name: list(t.unique_on) for t in self.app.tables if getattr(t, "unique_on", None)}
@@ -222,6 +289,12 @@ class Runner:
         """Start a worker, send it ``start`` and serve it until it is done."""
         time_limit = active.context.time_limit
         worker = start_worker(self.app.root)
+        with self._active_lock:
+            handle = self._active.get(active.run.id)
+            if handle is not None:
+                handle.worker = worker
+                if handle.cancel_reason is not None:
+                    worker.kill()
         try:
             start["elapsed"] = time.monotonic() - active.began
             session = WorkerSession(

@@ -9,7 +9,7 @@ commits all of it at once. ``rollback`` (or the host dying) discards it all.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +27,7 @@ class StagedRun:
         *,
         unique_on: Mapping[str, Sequence[str]] | None = None,
         column_types: Mapping[str, Mapping[str, pa.DataType]] | None = None,
+        on_commit: Callable[[set[str]], None] | None = None,
     ):
         self.store = store
         self.run_id = run_id
@@ -36,6 +37,9 @@ class StagedRun:
         self._unique_on = dict(unique_on or {})
         self._column_types = dict(column_types or {})
         self._tx: Transaction | None = None
+        #: called after each commit with the tables that got new rows in it
+        self.on_commit = on_commit
+        self._tables_with_rows: set[str] = set()
 
     def tx(self) -> Transaction:
         if self._tx is None:
@@ -95,6 +99,8 @@ class StagedRun:
         else:
             raise ValueError(f"unknown write mode {mode!r}")
         self.rows_out += written
+        if written:
+            self._tables_with_rows.add(table)
         return written
 
     def truncate(self, table: str) -> None:
@@ -134,12 +140,16 @@ class StagedRun:
         tx.commit()
         self._tx = None
         self.committed_rows_out = self.rows_out
+        tables, self._tables_with_rows = self._tables_with_rows, set()
+        if tables and self.on_commit is not None:
+            self.on_commit(tables)
 
     def rollback(self) -> None:
         if self._tx is not None:
             tx, self._tx = self._tx, None
             tx.rollback()
         self.rows_out = self.committed_rows_out
+        self._tables_with_rows.clear()
 
 
 def _put_column(data: pa.Table, name: str, values: pa.Array) -> pa.Table:

@@ -26,9 +26,11 @@ from stepwell.sandbox.protocol import (
     PeerGone,
     ProtocolError,
     decode_table,
-    encode_table,
 )
 from stepwell.store.base import Store
+
+#: Requests still served after a deferred write error.
+_AFTER_WRITE_ERROR_OPS = frozenset({"done", "log", "rollback"})
 
 
 @dataclass
@@ -69,6 +71,7 @@ class WorkerSession:
         self._scans: dict[int, Iterator[pa.RecordBatch]] = {}
         self._scan_ids = itertools.count(1)
         self._done: Outcome | None = None
+        self._deferred_error: str | None = None
 
     # -- the loop --------------------------------------------------------
     def serve(self, start: dict[str, Any]) -> Outcome:
@@ -83,9 +86,18 @@ class WorkerSession:
                     channel.sock.settimeout(remaining)
                 message, body = channel.recv()
                 op = message.get("op")
+                if self._deferred_error is not None and op not in _AFTER_WRITE_ERROR_OPS:
+                    # a write already failed: refuse further work until rollback or done
+                    if op not in NOTIFY_OPS:
+                        channel.send({"ok": False, "error": self._deferred_error})
+                    continue
                 reply, reply_body = self._dispatch(op, message, body)
                 if op not in NOTIFY_OPS:
                     channel.send(reply, reply_body)
+                elif not reply.get("ok"):
+                    # writes are not answered (so host and worker overlap): report the
+                    # failure on the worker's next request instead
+                    self._deferred_error = reply.get("error")
         except TimeoutError:
             self.worker.kill()
             self.staged.rollback()
@@ -169,7 +181,7 @@ class WorkerSession:
             return {"done": True}, b""
         self.rows_in += batch.num_rows
         self._progress()
-        return {"rows": batch.num_rows}, encode_table(batch)
+        return {"rows": batch.num_rows}, batch
 
     def op_scan_close(self, message: dict, _body: bytes) -> dict:
         scan = self._scans.pop(message.get("scan"), None)
@@ -188,7 +200,7 @@ class WorkerSession:
         sql = restrict_select(
             str(message["sql"]), allowed, self.store.dialect.name, where=f"read_sql in {self.staged.step}"
         )
-        return {}, encode_table(self.staged.query(sql))
+        return {}, self.staged.query(sql)
 
     # -- writes ----------------------------------------------------------
     def op_write(self, message: dict, body: bytes) -> dict:
@@ -226,11 +238,14 @@ class WorkerSession:
         return {}
 
     def op_rollback(self, _message: dict, _body: bytes) -> dict:
+        self._deferred_error = None
         self.staged.rollback()
         self.rows_in = self.committed_rows_in
         return {}
 
     def op_done(self, message: dict, _body: bytes) -> dict:
+        if self._deferred_error is not None and message.get("status") == "ok":
+            message = {"status": "error", "error": self._deferred_error}
         if message.get("status") != "ok":
             self.staged.rollback()
             self._done = Outcome(

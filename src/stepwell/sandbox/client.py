@@ -22,16 +22,16 @@ class HostLink:
         self.channel = channel
         self._lock = threading.Lock()
 
-    def call(self, op: str, body: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
+    def call(self, op: str, body: Any = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
         with self._lock:
             reply, reply_body = self.channel.request({"op": op, **args}, body)
         if not reply.get("ok", False):
             raise HostError(reply.get("error") or f"host refused {op!r}")
         return reply, reply_body
 
-    def notify(self, op: str, **args: Any) -> None:
+    def notify(self, op: str, body: Any = b"", **args: Any) -> None:
         with self._lock:
-            self.channel.send({"op": op, **args})
+            self.channel.send({"op": op, **args}, body)
 
 
 class LogStream(io.TextIOBase):

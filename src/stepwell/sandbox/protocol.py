@@ -36,8 +36,10 @@ MAX_BODY = 1024 * 1024 * 1024
 
 _EXT_DATETIME, _EXT_DATE, _EXT_DECIMAL = 1, 2, 3
 
-#: Ops a worker may send that expect no reply.
-NOTIFY_OPS = frozenset({"log"})
+#: Ops a worker may send that expect no reply. ``write`` is one so the worker can
+#: go on producing rows while the host stores the previous batch; a failed write
+#: is reported in the reply to the worker's next request.
+NOTIFY_OPS = frozenset({"log", "write"})
 
 
 class ProtocolError(Exception):
@@ -95,11 +97,22 @@ class Channel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
 
-    def send(self, message: dict[str, Any], body: bytes | memoryview = b"") -> None:
+    def send(self, message: dict[str, Any], body: Any = b"") -> None:
+        """Send one frame. ``body`` is bytes, or an Arrow table/batch, which is
+        written as an IPC stream straight into the socket (no intermediate copy)."""
         header = pack(message)
-        self.sock.sendall(_PREFIX.pack(len(header), len(body)) + header)
-        if body:
-            self.sock.sendall(body)
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            self.sock.sendall(_PREFIX.pack(len(header), len(body)) + header)
+            if body:
+                self.sock.sendall(body)
+            return
+        import pyarrow as pa
+
+        sizer = pa.MockOutputStream()
+        _write_ipc(sizer, body)
+        self.sock.sendall(_PREFIX.pack(len(header), sizer.size()) + header)
+        with self.sock.makefile("wb", buffering=1 << 20) as raw:
+            _write_ipc(pa.PythonFile(raw, mode="w"), body)
 
     def recv(self) -> tuple[dict[str, Any], bytes]:
         header_len, body_len = _PREFIX.unpack(self._read_exact(_PREFIX.size))
@@ -112,7 +125,7 @@ class Channel:
         body = self._read_exact(body_len) if body_len else b""
         return message, body
 
-    def request(self, message: dict[str, Any], body: bytes | memoryview = b"") -> tuple[dict, bytes]:
+    def request(self, message: dict[str, Any], body: Any = b"") -> tuple[dict, bytes]:
         """Send a request and wait for its reply."""
         self.send(message, body)
         return self.recv()
@@ -133,6 +146,13 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def _write_ipc(sink: Any, table: Any) -> None:
+    import pyarrow as pa
+
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write(table)
 
 
 def encode_table(table: Any) -> bytes:

@@ -170,6 +170,13 @@ class Table:
 
     def append(self, records: Any) -> None:
         """Append a dict, a list of dicts or a DataFrame."""
+        if type(records) is dict and self.mode == "w" and self._buffer_mode == "append":
+            # the per-row hot path of stream loops
+            buffer = self._buffer
+            buffer.append(records.copy())
+            if len(buffer) >= FLUSH_ROWS:
+                self._send_buffer()
+            return
         self._check_writable("append rows")
         self._add(records, "append")
 

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from stepwell.sandbox.client import HostLink
-from stepwell.sandbox.protocol import decode_table, encode_table
+from stepwell.sandbox.protocol import decode_table
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -52,7 +52,7 @@ class NodeSession:
         return self.inputs.get(port) or self.outputs.get(port) or port
 
     def write(self, table: str, data: pa.Table, **options: Any) -> None:
-        self.link.call("write", encode_table(data), table=table, **options)
+        self.link.notify("write", data, table=table, **options)
 
     def scan(self, table: str, order_by: list[str] | None, after: Any, batch_rows: int = 50_000):
         """Yield (version, Arrow batch) pairs of a consistent snapshot of ``table``."""
