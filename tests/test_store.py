@@ -784,3 +784,67 @@ def test_open_store_urls(tmp_path: Path) -> None:
         opened.close()
     with pytest.raises(StoreError, match="unknown store 'mysql://x'"):
         open_store("mysql://x", tmp_path)
+
+
+# -- connector partitions ------------------------------------------------------------------
+
+
+def test_partitions_set_replace_list_and_delete(store: Store) -> None:
+    from stepwell.store import PartitionRecord
+
+    assert store.get_partitions("conn") == []
+    with store.transaction() as tx:
+        tx.set_partition(PartitionRecord("conn", "b.csv", "fp-b", "code1", 3, 0.5, run_id="r1"))
+        tx.set_partition(PartitionRecord("conn", "a.csv", "fp-a", "code1", 2, 0.25, run_id="r1"))
+        tx.set_partition(PartitionRecord("other", "a.csv", "x", "y"))
+        tx.commit()
+    found = store.get_partitions("conn")
+    assert [p.name for p in found] == ["a.csv", "b.csv"]
+    first = found[0]
+    assert (first.step, first.fingerprint, first.code_hash, first.rows) == ("conn", "fp-a", "code1", 2)
+    assert first.duration_seconds == 0.25 and first.status == "succeeded" and first.error is None
+    assert first.run_id == "r1"
+    assert first.updated_at is not None and first.updated_at.tzinfo is not None
+    with store.transaction() as tx:
+        tx.set_partition(
+            PartitionRecord("conn", "a.csv", "fp-a", "code1", 2, 1.0, "failed", "boom", "r2")
+        )
+        tx.delete_partition("conn", "b.csv")
+        tx.delete_partition("conn", "never-there")
+        tx.commit()
+    (only,) = store.get_partitions("conn")
+    assert (only.name, only.status, only.error, only.run_id) == ("a.csv", "failed", "boom", "r2")
+    assert [p.name for p in store.get_partitions("other")] == ["a.csv"]
+
+
+def test_partition_records_commit_and_roll_back_with_rows(store: Store) -> None:
+    from stepwell.store import PartitionRecord
+
+    tx = store.transaction()
+    tx.append("t", pa.table({"_partition": ["p1"], "v": [1]}))
+    tx.set_partition(PartitionRecord("conn", "p1", "f1", "c", 1))
+    tx.rollback()
+    assert store.get_partitions("conn") == []
+    assert store.table_info("t") is None
+    with store.transaction() as tx:
+        tx.append("t", pa.table({"_partition": ["p1", "p2"], "v": [1, 2]}))
+        tx.set_partition(PartitionRecord("conn", "p1", "f1", "c", 1))
+        tx.set_partition(PartitionRecord("conn", "p2", "f2", "c", 1))
+        tx.commit()
+    with store.transaction() as tx:  # replace p1, drop p2, then change our mind
+        tx.delete_where("t", "_partition", ["p1", "p2"])
+        tx.delete_partition("conn", "p2")
+        tx.set_partition(PartitionRecord("conn", "p1", "f1b", "c", 0))
+    assert rows(store, "t", order_by=["v"]) == [{"_partition": "p1", "v": 1}, {"_partition": "p2", "v": 2}]
+    assert [(p.name, p.fingerprint) for p in store.get_partitions("conn")] == [("p1", "f1"), ("p2", "f2")]
+
+
+def test_partition_names_sort_in_byte_order(store: Store) -> None:
+    from stepwell.store import PartitionRecord
+
+    names = ["b", "B", "a/2.csv", "a/10.csv", "é", "_x"]
+    with store.transaction() as tx:
+        for name in names:
+            tx.set_partition(PartitionRecord("conn", name, name, None))
+        tx.commit()
+    assert [p.name for p in store.get_partitions("conn")] == sorted(names, key=str.encode)

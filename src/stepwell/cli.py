@@ -285,7 +285,8 @@ def state(
 def main() -> None:
     """Console-script entry: one clear line on failure, tracebacks with --verbose."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):

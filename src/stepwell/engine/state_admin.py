@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stepwell.store.base import Store
@@ -36,10 +36,23 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def change_state(store: Store, step: str, *, reset: bool, assignments: Sequence[str]) -> None:
-    """Reset and/or set values, in one transaction."""
+def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` texts (VALUE as JSON, else text) as a dict."""
+    return dict(_parse_assignment(a) for a in assignments)
+
+
+def change_state(
+    store: Store,
+    step: str,
+    *,
+    reset: bool,
+    assignments: Sequence[str],
+    values: Mapping[str, Any] | None = None,
+) -> None:
+    """Reset and/or set values (``KEY=VALUE`` texts and/or ``values``), in one transaction."""
     state = {} if reset else store.get_state(step)
-    state.update(dict(_parse_assignment(a) for a in assignments))
+    state.update(parse_assignments(assignments))
+    state.update(values or {})
     with store.transaction() as tx:
         if reset:
             tx.clear_positions(step)

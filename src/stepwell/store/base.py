@@ -122,6 +122,27 @@ class StreamPosition:
     last_id: str | None
 
 
+@dataclass
+class PartitionRecord:
+    """Bookkeeping of one connector partition (a leaf yielded by ``list_objects``).
+
+    ``fingerprint`` and ``code_hash`` are those of the rows currently stored for
+    the partition (None when it never committed any); ``status`` is how its
+    last read ended (``succeeded`` or ``failed``, with ``error``).
+    """
+
+    step: str
+    name: str
+    fingerprint: str | None
+    code_hash: str | None
+    rows: int = 0
+    duration_seconds: float | None = None
+    status: str = "succeeded"
+    error: str | None = None
+    run_id: str | None = None
+    updated_at: datetime | None = None
+
+
 class Transaction(abc.ABC):
     """One atomic unit of change. Nothing is visible to others before ``commit``."""
 
@@ -167,6 +188,15 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Update fields of a run record as part of this transaction."""
+
+    @abc.abstractmethod
+    def set_partition(self, record: PartitionRecord) -> None:
+        """Insert or replace the record of partition ``(record.step, record.name)``
+        (``updated_at`` None: now)."""
+
+    @abc.abstractmethod
+    def delete_partition(self, step: str, name: str) -> None:
+        """Forget partition ``name`` of ``step`` (no error when it is unknown)."""
 
     @abc.abstractmethod
     def commit(self) -> None: ...
@@ -248,6 +278,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def get_positions(self, step: str) -> list[StreamPosition]: ...
+
+    @abc.abstractmethod
+    def get_partitions(self, step: str) -> list[PartitionRecord]:
+        """The committed partition records of connector step ``step``, by name."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -33,6 +33,7 @@ from stepwell.store import schema as sch
 from stepwell.store.base import (
     ColumnInfo,
     LogLine,
+    PartitionRecord,
     RunRecord,
     Store,
     StoreError,
@@ -269,6 +270,10 @@ def bootstrap_statements(d: Dialect) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {META}.table_versions (
             name {text} NOT NULL, version {big} NOT NULL, physical_name {text} NOT NULL,
             created_at {ts}, active {boolean} NOT NULL, PRIMARY KEY (name, version))""",
+        f"""CREATE TABLE IF NOT EXISTS {META}.partitions (
+            step {text} NOT NULL, name {text} NOT NULL, fingerprint {text}, code_hash {text},
+            "rows" {big}, duration_seconds {d.type_names["float"]}, status {text} NOT NULL,
+            error {text}, run_id {text}, updated_at {ts}, PRIMARY KEY (step, name))""",
     ]
     if d.secondary_indexes:
         statements.append(
@@ -363,6 +368,20 @@ def update_run(session: Session, run_id: str, changes: Mapping[str, Any]) -> Non
     changed = session.execute(f"UPDATE {META}.runs SET {sets} WHERE id = ?", [*params, run_id])
     if changed == 0:
         raise StoreError(f"update_run: no run with id {run_id!r}")
+
+
+_PARTITION_FIELDS = tuple(f.name for f in fields(PartitionRecord))
+_PARTITION_COLUMNS = ", ".join(quote(f) for f in _PARTITION_FIELDS)
+
+
+def _partition_from_row(row: Sequence[Any]) -> PartitionRecord:
+    record = PartitionRecord(*row)
+    record.rows = int(record.rows or 0)
+    record.duration_seconds = (
+        None if record.duration_seconds is None else float(record.duration_seconds)
+    )
+    record.updated_at = _utc(record.updated_at)
+    return record
 
 
 def scan_query(
@@ -640,6 +659,22 @@ class SQLTransaction(Transaction):
         with self._op(f"update run {run_id!r}") as s:
             update_run(s, run_id, fields)
 
+    def set_partition(self, record: PartitionRecord) -> None:
+        with self._op(f"set partition {record.name!r} of step {record.step!r}") as s:
+            values = [getattr(record, f) for f in _PARTITION_FIELDS]
+            values[-1] = _utc(record.updated_at) or _now()
+            updates = ", ".join(f"{quote(f)} = excluded.{quote(f)}" for f in _PARTITION_FIELDS[2:])
+            s.execute(
+                f"INSERT INTO {META}.partitions ({_PARTITION_COLUMNS}) VALUES "
+                f"({', '.join('?' for _ in _PARTITION_FIELDS)}) "
+                f"ON CONFLICT (step, name) DO UPDATE SET {updates}",
+                values,
+            )
+
+    def delete_partition(self, step: str, name: str) -> None:
+        with self._op(f"delete partition {name!r} of step {step!r}") as s:
+            s.execute(f"DELETE FROM {META}.partitions WHERE step = ? AND name = ?", [step, name])
+
     def commit(self) -> None:
         with self._lock:
             if self._done:
@@ -881,6 +916,15 @@ class SQLStore(Store):
             )
             for st, tb, ob, ver, value, last_id in rows
         ]
+
+    def get_partitions(self, step: str) -> list[PartitionRecord]:
+        with self._autocommit(read_only=True) as s:
+            rows = s.fetchall(
+                f"SELECT {_PARTITION_COLUMNS} FROM {META}.partitions WHERE step = ? "
+                f"ORDER BY name{s.dialect.text_collation}",
+                [step],
+            )
+        return [_partition_from_row(row) for row in rows]
 
     def close(self) -> None:
         if self._closed:

@@ -275,11 +275,25 @@ class Stream:
         if committed is None and starting_value is not None:
             committed = (None, starting_value, None)
         self._base = committed  # where this run's reading starts: (version, value, last_id)
-        self._current: tuple[int, Any, Any] | None = None  # last yielded row
+        # The last yielded row is (batch, index): the position is only built when
+        # asked for, so the per-row cost of the stream loop stays one store.
+        self._batch: tuple[int, list, list | None] | None = None
+        self._index = -1
         self._generation = 0
         session.streams.append(self)
 
     # positions -----------------------------------------------------------
+    @property
+    def _current(self) -> tuple[int, Any, Any] | None:
+        if self._batch is None or self._index < 0:
+            return None
+        version, values, ids = self._batch
+        return (version, values[self._index], ids[self._index] if ids else None)
+
+    def _forget_current(self) -> None:
+        self._batch = None
+        self._index = -1
+
     def position_for_commit(self) -> tuple[int, Any, Any] | None:
         current = self._current or self._base
         if current is None or current[0] is None:
@@ -291,7 +305,7 @@ class Stream:
 
     def _rolled_back(self) -> None:
         self._base = self._committed_position
-        self._current = None
+        self._forget_current()
         self._generation += 1
 
     # consuming ---------------------------------------------------------
@@ -319,12 +333,17 @@ class Stream:
                     f"column (columns: {', '.join(batch.schema.names)})"
                 )
             rows = batch.to_pylist()
-            order_values = batch.column(first).to_pylist()
-            ids = batch.column(ID_COLUMN).to_pylist() if has_tie else None
+            if generation != self._generation:
+                return  # rolled back: stop delivering from a stale position
+            self._batch = (
+                version,
+                batch.column(first).to_pylist(),
+                batch.column(ID_COLUMN).to_pylist() if has_tie else None,
+            )
             for index, row in enumerate(rows):
                 if generation != self._generation:
-                    return  # rolled back: stop delivering from a stale position
-                self._current = (version, order_values[index], ids[index] if ids else None)
+                    return
+                self._index = index
                 if with_metadata:
                     yield {"record": row, "metadata": {"table": self.table.port,
                                                        "order_by": self.order_by_field}}
@@ -345,14 +364,14 @@ class Stream:
     def rewind(self) -> None:
         """Consume the table again from its first row."""
         self._base = None
-        self._current = None
+        self._forget_current()
         self._session.committed_positions.pop((self.table.table_name, self.order_columns), None)
         self._generation += 1
 
     def seek(self, value: Any) -> None:
         """Continue with rows whose order_by value is strictly greater than ``value``."""
         self._base = (self._version_hint(), value, None)
-        self._current = None
+        self._forget_current()
         self._generation += 1
 
     def _version_hint(self) -> int:

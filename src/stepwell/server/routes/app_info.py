@@ -1,0 +1,198 @@
+"""The app, its steps and graph, and each step's state, positions and partitions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path
+
+from stepwell.engine.state_admin import change_state, describe_state
+from stepwell.server.context import ServerContext, get_ctx
+from stepwell.server.errors import ApiError
+from stepwell.server.models import (
+    AppModel,
+    Graph,
+    GraphEdge,
+    GraphNode,
+    PartitionList,
+    PositionModel,
+    StateChange,
+    StepList,
+    StepModel,
+    StepState,
+    WebhookModel,
+    jsonable,
+)
+from stepwell.store.base import StreamPosition
+
+router = APIRouter(prefix="/api", tags=["app"])
+
+StepName = Path(description="Step name", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=200)
+
+
+def store_label(url: str) -> str:
+    """A store URL fit to show: any password removed."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else netloc))
+
+
+def step_model(ctx: ServerContext, step: Any) -> StepModel:
+    status = ctx.scheduler.status(step.name)
+    return StepModel(
+        name=step.name,
+        kind=step.kind,
+        file=step.file,
+        trigger=step.trigger,
+        description=step.description,
+        inputs=step.input_tables(),
+        outputs=step.output_tables(),
+        after=step.after,
+        parameters=jsonable(step.parameters or {}),
+        secrets=list(step.secrets),
+        running_run=status.running_run,
+        queued_run=status.queued_run,
+        next_tick=status.next_tick,
+    )
+
+
+def graph(app: Any) -> Graph:
+    """Steps, tables and webhooks as nodes; data flow as edges."""
+    nodes: dict[str, GraphNode] = {}
+    edges: list[GraphEdge] = []
+
+    def node(kind: str, name: str) -> str:
+        key = f"{kind}:{name}"
+        nodes.setdefault(key, GraphNode(id=key, kind=kind, name=name))  # type: ignore[arg-type]
+        return key
+
+    for table in app.table_names():
+        node("table", table)
+    for step in app.steps:
+        me = node("step", step.name)
+        for table in step.input_tables():
+            edges.append(GraphEdge(source=node("table", table), target=me))
+        for table in step.output_tables():
+            edges.append(GraphEdge(source=me, target=node("table", table)))
+        if step.after:
+            edges.append(GraphEdge(source=node("step", step.after), target=me))
+    for hook in app.webhooks:
+        edges.append(GraphEdge(source=node("webhook", hook.name), target=node("table", hook.table)))
+    return Graph(nodes=list(nodes.values()), edges=edges)
+
+
+def webhook_models(app: Any) -> list[WebhookModel]:
+    return [
+        WebhookModel(name=h.name, table=h.table, url=f"/api/webhooks/{h.name}", has_token=bool(h.token))
+        for h in app.webhooks
+    ]
+
+
+@router.get("/app", response_model=AppModel, summary="The app: steps, tables, webhooks, graph")
+def get_app(ctx: ServerContext = Depends(get_ctx)) -> AppModel:
+    app = ctx.app
+    return AppModel(
+        title=app.title,
+        root=str(app.root),
+        file=str(app.file),
+        format=app.format,
+        store=store_label(ctx.store.url),
+        steps=[step_model(ctx, s) for s in app.steps],
+        tables=app.table_names(),
+        webhooks=webhook_models(app),
+        graph=graph(app),
+    )
+
+
+@router.get("/graph", response_model=Graph, summary="The app graph (steps, tables, webhooks)")
+def get_graph(ctx: ServerContext = Depends(get_ctx)) -> Graph:
+    return graph(ctx.app)
+
+
+@router.get("/steps", response_model=StepList, summary="Steps with their triggers and status")
+def list_steps(ctx: ServerContext = Depends(get_ctx)) -> StepList:
+    return StepList(steps=[step_model(ctx, s) for s in ctx.app.steps])
+
+
+@router.get("/steps/{name}", response_model=StepModel, summary="One step")
+def get_step(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> StepModel:
+    return step_model(ctx, ctx.app.step(name))
+
+
+def _state(ctx: ServerContext, name: str) -> StepState:
+    return StepState.model_validate(jsonable(describe_state(ctx.store, name)))
+
+
+def _idle(ctx: ServerContext, name: str) -> None:
+    ctx.app.step(name)
+    if ctx.scheduler.is_running(name):
+        raise ApiError(
+            409, f"step {name!r} is running; change its state when the run has ended "
+            f"(or cancel it first)",
+        )
+
+
+@router.get("/steps/{name}/state", response_model=StepState,
+            summary="A step's state, stream positions and checkpoint")
+def get_state(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> StepState:
+    ctx.app.step(name)
+    return _state(ctx, name)
+
+
+@router.patch("/steps/{name}/state", response_model=StepState,
+              summary="Set state values (after an optional reset), in one transaction")
+def patch_state(change: StateChange, name: str = StepName,
+                ctx: ServerContext = Depends(get_ctx)) -> StepState:
+    _idle(ctx, name)
+    change_state(ctx.store, name, reset=change.reset, assignments=[], values=change.values)
+    return _state(ctx, name)
+
+
+@router.delete("/steps/{name}/state", response_model=StepState,
+               summary="Reset a step: clear its state and stream positions")
+def reset_state(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> StepState:
+    _idle(ctx, name)
+    change_state(ctx.store, name, reset=True, assignments=[])
+    return _state(ctx, name)
+
+
+@router.put("/steps/{name}/positions", response_model=StepState,
+            summary="Set one stream position of a step")
+def put_position(position: PositionModel, name: str = StepName,
+                 ctx: ServerContext = Depends(get_ctx)) -> StepState:
+    _idle(ctx, name)
+    if not position.order_by:
+        raise ApiError(422, "order_by names no column; give e.g. [\"patterns_id\"]")
+    with ctx.store.transaction() as tx:
+        tx.set_position(
+            StreamPosition(name, position.table, tuple(position.order_by), position.table_version,
+                           position.value, position.last_id)
+        )
+        tx.commit()
+    return _state(ctx, name)
+
+
+@router.get("/steps/{name}/partitions", response_model=PartitionList,
+            summary="A connector step's partitions and fingerprints")
+def get_partitions(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> PartitionList:
+    ctx.app.step(name)
+    return PartitionList(step=name, partitions=partitions_of(ctx.store.get_state(name)))
+
+
+def partitions_of(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The partitions a connector committed, from its state's ``partitions`` entry
+    (``{name: fingerprint}`` or ``{name: {fingerprint, ...}}`` or a list of dicts)."""
+    raw = state.get("partitions")
+    if isinstance(raw, dict):
+        return [
+            jsonable({"name": key, **value} if isinstance(value, dict) else {"name": key, "fingerprint": value})
+            for key, value in raw.items()
+        ]
+    if isinstance(raw, list):
+        return [jsonable(p) for p in raw if isinstance(p, dict)]
+    return []

@@ -1,0 +1,195 @@
+"""The `stepwell` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from apputil import cli, write_app
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result
+
+
+def test_init_run_tables_runs_logs_state(tmp_path):
+    app = tmp_path / "demo"
+    _ok(cli("init", str(app)))
+    assert (app / "stepwell.yml").exists()
+    first = _ok(cli("run", str(app)))
+    assert "ingest" in first.stdout and "count_events" in first.stdout
+    _ok(cli("run", str(app)))
+    tables = json.loads(_ok(cli("tables", str(app), "--json")).stdout)
+    by_name = {t["name"]: t for t in tables}
+    assert by_name["events"]["rows"] == 20
+    assert by_name["events"]["columns"]["n"] == "int"
+    assert by_name["events"]["columns"]["patterns_id"] == "str"
+    counts = json.loads(_ok(cli("table", str(app), "event_counts", "--json")).stdout)
+    assert sorted(r["new_events"] for r in counts) == [10, 10]
+    limited = json.loads(_ok(cli("table", str(app), "events", "--json", "--limit", "3")).stdout)
+    assert len(limited) == 3
+    runs = json.loads(_ok(cli("runs", str(app), "--json")).stdout)
+    assert len(runs) == 4
+    assert set(runs[0]) == {"id", "step", "status", "started_at", "ended_at", "rows_in", "rows_out", "error"}
+    assert runs[0]["step"] == "count_events" and runs[0]["status"] == "succeeded"
+    only = json.loads(_ok(cli("runs", str(app), "--step", "ingest", "--json")).stdout)
+    assert {r["step"] for r in only} == {"ingest"} and len(only) == 2
+    log = _ok(cli("logs", str(app), runs[0]["id"])).stdout
+    assert "10 new events" in log
+    state = json.loads(_ok(cli("state", str(app), "count_events")).stdout)
+    assert state["stream_positions"][0]["table"] == "events"
+    changed = json.loads(_ok(cli("state", str(app), "ingest", "--set", "next=100", "--set", 'tag="x"')).stdout)
+    assert changed["state"] == {"next": 100, "tag": "x"}
+    reset = json.loads(_ok(cli("state", str(app), "count_events", "--reset")).stdout)
+    assert reset["state"] == {} and reset["stream_positions"] == []
+    _ok(cli("run", str(app), "count_events"))
+    counts = json.loads(_ok(cli("table", str(app), "event_counts", "--json")).stdout)
+    assert sorted(r["new_events"] for r in counts) == [10, 10, 20]  # re-read from the start
+
+
+def test_run_exits_1_with_one_clear_line(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: bad\n    node: bad.py\n",
+        "bad.py": "raise ValueError('no good')\n",
+    })
+    result = cli("run", str(app))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert "step 'bad' failed: ValueError: no good (at bad.py:1)" in lines[0]
+    assert "stepwell logs" in lines[0]
+    verbose = cli("--verbose", "run", str(app))
+    assert 'File "bad.py", line 1' in verbose.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("steps:\n  - name: a\n    node: [unclosed\n", "stepwell.yml:4: invalid YAML"),
+        ("steps:\n  - name: a\n    node: a.py\n    colour: red\n", "stepwell.yml:4: steps[0].colour"),
+        ("steps:\n  - name: a\n    node: missing.py\n", "missing.py"),
+        ("steps:\n  - name: a\n    node: a.py\n    timeout: soon\n", "steps[0].timeout"),
+    ],
+)
+def test_malformed_app_files_give_one_line_naming_file_line_key(tmp_path, text, expected):
+    app = write_app(tmp_path / "app", {"stepwell.yml": text, "a.py": "pass\n"})
+    result = cli("run", str(app))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_load_every_file_type_as_one_committed_write(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    app = write_app(tmp_path / "app", {"stepwell.yml": "title: loads\n"})
+    (tmp_path / "a.csv").write_text("id,name\n1,ann\n2,bob\n")
+    (tmp_path / "b.jsonl").write_text('{"id": 3, "name": "cy"}\n{"id": 4, "name": "di"}\n')
+    (tmp_path / "c.json").write_text('[{"id": 5, "name": "ed", "tags": ["x"]}]')
+    pq.write_table(pa.table({"id": [6], "name": ["fay"]}), tmp_path / "d.parquet")
+    for name in ("a.csv", "b.jsonl", "c.json", "d.parquet"):
+        _ok(cli("load", str(app), "people", str(tmp_path / name)))
+    got = json.loads(_ok(cli("table", str(app), "people", "--json")).stdout)
+    assert sorted(r["id"] for r in got) == [1, 2, 3, 4, 5, 6]
+    assert all(len(r["patterns_id"]) == 26 for r in got)
+    (tmp_path / "bad.csv").write_text("id,name\nseven,gus\n")
+    result = cli("load", str(app), "people", str(tmp_path / "bad.csv"))
+    assert result.returncode == 1 and "'id'" in result.stderr
+    assert len(json.loads(_ok(cli("table", str(app), "people", "--json")).stdout)) == 6
+    missing = cli("load", str(app), "people", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 1 and "nope.csv" in missing.stderr
+
+
+def test_unknown_table_run_and_step_are_clear(tmp_path):
+    app = write_app(tmp_path / "app", {"stepwell.yml": "steps:\n  - name: a\n    node: a.py\n",
+                                       "a.py": "pass\n"})
+    result = cli("table", str(app), "ghost")
+    assert result.returncode == 1 and "table 'ghost' does not exist" in result.stderr
+    result = cli("logs", str(app), "01nosuchrun")
+    assert result.returncode == 1 and "no run" in result.stderr
+    result = cli("run", str(app), "ghost")
+    assert result.returncode == 1 and "ghost" in result.stderr and "a" in result.stderr
+
+
+def test_patterns_graph_yml_app_runs_unchanged(tmp_path):
+    app = write_app(tmp_path / "graph_app", {
+        "graph.yml": """
+            title: Patterns app
+            slug: patterns-app
+            functions:
+              - node_file: source.py
+                id: a1b2c3d4
+                outputs: {out: raw}
+                parameter_values: {how_many: 3}
+              - node_file: doubled.sql
+                id: e5f6g7h8
+              - node_file: consume.py
+                id: i9j0k1l2
+                inputs: {raw: raw}
+            stores:
+              - table: raw
+              - table: doubled
+        """,
+        "source.py": """
+            from patterns import Parameter, Table
+            n = Parameter("how_many", type=int)
+            Table("out", "w").append([{"v": i} for i in range(n)])
+        """,
+        "doubled.sql": 'select v * 2 as v2 from {{ Table("raw") }}\n',
+        "consume.py": """
+            from patterns import Table
+            for r in Table("raw").as_stream().consume_records():
+                print("got", r["v"])
+        """,
+    })
+    _ok(cli("run", str(app / "graph.yml")))
+    raw = json.loads(_ok(cli("table", str(app), "raw", "--json")).stdout)
+    assert sorted(r["v"] for r in raw) == [0, 1, 2]
+    runs = json.loads(_ok(cli("runs", str(app), "--json")).stdout)
+    assert {r["step"] for r in runs} == {"source", "doubled", "consume"}
+    assert all(r["status"] == "succeeded" for r in runs)
+
+
+def _wheel(folder: Path, name: str, version: str, module_text: str) -> Path:
+    """A minimal pure-Python wheel, built by hand (no network needed)."""
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(f"{name}/__init__.py", module_text)
+        wheel.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        wheel.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{dist}/RECORD", "")
+    return path
+
+
+def test_requirements_installed_once_and_reused(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            requirements_file: requirements.txt
+            steps:
+              - name: use
+                node: use.py
+        """,
+        "use.py": """
+            import greetlib
+            from patterns import Table
+            Table("greetings", "w").append({"text": greetlib.greet("world")})
+        """,
+    })
+    wheel = _wheel(app, "greetlib", "1.0", "def greet(who):\n    return f'hello {who}'\n")
+    (app / "requirements.txt").write_text(f"./{wheel.name}\n")
+    env = {**__import__("os").environ, "STEPWELL_CACHE_DIR": str(tmp_path / "cache"), "UV_OFFLINE": "1"}
+    _ok(cli("run", str(app), env=env))
+    _ok(cli("run", str(app), env=env))
+    runs = json.loads(_ok(cli("runs", str(app), "--json", env=env)).stdout)
+    logs = [_ok(cli("logs", str(app), r["id"], env=env)).stdout for r in reversed(runs)]
+    assert "environment" in logs[0] and "built in" in logs[0]
+    assert "reused" in logs[1]
+    rows = json.loads(_ok(cli("table", str(app), "greetings", "--json", env=env)).stdout)
+    assert [r["text"] for r in rows] == ["hello world", "hello world"]
