@@ -620,3 +620,56 @@ def test_sql_step_with_patterns_templates(tmp_path, store_url):
     assert "only SELECT" in runs[2].error and "bad.sql" in runs[2].error
     run_app(app, store_url, steps=["source", "summary"])
     assert [(r["c"], int(r["total"])) for r in rows(app, "summary", store_url, "c")] == [("x", 6), ("y", 6)]
+
+
+def test_common_model_schema_fixes_column_types_and_keys(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            schemas:
+              - schema_file: schemas/Payment.yml
+            tables:
+              - name: payments
+                schema: Payment
+            steps:
+              - name: pay
+                node: pay.py
+              - name: loose
+                node: loose.py
+        """,
+        "schemas/Payment.yml": """
+            name: Payment
+            unique_on: [payment_id]
+            fields:
+              payment_id: {type: Integer}
+              amount:
+                type: Decimal(12,2)
+              paid_on: {type: Date}
+              note: {type: Text}
+        """,
+        "pay.py": """
+            from patterns import Table
+            t = Table("payments", "w")
+            t.upsert([{"payment_id": 1, "amount": 10, "paid_on": "2026-01-02", "note": "five"},
+                      {"payment_id": 1, "amount": 12.5, "paid_on": "2026-01-03", "note": "x"}])
+        """,
+        "loose.py": """
+            from patterns import Table
+            Table("other", "w", schema="Payment").append({"payment_id": 7, "amount": 1.25})
+            Table("bad", "w", schema="Nope").append({"a": 1})
+        """,
+    })
+    pay, loose = run_app(app, store_url)
+    assert pay.status == "succeeded", pay.error
+    (row,) = rows(app, "payments", store_url)
+    assert row["payment_id"] == 1 and str(row["amount"]) == "12.50"
+    assert str(row["paid_on"]) == "2026-01-03" and row["note"] == "x"
+    from stepwell.store import open_store
+
+    store = open_store(store_url, app)
+    try:
+        columns = {c.name: c.type for c in store.table_info("payments").columns}
+        assert columns["amount"] == "decimal(12,2)" and columns["paid_on"] == "date"
+    finally:
+        store.close()
+    assert loose.status == "failed" and "schema='Nope'" in loose.error
+    assert rows(app, "other", store_url) == []

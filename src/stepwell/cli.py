@@ -43,7 +43,8 @@ def _main(
 def _console():
     from rich.console import Console
 
-    return Console()
+    # Piped output (scripts, CI logs) gets wide lines rather than truncated ids.
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 @contextmanager
@@ -60,6 +61,20 @@ def _opened(app_path: str, store_url: str | None):
         yield spec, store
     finally:
         store.close()
+
+
+@contextmanager
+def _backend(app_path: str, store_url: str | None):
+    """Load the app; yield it with its data: a running server's API while
+    `stepwell serve` runs for it (DESIGN 7a), else the store opened here."""
+    from stepwell.app import load_app
+    from stepwell.cli_backend import open_backend
+
+    spec = load_app(app_path)
+    for warning in spec.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    with open_backend(spec, store_url) as backend:
+        yield spec, backend
 
 
 def _jsonable(value: Any) -> Any:
@@ -100,16 +115,16 @@ def run(
 ) -> None:
     """Run steps once, in dependency order, with a progress display."""
     from stepwell.cli_progress import RunProgress
-    from stepwell.engine.app_run import run_steps, select_steps
-    from stepwell.engine.runner import SUCCESS, Runner
+    from stepwell.engine.app_run import select_steps
+    from stepwell.engine.runner import SUCCESS
 
     if executor != "local":
         raise CliError(f"executor {executor!r} is not available yet; use --executor local")
-    with _opened(app_path, store) as (spec, st):
+    with _backend(app_path, store) as (spec, backend):
         names = select_steps(spec, steps)
         console = _console()
         with RunProgress(console, total_steps=len(names)) as progress:
-            runs = run_steps(Runner(spec, st, listener=progress), names)
+            runs = backend.run_steps(names, progress)
         failed = [r for r in runs if r.status not in SUCCESS]
         for r in failed:
             print(f"error: step {r.step!r} {r.status}: {r.error} (details: stepwell logs "
@@ -129,10 +144,8 @@ def load(
     store: StoreOpt = None,
 ) -> None:
     """Append a file's rows to a table as one committed write."""
-    from stepwell.engine.loading import load_file
-
-    with _opened(app_path, store) as (_spec, st):
-        rows = load_file(st, table, file)
+    with _backend(app_path, store) as (_spec, backend):
+        rows = backend.load(table, file)
     _console().print(f"Loaded {rows} rows into [bold]{table}[/].")
 
 
@@ -146,17 +159,12 @@ def table(
     store: StoreOpt = None,
 ) -> None:
     """Preview a table's rows."""
-    with _opened(app_path, store) as (_spec, st):
-        info = st.table_info(name)
+    with _backend(app_path, store) as (_spec, backend):
+        info = backend.table_info(name)
         if info is None:
-            known = ", ".join(t.name for t in st.list_tables()) or "none yet"
+            known = ", ".join(t.name for t in backend.list_tables()) or "none yet"
             raise CliError(f"table {name!r} does not exist (tables: {known})")
-        rows = []
-        for batch in st.scan(name, batch_rows=max(limit, 1)):
-            rows.extend(batch.to_pylist())
-            if len(rows) >= limit:
-                break
-        rows = rows[:limit]
+        rows = backend.preview(name, limit)
     if as_json:
         _print_json(rows)
         return
@@ -180,21 +188,12 @@ def _cell(value: Any) -> str:
 @app.command()
 def tables(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt = None) -> None:
     """List tables with row counts and schemas."""
-    with _opened(app_path, store) as (_spec, st):
-        infos = st.list_tables()
+    from stepwell.server.models import TableSummary
+
+    with _backend(app_path, store) as (_spec, backend):
+        infos = backend.list_tables()
     if as_json:
-        _print_json(
-            [
-                {
-                    "name": t.name,
-                    "rows": t.row_count,
-                    "version": t.version,
-                    "unique_on": t.unique_on,
-                    "columns": {c.name: c.type for c in t.columns},
-                }
-                for t in infos
-            ]
-        )
+        _print_json([TableSummary.of(t).model_dump() for t in infos])
         return
     from rich.table import Table as RichTable
 
@@ -206,7 +205,6 @@ def tables(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt = N
 
 
 # -- runs / logs --------------------------------------------------------------
-RUN_FIELDS = ("id", "step", "status", "started_at", "ended_at", "rows_in", "rows_out", "error")
 
 
 @app.command()
@@ -218,21 +216,26 @@ def runs(
     store: StoreOpt = None,
 ) -> None:
     """List runs, newest first."""
-    with _opened(app_path, store) as (_spec, st):
-        records = st.list_runs(step=step, limit=limit)
+    from stepwell.server.models import RunSummary
+
+    with _backend(app_path, store) as (_spec, backend):
+        records = backend.list_runs(step=step, limit=limit)
     if as_json:
-        _print_json([{f: getattr(r, f) for f in RUN_FIELDS} for r in records])
+        _print_json([RunSummary.of(r).cli_json() for r in records])
         return
     from rich.table import Table as RichTable
 
-    view = RichTable("run", "step", "status", "started", "seconds", "in", "out", "error")
+    view = RichTable(box=None, pad_edge=False)
+    for name in ("run", "step", "status", "started", "secs", "in", "out"):
+        view.add_column(name, no_wrap=True, justify="right" if name in ("secs", "in", "out") else "left")
+    view.add_column("error", overflow="fold")
     for r in records:
         seconds = (r.ended_at - r.started_at).total_seconds() if r.ended_at and r.started_at else None
         view.add_row(
             r.id, r.step, _status(r.status),
-            r.started_at.strftime("%Y-%m-%d %H:%M:%S") if r.started_at else "",
+            r.started_at.strftime("%m-%d %H:%M:%S") if r.started_at else "",
             f"{seconds:.2f}" if seconds is not None else "",
-            str(r.rows_in), str(r.rows_out), (r.error or "")[:80],
+            f"{r.rows_in:,}", f"{r.rows_out:,}", (r.error or "")[:200],
         )
     _console().print(view)
 
@@ -250,11 +253,11 @@ def logs(
     store: StoreOpt = None,
 ) -> None:
     """Print a run's log lines."""
-    with _opened(app_path, store) as (_spec, st):
-        record = st.get_run(run_id)
+    with _backend(app_path, store) as (_spec, backend):
+        record = backend.get_run(run_id)
         if record is None:
             raise CliError(f"no run {run_id!r} (list runs with `stepwell runs {app_path}`)")
-        lines = st.get_logs(run_id)
+        lines = backend.get_logs(run_id)
     for line in lines:
         print(f"{line.ts.strftime('%H:%M:%S.%f')[:-3]} {line.level:5} {line.message}")
     if record.error:
@@ -273,13 +276,63 @@ def state(
     store: StoreOpt = None,
 ) -> None:
     """View or change a step's state and stream positions."""
-    from stepwell.engine.state_admin import change_state, describe_state
+    from stepwell.engine.state_admin import parse_assignments
 
-    with _opened(app_path, store) as (spec, st):
+    with _backend(app_path, store) as (spec, backend):
         spec.step(step)
         if reset or set_:
-            change_state(st, step, reset=reset, assignments=set_ or [])
-        _print_json(describe_state(st, step))
+            backend.change_state(step, reset=reset, values=parse_assignments(set_ or []))
+        _print_json(backend.describe_state(step))
+
+
+# -- serve / token -------------------------------------------------------------
+@app.command()
+def serve(
+    app_path: AppArg = ".",
+    host: Annotated[str, typer.Option(help="Address to listen on (beyond loopback a token is required)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port)", min=0, max=65535)] = 8765,
+    store: StoreOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Steps running at once", min=1)] = None,
+    shutdown_timeout: Annotated[
+        float | None, typer.Option(help="Seconds running steps get on SIGTERM before cancel", min=0)
+    ] = None,
+    rotate_token: Annotated[bool, typer.Option("--rotate-token", help="Make a new API token first")] = False,
+) -> None:
+    """Run the scheduler, the workers and the HTTP API until SIGTERM / Ctrl-C."""
+    import os
+
+    from stepwell.server.context import ServerSettings
+    from stepwell.server.serve import ServeError, Serving
+
+    settings = ServerSettings.from_env(
+        dict(os.environ), host=host, port=port, workers=workers, shutdown_timeout=shutdown_timeout
+    )
+    try:
+        Serving(app_path, store_url=store, settings=settings, rotate_token=rotate_token).run()
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
+
+
+@app.command()
+def token(
+    app_path: AppArg = ".",
+    rotate: Annotated[bool, typer.Option("--rotate", help="Replace the token (a running server uses the new one at once)")] = False,
+) -> None:
+    """Print the app's API token (made on first `serve`), or rotate it."""
+    from stepwell.app import load_app
+    from stepwell.server.auth import TOKEN_FILE, TokenFile
+    from stepwell.server.serve import state_dir
+
+    spec = load_app(app_path)
+    tokens = TokenFile(state_dir(spec.root) / TOKEN_FILE)
+    if rotate:
+        print(tokens.rotate())
+        return
+    current = tokens.read()
+    if current is None:
+        raise CliError(f"no API token yet for {spec.root}: `stepwell serve` makes one, or run "
+                       f"`stepwell token {app_path} --rotate`")
+    print(current)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun
-from stepwell.engine.worker_session import Outcome, WorkerSession
+from stepwell.engine.worker_session import DeclaredSchema, Outcome, WorkerSession
 from stepwell.runtimes.node import host as node_host
 from stepwell.runtimes.sql import run_sql_step
 from stepwell.sandbox.launcher import start_worker
@@ -221,8 +221,14 @@ class Runner:
         try:
             context = self._context(step)
             redact.values = Redactor(context.secret_values).values
+            schemas = self._schemas()
             staged = StagedRun(
-                self.store, run.id, step.name, unique_on=self._unique_on(),
+                self.store, run.id, step.name, unique_on=self._unique_on(schemas),
+                column_types={
+                    t.name: schemas[t.schema_name].types
+                    for t in self.app.tables
+                    if t.schema_name in schemas
+                },
                 on_commit=lambda tables: self._committed(run, tables),
             )
             execute = self._executors().get(step.kind)
@@ -262,8 +268,27 @@ class Runner:
         if notify is not None:
             notify(run, tables)
 
-    def _unique_on(self) -> dict[str, list[str]]:
-        return {t.name: list(t.unique_on) for t in self.app.tables if getattr(t, "unique_on", None)}
+    def _schemas(self) -> dict[str, DeclaredSchema]:
+        """The app's Common Model schemas by name (``Table(..., schema="Name")``)."""
+        from stepwell.store.schema import arrow_type
+
+        result = {}
+        for spec in self.app.schemas:
+            definition = spec.definition
+            result[definition.name] = DeclaredSchema(
+                {name: arrow_type(logical) for name, logical in definition.logical_types.items()},
+                list(definition.unique_on),
+            )
+        return result
+
+    def _unique_on(self, schemas: dict[str, DeclaredSchema]) -> dict[str, list[str]]:
+        keys = {}
+        for table in self.app.tables:
+            declared = schemas.get(table.schema_name) if table.schema_name else None
+            unique_on = table.unique_on or (declared.unique_on if declared else None)
+            if unique_on:
+                keys[table.name] = list(unique_on)
+        return keys
 
     def _run_sql(self, active: ActiveRun) -> Outcome:
         rows = run_sql_step(
@@ -283,6 +308,7 @@ class Runner:
             time_limit=active.context.time_limit,
             sys_path=self._environment(active.log),
         )
+        start["table_keys"] = self._unique_on(self._schemas())
         return self.run_worker(active, start)
 
     def run_worker(self, active: ActiveRun, start: dict[str, Any]) -> Outcome:
@@ -304,6 +330,7 @@ class Runner:
                 active.log,
                 active.redact,
                 deadline=active.began + time_limit if time_limit else None,
+                schemas=self._schemas(),
                 limit_note=f" (timeout {_seconds(time_limit)})" if time_limit else "",
                 on_progress=lambda rows_in, rows_out: self.listener.progress(
                     active.run, rows_in, rows_out

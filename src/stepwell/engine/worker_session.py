@@ -34,6 +34,14 @@ _AFTER_WRITE_ERROR_OPS = frozenset({"done", "log", "rollback"})
 
 
 @dataclass
+class DeclaredSchema:
+    """A Common Model schema from the app file, as column types and keys."""
+
+    types: dict[str, pa.DataType]
+    unique_on: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Outcome:
     """How the worker run ended (before the runner maps it to a run status)."""
 
@@ -54,7 +62,7 @@ class WorkerSession:
         *,
         deadline: float | None,
         limit_note: str = "",
-        column_types: Mapping[str, Mapping[str, pa.DataType]] | None = None,
+        schemas: Mapping[str, DeclaredSchema] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ):
         self.store = store
@@ -64,7 +72,7 @@ class WorkerSession:
         self.redact = redact
         self.deadline = deadline
         self.limit_note = limit_note
-        self.schemas = dict(column_types or {})
+        self.schemas = dict(schemas or {})
         self.on_progress = on_progress
         self.rows_in = 0
         self.committed_rows_in = 0
@@ -206,7 +214,7 @@ class WorkerSession:
     def op_write(self, message: dict, body: bytes) -> dict:
         data = decode_table(body)
         schema_name = message.get("schema")
-        declared = self.schemas.get(f"schema:{schema_name}") if isinstance(schema_name, str) else None
+        declared = self.schemas.get(schema_name) if isinstance(schema_name, str) else None
         if isinstance(schema_name, str) and declared is None:
             raise ValueError(
                 f"Table({message['table']!r}, schema={schema_name!r}): no schema of that name "
@@ -216,10 +224,10 @@ class WorkerSession:
             str(message["table"]),
             data,
             mode=str(message.get("mode", "append")),
-            unique_on=message.get("unique_on"),
+            unique_on=message.get("unique_on") or (declared.unique_on if declared else None),
             id_column=message.get("id_column"),
             add_created=message.get("add_created"),
-            schema=declared,
+            schema=declared.types if declared else None,
         )
         self._progress()
         return {"rows": written}

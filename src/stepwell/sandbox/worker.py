@@ -57,8 +57,10 @@ def error_summary(exc: BaseException, app_root: str | None = None) -> str:
                 name = name[len(app_root.rstrip("/")) + 1 :]
             where = f" (at {name}:{frame.lineno})"
             break
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
-    return (text[-1] if text else type(exc).__name__) + where
+    message = str(exc).strip()
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        message = f"{exc.msg} (line {exc.lineno})"
+    return (f"{type(exc).__name__}: {message}" if message else type(exc).__name__) + where
 
 
 def _add_site_dirs(paths: list[str]) -> None:

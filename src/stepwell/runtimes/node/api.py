@@ -69,7 +69,7 @@ class Table:
         self._rows_written = 0
         self._options: dict[str, Any] = {
             "id_column": ID_COLUMN,
-            "unique_on": None,
+            "unique_on": session.table_keys.get(self.table_name),
             "add_created": None,
             "schema": schema,
         }
@@ -107,14 +107,17 @@ class Table:
         return info.get("columns") if info.get("exists") else None
 
     # -- reading ---------------------------------------------------------
-    def _batches(self, order_by: list[str] | None = None):
-        for _, batch in self._session.scan(self.table_name, order_by, None):
+    def _batches(self, batch_rows: int):
+        for _, batch in self._session.scan(self.table_name, None, None, batch_rows):
             yield batch
 
     def read(self, as_format: str = "records", chunksize: int | None = None) -> Any:
         """All committed rows as records (list of dicts) or a DataFrame
         (``as_format="dataframe"``); with ``chunksize``, an iterator of chunks."""
-        return _shape(self._batches(), as_format, chunksize)
+        # Whole-table reads come in large batches (fewer round trips); chunked
+        # reads in batches near the chunk size, so memory follows the chunk.
+        batch_rows = max(chunksize, 10_000) if chunksize else 1_000_000
+        return _shape(self._batches(batch_rows), as_format, chunksize)
 
     def read_dataframe(self, chunksize: int | None = None) -> Any:
         return self.read("dataframe", chunksize)

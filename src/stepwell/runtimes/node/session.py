@@ -32,6 +32,8 @@ class NodeSession:
         self.inputs: dict[str, str] = ports.get("inputs", {})
         self.outputs: dict[str, str] = ports.get("outputs", {})
         self.parameters: dict[str, Any] = start.get("parameters", {})
+        #: unique_on keys the app file declares per table (tables or schemas)
+        self.table_keys: dict[str, list[str]] = start.get("table_keys") or {}
         self.time_limit: float | None = start.get("time_limit")
         self.started = time.monotonic() - float(start.get("elapsed", 0.0))
         self.tables: dict[str, Table] = {}

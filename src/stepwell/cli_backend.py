@@ -1,0 +1,130 @@
+"""Where the CLI's commands get their data: the store itself, or a running server.
+
+An embedded DuckDB file can be open by one process only, so while `stepwell
+serve` runs for an app the other commands talk to its API (found through
+``APP/.stepwell/server.json``) instead of opening the store. :func:`open_backend`
+makes that choice once; commands then call the same methods either way and
+print the same output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from stepwell.store.base import LogLine, RunRecord, Store, TableInfo
+
+
+class Backend(Protocol):
+    """What CLI commands need, answered locally or by the server's API."""
+
+    def list_tables(self) -> list[TableInfo]: ...
+    def table_info(self, name: str) -> TableInfo | None: ...
+    def preview(self, name: str, limit: int) -> list[dict[str, Any]]: ...
+    def list_runs(self, step: str | None = None, limit: int = 100) -> list[RunRecord]: ...
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+    def get_logs(self, run_id: str) -> list[LogLine]: ...
+    def describe_state(self, step: str) -> dict[str, Any]: ...
+    def change_state(self, step: str, *, reset: bool, values: dict[str, Any]) -> Any: ...
+    def load(self, table: str, path: Path) -> int: ...
+    def run_steps(self, names: Sequence[str], listener: Any = None) -> list[RunRecord]: ...
+
+
+class LocalBackend:
+    """The app's store, opened by this process."""
+
+    def __init__(self, spec: Any, store: Store):
+        self.spec = spec
+        self.store = store
+
+    def list_tables(self) -> list[TableInfo]:
+        return self.store.list_tables()
+
+    def table_info(self, name: str) -> TableInfo | None:
+        return self.store.table_info(name)
+
+    def preview(self, name: str, limit: int) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for batch in self.store.scan(name, batch_rows=max(limit, 1)):
+            rows.extend(batch.to_pylist())
+            if len(rows) >= limit:
+                break
+        return rows[:limit]
+
+    def list_runs(self, step: str | None = None, limit: int = 100) -> list[RunRecord]:
+        return self.store.list_runs(step=step, limit=limit)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        return self.store.get_run(run_id)
+
+    def get_logs(self, run_id: str) -> list[LogLine]:
+        return self.store.get_logs(run_id)
+
+    def describe_state(self, step: str) -> dict[str, Any]:
+        from stepwell.engine.state_admin import describe_state
+
+        return describe_state(self.store, step)
+
+    def change_state(self, step: str, *, reset: bool, values: dict[str, Any]) -> None:
+        from stepwell.engine.state_admin import change_state
+
+        change_state(self.store, step, reset=reset, assignments=[], values=values)
+
+    def load(self, table: str, path: Path) -> int:
+        from stepwell.engine.loading import load_file
+
+        return load_file(self.store, table, path)
+
+    def run_steps(self, names: Sequence[str], listener: Any = None) -> list[RunRecord]:
+        from stepwell.engine.app_run import run_steps
+        from stepwell.engine.runner import Runner
+
+        return run_steps(Runner(self.spec, self.store, listener=listener), names)
+
+
+class RemoteBackend:
+    """A running server's API (see :class:`stepwell.server.client.ServerClient`)."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def load(self, table: str, path: Path) -> int:
+        from stepwell.engine.loading import read_file
+
+        return self.client.load(table, read_file(Path(path)))
+
+
+def find_server(app_root: Path, store_url: str | None) -> Any | None:
+    """A client for the server running for this app on this store, if there is one."""
+    from stepwell.server.client import ServerClient
+    from stepwell.server.serve import read_server_info, store_key
+
+    info = read_server_info(app_root)
+    if info is None or info.store_key != store_key(store_url):
+        return None
+    return ServerClient(info.url, info.token())
+
+
+@contextmanager
+def open_backend(spec: Any, store_url: str | None) -> Iterator[Backend]:
+    """The running server's API when one serves this app and store, else the store."""
+    url = store_url or spec.store
+    client = find_server(spec.root, url)
+    if client is not None:
+        try:
+            yield RemoteBackend(client)
+        finally:
+            client.close()
+        return
+    from stepwell.store import open_store
+
+    store = open_store(url, spec.root)
+    try:
+        yield LocalBackend(spec, store)
+    finally:
+        store.close()

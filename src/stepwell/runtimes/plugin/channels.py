@@ -1,0 +1,289 @@
+"""Per-symbol data channels between the host and a plugin process.
+
+Socket roles follow ``ekuiper-host.md`` section 3 exactly:
+
+* source: host PULL listens on ``<rule>_<op>_<inst>.ipc`` before ``start``;
+  the plugin PUSHes ``{"message": ..., "meta": ...}`` or ``{"error": ...}``.
+* sink: host PULL listens on ``<rule>_<op>_<inst>_ack.ipc`` before ``start``;
+  after ``start`` answers ``ok`` the host dials PUSH to ``<rule>_<op>_<inst>.ipc``
+  (the plugin listens) and pushes raw JSON bytes. Acks (``{}`` or
+  ``{"error": ...}``) are awaited after each push with ``requireAck`` and
+  drained otherwise, so an acking sink never blocks.
+* function: host REP listens on ``func_<symbol>.ipc``; calls use the same
+  inverted REQ/REP exchange as the control channel.
+
+On stop the host closes its sockets first, then sends ``stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pynng
+
+from stepwell.runtimes.plugin.process import (
+    PluginCrashed,
+    PluginError,
+    PluginProcess,
+    control_arg,
+    request_reply,
+)
+
+__all__ = ["FunctionCallError", "FunctionChannel", "SinkChannel", "SourceChannel", "meta"]
+
+log = logging.getLogger("stepwell.plugin")
+
+
+class FunctionCallError(PluginError):
+    """A plugin function answered ``state: false`` with an error text."""
+
+
+def meta(rule_id: str, op_id: str, instance_id: int = 0) -> dict[str, Any]:
+    return {"ruleId": rule_id, "opId": op_id, "instanceId": instance_id}
+
+
+def _stem(m: dict[str, Any]) -> str:
+    return f"{m['ruleId']}_{m['opId']}_{m['instanceId']}"
+
+
+def _socket(kind: type[pynng.Socket], timeout_ms: int) -> pynng.Socket:
+    sock = kind(recv_timeout=timeout_ms, send_timeout=5000)
+    sock.recv_max_size = 0
+    return sock
+
+
+class SourceChannel:
+    """A running source symbol: messages arrive on a reader thread."""
+
+    def __init__(
+        self,
+        process: PluginProcess,
+        symbol: str,
+        m: dict[str, Any],
+        config: dict[str, Any],
+        datasource: str,
+        on_message: Callable[[Any, Any], None],
+        on_error: Callable[[str], None],
+    ) -> None:
+        self.process, self.symbol, self.meta = process, symbol, m
+        self.config, self.datasource = config, datasource
+        self._on_message, self._on_error = on_message, on_error
+        self._key = f"{_stem(m)}_{symbol}"
+        self._sock: pynng.Socket | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._sock = _socket(pynng.Pull0, 500)
+        self._sock.listen(self.process.url(f"{_stem(self.meta)}.ipc"))
+        self._thread = threading.Thread(target=self._read, name=f"source-{self._key}", daemon=True)
+        self._thread.start()
+        config = {**self.config, "datasource": self.datasource}
+        ctrl = control_arg(self.symbol, "source", self.meta, config, datasource=self.datasource)
+        try:
+            self.process.command("start", ctrl, remember=self._key)
+        except BaseException:
+            self._close_socket()
+            raise
+
+    def _read(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while not self._closing:
+            try:
+                raw = sock.recv()
+            except pynng.Timeout:
+                continue
+            except pynng.Closed:
+                return
+            except pynng.NNGException as exc:
+                if self._closing:
+                    return
+                log.warning("source %s: receive failed: %s", self._key, exc)
+                time.sleep(0.05)
+                continue
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:
+                self._on_error(f"source {self.symbol!r} sent invalid JSON: {exc}")
+                continue
+            if isinstance(data, dict) and "error" in data and "message" not in data:
+                self._on_error(str(data["error"]))
+            elif isinstance(data, dict):
+                self._on_message(data.get("message"), data.get("meta"))
+            else:
+                self._on_error(f"source {self.symbol!r} sent {type(data).__name__}, not an object")
+
+    def _close_socket(self) -> None:
+        self._closing = True
+        if self._sock is not None:
+            self._sock.close()
+
+    def stop(self) -> None:
+        self._close_socket()
+        ctrl = control_arg(self.symbol, "source", self.meta)
+        try:
+            self.process.command("stop", ctrl, forget=self._key)
+        except PluginError as exc:
+            log.warning("source %s: stop: %s", self._key, exc)
+        finally:
+            self.process.forget(self._key)
+
+
+class SinkChannel:
+    """A running sink symbol: :meth:`send` pushes one payload (and awaits its ack)."""
+
+    ACK_TIMEOUT = 30.0
+
+    def __init__(self, process: PluginProcess, symbol: str, m: dict[str, Any],
+                 config: dict[str, Any]) -> None:
+        self.process, self.symbol, self.meta, self.config = process, symbol, m, config
+        self.require_ack = bool(config.get("requireAck", False))
+        self._key = f"{_stem(m)}_{symbol}"
+        self._ack: pynng.Socket | None = None
+        self._push: pynng.Socket | None = None
+        self._closing = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._ack = _socket(pynng.Pull0, 500)
+        self._ack.listen(self.process.url(f"{_stem(self.meta)}_ack.ipc"))
+        ctrl = control_arg(self.symbol, "sink", self.meta, self.config)
+        try:
+            self.process.command("start", ctrl, remember=self._key)
+            self._push = _socket(pynng.Push0, 500)
+            self._push.dial(self.process.url(f"{_stem(self.meta)}.ipc"), block=True)
+        except BaseException:
+            self._close_sockets()
+            raise
+        if not self.require_ack:
+            threading.Thread(target=self._drain, name=f"sink-ack-{self._key}", daemon=True).start()
+
+    def _drain(self) -> None:
+        while not self._closing:
+            try:
+                self._ack.recv()  # type: ignore[union-attr]
+            except pynng.Timeout:
+                continue
+            except pynng.NNGException:
+                return
+
+    def send(self, payload: bytes) -> str | None:
+        """Push ``payload``; with requireAck return the ack's error text (None = ok)."""
+        with self._lock:
+            assert self._push is not None and self._ack is not None
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    self._push.send(payload)
+                    break
+                except pynng.Timeout:
+                    if self._closing or time.monotonic() > deadline:
+                        raise PluginError(
+                            f"sink {self.symbol!r} did not take data in time "
+                            f"(plugin {self.process.plugin.name!r})"
+                        ) from None
+            if not self.require_ack:
+                return None
+            deadline = time.monotonic() + self.ACK_TIMEOUT
+            while True:
+                try:
+                    raw = self._ack.recv()
+                    break
+                except pynng.Timeout:
+                    if self._closing:
+                        return "sink stopped before acknowledging"
+                    if time.monotonic() > deadline:
+                        return f"no ack from sink {self.symbol!r} in {self.ACK_TIMEOUT:g}s"
+            try:
+                ack = json.loads(raw)
+            except ValueError:
+                return f"invalid ack {raw[:80]!r}"
+            if isinstance(ack, dict) and ack.get("error"):
+                return str(ack["error"])
+            return None
+
+    def _close_sockets(self) -> None:
+        self._closing = True
+        for sock in (self._push, self._ack):
+            if sock is not None:
+                sock.close()
+
+    def stop(self) -> None:
+        self._closing = True
+        with self._lock:
+            self._close_sockets()
+        ctrl = control_arg(self.symbol, "sink", self.meta)
+        try:
+            self.process.command("stop", ctrl, forget=self._key)
+        except PluginError as exc:
+            log.warning("sink %s: stop: %s", self._key, exc)
+        finally:
+            self.process.forget(self._key)
+
+
+class FunctionChannel:
+    """The ``func_<symbol>`` channel of one plugin process (one call at a time)."""
+
+    CALL_TIMEOUT = 60.0
+
+    def __init__(self, process: PluginProcess, symbol: str) -> None:
+        self.process, self.symbol = process, symbol
+        self._key = f"func_{symbol}"
+        self._sock = _socket(pynng.Rep0, 500)
+        self._sock.listen(process.url(f"func_{symbol}.ipc"))
+        self._lock = threading.Lock()
+        ctrl = control_arg(symbol, "func", meta("", "", 0))
+        process.command("start", ctrl, remember=self._key)
+
+    def call(self, payload: bytes) -> bytes:
+        """One raw request/reply; retried once on a restarted process after a crash."""
+        with self._lock:
+            for attempt in range(2):
+                generation = self.process.generation
+                alive = lambda g=generation: self.process.alive() and self.process.generation == g  # noqa: E731
+                try:
+                    return request_reply(
+                        self._sock, payload, alive, self.CALL_TIMEOUT,
+                        f"function {self.symbol!r} (plugin {self.process.plugin.name!r})",
+                    )
+                except PluginCrashed:
+                    if attempt:
+                        raise
+                    self._await_restart(generation)
+            raise AssertionError("unreachable")
+
+    def _await_restart(self, generation: int) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.generation != generation and self.process._ready.is_set():
+                return
+            time.sleep(0.02)
+        raise PluginCrashed(f"function {self.symbol!r}: the plugin did not come back after a crash")
+
+    def request(self, func: str, arg: Any) -> Any:
+        """A ``Validate``/``IsAggregate``/``Exec`` call, decoded; raises on ``state: false``."""
+        reply = self.call(json.dumps({"func": func, "arg": arg}).encode())
+        return decode_reply(reply, self.symbol)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def decode_reply(reply: bytes, symbol: str) -> Any:
+    try:
+        data = json.loads(reply)
+    except ValueError:
+        raise FunctionCallError(f"function {symbol!r} sent an invalid reply {reply[:80]!r}") from None
+    if data.get("state"):
+        return data.get("result")
+    result = data.get("result")
+    if result is None:
+        return None
+    lines = [line for line in str(result).strip().splitlines() if line.strip()]
+    raise FunctionCallError(f"function {symbol!r} failed: {lines[-1] if lines else result}")

@@ -1,0 +1,221 @@
+"""Plugin functions as SQL functions, spread over a pool of plugin processes.
+
+The protocol allows one call in flight per function channel, and each call is
+one IPC round trip (~200 us). A :class:`FunctionPool` therefore owns one
+:class:`FunctionChannel` per plugin process (each process has its own private
+``/tmp``, hence its own ``func_<symbol>.ipc``) and one host thread per channel;
+a batch of calls is shared out by work stealing, so every process always has
+its next call waiting the moment it answers.
+
+For DuckDB (:func:`register_udfs`) a call site ``f(a, b)`` becomes
+``CAST(CAST(sw_fn_<n>(CAST(to_json(a) AS VARCHAR), ...) AS JSON) AS VARIANT)``:
+the UDF is vectorised (Arrow arrays of JSON text, up to 2048 rows per call),
+and results come back as VARIANT so a function may return any JSON value.
+Aggregate functions (``IsAggregate`` true) receive, per group, one list of
+values per argument: the call site becomes ``sw_fn_<n>(to_json(list(a)), ...)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from stepwell.runtimes.plugin.channels import FunctionChannel, decode_reply
+
+__all__ = ["FunctionPool", "UdfSite", "context_json", "json_default", "make_udf", "register_udfs"]
+
+
+def json_default(value: Any) -> Any:
+    """JSON for values DuckDB/Arrow hand out (Decimal, datetime, bytes...)."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray):
+        return value.decode(errors="replace")
+    if hasattr(value, "as_tuple"):  # Decimal
+        return float(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+class _Batch:
+    """Requests shared out between the pool's channel threads."""
+
+    def __init__(self, requests: Sequence[bytes]) -> None:
+        self.requests = requests
+        self.replies: list[bytes | BaseException | None] = [None] * len(requests)
+        self.next = itertools.count()
+        self.remaining = len(requests)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        if not requests:
+            self.done.set()
+
+
+class FunctionPool:
+    """One function symbol served by several plugin processes."""
+
+    def __init__(self, symbol: str, channels: list[FunctionChannel]) -> None:
+        if not channels:
+            raise ValueError("a function pool needs at least one channel")
+        self.symbol = symbol
+        self.channels = channels
+        self.calls = 0
+        self._is_aggregate: bool | None = None
+        self._queues: list[list[_Batch]] = [[] for _ in channels]
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._serve, args=(i,), name=f"fn-{symbol}-{i}", daemon=True)
+            for i in range(len(channels))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def size(self) -> int:
+        return len(self.channels)
+
+    def _serve(self, index: int) -> None:
+        channel = self.channels[index]
+        queue = self._queues[index]
+        while True:
+            with self._cond:
+                while not queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch = queue.pop(0)
+            requests, replies = batch.requests, batch.replies
+            total = len(requests)
+            finished = 0
+            for i in batch.next:
+                if i >= total:
+                    break
+                try:
+                    replies[i] = channel.call(requests[i])
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    replies[i] = exc
+                finished += 1
+            if finished:
+                with batch.lock:
+                    batch.remaining -= finished
+                    if batch.remaining == 0:
+                        batch.done.set()
+
+    def call_raw(self, requests: Sequence[bytes]) -> list[bytes]:
+        """Send every request, spread over all channels; replies in request order."""
+        if len(requests) == 1:  # no hand-off for a lone call
+            return [self.channels[0].call(requests[0])]
+        batch = _Batch(requests)
+        with self._cond:
+            for queue in self._queues:
+                queue.append(batch)
+            self._cond.notify_all()
+        batch.done.wait()
+        out: list[bytes] = []
+        for reply in batch.replies:
+            if isinstance(reply, BaseException):
+                raise reply
+            assert reply is not None
+            out.append(reply)
+        return out
+
+    def exec_many(self, rows: Sequence[Sequence[Any]], context: str) -> list[Any]:
+        """``Exec`` for each argument list in ``rows``; raises on the first failed call."""
+        tail = json.dumps(context)
+        requests = [
+            b'{"func": "Exec", "arg": '
+            + (json.dumps(list(args), default=json_default)[:-1]
+               + (", " if args else "") + tail + "]").encode()
+            + b"}"
+            for args in rows
+        ]
+        replies = self.call_raw(requests)
+        self.calls += len(replies)
+        return [decode_reply(reply, self.symbol) for reply in replies]
+
+    def exec(self, args: Sequence[Any], context: str) -> Any:
+        return self.exec_many([args], context)[0]
+
+    def validate(self, arg_nodes: list[Any]) -> str | None:
+        """Run the plugin's ``validate``; returns the error text, or None when valid."""
+        reply = json.loads(self.channels[0].call(
+            json.dumps({"func": "Validate", "arg": arg_nodes}).encode()))
+        if reply.get("state"):
+            return None
+        result = reply.get("result")
+        return "validation failed" if result is None else str(result)
+
+    def is_aggregate(self) -> bool:
+        if self._is_aggregate is None:
+            result = self.channels[0].request("IsAggregate", None)
+            self._is_aggregate = bool(result)
+        return self._is_aggregate
+
+    def close_threads_only(self) -> None:
+        """Stop this pool's threads but keep its channels (they move to a bigger pool)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.close_threads_only()
+        for channel in self.channels:
+            channel.close()
+
+
+@dataclass
+class UdfSite:
+    """One call site of a plugin function in a query."""
+
+    udf_name: str
+    symbol: str
+    arity: int
+    aggregate: bool
+    context: str  # JSON string of {"ruleId", "opId", "instanceId", "funcId"}
+
+
+def make_udf(pool: FunctionPool, site: UdfSite) -> Any:
+    """A DuckDB Arrow UDF for ``site``: JSON text in, JSON text out, per 2048-row chunk."""
+    import pyarrow as pa
+
+    loads = json.loads
+
+    def udf(*columns: Any) -> Any:
+        values = [column.to_pylist() for column in columns]
+        if site.arity == 0:  # called with one dummy column that only gives the row count
+            args: list[list[Any]] = [[] for _ in values[0]]
+        else:
+            args = [[None if v is None else loads(v) for v in row] for row in zip(*values, strict=True)]
+        results = pool.exec_many(args, site.context)
+        return pa.array(
+            [None if r is None else json.dumps(r, default=json_default) for r in results],
+            pa.string(),
+        )
+
+    return udf
+
+
+def register_udfs(con: Any, sites: Sequence[UdfSite], pools: dict[str, FunctionPool]) -> None:
+    """Register one DuckDB function per call site on connection ``con``."""
+    for site in sites:
+        params = ["VARCHAR"] * max(site.arity, 1)
+        con.create_function(
+            site.udf_name,
+            make_udf(pools[site.symbol], site),
+            params,
+            "VARCHAR",
+            type="arrow",
+            null_handling="special",
+            side_effects=True,
+        )
+
+
+def context_json(rule_id: str, op_id: str, func_id: int) -> str:
+    return json.dumps({"ruleId": rule_id, "opId": op_id, "instanceId": 0, "funcId": func_id})
+

@@ -1,0 +1,196 @@
+"""The plugin host of one app: processes, function pools and symbol channels.
+
+``PluginManager(app_root)`` starts plugin processes on first use (like
+eKuiper 2, a plugin's process then lives until :meth:`stop_all`), hands out
+source/sink channels on a plugin's primary process, and function pools that
+spread calls over ``processes`` processes of the plugin (each with its own
+private ``/tmp``). ``STEPWELL_PLUGIN_PROCESSES`` sets the default pool size.
+
+:func:`shared_manager` keeps one manager per app folder per host process, so
+rules and ``sql:`` steps in one ``stepwell serve`` share plugin processes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from stepwell.runtimes.plugin.channels import FunctionChannel, SinkChannel, SourceChannel
+from stepwell.runtimes.plugin.functions import FunctionPool
+from stepwell.runtimes.plugin.install import (
+    InstalledPlugin,
+    PluginInstallError,
+    get_plugin,
+    install_plugin,
+    list_plugins,
+)
+from stepwell.runtimes.plugin.process import PluginError, PluginProcess, namespaces_available
+
+__all__ = ["PluginManager", "default_processes", "shared_manager"]
+
+log = logging.getLogger("stepwell.plugin")
+
+
+def default_processes() -> int:
+    """Processes per plugin function: ``STEPWELL_PLUGIN_PROCESSES``, else 2 (1 without namespaces)."""
+    configured = os.environ.get("STEPWELL_PLUGIN_PROCESSES")
+    if configured and configured.strip().isdigit() and int(configured) > 0:
+        wanted = int(configured)
+    else:
+        wanted = 2
+    return wanted if namespaces_available() else 1
+
+
+class PluginManager:
+    """Plugin processes and channels for the app in ``app_root``."""
+
+    def __init__(self, app_root: Path, *, processes: int | None = None) -> None:
+        self.app_root = Path(app_root).resolve()
+        self.processes = processes
+        self._lock = threading.RLock()
+        self._primary: dict[str, PluginProcess] = {}
+        self._extra: dict[str, list[PluginProcess]] = {}
+        self._pools: dict[str, FunctionPool] = {}
+
+    # -- installation
+    def install_listed(self, plugin_paths: list[str]) -> list[InstalledPlugin]:
+        """Install (or refresh) the plugins an app file lists under ``plugins:``."""
+        installed = []
+        for relative in plugin_paths:
+            installed.append(install_plugin(self.app_root, self.app_root / relative))
+        return installed
+
+    def plugin_for(self, kind: str, symbol: str) -> InstalledPlugin:
+        """The installed plugin serving ``symbol`` (kind: source, sink, function)."""
+        for plugin in list_plugins(self.app_root):
+            if (kind, symbol) in plugin.symbols():
+                return plugin
+        raise PluginInstallError(
+            f"no installed plugin provides a {kind} named {symbol!r}; install one with "
+            f"`stepwell plugin install {self.app_root} PATH`"
+        )
+
+    def function_symbols(self) -> dict[str, InstalledPlugin]:
+        return {fn: p for p in list_plugins(self.app_root) for fn in p.functions}
+
+    # -- processes
+    def process(self, plugin_name: str) -> PluginProcess:
+        """The plugin's primary process (serves sources, sinks and functions)."""
+        with self._lock:
+            proc = self._primary.get(plugin_name)
+            if proc is None:
+                proc = PluginProcess(get_plugin(self.app_root, plugin_name))
+                try:
+                    proc.start()
+                except BaseException:
+                    proc.stop()
+                    raise
+                self._primary[plugin_name] = proc
+                for warning in proc.plugin.warnings:
+                    log.warning("plugin %r: %s", plugin_name, warning)
+            return proc
+
+    def _processes(self, plugin_name: str, count: int) -> list[PluginProcess]:
+        with self._lock:
+            procs = [self.process(plugin_name)]
+            extra = self._extra.setdefault(plugin_name, [])
+            while 1 + len(extra) < count and procs[0].private:
+                proc = PluginProcess(get_plugin(self.app_root, plugin_name))
+                try:
+                    proc.start()
+                except BaseException:
+                    proc.stop()
+                    raise
+                extra.append(proc)
+            return procs + extra[: max(count - 1, 0)]
+
+    def all_processes(self) -> list[PluginProcess]:
+        with self._lock:
+            return list(self._primary.values()) + [p for ps in self._extra.values() for p in ps]
+
+    # -- symbols
+    def function_pool(self, symbol: str, processes: int | None = None) -> FunctionPool:
+        """The pool serving function ``symbol`` (created with ``processes`` processes)."""
+        with self._lock:
+            pool = self._pools.get(symbol)
+            wanted = processes or self.processes or default_processes()
+            if pool is not None and pool.size >= wanted:
+                return pool
+            plugin = self.plugin_for("function", symbol)
+            channels = list(pool.channels) if pool is not None else []
+            if pool is not None:
+                pool.close_threads_only()
+            for proc in self._processes(plugin.name, wanted)[len(channels):]:
+                channels.append(FunctionChannel(proc, symbol))
+            pool = FunctionPool(symbol, channels)
+            self._pools[symbol] = pool
+            return pool
+
+    def source(self, symbol: str, m: dict[str, Any], config: dict[str, Any], datasource: str,
+               on_message: Any, on_error: Any) -> SourceChannel:
+        plugin = self.plugin_for("source", symbol)
+        channel = SourceChannel(self.process(plugin.name), symbol, m, config, datasource,
+                                on_message, on_error)
+        channel.start()
+        return channel
+
+    def sink(self, symbol: str, m: dict[str, Any], config: dict[str, Any]) -> SinkChannel:
+        plugin = self.plugin_for("sink", symbol)
+        channel = SinkChannel(self.process(plugin.name), symbol, m, config)
+        channel.start()
+        return channel
+
+    def stop_plugin(self, plugin_name: str) -> None:
+        """Kill a plugin's processes (before removing it)."""
+        with self._lock:
+            procs = [p for p in [self._primary.pop(plugin_name, None)] if p]
+            procs += self._extra.pop(plugin_name, [])
+            for symbol, pool in list(self._pools.items()):
+                if pool.channels and pool.channels[0].process in procs:
+                    pool.close()
+                    del self._pools[symbol]
+        for proc in procs:
+            proc.stop()
+
+    def stop_all(self) -> None:
+        """Kill every plugin process (eKuiper's shutdown: no close hooks)."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+            procs = self.all_processes()
+            self._primary, self._extra = {}, {}
+        for pool in pools:
+            pool.close()
+        for proc in procs:
+            try:
+                proc.stop()
+            except PluginError as exc:  # pragma: no cover - best effort
+                log.warning("stopping plugin process: %s", exc)
+
+
+_managers: dict[Path, PluginManager] = {}
+_managers_lock = threading.Lock()
+
+
+def shared_manager(app_root: Path) -> PluginManager:
+    """The host process's manager for the app in ``app_root`` (created on first use)."""
+    key = Path(app_root).resolve()
+    with _managers_lock:
+        manager = _managers.get(key)
+        if manager is None:
+            manager = _managers[key] = PluginManager(key)
+        return manager
+
+
+def _stop_shared() -> None:
+    with _managers_lock:
+        managers = list(_managers.values())
+        _managers.clear()
+    for manager in managers:
+        manager.stop_all()
+
+
+atexit.register(_stop_shared)

@@ -1,0 +1,442 @@
+"""One running plugin process: private ``/tmp``, control channel, crash restarts.
+
+The ekuiper SDK fixes its socket paths under ``/tmp`` (``plugin_<name>.ipc``,
+``func_<symbol>.ipc``, ``<rule>_<op>_<instance>.ipc``). So that several hosts,
+tests, a real eKuiper and several processes of one plugin never collide, each
+process runs in its own mount namespace (inside a user namespace when the host
+is not root) where a private host folder, ``/tmp/swp-XXXX``, is bind-mounted on
+``/tmp``. The host listens and dials on the same files through that folder:
+``ipc://<folder>/plugin_<name>.ipc`` on the host is ``/tmp/plugin_<name>.ipc``
+in the plugin.
+
+Control protocol (``ekuiper-host.md`` section 2): the host listens with a REP
+socket *before* spawning; the plugin dials with REQ and sends ``handshake``;
+each host command is sent as the REP reply, the plugin's answer (``ok`` or an
+error text) arrives as its next request; answers starting with ``h`` are
+(keepalive or stale) handshakes, after which the same command is re-sent.
+
+When the process dies unexpectedly it is restarted with exponential backoff
+and every remembered ``start`` command is replayed, so sources, sinks and
+functions come back; the host's listening sockets stay open throughout.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import itertools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pynng
+
+from stepwell.runtimes.plugin.install import InstalledPlugin
+
+__all__ = [
+    "PluginError",
+    "PluginProcess",
+    "control_arg",
+    "namespaces_available",
+    "request_reply",
+]
+
+log = logging.getLogger("stepwell.plugin")
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+HANDSHAKE_TIMEOUT = float(os.environ.get("STEPWELL_PLUGIN_INIT_TIMEOUT", "60"))
+COMMAND_TIMEOUT = 30.0
+_POLL = 0.5  # seconds between liveness checks while waiting on a socket
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to start, answered a command with an error, or died."""
+
+
+class PluginCrashed(PluginError):
+    """The plugin process exited while the host was waiting for it."""
+
+
+# -- private /tmp -----------------------------------------------------------------
+
+_libc: Any = None
+_ns_ok: bool | None = None
+_ns_lock = threading.Lock()
+
+
+def _libc_handle() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _tmp_entries(paths: list[str]) -> list[str]:
+    """Top-level names under the real ``/tmp`` that ``paths`` live in.
+
+    Apps, plugin folders and environments may themselves sit under ``/tmp``
+    (tests do); those entries stay visible in the private ``/tmp``.
+    """
+    names = []
+    for path in paths:
+        for candidate in {os.path.abspath(path), os.path.realpath(path)}:
+            parts = Path(candidate).parts
+            if len(parts) > 2 and parts[1] == "tmp" and parts[2] not in names:
+                names.append(parts[2])
+    return names
+
+
+def _private_tmp_preexec(folder: str, keep: list[str] | None = None) -> Callable[[], None]:
+    """A ``preexec_fn`` that mounts ``folder`` on ``/tmp`` in a new mount namespace.
+
+    The entries ``keep`` of the real ``/tmp`` are bind-mounted into the
+    private one first. Everything is resolved before the fork: the child only
+    makes system calls (no imports, no locks).
+    """
+    binds = []
+    for name in keep or []:
+        mount_point = os.path.join(folder, name)
+        if os.path.isdir(os.path.join("/tmp", name)):
+            os.makedirs(mount_point, exist_ok=True)
+            binds.append((os.path.join("/tmp", name).encode(), mount_point.encode()))
+    libc = _libc_handle()
+    unshare, mount = libc.unshare, libc.mount
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWNS if uid == 0 else CLONE_NEWUSER | CLONE_NEWNS
+    maps = [] if uid == 0 else [
+        ("/proc/self/setgroups", b"deny"),
+        ("/proc/self/uid_map", f"{uid} {uid} 1".encode()),
+        ("/proc/self/gid_map", f"{gid} {gid} 1".encode()),
+    ]
+    source, target, root = folder.encode(), b"/tmp", b"/"
+
+    def preexec() -> None:
+        if unshare(flags) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+        for path, text in maps:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, text)
+            finally:
+                os.close(fd)
+        if mount(b"none", root, None, MS_REC | MS_PRIVATE, None) != 0:
+            raise OSError(ctypes.get_errno(), "making / private failed")
+        for real, inside in binds:
+            if mount(real, inside, None, MS_BIND | MS_REC, None) != 0:
+                raise OSError(ctypes.get_errno(), "bind-mounting a /tmp entry failed")
+        if mount(source, target, None, MS_BIND | MS_REC, None) != 0:
+            raise OSError(ctypes.get_errno(), "bind-mounting the private /tmp failed")
+        os.setsid()
+
+    return preexec
+
+
+def namespaces_available() -> bool:
+    """Whether plugin processes can get a private ``/tmp`` here (checked once)."""
+    global _ns_ok
+    with _ns_lock:
+        if _ns_ok is None:
+            folder = tempfile.mkdtemp(prefix="swp-probe-", dir="/tmp")
+            try:
+                Path(folder, "probe").write_text("ok")
+                proc = subprocess.run(
+                    ["/bin/cat", "/tmp/probe"],
+                    preexec_fn=_private_tmp_preexec(folder),
+                    capture_output=True,
+                    timeout=10,
+                    check=False,
+                )
+                _ns_ok = proc.returncode == 0 and proc.stdout == b"ok"
+            except (OSError, subprocess.SubprocessError):
+                _ns_ok = False
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            if not _ns_ok:
+                log.warning(
+                    "plugin processes cannot get a private /tmp here (user/mount namespaces "
+                    "refused); they share the machine's /tmp, one process per plugin"
+                )
+        return _ns_ok
+
+
+# -- REQ/REP exchange in the inverted roles --------------------------------------------
+
+
+def request_reply(
+    sock: pynng.Socket,
+    payload: bytes,
+    alive: Callable[[], bool],
+    timeout: float,
+    what: str,
+) -> bytes:
+    """Send ``payload`` as a REP reply and return the peer's next real request.
+
+    Implements eKuiper's send loop: on a fresh socket (``BadState``) first
+    receive the pending handshake; skip answers that start with ``h`` by
+    re-sending. ``alive`` is polled while waiting so a dead peer raises
+    :class:`PluginCrashed` instead of hanging.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.send(payload)
+        except pynng.BadState:
+            _recv(sock, alive, deadline, what)
+            continue
+        reply = _recv(sock, alive, deadline, what)
+        if reply[:1] == b"h":
+            continue
+        return reply
+
+
+def _recv(sock: pynng.Socket, alive: Callable[[], bool], deadline: float, what: str) -> bytes:
+    while True:
+        try:
+            return sock.recv()
+        except pynng.Timeout:
+            if not alive():
+                raise PluginCrashed(f"{what}: the plugin process exited") from None
+            if time.monotonic() > deadline:
+                raise PluginError(f"{what}: no answer from the plugin in time") from None
+
+
+def control_arg(
+    symbol: str,
+    plugin_type: str,
+    meta: dict[str, Any],
+    config: dict[str, Any] | None = None,
+    datasource: str | None = None,
+) -> dict[str, Any]:
+    """The Control object of a start/stop command (sent double-encoded as ``arg``)."""
+    ctrl: dict[str, Any] = {"symbolName": symbol, "meta": meta, "pluginType": plugin_type}
+    if datasource is not None:
+        ctrl["datasource"] = datasource
+    if config:
+        ctrl["config"] = config
+    return ctrl
+
+
+def _listen(url: str, kind: type[pynng.Socket]) -> pynng.Socket:
+    sock = kind(recv_timeout=int(_POLL * 1000), send_timeout=5000)
+    sock.recv_max_size = 0
+    sock.listen(url)
+    return sock
+
+
+# -- the process ----------------------------------------------------------------------
+
+_process_ids = itertools.count(1)
+
+
+class PluginProcess:
+    """One OS process of an installed plugin, restarted when it dies.
+
+    ``folder`` is the host side of its private ``/tmp``; :meth:`url` maps a
+    plugin-side socket file name to the host URL.
+    """
+
+    def __init__(self, plugin: InstalledPlugin, *, private_tmp: bool | None = None,
+                 on_restart: Callable[[PluginProcess], None] | None = None) -> None:
+        self.plugin = plugin
+        self.index = next(_process_ids)
+        self.private = namespaces_available() if private_tmp is None else private_tmp
+        self.folder = tempfile.mkdtemp(prefix="swp-", dir="/tmp") if self.private else "/tmp"
+        self.generation = 0
+        self.restarts = 0
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
+        self.last_exit: int | None = None
+        self._on_restart = on_restart
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()  # serialises control commands
+        self._started: dict[str, bytes] = {}  # key -> start command, replayed after a crash
+        self._stopping = False
+        self._ready = threading.Event()
+        self._ctrl = _listen(self.url(f"plugin_{plugin.name}.ipc"), pynng.Rep0)
+        self._watchdog: threading.Thread | None = None
+
+    # -- urls
+    def url(self, filename: str) -> str:
+        return f"ipc://{self.folder}/{filename}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle
+    def start(self) -> None:
+        """Spawn the process and wait for its handshake."""
+        with self._lock:
+            self._spawn()
+            self._await_handshake()
+        self._ready.set()
+        self._watchdog = threading.Thread(
+            target=self._watch, name=f"plugin-{self.plugin.name}-{self.index}-watch", daemon=True
+        )
+        self._watchdog.start()
+
+    def _spawn(self) -> None:
+        argv = self.plugin.argv()
+        keep = _tmp_entries([argv[0], str(self.plugin.path)])
+        preexec = _private_tmp_preexec(self.folder, keep) if self.private else os.setsid
+        try:
+            self._proc = subprocess.Popen(
+                argv,
+                cwd=str((self.plugin.path / self.plugin.executable).parent),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                preexec_fn=preexec,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise PluginError(f"plugin {self.plugin.name!r}: cannot start {argv[0]}: {exc}") from exc
+        self.generation += 1
+        threading.Thread(
+            target=self._pump, args=(self._proc,), name=f"plugin-{self.plugin.name}-out", daemon=True
+        ).start()
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
+        plugin_log = logging.getLogger(f"stepwell.plugin.{self.plugin.name}")
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self.output.append(line)
+                plugin_log.info("[pid %s] %s", proc.pid, line)
+
+    def _await_handshake(self) -> None:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        what = f"plugin {self.plugin.name!r} (pid {self.pid})"
+        while True:
+            try:
+                message = self._ctrl.recv()
+            except pynng.Timeout:
+                if not self.alive():
+                    raise PluginCrashed(
+                        f"{what} exited with status {self._proc.poll() if self._proc else '?'} "
+                        f"before its handshake; its output: {self.tail()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    self._kill()
+                    raise PluginError(f"{what} sent no handshake in {HANDSHAKE_TIMEOUT:g}s") from None
+                continue
+            if message[:1] == b"h":
+                return
+
+    def tail(self, lines: int = 5) -> str:
+        return " | ".join(list(self.output)[-lines:]) or "(nothing)"
+
+    def command(self, cmd: str, ctrl: dict[str, Any], *, remember: str | None = None,
+                forget: str | None = None) -> None:
+        """Send a start/stop command and check the answer is ``ok``.
+
+        ``remember`` keeps a start command under that key for replay after a
+        crash; ``forget`` drops one.
+        """
+        payload = json.dumps({"cmd": cmd, "arg": json.dumps(ctrl)}).encode()
+        self._ready.wait(HANDSHAKE_TIMEOUT)
+        with self._lock:
+            if forget is not None:
+                self._started.pop(forget, None)
+            answer = request_reply(
+                self._ctrl, payload, self.alive, COMMAND_TIMEOUT,
+                f"plugin {self.plugin.name!r} {cmd} {ctrl.get('symbolName')!r}",
+            )
+            if answer != b"ok":
+                text = answer.decode(errors="replace").strip()
+                raise PluginError(
+                    f"plugin {self.plugin.name!r} refused to {cmd} {ctrl.get('pluginType')} "
+                    f"{ctrl.get('symbolName')!r}: {_last_line(text)}"
+                )
+            if remember is not None:
+                self._started[remember] = payload
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._started.pop(key, None)
+
+    # -- crash handling
+    def _watch(self) -> None:
+        backoff = 0.1
+        while True:
+            proc = self._proc
+            if proc is None:
+                return
+            began = time.monotonic()
+            status = proc.wait()
+            if self._stopping:
+                return
+            self.last_exit = status
+            self._ready.clear()
+            if time.monotonic() - began > 30:
+                backoff = 0.1
+            log.warning(
+                "plugin %r (pid %s) exited with status %s; restarting in %.1fs. Last output: %s",
+                self.plugin.name, proc.pid, status, backoff, self.tail(),
+            )
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            if self._stopping:
+                return
+            try:
+                with self._lock:
+                    self._spawn()
+                    self._await_handshake()
+                    self.restarts += 1
+                    for key, payload in list(self._started.items()):
+                        answer = request_reply(
+                            self._ctrl, payload, self.alive, COMMAND_TIMEOUT,
+                            f"plugin {self.plugin.name!r} replay {key}",
+                        )
+                        if answer != b"ok":
+                            log.error("plugin %r: replaying %s failed: %s", self.plugin.name,
+                                      key, _last_line(answer.decode(errors="replace")))
+                self._ready.set()
+                log.info("plugin %r restarted (pid %s), %d symbols replayed",
+                         self.plugin.name, self.pid, len(self._started))
+                if self._on_restart is not None:
+                    self._on_restart(self)
+            except PluginError as exc:
+                log.error("plugin %r: restart failed: %s", self.plugin.name, exc)
+                self._kill()
+
+    def kill(self) -> None:
+        """Simulate a crash (tests): SIGKILL the process; the watchdog restarts it."""
+        if self._proc is not None:
+            self._proc.kill()
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def stop(self) -> None:
+        """Kill the process (as eKuiper does) and release the private folder."""
+        self._stopping = True
+        self._kill()
+        self._ctrl.close()
+        if self.private:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(empty answer)"

@@ -1,0 +1,375 @@
+"""Entering the sandbox: what a freshly forked worker does before it runs user code.
+
+Runs in the child the fork-server just forked (already in a fresh PID
+namespace when the kernel allowed one), as the fork-server's user, in this
+order:
+
+1. die with the fork-server, prefer this process to the OOM killer, new session,
+   only the channel and stderr stay open;
+2. new mount, IPC and (when the step has no network) network namespaces;
+3. the filesystem: everything read-only, a private temp dir at ``/tmp`` (also
+   HOME and TMPDIR), a private ``/dev/shm``, a fresh ``/proc`` showing only the
+   sandbox's processes, the store's folder hidden behind an empty tmpfs, and
+   folders the sandbox user cannot traverse (``/root``) replaced by an empty
+   tmpfs in which only the paths the step needs (the app, Python, its
+   environment) reappear;
+4. rlimits (memory, CPU time, open files, file size, no core files);
+5. drop to an unprivileged user (when the fork-server is root), then a new user
+   namespace mapping that user to uid 0 inside; then the process limit (counted
+   per user namespace, so concurrent runs do not share it);
+6. no capabilities, no new privileges, not dumpable, and a seccomp filter.
+
+Every feature the kernel refuses is skipped and reported as a note; the worker
+writes those notes into the run log (and strict mode refuses to run).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import stat
+from dataclasses import dataclass, field
+
+from stepwell.sandbox import linux
+from stepwell.sandbox.policy import SANDBOX_TMP, SandboxSpec, format_bytes
+
+#: File descriptor the worker's channel is moved to.
+CHANNEL_FD = 3
+
+
+@dataclass
+class ChildPlan:
+    """A run's sandbox as decided by the fork-server before it forks."""
+
+    spec: SandboxSpec
+    #: the private temp dir on the host (mounted at /tmp inside)
+    tmpdir: str
+    #: user and group to become before the user namespace (None: stay as we are)
+    uid: int | None
+    gid: int | None
+    #: folders every worker must read: Python's prefix, sys.path, stepwell itself
+    base_read_paths: list[str]
+    #: True when the child is PID 2 of a fresh PID namespace
+    pidns: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _note_unavailable(plan: ChildPlan, what: str, exc: OSError | str, consequence: str) -> None:
+    reason = exc if isinstance(exc, str) else linux.errno_name(exc)
+    plan.notes.append(f"[stepwell] sandbox: {what} unavailable ({reason}); running {consequence}")
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _prepare_process(channel_fd: int, stderr_fd: int) -> None:
+    """Tie the child's life to the fork-server and keep only the fds it needs."""
+    try:
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        _write("/proc/self/oom_score_adj", "1000")
+    except OSError:
+        pass
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    # move the channel out of the way before stdio is set up (it may be fd 0-2)
+    channel = os.dup(channel_fd)
+    os.dup2(devnull, 0)
+    os.dup2(stderr_fd, 1)
+    os.dup2(stderr_fd, 2)
+    os.dup2(channel, CHANNEL_FD)
+    os.set_inheritable(CHANNEL_FD, False)
+    os.closerange(CHANNEL_FD + 1, 1 << 20)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _unshare_namespaces(plan: ChildPlan) -> set[str]:
+    """New mount, IPC and (no network) network namespaces; returns those obtained."""
+    wanted = {"mount": linux.CLONE_NEWNS, "ipc": linux.CLONE_NEWIPC}
+    if not plan.spec.network:
+        wanted["net"] = linux.CLONE_NEWNET
+    consequences = {
+        "mount": "without a read-only filesystem view: only file permissions protect the host's files",
+        "ipc": "sharing System V IPC and POSIX message queues with the host",
+        "net": "with the host's network although the step has `network: false`",
+    }
+    labels = {"mount": "mount namespace", "ipc": "IPC namespace", "net": "network namespace"}
+    got: set[str] = set()
+    todo = {}
+    for name, flag in wanted.items():
+        if name in plan.spec.skip:
+            _note_unavailable(plan, labels[name], "disabled by STEPWELL_SANDBOX_SKIP", consequences[name])
+        else:
+            todo[name] = flag
+    flags = 0
+    for flag in todo.values():
+        flags |= flag
+    if not flags:
+        return got
+    try:
+        linux.unshare(flags)
+        return set(todo)
+    except OSError:
+        pass
+    for name, flag in todo.items():  # find out which one the kernel refuses
+        try:
+            linux.unshare(flag)
+            got.add(name)
+        except OSError as exc:
+            _note_unavailable(plan, labels[name], exc, consequences[name])
+    return got
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _traversable(path: str, uid: int, gid: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _read_paths(plan: ChildPlan) -> list[str]:
+    """Folders that must stay readable, outermost first, nested ones dropped."""
+    paths = []
+    for raw in [plan.spec.app_root, *plan.spec.read_paths, *plan.base_read_paths]:
+        if raw and os.path.exists(raw):
+            paths.append(os.path.realpath(raw))
+    kept: list[str] = []
+    for path in sorted(set(paths), key=len):
+        if not any(_under(path, k) for k in kept):
+            kept.append(path)
+    return kept
+
+
+def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
+    spec = plan.spec
+    covers: dict[str, str] = {}
+    if os.path.isdir(SANDBOX_TMP):
+        covers[SANDBOX_TMP] = "tmp"
+    if os.path.isdir("/dev/shm"):
+        covers["/dev/shm"] = "shm"
+    read_paths = _read_paths(plan)
+    if plan.uid is not None:
+        for path in read_paths:
+            for ancestor in _ancestors(path):
+                if any(_under(ancestor, c) for c in covers):
+                    break
+                if not _traversable(ancestor, plan.uid, plan.gid if plan.gid is not None else -1):
+                    covers[ancestor] = "shim"
+                    break
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    clones = []
+    for path in read_paths:
+        if any(_under(path, c) for c in covers):
+            clones.append((path, linux.open_tree(path, linux.OPEN_TREE_CLONE | linux.AT_RECURSIVE)))
+    tmp_clone = linux.open_tree(plan.tmpdir, linux.OPEN_TREE_CLONE)
+    for target in sorted(covers, key=len):
+        kind = covers[target]
+        if kind == "tmp":
+            linux.move_mount_fd(tmp_clone, target)
+        elif kind == "shm":
+            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64m,mode=1777")
+        else:
+            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,mode=0755")
+    os.close(tmp_clone)
+    for path, fd in clones:
+        os.makedirs(path, 0o755, exist_ok=True)
+        linux.move_mount_fd(fd, path)
+        os.close(fd)
+    hidden = list(spec.hide_paths)
+    if spec.app_root:
+        hidden.append(os.path.join(os.path.realpath(spec.app_root), ".stepwell"))
+    for path in hidden:
+        if os.path.isdir(path):
+            linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4k,mode=0755")
+    proc_flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    try:
+        linux.mount("proc", "/proc", "proc", proc_flags, "hidepid=invisible")
+    except OSError:
+        if pidns:
+            linux.mount("proc", "/proc", "proc", proc_flags)
+        else:
+            plan.notes.append(
+                "[stepwell] sandbox: private /proc unavailable; host processes are visible in /proc"
+            )
+    _make_read_only()
+
+
+def _make_read_only() -> None:
+    """Every mount read-only and nosuid, except the private /tmp and /dev/shm."""
+    writable = [p for p in (SANDBOX_TMP, "/dev/shm") if os.path.isdir(p)]
+    try:
+        linux.mount_setattr("/", linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID, recursive=True)
+        for path in writable:
+            linux.mount_setattr(
+                path,
+                linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV | linux.MOUNT_ATTR_NOEXEC,
+                attr_clr=linux.MOUNT_ATTR_RDONLY,
+            )
+        return
+    except OSError as exc:
+        if exc.errno != 38:  # ENOSYS: an older kernel; remount one by one below
+            raise
+    mounts = []
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            fields = line.split()
+            mounts.append(fields[4].encode().decode("unicode_escape"))
+    for target in mounts:
+        if target in writable:
+            continue
+        flags = linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID
+        try:
+            vfs = os.statvfs(target)
+            if vfs.f_flag & os.ST_NODEV:
+                flags |= linux.MS_NODEV
+            if vfs.f_flag & os.ST_NOEXEC:
+                flags |= linux.MS_NOEXEC
+            linux.mount(None, target, None, flags)
+        except OSError:
+            continue
+    for target in writable:
+        linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID
+                    | linux.MS_NODEV | linux.MS_NOEXEC)  # fmt: skip
+
+
+def _virtual_size() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _set_limit(which: int, value: int) -> None:
+    soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY and value > hard:
+        value = hard
+    resource.setrlimit(which, (value, value))
+
+
+def _apply_rlimits(plan: ChildPlan) -> None:
+    spec = plan.spec
+    _set_limit(resource.RLIMIT_CORE, 0)
+    _set_limit(resource.RLIMIT_NOFILE, spec.open_files)
+    _set_limit(resource.RLIMIT_FSIZE, spec.file_size)
+    if spec.cpu is not None:
+        seconds = max(1, int(spec.cpu + 0.999))
+        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 1))
+    if spec.memory is not None:
+        # the worker's own baseline (Python, pyarrow, address space reserved but not
+        # used) is not the step's: the limit is what the step may add to it
+        _set_limit(resource.RLIMIT_AS, _virtual_size() + int(spec.memory))
+
+
+def _enter_user_namespace(plan: ChildPlan) -> bool:
+    """Become the unprivileged sandbox user, then uid 0 of a fresh user namespace."""
+    if plan.uid is not None:
+        os.setgroups([])
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+        # changing uid made us non-dumpable, which would forbid writing our own maps
+        linux.prctl(linux.PR_SET_DUMPABLE, 1)
+    if "user" in plan.spec.skip:
+        _note_unavailable(plan, "user namespace", "disabled by STEPWELL_SANDBOX_SKIP",
+                          f"as uid {os.getuid()} without one")  # fmt: skip
+        return False
+    outer_uid, outer_gid = os.geteuid(), os.getegid()
+    try:
+        linux.unshare(linux.CLONE_NEWUSER)
+    except OSError as exc:
+        _note_unavailable(plan, "user namespace", exc, f"as uid {outer_uid} without one")
+        return False
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"0 {outer_uid} 1")
+    _write("/proc/self/gid_map", f"0 {outer_gid} 1")
+    return True
+
+
+def _harden(plan: ChildPlan) -> None:
+    try:
+        linux.drop_capabilities()
+    except OSError as exc:
+        _note_unavailable(plan, "dropping capabilities", exc, "with the capabilities it has")
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    if "seccomp" in plan.spec.skip:
+        _note_unavailable(plan, "seccomp filter", "disabled by STEPWELL_SANDBOX_SKIP",
+                          "without a system-call filter")  # fmt: skip
+    else:
+        try:
+            linux.install_seccomp()
+        except OSError as exc:
+            _note_unavailable(plan, "seccomp filter", exc, "without a system-call filter")
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    try:  # credential changes cleared it
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def enter_sandbox(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> list[str]:
+    """Isolate the calling (freshly forked) process as ``plan`` says.
+
+    Returns the notes to write into the run log: one line per isolation feature
+    that could not be had. Afterwards the channel is on fd ``CHANNEL_FD``."""
+    _prepare_process(channel_fd, stderr_fd)
+    spec = plan.spec
+    if not plan.pidns and "pid" in spec.skip and not any("PID namespace" in n for n in plan.notes):
+        _note_unavailable(plan, "PID namespace", "disabled by STEPWELL_SANDBOX_SKIP",
+                          "seeing the host's processes")  # fmt: skip
+    namespaces = _unshare_namespaces(plan)
+    tmp_inside = plan.tmpdir
+    if "mount" in namespaces:
+        try:
+            _setup_filesystem(plan, plan.pidns)
+            tmp_inside = SANDBOX_TMP
+        except OSError as exc:
+            _note_unavailable(plan, "read-only filesystem", exc,
+                              "with the host's filesystem (file permissions still apply)")  # fmt: skip
+    _apply_rlimits(plan)
+    _enter_user_namespace(plan)
+    processes = spec.processes
+    if processes is not None:
+        _set_limit(resource.RLIMIT_NPROC, int(processes))
+    _harden(plan)
+    os.chdir(spec.cwd)
+    os.environ.clear()
+    os.environ.update(spec.env)
+    os.environ["HOME"] = os.environ["TMPDIR"] = tmp_inside
+    return plan.notes
+
+
+def describe_limits(spec: SandboxSpec) -> str:
+    """One line naming the limits in force (for debugging output)."""
+    parts = []
+    if spec.memory is not None:
+        parts.append(f"memory {format_bytes(spec.memory)}")
+    if spec.cpu is not None:
+        parts.append(f"cpu {spec.cpu:g}s")
+    if spec.processes is not None:
+        parts.append(f"processes {spec.processes}")
+    parts.append("network on" if spec.network else "network off")
+    return ", ".join(parts)

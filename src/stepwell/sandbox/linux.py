@@ -1,0 +1,270 @@
+"""Thin ctypes bindings for the Linux calls the sandbox needs.
+
+Python 3.11 has no ``os.unshare``/``os.setns`` and nothing for mounts,
+capabilities or seccomp, so these wrap libc (and raw ``syscall(2)`` for the
+newer mount API: ``open_tree``, ``move_mount``, ``mount_setattr``). Every
+wrapper raises ``OSError`` with the real errno on failure, so callers can say
+precisely which isolation the kernel refused and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# -- namespaces (clone flags) -----------------------------------------------------------
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
+NAMESPACE_FLAGS = (
+    CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+    | CLONE_NEWCGROUP
+)
+
+# -- mount(2) flags -----------------------------------------------------------------------
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+# -- new mount API ----------------------------------------------------------------------
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+# -- prctl(2) -------------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+_MACHINE = platform.machine()
+#: syscall numbers of the new mount API, identical on x86_64 and aarch64 (asm-generic)
+_SYS = {
+    "x86_64": {"open_tree": 428, "move_mount": 429, "mount_setattr": 442},
+    "aarch64": {"open_tree": 428, "move_mount": 429, "mount_setattr": 442},
+}.get(_MACHINE, {})
+
+
+def _check(result: int, what: str) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def errno_name(exc: OSError) -> str:
+    """``EPERM``-style name of an OSError's errno (or the message if it has none)."""
+    if exc.errno is None:
+        return str(exc)
+    return errno.errorcode.get(exc.errno, str(exc.errno))
+
+
+def unshare(flags: int) -> None:
+    """Move the caller into new namespaces (``unshare(2)``)."""
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Re-associate the caller with the namespace open as ``fd`` (``setns(2)``)."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """``mount(2)``; ``None`` arguments become NULL."""
+    _check(
+        _libc.mount(
+            source.encode() if source is not None else None,
+            target.encode(),
+            fstype.encode() if fstype is not None else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data is not None else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def _syscall(name: str, *args: object) -> int:
+    number = _SYS.get(name)
+    if number is None:
+        raise OSError(errno.ENOSYS, f"{name}: not supported on {_MACHINE}")
+    return _check(_libc.syscall(ctypes.c_long(number), *args), name)
+
+
+def open_tree(path: str, flags: int) -> int:
+    """A detached copy of the mount tree at ``path`` (``open_tree(2)``); returns an fd."""
+    return _syscall(
+        "open_tree", ctypes.c_int(AT_FDCWD), path.encode(), ctypes.c_uint(flags | OPEN_TREE_CLOEXEC)
+    )
+
+
+def move_mount_fd(fd: int, target: str) -> None:
+    """Attach the detached tree ``fd`` at ``target`` (``move_mount(2)``)."""
+    _syscall(
+        "move_mount", ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD), target.encode(),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+    )  # fmt: skip
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def mount_setattr(path: str, attr_set: int, attr_clr: int = 0, recursive: bool = False) -> None:
+    """Change mount flags of ``path`` (and every mount below it when ``recursive``)."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    _syscall(
+        "mount_setattr", ctypes.c_int(AT_FDCWD), path.encode(),
+        ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )  # fmt: skip
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(
+        _libc.prctl(
+            ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+            ctypes.c_ulong(arg4), ctypes.c_ulong(arg5),
+        ),
+        f"prctl({option})",
+    )  # fmt: skip
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]  # fmt: skip
+
+
+def drop_capabilities() -> None:
+    """Empty the bounding, ambient, effective, permitted and inheritable sets."""
+    try:
+        last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    except (OSError, ValueError):
+        last = 40
+    for cap in range(last + 1):
+        try:
+            prctl(PR_CAPBSET_DROP, cap)
+        except OSError:
+            break
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+# -- seccomp ---------------------------------------------------------------------------
+#: Syscalls a sandboxed step never needs and that widen the kernel surface or reach
+#: other processes: debugging other processes, mounts and namespaces, kernel keyrings,
+#: BPF and perf, module loading, io_uring (which bypasses seccomp), handle-based opens.
+_DENIED_X86_64 = {
+    "ptrace": 101, "syslog": 103, "pivot_root": 155, "chroot": 161, "acct": 163,
+    "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169,
+    "init_module": 175, "delete_module": 176, "quotactl": 179, "lookup_dcookie": 212,
+    "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272,
+    "perf_event_open": 298, "name_to_handle_at": 303, "open_by_handle_at": 304,
+    "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312,
+    "finit_module": 313, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323,
+    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+    "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442,
+}  # fmt: skip
+_X86_64_CLONE, _X86_64_CLONE3 = 56, 435
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_JSET_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+_SECCOMP_RET_KILL_PROCESS = 0x80000000
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_supported() -> bool:
+    return _MACHINE == "x86_64"
+
+
+def _seccomp_program() -> bytes:
+    """A classic-BPF filter: deny the calls above with EPERM, namespace-creating
+    ``clone`` flags with EPERM, ``clone3`` with ENOSYS (libc falls back to
+    ``clone``, whose flags can be checked), and kill on a foreign architecture."""
+    insns: list[tuple[int, int, int, int]] = []
+
+    def op(code: int, jt: int, jf: int, k: int) -> None:
+        insns.append((code, jt, jf, k))
+
+    eperm = _SECCOMP_RET_ERRNO | errno.EPERM
+    enosys = _SECCOMP_RET_ERRNO | errno.ENOSYS
+    denied = sorted(_DENIED_X86_64.values())
+    op(_BPF_LD_W_ABS, 0, 0, 4)  # seccomp_data.arch
+    op(_BPF_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64)
+    op(_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS)
+    op(_BPF_LD_W_ABS, 0, 0, 0)  # seccomp_data.nr
+    # layout after this point: [x32 check] [denied...] [clone] [clone3] ALLOW EPERM ENOSYS CLONE-ARGS
+    n_checks = 1 + len(denied) + 2
+    allow_at = 4 + n_checks  # index of the ALLOW return
+    eperm_at, enosys_at, clone_args_at = allow_at + 1, allow_at + 2, allow_at + 3
+
+    def jump_to(target: int) -> int:
+        return target - (len(insns) + 1)
+
+    op(_BPF_JGE_K, jump_to(eperm_at), 0, 0x40000000)  # x32 ABI: refuse outright
+    for number in denied:
+        op(_BPF_JEQ_K, jump_to(eperm_at), 0, number)
+    op(_BPF_JEQ_K, jump_to(clone_args_at), 0, _X86_64_CLONE)
+    op(_BPF_JEQ_K, jump_to(enosys_at), 0, _X86_64_CLONE3)
+    op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)
+    op(_BPF_RET_K, 0, 0, eperm)
+    op(_BPF_RET_K, 0, 0, enosys)
+    op(_BPF_LD_W_ABS, 0, 0, 16)  # low 32 bits of args[0]: the clone flags
+    op(_BPF_JSET_K, 0, 1, NAMESPACE_FLAGS)
+    op(_BPF_RET_K, 0, 0, eperm)
+    op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)
+    return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+
+
+def install_seccomp() -> None:
+    """Install the filter (needs no_new_privs or CAP_SYS_ADMIN). x86_64 only."""
+    if not seccomp_supported():
+        raise OSError(errno.ENOSYS, f"no seccomp filter for {_MACHINE}")
+    program = _seccomp_program()
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))

@@ -1,0 +1,142 @@
+"""What a run's sandbox looks like: limits, network, paths, and how limits are named.
+
+``SandboxSpec`` travels from the host to the fork-server as a plain dict
+(msgpack), so it only holds simple values. The helpers here also turn limits
+and exit statuses into the messages users see ("memory limit 256MiB
+exceeded", "CPU time limit 2s exceeded").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Environment variable choosing the sandbox: ``default`` (fork-server + namespaces),
+#: ``strict`` (no network unless a step asks, and no run without full isolation),
+#: ``none`` (plain subprocess, for debugging).
+MODE_ENV = "STEPWELL_SANDBOX"
+#: Comma-separated isolation features to skip on purpose (``user,pid,mount,ipc,net,
+#: seccomp``), to see how a run behaves on a kernel that refuses them.
+SKIP_ENV = "STEPWELL_SANDBOX_SKIP"
+MODES = ("default", "strict", "none")
+SKIPPABLE = ("user", "pid", "mount", "ipc", "net", "seccomp")
+
+#: Limits that apply when neither the step nor the app sets one.
+DEFAULT_PROCESSES = 512
+DEFAULT_OPEN_FILES = 4096
+DEFAULT_FILE_SIZE = 8 * 1024**3
+#: Exit code a worker uses when it ran out of memory and could not report it.
+MEMORY_EXIT_CODE = 86
+
+#: Where the sandbox's private temp dir is mounted (also HOME and TMPDIR).
+SANDBOX_TMP = "/tmp"
+
+
+def sandbox_mode(value: str | None = None) -> str:
+    """The sandbox mode from ``value`` or ``$STEPWELL_SANDBOX`` (``default`` when unset)."""
+    mode = (value if value is not None else os.environ.get(MODE_ENV, "")).strip().lower()
+    mode = mode or "default"
+    if mode not in MODES:
+        raise ValueError(f"unknown sandbox mode {mode!r} ({MODE_ENV}): use one of {', '.join(MODES)}")
+    return mode
+
+
+def skipped_features(value: str | None = None) -> list[str]:
+    """Isolation features disabled through ``$STEPWELL_SANDBOX_SKIP``."""
+    text = value if value is not None else os.environ.get(SKIP_ENV, "")
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in SKIPPABLE]
+    if unknown:
+        raise ValueError(
+            f"{SKIP_ENV}: unknown feature(s) {', '.join(unknown)}; known: {', '.join(SKIPPABLE)}"
+        )
+    return names
+
+
+@dataclass
+class SandboxSpec:
+    """Everything the fork-server needs to build one run's sandbox."""
+
+    cwd: str
+    env: dict[str, str]
+    app_root: str | None = None
+    #: folders the step must be able to read (app environment, extra sys.path entries)
+    read_paths: list[str] = field(default_factory=list)
+    #: folders hidden behind an empty read-only tmpfs (the store's folder)
+    hide_paths: list[str] = field(default_factory=list)
+    memory: int | None = None
+    cpu: float | None = None
+    processes: int | None = None
+    open_files: int = DEFAULT_OPEN_FILES
+    file_size: int = DEFAULT_FILE_SIZE
+    network: bool = True
+    #: longest the sandbox may live (seconds); its init exits after that even if
+    #: nobody is left to kill it
+    lifetime: float | None = None
+    skip: list[str] = field(default_factory=list)
+    #: refuse to run when any isolation feature is unavailable
+    strict: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SandboxSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def format_bytes(size: int) -> str:
+    """``268435456`` -> ``"256MiB"`` (the largest binary unit that divides it)."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    if size >= 1024**2:
+        return f"{size / 1024**2:.1f}MiB"
+    return f"{size}B"
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def describe_exit(
+    status: int | None,
+    *,
+    memory: int | None = None,
+    cpu: float | None = None,
+    cpu_used: float = 0.0,
+    stderr_tail: str = "",
+) -> tuple[str, str]:
+    """Map a worker's raw wait status to ``(run status, message)``.
+
+    ``status`` is what ``waitpid`` returned (``None`` when it is unknown). A
+    limit that explains the death is named with its value."""
+    tail = f": {stderr_tail}" if stderr_tail else ""
+    if status is None:
+        return "killed", "the worker process stopped and its exit status is unknown" + tail
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        name = signal_name(number)
+        if cpu is not None and (
+            number == signal.SIGXCPU or (number == signal.SIGKILL and cpu_used >= cpu)
+        ):
+            return "timed_out", f"CPU time limit {format_seconds(cpu)} exceeded (killed by {name})"
+        if memory is not None and number in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS) and (
+            "memory" in stderr_tail.lower() or "bad_alloc" in stderr_tail
+        ):
+            return "killed", f"memory limit {format_bytes(memory)} exceeded (killed by {name})"
+        return "killed", f"the worker process was killed by {name}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if code == MEMORY_EXIT_CODE and memory is not None:
+        return "killed", f"memory limit {format_bytes(memory)} exceeded"
+    return "killed", f"the worker process exited with code {code}{tail}"

@@ -1,0 +1,77 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from stepwell.server import errors
+from stepwell.server.auth import WEBHOOK_PREFIX, BearerAuthMiddleware
+from stepwell.server.context import ServerContext
+from stepwell.server.limits import BodyLimitMiddleware
+from stepwell.server.routes import ERROR_RESPONSES, ROUTERS
+
+log = logging.getLogger("stepwell.server")
+
+DESCRIPTION = """
+The HTTP API of a running `stepwell serve`: the app and its graph, steps and
+their state, runs (with live logs as server-sent events), tables, and webhooks.
+
+Errors always have the body `{"error": {"code", "message", "details"}}`. When
+the server listens beyond loopback every request needs
+`Authorization: Bearer <token>` (the token is in `APP/.stepwell/token`).
+"""
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    """The API over ``ctx``. Its lifespan starts the scheduler (and calls
+    ``ctx.on_ready``) and, on shutdown, lets running steps finish or cancels them."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        ctx.hub.bind(asyncio.get_running_loop())
+        await asyncio.to_thread(ctx.scheduler.start)
+        if ctx.on_ready is not None:
+            ctx.on_ready()
+        try:
+            yield
+        finally:
+            ctx.scheduler.stop_accepting()
+            ctx.hub.close()
+            await asyncio.to_thread(ctx.ingest.close)
+            cancelled = await asyncio.to_thread(ctx.scheduler.shutdown, ctx.settings.shutdown_timeout)
+            if cancelled:
+                log.warning("cancelled %d run(s) still running at shutdown: %s",
+                            len(cancelled), ", ".join(cancelled))
+
+    from stepwell import __version__
+
+    api = FastAPI(
+        title=f"stepwell: {ctx.app.title or ctx.app.root.name}",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+    )
+    api.state.ctx = ctx
+    errors.install(api)
+    for router in ROUTERS:
+        api.include_router(router)
+
+    settings = ctx.settings
+
+    def limit_for(path: str) -> int:
+        if path.startswith(WEBHOOK_PREFIX):
+            return settings.max_webhook_bytes
+        if path.startswith("/api/tables/") and path.endswith("/rows"):
+            return settings.max_upload_bytes
+        return settings.max_body_bytes
+
+    # outermost first: auth before anything reads the body
+    api.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    api.add_middleware(BearerAuthMiddleware, tokens=ctx.tokens, required=ctx.auth_required)
+    return api

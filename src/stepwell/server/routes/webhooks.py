@@ -1,0 +1,78 @@
+"""Webhooks: each POSTed JSON object becomes a row of the webhook's table."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Path, Request
+
+from stepwell.server.auth import bearer, token_matches
+from stepwell.server.context import ServerContext, get_ctx
+from stepwell.server.errors import ApiError, not_found
+from stepwell.server.ingest import IngestError
+from stepwell.server.models import WebhookModel, WebhookResponse
+from stepwell.server.routes.app_info import webhook_models
+from stepwell.server.routes.tables import parse_json_rows
+
+router = APIRouter(prefix="/api", tags=["webhooks"])
+
+
+@router.get("/webhooks", response_model=list[WebhookModel], summary="The app's webhooks")
+def list_webhooks(ctx: ServerContext = Depends(get_ctx)) -> list[WebhookModel]:
+    return webhook_models(ctx.app)
+
+
+@router.post(
+    "/webhooks/{name}",
+    response_model=WebhookResponse,
+    status_code=202,
+    summary="Store the JSON body (an object, or each object of an array) as rows",
+    description=(
+        "Every row gets a `patterns_id`. The rows are committed before the response is "
+        "sent; steps triggered `upstream` by the webhook's table are queued. A webhook "
+        "with its own token needs `Authorization: Bearer <webhook token>` (the server "
+        "token works too)."
+    ),
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}]}}}}},
+)
+async def post_webhook(request: Request, name: str = Path(max_length=200),
+                       ctx: ServerContext = Depends(get_ctx)) -> WebhookResponse:
+    hook = next((h for h in ctx.app.webhooks if h.name == name), None)
+    if hook is None:
+        known = ", ".join(h.name for h in ctx.app.webhooks) or "none"
+        raise not_found(f"no webhook {name!r} (webhooks: {known})")
+    _authorize(request, ctx, hook)
+    rows = parse_json_rows(await request.body(), f"webhook {name!r}")
+    try:
+        ids = await ctx.ingest.add(hook.table, rows)
+    except IngestError as exc:
+        raise ApiError(422, f"webhook {name!r}: {exc}") from None
+    return WebhookResponse(webhook=name, table=hook.table, rows=len(ids), ids=ids)
+
+
+def _authorize(request: Request, ctx: ServerContext, hook: object) -> None:
+    own = webhook_token(ctx, hook)
+    if own is None and not ctx.auth_required:
+        return
+    given = bearer(request.scope["headers"])
+    if not token_matches(given, own, ctx.tokens.read()):
+        which = "its webhook token" if own else "the server's API token"
+        raise ApiError(
+            401, f"webhook {getattr(hook, 'name', '?')!r} needs {which}: send "
+            f"`Authorization: Bearer <token>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def webhook_token(ctx: ServerContext, hook: object) -> str | None:
+    """The webhook's own token, with a secret reference (``${{ secrets.x }}``) resolved."""
+    raw = getattr(hook, "token", None)
+    if not raw:
+        return None
+    from stepwell.app import SecretError, resolve
+
+    try:
+        value = resolve(raw, ctx.app.root, ctx.environ or None)
+    except SecretError as exc:
+        raise ApiError(503, f"webhook {getattr(hook, 'name', '?')!r}: its token is not "
+                            f"available: {exc}", code="misconfigured") from None
+    return str(value) if value else None

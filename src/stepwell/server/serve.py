@@ -1,0 +1,326 @@
+"""Running the server: uvicorn startup, ``server.json``, signals, graceful shutdown.
+
+While a server runs for an app, ``APP/.stepwell/server.json`` says where::
+
+    {"url": "http://127.0.0.1:8765", "host": "127.0.0.1", "port": 8765,
+     "pid": 4242, "token_path": "/abs/APP/.stepwell/token",
+     "store_key": "<sha256 of the store URL>", "started_at": "..."}
+
+Other `stepwell` commands on the app read it to talk to the API instead of
+opening the store (DESIGN section 7a). It is written once the server accepts
+requests and removed when it exits; a file left by a process that is gone is
+stale and ignored (and removed by the next reader).
+
+SIGTERM or SIGINT: stop accepting triggers and close live event streams, let
+HTTP requests in flight finish, then give running steps
+``shutdown_timeout`` seconds to end before cancelling them (their work since
+the last commit point is rolled back). Queued runs stay queued in the store and
+run after the next start. A second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from stepwell.server.auth import TOKEN_FILE, TokenFile, is_loopback
+from stepwell.server.context import ServerContext, ServerSettings
+
+SERVER_FILE = "server.json"
+#: Seconds HTTP requests in flight get on shutdown (live streams are ended first).
+HTTP_GRACE_SECONDS = 5
+
+
+class ServeError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+def state_dir(app_root: Path) -> Path:
+    return Path(app_root) / ".stepwell"
+
+
+def store_key(url: str | None) -> str:
+    """A digest identifying a store URL without revealing it (for server.json)."""
+    text = (url or "").strip() or "duckdb"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class ServerInfo:
+    url: str
+    host: str
+    port: int
+    pid: int
+    token_path: str
+    store_key: str
+    started_at: str
+
+    def token(self) -> str | None:
+        return TokenFile(Path(self.token_path)).read()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_server_info(app_root: Path) -> ServerInfo | None:
+    """The live server of the app, if any (a stale file is removed)."""
+    path = state_dir(app_root) / SERVER_FILE
+    try:
+        data = json.loads(path.read_text())
+        info = ServerInfo(**{k: data[k] for k in ServerInfo.__dataclass_fields__})
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not _alive(info.pid):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    return info
+
+
+def _client_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn that tells stepwell when an exit is requested, and exits normally
+    after a signal instead of re-raising it."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Any):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+        self._on_exit()
+
+
+class Serving:
+    """One `stepwell serve` of one app."""
+
+    def __init__(
+        self,
+        app_path: str | Path,
+        *,
+        store_url: str | None = None,
+        settings: ServerSettings | None = None,
+        environ: dict[str, str] | None = None,
+        rotate_token: bool = False,
+        out: Any = None,
+    ):
+        from stepwell.app import load_app
+
+        self.environ = dict(os.environ if environ is None else environ)
+        self.settings = settings or ServerSettings()
+        self.spec = load_app(app_path)
+        self.store_url = store_url or self.spec.store
+        self.out = out if out is not None else sys.stdout
+        self.rotate_token = rotate_token
+        self.server: _Uvicorn | None = None
+        self.ctx: ServerContext | None = None
+        self.url: str | None = None
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._info_path = state_dir(self.spec.root) / SERVER_FILE
+
+    # -- lifecycle --------------------------------------------------------------------
+    def _prepare(self) -> None:
+        running = read_server_info(self.spec.root)
+        if running is not None:
+            raise ServeError(
+                f"a server already runs for this app at {running.url} (pid {running.pid}); "
+                f"stop it first (kill {running.pid})"
+            )
+        self._sock = self._bind()
+        try:
+            self._build()
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _build(self) -> None:
+        from stepwell.engine.scheduler import Scheduler
+        from stepwell.server.app import create_app
+        from stepwell.server.ingest import Ingest
+        from stepwell.server.live import LiveHub
+        from stepwell.store import open_store
+
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        self.url = f"http://{_client_host(self.settings.host)}:{port}"
+        tokens = TokenFile(state_dir(self.spec.root) / TOKEN_FILE)
+        if self.rotate_token:
+            token, created = tokens.rotate(), True
+        else:
+            token, created = tokens.ensure()
+        auth_required = not is_loopback(self.settings.host)
+        store = open_store(self.store_url, self.spec.root)
+        try:
+            hub = LiveHub()
+            scheduler = Scheduler(
+                self.spec, store, max_workers=self.settings.workers, listener=hub,
+                environ=self.environ,
+            )
+            ingest = Ingest(
+                store,
+                unique_on={t.name: list(t.unique_on) for t in self.spec.tables if t.unique_on},
+                on_commit=lambda table: scheduler.notify_commit([table]),
+            )
+        except BaseException:
+            store.close()
+            raise
+        self.ctx = ServerContext(
+            app=self.spec, store=store, scheduler=scheduler, hub=hub, ingest=ingest,
+            tokens=tokens, settings=self.settings, auth_required=auth_required,
+            environ=self.environ, on_ready=self._on_ready,
+        )
+        config = uvicorn.Config(
+            create_app(self.ctx),
+            log_level=self.environ.get("STEPWELL_LOG_LEVEL", "warning").lower(),
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=HTTP_GRACE_SECONDS,
+            server_header=False,
+        )
+        self.server = _Uvicorn(config, on_exit=self._exit_requested)
+        self._say(f"stepwell serving {self.spec.title or self.spec.root.name} at {self.url} "
+                  f"(API docs: {self.url}/docs)")
+        if created:
+            self._say(f"API token (new): {token}\n  stored in {tokens.path}; "
+                      f"rotate with `stepwell token {self.spec.root} --rotate`")
+        if auth_required:
+            self._say(f"listening on {host} beyond loopback: every request needs "
+                      f"`Authorization: Bearer <token>` (token in {tokens.path})")
+
+    def _bind(self) -> socket.socket:
+        host = self.settings.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), self.settings.port))
+        except OSError as exc:
+            sock.close()
+            raise ServeError(
+                f"cannot listen on {host}:{self.settings.port}: {exc.strerror or exc}; "
+                f"choose another port with --port"
+            ) from None
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+
+    def _on_ready(self) -> None:
+        assert self._sock is not None and self.url is not None
+        host, port = self._sock.getsockname()[:2]
+        info = ServerInfo(
+            url=self.url, host=self.settings.host, port=int(port), pid=os.getpid(),
+            token_path=str(self.ctx.tokens.path if self.ctx else ""),
+            store_key=store_key(self.store_url),
+            started_at=dt.datetime.now(dt.UTC).isoformat(),
+        )
+        self._info_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._info_path.with_name(SERVER_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
+        os.replace(tmp, self._info_path)
+        self._ready.set()
+
+    def _exit_requested(self) -> None:
+        if self.ctx is not None:
+            self.ctx.scheduler.stop_accepting()
+            self.ctx.hub.close()
+
+    def _cleanup(self) -> None:
+        try:
+            current = json.loads(self._info_path.read_text())
+            if current.get("pid") == os.getpid():
+                self._info_path.unlink()
+        except (OSError, ValueError):
+            pass
+        if self.ctx is not None:
+            self.ctx.store.close()
+        if self._sock is not None:
+            self._sock.close()
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (blocking; the CLI's `stepwell serve`)."""
+        self._prepare()
+        assert self.server is not None and self._sock is not None
+        try:
+            self.server.run(sockets=[self._sock])
+        finally:
+            self._cleanup()
+        if not self._ready.is_set():
+            raise ServeError("the server did not start; see the messages above")
+        self._say("stepwell server stopped")
+
+    def start_in_thread(self, timeout: float = 60.0) -> str:
+        """Serve from a background thread (tests); returns the base URL when ready."""
+        self._prepare()
+        assert self.server is not None and self._sock is not None
+        server, sock = self.server, self._sock
+
+        def target() -> None:
+            try:
+                server.run(sockets=[sock])
+            finally:
+                self._cleanup()
+
+        self._thread = threading.Thread(target=target, name="stepwell-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ServeError("the server did not start in time")
+        assert self.url is not None
+        return self.url
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Graceful shutdown of a server started with :meth:`start_in_thread`."""
+        if self.server is None:
+            return
+        self.server.handle_exit(signal.SIGTERM, None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
