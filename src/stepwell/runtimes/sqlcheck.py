@@ -15,6 +15,22 @@ _TABLE_TEMPLATE = re.compile(
 _SQLGLOT_DIALECTS = {"postgresql": "postgres", "duckdb": "duckdb"}
 
 
+#: Functions that read files, settings, the environment or other databases.
+_DENIED_FUNCTION_PREFIXES = (
+    "read_", "glob", "query", "getenv", "current_setting", "set_config", "pg_", "lo_",
+    "dblink", "sniff_", "parquet_", "duckdb_", "pragma_", "which_secret", "file",
+    "system", "load_", "install_", "txid_", "inet_", "version",
+)
+
+
+def _function_name(func: object) -> str:
+    from sqlglot import exp
+
+    if isinstance(func, exp.Anonymous):
+        return str(func.name).lower()
+    return func.sql_name().lower()
+
+
 class SqlNotAllowed(ValueError):
     """The SQL is not a single SELECT over the tables this step may read."""
 
@@ -51,8 +67,20 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
         )
     ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
     targets = set(allowed.values())
+    for func in tree.find_all(exp.Func):
+        name = _function_name(func)
+        if name.startswith(_DENIED_FUNCTION_PREFIXES):
+            raise SqlNotAllowed(
+                f"{where}: function {name}() is not allowed in step SQL (it reaches outside "
+                f"the step's tables)"
+            )
     for table in tree.find_all(exp.Table):
         name = table.name
+        if isinstance(table.this, exp.Func) or not name:
+            raise SqlNotAllowed(
+                f"{where}: {table.sql(dialect=dialect)} is not allowed: steps read tables, "
+                f"not table functions or files"
+            )
         if table.args.get("db") or table.args.get("catalog"):
             raise SqlNotAllowed(
                 f"{where}: table {table.sql(dialect=dialect)} is not allowed: only this "
@@ -68,8 +96,4 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
                 f"({', '.join(sorted(allowed)) or 'none'}); declare it with Table({name!r}) "
                 f"or list it in the step's inputs"
             )
-    for func in tree.find_all(exp.Anonymous, exp.ReadCSV):
-        fname = str(func.name or func.key).lower()
-        if fname.startswith(("read_", "pg_", "lo_")):
-            raise SqlNotAllowed(f"{where}: function {fname}() is not allowed in step SQL")
     return tree.sql(dialect=dialect)
