@@ -10,6 +10,7 @@ snapshot isolation. Arrow data goes in through ``cursor.register`` +
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -98,14 +99,17 @@ class DuckDBSession(Session):
         return name
 
     def insert_arrow(self, target: str, data: pa.Table) -> int:
-        view = self._register(data)
-        try:
-            columns = ", ".join(quote(c) for c in data.column_names)
-            return self.execute(
-                f"INSERT INTO {target} ({columns}) SELECT {columns} FROM {quote(view)}"
-            )
-        finally:
-            self._cur.unregister(view)
+        # A relation, not register(): DuckDB keeps registered objects (and so their
+        # Arrow buffers) alive until the transaction ends, which made a long run's
+        # host memory grow with every batch it wrote.
+        relation = self._cur.from_arrow(data)
+        columns = ", ".join(quote(c) for c in data.column_names)
+        # the alias is not a valid table name, so it never shadows a user table
+        relation.query(
+            "stepwell-incoming",
+            f'INSERT INTO {target} ({columns}) SELECT {columns} FROM "stepwell-incoming"',
+        )
+        return data.num_rows
 
     def stage(self, data: pa.Table) -> str:
         name = self._register(data)
@@ -142,16 +146,23 @@ class DuckDBSession(Session):
         self._cur.close()
 
 
+#: Default bound on DuckDB's buffer memory (``STEPWELL_DUCKDB_MEMORY`` overrides).
+DEFAULT_MEMORY_LIMIT = "512MB"
+
+
 class DuckDBStore(SQLStore):
     """Store in a DuckDB database file (``":memory:"`` for a private in-memory one)."""
 
     dialect = DIALECT
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, memory_limit: str | None = None):
         self.path = str(path)
         self.url = f"duckdb://{self.path}"
+        # DuckDB would take most of the machine's memory for its buffers; a bound
+        # makes large transactions spill to disk instead, so the host stays small.
+        limit = memory_limit or os.environ.get("STEPWELL_DUCKDB_MEMORY", DEFAULT_MEMORY_LIMIT)
         try:
-            self._con = duckdb.connect(self.path)
+            self._con = duckdb.connect(self.path, config={"memory_limit": limit})
         except duckdb.Error as exc:
             raise StoreError(
                 f"cannot open the DuckDB store {self.path}: {exc}. A DuckDB file can be open "
