@@ -26,6 +26,27 @@ StoreOpt = Annotated[
     typer.Option("--store", envvar="STEPWELL_STORE", help="Store URL (postgresql://...)"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
+SandboxOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sandbox", envvar="STEPWELL_SANDBOX",
+        help="default | strict (no network unless a step sets it, full isolation or no run) "
+        "| none (plain subprocess, for debugging)",
+    ),
+]
+
+
+def _use_sandbox(mode: str | None) -> None:
+    """Make ``mode`` the sandbox of every runner this command creates."""
+    if mode is not None:
+        import os
+
+        from stepwell.sandbox.policy import MODE_ENV, sandbox_mode
+
+        try:
+            os.environ[MODE_ENV] = sandbox_mode(mode)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
 
 
 class CliError(Exception):
@@ -112,8 +133,10 @@ def run(
     steps: Annotated[list[str] | None, typer.Argument(help="Steps to run (default: all)")] = None,
     store: StoreOpt = None,
     executor: Annotated[str, typer.Option(help="local")] = "local",
+    sandbox: SandboxOpt = None,
 ) -> None:
     """Run steps once, in dependency order, with a progress display."""
+    _use_sandbox(sandbox)
     from stepwell.cli_progress import RunProgress
     from stepwell.engine.app_run import select_steps
     from stepwell.engine.runner import SUCCESS
@@ -221,12 +244,13 @@ def runs(
     with _backend(app_path, store) as (_spec, backend):
         records = backend.list_runs(step=step, limit=limit)
     if as_json:
-        _print_json([RunSummary.of(r).cli_json() for r in records])
+        _print_json([{**RunSummary.of(r).cli_json(), **_partition_counts(r)} for r in records])
         return
     from rich.table import Table as RichTable
 
     view = RichTable(box=None, pad_edge=False)
-    for name in ("run", "step", "status", "started", "secs", "in", "out"):
+    with_parts = any(_partition_counts(r) for r in records)
+    for name in ("run", "step", "status", "started", "secs", "in", "out", "partitions")[: 8 if with_parts else 7]:
         view.add_column(name, no_wrap=True, justify="right" if name in ("secs", "in", "out") else "left")
     view.add_column("error", overflow="fold")
     for r in records:
@@ -235,9 +259,27 @@ def runs(
             r.id, r.step, _status(r.status),
             r.started_at.strftime("%m-%d %H:%M:%S") if r.started_at else "",
             f"{seconds:.2f}" if seconds is not None else "",
-            f"{r.rows_in:,}", f"{r.rows_out:,}", (r.error or "")[:200],
+            f"{r.rows_in:,}", f"{r.rows_out:,}",
+            *([_partitions_text(r)] if with_parts else []), (r.error or "")[:200],
         )
     _console().print(view)
+
+
+def _partition_counts(run: Any) -> dict[str, Any]:
+    """``{"partitions": {...}}`` for a connector run (counts of its refresh), else ``{}``."""
+    counts = (getattr(run, "info", None) or {}).get("partitions")
+    return {"partitions": counts} if isinstance(counts, dict) else {}
+
+
+def _partitions_text(run: Any) -> str:
+    counts = _partition_counts(run).get("partitions")
+    if not counts:
+        return ""
+    text = f"{counts.get('listed', 0):,} listed, {counts.get('succeeded', 0):,} read"
+    for key in ("failed", "removed", "skipped"):
+        if counts.get(key):
+            text += f", {counts[key]:,} {key}"
+    return text
 
 
 def _status(status: str) -> str:
@@ -297,8 +339,10 @@ def serve(
         float | None, typer.Option(help="Seconds running steps get on SIGTERM before cancel", min=0)
     ] = None,
     rotate_token: Annotated[bool, typer.Option("--rotate-token", help="Make a new API token first")] = False,
+    sandbox: SandboxOpt = None,
 ) -> None:
     """Run the scheduler, the workers and the HTTP API until SIGTERM / Ctrl-C."""
+    _use_sandbox(sandbox)
     import os
 
     from stepwell.server.context import ServerSettings
@@ -333,6 +377,12 @@ def token(
         raise CliError(f"no API token yet for {spec.root}: `stepwell serve` makes one, or run "
                        f"`stepwell token {app_path} --rotate`")
     print(current)
+
+
+from stepwell.cli_plugins import plugin_app, rule_app  # noqa: E402 - sub-command groups
+
+app.add_typer(plugin_app, name="plugin")
+app.add_typer(rule_app, name="rule")
 
 
 def main() -> None:

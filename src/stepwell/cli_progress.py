@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stepwell.store.base import LogLine, RunRecord
+from stepwell.store.base import LogLine, PartitionRecord, RunRecord
 
 _DONE_STYLE = {"succeeded": "green", "succeeded_no_data": "green", "succeeded_with_errors": "yellow"}
 
@@ -29,6 +30,10 @@ class RunProgress:
         self.overall = self._bar.add_task("[bold]steps", total=total_steps, detail="")
         self._tasks: dict[str, int] = {}
         self._last_draw = 0.0
+        # connector runs: one transient line per partition being read
+        self._parts: dict[tuple[str, str], int] = {}
+        self._part_counts: dict[str, str] = {}
+        self._parts_lock = threading.Lock()
 
     def __enter__(self) -> RunProgress:
         self._bar.__enter__()
@@ -49,7 +54,38 @@ class RunProgress:
         self._last_draw = now
         task = self._tasks.get(run.id)
         if task is not None:
-            self._bar.update(task, detail=f"{rows_in:,} rows in, {rows_out:,} out")
+            parts = self._part_counts.get(run.id)
+            self._bar.update(
+                task,
+                detail=(f"{parts}, " if parts else "") + f"{rows_in:,} rows in, {rows_out:,} out",
+            )
+
+    def partition_progress(
+        self, run: RunRecord, partition: PartitionRecord, done: int, total: int
+    ) -> None:
+        """A line per partition while it is read; failures stay on screen."""
+        with self._parts_lock:
+            key = (run.id, partition.name)
+            name = partition.name if len(partition.name) <= 48 else "..." + partition.name[-45:]
+            if partition.status == "running":
+                self._parts[key] = self._bar.add_task(
+                    f"    {name}", total=None, detail="[cyan]reading[/]"
+                )
+            else:
+                line = self._parts.pop(key, None)
+                if line is not None:
+                    self._bar.remove_task(line)
+                if partition.status == "failed":
+                    self._bar.console.print(
+                        f"    [red]partition {name} failed[/]: {(partition.error or '')[:200]}"
+                    )
+            self._part_counts[run.id] = f"partitions {done:,}/{total:,}"
+            task = self._tasks.get(run.id)
+            if task is not None:
+                self._bar.update(
+                    task, total=max(total, 1), completed=done,
+                    detail=self._part_counts[run.id],
+                )
 
     def log_line(self, run: RunRecord, line: LogLine) -> None:
         pass

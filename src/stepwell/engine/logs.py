@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterable
 
@@ -16,19 +17,98 @@ REDACTED = "***"
 
 
 class Redactor:
-    """Replaces every secret value (and any line-split fragment of one) with ``***``."""
+    """Replaces every secret value with ``***``, wherever it shows up in text.
+
+    A secret is found whole, escaped as ``repr``/JSON would print it, and also
+    when it is broken across lines (printed piece by piece, or wrapped): line
+    breaks inside an occurrence are ignored when matching, and every piece is
+    masked. ``RunLog`` feeds it the run's whole output as one stream, holding
+    back the last lines while they might still be the start of a secret."""
 
     def __init__(self, secrets: Iterable[str]):
+        self.values = secrets
+
+    @property
+    def values(self) -> list[str]:
+        """The secret values (shorter than 4 characters are not redacted)."""
+        return self._values
+
+    @values.setter
+    def values(self, secrets: Iterable[str]) -> None:
         # Longest first so a secret containing another is replaced whole.
-        self.values = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        self._values = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        needles = set(self._values)
+        for value in self._values:
+            needles.add(repr(value)[1:-1])
+            needles.add(json.dumps(value)[1:-1])
+        self._needles = sorted((n for n in needles if len(n) >= 4), key=len, reverse=True)
+        self._starts = {n[0] for n in self._needles}
 
     def __call__(self, text: str | None) -> str | None:
-        if not text or not self.values:
+        if not text or not self._needles:
             return text
-        for value in self.values:
-            if value in text:
-                text = text.replace(value, REDACTED)
-        return text
+        if "\n" not in text:
+            for needle in self._needles:
+                if needle in text:
+                    text = text.replace(needle, REDACTED)
+            return text
+        masked, _ = self.mask_lines(text.split("\n"), final=True)
+        return "\n".join(masked)
+
+    def mask_lines(self, lines: list[str], final: bool) -> tuple[list[str], int]:
+        """Mask secrets in consecutive ``lines`` read as one stream (line breaks
+        ignored). Returns the masked lines and how many of them are safe to
+        release: unless ``final``, lines that may hold the start of a secret whose
+        rest has not arrived yet are not."""
+        if not self._needles:
+            return list(lines), len(lines)
+        joined = "".join(lines)
+        hidden = bytearray(len(joined))
+        for needle in self._needles:
+            at = joined.find(needle)
+            while at != -1:
+                hidden[at : at + len(needle)] = b"\x01" * len(needle)
+                at = joined.find(needle, at + 1)
+        release = len(lines)
+        if not final:
+            hold_at = self._partial_start(joined)
+            if hold_at is not None:
+                offset = 0
+                for index, line in enumerate(lines):
+                    if offset + len(line) > hold_at:
+                        release = index
+                        break
+                    offset += len(line)
+        if not any(hidden):
+            return list(lines), release
+        masked = []
+        offset = 0
+        for line in lines:
+            marks = hidden[offset : offset + len(line)]
+            offset += len(line)
+            if not any(marks):
+                masked.append(line)
+                continue
+            parts, previous = [], 0
+            for i, flag in enumerate(marks):
+                if flag and (i == 0 or not marks[i - 1]):
+                    parts.append(line[previous:i] + REDACTED)
+                if not flag and i > 0 and marks[i - 1]:
+                    previous = i
+            if not marks[-1]:
+                parts.append(line[previous:])
+            masked.append("".join(parts))
+        return masked, release
+
+    def _partial_start(self, text: str) -> int | None:
+        """Earliest position from which ``text`` is the beginning of a secret."""
+        longest = len(self._needles[0])
+        for at in range(max(0, len(text) - longest + 1), len(text)):
+            if text[at] in self._starts:
+                tail = text[at:]
+                if any(n.startswith(tail) for n in self._needles):
+                    return at
+        return None
 
 
 class RunLog:
@@ -46,6 +126,8 @@ class RunLog:
         self.on_line = on_line
         self.flush_seconds = flush_seconds
         self._pending: list[LogLine] = []
+        #: (level, text, time) of lines not yet released: they may end in part of a secret
+        self._held: list[tuple[str, str, dt.datetime]] = []
         self._seq = 0
         self._chars = 0
         self._dropped = 0
@@ -54,22 +136,37 @@ class RunLog:
     def add(self, level: str, lines: Iterable[str]) -> None:
         now = dt.datetime.now(dt.UTC)
         for raw in lines:
-            if self._seq >= MAX_LINES or self._chars >= MAX_CHARS:
+            if self._seq + len(self._held) >= MAX_LINES or self._chars >= MAX_CHARS:
                 self._dropped += 1
                 continue
             text = str(raw)
+            self._chars += min(len(text), MAX_LINE_CHARS)
+            self._held.append((str(level), text, now))
+        self._release(final=False)
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self._write()
+
+    def _release(self, final: bool) -> None:
+        """Redact the held lines as one stream and pass on those that are safe."""
+        if not self._held:
+            return
+        masked, count = self.redact.mask_lines([text for _, text, _ in self._held], final)
+        for (level, _, when), text in zip(self._held[:count], masked[:count], strict=True):
             if len(text) > MAX_LINE_CHARS:
                 text = text[:MAX_LINE_CHARS] + f"... [{len(text) - MAX_LINE_CHARS} more characters]"
-            line = LogLine(self.run_id, self._seq, now, str(level), self.redact(text) or "")
+            line = LogLine(self.run_id, self._seq, when, level, text)
             self._seq += 1
-            self._chars += len(text)
             self._pending.append(line)
             if self.on_line:
                 self.on_line(line)
-        if time.monotonic() - self._last_flush > self.flush_seconds:
-            self.flush()
+        del self._held[:count]
 
     def flush(self) -> None:
+        """Write everything out (the run's output has ended, or a commit point)."""
+        self._release(final=True)
+        self._write()
+
+    def _write(self) -> None:
         if self._dropped:
             note = (
                 f"[stepwell] log limit reached ({MAX_LINES} lines or {MAX_CHARS} characters): "

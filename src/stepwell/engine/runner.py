@@ -19,10 +19,12 @@ from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun
 from stepwell.engine.worker_session import DeclaredSchema, Outcome, WorkerSession
 from stepwell.runtimes.node import host as node_host
+from stepwell.runtimes.processor import host as processor_host
 from stepwell.runtimes.sql import run_sql_step
-from stepwell.sandbox.launcher import start_worker
+from stepwell.sandbox.launcher import WorkerLimits, forkserver, start_worker
+from stepwell.sandbox.policy import DEFAULT_PROCESSES, format_bytes, sandbox_mode
 from stepwell.store import ids
-from stepwell.store.base import LogLine, RunRecord, Store
+from stepwell.store.base import LogLine, PartitionRecord, RunRecord, Store
 
 #: Time limit when neither the step nor the app's defaults set one.
 DEFAULT_TIMEOUT = 600.0
@@ -38,6 +40,11 @@ class RunListener(Protocol):
     def run_finished(self, run: RunRecord) -> None: ...
     def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
         """A commit point of ``run`` made new rows of ``tables`` visible (optional hook)."""
+    def partition_progress(
+        self, run: RunRecord, partition: PartitionRecord, done: int, total: int
+    ) -> None:
+        """A connector partition started (status ``running``) or ended; ``done`` of
+        ``total`` partitions to read have ended (optional hook)."""
 
 
 class NullListener:
@@ -56,6 +63,11 @@ class NullListener:
     def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
         pass
 
+    def partition_progress(
+        self, run: RunRecord, partition: PartitionRecord, done: int, total: int
+    ) -> None:
+        pass
+
 
 @dataclass
 class _RunHandle:
@@ -72,6 +84,8 @@ class StepContext:
     parameters: dict[str, Any]
     secret_values: list[str]
     time_limit: float | None
+    #: memory, CPU, processes and network of the step's worker
+    worker_limits: WorkerLimits = field(default_factory=WorkerLimits)
 
 
 def _now() -> dt.datetime:
@@ -122,11 +136,18 @@ class Runner:
         *,
         listener: RunListener | None = None,
         environ: Mapping[str, str] | None = None,
+        sandbox: str | None = None,
     ):
         self.app = app
         self.store = store
         self.listener = listener or NullListener()
         self.environ = dict(os.environ if environ is None else environ)
+        #: ``default``, ``strict`` (no network unless a step asks) or ``none``
+        self.sandbox = sandbox_mode(sandbox)
+        if self.sandbox != "none" and any(
+            getattr(s, "kind", "sql") != "sql" for s in getattr(app, "steps", [])
+        ):
+            forkserver().prestart()  # warms up while the app's first steps are prepared
         self._env = None
         self._env_checked = False
         self._active: dict[str, _RunHandle] = {}
@@ -145,7 +166,12 @@ class Runner:
         resolved = secrets.resolve(parameters, self.app.root, self.environ, step=step.name)
         limits = step.effective_limits(self.app.defaults)
         timeout = limits.timeout if limits.timeout else DEFAULT_TIMEOUT
-        return StepContext(resolved, secret_values, timeout)
+        network = limits.network if limits.network is not None else self.sandbox != "strict"
+        worker_limits = WorkerLimits(
+            memory=limits.memory, cpu=limits.cpu, processes=limits.processes,
+            network=network, timeout=timeout,
+        )
+        return StepContext(resolved, secret_values, timeout, worker_limits)
 
     def _environment(self, log: RunLog) -> list[str]:
         """The app's requirements environment (built once per content hash)."""
@@ -250,8 +276,8 @@ class Runner:
                 run.id,
                 status=outcome.status,
                 ended_at=_now(),
-                error=outcome.error,
-                traceback=outcome.traceback,
+                error=redact(outcome.error),
+                traceback=redact(outcome.traceback),
                 rows_out=staged.committed_rows_out if staged else 0,
             )
         final = self.store.get_run(run.id) or run
@@ -261,7 +287,27 @@ class Runner:
     def _executors(self) -> dict[str, Callable[[ActiveRun], Outcome]]:
         """How each step style runs. Worker-based styles build a ``start`` frame
         and go through ``run_worker``; SQL runs in the host."""
-        return {"sql": self._run_sql, "node": self._run_node}
+        return {
+            "sql": self._run_sql,
+            "node": self._run_node,
+            "connector": self._run_connector,
+            "processor": self._run_processor,
+        }
+
+    def attach_worker(self, run_id: str, worker: Any) -> None:
+        """Let ``cancel`` stop ``worker`` (anything with ``kill()``, e.g. a group of
+        workers) for run ``run_id``; killed at once if the run is already cancelled."""
+        with self._active_lock:
+            handle = self._active.get(run_id)
+            if handle is not None:
+                handle.worker = worker
+                if handle.cancel_reason is not None:
+                    worker.kill()
+
+    def _run_connector(self, active: ActiveRun) -> Outcome:
+        from stepwell.runtimes.connector.host import run_connector
+
+        return run_connector(self, active)
 
     def _committed(self, run: RunRecord, tables: set[str]) -> None:
         notify = getattr(self.listener, "tables_committed", None)
@@ -311,10 +357,30 @@ class Runner:
         start["table_keys"] = self._unique_on(self._schemas())
         return self.run_worker(active, start)
 
+    def _run_processor(self, active: ActiveRun) -> Outcome:
+        start = processor_host.start_message(
+            store=self.store,
+            app=self.app,
+            run_id=active.run.id,
+            step=active.step,
+            app_root=str(self.app.root),
+            time_limit=active.context.time_limit,
+            sys_path=self._environment(active.log),
+        )
+        return self.run_worker(active, start)
+
     def run_worker(self, active: ActiveRun, start: dict[str, Any]) -> Outcome:
         """Start a worker, send it ``start`` and serve it until it is done."""
         time_limit = active.context.time_limit
-        worker = start_worker(self.app.root)
+        worker = start_worker(
+            self.app.root,
+            limits=active.context.worker_limits,
+            read_paths=start.get("sys_path") or [],
+            hide_paths=self._store_paths(),
+            mode=self.sandbox,
+        )
+        if worker.notes:
+            active.log.add("warn", worker.notes)
         with self._active_lock:
             handle = self._active.get(active.run.id)
             if handle is not None:
@@ -336,9 +402,21 @@ class Runner:
                     active.run, rows_in, rows_out
                 ),
             )
-            return session.serve(start)
+            return _limit_outcome(session.serve(start), active.context.worker_limits)
         finally:
             worker.close()
+
+    def _store_paths(self) -> list[str]:
+        """Folders of an embedded store kept outside the app's ``.stepwell`` (hidden
+        from workers like that one)."""
+        path = getattr(self.store, "path", None)
+        if not path:
+            return []
+        folder = os.path.dirname(os.path.realpath(str(path)))
+        app_root = os.path.realpath(str(self.app.root))
+        if folder == app_root or app_root.startswith(folder.rstrip("/") + "/"):
+            return []  # hiding it would hide the app; file permissions must do
+        return [folder]
 
 
 @dataclass
@@ -352,6 +430,23 @@ class ActiveRun:
     log: RunLog
     redact: Redactor
     began: float = field(default_factory=time.monotonic)
+
+
+def _limit_outcome(outcome: Outcome, limits: WorkerLimits) -> Outcome:
+    """Name the limit behind a failure the worker reported as an ordinary error."""
+    error = outcome.error or ""
+    if outcome.status == "failed" and outcome.info.get("memory_error") and limits.memory:
+        return Outcome(
+            "killed", f"memory limit {format_bytes(limits.memory)} exceeded ({error})",
+            outcome.traceback, outcome.info,
+        )
+    if outcome.status == "failed" and "[Errno 11]" in error and "BlockingIOError" in error:
+        processes = limits.processes or DEFAULT_PROCESSES
+        return Outcome(
+            "failed", f"{error} (process limit {processes} reached)", outcome.traceback,
+            outcome.info,
+        )
+    return outcome
 
 
 def _seconds(value: float | None) -> str:

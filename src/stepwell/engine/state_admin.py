@@ -10,7 +10,8 @@ from stepwell.store.base import Store
 
 
 def describe_state(store: Store, step: str) -> dict[str, Any]:
-    return {
+    """A step's state and stream positions, and for connectors its partitions."""
+    described = {
         "step": step,
         "state": store.get_state(step),
         "stream_positions": [
@@ -24,6 +25,23 @@ def describe_state(store: Store, step: str) -> dict[str, Any]:
             for p in store.get_positions(step)
         ],
     }
+    partitions = store.get_partitions(step)
+    if partitions:
+        described["partitions"] = [
+            {
+                "name": p.name,
+                "fingerprint": p.fingerprint,
+                "rows": p.rows,
+                "duration_seconds": p.duration_seconds,
+                "status": p.status,
+                "error": p.error,
+                "run_id": p.run_id,
+                "updated_at": p.updated_at,
+                "code_hash": p.code_hash[:16] if p.code_hash else None,
+            }
+            for p in partitions
+        ]
+    return described
 
 
 def _parse_assignment(text: str) -> tuple[str, Any]:

@@ -110,10 +110,14 @@ class WorkerSession:
             self.worker.kill()
             self.staged.rollback()
             return Outcome("timed_out", f"the step exceeded its time limit{self.limit_note}")
-        except PeerGone:
+        except (PeerGone, ConnectionError):  # ConnectionError: it died before reading
             self.staged.rollback()
             if self._done is not None:
                 return self._done
+            exit_outcome = getattr(self.worker, "exit_outcome", None)
+            if exit_outcome is not None:  # names the limit that killed it, if any
+                status, reason = exit_outcome()
+                return Outcome(status, self.redact(self._with_limit_note(reason)))
             return Outcome("killed", self._death_reason())
         except ProtocolError as exc:
             self.worker.kill()
@@ -124,8 +128,10 @@ class WorkerSession:
         return self._done
 
     def _death_reason(self) -> str:
-        description = self.worker.exit_description()
-        if "SIGKILL" in description and self.limit_note:
+        return self._with_limit_note(self.worker.exit_description())
+
+    def _with_limit_note(self, description: str) -> str:
+        if "SIGKILL" in description and "limit" not in description and self.limit_note:
             description += f" (a resource limit may have been exceeded{self.limit_note})"
         return description
 
@@ -260,12 +266,16 @@ class WorkerSession:
                 "failed",
                 self.redact(str(message.get("error") or "the step failed")),
                 self.redact(message.get("traceback")),
+                info={"memory_error": True} if message.get("memory_error") else {},
             )
             return {}
         info = {}
         if message.get("request_new_run"):
             info["request_new_run"] = message["request_new_run"]
         status = "succeeded" if self.rows_in or self.staged.rows_out else "succeeded_no_data"
+        if message.get("run_status") in ("succeeded", "succeeded_no_data", "succeeded_with_errors"):
+            status = message["run_status"]  # the runtime decides (processor statuses)
+            info.update(message.get("run_info") or {})
         fields = {
             "status": status,
             "ended_at": dt.datetime.now(dt.UTC),
@@ -273,6 +283,8 @@ class WorkerSession:
             "rows_out": self.staged.rows_out,
             "info": info,
         }
+        if message.get("run_error"):
+            fields["error"] = self.redact(str(message["run_error"]))
         self.log.flush()
         self.staged.commit(message.get("positions"), message.get("state"), run_fields=fields)
         self._done = Outcome(status, info=info)

@@ -32,7 +32,11 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
     allowed.update({name: name for name in template_tables(sql)})
     allowed.update(dict(step.inputs or {}))
     checked = restrict_select(sql, allowed, dialect, where=str(step.file))
-    result = staged.query(checked)
+    from stepwell.runtimes.plugin.sqludf import query_with_plugin_functions
+
+    result = query_with_plugin_functions(checked, app_root, staged.store, dialect)
+    if result is None:
+        result = staged.query(checked)
     output = sql_output(step)
     if staged.store.table_info(output) is not None:
         staged.truncate(output)

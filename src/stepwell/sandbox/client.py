@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 import threading
 import time
@@ -21,8 +22,18 @@ class HostLink:
     def __init__(self, channel: Channel):
         self.channel = channel
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def forked(self) -> bool:
+        """True in a process the step forked: it shares the channel but owns no run."""
+        return os.getpid() != self._pid
 
     def call(self, op: str, body: Any = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
+        if self.forked():
+            raise HostError(
+                f"cannot {op!r} from a process forked by the step: only the step's own "
+                "process talks to the host"
+            )
         with self._lock:
             reply, reply_body = self.channel.request({"op": op, **args}, body)
         if not reply.get("ok", False):
@@ -30,8 +41,18 @@ class HostLink:
         return reply, reply_body
 
     def notify(self, op: str, body: Any = b"", **args: Any) -> None:
+        if self.forked():
+            if op == "log":  # its frames would interleave with the step's own
+                return
+            raise HostError(f"cannot {op!r} from a process forked by the step")
         with self._lock:
             self.channel.send({"op": op, **args}, body)
+
+
+#: What one run may send to its log; past that lines are counted, not sent.
+MAX_LOG_LINES = 100_000
+MAX_LOG_CHARS = 20_000_000
+MAX_LINE_CHARS = 10_000
 
 
 class LogStream(io.TextIOBase):
@@ -39,12 +60,17 @@ class LogStream(io.TextIOBase):
 
     Lines are batched briefly so a chatty ``print`` loop does not pay one
     frame per line; whatever is pending goes out on ``flush`` and at exit.
+    Over-long lines are cut here, and once the run's log budget is spent the
+    rest is only counted, so a flood of output costs the host nothing.
     """
 
-    def __init__(self, link: HostLink, level: str, max_pending: int = 256):
+    def __init__(self, link: HostLink, level: str, max_pending: int = 256,
+                 budget: dict[str, int] | None = None):  # fmt: skip
         self.link = link
         self.level = level
         self.max_pending = max_pending
+        #: shared by the stdout and stderr streams of one worker
+        self.budget = budget if budget is not None else _new_budget()
         self._partial = ""
         self._pending: list[str] = []
         self._last_send = time.monotonic()
@@ -57,11 +83,25 @@ class LogStream(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         data = self._partial + text
         *lines, self._partial = data.split("\n")
+        if len(self._partial) > MAX_LINE_CHARS * 2:  # a line without end: keep its head
+            self._partial = self._partial[: MAX_LINE_CHARS + 1]
         if lines:
-            self._pending.extend(lines)
+            self._keep(lines)
             if len(self._pending) >= self.max_pending or time.monotonic() - self._last_send > 0.2:
                 self.flush()
         return len(text)
+
+    def _keep(self, lines: list[str]) -> None:
+        budget = self.budget
+        for line in lines:
+            if budget["lines"] <= 0 or budget["chars"] <= 0:
+                budget["dropped"] += 1
+                continue
+            if len(line) > MAX_LINE_CHARS:
+                line = line[:MAX_LINE_CHARS] + f"... [{len(line) - MAX_LINE_CHARS} more characters]"
+            budget["lines"] -= 1
+            budget["chars"] -= len(line)
+            self._pending.append(line)
 
     def flush(self) -> None:
         if self._pending:
@@ -71,13 +111,26 @@ class LogStream(io.TextIOBase):
 
     def close_out(self) -> None:
         if self._partial:
-            self._pending.append(self._partial)
+            self._keep([self._partial])
             self._partial = ""
+        budget = self.budget
+        if budget["dropped"]:
+            self._pending.append(
+                f"[stepwell] log limit reached ({MAX_LOG_LINES} lines or {MAX_LOG_CHARS} "
+                f"characters): {budget['dropped']} more lines were not kept"
+            )
+            budget["dropped"] = 0
         self.flush()
+
+
+def _new_budget() -> dict[str, int]:
+    # one line and a little room are kept for the closing "log limit reached" note
+    return {"lines": MAX_LOG_LINES - 1, "chars": MAX_LOG_CHARS - 1000, "dropped": 0}
 
 
 def capture_output(link: HostLink) -> tuple[LogStream, LogStream]:
     """Route print() and stderr output of user code into the run log."""
-    out, err = LogStream(link, "info"), LogStream(link, "error")
+    budget = _new_budget()
+    out, err = LogStream(link, "info", budget=budget), LogStream(link, "error", budget=budget)
     sys.stdout, sys.stderr = out, err
     return out, err

@@ -219,8 +219,10 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
 
 
 def _make_read_only() -> None:
-    """Every mount read-only and nosuid, except the private /tmp and /dev/shm."""
-    writable = [p for p in (SANDBOX_TMP, "/dev/shm") if os.path.isdir(p)]
+    """Every mount read-only and nosuid, except the private /tmp and /dev/shm, and
+    /proc (the worker writes its own uid map there; what else is writable in it is
+    guarded by ownership, and the sandbox user owns nothing of the host)."""
+    writable = [p for p in (SANDBOX_TMP, "/dev/shm", "/proc") if os.path.isdir(p)]
     try:
         linux.mount_setattr("/", linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID, recursive=True)
         for path in writable:
@@ -291,8 +293,9 @@ def _enter_user_namespace(plan: ChildPlan) -> bool:
         os.setgroups([])
         os.setresgid(plan.gid, plan.gid, plan.gid)
         os.setresuid(plan.uid, plan.uid, plan.uid)
-        # changing uid made us non-dumpable, which would forbid writing our own maps
-        linux.prctl(linux.PR_SET_DUMPABLE, 1)
+    # a non-dumpable process (the fork-server's flag, or the uid change) may not
+    # write its own uid/gid maps
+    linux.prctl(linux.PR_SET_DUMPABLE, 1)
     if "user" in plan.spec.skip:
         _note_unavailable(plan, "user namespace", "disabled by STEPWELL_SANDBOX_SKIP",
                           f"as uid {os.getuid()} without one")  # fmt: skip

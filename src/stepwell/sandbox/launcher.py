@@ -1,7 +1,19 @@
-"""Starting worker processes and describing how they ended."""
+"""Starting worker processes and describing how they ended.
+
+By default every worker is a fresh fork of the host's **fork-server** (one per
+host process, started lazily with a clean environment, restarted if it dies),
+isolated in namespaces with rlimits (see ``forkserver`` and ``isolate``).
+``STEPWELL_SANDBOX=none`` starts a plain subprocess instead (for debugging:
+no isolation besides a scrubbed environment), and ``strict`` refuses to run a
+step without full isolation and turns the network off unless a step asks.
+
+Runners only see ``start_worker(...) -> WorkerProcess``: a data channel to the
+worker, ``kill()``, ``wait()``, and ``exit_outcome()`` naming how it ended.
+"""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
@@ -9,15 +21,47 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import msgpack
+
+from stepwell.sandbox.policy import (
+    DEFAULT_PROCESSES,
+    SKIP_ENV,
+    SandboxSpec,
+    describe_exit,
+    sandbox_mode,
+    skipped_features,
+)
 from stepwell.sandbox.protocol import Channel
 
 _PR_SET_PDEATHSIG = 1
 
 #: Environment variables a worker inherits from the host; everything else is dropped.
 _PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SYSTEMROOT")
+#: Variables the fork-server itself needs from the host (never secrets).
+_FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "STEPWELL_FORKSERVER_PRELOAD",
+                   "STEPWELL_SANDBOX_UID")  # fmt: skip
+_MAX_REPLY = 1024 * 1024
+#: Seconds to wait for a fork-server to import its libraries and say it is ready.
+STARTUP_TIMEOUT = 60.0
+
+
+@dataclass
+class WorkerLimits:
+    """A run's resource limits (``None``: no limit of that kind)."""
+
+    memory: int | None = None
+    cpu: float | None = None
+    processes: int | None = None
+    network: bool = True
+    #: the wall-clock limit, enforced by the host; the sandbox never outlives it long
+    timeout: float | None = None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -28,13 +72,60 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-@dataclass
 class WorkerProcess:
-    proc: subprocess.Popen
+    """A running worker: its data channel, and how to stop it and learn how it ended."""
+
     channel: Channel
-    tmpdir: tempfile.TemporaryDirectory
-    stderr_path: Path
-    notes: list[str] = field(default_factory=list)
+    #: lines for the run log about isolation the worker runs without
+    notes: list[str]
+    limits: WorkerLimits
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def wait(self, timeout: float = 5.0) -> int | None:
+        """The raw wait status once the worker has ended (None if unknown)."""
+        raise NotImplementedError
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def exit_outcome(self) -> tuple[str, str]:
+        """``(run status, message)`` for a worker that died before finishing its run."""
+        status = self.wait()
+        return describe_exit(
+            status,
+            memory=self.limits.memory,
+            cpu=self.limits.cpu,
+            cpu_used=self.cpu_used(),
+            stderr_tail=self.stderr_tail(),
+        )
+
+    def exit_description(self) -> str:
+        return self.exit_outcome()[1]
+
+    def cpu_used(self) -> float:
+        return 0.0
+
+
+class SubprocessWorker(WorkerProcess):
+    """A worker started as a plain ``python -m stepwell.sandbox.worker`` subprocess."""
+
+    def __init__(self, proc: subprocess.Popen, channel: Channel, tmpdir: tempfile.TemporaryDirectory,
+                 stderr_path: Path, notes: list[str], limits: WorkerLimits):  # fmt: skip
+        self.proc = proc
+        self.channel = channel
+        self.tmpdir = tmpdir
+        self.stderr_path = stderr_path
+        self.notes = notes
+        self.limits = limits
 
     @property
     def pid(self) -> int:
@@ -47,23 +138,14 @@ class WorkerProcess:
             except ProcessLookupError:
                 pass
 
-    def wait(self, timeout: float = 5.0) -> int:
+    def wait(self, timeout: float = 5.0) -> int | None:
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            return self.proc.wait()
-
-    def exit_description(self) -> str:
-        code = self.wait()
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            return f"the worker process was killed by {name}"
-        tail = self.stderr_tail()
-        return f"the worker process exited with code {code}" + (f": {tail}" if tail else "")
+            code = self.proc.wait()
+        # back to a wait status, as describe_exit expects
+        return (-code) & 0x7F if code < 0 else (code & 0xFF) << 8
 
     def stderr_tail(self, limit: int = 2000) -> str:
         try:
@@ -79,28 +161,333 @@ class WorkerProcess:
         self.tmpdir.cleanup()
 
 
-def start_worker(cwd: Path, env: dict[str, str] | None = None) -> WorkerProcess:
-    """Start a fresh worker with a scrubbed environment and a private temp dir.
+class ForkedWorker(WorkerProcess):
+    """A worker forked and sandboxed by the fork-server."""
 
-    Only the variables in ``env`` (declared parameters/secrets, if any) and a
-    few harmless basics reach the worker; the store's URL and credentials never do.
-    """
+    def __init__(self, pid: int, run_sock: socket.socket, channel: Channel, notes: list[str],
+                 limits: WorkerLimits, server_pid: int):  # fmt: skip
+        self._pid = pid
+        self.run_sock = run_sock
+        self.channel = channel
+        self.notes = notes
+        self.limits = limits
+        self.server_pid = server_pid
+        self._ended = False
+        self._status: int | None = None
+        self._cpu = 0.0
+        self._stderr = ""
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def kill(self) -> None:
+        if not self._ended:
+            try:
+                self.run_sock.send(msgpack.packb({"op": "kill"}))
+            except OSError:
+                pass
+
+    def wait(self, timeout: float = 5.0) -> int | None:
+        if not self._ended:
+            if not self._receive_exit(timeout):
+                self.kill()
+                self._receive_exit(10.0)
+        return self._status
+
+    def _receive_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._ended:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                self.run_sock.settimeout(remaining)
+                data = self.run_sock.recv(_MAX_REPLY)
+            except TimeoutError:
+                return False
+            except OSError:
+                data = b""
+            if not data:  # the fork-server went away without a word
+                self._ended = True
+                self._stderr = "the fork-server stopped"
+                return True
+            message = msgpack.unpackb(data, raw=False)
+            if "exit" in message:
+                self._ended = True
+                self._status = message["exit"]
+                self._cpu = float(message.get("cpu") or 0.0)
+                self._stderr = str(message.get("stderr") or "")
+        return True
+
+    def cpu_used(self) -> float:
+        return self._cpu
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        self.wait()
+        return self._stderr[-limit:].strip()
+
+    def close(self) -> None:
+        # closing the run's socket makes the fork-server kill whatever is left of the
+        # run and clean up; the worker has normally exited already, so do not wait
+        self.channel.close()
+        try:
+            self.run_sock.close()
+        except OSError:
+            pass
+
+
+class ForkServerError(Exception):
+    """The fork-server could not be started or does not answer."""
+
+
+class ForkServerClient:
+    """The host's handle on its fork-server (one per host process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._owner = 0
+        self._ready = False
+        self._stderr_path: str | None = None
+        self.info: dict[str, Any] = {}
+        self.starts = 0
+
+    # -- lifecycle -------------------------------------------------------
+    def _alive(self) -> bool:
+        return (
+            self._proc is not None
+            and self._owner == os.getpid()
+            and self._proc.poll() is None
+        )
+
+    def _launch(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {k: os.environ[k] for k in _FORKSERVER_ENV if k in os.environ}
+        env.update(ARROW_DEFAULT_MEMORY_POOL="system", PYTHONDONTWRITEBYTECODE="1")
+        fd, self._stderr_path = tempfile.mkstemp(prefix="stepwell-forkserver-", suffix=".log")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "stepwell.sandbox.forkserver", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                env=env,
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=fd,
+                start_new_session=True,
+            )
+        finally:
+            os.close(fd)
+            child.close()
+        self._sock = parent
+        self._owner = os.getpid()
+        self._ready = False
+        self.starts += 1
+
+    def _await_ready(self) -> None:
+        assert self._sock is not None
+        self._sock.settimeout(STARTUP_TIMEOUT)
+        try:
+            data = self._sock.recv(_MAX_REPLY)
+        except (TimeoutError, OSError) as exc:
+            data = b""
+            reason = str(exc)
+        else:
+            reason = "it exited"
+        self._sock.settimeout(None)
+        if not data:
+            detail = self._stderr()
+            self._stop()
+            raise ForkServerError(f"the fork-server did not start ({reason}){': ' + detail if detail else ''}")
+        self.info = msgpack.unpackb(data, raw=False)
+        self._ready = True
+
+    def _stderr(self) -> str:
+        try:
+            return Path(self._stderr_path or "").read_text(errors="replace").strip()[-2000:]
+        except OSError:
+            return ""
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None and self._owner == os.getpid():
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        self._ready = False
+        if self._stderr_path:
+            try:
+                os.unlink(self._stderr_path)
+            except OSError:
+                pass
+            self._stderr_path = None
+
+    def prestart(self) -> None:
+        """Start the fork-server in the background (it warms while the host works)."""
+        with self._lock:
+            if not self._alive():
+                self._launch()
+
+    def ensure(self) -> dict[str, Any]:
+        """Start the fork-server if needed and wait until it is ready; its info."""
+        with self._lock:
+            self._ensure_locked()
+            return self.info
+
+    def _ensure_locked(self) -> None:
+        if not self._alive():
+            if self._proc is not None and self._owner == os.getpid():
+                self._stop()
+            self._launch()
+        if not self._ready:
+            self._await_ready()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._alive() else None
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._owner == os.getpid():
+                self._stop()
+
+    # -- forking ---------------------------------------------------------
+    def fork(self, spec: SandboxSpec, channel: Channel, channel_fd: int,
+             limits: WorkerLimits) -> ForkedWorker:  # fmt: skip
+        """Have the fork-server fork a sandboxed worker serving ``channel``'s peer
+        (``channel_fd``, which the caller closes afterwards)."""
+        request = msgpack.packb({"op": "fork", "spec": spec.to_dict()}, use_bin_type=True)
+        last_error: Exception | None = None
+        for _attempt in range(2):  # a dead fork-server is restarted once
+            run_host, run_remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                with self._lock:
+                    self._ensure_locked()
+                    assert self._sock is not None
+                    server_pid = self._proc.pid if self._proc else 0
+                    socket.send_fds(self._sock, [request], [run_remote.fileno(), channel_fd])
+                run_remote.close()
+                run_host.settimeout(30)
+                data = run_host.recv(_MAX_REPLY)
+                run_host.settimeout(None)
+            except (OSError, ForkServerError) as exc:
+                last_error = exc
+                run_host.close()
+                run_remote.close()
+                with self._lock:
+                    if self._proc is not None and self._proc.poll() is None and isinstance(exc, OSError):
+                        self._proc.kill()
+                    self._stop()
+                continue
+            if not data:
+                last_error = ForkServerError("the fork-server stopped while starting a worker")
+                run_host.close()
+                continue
+            reply = msgpack.unpackb(data, raw=False)
+            if "error" in reply:
+                run_host.close()
+                raise ForkServerError(reply["error"])
+            return ForkedWorker(int(reply["pid"]), run_host, channel, [], limits, server_pid)
+        raise ForkServerError(f"the fork-server is not available: {last_error}")
+
+
+_FORKSERVER = ForkServerClient()
+atexit.register(_FORKSERVER.shutdown)
+
+
+def forkserver() -> ForkServerClient:
+    """This host process's fork-server client."""
+    return _FORKSERVER
+
+
+def _worker_env(env: dict[str, str] | None, tmp: str) -> dict[str, str]:
+    clean_env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
+    clean_env.update(HOME=tmp, TMPDIR=tmp, PYTHONDONTWRITEBYTECODE="1")
+    clean_env.update(env or {})
+    return clean_env
+
+
+def _start_subprocess(cwd: Path, env: dict[str, str] | None, limits: WorkerLimits,
+                      notes: list[str]) -> SubprocessWorker:  # fmt: skip
     host_sock, worker_sock = socket.socketpair()
     tmpdir = tempfile.TemporaryDirectory(prefix="stepwell-run-")
-    clean_env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
-    clean_env.update(HOME=tmpdir.name, TMPDIR=tmpdir.name, PYTHONDONTWRITEBYTECODE="1")
-    clean_env.update(env or {})
     stderr_path = Path(tmpdir.name) / ".worker-stderr"
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-m", "stepwell.sandbox.worker", str(worker_sock.fileno())],
             pass_fds=(worker_sock.fileno(),),
             cwd=str(cwd),
-            env=clean_env,
+            env=_worker_env(env, tmpdir.name),
             stdin=subprocess.DEVNULL,
             stdout=stderr,
             stderr=stderr,
             preexec_fn=_die_with_parent,
         )
     worker_sock.close()
-    return WorkerProcess(proc, Channel(host_sock), tmpdir, stderr_path)
+    return SubprocessWorker(proc, Channel(host_sock), tmpdir, stderr_path, notes, limits)
+
+
+def start_worker(
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    *,
+    limits: WorkerLimits | None = None,
+    app_root: Path | None = None,
+    read_paths: Sequence[str] = (),
+    hide_paths: Sequence[str] = (),
+    mode: str | None = None,
+) -> WorkerProcess:
+    """Start a fresh worker for one run.
+
+    Only the variables in ``env`` (declared parameters/secrets, if any) and a few
+    harmless basics reach the worker; the store's URL and credentials never do.
+    ``app_root`` (default ``cwd``) stays readable, its ``.stepwell`` folder (the
+    store) and ``hide_paths`` are hidden, ``read_paths`` (an app environment)
+    stay readable. ``mode`` overrides ``$STEPWELL_SANDBOX``."""
+    limits = limits or WorkerLimits()
+    mode = sandbox_mode(mode)
+    if mode == "none":
+        note = ("[stepwell] sandbox: disabled (STEPWELL_SANDBOX=none); running as a plain "
+                "subprocess with the host's user, filesystem and network")  # fmt: skip
+        return _start_subprocess(cwd, env, limits, [note])
+    root = Path(app_root) if app_root is not None else Path(cwd)
+    spec = SandboxSpec(
+        cwd=str(cwd),
+        env=_worker_env(env, "/tmp"),
+        app_root=str(root.resolve()),
+        read_paths=[str(p) for p in read_paths],
+        hide_paths=[str(p) for p in hide_paths],
+        memory=limits.memory,
+        cpu=limits.cpu,
+        processes=limits.processes if limits.processes is not None else DEFAULT_PROCESSES,
+        network=limits.network,
+        lifetime=limits.timeout,
+        skip=skipped_features(os.environ.get(SKIP_ENV, "")),
+        strict=mode == "strict",
+    )
+    store_dir = root / ".stepwell"
+    try:  # the store is never the sandbox's business (belt and braces with the mount)
+        if store_dir.is_dir() and store_dir.stat().st_uid == os.geteuid():
+            os.chmod(store_dir, 0o700)
+    except OSError:
+        pass
+    host_sock, worker_sock = socket.socketpair()
+    try:
+        worker = _FORKSERVER.fork(spec, Channel(host_sock), worker_sock.fileno(), limits)
+    except ForkServerError as exc:
+        host_sock.close()
+        worker_sock.close()
+        if mode == "strict":
+            raise
+        note = (f"[stepwell] sandbox: fork-server unavailable ({exc}); running as a plain "
+                f"subprocess without isolation")  # fmt: skip
+        return _start_subprocess(cwd, env, limits, [note])
+    worker_sock.close()
+    return worker

@@ -169,13 +169,20 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]  # fmt: skip
 
 
+def _cap_last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return 40
+
+
+_CAP_LAST = _cap_last_cap()
+
+
 def drop_capabilities() -> None:
     """Empty the bounding, ambient, effective, permitted and inheritable sets."""
-    try:
-        last = int(open("/proc/sys/kernel/cap_last_cap").read())
-    except (OSError, ValueError):
-        last = 40
-    for cap in range(last + 1):
+    for cap in range(_CAP_LAST + 1):
         try:
             prctl(PR_CAPBSET_DROP, cap)
         except OSError:
@@ -264,7 +271,11 @@ def install_seccomp() -> None:
     """Install the filter (needs no_new_privs or CAP_SYS_ADMIN). x86_64 only."""
     if not seccomp_supported():
         raise OSError(errno.ENOSYS, f"no seccomp filter for {_MACHINE}")
-    program = _seccomp_program()
+    program = _SECCOMP_PROGRAM
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
+
+
+#: Built once (in the fork-server) rather than in every worker.
+_SECCOMP_PROGRAM = _seccomp_program() if seccomp_supported() else b""

@@ -9,6 +9,7 @@ always hears a final ``done``, whatever user code did.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import site
@@ -20,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from stepwell.sandbox.client import HostLink, capture_output
+from stepwell.sandbox.policy import MEMORY_EXIT_CODE
 from stepwell.sandbox.protocol import Channel, PeerGone
 
 #: Source folders of stepwell itself: frames from here are not the user's.
@@ -77,13 +79,37 @@ def load_entry(spec: str) -> Any:
     return getattr(importlib.import_module(module_name), func)
 
 
-def serve(channel: Channel) -> int:
-    """Run the one job the host sends on ``channel``. Returns the exit code."""
+def _report_failure(link: HostLink, exc: BaseException, app_root: str | None) -> None:
+    error = error_summary(exc, app_root)
+    trace = user_traceback(exc, app_root)
+    link.call("done", status="error", error=error, traceback=trace,
+              memory_error=isinstance(exc, MemoryError))  # fmt: skip
+
+
+def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None = None) -> int:
+    """Run the one job the host sends on ``channel``. Returns the exit code.
+
+    ``notes`` go to the run log first (isolation that was not available);
+    ``refuse`` makes the run fail with that message without running user code."""
     link = HostLink(channel)
+    owner = os.getpid()
+    # a little memory set aside, so a MemoryError can still be reported
+    reserve: bytearray | None = bytearray(256 * 1024)
+    if notes:
+        try:
+            link.notify("log", level="warn", lines=list(notes))
+        except OSError:
+            return 3
     try:
         start, _ = channel.recv()
     except PeerGone:
         return 3
+    if refuse:
+        try:
+            link.call("done", status="error", error=refuse)
+        except Exception:
+            pass
+        return 1
     _add_site_dirs(start.get("sys_path", []))
     out, err = capture_output(link)
     try:
@@ -92,25 +118,56 @@ def serve(channel: Channel) -> int:
     except PeerGone:
         return 3
     except BaseException as exc:  # noqa: BLE001 - the host must hear about anything
-        out.close_out()
-        err.close_out()
-        app_root = start.get("app_root")
+        if os.getpid() != owner:  # a process the step forked: it has no run to report
+            return 1
+        if isinstance(exc, MemoryError):
+            reserve = None
+            exc.__traceback__ = _without_locals(exc.__traceback__)
+            for name in [m for m in sys.modules if m.startswith("stepwell_app")]:
+                del sys.modules[name]  # the step's module globals may hold the memory
+            gc.collect()
         try:
-            link.call(
-                "done",
-                status="error",
-                error=error_summary(exc, app_root),
-                traceback=user_traceback(exc, app_root),
-            )
+            out.close_out()
+            err.close_out()
+            _report_failure(link, exc, start.get("app_root"))
+        except MemoryError:
+            return MEMORY_EXIT_CODE
         except Exception:
             pass
-        return 1
+        return MEMORY_EXIT_CODE if isinstance(exc, MemoryError) else 1
     finally:
-        for stream in (out, err):
-            try:
-                stream.close_out()
-            except Exception:
-                pass
+        del reserve
+        if os.getpid() == owner:
+            for stream in (out, err):
+                try:
+                    stream.close_out()
+                except Exception:
+                    pass
+
+
+def _without_locals(tb: TracebackType | None) -> TracebackType | None:
+    """Free what the failing frames hold (their locals may be the memory hog)."""
+    walk = tb
+    while walk is not None:
+        try:
+            walk.tb_frame.clear()
+        except RuntimeError:  # a frame still executing (ours)
+            pass
+        walk = walk.tb_next
+    return tb
+
+
+def serve_forked(notes: list[str], strict: bool = False, refuse: str | None = None) -> int:
+    """Entry of a worker forked by the fork-server (channel on ``CHANNEL_FD``)."""
+    from stepwell.sandbox.isolate import CHANNEL_FD
+
+    if refuse is None and strict and notes:
+        refuse = ("sandbox mode `strict` refuses to run this step without full isolation: "
+                  + "; ".join(n.removeprefix("[stepwell] sandbox: ") for n in notes))  # fmt: skip
+    sock = socket.socket(fileno=CHANNEL_FD)
+    code = serve(Channel(sock), notes, refuse)
+    sys.stdout.flush = lambda: None  # the channel may be gone; skip interpreter flushes
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:

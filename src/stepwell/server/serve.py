@@ -223,6 +223,9 @@ class Serving:
             server_header=False,
         )
         self.server = _Uvicorn(config, on_exit=self._exit_requested)
+        from stepwell.streams.rules import start_rules  # eKuiper plugins and rules (issue #9)
+
+        self.rules = start_rules(self.spec, store, say=self._say)
         self._say(f"stepwell serving {self.spec.title or self.spec.root.name} at {self.url} "
                   f"(API docs: {self.url}/docs)")
         if created:
@@ -276,6 +279,8 @@ class Serving:
                 self._info_path.unlink()
         except (OSError, ValueError):
             pass
+        if getattr(self, "rules", None) is not None:
+            self.rules.stop_all()
         if self.ctx is not None:
             self.ctx.store.close()
         if self._sock is not None:

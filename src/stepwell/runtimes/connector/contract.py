@@ -126,7 +126,7 @@ def check_object(obj: Any, parent: Mapping[str, Any] | None) -> tuple[str, str |
         return name, None, True
     if not isinstance(fingerprint, str):
         got = "no fingerprint" if "fingerprint" not in obj else (
-            f"a {type(fingerprint).__name__} {_short(fingerprint)}"
+            f"{type(fingerprint).__name__} {_short(fingerprint)}"
         )
         raise ConnectorError(
             f"object {name!r} ({where}): 'fingerprint' must be a string, got {got} "
@@ -258,7 +258,11 @@ def to_arrow_schema(value: Any) -> Any:
     if module.startswith("pyspark") and hasattr(value, "schema") and hasattr(value, "toPandas"):
         return _spark_schema(value.schema)
     if module.startswith("pandas") and kind == "DataFrame":
-        return pa.Schema.from_pandas(value, preserve_index=False)
+        # an empty object column has no type of its own: take it for text
+        schema = pa.Schema.from_pandas(value, preserve_index=False).remove_metadata()
+        return pa.schema(
+            [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema]
+        )
     if isinstance(value, Mapping):
         from stepwell.store import schema as sch
 

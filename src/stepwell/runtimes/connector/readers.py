@@ -23,11 +23,12 @@ from stepwell.runtimes.connector.contract import ConnectorError
 #: Largest number of rows sent to the host in one frame.
 MAX_CHUNK_ROWS = 65_536
 #: Bytes pyarrow's streaming CSV / JSON readers parse at a time.
-BLOCK_SIZE = 1 << 20
+BLOCK_SIZE = 1 << 19
 
 
 class ChunkStream(io.RawIOBase):
-    """A read-only, unseekable file over an iterable of ``bytes`` chunks."""
+    """A read-only, unseekable file over an iterable of ``bytes`` chunks; it pulls
+    chunks only as the reader asks for bytes."""
 
     def __init__(self, chunks: Iterable[Any], what: str):
         self._chunks = iter(chunks)
@@ -52,13 +53,19 @@ class ChunkStream(io.RawIOBase):
         return False
 
     def readinto(self, buffer: Any) -> int:
-        if not len(self._pending) and not self._next_chunk():
-            return 0
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        self.bytes_read += n
-        return n
+        """Fill ``buffer`` as far as the chunks go: a short read means the end
+        (pyarrow's readers take it so)."""
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view):
+            if not len(self._pending) and not self._next_chunk():
+                break
+            n = min(len(view) - filled, len(self._pending))
+            view[filled : filled + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            filled += n
+        self.bytes_read += filled
+        return filled
 
 
 def slices(data: pa.Table | pa.RecordBatch) -> Iterator[pa.Table | pa.RecordBatch]:

@@ -73,6 +73,9 @@ class Table:
             "add_created": None,
             "schema": schema,
         }
+        previous = session.tables.get(name)
+        if previous is not None and previous is not self:
+            previous._send_buffer()  # a second Table() of one name must not drop rows
         session.tables[name] = self
 
     # -- identity --------------------------------------------------------

@@ -198,7 +198,9 @@ def make_udf(pool: FunctionPool, site: UdfSite) -> Any:
             pa.string(),
         )
 
-    return udf
+    # DuckDB reads the arity from the signature, so build one with named parameters
+    names = ", ".join(f"a{i}" for i in range(max(site.arity, 1)))
+    return eval(f"lambda {names}: udf({names})", {"udf": udf})  # noqa: S307 - fixed template
 
 
 def register_udfs(con: Any, sites: Sequence[UdfSite], pools: dict[str, FunctionPool]) -> None:

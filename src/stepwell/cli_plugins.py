@@ -1,0 +1,211 @@
+"""``stepwell plugin ...`` and ``stepwell rule ...`` (DESIGN section 7a).
+
+Plugins live in the app folder (``APP/.stepwell/plugins``); rules live in the
+app store. ``rule start`` marks a rule running (``stepwell serve`` runs every
+rule marked so); with ``--run-for SECONDS`` or ``--foreground`` it also runs
+the rule here and prints its status when done.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+plugin_app = typer.Typer(no_args_is_help=True, help="eKuiper portable plugins: install, list, remove.")
+rule_app = typer.Typer(no_args_is_help=True, help="eKuiper-style rules: create, list, start, stop, delete, status.")
+
+AppArg = Annotated[str, typer.Argument(help="App folder or app file")]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="STEPWELL_STORE", help="Store URL (postgresql://...)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
+RuleId = Annotated[str, typer.Argument(help="Rule id")]
+
+
+def _root(app_path: str) -> Path:
+    from stepwell.app import load_app
+
+    return load_app(app_path).root
+
+
+def _print(data: Any) -> None:
+    from stepwell.runtimes.plugin.functions import json_default
+
+    print(json.dumps(data, indent=2, default=json_default))
+
+
+def _fail(exc: Exception) -> None:
+    from stepwell.cli import CliError
+
+    raise CliError(str(exc)) from None
+
+
+# -- plugins ------------------------------------------------------------------------------
+
+
+@plugin_app.command("install")
+def plugin_install(
+    app_path: AppArg,
+    path: Annotated[Path, typer.Argument(help="Plugin folder or zip (eKuiper layout)")],
+    force: Annotated[bool, typer.Option("--force", help="Reinstall even if unchanged")] = False,
+) -> None:
+    """Install a plugin folder or zip into the app."""
+    from stepwell.runtimes.plugin.install import PluginInstallError, install_plugin
+
+    try:
+        plugin = install_plugin(_root(app_path), path, force=force)
+    except PluginInstallError as exc:
+        _fail(exc)
+        return
+    for warning in plugin.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    symbols = ", ".join(f"{kind} {name}" for kind, name in plugin.symbols())
+    print(f"installed plugin {plugin.name} {plugin.version} ({symbols})")
+
+
+@plugin_app.command("list")
+def plugin_list(app_path: AppArg = ".", as_json: JsonOpt = False) -> None:
+    """List installed plugins and their symbols."""
+    from stepwell.runtimes.plugin.install import list_plugins
+
+    plugins = list_plugins(_root(app_path))
+    if as_json:
+        _print([asdict(p) for p in plugins])
+        return
+    if not plugins:
+        print("no plugins installed")
+    for p in plugins:
+        env = f"conda env {p.conda_env}" if p.conda_env else (
+            f"env {p.env_key[:12]}" if p.env_key else "no environment")
+        print(f"{p.name} {p.version} [{p.language}, {env}] sources={p.sources} sinks={p.sinks} "
+              f"functions={p.functions}")
+
+
+@plugin_app.command("remove")
+def plugin_remove(app_path: AppArg, name: Annotated[str, typer.Argument(help="Plugin name")]) -> None:
+    """Remove an installed plugin."""
+    from stepwell.runtimes.plugin.install import PluginInstallError, remove_plugin
+
+    try:
+        removed = remove_plugin(_root(app_path), name)
+    except PluginInstallError as exc:
+        _fail(exc)
+        return
+    print(f"removed plugin {removed.name}")
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+
+def _engine(app_path: str, store_url: str | None):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def opened():
+        from stepwell.cli import _opened
+        from stepwell.streams.rules import RuleEngine
+
+        with _opened(app_path, store_url) as (spec, store):
+            engine = RuleEngine.for_app(spec, store)
+            try:
+                yield engine
+            finally:
+                engine.stop_all()
+
+    return opened()
+
+
+def _guard(call: Any) -> Any:
+    from stepwell.runtimes.plugin import PluginError, PluginInstallError
+    from stepwell.streams import RuleError, StreamError
+
+    try:
+        return call()
+    except (RuleError, StreamError, PluginError, PluginInstallError) as exc:
+        _fail(exc)
+
+
+@rule_app.command("create")
+def rule_create(
+    app_path: AppArg,
+    file: Annotated[Path, typer.Argument(help="Rule JSON file: {id, sql, actions}")],
+    replace: Annotated[bool, typer.Option("--replace", help="Replace a rule with the same id")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Create a rule (validated against the app's streams and plugins)."""
+    with _engine(app_path, store) as engine:
+        rule = _guard(lambda: engine.create_from_file(file, replace=replace))
+    print(f"rule {rule.id} created")
+
+
+@rule_app.command("list")
+def rule_list(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt = None) -> None:
+    """List rules with their status."""
+    with _engine(app_path, store) as engine:
+        rules = engine.list()
+    if as_json:
+        _print(rules)
+        return
+    if not rules:
+        print("no rules")
+    for r in rules:
+        print(f"{r['id']:20} {r['status']:10} {r['sql']}")
+
+
+@rule_app.command("start")
+def rule_start(
+    app_path: AppArg,
+    rule_id: RuleId,
+    run_for: Annotated[float | None, typer.Option("--run-for", help="Also run it here for SECONDS")] = None,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Also run it here until Ctrl-C")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Mark a rule running (`stepwell serve` runs it); optionally run it here."""
+    run_here = foreground or run_for is not None
+    with _engine(app_path, store) as engine:
+        _guard(lambda: engine.start(rule_id, run_here=run_here))
+        if run_here:
+            try:
+                deadline = time.monotonic() + (run_for if run_for is not None else float("inf"))
+                while time.monotonic() < deadline:
+                    time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+            except KeyboardInterrupt:
+                pass
+            status = engine.status(rule_id)
+            engine.stop_all()
+            status = {**status, **{k: v for k, v in engine.status(rule_id).items()
+                                   if k not in ("status",)}}
+            _print(status)
+            return
+    print(f"rule {rule_id} marked running (it runs with `stepwell serve`)")
+
+
+@rule_app.command("stop")
+def rule_stop(app_path: AppArg, rule_id: RuleId, store: StoreOpt = None) -> None:
+    """Stop a rule."""
+    with _engine(app_path, store) as engine:
+        _guard(lambda: engine.stop(rule_id))
+    print(f"rule {rule_id} stopped")
+
+
+@rule_app.command("delete")
+def rule_delete(app_path: AppArg, rule_id: RuleId, store: StoreOpt = None) -> None:
+    """Delete a rule."""
+    with _engine(app_path, store) as engine:
+        _guard(lambda: engine.delete(rule_id))
+    print(f"rule {rule_id} deleted")
+
+
+@rule_app.command("status")
+def rule_status(app_path: AppArg, rule_id: RuleId, store: StoreOpt = None) -> None:
+    """A rule's status and metrics (records in/out, errors, last error, latency)."""
+    with _engine(app_path, store) as engine:
+        status = _guard(lambda: engine.status(rule_id))
+    _print(status)

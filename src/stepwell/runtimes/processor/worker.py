@@ -1,0 +1,527 @@
+"""Worker-side entry point of a processor run.
+
+The statement is compiled once (:func:`~.guard.compile_statement`), then run
+on one asyncio event loop for the whole run:
+
+* no input: once, with ``INPUT_DATA = []``;
+* ``bulk``: once over every new input row;
+* ``row``: once per new input row, in a loop *inside this process*. Input
+  arrives in Arrow batches (one ``scan_next`` per batch, never per row) and
+  output leaves in Arrow batches (one ``write`` per input batch).
+
+Nothing is committed before the end: the input position, the output rows and
+``DATA_CHECKPOINT`` go to the host in the final ``done``, which commits them in
+one transaction. ``log.error`` marks the execution that called it as failed
+(see ``docs/processor.md`` for how that maps onto the run's status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from stepwell.runtimes.processor.guard import (
+    DEFAULT_ALLOWED_IMPORTS,
+    CompiledStatement,
+    compile_statement,
+    install_audit_hook,
+)
+from stepwell.runtimes.processor.schema import OutputSchema, SchemaError, describe_value
+from stepwell.sandbox.client import HostLink
+from stepwell.sandbox.protocol import decode_table, encode_table
+
+#: The column every tracked input table has; the input position is its last value read.
+ID_COLUMN = "patterns_id"
+#: Key of the step's state that holds DATA_CHECKPOINT.
+CHECKPOINT_KEY = "DATA_CHECKPOINT"
+#: Input rows per scan batch, and output rows per write in bulk mode.
+BATCH_ROWS = 50_000
+#: Pending log lines are sent when there are this many, or after LOG_SECONDS.
+LOG_LINES, LOG_SECONDS = 500, 0.2
+_JSON_TYPE = b"json"
+
+
+class StatementFailed(Exception):
+    """The run failed without a Python exception of the user's (log.error, bad result)."""
+
+
+# -- the APIs the statement sees ------------------------------------------------------------
+
+
+class LogSink:
+    """Collects the statement's log lines and sends them to the host in batches."""
+
+    def __init__(self, link: HostLink):
+        self.link = link
+        self.errors = 0
+        self.first_error: str | None = None
+        self._pending: list[tuple[str, str]] = []
+        self._last_send = time.monotonic()
+        self._repeats: dict[Any, list[Any]] = {}
+
+    def emit(self, level: str, message: Any) -> None:
+        text = message if type(message) is str else str(message)
+        if level == "error":
+            self.errors += 1
+            if self.first_error is None:
+                self.first_error = text
+        self._pending.append((level, text))
+        if len(self._pending) >= LOG_LINES or time.monotonic() - self._last_send > LOG_SECONDS:
+            self.flush()
+
+    def warn_once(self, key: Any, text: str) -> None:
+        """A warning logged the first time; repeats are counted and reported at the end."""
+        seen = self._repeats.get(key)
+        if seen is None:
+            self._repeats[key] = [text, 1]
+            self.emit("warn", text)
+        else:
+            seen[1] += 1
+
+    def report_repeats(self) -> None:
+        for text, count in self._repeats.values():
+            if count > 1:
+                self.emit("warn", f"{text} (repeated {count} times in this run)")
+        self._repeats.clear()
+
+    def flush(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        pending, self._pending = self._pending, []
+        self._last_send = time.monotonic()
+        start = 0
+        while start < len(pending):
+            level = pending[start][0]
+            end = start
+            while end < len(pending) and pending[end][0] == level:
+                end += 1
+            self.link.notify("log", level=level, lines=[text for _, text in pending[start:end]])
+            start = end
+
+
+class StatementLog:
+    """The ``log`` object of a statement: ``trace``, ``debug``, ``info``, ``warn``
+    and ``error`` (which marks the execution as failed; the statement goes on)."""
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: LogSink):
+        self._sink = sink
+
+    def trace(self, message: Any) -> None:
+        """Log a trace line."""
+        self._sink.emit("trace", message)
+
+    def debug(self, message: Any) -> None:
+        """Log a debug line."""
+        self._sink.emit("debug", message)
+
+    def info(self, message: Any) -> None:
+        """Log an info line."""
+        self._sink.emit("info", message)
+
+    def warn(self, message: Any) -> None:
+        """Log a warning."""
+        self._sink.emit("warn", message)
+
+    warning = warn
+
+    def error(self, message: Any) -> None:
+        """Log an error and mark this execution of the statement as failed."""
+        self._sink.emit("error", message)
+
+    def __repr__(self) -> str:
+        return "<processor log: trace, debug, info, warn, error>"
+
+
+async def sleep(seconds: float) -> None:
+    """Pause the statement for ``seconds`` without blocking the event loop."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"sleep() takes a number of seconds, not {type(seconds).__name__}")
+    await asyncio.sleep(max(0.0, float(seconds)))
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _row_builder(names: list[str]) -> Callable[..., dict[str, Any]]:
+    """A function building one row dict from one value per column (fast: no zip/dict())."""
+    params = ", ".join(f"c{i}" for i in range(len(names)))
+    items = ", ".join(f"{name!r}: c{i}" for i, name in enumerate(names))
+    return eval(f"lambda {params}: {{{items}}}", {"__builtins__": {}})  # our own code, not the user's
+
+
+class ProcessorRun:
+    """One run of a processor statement inside the worker."""
+
+    def __init__(self, link: HostLink, start: dict[str, Any]):
+        self.link = link
+        self.start = start
+        self.app_root = Path(start["app_root"])
+        self.file = str(start["file"])
+        self.path = self.app_root / self.file
+        self.mode: str = start.get("mode") or "row"
+        self.input: dict[str, Any] | None = start.get("input")
+        self.output: str = start["output"]
+        self.schema = OutputSchema(start["output_schema"])
+        self.checkpoint_column: str | None = start.get("checkpoint_column")
+        self.checkpoint = start.get("data_checkpoint")
+        self.state: dict[str, Any] = dict(start.get("state") or {})
+        self.sink = LogSink(link)
+        self.log = StatementLog(self.sink)
+        self.rows_out = 0
+        self.executions = 0
+        self.failed_executions: list[tuple[int | None, str]] = []
+        self.position: tuple[int, Any] | None = None  # (table version, last patterns_id)
+        self.last_output: pa.Table | None = None
+        self.failure: BaseException | None = None
+        self.statement: CompiledStatement | None = None
+
+    # -- set-up ------------------------------------------------------------------
+    def compile(self) -> bool:
+        """Compile the statement; on a SyntaxError report it and return False."""
+        source = self.path.read_text(encoding="utf-8")
+        allowed = list(self.start.get("allowed_imports") or DEFAULT_ALLOWED_IMPORTS)
+        extra = list(self.start.get("extra_imports") or [])
+        if extra:
+            self.sink.emit(
+                "info",
+                f"[stepwell] allowed_imports of this step adds to the default allow-list: "
+                f"{', '.join(extra)}",
+            )
+        try:
+            self.statement = compile_statement(source, str(self.path), allowed)
+        except SyntaxError as exc:
+            where = f"{self.file}, line {exc.lineno or 1}"
+            text = exc.text.rstrip("\n") if exc.text else ""
+            detail = f'  File "{self.file}", line {exc.lineno or 1}\n    {text.strip()}\n' if text else ""
+            self.sink.flush()
+            self.link.call(
+                "done",
+                status="error",
+                error=f"SyntaxError: {exc.msg} ({where})",
+                traceback=f"{detail}SyntaxError: {exc.msg}\n",
+            )
+            return False
+        return True
+
+    def _capture_warnings(self) -> None:
+        statement_file = str(self.path)
+        sink = self.sink
+        display = self.file
+
+        def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                 line: Any = None) -> None:
+            text = str(message)
+            where = f"line {lineno}" if filename == statement_file else f"{Path(filename).name}:{lineno}"
+            if issubclass(category, RuntimeWarning) and "was never awaited" in text:
+                note = (
+                    f"[stepwell] {display}, {where}: {text}: it never ran. Await it "
+                    f"(e.g. `await sleep(1)`)"
+                )
+            else:
+                note = f"[stepwell] {display}, {where}: {category.__name__}: {text}"
+            sink.warn_once((text, filename, lineno), note)
+
+        warnings.showwarning = show
+        warnings.filterwarnings("always", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+
+    # -- running -----------------------------------------------------------------
+    def execute(self) -> None:
+        if not self.compile():
+            return
+        self._check_checkpoint_column(None)
+        self._capture_warnings()
+        install_audit_hook()
+        try:
+            asyncio.run(self._main())
+            gc.collect()  # unawaited coroutines still referenced are reported now
+            self.sink.report_repeats()
+            if self.failure is not None:
+                raise self.failure
+            self.finish()
+        except (StatementFailed, SchemaError) as exc:  # not a Python error of the user's code
+            self.sink.flush()
+            self.link.call("done", status="error", error=str(exc), traceback=None)
+        finally:
+            self.sink.flush()
+
+    async def _main(self) -> None:
+        try:
+            if self.input is None:
+                await self._run_once([], None)
+            elif self.mode == "bulk":
+                await self._run_bulk()
+            else:
+                await self._run_rows()
+        except BaseException as exc:  # re-raised outside the event loop, without its frames
+            self.failure = exc
+
+    def _check_checkpoint_column(self, input_names: list[str] | None) -> None:
+        column = self.checkpoint_column
+        if not column or column in self.schema.name_set:
+            return
+        if self.mode == "row" and self.input is not None:
+            if input_names is None or column in input_names:
+                return
+            raise StatementFailed(
+                f"checkpoint_column {column!r} is neither an output_schema field nor a column of "
+                f"input table {self.input['table']!r} (columns: {', '.join(input_names)})"
+            )
+        raise StatementFailed(
+            f"checkpoint_column {column!r} is not a field of output_schema "
+            f"({', '.join(self.schema.names)})"
+        )
+
+    def _batches(self) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """New rows of the input table, in patterns_id order, after the committed position."""
+        assert self.input is not None
+        table = self.input["table"]
+        position = self.input.get("position")
+        after = [position["value"], None] if position else None
+        reply, _ = self.link.call(
+            "scan_open", table=table, order_by=[ID_COLUMN], after=after, batch_rows=BATCH_ROWS
+        )
+        scan_id, version = reply.get("scan"), int(reply.get("version") or 0)
+        if scan_id is None:
+            return
+        try:
+            while True:
+                reply, body = self.link.call("scan_next", scan=scan_id)
+                if reply.get("done"):
+                    scan_id = None
+                    return
+                for batch in decode_table(body).to_batches():
+                    if batch.num_rows:
+                        yield version, batch
+        finally:
+            if scan_id is not None:
+                self.link.call("scan_close", scan=scan_id)
+
+    def _input_rows(self, version: int, batch: pa.RecordBatch) -> tuple[list[str], list[dict[str, Any]]]:
+        """The batch as INPUT_DATA dicts (without patterns_id, JSON parsed); moves the position."""
+        schema = batch.schema
+        if ID_COLUMN not in schema.names:
+            raise StatementFailed(
+                f"input table {self.input['table']!r} has no {ID_COLUMN} column, so its new rows "
+                f"cannot be tracked; processors read tables written by steps, webhooks or "
+                f"`stepwell load`"
+            )
+        names = [name for name in schema.names if name != ID_COLUMN]
+        columns = []
+        for name in names:
+            values = batch.column(schema.get_field_index(name)).to_pylist()
+            field = schema.field(name)
+            if field.metadata and field.metadata.get(b"stepwell.type") == _JSON_TYPE:
+                values = [None if v is None else json.loads(v) for v in values]
+            columns.append(values)
+        if names:
+            rows = list(map(_row_builder(names), *columns))
+        else:
+            rows = [{} for _ in range(batch.num_rows)]
+        last_id = batch.column(schema.get_field_index(ID_COLUMN))[-1].as_py()
+        self.position = (version, last_id)
+        return names, rows
+
+    def _result_error(self, result: Any, where: str) -> StatementFailed:
+        if result is None:
+            return StatementFailed(
+                f"the statement returned None{where}: it must end with `return <list of objects>`"
+            )
+        return StatementFailed(
+            f"the statement returned {describe_value(result)}{where}, not a list: it must end "
+            f"with `return <list of objects>`"
+        )
+
+    async def _call(self, rows: list[dict[str, Any]]) -> tuple[Any, bool]:
+        """One execution; returns (result, failed-by-log.error)."""
+        assert self.statement is not None
+        errors = self.sink.errors
+        result = await self.statement.function(rows, self.checkpoint, self.log, sleep)
+        self.executions += 1
+        if self.sink.errors != errors:
+            self.failed_executions.append((None, self.sink.first_error or ""))
+            return None, True
+        if type(result) is not list:
+            raise self._result_error(result, "")
+        return result, False
+
+    async def _run_once(self, rows: list[dict[str, Any]], names: list[str] | None) -> None:
+        result, failed = await self._call(rows)
+        if failed:
+            return
+        for first in range(0, len(result), BATCH_ROWS):
+            self._write_objects(result[first : first + BATCH_ROWS], first)
+
+    async def _run_bulk(self) -> None:
+        rows: list[dict[str, Any]] = []
+        names: list[str] | None = None
+        for version, batch in self._batches():
+            names, batch_rows = self._input_rows(version, batch)
+            rows.extend(batch_rows)
+        if not rows:
+            self.sink.emit("info", "[stepwell] no new input rows: the statement did not run")
+            return
+        self._check_checkpoint_column(names)
+        await self._run_once(rows, names)
+
+    def _write_objects(self, objects: list[Any], first: int) -> None:
+        """Bulk / no-input output: the returned objects are the output rows."""
+        names, name_set = self.schema.names, self.schema.name_set
+        columns: list[list[Any]] = [[] for _ in names]
+        appends = list(zip(names, [c.append for c in columns], strict=True))
+        for index, obj in enumerate(objects):
+            if type(obj) is not dict or not obj.keys() <= name_set:
+                raise self.schema.object_error(obj, f"output row {first + index}")
+            for name, append in appends:
+                append(obj.get(name))
+        fields, arrays = self.schema.columns(columns, lambda i: f"output row {first + i}")
+        self._write(pa.Table.from_arrays(arrays, schema=pa.schema(fields)))
+
+    async def _run_rows(self) -> None:
+        input_index = 0
+        checked = False
+        for version, batch in self._batches():
+            names, rows = self._input_rows(version, batch)
+            if not checked:
+                self._check_checkpoint_column(names)
+                checked = True
+            out_index, columns = await self._row_loop(rows, input_index)
+            if out_index:
+                self._write_row_output(batch, names, out_index, columns, input_index)
+            input_index += len(rows)
+        if input_index == 0:
+            self.sink.emit("info", "[stepwell] no new input rows: the statement did not run")
+
+    async def _row_loop(
+        self, rows: list[dict[str, Any]], first_input: int
+    ) -> tuple[list[int], list[list[Any]]]:
+        """The hot loop: one execution per row, results collected column by column."""
+        assert self.statement is not None
+        function, checkpoint, log = self.statement.function, self.checkpoint, self.log
+        sink = self.sink
+        name_set = self.schema.name_set
+        columns: list[list[Any]] = [[] for _ in self.schema.names]
+        appends = list(zip(self.schema.names, [c.append for c in columns], strict=True))
+        out_index: list[int] = []
+        keep = out_index.append
+        for index, row in enumerate(rows):
+            errors = sink.errors
+            result = await function([row], checkpoint, log, sleep)
+            if sink.errors != errors:
+                self.failed_executions.append((first_input + index, sink.first_error or ""))
+                continue
+            if type(result) is not list:
+                raise self._result_error(result, f" for input row {first_input + index}")
+            for obj in result:
+                if type(obj) is not dict or not obj.keys() <= name_set:
+                    label = f"output row {self.rows_out + len(out_index)} (input row {first_input + index})"
+                    raise self.schema.object_error(obj, label)
+                for name, append in appends:
+                    append(obj.get(name))
+                keep(index)
+        self.executions += len(rows)
+        return out_index, columns
+
+    def _write_row_output(
+        self,
+        batch: pa.RecordBatch,
+        input_names: list[str],
+        out_index: list[int],
+        columns: list[list[Any]],
+        first_input: int,
+    ) -> None:
+        """Row mode: each output row is its input row plus the returned fields
+        (a returned field replaces an input column of the same name)."""
+        first_out = self.rows_out
+
+        def label(i: int) -> str:
+            return f"output row {first_out + i} (input row {first_input + out_index[i]})"
+
+        fields, arrays = self.schema.columns(columns, label)
+        passed = [name for name in input_names if name not in self.schema.name_set]
+        taken = pa.Table.from_batches([batch]).select(passed).take(pa.array(out_index, pa.int64()))
+        table = pa.Table.from_arrays(
+            [*taken.columns, *arrays], schema=pa.schema([*taken.schema, *fields])
+        )
+        self._write(table)
+
+    def _write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self.link.call("write", encode_table(table), table=self.output, mode="append",
+                       id_column=ID_COLUMN)
+        self.rows_out += table.num_rows
+        self.last_output = table
+
+    # -- the end -----------------------------------------------------------------
+    def finish(self) -> None:
+        """Send ``done``: status, input position, DATA_CHECKPOINT and run info together."""
+        failed = len(self.failed_executions)
+        if failed and failed >= self.executions:
+            raise StatementFailed(self._failure_text(failed))
+        state = dict(self.state)
+        if self.checkpoint_column and self.last_output is not None and self.last_output.num_rows:
+            column = self.last_output.column(self.checkpoint_column)
+            state[CHECKPOINT_KEY] = column[len(column) - 1].as_py()
+        positions = []
+        if self.input is not None:
+            committed = self.input.get("position") or {}
+            version, value = self.position or (committed.get("table_version"), committed.get("value"))
+            if value is not None and version is not None:
+                positions.append(
+                    {
+                        "table": self.input["table"],
+                        "order_by": [ID_COLUMN],
+                        "table_version": int(version),
+                        "value": value,
+                        "last_id": None,
+                    }
+                )
+        if failed:
+            status = "succeeded_with_errors"
+        elif self.rows_out:
+            status = "succeeded"
+        else:
+            status = "succeeded_no_data"
+        info = {"executions": self.executions, "failed_executions": failed}
+        self.sink.flush()
+        self.link.call(
+            "done",
+            status="ok",
+            run_status=status,
+            run_error=self._failure_text(failed) if failed else None,
+            run_info=info,
+            positions=positions,
+            state=state,
+        )
+
+    def _failure_text(self, failed: int) -> str:
+        row, message = self.failed_executions[0]
+        first = f"input row {row}: {message}" if row is not None else message
+        if self.executions <= 1:
+            return f"log.error was called: {first}"
+        return (
+            f"log.error was called in {failed} of {self.executions} executions (their output "
+            f"was not written); first: {first}"
+        )
+
+
+def run(link: HostLink, start: dict[str, Any]) -> None:
+    """Entry point named in the ``start`` frame (``stepwell.runtimes.processor.worker:run``)."""
+    ProcessorRun(link, start).execute()
+
+
+__all__ = ["LogSink", "ProcessorRun", "SchemaError", "StatementFailed", "StatementLog", "run", "sleep"]

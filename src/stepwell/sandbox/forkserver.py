@@ -1,0 +1,481 @@
+"""The fork-server: a warm parent that forks one sandboxed worker per run.
+
+The host starts it once (``python -I -m stepwell.sandbox.forkserver FD``) with
+a clean environment, before it has read any secret or opened any connection
+in a way this process could see, so its memory holds neither. It imports the
+worker's libraries once (pyarrow, msgpack, the stepwell worker and runtimes,
+optionally more via ``STEPWELL_FORKSERVER_PRELOAD``), freezes the GC, and then
+serves requests on the control socket ``FD`` (a ``SOCK_SEQPACKET`` socket):
+
+- host -> fork-server, on the control socket: ``{"op": "fork", "spec": {...}}``
+  with two file descriptors attached: this run's own control socket and the
+  worker's end of the run's data channel;
+- fork-server -> host, on the run's socket: ``{"pid": ..., "notes": [...]}``
+  once forked (or ``{"error": ...}``), later ``{"exit": <wait status>, "cpu":
+  <seconds>, "stderr": <tail>}`` when the worker has ended;
+- host -> fork-server, on the run's socket: ``{"op": "kill"}``; closing the
+  run's socket kills the run too.
+
+Each run gets a fresh PID namespace: the fork-server unshares one for its
+next children, spawns a tiny init there (``sleep``, PID 1: it owns the
+namespace, and killing it kills everything the run left behind), forks the
+worker (PID 2, so it can signal itself like any process) and returns to its
+own namespace. Then the worker isolates itself (``isolate.enter_sandbox``)
+and serves the run. Crashing, OOM-killed or runaway children only ever end
+their own run: the fork-server reaps them and reports how they ended. When the
+host goes away (control socket closed) the fork-server kills every run and exits.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import pwd
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from stepwell.sandbox import linux
+from stepwell.sandbox.isolate import ChildPlan, enter_sandbox
+from stepwell.sandbox.policy import SandboxSpec
+
+#: Modules every worker needs, imported once here instead of in every run.
+PRELOAD = (
+    "json", "decimal", "datetime", "ctypes", "importlib.util", "traceback", "site",
+    "pyarrow", "pyarrow.ipc", "msgpack",
+    "stepwell.sandbox.worker", "stepwell.sandbox.client", "stepwell.sandbox.protocol",
+    "stepwell.runtimes.node.worker", "stepwell.runtimes.node.api",
+)  # fmt: skip
+PRELOAD_ENV = "STEPWELL_FORKSERVER_PRELOAD"
+#: Unprivileged user a root fork-server runs sandboxes as.
+SANDBOX_USER_ENV = "STEPWELL_SANDBOX_UID"
+DEFAULT_SANDBOX_USER = "nobody"
+MAX_MESSAGE = 4 * 1024 * 1024
+STDERR_TAIL = 4000
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict[str, Any]:
+    message = msgpack.unpackb(data, raw=False)
+    if not isinstance(message, dict):
+        raise ValueError("control message must be a map")
+    return message
+
+
+@dataclass
+class Run:
+    """A forked worker the fork-server is looking after."""
+
+    pid: int
+    pidfd: int
+    sock: socket.socket | None
+    tmpdir: str
+    #: read end of the worker's stdout/stderr pipe; its tail is kept for the exit report
+    stderr_fd: int | None
+    stderr: bytearray
+    init_pid: int | None = None
+    init_pidfd: int | None = None
+    exited: bool = False
+
+
+def _sandbox_identity() -> tuple[int | None, int | None]:
+    """The (uid, gid) sandboxes run as: an unprivileged user when we are root."""
+    if os.geteuid() != 0:
+        return None, None
+    wanted = os.environ.get(SANDBOX_USER_ENV, DEFAULT_SANDBOX_USER)
+    if wanted.isdigit():
+        return int(wanted), int(wanted)
+    try:
+        entry = pwd.getpwnam(wanted)
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _base_read_paths() -> list[str]:
+    """Folders a worker reads: the interpreter's prefixes and sys.path."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths.update(p for p in sys.path if p)
+    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+    return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
+
+
+class ForkServer:
+    def __init__(self, control: socket.socket):
+        self.control = control
+        self.selector = selectors.DefaultSelector()
+        self.runs: dict[int, Run] = {}
+        self.uid, self.gid = _sandbox_identity()
+        self.base_paths = _base_read_paths()
+        self.base_dir = tempfile.mkdtemp(prefix=f"stepwell-fs-{os.getpid()}-")
+        os.chmod(self.base_dir, 0o711)
+        self.sleep = shutil.which("sleep") or ("/bin/sleep" if os.path.exists("/bin/sleep") else None)
+        #: private temp dirs made ahead of time (creating one costs a disk round trip)
+        self.spare_dirs: list[str] = []
+        try:
+            self.own_pidns: int | None = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.own_pidns = None
+
+    # -- the loop --------------------------------------------------------
+    def serve(self) -> None:
+        self.selector.register(self.control, selectors.EVENT_READ, ("control", None))
+        while True:
+            events = self.selector.select(timeout=None if len(self.spare_dirs) >= 2 else 0)
+            if not events:
+                self._make_spare_dir()
+            for key, _ in events:
+                kind, run = key.data
+                if kind == "control":
+                    if not self._on_control():
+                        return
+                    continue
+                try:
+                    self._on_run_event(kind, run, key.fd)
+                except Exception:  # a bug here must not end every other run
+                    traceback.print_exc()
+
+    def _on_run_event(self, kind: str, run: Run, fd: int) -> None:
+        # events of one select() batch may be stale: an earlier one closed the fd
+        if kind == "worker" and fd == run.pidfd and not run.exited:
+            self._on_worker_exit(run)
+        elif kind == "init" and fd == run.init_pidfd:
+            self._on_init_exit(run)
+        elif kind == "run" and run.sock is not None and fd == run.sock.fileno():
+            self._on_run_message(run)
+        elif kind == "stderr" and fd == run.stderr_fd:
+            self._read_stderr(run)
+
+    def _on_control(self) -> bool:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(
+                self.control, MAX_MESSAGE, 4, socket.MSG_CMSG_CLOEXEC
+            )
+        except (ConnectionError, OSError):
+            data, fds = b"", []
+        if not data:
+            return False
+        try:
+            message = unpack(data)
+            if message.get("op") != "fork" or len(fds) != 2:
+                raise ValueError(f"bad request {message.get('op')!r} with {len(fds)} fds")
+        except Exception:
+            for fd in fds:
+                os.close(fd)
+            return True
+        self._fork(message, fds[0], fds[1])
+        return True
+
+    # -- starting a run -------------------------------------------------
+    def _fork(self, message: dict[str, Any], run_fd: int, channel_fd: int) -> None:
+        sock = socket.socket(fileno=run_fd)
+        try:
+            spec = SandboxSpec.from_dict(message["spec"])
+            tmpdir = self.spare_dirs.pop() if self.spare_dirs else self._new_dir()
+            stderr_read, stderr_fd = os.pipe()
+            os.set_blocking(stderr_read, False)
+        except Exception as exc:
+            os.close(channel_fd)
+            self._reply(sock, {"error": f"cannot prepare the sandbox: {exc}"})
+            sock.close()
+            return
+        try:
+            plan = ChildPlan(spec, tmpdir, self.uid, self.gid, self.base_paths, pidns=False)
+            init_pid = self._enter_pid_namespace(plan)
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                if init_pid is not None:
+                    self._leave_pid_namespace()
+                    os.kill(init_pid, signal.SIGKILL)
+                    os.waitpid(init_pid, 0)
+                raise RuntimeError(f"fork failed: {exc}") from None
+            if pid == 0:
+                self._child(plan, channel_fd, stderr_fd)  # never returns
+            if init_pid is not None:
+                self._leave_pid_namespace()
+        except Exception as exc:
+            os.close(channel_fd)
+            os.close(stderr_fd)
+            os.close(stderr_read)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            self._reply(sock, {"error": f"cannot start a worker: {exc}"})
+            sock.close()
+            return
+        os.close(channel_fd)
+        os.close(stderr_fd)
+        run = Run(pid, os.pidfd_open(pid), sock, tmpdir, stderr_read, bytearray())
+        if init_pid is not None:
+            run.init_pid = init_pid
+            run.init_pidfd = os.pidfd_open(init_pid)
+        self.runs[pid] = run
+        self.selector.register(run.pidfd, selectors.EVENT_READ, ("worker", run))
+        self.selector.register(sock, selectors.EVENT_READ, ("run", run))
+        self.selector.register(stderr_read, selectors.EVENT_READ, ("stderr", run))
+        self._reply(sock, {"pid": pid, "pidns": init_pid is not None})
+
+    def _enter_pid_namespace(self, plan: ChildPlan) -> int | None:
+        """Make our next child PID 2 of a fresh PID namespace; returns its init's pid."""
+        reason = None
+        if "pid" in plan.spec.skip:
+            return None
+        if self.sleep is None:
+            reason = "no `sleep` program for the namespace's init"
+        elif self.own_pidns is None:
+            reason = "/proc/self/ns/pid cannot be opened"
+        else:
+            try:
+                linux.unshare(linux.CLONE_NEWPID)
+            except OSError as exc:
+                reason = linux.errno_name(exc)
+        if reason is None:
+            lifetime = int(plan.spec.lifetime + 60) if plan.spec.lifetime else 86400
+            try:
+                init_pid = os.posix_spawn(
+                    self.sleep, ["stepwell-init", str(lifetime)], {}, setsid=True,
+                    setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
+                )  # fmt: skip
+            except OSError as exc:
+                self._leave_pid_namespace()
+                reason = f"cannot start its init: {linux.errno_name(exc)}"
+            else:
+                plan.pidns = True
+                return init_pid
+        plan.notes.append(
+            f"[stepwell] sandbox: PID namespace unavailable ({reason}); running with "
+            "the host's process IDs (processes outside the sandbox may be visible)"
+        )
+        return None
+
+    def _leave_pid_namespace(self) -> None:
+        if self.own_pidns is not None:
+            linux.setns(self.own_pidns, linux.CLONE_NEWPID)
+
+    def _child(self, plan: ChildPlan, channel_fd: int, stderr_fd: int) -> None:
+        """In the forked worker: isolate, serve the run, exit. Never returns."""
+        code = 70
+        try:
+            self.selector.close()
+            refuse = None
+            try:
+                notes = enter_sandbox(plan, channel_fd, stderr_fd)
+            except Exception as exc:  # never run user code in a half-built sandbox
+                notes = plan.notes
+                refuse = f"the sandbox could not be set up: {exc}"
+                if "Permission denied" in str(exc) and plan.uid is not None:
+                    refuse += f" (the sandbox runs as uid {plan.uid})"
+            from stepwell.sandbox.worker import serve_forked
+
+            code = serve_forked(notes, strict=plan.spec.strict, refuse=refuse)
+        except BaseException:  # noqa: BLE001 - report anything on stderr, then exit
+            try:
+                os.write(2, traceback.format_exc().encode(errors="replace"))
+            except Exception:
+                pass
+        finally:
+            os._exit(code)
+
+    # -- runs ending ----------------------------------------------------
+    def _on_worker_exit(self, run: Run) -> None:
+        try:
+            _pid, status, usage = os.wait4(run.pid, 0)
+        except ChildProcessError:
+            status, usage = None, None
+        run.exited = True
+        self.selector.unregister(run.pidfd)
+        os.close(run.pidfd)
+        self._kill_leftovers(run)
+        cpu = (usage.ru_utime + usage.ru_stime) if usage is not None else 0.0
+        self._read_stderr(run)
+        if run.sock is not None:
+            tail = bytes(run.stderr[-STDERR_TAIL:]).decode(errors="replace").strip()
+            self._reply(run.sock, {"exit": status, "cpu": cpu, "stderr": tail})
+            self._close_run_socket(run)
+        if run.init_pid is None:
+            self._cleanup(run)
+
+    def _kill_leftovers(self, run: Run) -> None:
+        """Kill whatever the run left running (everything in its PID namespace)."""
+        if run.init_pid is not None:
+            _kill(run.init_pid)
+            if run.init_pidfd is not None and run.init_pidfd not in self._registered_fds():
+                self.selector.register(run.init_pidfd, selectors.EVENT_READ, ("init", run))
+        else:
+            _kill(-run.pid)
+
+    def _registered_fds(self) -> set[int]:
+        return {key.fd for key in self.selector.get_map().values()}
+
+    def _on_init_exit(self, run: Run) -> None:
+        assert run.init_pid is not None and run.init_pidfd is not None
+        try:
+            os.waitpid(run.init_pid, 0)
+        except ChildProcessError:
+            pass
+        self.selector.unregister(run.init_pidfd)
+        os.close(run.init_pidfd)
+        run.init_pidfd = None
+        self._cleanup(run)
+
+    def _read_stderr(self, run: Run) -> None:
+        """Keep the tail of what the worker wrote to its stdout/stderr file descriptors."""
+        while run.stderr_fd is not None:
+            try:
+                chunk = os.read(run.stderr_fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:  # every writer is gone
+                self.selector.unregister(run.stderr_fd)
+                os.close(run.stderr_fd)
+                run.stderr_fd = None
+                return
+            run.stderr += chunk
+            if len(run.stderr) > 4 * STDERR_TAIL:
+                del run.stderr[: -STDERR_TAIL]
+
+    def _new_dir(self) -> str:
+        path = tempfile.mkdtemp(prefix="run-", dir=self.base_dir)
+        if self.uid is not None:
+            os.chown(path, self.uid, self.gid if self.gid is not None else -1)
+        os.chmod(path, 0o700)
+        return path
+
+    def _make_spare_dir(self) -> None:
+        try:
+            self.spare_dirs.append(self._new_dir())
+        except OSError:
+            pass
+
+    def _cleanup(self, run: Run) -> None:
+        self.runs.pop(run.pid, None)
+        if run.stderr_fd is not None:
+            self._read_stderr(run)
+        if run.stderr_fd is not None:
+            self.selector.unregister(run.stderr_fd)
+            os.close(run.stderr_fd)
+            run.stderr_fd = None
+        shutil.rmtree(run.tmpdir, ignore_errors=True)
+
+    def _on_run_message(self, run: Run) -> None:
+        assert run.sock is not None
+        try:
+            data = run.sock.recv(MAX_MESSAGE)
+        except OSError:
+            data = b""
+        if data:
+            try:
+                op = unpack(data).get("op")
+            except Exception:
+                op = None
+            if op != "kill":
+                return
+        # a kill request, or the host closed this run's socket: end the run
+        if not run.exited:
+            if run.init_pid is not None:
+                _kill(run.init_pid)
+            _kill(run.pid)
+        if not data:
+            self._close_run_socket(run)
+
+    def _close_run_socket(self, run: Run) -> None:
+        if run.sock is not None:
+            try:
+                self.selector.unregister(run.sock)
+            except (KeyError, ValueError):
+                pass
+            run.sock.close()
+            run.sock = None
+
+    def _reply(self, sock: socket.socket, message: dict[str, Any]) -> None:
+        try:
+            sock.send(pack(message))
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        for run in list(self.runs.values()):
+            if run.init_pid is not None:
+                _kill(run.init_pid)
+            _kill(run.pid)
+        deadline = time.monotonic() + 5
+        for run in list(self.runs.values()):
+            for pid in (run.pid, run.init_pid):
+                if pid is None:
+                    continue
+                while time.monotonic() < deadline:
+                    try:
+                        done, _ = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        break
+                    if done:
+                        break
+                    time.sleep(0.01)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def preload() -> list[str]:
+    """Import what workers need; returns the modules that could not be imported."""
+    missing = []
+    extra = [m.strip() for m in os.environ.get(PRELOAD_ENV, "").split(",") if m.strip()]
+    for name in (*PRELOAD, *extra):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            missing.append(name)
+    return missing
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    started = time.perf_counter()
+    control = socket.socket(fileno=int(argv[0]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host
+    try:
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)  # nobody may ptrace or read our memory
+    except OSError:
+        pass
+    missing = preload()
+    server = ForkServer(control)
+    gc.collect()
+    gc.freeze()  # forked workers then never touch (and copy) these pages for GC
+    control.send(
+        pack(
+            {
+                "ready": True,
+                "pid": os.getpid(),
+                "uid": server.uid,
+                "startup_ms": (time.perf_counter() - started) * 1000,
+                "missing": missing,
+            }
+        )
+    )
+    try:
+        server.serve()
+    finally:
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

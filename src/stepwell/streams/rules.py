@@ -1,0 +1,877 @@
+"""The rule engine: eKuiper rules run on DuckDB over micro-batches of events.
+
+``RuleEngine(app_root, store)`` keeps rule definitions in the app store and
+runs them. Each running rule (:class:`RuleRuntime`) has:
+
+* one input: a plugin source (a :class:`SourceChannel` started for this rule,
+  as eKuiper does) or a stepwell table whose newly committed rows are read in
+  ``patterns_id`` order from the rule's committed offset;
+* a private in-memory DuckDB connection (never the store's) holding the
+  compiled query and one UDF per plugin-function call site;
+* micro-batching: events are processed once ``batchSize`` have arrived or
+  ``lingerMs`` after the first one (default 10 ms, so latency at low rates
+  stays far below 100 ms); windowed rules cut events into panes first;
+* actions: plugin sinks (``requireAck`` honoured), ``log``, and ``table``.
+  Table writes, the rule's input offset and its window state are committed
+  in one store transaction (:class:`StagedRun`), so after a crash the rule
+  resumes exactly where its last committed output ends: nothing lost, nothing
+  written twice.
+
+Store keys (state of reserved step names): ``rules:index`` (ids),
+``rule-def:<id>`` (definition and desired status), ``rule:<id>`` (window
+state, committed with output, plus the input offset as a stream position) and
+``rule-status:<id>`` (last metrics snapshot).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from stepwell.runtimes.plugin.functions import UdfSite, context_json, json_default, register_udfs
+from stepwell.runtimes.plugin.manager import PluginManager, shared_manager
+from stepwell.store.base import Store
+from stepwell.streams.parser import (
+    EVENTS_TABLE,
+    WINDOW_TABLE,
+    CompiledRule,
+    RuleDef,
+    StreamDef,
+    StreamError,
+    compile_rule,
+    load_rule_file,
+    load_stream_file,
+    parse_rule,
+)
+from stepwell.streams.windows import Event, Pane, Windower, make_windower
+
+__all__ = ["RuleEngine", "RuleError", "RuleMetrics", "RuleRuntime", "result_rows", "rows_to_arrow"]
+
+log = logging.getLogger("stepwell.rules")
+
+INDEX_KEY = "rules:index"
+_ARROW_TYPES = {
+    "bigint": pa.int64(), "float": pa.float64(), "string": pa.string(), "boolean": pa.bool_(),
+    "datetime": pa.timestamp("ms"), "bytea": pa.binary(),
+}
+
+
+class RuleError(RuntimeError):
+    """A rule cannot be created, started or found; the message says what to do."""
+
+
+def def_key(rule_id: str) -> str:
+    return f"rule-def:{rule_id}"
+
+
+def state_key(rule_id: str) -> str:
+    return f"rule:{rule_id}"
+
+
+def status_key(rule_id: str) -> str:
+    return f"rule-status:{rule_id}"
+
+
+# -- data conversion -------------------------------------------------------------------
+
+
+def _column(values: list[Any], type_: pa.DataType | None = None) -> pa.Array:
+    if type_ is not None:
+        try:
+            return pa.array(values, type_)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            pass
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return pa.array(
+            [None if v is None else v if isinstance(v, str) else json.dumps(v, default=json_default)
+             for v in values],
+            pa.string(),
+        )
+
+
+def rows_to_arrow(rows: list[dict[str, Any]], declared: dict[str, pa.DataType] | None = None,
+                  extra: Iterable[str] = ()) -> pa.Table:
+    """An Arrow table from row dicts (union of keys; mixed-type columns become JSON text)."""
+    names: dict[str, None] = {}
+    for name in declared or {}:
+        names[name] = None
+    for row in rows:
+        for key in row:
+            names.setdefault(key, None)
+    for name in extra:
+        names.setdefault(name, None)
+    arrays, fields = [], []
+    for name in names:
+        array = _column([row.get(name) for row in rows], (declared or {}).get(name))
+        arrays.append(array)
+        fields.append(pa.field(name, array.type))
+    if not fields:
+        return pa.table({"__sw_empty": pa.nulls(len(rows))})
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def result_rows(relation: Any) -> list[dict[str, Any]]:
+    """Rows of a DuckDB relation as dicts (VARIANT values become plain Python values)."""
+    if relation is None:
+        return []
+    names = relation.columns
+    return [dict(zip(names, row, strict=True)) for row in relation.fetchall()]
+
+
+def _to_ms(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return int(value.timestamp() * 1000)
+    if isinstance(value, str):
+        try:
+            return _to_ms(dt.datetime.fromisoformat(value))
+        except ValueError:
+            return None
+    return None
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+@dataclass
+class RuleMetrics:
+    records_in: int = 0
+    records_out: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_error_at: str | None = None
+    latency_ms_last: float = 0.0
+    latency_ms_avg: float = 0.0
+    latency_ms_max: float = 0.0
+    batches: int = 0
+    late_events: int = 0
+    acks_ok: int = 0
+    acks_error: int = 0
+    started_at: str | None = None
+    last_output_at: str | None = None
+
+    def error(self, text: str) -> None:
+        self.errors += 1
+        self.last_error = text
+        self.last_error_at = _now_iso()
+
+    def latency(self, seconds: float) -> None:
+        ms = seconds * 1000
+        self.latency_ms_last = round(ms, 3)
+        self.latency_ms_max = round(max(self.latency_ms_max, ms), 3)
+        self.latency_ms_avg = round(ms if not self.batches else 0.9 * self.latency_ms_avg + 0.1 * ms, 3)
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+class _Action:
+    name = "action"
+
+    def start(self) -> None:
+        pass
+
+    def emit(self, rows: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass
+
+
+class _SinkAction(_Action):
+    def __init__(self, runtime: RuleRuntime, index: int, symbol: str, props: dict[str, Any]) -> None:
+        self.runtime, self.symbol, self.props = runtime, symbol, props
+        self.name = symbol
+        self.op_id = f"{symbol}_{index}"
+        self.send_single = bool(props.get("sendSingle", False))
+        self.channel: Any = None
+
+    def start(self) -> None:
+        from stepwell.runtimes.plugin.channels import meta
+
+        self.channel = self.runtime.manager.sink(
+            self.symbol, meta(self.runtime.rule.id, self.op_id), dict(self.props)
+        )
+
+    def emit(self, rows: list[dict[str, Any]]) -> None:
+        payloads = rows if self.send_single else [rows]
+        metrics = self.runtime.metrics
+        for payload in payloads:
+            data = json.dumps(payload, default=json_default, separators=(",", ":")).encode()
+            error = self.channel.send(data)
+            if self.channel.require_ack:
+                if error is None:
+                    metrics.acks_ok += 1
+                else:
+                    metrics.acks_error += 1
+                    metrics.error(f"sink {self.symbol!r}: {error}")
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.stop()
+
+
+class _LogAction(_Action):
+    name = "log"
+
+    def __init__(self, runtime: RuleRuntime) -> None:
+        self.runtime = runtime
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.logger = logging.getLogger(f"stepwell.rule.{runtime.rule.id}")
+
+    def emit(self, rows: list[dict[str, Any]]) -> None:
+        text = json.dumps(rows, default=json_default)
+        self.lines.append(text)
+        self.logger.info("sink result for rule %s: %s", self.runtime.rule.id, text)
+
+
+class _TableAction(_Action):
+    name = "table"
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.pending: list[dict[str, Any]] = []
+
+    def emit(self, rows: list[dict[str, Any]]) -> None:
+        self.pending.extend(rows)
+
+
+# -- one running rule ----------------------------------------------------------------------
+
+
+class RuleRuntime:
+    """A started rule: input, micro-batch loop, DuckDB query, actions."""
+
+    def __init__(self, engine: RuleEngine, rule: RuleDef, stream: StreamDef) -> None:
+        self.engine, self.rule, self.stream = engine, rule, stream
+        self.store = engine.store
+        self.manager = engine.manager
+        options = rule.options
+        self.batch_size = int(options.get("batchSize", 1000))
+        self.linger = float(options.get("lingerMs", 10)) / 1000
+        self.event_time = bool(options.get("isEventTime", False))
+        self.late_tolerance = int(options.get("lateTolerance", 0))
+        self.processes = options.get("functionProcesses")
+        self.poll_interval = float(options.get("pollIntervalMs", 200)) / 1000
+        self.metrics = RuleMetrics()
+        self.status = "stopped"
+        self.compiled: CompiledRule | None = None
+        self.actions: list[_Action] = []
+        self._queue: collections.deque[Event] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._source: Any = None
+        self._seq = 0
+        self._con: Any = None
+        self._windower: Windower | None = None
+        self._declared = {name: _ARROW_TYPES[t] for name, t in stream.fields if t in _ARROW_TYPES}
+        self._positions: collections.deque[tuple[int, Any]] = collections.deque()
+        self._committed_position: Any = None
+        self._table_version: int | None = None
+        self._read_after: str | None = None
+        self._last_status_save = 0.0
+        self._wake = threading.Event()
+
+    # -- lifecycle
+    def start(self) -> None:
+        import duckdb
+
+        self.compiled = self.engine.compile(self.rule)
+        self._con = duckdb.connect(":memory:")
+        self._con.execute("SET TimeZone = 'UTC'")
+        pools = {s.symbol: self.manager.function_pool(s.symbol, self.processes)
+                 for s in self.compiled.functions}
+        sites = [UdfSite(s.udf_name, s.symbol, s.arity, s.aggregate,
+                         context_json(self.rule.id, "project", s.func_id))
+                 for s in self.compiled.functions]
+        register_udfs(self._con, sites, pools)
+        state = self.store.get_state(state_key(self.rule.id))
+        if self.compiled.window is not None:
+            self._windower = make_windower(self.compiled.window, state.get("window"))
+        self.actions = []
+        for index, (kind, props) in enumerate(self.rule.actions):
+            if kind == "log":
+                self.actions.append(_LogAction(self))
+            elif kind == "table":
+                self.actions.append(_TableAction(str(props["name"])))
+            else:
+                self.actions.append(_SinkAction(self, index, kind, props))
+        started: list[_Action] = []
+        try:
+            for action in self.actions:
+                action.start()
+                started.append(action)
+            self.metrics.started_at = _now_iso()
+            self._stopping.clear()
+            loop = threading.Thread(target=self._loop, name=f"rule-{self.rule.id}", daemon=True)
+            self._threads = [loop]
+            self._start_input()
+        except BaseException:
+            for action in started:
+                action.stop()
+            self._stop_input()
+            raise
+        self.status = "running"
+        loop.start()
+
+    def _start_input(self) -> None:
+        if self.stream.is_table:
+            positions = [p for p in self.store.get_positions(state_key(self.rule.id))
+                         if p.table == self.stream.datasource]
+            info = self.store.table_info(self.stream.datasource)
+            if positions and info is not None and positions[0].table_version == info.version:
+                self._read_after = positions[0].value
+                self._committed_position = positions[0].value
+            thread = threading.Thread(target=self._poll_table, name=f"rule-{self.rule.id}-table",
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+            return
+        from stepwell.runtimes.plugin.channels import meta
+
+        plugin = self.manager.plugin_for("source", self.stream.type)
+        config = plugin.source_config(self.stream.type, self.stream.conf_key)
+        for key, option in (("format", "FORMAT"), ("key", "KEY"), ("timestamp", "TIMESTAMP"),
+                            ("timestampFormat", "TIMESTAMP_FORMAT")):
+            if option in self.stream.options:
+                config[key] = self.stream.options[option]
+        self._source = self.manager.source(
+            self.stream.type, meta(self.rule.id, self.stream.name), config,
+            self.stream.datasource, self._on_message, self._on_source_error,
+        )
+
+    def _stop_input(self) -> None:
+        if self._source is not None:
+            self._source.stop()
+            self._source = None
+
+    def stop(self) -> None:
+        """Stop the input, finish the loop (final commit), stop the sinks."""
+        if self.status != "running":
+            return
+        self._stop_input()
+        self._stopping.set()
+        self._wake.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(10)
+        for action in self.actions:
+            try:
+                action.stop()
+            except Exception as exc:  # noqa: BLE001 - stopping goes on
+                log.warning("rule %s: stopping %s: %s", self.rule.id, action.name, exc)
+        if self._con is not None:
+            self._con.close()
+        self.status = "stopped"
+        self._save_status(force=True)
+
+    # -- input
+    def _push(self, rows: list[tuple[dict[str, Any], Any]]) -> None:
+        now = time.monotonic()
+        wall = int(time.time() * 1000)
+        events = []
+        for row, position in rows:
+            ts = wall
+            if self.event_time and self.stream.timestamp:
+                ts = _to_ms(row.get(self.stream.timestamp)) or wall
+            self._seq += 1
+            events.append(Event(ts, row, self._seq, position, now))
+        with self._cond:
+            self._queue.extend(events)
+            self._cond.notify_all()
+
+    def _on_message(self, message: Any, _meta: Any) -> None:
+        items = message if isinstance(message, list) else [message]
+        rows = [(m, None) for m in items if isinstance(m, dict)]
+        if len(rows) != len(items):
+            self.metrics.error(f"source {self.stream.type!r} sent a message that is not an object")
+        self._push(rows)
+
+    def _on_source_error(self, text: str) -> None:
+        self.metrics.error(f"source {self.stream.type!r}: {text}")
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def _poll_table(self) -> None:
+        table = self.stream.datasource
+        while not self._stopping.is_set():
+            try:
+                self._read_table(table)
+            except Exception as exc:  # noqa: BLE001 - reported in the rule's status
+                self.metrics.error(f"reading table {table!r}: {exc}")
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def _read_table(self, table: str) -> None:
+        info = self.store.table_info(table)
+        if info is None:
+            return
+        if self._table_version is not None and info.version != self._table_version:
+            self._read_after = None  # table was reset: start over on the new version
+        self._table_version = info.version
+        if "patterns_id" not in {c.name for c in info.columns}:
+            raise RuleError(f"table {table!r} has no patterns_id column to stream by")
+        after = (self._read_after, None) if self._read_after is not None else None
+        for batch in self.store.scan(table, order_by=["patterns_id"], after=after,
+                                     batch_rows=self.batch_size):
+            rows = batch.to_pylist()
+            if not rows:
+                continue
+            pushed = []
+            for row in rows:
+                pid = row.pop("patterns_id")
+                pushed.append((row, pid))
+            self._read_after = pushed[-1][1]
+            self._push(pushed)
+            while len(self._queue) > 4 * self.batch_size and not self._stopping.is_set():
+                time.sleep(0.01)  # back-pressure
+            if self._stopping.is_set():
+                return
+
+    # -- processing loop
+    def _take(self) -> list[Event]:
+        with self._cond:
+            if not self._queue:
+                self._cond.wait(0.05)
+            if not self._queue:
+                return []
+            deadline = self._queue[0].arrived + self.linger
+            while len(self._queue) < self.batch_size and not self._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            count = min(len(self._queue), self.batch_size)
+            return [self._queue.popleft() for _ in range(count)]
+
+    def _loop(self) -> None:
+        while True:
+            stopping = self._stopping.is_set()
+            events = self._take()
+            try:
+                self._process(events)
+            except Exception as exc:  # noqa: BLE001 - the rule keeps running
+                log.exception("rule %s: processing failed", self.rule.id)
+                self.metrics.error(f"{type(exc).__name__}: {exc}")
+                self._discard_pending()
+            self._save_status()
+            if stopping and not self._queue:
+                return
+
+    def _discard_pending(self) -> None:
+        for action in self.actions:
+            if isinstance(action, _TableAction):
+                action.pending.clear()
+
+    def _process(self, events: list[Event]) -> None:
+        assert self.compiled is not None
+        if events:
+            self.metrics.records_in += len(events)
+            self.metrics.batches += 1
+            for event in events:
+                self._positions.append((event.seq, event.position))
+        emissions: list[tuple[list[dict[str, Any]], float]] = []
+        if self._windower is None:
+            if events:
+                rows = self._query(events, None)
+                oldest = min(e.arrived for e in events)
+                emissions.extend(([row], oldest) for row in rows)
+        else:
+            panes: list[Pane] = []
+            for event in events:
+                panes.extend(self._windower.add(event))
+            if self.compiled.window and self.compiled.window.kind != "count":
+                if self.event_time:
+                    if events:
+                        watermark = max(e.ts for e in events) - self.late_tolerance
+                        self._watermark = max(getattr(self, "_watermark", watermark), watermark)
+                    if hasattr(self, "_watermark"):
+                        panes.extend(self._windower.advance(self._watermark))
+                else:
+                    panes.extend(self._windower.advance(int(time.time() * 1000)))
+            self.metrics.late_events = self._windower.late
+            for pane in panes:
+                if not pane.events:
+                    continue
+                rows = self._query(pane.events, pane)
+                if rows:
+                    emissions.append((rows, max(e.arrived for e in pane.events)))
+        for rows, arrived in emissions:
+            for action in self.actions:
+                try:
+                    action.emit(rows)
+                except Exception as exc:  # noqa: BLE001 - one failing sink does not stop the rule
+                    self.metrics.error(f"action {action.name!r}: {exc}")
+            self.metrics.records_out += len(rows)
+            self.metrics.latency(time.monotonic() - arrived)
+            self.metrics.last_output_at = _now_iso()
+        self._commit(bool(emissions))
+
+    def _query(self, events: list[Event], pane: Pane | None) -> list[dict[str, Any]]:
+        assert self.compiled is not None
+        table = rows_to_arrow([e.row for e in events], self._declared, self.compiled.columns)
+        con = self._con
+        con.register(EVENTS_TABLE, table)
+        try:
+            if pane is not None and self.compiled.uses_window_bounds:
+                con.register(WINDOW_TABLE, pa.table({"ws": [pane.start], "we": [pane.end]}))
+            return result_rows(con.sql(self.compiled.sql))
+        finally:
+            con.unregister(EVENTS_TABLE)
+
+    # -- commits (exactly once for table outputs)
+    def _commit(self, emitted: bool) -> None:
+        position = self._safe_position()
+        tables = [a for a in self.actions if isinstance(a, _TableAction) and a.pending]
+        moved = self.stream.is_table and position is not None and position != self._committed_position
+        if not tables and not moved and not (emitted and self._windower is not None):
+            return
+        from stepwell.engine.staging import StagedRun
+
+        staged = StagedRun(self.store, f"rule-{self.rule.id}", state_key(self.rule.id))
+        try:
+            for action in tables:
+                staged.write(action.table, rows_to_arrow(action.pending))
+            positions = None
+            if self.stream.is_table and position is not None:
+                positions = [{"table": self.stream.datasource, "order_by": ["patterns_id"],
+                              "table_version": self._table_version or 1, "value": position,
+                              "last_id": None}]
+            state = {"window": self._windower.state() if self._windower else None,
+                     "rule": self.rule.id}
+            staged.commit(positions, state)
+        except BaseException:
+            staged.rollback()
+            raise
+        finally:
+            for action in tables:
+                action.pending.clear()
+        if position is not None:
+            self._committed_position = position
+
+    def _safe_position(self) -> Any:
+        """The last input position no buffered window pane still needs."""
+        oldest = self._windower.oldest_seq() if self._windower is not None else None
+        position = self._committed_position
+        while self._positions and (oldest is None or self._positions[0][0] < oldest):
+            _, pos = self._positions.popleft()
+            if pos is not None:
+                position = pos
+        return position
+
+    # -- status
+    def snapshot(self) -> dict[str, Any]:
+        data = {"id": self.rule.id, "status": self.status, **asdict(self.metrics)}
+        data["queued"] = len(self._queue)
+        if self.compiled and self.compiled.functions:
+            data["function_processes"] = {
+                s.symbol: self.manager.function_pool(s.symbol, self.processes).size
+                for s in self.compiled.functions
+            }
+        return data
+
+    def log_lines(self) -> list[str]:
+        return [line for a in self.actions if isinstance(a, _LogAction) for line in a.lines]
+
+    def _save_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_status_save < 2.0:
+            return
+        self._last_status_save = now
+        try:
+            with self.store.transaction() as tx:
+                tx.set_state(status_key(self.rule.id), self.snapshot())
+                tx.commit()
+        except Exception as exc:  # noqa: BLE001 - status is best effort
+            log.debug("rule %s: saving status: %s", self.rule.id, exc)
+
+
+# -- the engine --------------------------------------------------------------------------
+
+
+@dataclass
+class _Known:
+    rule: RuleDef
+    desired: str = "running"
+    created_at: str = field(default_factory=_now_iso)
+
+
+class RuleEngine:
+    """Rule definitions in the app store, and the rules running in this process.
+
+    Used by the CLI (create/list/start/stop/delete/status, optionally running
+    rules in the foreground) and by ``stepwell serve``, which calls
+    :meth:`start_all` at start-up and :meth:`stop_all` at shutdown.
+    """
+
+    def __init__(self, app_root: Path, store: Store, *, manager: PluginManager | None = None,
+                 stream_files: Iterable[str] = ()) -> None:
+        self.app_root = Path(app_root).resolve()
+        self.store = store
+        self.manager = manager or shared_manager(self.app_root)
+        self.streams: dict[str, StreamDef] = {}
+        self.running: dict[str, RuleRuntime] = {}
+        self._lock = threading.RLock()
+        for relative in stream_files:
+            self.add_stream(load_stream_file(self.app_root / relative))
+
+    @classmethod
+    def for_app(cls, app: Any, store: Store, *, manager: PluginManager | None = None) -> RuleEngine:
+        """An engine for a loaded app spec (its ``streams:`` files are read)."""
+        return cls(app.root, store, manager=manager, stream_files=list(app.streams or []))
+
+    def add_stream(self, stream: StreamDef) -> None:
+        self.streams[stream.name] = stream
+
+    # -- definitions
+    def _ids(self) -> list[str]:
+        return list(self.store.get_state(INDEX_KEY).get("ids", []))
+
+    def _set(self, updates: dict[str, dict[str, Any]]) -> None:
+        with self.store.transaction() as tx:
+            for key, value in updates.items():
+                tx.set_state(key, value)
+            tx.commit()
+
+    def _known(self, rule_id: str) -> _Known:
+        data = self.store.get_state(def_key(rule_id))
+        if not data.get("definition"):
+            raise RuleError(f"no rule {rule_id!r} (rules: {', '.join(self._ids()) or 'none'}); "
+                            "create it with `stepwell rule create APP FILE.json`")
+        return _Known(parse_rule(data["definition"], f"rule {rule_id}"), data.get("desired", "stopped"),
+                      data.get("created_at", ""))
+
+    def compile(self, rule: RuleDef) -> CompiledRule:
+        """Compile a rule's SQL, checking its stream, functions and actions."""
+        where = f"rule {rule.id!r}"
+        compiled = compile_rule(
+            rule.sql,
+            rule_id=rule.id,
+            is_plugin_function=lambda name: name in self._function_symbols(),
+            is_aggregate_function=lambda name: self.manager.function_pool(
+                name, rule.options.get("functionProcesses")).is_aggregate(),
+            where=where,
+        )
+        stream = self.streams.get(compiled.stream)
+        if stream is None:
+            raise RuleError(f"{where}: stream {compiled.stream!r} is not defined (streams: "
+                            f"{', '.join(sorted(self.streams)) or 'none'}); list its file under "
+                            "`streams:` in stepwell.yml")
+        if not stream.is_table:
+            self.manager.plugin_for("source", stream.type)
+        for kind, _props in rule.actions:
+            if kind not in ("log", "table"):
+                self.manager.plugin_for("sink", kind)
+        for site in compiled.functions:
+            problem = self.manager.function_pool(
+                site.symbol, rule.options.get("functionProcesses")).validate(site.arg_nodes)
+            if problem is not None:
+                raise RuleError(f"{where}: function {site.symbol}(): {problem}")
+        return compiled
+
+    def _function_symbols(self) -> set[str]:
+        if not hasattr(self, "_fn_cache"):
+            self._fn_cache = set(self.manager.function_symbols())
+        return self._fn_cache
+
+    def create(self, definition: RuleDef | dict[str, Any], *, replace: bool = False,
+               start: bool | None = None) -> RuleDef:
+        """Validate and store a rule; it is marked running unless ``"triggered": false``."""
+        triggered = True
+        if isinstance(definition, dict):
+            triggered = definition.get("triggered", True) is not False
+            definition = parse_rule(definition)
+        rule = definition
+        with self._lock:
+            ids = self._ids()
+            if rule.id in ids and not replace:
+                raise RuleError(f"rule {rule.id!r} already exists; delete it first or update it")
+            self.compile(rule)
+            desired = "running" if (start if start is not None else triggered) else "stopped"
+            if rule.id in self.running:
+                self.running.pop(rule.id).stop()
+            self._set({
+                INDEX_KEY: {"ids": sorted({*ids, rule.id})},
+                def_key(rule.id): {"definition": rule.to_json(), "desired": desired,
+                                   "created_at": _now_iso()},
+            })
+        return rule
+
+    def create_from_file(self, path: Path, *, replace: bool = False) -> RuleDef:
+        data = json.loads(Path(path).read_text()) if Path(path).is_file() else None
+        if data is None:
+            raise RuleError(f"{path}: no such rule file")
+        load_rule_file(path)  # precise errors with the file name
+        return self.create(data, replace=replace)
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for rule_id in self._ids():
+            try:
+                known = self._known(rule_id)
+            except RuleError:
+                continue
+            out.append({"id": rule_id, "status": self._status_word(rule_id, known),
+                        "sql": known.rule.sql})
+        return out
+
+    def _status_word(self, rule_id: str, known: _Known) -> str:
+        runtime = self.running.get(rule_id)
+        if runtime is not None:
+            return runtime.status
+        return known.desired
+
+    def start(self, rule_id: str, *, run_here: bool = True) -> None:
+        """Mark the rule running and (``run_here``) start it in this process."""
+        with self._lock:
+            known = self._known(rule_id)
+            self._set({def_key(rule_id): {"definition": known.rule.to_json(), "desired": "running",
+                                          "created_at": known.created_at}})
+            if run_here and rule_id not in self.running:
+                self._launch(known.rule)
+
+    def _launch(self, rule: RuleDef) -> RuleRuntime:
+        compiled = self.compile(rule)
+        runtime = RuleRuntime(self, rule, self.streams[compiled.stream])
+        runtime.start()
+        self.running[rule.id] = runtime
+        return runtime
+
+    def stop(self, rule_id: str) -> None:
+        with self._lock:
+            known = self._known(rule_id)
+            runtime = self.running.pop(rule_id, None)
+            if runtime is not None:
+                runtime.stop()
+            self._set({def_key(rule_id): {"definition": known.rule.to_json(), "desired": "stopped",
+                                          "created_at": known.created_at}})
+
+    def delete(self, rule_id: str) -> None:
+        with self._lock:
+            self._known(rule_id)
+            runtime = self.running.pop(rule_id, None)
+            if runtime is not None:
+                runtime.stop()
+            self._set({
+                INDEX_KEY: {"ids": [i for i in self._ids() if i != rule_id]},
+                def_key(rule_id): {},
+                status_key(rule_id): {},
+            })
+
+    def status(self, rule_id: str) -> dict[str, Any]:
+        known = self._known(rule_id)
+        runtime = self.running.get(rule_id)
+        if runtime is not None:
+            data = runtime.snapshot()
+        else:
+            data = dict(self.store.get_state(status_key(rule_id)) or {})
+            data["id"] = rule_id
+            data["status"] = "stopped" if known.desired == "stopped" else "not running"
+        data["desired"] = known.desired
+        data["sql"] = known.rule.sql
+        data["actions"] = [kind for kind, _ in known.rule.actions]
+        return data
+
+    def runtime(self, rule_id: str) -> RuleRuntime:
+        runtime = self.running.get(rule_id)
+        if runtime is None:
+            raise RuleError(f"rule {rule_id!r} is not running in this process")
+        return runtime
+
+    def notify(self, table: str) -> None:
+        """New rows were committed to ``table``: wake the rules that stream it."""
+        for runtime in list(self.running.values()):
+            if runtime.stream.is_table and runtime.stream.datasource == table:
+                runtime.notify()
+
+    # -- whole app
+    def start_all(self, app: Any = None, *, on_error: Callable[[str, Exception], None] | None = None) -> list[str]:
+        """Install listed plugins, (re)create listed rules, start every rule marked running.
+
+        Returns the ids started. A rule that fails to start is reported through
+        ``on_error`` (default: logged) and the others still start.
+        """
+        if app is not None:
+            self.manager.install_listed(list(app.plugins or []))
+            for relative in app.rules or []:
+                rule = load_rule_file(self.app_root / relative)
+                try:
+                    existing = self._known(rule.id)
+                    if existing.rule.to_json() == rule.to_json():
+                        continue
+                except RuleError:
+                    pass
+                self.create(rule, replace=True, start=True)
+        started = []
+        for rule_id in self._ids():
+            try:
+                known = self._known(rule_id)
+                if known.desired == "running" and rule_id not in self.running:
+                    self._launch(known.rule)
+                    started.append(rule_id)
+            except (RuleError, StreamError, Exception) as exc:  # noqa: BLE001
+                if on_error is not None:
+                    on_error(rule_id, exc)
+                else:
+                    log.error("rule %s could not start: %s", rule_id, exc)
+        return started
+
+    def stop_all(self, *, stop_plugins: bool = True) -> None:
+        """Stop every running rule (their desired state is kept) and the plugin processes."""
+        with self._lock:
+            runtimes, self.running = list(self.running.values()), {}
+        for runtime in runtimes:
+            try:
+                runtime.stop()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("rule %s: stop: %s", runtime.rule.id, exc)
+        if stop_plugins:
+            self.manager.stop_all()
+
+
+def start_rules(app: Any, store: Store, say: Callable[[str], None] | None = None) -> RuleEngine | None:
+    """``stepwell serve``'s hook: install the app's listed plugins and start its rules.
+
+    Returns the engine (call ``stop_all()`` at shutdown), or None when the app
+    lists no plugins, streams or rules and has no stored rules.
+    """
+    if not (app.plugins or app.streams or app.rules or store.get_state(INDEX_KEY).get("ids")):
+        return None
+    engine = RuleEngine.for_app(app, store)
+
+    def report(rule_id: str, exc: Exception) -> None:
+        message = f"rule {rule_id} could not start: {exc}"
+        log.error(message)
+        if say is not None:
+            say(message)
+
+    started = engine.start_all(app, on_error=report)
+    if say is not None and started:
+        say(f"rules running: {', '.join(started)}")
+    return engine

@@ -1,0 +1,155 @@
+"""A plugin written with the real ekuiper SDK, used by stepwell's compatibility tests."""
+
+import json
+import os
+import time
+from typing import Any
+
+from ekuiper import Context, Function, PluginConfig, Sink, Source, plugin
+
+
+class Counter(Source):
+    """Emits ``count`` numbered events, ``interval`` ms apart, then waits for close."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self.datasource = ""
+        self.conf: dict = {}
+
+    def configure(self, datasource: str, conf: dict) -> None:
+        self.datasource = datasource
+        self.conf = conf
+
+    def open(self, ctx: Context) -> None:
+        count = int(self.conf.get("count", 5))
+        interval = float(self.conf.get("interval", 10)) / 1000
+        start = int(self.conf.get("start_ts", 1_700_000_000_000))
+        step = int(self.conf.get("step", 1000))
+        for i in range(count):
+            if not self.running:
+                return
+            event = {"id": i, "value": i * 10, "ts": start + i * step,
+                     "grp": "a" if i % 2 == 0 else "b", "topic": self.datasource,
+                     "pid": os.getpid()}
+            ctx.emit(event, {"seq": i, "conf": self.conf.get("datasource")})
+            if interval:
+                time.sleep(interval)
+        if self.conf.get("error_at_end"):
+            ctx.emit_error("counter finished")
+        while self.running:
+            time.sleep(0.02)
+
+    def close(self, ctx: Context) -> None:
+        self.running = False
+
+
+class Collect(Sink):
+    """Appends every payload to the file ``path``; acks each one (errors for "bad" rows)."""
+
+    def __init__(self) -> None:
+        self.path = ""
+
+    def configure(self, conf: dict) -> None:
+        self.path = conf["path"]
+
+    def open(self, ctx: Context) -> None:
+        with open(self.path + ".opened", "a") as f:
+            f.write(f"{ctx.get_rule_id()} {ctx.get_op_id()} {os.getpid()}\n")
+
+    def collect(self, ctx: Context, data: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(data.decode() + "\n")
+        if b'"bad"' in data:
+            ctx.ack_error("bad row refused")
+        else:
+            ctx.ack_ok()
+
+    def close(self, ctx: Context) -> None:
+        with open(self.path + ".closed", "a") as f:
+            f.write(f"{ctx.get_rule_id()}\n")
+
+
+class RevStr(Function):
+    def validate(self, args: list[Any]) -> str:
+        return "" if len(args) == 1 else "revstr takes exactly 1 argument"
+
+    def exec(self, args: list[Any], ctx: Context) -> Any:
+        return str(args[0])[::-1] if args[0] is not None else None
+
+    def is_aggregate(self) -> bool:
+        return False
+
+
+class Scale(Function):
+    def validate(self, args: list[Any]) -> str:
+        return "" if len(args) == 2 else "scale takes 2 arguments"
+
+    def exec(self, args: list[Any], ctx: Context) -> Any:
+        return args[0] * args[1]
+
+    def is_aggregate(self) -> bool:
+        return False
+
+
+class Spread(Function):
+    """Aggregate: max - min of the group's values."""
+
+    def validate(self, args: list[Any]) -> str:
+        return ""
+
+    def exec(self, args: list[Any], ctx: Context) -> Any:
+        values = [v for v in args[0] if v is not None]
+        return (max(values) - min(values)) if values else None
+
+    def is_aggregate(self) -> bool:
+        return True
+
+
+class WhoAmI(Function):
+    def validate(self, args: list[Any]) -> str:
+        return ""
+
+    def exec(self, args: list[Any], ctx: Context) -> Any:
+        if args and args[0]:
+            time.sleep(float(args[0]))
+        return {"pid": os.getpid(), "rule": ctx.get_rule_id()}
+
+    def is_aggregate(self) -> bool:
+        return False
+
+
+class TmpFiles(Function):
+    def validate(self, args: list[Any]) -> str:
+        return ""
+
+    def exec(self, args: list[Any], ctx: Context) -> Any:
+        return sorted(n for n in os.listdir("/tmp") if n.endswith(".ipc"))
+
+    def is_aggregate(self) -> bool:
+        return False
+
+
+class Boom(Function):
+    """Kills its own process when called with true (crash tests)."""
+
+    def validate(self, args: list[Any]) -> str:
+        return ""
+
+    def exec(self, args: list[Any], ctx: Context) -> Any:
+        if args and args[0]:
+            os._exit(3)
+        return json.dumps(args)
+
+    def is_aggregate(self) -> bool:
+        return False
+
+
+if __name__ == "__main__":
+    c = PluginConfig(
+        "swtest",
+        {"counter": lambda: Counter()},
+        {"collect": lambda: Collect()},
+        {"revstr": lambda: RevStr(), "scale": lambda: Scale(), "spread": lambda: Spread(),
+         "whoami": lambda: WhoAmI(), "tmpfiles": lambda: TmpFiles(), "boom": lambda: Boom()},
+    )
+    plugin.start(c)

@@ -1,0 +1,376 @@
+"""Streams and rules: plugin source -> DuckDB rule -> sinks / log / tables, windows, exactly once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from plugin_helpers import PLUGIN_SRC, append_rows, make_app, sink_lines, wait_for
+from typer.testing import CliRunner
+
+from stepwell.cli import app as cli_app
+from stepwell.runtimes.plugin import PluginManager, install_plugin
+from stepwell.store import open_store
+from stepwell.streams import RuleEngine, RuleError, StreamError
+from stepwell.streams.parser import WindowSpec, compile_rule, parse_rule, parse_stream
+from stepwell.streams.windows import Event, make_windower
+
+pytestmark = pytest.mark.timeout(120)
+
+T0 = 1_700_000_000_000  # aligned to 10 s
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    root = make_app(tmp_path / "app")
+    install_plugin(root, PLUGIN_SRC)
+    store = open_store(None, root)
+    engine = RuleEngine(root, store, manager=PluginManager(root, processes=2))
+    engine.add_stream(parse_stream('CREATE STREAM demo () WITH (TYPE="counter", DATASOURCE="topicA")'))
+    engine.add_stream(parse_stream(
+        'CREATE STREAM readings (id BIGINT, v FLOAT, grp STRING, ts BIGINT) '
+        'WITH (TYPE="table", DATASOURCE="readings", TIMESTAMP="ts")'))
+    yield root, store, engine
+    engine.stop_all()
+    store.close()
+
+
+def rows_of(store, table: str, order: str = "patterns_id") -> list[dict]:
+    data = store.query(f"SELECT * EXCLUDE (patterns_id) FROM {table} ORDER BY {order}").to_pylist()
+    return data
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def test_stream_and_rule_parsing() -> None:
+    s = parse_stream('CREATE STREAM demo (id BIGINT, name STRING) WITH (TYPE="pyjson", '
+                     'DATASOURCE="topic", FORMAT="JSON", CONF_KEY="k", TIMESTAMP="ts");')
+    assert (s.name, s.type, s.datasource, s.conf_key, s.timestamp) == ("demo", "pyjson", "topic", "k", "ts")
+    assert s.fields == [("id", "bigint"), ("name", "string")]
+    with pytest.raises(StreamError, match="no TYPE option"):
+        parse_stream('CREATE STREAM d () WITH (DATASOURCE="x")')
+    with pytest.raises(StreamError, match="unknown type"):
+        parse_stream('CREATE STREAM d (a blob) WITH (TYPE="x")')
+    with pytest.raises(StreamError, match="actions"):
+        parse_rule({"id": "r", "sql": "SELECT 1 FROM d", "actions": []})
+    with pytest.raises(StreamError, match="field `id`"):
+        parse_rule({"id": "bad id", "sql": "SELECT 1", "actions": [{"log": {}}]})
+    with pytest.raises(StreamError, match="table needs"):
+        parse_rule({"id": "r", "sql": "SELECT 1", "actions": [{"table": {}}]})
+
+
+def test_rule_sql_compiles_windows_and_functions() -> None:
+    def is_fn(n: str) -> bool:
+        return n in ("revstr", "spread")
+
+    def is_agg(n: str) -> bool:
+        return n == "spread"
+
+    c = compile_rule('SELECT grp, spread(v) AS s, window_end() AS we FROM demo WHERE name = "x" '
+                     "GROUP BY grp, HOPPINGWINDOW(ss, 10, 5)", rule_id="r",
+                     is_plugin_function=is_fn, is_aggregate_function=is_agg)
+    assert c.window == WindowSpec("hopping", 10_000, 5_000)
+    assert c.functions[0].aggregate and "LIST(v)" in c.sql and "'x'" in c.sql
+    assert c.uses_window_bounds
+    for sql, window in [("SELECT * FROM d GROUP BY TUMBLINGWINDOW(mi, 1)", WindowSpec("tumbling", 60_000)),
+                        ("SELECT * FROM d GROUP BY SLIDINGWINDOW(ss, 5, 1)", WindowSpec("sliding", 5000, delay=1000)),
+                        ("SELECT * FROM d GROUP BY COUNTWINDOW(5, 2)", WindowSpec("count", 5, 2)),
+                        ("SELECT * FROM d GROUP BY SESSIONWINDOW(ss, 2, 60)", WindowSpec("session", 2000, 60_000))]:
+        assert compile_rule(sql, rule_id="r", is_plugin_function=is_fn,
+                            is_aggregate_function=is_agg).window == window
+    with pytest.raises(StreamError, match="need a window"):
+        compile_rule("SELECT count(*) FROM d", rule_id="r", is_plugin_function=is_fn,
+                     is_aggregate_function=is_agg)
+    with pytest.raises(StreamError, match="unknown time unit"):
+        compile_rule("SELECT * FROM d GROUP BY TUMBLINGWINDOW(yy, 1)", rule_id="r",
+                     is_plugin_function=is_fn, is_aggregate_function=is_agg)
+
+
+# -- windowers (deterministic timestamps) ---------------------------------------------------
+
+
+def _panes(spec: WindowSpec, stamps: list[int], watermark: int | None = None) -> list[list[int]]:
+    w = make_windower(spec)
+    out = []
+    for i, t in enumerate(stamps):
+        out += [[e.ts for e in p.events] for p in w.add(Event(t, {}, seq=i))]
+    if watermark is not None:
+        out += [[e.ts for e in p.events] for p in w.advance(watermark)]
+    return out
+
+
+def test_windowers() -> None:
+    stamps = [1000, 3000, 9000, 10_000, 15_000, 27_000]
+    assert _panes(WindowSpec("tumbling", 10_000), stamps, 30_000) == [
+        [1000, 3000, 9000], [10_000, 15_000], [27_000]]
+    assert _panes(WindowSpec("hopping", 10_000, 5000), stamps, 30_000) == [
+        [1000, 3000], [1000, 3000, 9000], [9000, 10_000], [10_000, 15_000], [15_000], [27_000]]
+    assert _panes(WindowSpec("sliding", 10_000), stamps) == [
+        [1000], [1000, 3000], [1000, 3000, 9000], [1000, 3000, 9000, 10_000],
+        [9000, 10_000, 15_000], [27_000]]
+    assert _panes(WindowSpec("count", 3), list(range(7))) == [[0, 1, 2], [3, 4, 5]]
+    assert _panes(WindowSpec("count", 3, 2), list(range(8))) == [[0, 1, 2], [2, 3, 4], [4, 5, 6]]
+    assert _panes(WindowSpec("session", 5000, 100_000), [1000, 2000, 4000, 12_000, 13_000], 20_000) == [
+        [1000, 2000, 4000], [12_000, 13_000]]
+    # a watermark short of the window end keeps it open; emitted windows never repeat
+    w = make_windower(WindowSpec("tumbling", 10_000))
+    w.add(Event(1000, {}))
+    assert w.advance(9999) == []
+    assert len(w.advance(10_000)) == 1
+    resumed = make_windower(WindowSpec("tumbling", 10_000), w.state())
+    resumed.add(Event(1000, {}))  # replayed event of an emitted window
+    assert resumed.advance(20_000) == [] and resumed.late == 1
+
+
+# -- plugin source -> rule -> sink / log / table -------------------------------------------------
+
+
+def test_source_rule_to_sink_log_and_table(env, tmp_path: Path) -> None:
+    root, store, engine = env
+    out = tmp_path / "sink.txt"
+    engine.create({"id": "r1", "sql": "SELECT id, revstr(topic) AS r, scale(value, 2) AS v2 "
+                   "FROM demo WHERE id >= 1",
+                   "actions": [{"collect": {"requireAck": True, "path": str(out)}}, {"log": {}},
+                               {"table": {"name": "doubled"}}]})
+    engine.start("r1")
+    wait_for(lambda: engine.status("r1")["records_out"] == 4)
+    runtime = engine.runtime("r1")
+    assert len(runtime.log_lines()) == 4
+    engine.stop("r1")
+    # eKuiper sends each result as a JSON array of rows (sendSingle false)
+    assert sink_lines(out) == [[{"id": i, "r": "Acipot", "v2": 20 * i}] for i in range(1, 5)]
+    assert rows_of(store, "doubled") == [{"id": i, "r": "Acipot", "v2": 20 * i} for i in range(1, 5)]
+    status = engine.status("r1")
+    assert status["records_in"] == 5 and status["records_out"] == 4 and status["acks_ok"] == 4
+    assert status["errors"] == 0 and status["status"] == "stopped"
+    assert Path(str(out) + ".closed").exists()  # stopping the rule closed the sink
+
+
+def test_ack_errors_and_send_single(env, tmp_path: Path) -> None:
+    root, store, engine = env
+    out = tmp_path / "acks.txt"
+    engine.create({"id": "acks", "sql": 'SELECT id, CASE WHEN id = 2 THEN "bad" ELSE "ok" END AS k FROM demo',
+                   "actions": [{"collect": {"requireAck": True, "sendSingle": True, "path": str(out)}}]})
+    engine.start("acks")
+    status = wait_for(lambda: (s := engine.status("acks"))["records_out"] == 5 and s)
+    assert status["acks_ok"] == 4 and status["acks_error"] == 1
+    assert status["errors"] == 1 and "bad row refused" in status["last_error"]
+    assert sink_lines(out)[0] == {"id": 0, "k": "ok"}  # sendSingle: one object per row
+
+
+def test_low_rate_latency_under_100ms(env, tmp_path: Path) -> None:
+    root, store, engine = env
+    engine.add_stream(parse_stream('CREATE STREAM slow () WITH (TYPE="counter", DATASOURCE="s", CONF_KEY="slow")'))
+    yaml = Path(engine.manager.plugin_for("source", "counter").folder) / "sources" / "counter.yaml"
+    yaml.write_text(yaml.read_text() + "slow:\n  count: 12\n  interval: 60\n")
+    engine.create({"id": "lat", "sql": "SELECT id FROM slow", "actions": [{"log": {}}]})
+    engine.start("lat")
+    status = wait_for(lambda: (s := engine.status("lat"))["records_out"] == 12 and s)
+    assert status["latency_ms_avg"] < 100, status
+    assert status["latency_ms_last"] < 100, status
+
+
+# -- table streams, windows, exactly once ---------------------------------------------------------
+
+
+def _readings(n: int, start: int = 0) -> list[dict]:
+    return [{"id": i, "v": float(i), "grp": "a" if i % 2 == 0 else "b", "ts": T0 + i * 1000}
+            for i in range(start, start + n)]
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [
+        ("TUMBLINGWINDOW(ss, 4)", [(0, 4, 4), (4, 8, 4)]),
+        ("HOPPINGWINDOW(ss, 4, 2)", [(-2, 2, 2), (0, 4, 4), (2, 6, 4), (4, 8, 4)]),
+        ("SLIDINGWINDOW(ss, 2)", [(t - 2, t, min(t, 1) + 1) for t in range(10)]),
+        ("COUNTWINDOW(3)", [(None, None, 3)] * 3),
+    ],
+)
+def test_table_stream_windows_event_time(env, window: str, expected: list) -> None:
+    root, store, engine = env
+    append_rows(store, "readings", _readings(10))
+    bounds = "window_start() AS ws, window_end() AS we, " if "COUNT" not in window else ""
+    engine.create({"id": "w", "sql": f"SELECT {bounds}count(*) AS c, sum(v) AS total, spread(v) AS sp "
+                   f"FROM readings GROUP BY {window}",
+                   "actions": [{"table": {"name": "win_out"}}],
+                   "options": {"isEventTime": True}})
+    engine.start("w")
+    wait_for(lambda: engine.status("w")["records_out"] >= len(expected))
+    engine.stop("w")
+    rows = rows_of(store, "win_out")
+    got = [((r["ws"] - T0) // 1000 if "ws" in r else None,
+            (r["we"] - T0) // 1000 if "we" in r else None, r["c"]) for r in rows]
+    assert got == expected
+    for r in rows:
+        assert r["sp"] == (r["c"] - 1 if "SLIDING" not in window else r["sp"])
+
+
+def test_group_by_key_in_window_and_having(env) -> None:
+    root, store, engine = env
+    append_rows(store, "readings", _readings(9))  # the event at 8 s closes window [4, 8)
+    engine.create({"id": "g", "sql": "SELECT grp, count(*) AS c, max(v) AS mx FROM readings "
+                   "GROUP BY grp, TUMBLINGWINDOW(ss, 4) HAVING mx > 2 ORDER BY grp",
+                   "actions": [{"table": {"name": "g_out"}}], "options": {"isEventTime": True}})
+    engine.start("g")
+    wait_for(lambda: engine.status("g")["records_out"] >= 3)
+    engine.stop("g")
+    assert rows_of(store, "g_out") == [
+        {"grp": "b", "c": 2, "mx": 3.0},
+        {"grp": "a", "c": 2, "mx": 6.0}, {"grp": "b", "c": 2, "mx": 7.0}]
+
+
+def test_table_rule_exactly_once_across_restarts(env) -> None:
+    root, store, engine = env
+    append_rows(store, "readings", _readings(5))
+    engine.create({"id": "copy", "sql": "SELECT id, v * 10 AS v10 FROM readings",
+                   "actions": [{"table": {"name": "copied"}}]})
+    engine.start("copy")
+    wait_for(lambda: engine.status("copy")["records_out"] == 5)
+    engine.stop("copy")
+    append_rows(store, "readings", _readings(5, start=5))
+    # a new engine (as after a host restart) resumes from the committed offset
+    engine2 = RuleEngine(root, store, manager=engine.manager)
+    engine2.streams = engine.streams
+    engine2.start("copy")
+    wait_for(lambda: engine2.status("copy")["records_out"] == 5)
+    append_rows(store, "readings", _readings(3, start=10))
+    engine2.notify("readings")
+    wait_for(lambda: engine2.status("copy")["records_out"] == 8)
+    engine2.stop("copy")
+    assert [r["id"] for r in rows_of(store, "copied", "id")] == list(range(13))
+    positions = store.get_positions("rule:copy")
+    assert positions and positions[0].table == "readings"
+
+
+def test_window_rule_exactly_once_after_restart(env) -> None:
+    root, store, engine = env
+    append_rows(store, "readings", _readings(6))  # windows [0,4) closes; [4,8) stays open
+    rule = {"id": "tw", "sql": "SELECT window_start() AS ws, count(*) AS c FROM readings "
+            "GROUP BY TUMBLINGWINDOW(ss, 4)", "actions": [{"table": {"name": "tw_out"}}],
+            "options": {"isEventTime": True}}
+    engine.create(rule)
+    engine.start("tw")
+    wait_for(lambda: engine.status("tw")["records_out"] == 1)
+    engine.stop("tw")
+    append_rows(store, "readings", _readings(6, start=6))
+    engine.start("tw")  # re-reads events 4.. (still needed by the open window), emits each window once
+    wait_for(lambda: len(rows_of(store, "tw_out")) == 2, timeout=5)
+    engine.stop("tw")
+    assert [((r["ws"] - T0) // 1000, r["c"]) for r in rows_of(store, "tw_out")] == [(0, 4), (4, 4)]
+
+
+# -- errors and CLI -----------------------------------------------------------------------------
+
+
+def test_rule_errors(env) -> None:
+    root, store, engine = env
+    with pytest.raises(RuleError, match="stream 'nostream' is not defined"):
+        engine.create({"id": "e1", "sql": "SELECT * FROM nostream", "actions": [{"log": {}}]})
+    with pytest.raises(RuleError, match="function revstr\\(\\): revstr takes exactly 1 argument"):
+        engine.create({"id": "e2", "sql": "SELECT revstr(id, 2) FROM demo", "actions": [{"log": {}}]})
+    with pytest.raises(Exception, match="no installed plugin provides a sink named 'mqtt'"):
+        engine.create({"id": "e3", "sql": "SELECT * FROM demo", "actions": [{"mqtt": {}}]})
+    with pytest.raises(RuleError, match="no rule 'zzz'"):
+        engine.status("zzz")
+    engine.create({"id": "ok", "sql": "SELECT * FROM demo", "actions": [{"log": {}}]})
+    with pytest.raises(RuleError, match="already exists"):
+        engine.create({"id": "ok", "sql": "SELECT * FROM demo", "actions": [{"log": {}}]})
+
+
+def test_rule_cli(tmp_path: Path) -> None:
+    root = make_app(tmp_path / "app", streams={
+        "readings": 'CREATE STREAM readings () WITH (TYPE="table", DATASOURCE="readings")'})
+    runner = CliRunner()
+    assert runner.invoke(cli_app, ["plugin", "install", str(root), str(PLUGIN_SRC)]).exit_code == 0
+    store = open_store(None, root)
+    append_rows(store, "readings", _readings(4))
+    store.close()
+    rule_file = tmp_path / "rule.json"
+    rule_file.write_text(json.dumps({"id": "cli1", "sql": "SELECT id, revstr(grp) AS g FROM readings",
+                                     "actions": [{"table": {"name": "cli_out"}}]}))
+    result = runner.invoke(cli_app, ["rule", "create", str(root), str(rule_file)])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    result = runner.invoke(cli_app, ["rule", "list", str(root), "--json"])
+    assert json.loads(result.output)[0]["id"] == "cli1"
+    result = runner.invoke(cli_app, ["rule", "start", str(root), "cli1", "--run-for", "1.5"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    status = json.loads(result.output)
+    assert status["records_in"] == 4 and status["records_out"] == 4 and status["errors"] == 0
+    result = runner.invoke(cli_app, ["rule", "status", str(root), "cli1"])
+    assert json.loads(result.output)["records_out"] == 4
+    assert runner.invoke(cli_app, ["rule", "stop", str(root), "cli1"]).exit_code == 0
+    result = runner.invoke(cli_app, ["rule", "list", str(root)])
+    assert "stopped" in result.output
+    assert runner.invoke(cli_app, ["rule", "delete", str(root), "cli1"]).exit_code == 0
+    result = runner.invoke(cli_app, ["rule", "status", str(root), "cli1"])
+    assert result.exit_code != 0 and "no rule 'cli1'" in str(result.exception)
+    store = open_store(None, root)
+    try:
+        assert sorted(r["g"] for r in store.query("SELECT g FROM cli_out").to_pylist()) == ["a", "a", "b", "b"]
+    finally:
+        store.close()
+
+
+def test_stepwell_serve_starts_listed_plugins_and_rules(tmp_path: Path) -> None:
+    import io
+    import shutil
+
+    from stepwell.server.context import ServerSettings
+    from stepwell.server.serve import Serving
+
+    root = make_app(tmp_path / "app", streams={
+        "readings": 'CREATE STREAM readings () WITH (TYPE="table", DATASOURCE="readings")'},
+        extra="plugins: [plugins/swtest]\nrules: [rules/copy.json]\n")
+    shutil.copytree(PLUGIN_SRC, root / "plugins" / "swtest")
+    (root / "rules").mkdir()
+    (root / "rules" / "copy.json").write_text(json.dumps(
+        {"id": "served", "sql": "SELECT id, revstr(grp) AS g FROM readings",
+         "actions": [{"table": {"name": "served_out"}}, {"log": {}}]}))
+    store = open_store(None, root)
+    append_rows(store, "readings", _readings(3))
+    store.close()
+    serving = Serving(str(root), settings=ServerSettings.from_env({}, host="127.0.0.1", port=0),
+                      out=io.StringIO())
+    serving.start_in_thread()
+    try:
+        engine = serving.rules
+        assert engine is not None
+        wait_for(lambda: engine.status("served")["records_out"] == 3)
+    finally:
+        serving.stop()
+    assert "rules running: served" in serving.out.getvalue()
+
+
+@pytest.mark.postgres
+def test_rules_and_sql_step_functions_on_postgres(tmp_path: Path, make_pg_database) -> None:
+    from apputil import run_app
+
+    url = make_pg_database()
+    root = make_app(tmp_path / "app", streams={
+        "readings": 'CREATE STREAM readings () WITH (TYPE="table", DATASOURCE="readings")'},
+        extra="tables: [{name: readings}]\nsteps:\n  - name: rev\n    sql: rev.sql\n    output: rev_out\n")
+    (root / "rev.sql").write_text("SELECT id, revstr(grp) AS g FROM readings ORDER BY id")
+    install_plugin(root, PLUGIN_SRC)
+    store = open_store(url, root)
+    engine = RuleEngine.for_app(__import__("stepwell.app", fromlist=["load_app"]).load_app(root), store)
+    try:
+        append_rows(store, "readings", _readings(4))
+        engine.create({"id": "pg", "sql": "SELECT id, scale(id, 10) AS x FROM readings",
+                       "actions": [{"table": {"name": "pg_out"}}]})
+        engine.start("pg")
+        wait_for(lambda: engine.status("pg")["records_out"] == 4)
+        engine.stop("pg")
+        assert [r["x"] for r in store.query("SELECT x FROM pg_out ORDER BY x").to_pylist()] == [0, 10, 20, 30]
+    finally:
+        engine.stop_all()
+        store.close()
+    runs = run_app(root, store_url=url)
+    assert [r.status for r in runs] == ["succeeded"], runs[0].error
+    store = open_store(url, root)
+    try:
+        assert [r["g"] for r in store.query("SELECT g FROM rev_out ORDER BY id").to_pylist()] == ["a", "b", "a", "b"]
+    finally:
+        store.close()

@@ -1,0 +1,650 @@
+"""`stepwell serve` end to end: a real uvicorn server on a free loopback port,
+real worker processes, real stores (DuckDB, and PostgreSQL where marked)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from apputil import cli, write_app
+from serverutil import (
+    ServerProcess,
+    ThreadServer,
+    runs_of,
+    table_rows,
+    wait_for,
+    wait_run,
+)
+
+from stepwell.engine.scheduler import BOOKKEEPING_KEY
+from stepwell.store import open_store
+
+HOOK_SECRET = "s3cret-hook-token-value"
+
+PIPELINE = {
+    "stepwell.yml": """
+        title: hooks
+        tables: [{name: messages}, {name: enriched}]
+        webhooks:
+          - name: ingest
+            table: messages
+          - name: secured
+            table: messages
+            token: "${{ secrets.hook_token }}"
+        steps:
+          - name: enrich
+            node: enrich.py
+            inputs: {messages: messages}
+            outputs: {enriched: enriched}
+            trigger: upstream
+            parameters: {api_key: "${{ secrets.hook_token }}"}
+    """,
+    "enrich.py": """
+        from patterns import Table
+        out = Table("enriched", "w")
+        count = 0
+        for record in Table("messages").as_stream().consume_records():
+            out.append({"n": record["n"], "double": record["n"] * 2, "source": record["patterns_id"]})
+            count += 1
+        print(f"enriched {count}")
+    """,
+}
+
+STEPS = {
+    "stepwell.yml": """
+        title: steps
+        tables: [{name: out}]
+        steps:
+          - name: slow
+            node: slow.py
+            parameters: {seconds: 1.5}
+          - name: chatty
+            node: chatty.py
+          - name: again
+            node: again.py
+          - name: stuck
+            node: stuck.py
+    """,
+    "slow.py": """
+        import time
+        from patterns import Parameter, Table
+        time.sleep(Parameter("seconds", type=float))
+        Table("out", "w").append({"step": "slow"})
+    """,
+    "chatty.py": """
+        import time
+        for i in range(5):
+            print(f"line {i}", flush=True)
+            time.sleep(0.4)
+    """,
+    "again.py": """
+        from patterns import State
+        state = State()
+        n = state.get_value("n", 0)
+        state.set_value("n", n + 1)
+        if n == 0:
+            state.request_new_run(wait_atleast_seconds=1.5)
+    """,
+    "stuck.py": """
+        import time
+        from patterns import Table
+        Table("out", "w").append({"step": "stuck"})
+        print("wrote a row, now waiting", flush=True)
+        time.sleep(120)
+    """,
+}
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "STEPWELL_SECRET_HOOK_TOKEN": HOOK_SECRET}
+
+
+def _iso(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+def _no_overlap(runs: list[dict]) -> None:
+    for before, after in zip(runs, runs[1:], strict=False):
+        assert _iso(after["started_at"]) >= _iso(before["ended_at"]), (before, after)
+
+
+@pytest.fixture
+def pipeline(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPWELL_SECRET_HOOK_TOKEN", HOOK_SECRET)
+    return write_app(tmp_path / "hooks", PIPELINE)
+
+
+@pytest.fixture
+def steps_app(tmp_path):
+    return write_app(tmp_path / "steps", STEPS)
+
+
+# -- webhook -> row -> upstream step -> output ----------------------------------------------
+def _webhook_pipeline(server, client: httpx.Client) -> None:
+    posted = client.post("/api/webhooks/ingest", json={"n": 1})
+    assert posted.status_code == 202, posted.text
+    body = posted.json()
+    assert body["table"] == "messages" and body["rows"] == 1 and len(body["ids"]) == 1
+    many = client.post("/api/webhooks/ingest", json=[{"n": 2}, {"n": 3}, {"n": 4}])
+    assert many.status_code == 202 and len(many.json()["ids"]) == 3
+    ids = body["ids"] + many.json()["ids"]
+    # rows are committed before the response: visible at once
+    stored = table_rows(client, "messages")
+    assert sorted(r["patterns_id"] for r in stored) == sorted(ids)
+    # the upstream step runs by itself, pushed by the commit
+    out = wait_for(lambda: len(table_rows(client, "enriched")) == 4 and table_rows(client, "enriched"),
+                   60, what="enriched rows")
+    assert sorted(r["double"] for r in out) == [2, 4, 6, 8]
+    assert sorted(r["source"] for r in out) == sorted(ids)
+    runs = runs_of(client, "enrich")
+    assert runs and {r["trigger"] for r in runs} == {"upstream"}
+    assert all(r["status"] in ("succeeded", "succeeded_no_data") for r in runs)
+    _no_overlap([r for r in runs if r["ended_at"]])
+
+
+def test_webhook_row_upstream_step_output_duckdb(pipeline):
+    with ServerProcess(pipeline) as server, server.client() as client:
+        _webhook_pipeline(server, client)
+
+
+@pytest.mark.postgres
+def test_webhook_row_upstream_step_output_postgres(pipeline, make_pg_database):
+    url = make_pg_database()
+    with ServerProcess(pipeline, "--store", url) as server, server.client() as client:
+        _webhook_pipeline(server, client)
+        assert client.get("/api/health").json()["store"] == "postgresql"
+        app = client.get("/api/app").json()
+        assert "postgres@" in app["store"]
+    store = open_store(url, pipeline)
+    try:
+        assert store.table_info("enriched").row_count == 4
+    finally:
+        store.close()
+
+
+def test_webhook_bad_bodies_give_json_errors_and_lose_nothing(pipeline):
+    with ThreadServer(pipeline) as server, server.client() as client:
+        bad = client.post("/api/webhooks/ingest", content=b"{not json")
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "bad_request"
+        assert "not JSON" in bad.json()["error"]["message"]
+        scalar = client.post("/api/webhooks/ingest", json=[{"n": 1}, 5])
+        assert scalar.status_code == 422
+        assert "element 1" in scalar.json()["error"]["message"]
+        unknown = client.post("/api/webhooks/nope", json={})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["message"] == "no webhook 'nope' (webhooks: ingest, secured)"
+        assert client.post("/api/webhooks/ingest", json={"n": 1}).status_code == 202
+        # a value that does not fit the column: this post fails, concurrent good ones do not
+        results: list[int] = []
+
+        def post(body: dict) -> None:
+            results.append(client.post("/api/webhooks/ingest", json=body).status_code)
+
+        threads = [threading.Thread(target=post, args=({"n": i},)) for i in range(2, 12)]
+        threads.append(threading.Thread(target=post, args=({"n": "not a number"},)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [202] * 10 + [422]
+        assert sorted(r["n"] for r in table_rows(client, "messages")) == list(range(1, 12))
+        assert client.post("/api/webhooks/ingest", json=[]).json()["ids"] == []
+
+
+# -- triggers ----------------------------------------------------------------------------
+def test_cron_per_second_runs_never_overlap(tmp_path):
+    app = write_app(tmp_path / "cron", {
+        "stepwell.yml": """
+            steps:
+              - name: tick
+                node: tick.py
+                trigger: "* * * * * *"
+        """,
+        "tick.py": """
+            import time
+            time.sleep(1.2)
+        """,
+    })
+    with ThreadServer(app) as server, server.client() as client:
+        step = client.get("/api/steps/tick").json()
+        assert step["trigger"] == "* * * * * *" and step["next_tick"]
+        runs = wait_for(lambda: [r for r in runs_of(client, "tick") if r["ended_at"]][:3]
+                        if len([r for r in runs_of(client, "tick") if r["ended_at"]]) >= 3 else None,
+                        30, what="three cron runs")
+    assert {r["trigger"] for r in runs} == {"cron"}
+    _no_overlap(runs)
+
+
+def test_missed_cron_ticks_run_once_after_restart(tmp_path):
+    app = write_app(tmp_path / "hourly", {
+        "stepwell.yml": """
+            steps:
+              - name: hourly
+                node: hourly.py
+                trigger: "0 * * * *"
+        """,
+        "hourly.py": "print('tick')\n",
+    })
+    with ThreadServer(app) as server, server.client() as client:
+        time.sleep(1.0)
+        assert runs_of(client, "hourly") == []  # a new schedule has missed nothing
+    store = open_store(None, app)
+    try:
+        book = store.get_state(BOOKKEEPING_KEY)
+        assert book["cron"]["hourly"]["expr"] == "0 * * * *"
+        book["cron"]["hourly"]["last_tick"] = time.time() - 5 * 3600  # five ticks missed
+        with store.transaction() as tx:
+            tx.set_state(BOOKKEEPING_KEY, book)
+            tx.commit()
+    finally:
+        store.close()
+    with ThreadServer(app) as server, server.client() as client:
+        runs = wait_for(lambda: runs_of(client, "hourly"), 30, what="the missed-tick run")
+        wait_run(client, runs[0]["id"])
+        time.sleep(1.0)
+        runs = runs_of(client, "hourly")
+        assert len(runs) == 1 and runs[0]["trigger"] == "cron"
+        assert runs[0]["status"] == "succeeded_no_data"
+    with ThreadServer(app) as server, server.client() as client:
+        time.sleep(1.5)
+        assert len(runs_of(client, "hourly")) == 1  # not again on the next restart
+    store = open_store(None, app)
+    try:
+        last = store.get_state(BOOKKEEPING_KEY)["cron"]["hourly"]["last_tick"]
+    finally:
+        store.close()
+    now = time.time()
+    assert now - 3600 < last <= now and int(last) % 3600 == 0  # the latest missed tick
+
+
+def test_triggers_coalesce_and_a_step_never_runs_twice_at_once(steps_app):
+    with ThreadServer(steps_app) as server, server.client() as client:
+        tickets = [client.post("/api/runs", json={"step": "slow"}).json() for _ in range(5)]
+        assert [t["coalesced"] for t in tickets] == [False, False, True, True, True]
+        assert len({t["run_id"] for t in tickets[1:]}) == 1
+        queued = client.get(f"/api/runs/{tickets[1]['run_id']}").json()
+        assert queued["status"] == "queued"
+        assert client.get("/api/steps/slow").json()["queued_run"] == tickets[1]["run_id"]
+        assert server.ctx.scheduler.wait_idle(60)
+        runs = runs_of(client, "slow")
+        assert [r["id"] for r in runs] == [tickets[0]["run_id"], tickets[1]["run_id"]]
+        assert all(r["status"] == "succeeded" for r in runs)
+        _no_overlap(runs)
+        assert len(table_rows(client, "out")) == 2
+
+
+def test_request_new_run_waits_at_least_the_requested_seconds(steps_app):
+    with ThreadServer(steps_app) as server, server.client() as client:
+        first = client.post("/api/runs", json={"step": "again"}).json()["run_id"]
+        wait_run(client, first)
+        runs = wait_for(lambda: len(runs_of(client, "again")) == 2 and runs_of(client, "again"),
+                        30, what="the requested run")
+        second = wait_run(client, runs[1]["id"])
+        assert second["trigger"] == "request_new_run" and second["status"] == "succeeded_no_data"
+        gap = _iso(second["started_at"]) - _iso(runs[0]["ended_at"])
+        assert gap.total_seconds() >= 1.5
+        time.sleep(0.5)
+        assert len(runs_of(client, "again")) == 2  # the second run asked for nothing
+
+
+def test_request_new_run_without_trigger_downstream_holds_readers_back(tmp_path):
+    app = write_app(tmp_path / "chain", {
+        "stepwell.yml": """
+            steps:
+              - name: produce
+                node: produce.py
+                outputs: {items: items}
+              - name: consume
+                node: consume.py
+                inputs: {items: items}
+                trigger: upstream
+        """,
+        "produce.py": """
+            from patterns import State, Table
+            state = State()
+            n = state.get_value("n", 0)
+            state.set_value("n", n + 1)
+            Table("items", "w").append({"n": n})
+            if n == 0:
+                state.request_new_run(trigger_downstream=False, wait_atleast_seconds=1)
+        """,
+        "consume.py": """
+            from patterns import Table
+            print(len(list(Table("items").as_stream().consume_records())))
+        """,
+    })
+    with ThreadServer(app) as server, server.client() as client:
+        client.post("/api/runs", json={"step": "produce"})
+        wait_for(lambda: runs_of(client, "consume"), 30, what="the reader's run")
+        assert server.ctx.scheduler.wait_idle(30)
+        produced = runs_of(client, "produce")
+        consumed = runs_of(client, "consume")
+        assert len(produced) == 2 and len(consumed) == 1
+        assert _iso(consumed[0]["started_at"]) >= _iso(produced[1]["ended_at"])
+        assert consumed[0]["rows_in"] == 2
+
+
+# -- live logs, cancel ---------------------------------------------------------------------
+def test_sse_streams_log_lines_live_then_the_end(steps_app):
+    with ThreadServer(steps_app) as server, server.client() as client:
+        run_id = client.post("/api/runs", json={"step": "chatty"}).json()["run_id"]
+        events: list[tuple[float, str, dict]] = []
+        with client.stream("GET", f"/api/runs/{run_id}/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            kind = None
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    events.append((time.monotonic(), kind, json.loads(line[5:])))
+                    if kind == "end":
+                        break
+        logs = [(t, e) for t, k, e in events if k == "log"]
+        assert [e["message"] for _, e in logs] == [f"line {i}" for i in range(5)]
+        assert [e["seq"] for _, e in logs] == list(range(5))
+        end_time, _, end = events[-1]
+        assert end["status"] == "succeeded_no_data" and end["id"] == run_id
+        assert end_time - logs[0][0] > 1.0  # the first line arrived while the run went on
+        # a finished run's stream replays the stored lines, then ends
+        with client.stream("GET", f"/api/runs/{run_id}/events") as response:
+            text = response.read().decode()
+        assert text.count("event: log") == 5 and text.rstrip().endswith("}")
+        assert "event: end" in text
+        missing = client.get("/api/runs/nope/events")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_cancel_running_and_queued_runs(steps_app):
+    with ThreadServer(steps_app) as server, server.client() as client:
+        running = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
+        queued = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
+        gone = client.post(f"/api/runs/{queued}/cancel")
+        assert gone.status_code == 202 and gone.json()["status"] == "cancelled"
+        with server.client() as events, events.stream("GET", f"/api/runs/{running}/events") as stream:
+            lines = stream.iter_lines()
+            for line in lines:  # follow the live log until the step has written its row
+                if line.startswith("data:") and "wrote a row" in line:
+                    break
+            started = time.monotonic()
+            stop = client.post(f"/api/runs/{running}/cancel")
+            assert stop.status_code == 202 and stop.json()["status"] == "cancelling", stop.text
+            ending = [line for line in lines if line.startswith("event:")]
+        assert ending[-1] == "event: end"
+        record = wait_run(client, running, 30)
+        assert time.monotonic() - started < 10
+        assert record["status"] == "cancelled" and "cancelled on request" in record["error"]
+        assert client.get(f"/api/runs/{queued}").json()["status"] == "cancelled"
+        assert table_rows(client, "out") == []  # the uncommitted row was rolled back
+        again = client.post(f"/api/runs/{running}/cancel")
+        assert again.status_code == 409 and "already ended" in again.json()["error"]["message"]
+        assert server.ctx.scheduler.wait_idle(10)
+
+
+# -- security ------------------------------------------------------------------------------
+def test_loopback_needs_no_token_but_webhook_tokens_hold(pipeline):
+    with ThreadServer(pipeline) as server, server.client() as client:
+        assert client.get("/api/health").status_code == 200
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/docs").status_code == 200
+        denied = client.post("/api/webhooks/secured", json={"n": 1})
+        assert denied.status_code == 401
+        assert denied.json()["error"]["code"] == "unauthorized"
+        wrong = client.post("/api/webhooks/secured", json={"n": 1},
+                            headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = client.post("/api/webhooks/secured", json={"n": 1},
+                         headers={"Authorization": f"Bearer {HOOK_SECRET}"})
+        assert ok.status_code == 202
+        # no endpoint shows a secret's value
+        for path in ("/api/app", "/api/webhooks", "/api/steps", "/api/steps/enrich", "/openapi.json"):
+            text = client.get(path).text
+            assert HOOK_SECRET not in text, path
+        hooks = {h["name"]: h for h in client.get("/api/webhooks").json()}
+        assert hooks["secured"]["has_token"] is True and hooks["ingest"]["has_token"] is False
+        step = client.get("/api/steps/enrich").json()
+        assert step["parameters"] == {"api_key": "${{ secrets.hook_token }}"}
+        assert step["secrets"] == ["hook_token"]
+
+
+def test_beyond_loopback_every_request_needs_the_token(pipeline):
+    with ThreadServer(pipeline, host="0.0.0.0") as server:
+        token = (pipeline / ".stepwell" / "token").read_text().strip()
+        assert len(token) >= 32
+        with server.client() as anonymous:
+            for method, path in (("GET", "/api/health"), ("GET", "/openapi.json"), ("GET", "/docs"),
+                                 ("GET", "/api/tables"), ("POST", "/api/runs"),
+                                 ("POST", "/api/webhooks/ingest"), ("GET", "/api/webhooks")):
+                response = anonymous.request(method, path, json={"n": 1})
+                assert response.status_code == 401, (method, path)
+                assert response.json()["error"]["code"] == "unauthorized"
+                assert response.headers["www-authenticate"] == "Bearer"
+            own = anonymous.post("/api/webhooks/secured", json={"n": 1},
+                                 headers={"Authorization": f"Bearer {HOOK_SECRET}"})
+            assert own.status_code == 202  # a webhook's own token is enough for it
+            assert anonymous.get("/api/health", headers={
+                "Authorization": f"Bearer {HOOK_SECRET}"}).status_code == 401
+        with server.client(token) as authed:
+            assert authed.get("/api/health").status_code == 200
+            assert authed.post("/api/webhooks/ingest", json={"n": 2}).status_code == 202
+        rotated = cli("token", str(pipeline), "--rotate")
+        assert rotated.returncode == 0, rotated.stderr
+        new_token = rotated.stdout.strip()
+        assert new_token != token and cli("token", str(pipeline)).stdout.strip() == new_token
+        with server.client(token) as old:
+            assert old.get("/api/health").status_code == 401
+        with server.client(new_token) as new:
+            assert new.get("/api/health").status_code == 200
+
+
+def test_request_size_limits(pipeline):
+    with ThreadServer(pipeline, max_webhook_bytes=2000, max_body_bytes=300) as server, \
+            server.client() as client:
+        big = [{"n": i, "pad": "x" * 50} for i in range(60)]
+        response = client.post("/api/webhooks/ingest", json=big)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+        assert "2000 bytes" in response.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: the limit applies while the body streams in
+            for i in range(60):
+                yield json.dumps({"n": i, "pad": "x" * 50}).encode()
+
+        streamed = client.post("/api/webhooks/ingest", content=chunks())
+        assert streamed.status_code == 413
+        assert client.post("/api/runs", json={"step": "x" * 400}).status_code == 413
+        assert client.post("/api/webhooks/ingest", json={"n": 1}).status_code == 202
+        assert len(table_rows(client, "messages")) == 1
+
+
+# -- the rest of the API -----------------------------------------------------------------------
+def test_api_resources(pipeline):
+    with ThreadServer(pipeline) as server, server.client() as client:
+        app = client.get("/api/app").json()
+        assert app["title"] == "hooks" and [s["name"] for s in app["steps"]] == ["enrich"]
+        assert app["tables"] == ["messages", "enriched"]
+        edges = {(e["source"], e["target"]) for e in app["graph"]["edges"]}
+        assert ("webhook:ingest", "table:messages") in edges
+        assert ("table:messages", "step:enrich") in edges
+        assert ("step:enrich", "table:enriched") in edges
+        assert client.get("/api/graph").json() == app["graph"]
+        step = client.get("/api/steps/enrich").json()
+        assert step["inputs"] == ["messages"] and step["trigger"] == "upstream"
+        missing = client.get("/api/steps/nope")
+        assert missing.status_code == 404 and "no step named 'nope'" in missing.json()["error"]["message"]
+
+        ids = client.post("/api/webhooks/ingest", json=[{"n": i} for i in range(5)]).json()["ids"]
+        assert server.ctx.scheduler.wait_idle(30)
+        tables = {t["name"]: t for t in client.get("/api/tables").json()["tables"]}
+        assert tables["messages"]["rows"] == 5 and tables["messages"]["columns"]["n"] == "int"
+        schema = client.get("/api/tables/messages").json()
+        assert schema["columns"] == {"n": "int", "patterns_id": "str"}
+        page = client.get("/api/tables/messages/rows", params={"limit": 2, "offset": 1}).json()
+        assert page["total"] == 5 and [r["patterns_id"] for r in page["rows"]] == ids[1:3]
+        nothing = client.get("/api/tables/nope")
+        assert nothing.status_code == 404
+        assert nothing.json()["error"]["message"].startswith("table 'nope' does not exist")
+
+        state = client.get("/api/steps/enrich/state").json()
+        assert state["stream_positions"][0]["table"] == "messages"
+        assert state["stream_positions"][0]["value"] == ids[-1]
+        changed = client.patch("/api/steps/enrich/state", json={"values": {"k": [1, 2]}}).json()
+        assert changed["state"] == {"k": [1, 2]} and changed["stream_positions"]
+        moved = client.put("/api/steps/enrich/positions", json={
+            "table": "messages", "order_by": ["patterns_id"], "table_version": 1,
+            "value": ids[2], "last_id": None}).json()
+        assert moved["stream_positions"][0]["value"] == ids[2]
+        reset = client.delete("/api/steps/enrich/state").json()
+        assert reset["state"] == {} and reset["stream_positions"] == []
+        assert client.get("/api/steps/enrich/partitions").json() == {"step": "enrich", "partitions": []}
+
+        new = client.post("/api/tables/enriched/reset").json()
+        assert new == {"table": "enriched", "version": 2}
+        versions = client.get("/api/tables/enriched/versions").json()["versions"]
+        assert [(v["version"], v["active"], v["row_count"]) for v in versions] == [(1, False, 5), (2, True, 0)]
+        client.post("/api/tables/messages/truncate")
+        assert client.get("/api/tables/messages").json()["rows"] == 0
+
+        loaded = client.post("/api/tables/extra/rows", json=[{"a": 1}, {"a": 2}])
+        assert loaded.json() == {"table": "extra", "rows": 2}
+        all_runs = client.get("/api/runs").json()["runs"]
+        assert all_runs and client.get("/api/runs", params={"status": "nope"}).json()["runs"] == []
+        assert client.get("/api/runs", params={"trigger": "upstream", "limit": 1}).json()["runs"]
+        detail = client.get(f"/api/runs/{all_runs[0]['id']}").json()
+        assert "traceback" in detail and "info" in detail
+        logs = client.get(f"/api/runs/{all_runs[-1]['id']}/logs").json()["lines"]
+        assert logs[-1]["message"] == "enriched 5"
+        bad = client.get("/api/runs", params={"limit": 0})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid"
+        assert client.get("/api/nothing").json()["error"]["code"] == "not_found"
+        health = client.get("/api/health").json()
+        assert health["status"] == "ok" and health["store"] == "duckdb"
+        spec = client.get("/openapi.json").json()
+        assert "/api/webhooks/{name}" in spec["paths"] and "/api/runs/{run_id}/events" in spec["paths"]
+
+
+def test_state_changes_wait_for_a_running_step(steps_app):
+    with ThreadServer(steps_app) as server, server.client() as client:
+        run_id = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
+        wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["status"] == "running", 30,
+                 what="the run to start")
+        busy = client.patch("/api/steps/slow/state", json={"values": {"a": 1}})
+        assert busy.status_code == 409 and "is running" in busy.json()["error"]["message"]
+        wait_run(client, run_id)
+        assert client.patch("/api/steps/slow/state", json={"values": {"a": 1}}).status_code == 200
+
+
+# -- shutdown and restart --------------------------------------------------------------------------
+def test_sigterm_lets_short_runs_finish_and_cancels_the_rest(steps_app):
+    server = ServerProcess(steps_app, "--shutdown-timeout", "3")
+    with server.client() as client:
+        stuck = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
+        slow = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
+        wait_for(lambda: all(client.get(f"/api/runs/{r}").json()["status"] == "running"
+                             for r in (stuck, slow)), 30, what="both runs to start")
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 30
+    assert not (steps_app / ".stepwell" / "server.json").exists()
+    assert "stepwell server stopped" in server.output()
+    store = open_store(None, steps_app)
+    try:
+        assert store.get_run(slow).status == "succeeded"
+        record = store.get_run(stuck)
+        assert record.status == "cancelled" and "server shut down" in record.error
+        rows = store.query('select step from "out"').to_pylist()
+        assert rows == [{"step": "slow"}]  # nothing of the cancelled run was kept
+    finally:
+        store.close()
+
+
+def test_restart_runs_what_was_queued_once(steps_app):
+    with ThreadServer(steps_app, shutdown_timeout=30) as server, server.client() as client:
+        first = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
+        second = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
+        wait_for(lambda: client.get(f"/api/runs/{first}").json()["status"] == "running", 30,
+                 what="the first run")
+    store = open_store(None, steps_app)
+    try:
+        assert store.get_run(first).status == "succeeded"  # finished within the timeout
+        assert store.get_run(second).status == "queued"  # kept for the next start
+    finally:
+        store.close()
+    with ThreadServer(steps_app) as server, server.client() as client:
+        record = wait_run(client, second)
+        assert record["status"] == "succeeded"
+        assert server.ctx.scheduler.wait_idle(30)
+        assert len(runs_of(client, "slow")) == 2
+
+
+# -- the CLI while a server runs ----------------------------------------------------------------------
+def test_cli_goes_through_the_api_while_serving_with_the_same_output(tmp_path, pipeline):
+    rows_file = tmp_path / "rows.json"
+    rows_file.write_text(json.dumps([{"n": 10}, {"n": 20}]))
+    app = str(pipeline)
+    with ServerProcess(pipeline, env=_env()) as server:
+        loaded = cli("load", app, "messages", str(rows_file), env=_env())
+        assert loaded.returncode == 0, loaded.stderr
+        assert "Loaded 2 rows into messages." in loaded.stdout
+        with server.client() as client:
+            wait_for(lambda: len(table_rows(client, "enriched")) == 2, 60, what="the upstream run")
+            assert server.info["pid"] == client.get("/api/health").json()["pid"]
+        ran = cli("run", app, "enrich", env=_env())
+        assert ran.returncode == 0, ran.stderr
+        assert "enrich" in ran.stdout and "succeeded" in ran.stdout
+        commands = [
+            ("tables", app, "--json"),
+            ("table", app, "enriched", "--json"),
+            ("table", app, "enriched"),
+            ("runs", app, "--json"),
+            ("state", app, "enrich"),
+        ]
+        remote = {c: cli(*c, env=_env()) for c in commands}
+        run_id = json.loads(remote[("runs", app, "--json")].stdout)[0]["id"]
+        remote[("logs",)] = cli("logs", app, run_id, env=_env())
+        changed = cli("state", app, "enrich", "--set", "k=5", env=_env())
+        assert json.loads(changed.stdout)["state"] == {"k": 5}
+        missing = cli("table", app, "nope", env=_env())
+        assert missing.returncode == 1
+        assert "error: table 'nope' does not exist" in missing.stderr
+        assert "Traceback" not in missing.stderr
+    local = {c: cli(*c, env=_env()) for c in commands}
+    local[("logs",)] = cli("logs", app, run_id, env=_env())
+    for command, result in remote.items():
+        assert result.returncode == 0, (command, result.stderr)
+        expected = local[command]
+        if command == ("state", app, "enrich"):
+            assert json.loads(result.stdout)["stream_positions"] == json.loads(expected.stdout)["stream_positions"]
+            continue
+        assert result.stdout == expected.stdout, command
+    assert len(json.loads(local[("table", app, "enriched", "--json")].stdout)) == 2
+
+
+def test_cli_run_reports_failures_through_the_api(tmp_path):
+    app = write_app(tmp_path / "fails", {
+        "stepwell.yml": """
+            steps:
+              - name: boom
+                node: boom.py
+        """,
+        "boom.py": "raise ValueError('bad input')\n",
+    })
+    with ServerProcess(app):
+        result = cli("run", str(app))
+    assert result.returncode == 1
+    assert "error: step 'boom' failed:" in result.stderr and "bad input" in result.stderr
+
+
+def test_a_second_server_for_the_same_app_is_refused(steps_app):
+    with ServerProcess(steps_app) as server:
+        result = cli("serve", str(steps_app), "--port", "0")
+        assert result.returncode == 1
+        assert f"a server already runs for this app at {server.url}" in result.stderr
