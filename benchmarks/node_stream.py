@@ -118,7 +118,7 @@ def main() -> None:
             sys.exit(proc.stderr)
         sw = json.loads(proc.stdout.strip().splitlines()[-1])
         assert sw["status"] == "succeeded", sw["error"]
-        worker_kb = int(next(l for l in sw["logs"] if l.startswith("worker_maxrss_kb")).split()[1])
+        worker_kb = int(next(x for x in sw["logs"] if x.startswith("worker_maxrss_kb")).split()[1])
         direct_seconds, direct_kb = direct(direct_db)
 
     rate, direct_rate = args.rows / sw["seconds"], args.rows / direct_seconds

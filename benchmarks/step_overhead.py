@@ -1,0 +1,267 @@
+"""Per-step overhead: 40 sequential light steps (``fib(10)``), end to end.
+
+Measured side by side in one run, on this machine:
+
+- a bare Python loop calling ``fib(10)`` 40 times (the work itself);
+- stepwell in-process (``Runner``): 40 node steps, each a fresh sandboxed
+  fork of the fork-server, with run records, logs and commits in DuckDB;
+- ``stepwell run`` through the CLI (a new host process: Python start-up, app
+  load, fork-server cold start, 40 steps), and its marginal cost per step
+  (40-step run minus 1-step run, divided by 39);
+- the sandbox alone: fork + isolation + a no-op worker round trip, and the
+  fork-server's cold start; and the same steps with ``STEPWELL_SANDBOX=none``
+  (a fresh ``python`` per step) for scale;
+- Prefect 3 running the same 40 tasks in a flow (``pip install 'stepwell[bench]'``;
+  if it is missing or fails, the reason is printed instead).
+
+Prints per-step overhead in ms and the ratios; writes
+``benchmarks/results/step_overhead.json``.
+
+    uv run --extra bench python benchmarks/step_overhead.py [--steps 40] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from _common import save, write_app
+
+FIB = """
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+"""
+
+NODE = FIB + "\nresult = fib(10)\n"
+
+PREFECT_SCRIPT = FIB + """
+import json, sys, time
+from prefect import flow, task
+
+steps = int(sys.argv[1])
+
+@task
+def fib_task(n):
+    return fib(n)
+
+@flow
+def light_steps():
+    for _ in range(steps):
+        fib_task(10)
+
+began = time.perf_counter()
+light_steps()  # the first flow also starts Prefect's local server
+cold = time.perf_counter() - began
+warm = []
+for _ in range(int(sys.argv[2])):
+    began = time.perf_counter()
+    light_steps()
+    warm.append(time.perf_counter() - began)
+print("RESULT " + json.dumps({"cold_s": cold, "warm_s": warm}))
+"""
+
+
+def fib(n: int) -> int:
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+def bare_loop(steps: int, repeat: int = 50) -> float:
+    """Seconds for ``steps`` calls of fib(10) (best of ``repeat``)."""
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.perf_counter()
+        for _ in range(steps):
+            fib(10)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def make_app(root: Path, steps: int) -> Path:
+    lines = ["title: light steps", "steps:"]
+    for i in range(steps):
+        lines += [f"  - name: s{i:02d}", "    node: fib.py"]
+    return write_app(root, {"stepwell.yml": "\n".join(lines) + "\n", "fib.py": NODE})
+
+
+def runner_seconds(app: Path, steps: int, sandbox: str, repeat: int) -> list[float]:
+    """Seconds to run all steps in-process through ``Runner`` (warm host, warm fork-server)."""
+    from stepwell.app import load_app
+    from stepwell.engine.app_run import run_steps, select_steps
+    from stepwell.engine.runner import Runner
+    from stepwell.store import open_store
+
+    spec = load_app(app)
+    store = open_store(None, spec.root)
+    try:
+        runner = Runner(spec, store, sandbox=sandbox)
+        names = select_steps(spec, None)[:steps]
+        runner.run_step(names[0])  # warm-up: fork-server start, first imports
+        times = []
+        for _ in range(repeat):
+            began = time.perf_counter()
+            runs = run_steps(runner, names)
+            times.append(time.perf_counter() - began)
+            bad = [r for r in runs if not r.status.startswith("succeeded")]
+            if bad:
+                raise SystemExit(f"step failed: {bad[0].error}")
+        return times
+    finally:
+        store.close()
+
+
+def cli_seconds(app: Path, steps: list[str] | None, env: dict[str, str]) -> float:
+    began = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "stepwell.cli", "run", str(app), *(steps or [])],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    seconds = time.perf_counter() - began
+    if result.returncode != 0:
+        raise SystemExit(f"stepwell run failed: {result.stderr}")
+    return seconds
+
+
+def sandbox_cycle(samples: int) -> dict[str, float]:
+    """The sandbox alone: fork + isolation + a no-op worker, and fork-server cold start."""
+    from stepwell.sandbox.launcher import ForkServerClient, WorkerLimits, forkserver, start_worker
+
+    fresh = ForkServerClient()
+    began = time.perf_counter()
+    fresh.ensure()
+    cold_ms = (time.perf_counter() - began) * 1000
+    internal_ms = float(fresh.info.get("startup_ms", 0.0))
+    fresh.shutdown()
+    forkserver().ensure()
+    results: dict[str, list[float]] = {"fork_ms": [], "isolate_and_run_ms": [], "total_ms": []}
+    for network in (True, False):
+        for i in range(samples + 3):
+            began = time.perf_counter()
+            worker = start_worker(Path("/"), limits=WorkerLimits(network=network))
+            forked = time.perf_counter()
+            worker.channel.send({"op": "start", "entry": "stepwell.sandbox.worker:ping"})
+            while worker.channel.recv()[0].get("op") != "done":
+                pass
+            worker.channel.send({"ok": True})
+            done = time.perf_counter()
+            worker.close()
+            if i >= 3 and not network:
+                results["fork_ms"].append((forked - began) * 1000)
+                results["isolate_and_run_ms"].append((done - forked) * 1000)
+                results["total_ms"].append((done - began) * 1000)
+    summary = {key: statistics.median(values) for key, values in results.items()}
+    summary.update(forkserver_cold_start_ms=cold_ms, forkserver_internal_startup_ms=internal_ms)
+    return summary
+
+
+def prefect_seconds(steps: int, repeat: int) -> dict[str, object]:
+    try:
+        import prefect  # noqa: F401
+    except ImportError:
+        return {"error": "Prefect is not installed: install the bench extra "
+                         "(uv run --extra bench python benchmarks/step_overhead.py)"}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="stepwell-prefect-") as home:
+        env = {
+            **os.environ,
+            "PREFECT_HOME": home,
+            "PREFECT_LOGGING_LEVEL": "ERROR",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+        }
+        env.pop("PREFECT_API_URL", None)
+        script = Path(home) / "bench_prefect.py"
+        script.write_text(textwrap.dedent(PREFECT_SCRIPT))
+        try:
+            result = subprocess.run(
+                [sys.executable, str(script), str(steps), str(repeat)],
+                capture_output=True, text=True, env=env, timeout=900,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"error": "Prefect did not finish within 900 s"}
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+    return {"error": f"Prefect run failed (exit {result.returncode}): " + " | ".join(tail)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-prefect", action="store_true")
+    args = parser.parse_args()
+    steps = args.steps
+
+    bare = bare_loop(steps)
+    with tempfile.TemporaryDirectory(prefix="stepwell-bench-") as tmp:
+        app = make_app(Path(tmp) / "app", steps)
+        in_process = runner_seconds(app, steps, "default", args.repeat)
+        unsandboxed = runner_seconds(app, min(steps, 10), "none", 1)[0] / min(steps, 10) * steps
+        env = {**os.environ}
+        env.pop("STEPWELL_SANDBOX", None)
+        cli_full = min(cli_seconds(app, None, env) for _ in range(args.repeat))
+        cli_one = min(cli_seconds(app, ["s00"], env) for _ in range(args.repeat))
+    cycle = sandbox_cycle(30)
+    prefect = {"skipped": True} if args.no_prefect else prefect_seconds(steps, args.repeat)
+
+    def per_step_ms(total: float) -> float:
+        return (total - bare) / steps * 1000
+
+    runner_ms = per_step_ms(min(in_process))
+    result: dict[str, object] = {
+        "steps": steps,
+        "bare_loop_total_ms": bare * 1000,
+        "bare_per_step_ms": bare / steps * 1000,
+        "runner_total_ms": min(in_process) * 1000,
+        "runner_overhead_per_step_ms": runner_ms,
+        "cli_total_ms": cli_full * 1000,
+        "cli_overhead_per_step_ms": per_step_ms(cli_full),
+        "cli_one_step_ms": cli_one * 1000,
+        "cli_marginal_per_step_ms": (cli_full - cli_one) / (steps - 1) * 1000 if steps > 1 else None,
+        "unsandboxed_subprocess_per_step_ms": per_step_ms(unsandboxed),
+        "sandbox_cycle": cycle,
+        "prefect": prefect,
+    }
+    warm = prefect.get("warm_s") if isinstance(prefect, dict) else None
+    if warm:
+        prefect_ms = per_step_ms(min(warm))
+        result["prefect_overhead_per_step_ms"] = prefect_ms
+        result["prefect_cold_total_ms"] = float(prefect["cold_s"]) * 1000
+        result["prefect_vs_stepwell_runner"] = prefect_ms / runner_ms
+        result["prefect_vs_stepwell_cli_marginal"] = prefect_ms / float(result["cli_marginal_per_step_ms"] or 1)
+    path = save("step_overhead", result)
+
+    print(f"{steps} sequential steps of fib(10)")
+    print(f"  bare Python loop           {bare * 1000:9.3f} ms total  ({bare / steps * 1e6:.1f} us per call)")
+    print(f"  stepwell Runner in-process {min(in_process) * 1000:9.1f} ms total  "
+          f"{runner_ms:6.2f} ms overhead per step")
+    print(f"  stepwell run (CLI)         {cli_full * 1000:9.1f} ms total  "
+          f"{per_step_ms(cli_full):6.2f} ms per step end to end, "
+          f"{result['cli_marginal_per_step_ms']:.2f} ms marginal per step "
+          f"(1-step run: {cli_one * 1000:.0f} ms)")
+    print(f"  sandbox alone              fork {cycle['fork_ms']:.2f} ms + isolation and no-op run "
+          f"{cycle['isolate_and_run_ms']:.2f} ms = {cycle['total_ms']:.2f} ms per run; "
+          f"fork-server cold start {cycle['forkserver_cold_start_ms']:.0f} ms once per host")
+    print(f"  without sandbox (python per step) {per_step_ms(unsandboxed):6.1f} ms overhead per step")
+    if warm:
+        print(f"  Prefect 3 flow, 40 tasks   {min(warm) * 1000:9.1f} ms total  "
+              f"{result['prefect_overhead_per_step_ms']:6.2f} ms overhead per task "
+              f"(first flow incl. server start {result['prefect_cold_total_ms']:.0f} ms)")
+        print(f"  ratio Prefect / stepwell   {result['prefect_vs_stepwell_runner']:.1f}x (in-process), "
+              f"{result['prefect_vs_stepwell_cli_marginal']:.1f}x (CLI marginal)")
+    elif isinstance(prefect, dict) and prefect.get("error"):
+        print(f"  Prefect: {prefect['error']}")
+    print(f"  ratio stepwell / bare loop {min(in_process) / bare:.0f}x")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
