@@ -8,7 +8,7 @@ endif
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen --all-groups
+	$(UV) sync --frozen --all-groups --extra spark
 
 demo: setup
 	rm -rf examples/quickstart/.stepwell
@@ -31,3 +31,5 @@ lint: setup
 bench: setup
 	$(UV) run python benchmarks/node_bulk.py
 	$(UV) run python benchmarks/node_stream.py
+	$(UV) run python benchmarks/connector_refresh.py
+	$(UV) run python benchmarks/webhook_load.py

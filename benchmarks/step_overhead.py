@@ -23,8 +23,10 @@ Prints per-step overhead in ms and the ratios; writes
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,7 +67,8 @@ for _ in range(int(sys.argv[2])):
     began = time.perf_counter()
     light_steps()
     warm.append(time.perf_counter() - began)
-print("RESULT " + json.dumps({"cold_s": cold, "warm_s": warm}))
+import prefect
+print("RESULT " + json.dumps({"cold_s": cold, "warm_s": warm, "version": prefect.__version__}))
 """
 
 
@@ -161,12 +164,7 @@ def sandbox_cycle(samples: int) -> dict[str, float]:
     return summary
 
 
-def prefect_seconds(steps: int, repeat: int) -> dict[str, object]:
-    try:
-        import prefect  # noqa: F401
-    except ImportError:
-        return {"error": "Prefect is not installed: install the bench extra "
-                         "(uv run --extra bench python benchmarks/step_overhead.py)"}  # fmt: skip
+def _run_prefect(command: list[str], steps: int, repeat: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="stepwell-prefect-") as home:
         env = {
             **os.environ,
@@ -176,11 +174,12 @@ def prefect_seconds(steps: int, repeat: int) -> dict[str, object]:
             "DO_NOT_TRACK": "1",
         }
         env.pop("PREFECT_API_URL", None)
+        env.pop("VIRTUAL_ENV", None)
         script = Path(home) / "bench_prefect.py"
         script.write_text(textwrap.dedent(PREFECT_SCRIPT))
         try:
             result = subprocess.run(
-                [sys.executable, str(script), str(steps), str(repeat)],
+                [*command, str(script), str(steps), str(repeat)],
                 capture_output=True, text=True, env=env, timeout=900,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
@@ -188,8 +187,30 @@ def prefect_seconds(steps: int, repeat: int) -> dict[str, object]:
     for line in result.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+    tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
     return {"error": f"Prefect run failed (exit {result.returncode}): " + " | ".join(tail)}
+
+
+def prefect_seconds(steps: int, repeat: int) -> dict[str, object]:
+    """Prefect in this environment (the ``bench`` extra); if it is missing or
+    broken here (its server pins other FastAPI versions than stepwell's), in an
+    isolated environment made by ``uv run --isolated --with prefect``."""
+    attempts = []
+    if importlib.util.find_spec("prefect") is not None:
+        result = _run_prefect([sys.executable], steps, repeat)
+        if "error" not in result:
+            return {**result, "environment": "project (bench extra)"}
+        attempts.append(f"in this environment: {result['error']}")
+    else:
+        attempts.append("not installed here (uv run --extra bench ...)")
+    uv = shutil.which("uv")
+    if uv is None:
+        return {"error": "; ".join([*attempts, "and no `uv` to make an isolated environment"])}
+    result = _run_prefect([uv, "run", "--isolated", "--no-project", "--with", "prefect>=3", "python"],
+                          steps, repeat)  # fmt: skip
+    if "error" in result:
+        return {"error": "; ".join([*attempts, f"isolated: {result['error']}"])}
+    return {**result, "environment": "isolated (uv run --with prefect>=3)", "notes": attempts}
 
 
 def main() -> None:
@@ -237,6 +258,8 @@ def main() -> None:
         result["prefect_cold_total_ms"] = float(prefect["cold_s"]) * 1000
         result["prefect_vs_stepwell_runner"] = prefect_ms / runner_ms
         result["prefect_vs_stepwell_cli_marginal"] = prefect_ms / float(result["cli_marginal_per_step_ms"] or 1)
+        # end to end from nothing: Prefect's first flow (with its server start) vs a CLI run
+        result["prefect_cold_vs_stepwell_cli"] = float(prefect["cold_s"]) / cli_full
     path = save("step_overhead", result)
 
     print(f"{steps} sequential steps of fib(10)")
@@ -252,11 +275,12 @@ def main() -> None:
           f"fork-server cold start {cycle['forkserver_cold_start_ms']:.0f} ms once per host")
     print(f"  without sandbox (python per step) {per_step_ms(unsandboxed):6.1f} ms overhead per step")
     if warm:
-        print(f"  Prefect 3 flow, 40 tasks   {min(warm) * 1000:9.1f} ms total  "
+        print(f"  Prefect {prefect.get('version', 3)} flow    {min(warm) * 1000:9.1f} ms total  "
               f"{result['prefect_overhead_per_step_ms']:6.2f} ms overhead per task "
               f"(first flow incl. server start {result['prefect_cold_total_ms']:.0f} ms)")
         print(f"  ratio Prefect / stepwell   {result['prefect_vs_stepwell_runner']:.1f}x (in-process), "
-              f"{result['prefect_vs_stepwell_cli_marginal']:.1f}x (CLI marginal)")
+              f"{result['prefect_vs_stepwell_cli_marginal']:.1f}x (CLI marginal), "
+              f"{result['prefect_cold_vs_stepwell_cli']:.1f}x (cold, end to end)")
     elif isinstance(prefect, dict) and prefect.get("error"):
         print(f"  Prefect: {prefect['error']}")
     print(f"  ratio stepwell / bare loop {min(in_process) / bare:.0f}x")

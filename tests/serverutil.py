@@ -135,6 +135,15 @@ def wait_run(client: httpx.Client, run_id: str, timeout: float = 60) -> dict[str
     return wait_for(ended, timeout, what=f"run {run_id} to end")
 
 
+def wait_idle(client: httpx.Client, timeout: float = 60) -> None:
+    """Wait until the server runs nothing and has nothing queued."""
+    def idle() -> bool:
+        health = client.get("/api/health").json()
+        return health["running"] == 0 and health["queued"] == 0
+
+    wait_for(idle, timeout, what="the server to be idle")
+
+
 def table_rows(client: httpx.Client, table: str, limit: int = 10_000) -> list[dict[str, Any]]:
     response = client.get(f"/api/tables/{table}/rows", params={"limit": limit})
     if response.status_code == 404:

@@ -225,7 +225,7 @@ def test_full_stepwell_app(full_app: Path) -> None:
     assert [(w.name, w.table) for w in app.webhooks] == [("ingest", "messages")]
     action = app.actions[0]
     assert action.name == "enrich_user"
-    assert [s["name"] for s in action.steps] == ["load", "shape"]
+    assert [s.name for s in action.steps] == ["load", "shape"]
     assert action.secrets == ["api_token"]
     assert app.plugins == ["plugins/pysam"]
     assert app.streams == ["streams/demo.json"]

@@ -657,6 +657,22 @@ def test_a_failing_partition_fails_the_run_and_keeps_committed_partitions(tmp_pa
     assert {n: len(v) for n, v in by_partition(app).items()} == {"a": 3, "b": 3, "c": 3, "d": 3}
 
 
+def test_the_step_time_limit_covers_the_whole_refresh(tmp_path):
+    app = connector_app(tmp_path / "app", SOURCE_CONNECTOR, step="parallelism: 2\ntimeout: 3s")
+    set_source(app, {"fast": ("f1", 1), "slow1": ("s1", 1), "slow2": ("s2", 1)})
+    assert run_app(app)[0].status == "succeeded"
+    set_source(app, {"fast": ("f2", 2), "slow1": ("s3", 1), "slow2": ("s4", 1)}, sleep=30)
+    started = time.monotonic()
+    (run,) = run_app(app)
+    assert time.monotonic() - started < 20
+    assert run.status == "timed_out", (run.status, run.error)
+    assert "the step exceeded its time limit (timeout 3s)" in run.error
+    stored = partitions(app, "load")
+    assert {n: p.fingerprint for n, p in stored.items()} == {"fast": "f1", "slow1": "s1",
+                                                            "slow2": "s2"}
+    assert {n: len(v) for n, v in by_partition(app).items()} == {"fast": 1, "slow1": 1, "slow2": 1}
+
+
 class Beacon:
     """An abstract Unix socket that connector code connects to from inside its worker:
     the test learns the worker's pid as the host sees it (SO_PEERCRED) and the
@@ -764,7 +780,6 @@ def test_sigkill_of_the_host_at_random_points_never_half_replaces_a_partition(tm
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(60)
         progress.append(_check_partitions_whole(app))
-    print("progress after kills:", progress)
     # some kills landed in the middle of the refresh, with part of it committed
     assert any(0 < done < len(names) for done in progress), progress
     (final,) = run_app(app)
@@ -1051,3 +1066,33 @@ def test_read_spark_dataframe_with_a_local_session(tmp_path):
     assert [(r["id"], r["name"], r["score"], r["_partition"]) for r in out] == [
         (1, "ann", 1.5, "p1"), (2, "bob", 2.0, "p1"), (3, "cy", 0.5, "p2"),
     ]
+
+
+def test_cancel_stops_every_worker_of_the_refresh(tmp_path):
+    from stepwell.app import load_app
+    from stepwell.engine.runner import Runner
+
+    app = connector_app(tmp_path / "app", BEACON_CONNECTOR, step="parallelism: 2\nnetwork: true")
+    set_source(app, {n: (f"{n}1", 1) for n in "abc"})
+    assert run_app(app)[0].status == "succeeded"
+    beacon = Beacon()
+    set_source(app, {n: (f"{n}2", 2) for n in "abc"}, block="b", beacon=beacon.name)
+    store = open_store(None, app)
+    try:
+        runner = Runner(load_app(app), store)
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(runner.run_step("load")))
+        thread.start()
+        try:
+            beacon.accept()  # partition b is being read
+            (run_id,) = runner.active_runs()
+            assert runner.cancel(run_id, "stopped by the test")
+            thread.join(60)
+        finally:
+            beacon.close()
+        (run,) = result
+        assert run.status == "cancelled" and run.error == "stopped by the test"
+        assert store.get_partitions("load")[1].fingerprint == "b1"
+    finally:
+        store.close()
+    assert by_partition(app)["b"] == [(0, "b1")]

@@ -102,11 +102,11 @@ CASES: dict[str, Case] = {
     ),
     "remount_read_write": Case(
         'check(libc.mount(None, b"/", None, 0x20 | 0x1000, None), "mount")',
-        "failed", r"OSError: \[Errno 1\] mount: Operation not permitted",
+        "failed", r"PermissionError: \[Errno 1\] mount: Operation not permitted",
     ),
     "new_namespaces": Case(
         'check(libc.unshare(0x10000000 | 0x00020000), "unshare")',
-        "failed", r"OSError: \[Errno 1\] unshare: Operation not permitted",
+        "failed", r"PermissionError: \[Errno 1\] unshare: Operation not permitted",
     ),
     "raise_own_limits": Case(
         "import resource\nresource.setrlimit(resource.RLIMIT_NPROC, (100000, 100000))",
@@ -175,7 +175,7 @@ CASES: dict[str, Case] = {
     ),
     "ptrace_attach": Case(
         'check(libc.ptrace(16, 1, None, None), "ptrace")',
-        "failed", r"OSError: \[Errno 1\] ptrace: Operation not permitted",
+        "failed", r"PermissionError: \[Errno 1\] ptrace: Operation not permitted",
     ),
     "native_library_from_tmp": Case(
         'import glob, shutil\nshutil.copy(sorted(glob.glob("/*lib*/*/libc.so.6"))[0], "/tmp/evil.so")\n'
@@ -184,7 +184,7 @@ CASES: dict[str, Case] = {
     ),
     "kernel_log": Case(
         'buf = ctypes.create_string_buffer(4096)\ncheck(libc.klogctl(3, buf, 4096), "syslog")',
-        "failed", r"OSError: \[Errno 1\] syslog: Operation not permitted",
+        "failed", r"PermissionError: \[Errno 1\] syslog: Operation not permitted",
     ),
     # -- the wire protocol ------------------------------------------------------------
     "forge_commit_for_other_step": Case(

@@ -18,11 +18,13 @@ from serverutil import (
     runs_of,
     table_rows,
     wait_for,
+    wait_idle,
     wait_run,
 )
 
 from stepwell.engine.scheduler import BOOKKEEPING_KEY
 from stepwell.store import open_store
+from stepwell.store.base import PartitionRecord
 
 HOOK_SECRET = "s3cret-hook-token-value"
 
@@ -115,6 +117,14 @@ def _no_overlap(runs: list[dict]) -> None:
         assert _iso(after["started_at"]) >= _iso(before["ended_at"]), (before, after)
 
 
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request):
+    """None (the app's DuckDB file) or the URL of a fresh PostgreSQL database."""
+    if request.param == "duckdb":
+        return None
+    return request.getfixturevalue("make_pg_database")()
+
+
 @pytest.fixture
 def pipeline(tmp_path, monkeypatch):
     monkeypatch.setenv("STEPWELL_SECRET_HOOK_TOKEN", HOOK_SECRET)
@@ -143,6 +153,7 @@ def _webhook_pipeline(server, client: httpx.Client) -> None:
                    60, what="enriched rows")
     assert sorted(r["double"] for r in out) == [2, 4, 6, 8]
     assert sorted(r["source"] for r in out) == sorted(ids)
+    wait_idle(client)
     runs = runs_of(client, "enrich")
     assert runs and {r["trigger"] for r in runs} == {"upstream"}
     assert all(r["status"] in ("succeeded", "succeeded_no_data") for r in runs)
@@ -223,7 +234,7 @@ def test_cron_per_second_runs_never_overlap(tmp_path):
     _no_overlap(runs)
 
 
-def test_missed_cron_ticks_run_once_after_restart(tmp_path):
+def test_missed_cron_ticks_run_once_after_restart(tmp_path, store_url):
     app = write_app(tmp_path / "hourly", {
         "stepwell.yml": """
             steps:
@@ -233,10 +244,10 @@ def test_missed_cron_ticks_run_once_after_restart(tmp_path):
         """,
         "hourly.py": "print('tick')\n",
     })
-    with ThreadServer(app) as server, server.client() as client:
+    with ThreadServer(app, store_url=store_url) as server, server.client() as client:
         time.sleep(1.0)
         assert runs_of(client, "hourly") == []  # a new schedule has missed nothing
-    store = open_store(None, app)
+    store = open_store(store_url, app)
     try:
         book = store.get_state(BOOKKEEPING_KEY)
         assert book["cron"]["hourly"]["expr"] == "0 * * * *"
@@ -246,17 +257,17 @@ def test_missed_cron_ticks_run_once_after_restart(tmp_path):
             tx.commit()
     finally:
         store.close()
-    with ThreadServer(app) as server, server.client() as client:
+    with ThreadServer(app, store_url=store_url) as server, server.client() as client:
         runs = wait_for(lambda: runs_of(client, "hourly"), 30, what="the missed-tick run")
         wait_run(client, runs[0]["id"])
         time.sleep(1.0)
         runs = runs_of(client, "hourly")
         assert len(runs) == 1 and runs[0]["trigger"] == "cron"
         assert runs[0]["status"] == "succeeded_no_data"
-    with ThreadServer(app) as server, server.client() as client:
+    with ThreadServer(app, store_url=store_url) as server, server.client() as client:
         time.sleep(1.5)
         assert len(runs_of(client, "hourly")) == 1  # not again on the next restart
-    store = open_store(None, app)
+    store = open_store(store_url, app)
     try:
         last = store.get_state(BOOKKEEPING_KEY)["cron"]["hourly"]["last_tick"]
     finally:
@@ -363,8 +374,8 @@ def test_sse_streams_log_lines_live_then_the_end(steps_app):
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
-def test_cancel_running_and_queued_runs(steps_app):
-    with ThreadServer(steps_app) as server, server.client() as client:
+def test_cancel_running_and_queued_runs(steps_app, store_url):
+    with ThreadServer(steps_app, store_url=store_url) as server, server.client() as client:
         running = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
         queued = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
         gone = client.post(f"/api/runs/{queued}/cancel")
@@ -505,6 +516,12 @@ def test_api_resources(pipeline):
         reset = client.delete("/api/steps/enrich/state").json()
         assert reset["state"] == {} and reset["stream_positions"] == []
         assert client.get("/api/steps/enrich/partitions").json() == {"step": "enrich", "partitions": []}
+        with server.ctx.store.transaction() as tx:
+            tx.set_partition(PartitionRecord("enrich", "a.csv", "f1", "c1", rows=3))
+            tx.commit()
+        parts = client.get("/api/steps/enrich/partitions").json()["partitions"]
+        assert [(p["name"], p["fingerprint"], p["rows"], p["status"]) for p in parts] == [
+            ("a.csv", "f1", 3, "succeeded")]
 
         new = client.post("/api/tables/enriched/reset").json()
         assert new == {"table": "enriched", "version": 2}
@@ -566,19 +583,19 @@ def test_sigterm_lets_short_runs_finish_and_cancels_the_rest(steps_app):
         store.close()
 
 
-def test_restart_runs_what_was_queued_once(steps_app):
-    with ThreadServer(steps_app, shutdown_timeout=30) as server, server.client() as client:
+def test_restart_runs_what_was_queued_once(steps_app, store_url):
+    with ThreadServer(steps_app, store_url=store_url, shutdown_timeout=30) as server, server.client() as client:
         first = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
         second = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
         wait_for(lambda: client.get(f"/api/runs/{first}").json()["status"] == "running", 30,
                  what="the first run")
-    store = open_store(None, steps_app)
+    store = open_store(store_url, steps_app)
     try:
         assert store.get_run(first).status == "succeeded"  # finished within the timeout
         assert store.get_run(second).status == "queued"  # kept for the next start
     finally:
         store.close()
-    with ThreadServer(steps_app) as server, server.client() as client:
+    with ThreadServer(steps_app, store_url=store_url) as server, server.client() as client:
         record = wait_run(client, second)
         assert record["status"] == "succeeded"
         assert server.ctx.scheduler.wait_idle(30)
@@ -648,3 +665,37 @@ def test_a_second_server_for_the_same_app_is_refused(steps_app):
         result = cli("serve", str(steps_app), "--port", "0")
         assert result.returncode == 1
         assert f"a server already runs for this app at {server.url}" in result.stderr
+        other = write_app(steps_app.parent / "other", {"stepwell.yml": "title: other\n"})
+        taken = cli("serve", str(other), "--port", str(server.info["port"]))
+        assert taken.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{server.info['port']}" in taken.stderr
+        assert "choose another port with --port" in taken.stderr
+
+
+def test_steps_run_in_parallel_beside_webhooks_on_one_store(tmp_path, store_url):
+    steps = "".join(f"  - {{name: p{i}, node: produce.py, parameters: {{table: t{i}}}}}\n"
+                    for i in range(3))
+    files = {
+        "stepwell.yml": "webhooks: [{name: ingest, table: inbox}]\nsteps:\n" + steps,
+        "produce.py": """
+            from patterns import Parameter, Table
+            out = Table(Parameter("table"), "w")
+            for batch in range(5):
+                out.append([{"batch": batch, "k": k} for k in range(200)])
+                out.flush()
+        """,
+    }
+    app = write_app(tmp_path / "parallel", files)
+    with ThreadServer(app, store_url=store_url, workers=3) as server, server.client() as client:
+        tickets = [client.post("/api/runs", json={"step": f"p{i}"}).json() for i in range(3)]
+        posted = 0
+        while server.ctx.scheduler.counts()[0] or not posted:
+            assert client.post("/api/webhooks/ingest", json=[{"n": posted}]).status_code == 202
+            posted += 1
+        runs = [wait_run(client, t["run_id"]) for t in tickets]
+        assert [r["status"] for r in runs] == ["succeeded"] * 3
+        starts = sorted(_iso(r["started_at"]) for r in runs)
+        ends = sorted(_iso(r["ended_at"]) for r in runs)
+        assert starts[-1] < ends[0]  # they really ran at the same time
+        tables = {t["name"]: t["rows"] for t in client.get("/api/tables").json()["tables"]}
+        assert tables == {"t0": 1000, "t1": 1000, "t2": 1000, "inbox": posted}

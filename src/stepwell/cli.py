@@ -379,7 +379,10 @@ def token(
     print(current)
 
 
+from stepwell.cli_actions import action  # noqa: E402 - `stepwell action` (issue #8)
 from stepwell.cli_plugins import plugin_app, rule_app  # noqa: E402 - sub-command groups
+
+app.command()(action)
 
 app.add_typer(plugin_app, name="plugin")
 app.add_typer(rule_app, name="rule")

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from sqlglot import exp
 
+from stepwell.app.actions import action_files, action_problems
 from stepwell.app.models import (
     LIMIT_KEYS,
     AppError,
@@ -822,17 +823,13 @@ def _finish(doc: _Doc, root: Path, app_file: Path, fmt: str, parts: _Parts) -> A
         _check_file(doc, root, step.file, path + (file_key,), f"{step.kind} file")
     if base.requirements_file:
         _check_file(doc, root, base.requirements_file, ("requirements_file",), "requirements file")
+    for relative, action_path, what in action_files(base.actions):
+        _check_file(doc, root, relative, action_path, what)
+    for action_path, problem, hint in action_problems(base.actions):
+        raise doc.error(action_path, problem, hint)
     for a_index, action in enumerate(base.actions):
         for s_index, action_step in enumerate(action.steps):
-            code_file = action_step.get("python")
-            if isinstance(code_file, str):
-                _check_file(
-                    doc,
-                    root,
-                    code_file,
-                    ("actions", a_index, "steps", s_index, "python"),
-                    "python file",
-                )
+            action_step._key_line = doc.line(("actions", a_index, "steps", s_index, "code"))
     for key, what in (("plugins", "plugin"), ("streams", "stream file"), ("rules", "rule file")):
         for index, relative in enumerate(getattr(base, key)):
             _check_file(doc, root, relative, (key, index), what, allow_dir=key == "plugins")

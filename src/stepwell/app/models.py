@@ -35,6 +35,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from stepwell.app.actions import ActionSpec
 from stepwell.app.secrets import find_secret_refs
 
 __all__ = [
@@ -426,55 +427,6 @@ class WebhookSpec(_Model):
     token: str | None = None
     """Optional bearer token required by this webhook."""
     description: str | None = None
-
-
-class ActionSpec(_Model):
-    """An action: an ordered chain of code steps (UI Bakery style).
-
-    The steps are kept as plain dicts (the action runtime interprets them);
-    each must be a mapping with a unique ``name``.
-    """
-
-    name: StepName
-    description: str | None = None
-    steps: list[dict[str, Any]] = Field(default_factory=list)
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _check_steps(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            return value
-        seen: dict[str, int] = {}
-        for index, item in enumerate(value):
-            if not isinstance(item, dict):
-                fail(
-                    "an action step must be a mapping",
-                    "write it as `- name: ...` with `python:` or `code:`",
-                    (index,),
-                )
-            name = item.get("name")
-            if not isinstance(name, str) or not name:
-                fail(
-                    "an action step needs a name",
-                    "add `name: <step name>` to it",
-                    (index,),
-                )
-            if name in seen:
-                fail(
-                    f"duplicate action step name {name!r} (also steps[{seen[name]}])",
-                    "give every step of an action its own name",
-                    (index, "name"),
-                )
-            seen[name] = index
-        return value
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def secrets(self) -> list[str]:
-        """Secret references used anywhere in the action's steps, sorted."""
-        return sorted(find_secret_refs(self.steps))
 
 
 # --------------------------------------------------------------------------- schemas

@@ -381,12 +381,7 @@ class Runner:
         )
         if worker.notes:
             active.log.add("warn", worker.notes)
-        with self._active_lock:
-            handle = self._active.get(active.run.id)
-            if handle is not None:
-                handle.worker = worker
-                if handle.cancel_reason is not None:
-                    worker.kill()
+        self.attach_worker(active.run.id, worker)
         try:
             start["elapsed"] = time.monotonic() - active.began
             session = WorkerSession(

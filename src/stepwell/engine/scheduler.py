@@ -45,6 +45,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -172,8 +173,6 @@ class Scheduler:
         runner_factory: Callable[..., Runner] = Runner,
         clock: Callable[[], float] | None = None,
     ):
-        import time
-
         self.app = app
         self.store = store
         self.clock = clock or time.time
@@ -187,6 +186,7 @@ class Scheduler:
         self._started = False
         self._timer_thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="stepwell-run")
+        self._commit_observers: list[Callable[[set[str]], None]] = []
         adopted = self._adopt_queued_runs()
         self.runner = runner_factory(
             app, store, listener=_Fanout(self, listener or NullListener()), environ=environ
@@ -237,8 +237,6 @@ class Scheduler:
         seconds, then cancel the rest (their uncommitted work is rolled back).
         Pending runs stay ``queued`` in the store and run after the next start.
         Returns the ids of the runs it cancelled."""
-        import time
-
         with self._cv:
             self._accepting = False
             self._stopping = True
@@ -272,6 +270,18 @@ class Scheduler:
         with self._cv:
             self._accepting = False
 
+    def add_commit_observer(self, observer: Callable[[set[str]], None]) -> None:
+        """Call ``observer(tables)`` after every commit that added rows to ``tables``
+        (a step's commit point, a webhook batch, a load), e.g. to wake stream rules."""
+        self._commit_observers.append(observer)
+
+    def _observe(self, tables: set[str]) -> None:
+        for observer in list(self._commit_observers):
+            try:
+                observer(tables)
+            except Exception:
+                log.exception("a commit observer failed for tables %s", sorted(tables))
+
     # -- triggers ------------------------------------------------------------------
     def trigger(self, step: str, trigger: str = "manual", *, delay: float = 0.0) -> Ticket:
         """Ask for a run of ``step``; returns the run (new or pending) that will serve it.
@@ -289,6 +299,8 @@ class Scheduler:
     def notify_commit(self, tables: Iterable[str], *, writer: str | None = None) -> list[Ticket]:
         """New rows of ``tables`` were committed (by step ``writer``, or by a webhook
         or a load when None): trigger the ``upstream`` steps that read them."""
+        tables = set(tables)
+        self._observe(tables)
         tickets = []
         with self._cv:
             if not self._accepting:
@@ -353,8 +365,6 @@ class Scheduler:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing runs or is pending (tests, benchmarks)."""
-        import time
-
         deadline = time.monotonic() + timeout
         with self._cv:
             while any(s.running or s.pending for s in self._slots.values()):
@@ -496,6 +506,7 @@ class Scheduler:
     def _run_committed(self, step: str, tables: set[str]) -> None:
         with self._cv:
             self._slots[step].committed |= tables
+        self._observe(tables)
 
     def _resume_requested_runs(self, now: float) -> None:
         """Queue the follow-up run the last run of a step asked for, if it never ran."""

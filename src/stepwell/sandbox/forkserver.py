@@ -4,7 +4,8 @@ The host starts it once (``python -I -m stepwell.sandbox.forkserver FD``) with
 a clean environment, before it has read any secret or opened any connection
 in a way this process could see, so its memory holds neither. It imports the
 worker's libraries once (pyarrow, msgpack, the stepwell worker and runtimes,
-optionally more via ``STEPWELL_FORKSERVER_PRELOAD``), freezes the GC, and then
+pandas; more or fewer via ``STEPWELL_FORKSERVER_PRELOAD``), runs the common
+code paths once, freezes the GC, and then
 serves requests on the control socket ``FD`` (a ``SOCK_SEQPACKET`` socket):
 
 - host -> fork-server, on the control socket: ``{"op": "fork", "spec": {...}}``
@@ -31,6 +32,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import pickle
 import pwd
 import selectors
 import shutil
@@ -52,10 +54,12 @@ from stepwell.sandbox.policy import SandboxSpec
 #: Modules every worker needs, imported once here instead of in every run.
 PRELOAD = (
     "json", "decimal", "datetime", "ctypes", "importlib.util", "traceback", "site",
-    "pyarrow", "pyarrow.ipc", "msgpack",
+    "pyarrow", "pyarrow.ipc", "msgpack", "pandas",
     "stepwell.sandbox.worker", "stepwell.sandbox.client", "stepwell.sandbox.protocol",
     "stepwell.runtimes.node.worker", "stepwell.runtimes.node.api",
 )  # fmt: skip
+#: Comma-separated modules to import too (``-name`` drops one of the defaults, e.g.
+#: ``-pandas`` for a smaller, faster-forking server when no step uses pandas).
 PRELOAD_ENV = "STEPWELL_FORKSERVER_PRELOAD"
 #: Unprivileged user a root fork-server runs sandboxes as.
 SANDBOX_USER_ENV = "STEPWELL_SANDBOX_UID"
@@ -89,6 +93,16 @@ class Run:
     init_pid: int | None = None
     init_pidfd: int | None = None
     exited: bool = False
+
+
+@dataclass
+class Spare:
+    """A worker forked ahead of time (in its own PID namespace), waiting for a plan."""
+
+    pid: int
+    init_pid: int | None
+    sock: socket.socket
+    notes: list[str]
 
 
 def _sandbox_identity() -> tuple[int | None, int | None]:
@@ -125,6 +139,9 @@ class ForkServer:
         self.sleep = shutil.which("sleep") or ("/bin/sleep" if os.path.exists("/bin/sleep") else None)
         #: private temp dirs made ahead of time (creating one costs a disk round trip)
         self.spare_dirs: list[str] = []
+        #: the next run's worker, forked while the fork-server had nothing else to do
+        self.spare: Spare | None = None
+        self._spare_retry_at = 0.0
         try:
             self.own_pidns: int | None = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -134,9 +151,12 @@ class ForkServer:
     def serve(self) -> None:
         self.selector.register(self.control, selectors.EVENT_READ, ("control", None))
         while True:
-            events = self.selector.select(timeout=None if len(self.spare_dirs) >= 2 else 0)
+            events = self.selector.select(timeout=self._idle_timeout())
             if not events:
-                self._make_spare_dir()
+                if len(self.spare_dirs) < 2:
+                    self._make_spare_dir()
+                elif self.spare is None:
+                    self._make_spare()
             for key, _ in events:
                 kind, run = key.data
                 if kind == "control":
@@ -147,6 +167,14 @@ class ForkServer:
                     self._on_run_event(kind, run, key.fd)
                 except Exception:  # a bug here must not end every other run
                     traceback.print_exc()
+
+    def _idle_timeout(self) -> float | None:
+        """0 while there is work to do ahead of time, else wait for events."""
+        if len(self.spare_dirs) < 2:
+            return 0
+        if self.spare is None:
+            return max(0.0, self._spare_retry_at - time.monotonic())
+        return None
 
     def _on_run_event(self, kind: str, run: Run, fd: int) -> None:
         # events of one select() batch may be stale: an earlier one closed the fd
@@ -194,19 +222,8 @@ class ForkServer:
             return
         try:
             plan = ChildPlan(spec, tmpdir, self.uid, self.gid, self.base_paths, pidns=False)
-            init_pid = self._enter_pid_namespace(plan)
-            try:
-                pid = os.fork()
-            except OSError as exc:
-                if init_pid is not None:
-                    self._leave_pid_namespace()
-                    os.kill(init_pid, signal.SIGKILL)
-                    os.waitpid(init_pid, 0)
-                raise RuntimeError(f"fork failed: {exc}") from None
-            if pid == 0:
-                self._child(plan, channel_fd, stderr_fd)  # never returns
-            if init_pid is not None:
-                self._leave_pid_namespace()
+            started = self._use_spare(plan, channel_fd, stderr_fd)
+            pid, init_pid = started or self._fork_now(plan, channel_fd, stderr_fd)
         except Exception as exc:
             os.close(channel_fd)
             os.close(stderr_fd)
@@ -226,6 +243,107 @@ class ForkServer:
         self.selector.register(sock, selectors.EVENT_READ, ("run", run))
         self.selector.register(stderr_read, selectors.EVENT_READ, ("stderr", run))
         self._reply(sock, {"pid": pid, "pidns": init_pid is not None})
+
+    def _fork_now(self, plan: ChildPlan, channel_fd: int, stderr_fd: int) -> tuple[int, int | None]:
+        """Fork the run's worker (in a fresh PID namespace); returns (pid, init pid)."""
+        init_pid = self._enter_pid_namespace(plan)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            if init_pid is not None:
+                self._leave_pid_namespace()
+                _kill(init_pid)
+                os.waitpid(init_pid, 0)
+            raise RuntimeError(f"fork failed: {exc}") from None
+        if pid == 0:
+            self._child(plan, channel_fd, stderr_fd)  # never returns
+        if init_pid is not None:
+            self._leave_pid_namespace()
+        return pid, init_pid
+
+    # -- spare workers ----------------------------------------------------
+    def _make_spare(self) -> None:
+        """Fork the next worker now, so a request only has to hand it its plan."""
+        probe = ChildPlan(SandboxSpec(cwd="/", env={}), "", self.uid, self.gid, [], pidns=False)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid, init_pid = self._fork_spare(probe, ours, theirs)
+        except Exception:
+            ours.close()
+            theirs.close()
+            self._spare_retry_at = time.monotonic() + 1.0
+            return
+        theirs.close()
+        self.spare = Spare(pid, init_pid, ours, probe.notes)
+
+    def _fork_spare(self, probe: ChildPlan, ours: socket.socket,
+                    theirs: socket.socket) -> tuple[int, int | None]:  # fmt: skip
+        init_pid = self._enter_pid_namespace(probe)
+        try:
+            pid = os.fork()
+        except OSError:
+            if init_pid is not None:
+                self._leave_pid_namespace()
+                _kill(init_pid)
+                os.waitpid(init_pid, 0)
+            raise
+        if pid == 0:
+            self._spare_child(theirs, probe.pidns)  # never returns
+        if init_pid is not None:
+            self._leave_pid_namespace()
+        return pid, init_pid
+
+    def _spare_child(self, sock: socket.socket, pidns: bool) -> None:
+        """In a spare worker: wait for a plan and its file descriptors, then be that run."""
+        try:
+            self.selector.close()
+            try:
+                linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            except OSError:
+                pass
+            keep = sock.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, 1 << 20)
+            _warm_up()
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+            if not data or len(fds) != 2:
+                os._exit(0)
+            plan: ChildPlan = pickle.loads(data)
+            plan.pidns = pidns
+            sock.close()
+        except BaseException:  # noqa: BLE001
+            os._exit(70)
+        self._child(plan, fds[0], fds[1])
+
+    def _use_spare(self, plan: ChildPlan, channel_fd: int, stderr_fd: int) -> tuple[int, int | None] | None:
+        """Hand the run to the spare worker, if there is one; returns (pid, init pid)."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        if "pid" in plan.spec.skip:  # this run wants no PID namespace: fork afresh
+            self._discard_spare(spare)
+            return None
+        plan.pidns = spare.init_pid is not None
+        plan.notes.extend(spare.notes)
+        try:
+            socket.send_fds(spare.sock, [pickle.dumps(plan)], [channel_fd, stderr_fd])
+        except OSError:
+            self._discard_spare(spare)
+            return None
+        spare.sock.close()
+        return spare.pid, spare.init_pid
+
+    def _discard_spare(self, spare: Spare) -> None:
+        spare.sock.close()
+        # the worker first: its namespace's init cannot finish dying while the
+        # worker (our child, not its) is still unreaped
+        for pid in (spare.pid, spare.init_pid):
+            if pid is not None:
+                _kill(pid)
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
 
     def _enter_pid_namespace(self, plan: ChildPlan) -> int | None:
         """Make our next child PID 2 of a fresh PID namespace; returns its init's pid."""
@@ -408,6 +526,9 @@ class ForkServer:
             pass
 
     def shutdown(self) -> None:
+        if self.spare is not None:
+            self._discard_spare(self.spare)
+            self.spare = None
         for run in list(self.runs.values()):
             if run.init_pid is not None:
                 _kill(run.init_pid)
@@ -435,11 +556,38 @@ def _kill(pid: int) -> None:
         pass
 
 
+def _warm_up() -> None:
+    """Run the worker's common code paths once in a spare, while nobody waits for it.
+
+    A forked child pays a page copy the first time it writes to memory shared
+    with the fork-server (reference counts change on every object touched), so
+    doing that now takes it off the next run's critical path."""
+    try:
+        from stepwell.runtimes.node.records import records_to_arrow
+        from stepwell.sandbox.protocol import Channel, decode_table, encode_table, pack, unpack
+
+        left, right = socket.socketpair()
+        try:
+            sender, receiver = Channel(left), Channel(right)
+            table = records_to_arrow([{"a": 1, "b": "x", "c": 1.5}], "warm_up")
+            sender.send(unpack(pack({"op": "start", "entry": "x:y", "parameters": {}})), table)
+            message, body = receiver.recv()
+            decode_table(encode_table(decode_table(body)))
+            traceback.format_exception(ValueError, ValueError("warm"), None)
+        finally:
+            left.close()
+            right.close()
+    except Exception:
+        pass
+
+
 def preload() -> list[str]:
     """Import what workers need; returns the modules that could not be imported."""
     missing = []
     extra = [m.strip() for m in os.environ.get(PRELOAD_ENV, "").split(",") if m.strip()]
-    for name in (*PRELOAD, *extra):
+    dropped = {m[1:] for m in extra if m.startswith("-")}
+    names = [m for m in (*PRELOAD, *extra) if not m.startswith("-") and m not in dropped]
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception:
@@ -457,6 +605,9 @@ def main(argv: list[str] | None = None) -> None:
     except OSError:
         pass
     missing = preload()
+    # one-time lazy initialisations (pyarrow's pandas shim costs ~250 ms) happen
+    # here once instead of in every worker
+    _warm_up()
     server = ForkServer(control)
     gc.collect()
     gc.freeze()  # forked workers then never touch (and copy) these pages for GC

@@ -16,7 +16,9 @@ order:
 4. rlimits (memory, CPU time, open files, file size, no core files);
 5. drop to an unprivileged user (when the fork-server is root), then a new user
    namespace mapping that user to uid 0 inside; then the process limit (counted
-   per user namespace, so concurrent runs do not share it);
+   per user namespace, so concurrent runs do not share it). A fork-server that
+   is not root enters the user namespace first instead, to gain the rights for
+   steps 2-3 there;
 6. no capabilities, no new privileges, not dumpable, and a seccomp filter.
 
 Every feature the kernel refuses is skipped and reported as a note; the worker
@@ -342,7 +344,12 @@ def enter_sandbox(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> list[str]
     spec = plan.spec
     if not plan.pidns and "pid" in spec.skip and not any("PID namespace" in n for n in plan.notes):
         _note_unavailable(plan, "PID namespace", "disabled by STEPWELL_SANDBOX_SKIP",
-                          "seeing the host's processes")  # fmt: skip
+                          "in the host's PID namespace (other processes may be visible)")  # fmt: skip
+    # an unprivileged fork-server gets the rights to build the rest from a user
+    # namespace first; a root one builds it first and then gives up being root
+    privileged = os.geteuid() == 0
+    if not privileged:
+        _enter_user_namespace(plan)
     namespaces = _unshare_namespaces(plan)
     tmp_inside = plan.tmpdir
     if "mount" in namespaces:
@@ -353,7 +360,8 @@ def enter_sandbox(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> list[str]
             _note_unavailable(plan, "read-only filesystem", exc,
                               "with the host's filesystem (file permissions still apply)")  # fmt: skip
     _apply_rlimits(plan)
-    _enter_user_namespace(plan)
+    if privileged:
+        _enter_user_namespace(plan)
     processes = spec.processes
     if processes is not None:
         _set_limit(resource.RLIMIT_NPROC, int(processes))

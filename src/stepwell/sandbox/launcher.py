@@ -164,8 +164,10 @@ class SubprocessWorker(WorkerProcess):
 class ForkedWorker(WorkerProcess):
     """A worker forked and sandboxed by the fork-server."""
 
-    def __init__(self, pid: int, run_sock: socket.socket, channel: Channel, notes: list[str],
+    def __init__(self, pid: int | None, run_sock: socket.socket, channel: Channel, notes: list[str],
                  limits: WorkerLimits, server_pid: int):  # fmt: skip
+        #: None until the fork-server's first reply has been read (it is read lazily,
+        #: so the host can send the run's start frame while the worker is being made)
         self._pid = pid
         self.run_sock = run_sock
         self.channel = channel
@@ -179,7 +181,9 @@ class ForkedWorker(WorkerProcess):
 
     @property
     def pid(self) -> int:
-        return self._pid
+        while self._pid is None and not self._ended:
+            self._read_reply(30.0)
+        return self._pid if self._pid is not None else -1
 
     def kill(self) -> None:
         if not self._ended:
@@ -199,25 +203,34 @@ class ForkedWorker(WorkerProcess):
         deadline = time.monotonic() + timeout
         while not self._ended:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not self._read_reply(remaining):
                 return False
-            try:
-                self.run_sock.settimeout(remaining)
-                data = self.run_sock.recv(_MAX_REPLY)
-            except TimeoutError:
-                return False
-            except OSError:
-                data = b""
-            if not data:  # the fork-server went away without a word
-                self._ended = True
-                self._stderr = "the fork-server stopped"
-                return True
-            message = msgpack.unpackb(data, raw=False)
-            if "exit" in message:
-                self._ended = True
-                self._status = message["exit"]
-                self._cpu = float(message.get("cpu") or 0.0)
-                self._stderr = str(message.get("stderr") or "")
+        return True
+
+    def _read_reply(self, timeout: float) -> bool:
+        """Read one message from the fork-server about this run (False: timed out)."""
+        try:
+            self.run_sock.settimeout(timeout)
+            data = self.run_sock.recv(_MAX_REPLY)
+        except TimeoutError:
+            return False
+        except OSError:
+            data = b""
+        if not data:  # the fork-server went away without a word
+            self._ended = True
+            self._stderr = self._stderr or "the fork-server stopped"
+            return True
+        message = msgpack.unpackb(data, raw=False)
+        if "pid" in message:
+            self._pid = int(message["pid"])
+        elif "error" in message:  # the worker could not be started at all
+            self._ended = True
+            self._stderr = str(message["error"])
+        elif "exit" in message:
+            self._ended = True
+            self._status = message["exit"]
+            self._cpu = float(message.get("cpu") or 0.0)
+            self._stderr = str(message.get("stderr") or "")
         return True
 
     def cpu_used(self) -> float:
@@ -374,9 +387,6 @@ class ForkServerClient:
                     server_pid = self._proc.pid if self._proc else 0
                     socket.send_fds(self._sock, [request], [run_remote.fileno(), channel_fd])
                 run_remote.close()
-                run_host.settimeout(30)
-                data = run_host.recv(_MAX_REPLY)
-                run_host.settimeout(None)
             except (OSError, ForkServerError) as exc:
                 last_error = exc
                 run_host.close()
@@ -386,15 +396,8 @@ class ForkServerClient:
                         self._proc.kill()
                     self._stop()
                 continue
-            if not data:
-                last_error = ForkServerError("the fork-server stopped while starting a worker")
-                run_host.close()
-                continue
-            reply = msgpack.unpackb(data, raw=False)
-            if "error" in reply:
-                run_host.close()
-                raise ForkServerError(reply["error"])
-            return ForkedWorker(int(reply["pid"]), run_host, channel, [], limits, server_pid)
+            # the reply (the worker's pid, or why it could not start) is read when needed
+            return ForkedWorker(None, run_host, channel, [], limits, server_pid)
         raise ForkServerError(f"the fork-server is not available: {last_error}")
 
 

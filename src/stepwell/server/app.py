@@ -27,6 +27,23 @@ the server listens beyond loopback every request needs
 """
 
 
+def _start_rules(ctx: ServerContext) -> None:
+    """Start the app's stream rules (eKuiper style), if it has any, and wake them
+    on every commit to a table they stream."""
+    try:
+        from stepwell.streams.rules import start_rules
+
+        ctx.rules = start_rules(ctx.app, ctx.store, ctx.say)
+    except Exception as exc:  # the API and the steps still serve
+        log.exception("rules could not start")
+        if ctx.say is not None:
+            ctx.say(f"warning: the app's rules could not start: {exc}")
+        return
+    if ctx.rules is not None:
+        rules = ctx.rules
+        ctx.scheduler.add_commit_observer(lambda tables: [rules.notify(t) for t in tables])
+
+
 def create_app(ctx: ServerContext) -> FastAPI:
     """The API over ``ctx``. Its lifespan starts the scheduler (and calls
     ``ctx.on_ready``) and, on shutdown, lets running steps finish or cancels them."""
@@ -35,6 +52,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         ctx.hub.bind(asyncio.get_running_loop())
         await asyncio.to_thread(ctx.scheduler.start)
+        await asyncio.to_thread(_start_rules, ctx)
         if ctx.on_ready is not None:
             ctx.on_ready()
         try:
@@ -42,6 +60,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
         finally:
             ctx.scheduler.stop_accepting()
             ctx.hub.close()
+            if ctx.rules is not None:
+                await asyncio.to_thread(ctx.rules.stop_all)
             await asyncio.to_thread(ctx.ingest.close)
             cancelled = await asyncio.to_thread(ctx.scheduler.shutdown, ctx.settings.shutdown_timeout)
             if cancelled:

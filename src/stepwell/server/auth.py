@@ -25,6 +25,8 @@ from stepwell.server.errors import error_response
 TOKEN_FILE = "token"
 #: Paths under this prefix check their own tokens (see ``routes.webhooks``).
 WEBHOOK_PREFIX = "/api/webhooks/"
+#: Action routes also accept user tokens and check them themselves (``routes.actions``).
+ACTIONS_PREFIX = "/api/actions"
 
 
 def is_loopback(host: str) -> bool:
@@ -108,7 +110,7 @@ class BearerAuthMiddleware:
         if (
             scope["type"] != "http"
             or not self.required
-            or scope["path"].startswith(WEBHOOK_PREFIX)
+            or scope["path"].startswith((WEBHOOK_PREFIX, ACTIONS_PREFIX))
             or token_matches(bearer(scope["headers"]), self.tokens.read())
         ):
             await self.app(scope, receive, send)

@@ -16,6 +16,7 @@ import httpx
 import pyarrow as pa
 
 from stepwell.server.models import (
+    LogLineModel,
     LogList,
     RowsPage,
     RunDetail,
@@ -167,8 +168,7 @@ class ServerClient:
                         listener.run_finished(record)
                     return record
             elif kind == "log" and listener is not None and record is not None:
-                listener.log_line(record, LogLine(data["run_id"], data["seq"],
-                                                  _ts(data["ts"]), data["level"], data["message"]))
+                listener.log_line(record, LogLineModel.model_validate(data).to_line())
             elif kind == "progress" and listener is not None and record is not None:
                 listener.progress(record, int(data["rows_in"]), int(data["rows_out"]))
             elif kind == "closing":
@@ -188,12 +188,6 @@ class ServerClient:
         response = self.request("PATCH", f"/api/steps/{step}/state",
                                 json={"reset": reset, "values": values})
         return StepState.model_validate(response.json()).model_dump()
-
-
-def _ts(text: str) -> Any:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(text)
 
 
 def _error(response: httpx.Response) -> ApiError:

@@ -72,6 +72,10 @@ class ServerContext:
     started: float = field(default_factory=time.time)
     #: called once the server accepts requests (writes server.json)
     on_ready: Any = None
+    #: prints a line on the server's console
+    say: Any = None
+    #: the eKuiper-style rule engine, when the app has plugins, streams or rules
+    rules: Any = None
 
 
 def get_ctx(request: Request) -> ServerContext:

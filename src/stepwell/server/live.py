@@ -4,6 +4,12 @@ The scheduler's runner calls the hub's listener methods from its run threads;
 the hub hands each event to the asyncio queues of the clients following that
 run (``loop.call_soon_threadsafe``), so a stream sees log lines as the worker
 prints them, before they are flushed to the store.
+
+A run's log reaches the store in batches, so the hub also keeps the lines of
+each run in progress (:meth:`LiveHub.recent`): a client that starts following a
+run gets them with its subscription, and nothing printed before it subscribed
+but not yet stored is missed. When the run ends its log is complete in the
+store and the hub forgets it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +27,8 @@ from stepwell.store.base import LogLine, RunRecord
 #: Events a slow client has not read yet beyond this many are dropped for it
 #: (the stored log stays complete: GET /api/runs/{id}/logs).
 MAX_QUEUED_EVENTS = 10_000
+#: Lines of a run in progress kept in memory (older ones are in the store by then).
+MAX_RECENT_LINES = 10_000
 #: At most one progress event per run per this many seconds.
 PROGRESS_INTERVAL = 0.25
 
@@ -58,16 +67,24 @@ class LiveHub:
         self._subs: dict[str, set[asyncio.Queue[RunEvent]]] = {}
         self._lock = threading.Lock()
         self._last_progress: dict[str, float] = {}
+        self._recent: dict[str, deque[LogLine]] = {}
         self.closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def subscribe(self, run_id: str) -> asyncio.Queue[RunEvent]:
+    def subscribe(self, run_id: str) -> tuple[asyncio.Queue[RunEvent], list[LogLine]]:
+        """A queue of the run's events from now on, and its lines so far that
+        may not be in the store yet."""
         queue: asyncio.Queue[RunEvent] = asyncio.Queue(MAX_QUEUED_EVENTS)
         with self._lock:
             self._subs.setdefault(run_id, set()).add(queue)
-        return queue
+            return queue, list(self._recent.get(run_id, ()))
+
+    def recent(self, run_id: str) -> list[LogLine]:
+        """Lines of run ``run_id`` in progress, possibly not stored yet."""
+        with self._lock:
+            return list(self._recent.get(run_id, ()))
 
     def unsubscribe(self, run_id: str, queue: asyncio.Queue[RunEvent]) -> None:
         with self._lock:
@@ -94,6 +111,8 @@ class LiveHub:
 
     # -- RunListener --------------------------------------------------------------
     def run_started(self, run: RunRecord) -> None:
+        with self._lock:
+            self._recent[run.id] = deque(maxlen=MAX_RECENT_LINES)
         self.publish(run.id, run_event("status", run))
 
     def progress(self, run: RunRecord, rows_in: int, rows_out: int) -> None:
@@ -105,10 +124,16 @@ class LiveHub:
                                                    "rows_out": rows_out}))
 
     def log_line(self, run: RunRecord, line: LogLine) -> None:
+        with self._lock:
+            recent = self._recent.get(run.id)
+            if recent is not None:
+                recent.append(line)
         self.publish(run.id, log_event(line))
 
     def run_finished(self, run: RunRecord) -> None:
         self._last_progress.pop(run.id, None)
+        with self._lock:
+            self._recent.pop(run.id, None)
         self.publish(run.id, run_event("end", run))
 
     def tables_committed(self, run: RunRecord, tables: set[str]) -> None:

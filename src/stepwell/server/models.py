@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stepwell.store.base import LogLine, RunRecord, TableInfo, TableVersion
+from stepwell.store.base import LogLine, PartitionRecord, RunRecord, TableInfo, TableVersion
 
 
 def jsonable(value: Any) -> Any:
@@ -236,11 +236,27 @@ class StateChange(_Model):
     values: dict[str, Any] = Field(default_factory=dict, description="Keys to set")
 
 
+class PartitionModel(_Model):
+    """One connector partition as last committed (see ``PartitionRecord``)."""
+
+    name: str
+    fingerprint: str | None
+    code_hash: str | None
+    rows: int = 0
+    duration_seconds: float | None = None
+    status: str = "succeeded"
+    error: str | None = None
+    run_id: str | None = None
+    updated_at: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, record: PartitionRecord) -> PartitionModel:
+        return cls(**{name: getattr(record, name) for name in cls.model_fields})
+
+
 class PartitionList(_Model):
     step: str
-    partitions: list[dict[str, Any]] = Field(
-        description="The connector's partitions (name, fingerprint, ...) as last committed"
-    )
+    partitions: list[PartitionModel]
 
 
 # -- app, steps, graph -----------------------------------------------------------------

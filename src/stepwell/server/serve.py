@@ -163,6 +163,11 @@ class Serving:
         self._ready = threading.Event()
         self._info_path = state_dir(self.spec.root) / SERVER_FILE
 
+    @property
+    def rules(self) -> Any:
+        """The running rule engine (None when the app has no plugins, streams or rules)."""
+        return self.ctx.rules if self.ctx is not None else None
+
     # -- lifecycle --------------------------------------------------------------------
     def _prepare(self) -> None:
         running = read_server_info(self.spec.root)
@@ -212,7 +217,7 @@ class Serving:
         self.ctx = ServerContext(
             app=self.spec, store=store, scheduler=scheduler, hub=hub, ingest=ingest,
             tokens=tokens, settings=self.settings, auth_required=auth_required,
-            environ=self.environ, on_ready=self._on_ready,
+            environ=self.environ, on_ready=self._on_ready, say=self._say,
         )
         config = uvicorn.Config(
             create_app(self.ctx),
@@ -223,9 +228,6 @@ class Serving:
             server_header=False,
         )
         self.server = _Uvicorn(config, on_exit=self._exit_requested)
-        from stepwell.streams.rules import start_rules  # eKuiper plugins and rules (issue #9)
-
-        self.rules = start_rules(self.spec, store, say=self._say)
         self._say(f"stepwell serving {self.spec.title or self.spec.root.name} at {self.url} "
                   f"(API docs: {self.url}/docs)")
         if created:
@@ -279,8 +281,6 @@ class Serving:
                 self._info_path.unlink()
         except (OSError, ValueError):
             pass
-        if getattr(self, "rules", None) is not None:
-            self.rules.stop_all()
         if self.ctx is not None:
             self.ctx.store.close()
         if self._sock is not None:

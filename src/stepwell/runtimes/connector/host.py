@@ -33,6 +33,7 @@ import collections
 import datetime as dt
 import hashlib
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -63,7 +64,9 @@ CODE_HASH_VERSION = b"stepwell-connector/1\n"
 #: A partition's rows are kept in host memory up to this size, then spilled to disk.
 SPILL_BYTES = 32 << 20
 #: Rows inserted per statement at commit time.
-COMMIT_ROWS = 65_536
+COMMIT_ROWS = 262_144
+#: Complete partitions waiting for the committer before workers have to wait.
+COMMIT_QUEUE = 8
 #: Ops each kind of connector worker may send.
 _LISTING_OPS = frozenset({"log", "partitions", "listed", "done"})
 _READING_OPS = frozenset(
@@ -87,20 +90,14 @@ def code_hash(app_root: Path, step: Any, requirements_file: str | None) -> str:
     return digest.hexdigest()
 
 
-def worker_options(runner: Runner, step: Any, sys_path: list[str]) -> dict[str, Any]:
-    """Sandbox options of the step's workers: its limits, and its app environment readable."""
-    from stepwell.sandbox.launcher import WorkerLimits
-
-    limits = step.effective_limits(runner.app.defaults)
+def worker_options(runner: Runner, active: ActiveRun, sys_path: list[str]) -> dict[str, Any]:
+    """Sandbox options of the step's workers, as the runner gives its own workers:
+    the step's limits, its app environment readable, the store hidden."""
     return {
-        "limits": WorkerLimits(
-            memory=limits.memory,
-            cpu=limits.cpu,
-            processes=limits.processes,
-            network=True if limits.network is None else limits.network,
-            timeout=limits.timeout,
-        ),
+        "limits": active.context.worker_limits,
         "read_paths": list(sys_path),
+        "hide_paths": runner._store_paths(),
+        "mode": runner.sandbox,
     }
 
 
@@ -305,8 +302,14 @@ class Job:
     old: PartitionRecord | None
     buffer: PartitionBuffer
     started: float = field(default_factory=time.monotonic)
+    #: seconds from handing the partition out to its last row arriving
+    read_seconds: float | None = None
     #: a host-side problem with the rows received (the partition fails at its end)
     error: str | None = None
+
+    def elapsed(self) -> float:
+        seconds = self.read_seconds
+        return round(time.monotonic() - self.started if seconds is None else seconds, 6)
 
     @property
     def name(self) -> str:
@@ -362,10 +365,12 @@ class PartitionSession(WorkerSession):
     def op_partition_done(self, message: dict, _body: bytes) -> dict:
         job = self._current(message)
         self.job = None
+        job.read_seconds = time.monotonic() - job.started
         if job.error is not None:
             self.refresh.fail(job, job.error)
-            return {"committed": False}
-        return {"committed": self.refresh.commit(job, self.staged)}
+        else:
+            self.refresh.submit(job)  # committed by the committer thread, in order
+        return {}
 
     def op_partition_failed(self, message: dict, _body: bytes) -> dict:
         job = self._current(message)
@@ -391,7 +396,9 @@ class PartitionSession(WorkerSession):
 
 class Refresh:
     """The shared state of one refresh: the queue of partitions to read, the
-    commit lock (one writer at a time) and the counts."""
+    committer (one thread, the only writer: complete partitions wait in a short
+    queue, so workers go on reading while earlier partitions commit), and the
+    counts."""
 
     def __init__(
         self,
@@ -419,6 +426,8 @@ class Refresh:
         self.spill_dir = spill_dir
         self.lock = threading.Lock()
         self.commit_lock = threading.Lock()
+        self._complete: queue.Queue[Job | None] = queue.Queue(maxsize=COMMIT_QUEUE)
+        self._committer: threading.Thread | None = None
         self.stopping = False
         #: delete by ``_partition`` even for partitions without stored rows
         self.always_delete = False
@@ -460,12 +469,40 @@ class Refresh:
         self.runner.listener.progress(self.active.run, rows_in, rows_out)
 
     # -- ending partitions
+    def start_committer(self) -> None:
+        """Start the thread committing complete partitions (see :meth:`submit`)."""
+        active = self.active
+        staged = StagedRun(
+            self.store, active.run.id, active.step.name, on_commit=active.staged.on_commit
+        )
+
+        def commit_loop() -> None:
+            while (job := self._complete.get()) is not None:
+                self.commit(job, staged)
+
+        self._committer = threading.Thread(
+            target=commit_loop, name="stepwell-connector-commit", daemon=True
+        )
+        self._committer.start()
+
+    def submit(self, job: Job) -> None:
+        """Hand a partition whose rows are complete to the committer (waits while
+        :data:`COMMIT_QUEUE` partitions are already waiting)."""
+        self._complete.put(job)
+
+    def finish_commits(self) -> None:
+        """Commit what was submitted, then stop the committer."""
+        if self._committer is not None:
+            self._complete.put(None)
+            self._committer.join()
+            self._committer = None
+
     def commit(self, job: Job, staged: StagedRun) -> bool:
         """Replace the partition's rows and record its fingerprint, in one transaction."""
         step = self.active.step.name
         record = PartitionRecord(
             step, job.name, job.leaf["fingerprint"], self.code_hash, job.buffer.rows,
-            round(time.monotonic() - job.started, 6), "succeeded", None, self.active.run.id,
+            job.elapsed(), "succeeded", None, self.active.run.id,
         )
         try:
             with self.commit_lock:
@@ -506,7 +543,7 @@ class Refresh:
             old.fingerprint if old else None,
             old.code_hash if old else None,
             old.rows if old else 0,
-            round(time.monotonic() - job.started, 6),
+            job.elapsed(),
             "failed",
             error,
             self.active.run.id,
@@ -576,10 +613,12 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
 
     # 1. list
     listing_staged = StagedRun(runner.store, active.run.id, step.name)
-    options = worker_options(runner, step, sys_path)
+    options = worker_options(runner, active, sys_path)
     worker = group.start(app_root, None, options)
     if worker is None:
         return Outcome("cancelled", "cancelled before the listing started")
+    if worker.notes:  # isolation that is not available here (the same for every worker)
+        log.add("warn", list(worker.notes))
     try:
         listing = ListingSession(
             runner.store, listing_staged, worker, log, active.redact,
@@ -669,10 +708,14 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
                 )
                 for i in range(parallelism)
             ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            refresh.start_committer()
+            try:
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+            finally:
+                refresh.finish_commits()
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
@@ -725,9 +768,8 @@ def _serve_partitions(
 ) -> None:
     """One reading worker, from start to end (runs in its own thread)."""
     active = refresh.active
-    staged = StagedRun(
-        refresh.store, active.run.id, active.step.name, on_commit=active.staged.on_commit
-    )
+    # the session's own staged run stays empty: partitions commit in the committer
+    staged = StagedRun(refresh.store, active.run.id, active.step.name)
     try:
         worker = refresh.group.start(app_root, env, options)
     except Exception as exc:

@@ -37,7 +37,7 @@ from stepwell.runtimes.processor.guard import (
 )
 from stepwell.runtimes.processor.schema import OutputSchema, SchemaError, describe_value
 from stepwell.sandbox.client import HostLink
-from stepwell.sandbox.protocol import decode_table, encode_table
+from stepwell.sandbox.protocol import decode_table
 
 #: The column every tracked input table has; the input position is its last value read.
 ID_COLUMN = "patterns_id"
@@ -461,8 +461,9 @@ class ProcessorRun:
     def _write(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
-        self.link.call("write", encode_table(table), table=self.output, mode="append",
-                       id_column=ID_COLUMN)
+        # a notification: the host stores this batch while we compute the next one (a
+        # failed write is reported as the answer to our next request)
+        self.link.notify("write", table, table=self.output, mode="append", id_column=ID_COLUMN)
         self.rows_out += table.num_rows
         self.last_output = table
 

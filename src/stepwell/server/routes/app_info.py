@@ -15,6 +15,7 @@ from stepwell.server.models import (
     GraphEdge,
     GraphNode,
     PartitionList,
+    PartitionModel,
     PositionModel,
     StateChange,
     StepList,
@@ -31,15 +32,10 @@ StepName = Path(description="Step name", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$
 
 
 def store_label(url: str) -> str:
-    """A store URL fit to show: any password removed."""
-    from urllib.parse import urlsplit, urlunsplit
+    """A store URL fit to show: any password replaced by ``***``."""
+    from stepwell.store.postgres import redact
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else netloc))
+    return redact(url)
 
 
 def step_model(ctx: ServerContext, step: Any) -> StepModel:
@@ -178,21 +174,8 @@ def put_position(position: PositionModel, name: str = StepName,
 
 
 @router.get("/steps/{name}/partitions", response_model=PartitionList,
-            summary="A connector step's partitions and fingerprints")
+            summary="A connector step's partitions: fingerprints, rows, last status")
 def get_partitions(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> PartitionList:
     ctx.app.step(name)
-    return PartitionList(step=name, partitions=partitions_of(ctx.store.get_state(name)))
-
-
-def partitions_of(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The partitions a connector committed, from its state's ``partitions`` entry
-    (``{name: fingerprint}`` or ``{name: {fingerprint, ...}}`` or a list of dicts)."""
-    raw = state.get("partitions")
-    if isinstance(raw, dict):
-        return [
-            jsonable({"name": key, **value} if isinstance(value, dict) else {"name": key, "fingerprint": value})
-            for key, value in raw.items()
-        ]
-    if isinstance(raw, list):
-        return [jsonable(p) for p in raw if isinstance(p, dict)]
-    return []
+    records = ctx.store.get_partitions(name)
+    return PartitionList(step=name, partitions=[PartitionModel.of(r) for r in records])

@@ -22,7 +22,7 @@ from stepwell.server.models import (
     TriggerRequest,
     TriggerResponse,
 )
-from stepwell.store.base import RunRecord
+from stepwell.store.base import LogLine, RunRecord
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -74,8 +74,16 @@ def get_logs(
     ctx: ServerContext = Depends(get_ctx),
 ) -> LogList:
     _run(ctx, run_id)
-    lines = [LogLineModel.of(line) for line in ctx.store.get_logs(run_id) if line.seq > after]
-    return LogList(run_id=run_id, lines=lines)
+    lines = _merged(ctx.store.get_logs(run_id), ctx.hub.recent(run_id))
+    return LogList(run_id=run_id, lines=[LogLineModel.of(line) for line in lines if line.seq > after])
+
+
+def _merged(stored: list[LogLine], recent: list[LogLine]) -> list[LogLine]:
+    """Stored lines plus the in-memory ones of a run in progress, by seq, once each."""
+    by_seq = {line.seq: line for line in stored}
+    for line in recent:
+        by_seq.setdefault(line.seq, line)
+    return [by_seq[seq] for seq in sorted(by_seq)]
 
 
 @router.post("/runs/{run_id}/cancel", response_model=CancelResponse, status_code=202,
@@ -102,25 +110,25 @@ def cancel_run(run_id: str = RunId, ctx: ServerContext = Depends(get_ctx)) -> Ca
 )
 async def run_events(request: Request, run_id: str = RunId,
                      ctx: ServerContext = Depends(get_ctx)) -> StreamingResponse:
-    queue = ctx.hub.subscribe(run_id)
+    queue, recent = ctx.hub.subscribe(run_id)
     try:
         run = await asyncio.to_thread(_run, ctx, run_id)
     except BaseException:
         ctx.hub.unsubscribe(run_id, queue)
         raise
     return StreamingResponse(
-        _events(request, ctx, run, queue),
+        _events(request, ctx, run, queue, recent),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _events(request: Request, ctx: ServerContext, run: RunRecord,
-                  queue: asyncio.Queue[RunEvent]) -> AsyncIterator[bytes]:
+                  queue: asyncio.Queue[RunEvent], recent: list[LogLine]) -> AsyncIterator[bytes]:
     try:
         yield run_event("status", run).encode()
         last_seq = -1
-        for line in await asyncio.to_thread(ctx.store.get_logs, run.id):
+        for line in _merged(await asyncio.to_thread(ctx.store.get_logs, run.id), recent):
             yield log_event(line).encode()
             last_seq = line.seq
         if run.status in FINISHED:

@@ -1,0 +1,137 @@
+"""``stepwell action APP NAME [--params JSON] [--user JSON]``: run an action once.
+
+Prints the result as JSON (``{"run_id", "action", "status", "data", "error",
+"steps"}``). On failure the same JSON is printed, a one-line error goes to
+stderr and the exit code is 1. While `stepwell serve` runs for the app the
+call goes through its API (``POST /api/actions/NAME/run``, acting as
+``--user`` with the server's token); otherwise the action runs here, in
+workers started for this one call.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+AppArg = Annotated[str, typer.Argument(help="App folder or app file")]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="STEPWELL_STORE", help="Store URL (postgresql://...)"),
+]
+SandboxOpt = Annotated[
+    str | None,
+    typer.Option("--sandbox", envvar="STEPWELL_SANDBOX",
+                 help="default | strict | none (plain subprocess, for debugging)"),
+]
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr (by ``stepwell.cli.main``)."""
+
+
+def _use_sandbox(mode: str | None) -> None:
+    if mode is not None:
+        import os
+
+        from stepwell.sandbox.policy import MODE_ENV, sandbox_mode
+
+        try:
+            os.environ[MODE_ENV] = sandbox_mode(mode)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+
+
+def _parse(option: str, text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise _failure(f"{option} is not valid JSON: {exc} (e.g. {option} "
+                       f"'{{\"user_id\": 7}}')") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise _failure(f"{option} must be a JSON object, got {type(value).__name__} "
+                       f"(e.g. {option} '{{\"user_id\": 7}}')")  # fmt: skip
+    return value
+
+
+def _failure(message: str) -> CliError:
+    """Print the error as the result JSON; the caller raises the returned CliError."""
+    print(json.dumps({"data": None, "error": message, "steps": []}, indent=2))
+    return CliError(message)
+
+
+def action(
+    app_path: AppArg,
+    name: Annotated[str, typer.Argument(help="Action name")],
+    params: Annotated[str | None, typer.Option("--params", help="Params as a JSON object")] = None,
+    user: Annotated[str | None, typer.Option(
+        "--user", help='The caller as a JSON object, e.g. \'{"id": "ann", "roles": ["admin"]}\'')] = None,
+    store: StoreOpt = None,
+    sandbox: SandboxOpt = None,
+) -> None:
+    """Run an action and print its result as JSON (exit 1 if it failed)."""
+    _use_sandbox(sandbox)
+    from stepwell.app import load_app
+    from stepwell.cli_backend import find_server
+
+    given = _parse("--params", params) or {}
+    caller = _parse("--user", user)
+    spec = load_app(app_path)
+    for warning in spec.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    known = [a.name for a in spec.actions]
+    if name not in known:
+        raise _failure(f"no action named {name!r} (actions of this app: {', '.join(known) or 'none declared'})")
+    client = find_server(spec.root, store or spec.store)
+    if client is not None:
+        result = _remote(client, name, given, caller, spec)
+    else:
+        result = _local(spec, store, name, given, caller)
+    print(json.dumps(result, indent=2))
+    if result.get("error") is not None:
+        error = result["error"]
+        text = error if isinstance(error, str) else json.dumps(error)
+        print(f"error: action {name!r} {result.get('status', 'failed')}: {text} (log: stepwell logs "
+              f"{app_path} {result.get('run_id')})", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _remote(client: Any, name: str, params: dict[str, Any], user: Any, spec: Any) -> dict[str, Any]:
+    import httpx
+
+    from stepwell.server.client import ApiError
+
+    headers = {"X-Stepwell-Trigger": "cli"}
+    if user is not None:
+        headers["X-Stepwell-User"] = json.dumps(user)
+    timeout = max((a.timeout or 90.0) for a in spec.actions if a.name == name) + 30
+    try:
+        response = client.request("POST", f"/api/actions/{name}/run", json=params, headers=headers,
+                                  timeout=httpx.Timeout(timeout))  # fmt: skip
+    except ApiError as exc:
+        raise _failure(str(exc)) from None
+    finally:
+        client.close()
+    return response.json()
+
+
+def _local(spec: Any, store_url: str | None, name: str, params: dict[str, Any],
+           user: Any) -> dict[str, Any]:  # fmt: skip
+    from stepwell.runtimes.action.host import ActionExecutor, InvalidInput
+    from stepwell.store import open_store
+
+    store = open_store(store_url or spec.store, spec.root)
+    try:
+        executor = ActionExecutor(spec, store, warm=0)
+        try:
+            return executor.invoke(name, params, user, trigger="cli").to_json()
+        except InvalidInput as exc:
+            raise _failure(str(exc)) from None
+        finally:
+            executor.close()
+    finally:
+        store.close()

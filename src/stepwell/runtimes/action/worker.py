@@ -1,0 +1,199 @@
+"""Worker side of action code steps: a warm loop serving many invocations.
+
+The host starts the worker with a ``start`` frame naming :func:`serve`; the
+worker sets the app up once (its environment on ``sys.path``, the app folder
+importable, the modules the app's action code imports already imported) and
+then asks for work. Frames, all from the worker (requests wait for a reply)::
+
+    {"op": "ready"}                       -> {"ok": true, "job": {...} | null}
+    {"op": "log", "level", "lines"}       (notification, no reply)
+    {"op": "result", "status": "ok", "data": ...}
+    {"op": "result", "status": "error", "error", "traceback"}
+                                          -> {"ok": true, "job": {...} | null}
+
+A job is ``{"source", "filename", "where", "package", "data", "error",
+"params", "user", "variables"}``; a ``null`` job ends the worker. Each
+invocation gets fresh globals (nothing it defines is seen by the next one);
+modules it imports stay imported, which is what keeps the worker warm.
+``print()`` output is sent to the host before the result, and is attributed
+to the invocation that printed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import collections
+import importlib
+import inspect
+import os
+import sys
+import traceback
+import types
+from pathlib import Path
+from types import CodeType
+from typing import Any
+
+from stepwell.runtimes.action.code import FUNCTION_NAME, compile_step, syntax_message, to_wire
+from stepwell.sandbox.client import HostLink, LogStream
+
+#: Synthetic package the app folder is importable as (shared with node steps).
+APP_PACKAGE = "stepwell_app"
+#: Compiled step bodies kept per worker.
+_CACHE_SIZE = 256
+
+
+class _CodeCache:
+    """Compiled bodies by (filename, source, variables); compile errors are cached too."""
+
+    def __init__(self) -> None:
+        self._items: collections.OrderedDict[tuple, tuple[CodeType, bool] | SyntaxError] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, source: str, filename: str, variables: tuple[str, ...],
+            first_line: int = 1) -> tuple[CodeType, bool]:  # fmt: skip
+        key = (filename, source, variables, first_line)
+        found = self._items.get(key)
+        if found is None:
+            try:
+                found = compile_step(source, filename, variables, first_line)
+            except SyntaxError as exc:
+                found = exc
+            self._items[key] = found
+            if len(self._items) > _CACHE_SIZE:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        if isinstance(found, SyntaxError):
+            raise found
+        return found
+
+
+def _mount_app(app_root: Path) -> None:
+    """Make the app folder importable: plain imports and the ``stepwell_app`` package."""
+    if APP_PACKAGE not in sys.modules:
+        package = types.ModuleType(APP_PACKAGE)
+        package.__path__ = [str(app_root)]
+        package.__package__ = APP_PACKAGE
+        sys.modules[APP_PACKAGE] = package
+    if str(app_root) not in sys.path:
+        sys.path.append(str(app_root))  # last: an app file must not shadow the stdlib
+
+
+def _warm_up(modules: list[str]) -> list[str]:
+    """Import what the app's action code imports; returns those that failed."""
+    failed = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 - a warm-up import must never end the worker
+            failed.append(name)
+    return failed
+
+
+def _streams() -> list[LogStream]:
+    return [s for s in (sys.stdout, sys.stderr) if isinstance(s, LogStream)]
+
+
+def _end_output() -> None:
+    """Send what the invocation printed, and give the next one a fresh log budget."""
+    streams = _streams()
+    for stream in streams:
+        stream.close_out()
+    if streams:
+        budget = streams[0].budget
+        from stepwell.sandbox.client import MAX_LOG_CHARS, MAX_LOG_LINES
+
+        budget.update(lines=MAX_LOG_LINES - 1, chars=MAX_LOG_CHARS - 1000, dropped=0)
+
+
+def _location(exc: BaseException, filename: str, where: str, app_root: str) -> str:
+    """`` (at file:line)`` of the innermost frame in the step's code or the app's files."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename == filename:
+            return f" (at {where}:{frame.lineno})"
+        if app_root and frame.filename.startswith(app_root.rstrip("/") + "/"):
+            return f" (at {frame.filename[len(app_root.rstrip('/')) + 1:]}:{frame.lineno})"
+    return ""
+
+
+def _user_traceback(exc: BaseException, filename: str, where: str, app_root: str) -> str:
+    own = str(Path(__file__).resolve().parents[2])
+    lines = ["Traceback (most recent call last):\n"]
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.startswith(own) or frame.filename.startswith("<frozen"):
+            continue
+        name = where if frame.filename == filename else frame.filename
+        if app_root and name.startswith(app_root.rstrip("/") + "/"):
+            name = name[len(app_root.rstrip("/")) + 1 :]
+        shown = "<action step>" if frame.name == FUNCTION_NAME else frame.name
+        lines.append(f'  File "{name}", line {frame.lineno}, in {shown}\n')
+        if frame.line:
+            lines.append(f"    {frame.line}\n")
+    lines.extend(traceback.format_exception_only(type(exc), exc))
+    return "".join(lines)
+
+
+def run_job(job: dict[str, Any], cache: _CodeCache, app_root: str) -> dict[str, Any]:
+    """Run one invocation; the ``result`` frame's fields."""
+    filename = str(job["filename"])
+    where = str(job.get("where") or filename)
+    variables = dict(job.get("variables") or {})
+    try:
+        code, is_async = cache.get(str(job["source"]), filename, tuple(variables),
+                                   int(job.get("first_line") or 1))
+    except SyntaxError as exc:
+        return {"status": "error", "error": syntax_message(exc, where), "traceback": None}
+    namespace: dict[str, Any] = {
+        "__name__": "__stepwell_action__",
+        "__builtins__": builtins,
+        "__package__": job.get("package") or APP_PACKAGE,
+    }
+    if job.get("file"):
+        namespace["__file__"] = job["file"]
+    try:
+        exec(code, namespace)
+        function = namespace[FUNCTION_NAME]
+        value = function(job.get("data"), job.get("error"), job.get("params"), job.get("user"),
+                         **variables)  # fmt: skip
+        if is_async:
+            value = asyncio.run(value)
+        if inspect.isgenerator(value):
+            value = list(value)
+        return {"status": "ok", "data": to_wire(value)}
+    except SystemExit as exc:
+        return {"status": "error", "traceback": None,
+                "error": f"the step called exit({exc.code if exc.code is not None else ''}); "
+                         f"return a value or raise an exception instead"}  # fmt: skip
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back as the step's error
+        message = str(exc).strip()
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        return {
+            "status": "error",
+            "error": text + _location(exc, filename, where, app_root),
+            "traceback": _user_traceback(exc, filename, where, app_root),
+            "memory_error": isinstance(exc, MemoryError),
+        }
+
+
+def serve(link: HostLink, start: dict[str, Any]) -> None:
+    """The worker's loop (runtime entry named in the ``start`` frame)."""
+    app_root = str(start.get("app_root") or "")
+    if app_root:
+        _mount_app(Path(app_root))
+    failed = _warm_up(list(start.get("warm_imports") or []))
+    cache = _CodeCache()
+    _end_output()
+    reply, _ = link.call("ready", pid=os.getpid(), failed_imports=failed)
+    while True:
+        job = reply.get("job")
+        if not job:
+            return
+        result = run_job(job, cache, app_root)
+        _end_output()
+        try:
+            reply, _ = link.call("result", **result)
+        except TypeError as exc:  # a value the protocol cannot carry after all
+            reply, _ = link.call("result", status="error", traceback=None,
+                                 error=f"the step's result cannot be passed on: {exc}")  # fmt: skip

@@ -1,0 +1,696 @@
+"""Actions (issue #8) end to end: a real `stepwell serve` (uvicorn on a free loopback
+port) running action steps in warm sandboxed workers, and the `stepwell action` CLI
+both through that server and on its own. Plus the parts that need no server: the
+app-file models and the `{{ }}` expression language."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from apputil import cli, write_app
+from serverutil import ThreadServer, wait_for
+
+from stepwell.app import AppError, load_app
+from stepwell.runtimes.action import templating
+
+SECRET = "sk-live-0123456789-very-secret"
+
+APP = {
+    "stepwell.yml": """
+        title: actions under test
+        tables: [{name: orders}]
+        actions:
+          - name: enrich
+            params: {greeting: hello}
+            steps:
+              - name: load
+                python: steps/load_user.py
+                variables: {uid: "{{ params.user_id }}", roles: "{{ user.roles }}"}
+              - name: shape
+                code: |
+                  print("shaping", data["id"])
+                  return {**data, "seen": True, "greeting": params["greeting"]}
+          - name: merge
+            steps:
+              - {name: a, code: "return {'a': params['x']}"}
+              - {name: b, code: "return [10, 20, 30]"}
+              - name: c
+                code: "return {'first': first, 'second': second, 'label': label, 'prev': data}"
+                variables:
+                  first: "{{ steps.a.data }}"
+                  second: "{{ steps.b.data[1] }}"
+                  label: "n-{{ params.x }}"
+          - name: fragile
+            steps:
+              - name: fails
+                code: "raise ValueError('no luck for ' + str(params.get('who')))"
+                allow_failure: true
+              - name: recovers
+                code: "return {'data_was': data, 'error_was': error}"
+          - name: strict
+            steps:
+              - {name: fails, code: "raise RuntimeError('stop here')"}
+              - {name: never, code: "return 'unreachable'"}
+          - name: orders_of
+            steps:
+              - name: rows
+                sql: "SELECT id, amount FROM orders WHERE customer = :who ORDER BY id"
+                variables: {who: "{{ params.customer }}"}
+              - name: total
+                code: "return {'count': len(data), 'total': sum(r['amount'] for r in data)}"
+          - name: orders_in
+            steps:
+              - name: rows
+                sql: queries/by_ids.sql
+                variables: {ids: "{{ params.ids }}"}
+          - name: double
+            steps:
+              - {name: d, code: "return params['n'] * 2"}
+          - name: doubles
+            steps:
+              - {name: numbers, code: "return [{'n': i} for i in range(params['count'])]"}
+              - {name: each, loop: double, chunk_size: 3, max_iterations: 5}
+          - name: doubles_of
+            steps:
+              - name: each
+                loop: double
+                items: "{{ params['values'] }}"
+                params: {n: "{{ item }}"}
+          - name: checked
+            steps:
+              - name: c
+                code: |
+                  assert params["n"] % 2 == 0, "odd"
+                  return params["n"] // 2
+          - name: halves
+            steps:
+              - name: each
+                loop: checked
+                items: "{{ params['values'] }}"
+                params: {n: "{{ item }}"}
+                chunk_size: 2
+          - name: nap
+            steps:
+              - {name: z, code: "import time; time.sleep(0.4); return params['n']"}
+          - name: naps
+            steps:
+              - name: each
+                loop: nap
+                items: [1, 2, 3]
+                params: {n: "{{ item }}"}
+                chunk_size: 3
+          - name: call_other
+            steps:
+              - name: sub
+                action: double
+                params: {n: "{{ params.k }}"}
+              - {name: plus, code: "return data + 1"}
+          - name: forever
+            steps:
+              - {name: again, action: forever}
+          - name: slow
+            steps:
+              - name: sleep
+                code: |
+                  import time
+                  time.sleep(params.get("seconds", 5))
+                  return "woke"
+                timeout: 1s
+          - name: slow_action
+            timeout: 1s
+            steps:
+              - {name: sleep, code: "import time; time.sleep(4); return 1", timeout: 10s}
+          - name: syntax
+            steps:
+              - {name: bad, python: steps/broken.py}
+          - name: templated_file
+            steps:
+              - {name: bad, python: steps/templated.py}
+          - name: secretive
+            steps:
+              - name: use
+                code: |
+                  print("token is", token)
+                  raise ValueError("failed with " + token)
+                variables: {token: "${{ secrets.api_token }}"}
+          - name: whoami
+            steps:
+              - {name: me, code: "return user"}
+          - name: where
+            steps:
+              - {name: pid, code: "import os; return os.getpid()"}
+          - name: fresh
+            steps:
+              - name: count
+                code: |
+                  g = globals()
+                  g["calls"] = g.get("calls", 0) + 1
+                  return g["calls"]
+          - name: typed
+            steps:
+              - name: t
+                code: |
+                  import datetime, decimal
+                  return {"when": datetime.datetime(2024, 1, 2, 3, 4, 5),
+                          "amount": decimal.Decimal("1.50"), "nan": float("nan"),
+                          "pair": (1, 2), "raw": b"hi"}
+          - name: crash
+            steps:
+              - {name: c, code: "import os; os._exit(3)"}
+          - name: awaits
+            steps:
+              - name: a
+                code: |
+                  import asyncio
+                  await asyncio.sleep(0.01)
+                  return "awaited"
+    """,
+    "steps/load_user.py": """
+        import json
+        print("loading user", uid)
+        return {"id": uid, "roles": roles, "json": json.dumps({"uid": uid})}
+    """,
+    "steps/broken.py": """
+        x = 1
+        if x > 0
+            return x
+    """,
+    "steps/templated.py": """
+        return {{ params.user_id }}
+    """,
+    "queries/by_ids.sql": """
+        SELECT id, customer FROM orders WHERE id IN :ids ORDER BY id
+    """,
+    ".stepwell/secrets.toml": f"""
+        api_token = "{SECRET}"
+    """,
+}
+
+ORDERS = [
+    {"id": 1, "customer": "ann", "amount": 10},
+    {"id": 2, "customer": "bob", "amount": 5},
+    {"id": 3, "customer": "ann", "amount": 7},
+]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = write_app(tmp_path_factory.mktemp("actions") / "app", APP)
+    with ThreadServer(root) as server, server.client() as client:
+        loaded = client.post("/api/tables/orders/rows", json=ORDERS)
+        assert loaded.status_code == 200, loaded.text
+        server.root = root
+        server.http = client
+        yield server
+
+
+def run(server: Any, name: str, params: Any = None, **kwargs: Any) -> dict[str, Any]:
+    response = server.http.post(f"/api/actions/{name}/run", json=params or {}, **kwargs)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def logs_of(server: Any, run_id: str) -> list[str]:
+    """The run's stored log lines (records reach the store shortly after the response)."""
+    def stored() -> list[str] | None:
+        response = server.http.get(f"/api/runs/{run_id}/logs")
+        if response.status_code != 200:
+            return None
+        lines = [line["message"] for line in response.json()["lines"]]
+        record = server.http.get(f"/api/runs/{run_id}").json()
+        return lines if record.get("status") not in (None, "running") else None
+
+    return wait_for(stored, 10, what=f"the log of run {run_id}")
+
+
+def record_of(server: Any, run_id: str) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        response = server.http.get(f"/api/runs/{run_id}")
+        if response.status_code != 200:
+            return None
+        body = response.json()
+        return body if body["status"] != "running" else None
+
+    return wait_for(ended, 10, what=f"run {run_id} to be recorded")
+
+
+# -- chains of steps ------------------------------------------------------------------
+
+
+def test_python_file_and_inline_code_steps(served: Any) -> None:
+    result = run(served, "enrich", {"user_id": 7})
+    assert result["status"] == "succeeded" and result["error"] is None
+    assert result["data"] == {"id": 7, "roles": [], "json": '{"uid": 7}', "seen": True,
+                              "greeting": "hello"}
+    assert [s["name"] for s in result["steps"]] == ["load", "shape"]
+    for step in result["steps"]:
+        assert step["error"] is None and step["duration_ms"] >= 0
+        assert step["started_at"].endswith("+00:00")
+    assert result["steps"][0]["data"] == {"id": 7, "roles": [], "json": '{"uid": 7}'}
+    record = record_of(served, result["run_id"])
+    assert record["step"] == "action:enrich" and record["status"] == "succeeded"
+    assert record["trigger"] == "api"
+    lines = logs_of(served, result["run_id"])
+    assert "[load] loading user 7" in lines and "[shape] shaping 7" in lines
+
+
+def test_variables_merge_earlier_steps(served: Any) -> None:
+    result = run(served, "merge", {"x": 4})
+    assert result["data"] == {"first": {"a": 4}, "second": 20, "label": "n-4", "prev": [10, 20, 30]}
+
+
+def test_allow_failure_passes_the_error_on(served: Any) -> None:
+    result = run(served, "fragile", {"who": "zoe"})
+    assert result["status"] == "succeeded"
+    error = result["steps"][0]["error"]
+    assert error.startswith("ValueError: no luck for zoe (at stepwell.yml:")
+    assert result["data"] == {"data_was": None, "error_was": error}
+
+
+def test_a_failing_step_fails_the_action(served: Any) -> None:
+    result = run(served, "strict")
+    assert result["status"] == "failed" and result["data"] is None
+    assert result["error"].startswith("step 'fails': RuntimeError: stop here (at stepwell.yml:")
+    assert [s["name"] for s in result["steps"]] == ["fails"]
+    record = record_of(served, result["run_id"])
+    assert record["status"] == "failed" and "RuntimeError: stop here" in record["error"]
+    assert "raise RuntimeError('stop here')" in (record["traceback"] or "")
+
+
+def test_sql_steps_bind_variables_as_parameters(served: Any) -> None:
+    result = run(served, "orders_of", {"customer": "ann"})
+    assert result["steps"][0]["data"] == [{"id": 1, "amount": 10}, {"id": 3, "amount": 7}]
+    assert result["data"] == {"count": 2, "total": 17}
+    # a value is a value: quotes in it cannot change the query
+    assert run(served, "orders_of", {"customer": "x' OR '1'='1"})["data"] == {"count": 0, "total": 0}
+    listed = run(served, "orders_in", {"ids": [2, 3]})
+    assert listed["data"] == [{"id": 2, "customer": "bob"}, {"id": 3, "customer": "ann"}]
+
+
+def test_action_steps_call_other_actions(served: Any) -> None:
+    assert run(served, "call_other", {"k": 5})["data"] == 11
+
+
+def test_loop_over_previous_result_with_max_iterations(served: Any) -> None:
+    result = run(served, "doubles", {"count": 8})
+    assert result["status"] == "succeeded"
+    assert result["data"] == [0, 2, 4, 6, 8]  # max_iterations: 5
+    lines = logs_of(served, result["run_id"])
+    assert any("8 items, looping over the first 5" in line for line in lines)
+
+
+def test_loop_over_expression_items(served: Any) -> None:
+    assert run(served, "doubles_of", {"values": [3, 4]})["data"] == [6, 8]
+
+
+def test_loop_returns_results_and_errors(served: Any) -> None:
+    result = run(served, "halves", {"values": [2, 3, 4]})
+    assert result["status"] == "failed"
+    step = result["steps"][0]
+    assert step["data"] == [1, None, 2]
+    assert step["error"][0] is None and step["error"][2] is None
+    assert step["error"][1].startswith("action 'checked': step 'c': AssertionError: odd")
+    assert "1 of 3 iterations failed" in result["error"]
+
+
+def test_loop_chunks_run_in_parallel(served: Any) -> None:
+    run(served, "naps")  # warm enough workers
+    began = time.monotonic()
+    result = run(served, "naps")
+    elapsed = time.monotonic() - began
+    assert result["data"] == [1, 2, 3]
+    assert elapsed < 1.1, f"3 naps of 0.4 s in one chunk took {elapsed:.2f}s"
+
+
+def test_an_action_calling_itself_hits_the_depth_limit(served: Any) -> None:
+    result = run(served, "forever")
+    assert result["status"] == "failed"
+    assert "actions nested more than 10 levels deep (forever > forever" in result["error"]
+    assert "needs a way to stop" in result["error"]
+
+
+# -- limits and failures ----------------------------------------------------------------
+
+
+def test_step_timeout_kills_the_worker_and_the_pool_recovers(served: Any) -> None:
+    began = time.monotonic()
+    result = run(served, "slow")
+    assert time.monotonic() - began < 5
+    assert result["status"] == "timed_out"
+    assert result["error"] == "step 'sleep': step 'sleep' exceeded its time limit (1s)"
+    assert run(served, "slow", {"seconds": 0})["data"] == "woke"
+    assert record_of(served, result["run_id"])["status"] == "timed_out"
+
+
+def test_action_timeout(served: Any) -> None:
+    began = time.monotonic()
+    result = run(served, "slow_action")
+    assert time.monotonic() - began < 3.5
+    assert result["status"] == "timed_out"
+    assert "action 'slow_action' exceeded its time limit (1s)" in result["error"]
+
+
+def test_syntax_error_in_a_file_names_its_line(served: Any) -> None:
+    result = run(served, "syntax")
+    assert result["status"] == "failed"
+    assert "SyntaxError" in result["error"] and "(at steps/broken.py:2: if x > 0)" in result["error"]
+
+
+def test_template_inside_a_code_file_says_to_use_variables(served: Any) -> None:
+    result = run(served, "templated_file")
+    assert result["status"] == "failed"
+    assert "steps/templated.py, line 1: {{ params.user_id }} cannot be used inside Python code" in result["error"]
+    assert "`variables:`" in result["error"]
+
+
+def test_a_crashing_worker_is_replaced(served: Any) -> None:
+    result = run(served, "crash")
+    assert result["status"] == "failed"
+    assert "the worker running the step ended" in result["error"]
+    assert "exit code 3" in result["error"] or "exited with" in result["error"]
+    assert run(served, "double", {"n": 2})["data"] == 4
+
+
+def test_secrets_are_redacted_from_logs_and_errors(served: Any) -> None:
+    result = run(served, "secretive")
+    assert result["status"] == "failed"
+    assert SECRET not in json.dumps(result)
+    assert "failed with ***" in result["error"]
+    lines = logs_of(served, result["run_id"])
+    assert "[use] token is ***" in lines
+    assert all(SECRET not in line for line in lines)
+    assert SECRET not in json.dumps(record_of(served, result["run_id"]))
+
+
+def test_results_are_plain_json(served: Any) -> None:
+    data = run(served, "typed")["data"]
+    assert data == {"when": "2024-01-02T03:04:05", "amount": "1.50", "nan": None,
+                    "pair": [1, 2], "raw": "aGk="}
+
+
+def test_async_bodies_are_awaited(served: Any) -> None:
+    assert run(served, "awaits")["data"] == "awaited"
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+def test_code_runs_in_warm_sandboxed_workers_with_fresh_globals(served: Any) -> None:
+    pids = {run(served, "where")["data"] for _ in range(6)}
+    assert os.getpid() not in pids  # never in the host (the server runs in this process)
+    assert len(pids) <= 8  # a small pool serves many calls
+    assert [run(served, "fresh")["data"] for _ in range(3)] == [1, 1, 1]
+
+
+def test_concurrent_calls(served: Any) -> None:
+    results: list[Any] = [None] * 8
+
+    def call(index: int) -> None:
+        with httpx.Client(base_url=served.url, timeout=30) as client:
+            results[index] = client.post("/api/actions/double/run", json={"n": index}).json()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r["data"] for r in results] == [2 * i for i in range(8)]
+    assert len({r["run_id"] for r in results}) == 8
+
+
+# -- the HTTP API ----------------------------------------------------------------------
+
+
+def test_list_actions(served: Any) -> None:
+    listed = served.http.get("/api/actions").json()["actions"]
+    enrich = next(a for a in listed if a["name"] == "enrich")
+    assert enrich["params"] == ["greeting"]
+    assert enrich["steps"] == [{"name": "load", "kind": "python", "target": "steps/load_user.py"},
+                               {"name": "shape", "kind": "code", "target": None}]
+
+
+def test_bad_requests(served: Any) -> None:
+    missing = served.http.post("/api/actions/nope/run", json={})
+    assert missing.status_code == 404
+    assert "no action named 'nope'" in missing.json()["error"]["message"]
+    not_object = served.http.post("/api/actions/double/run", json=[1, 2])
+    assert not_object.status_code == 422
+    broken = served.http.post("/api/actions/double/run", content=b"{bad json",
+                              headers={"Content-Type": "application/json"})
+    assert broken.status_code == 422 and "JSON" in broken.json()["error"]["message"]
+    bad_user = served.http.post("/api/actions/whoami/run", json={},
+                                headers={"X-Stepwell-User": "not json"})
+    assert bad_user.status_code == 422
+
+
+def test_user_on_loopback(served: Any) -> None:
+    assert run(served, "whoami")["data"] == {"id": "local", "roles": []}
+    acting = run(served, "whoami", headers={"X-Stepwell-User": '{"id": "ann", "roles": ["admin"]}'})
+    assert acting["data"] == {"id": "ann", "roles": ["admin"]}
+    token = (served.root / ".stepwell" / "token").read_text().strip()
+    owner = run(served, "whoami", headers={"Authorization": f"Bearer {token}"})
+    assert owner["data"] == {"id": "owner", "roles": ["owner"]}
+    wrong = served.http.post("/api/actions/whoami/run", json={},
+                             headers={"Authorization": "Bearer not-a-known-token"})
+    assert wrong.status_code == 401
+
+
+ANN_TOKEN = "ann-token-0123456789abcdef"
+
+
+def test_tokens_identify_users_beyond_loopback(tmp_path: Path) -> None:
+    root = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            actions:
+              - name: whoami
+                steps:
+                  - {name: me, code: "return {'id': user['id'], 'roles': user['roles'], 'team': user.get('team')}"}
+              - name: admins_only
+                steps:
+                  - name: check
+                    code: |
+                      if "admin" not in roles:
+                          raise PermissionError("admins only")
+                      return "welcome"
+                    variables: {roles: "{{ user.roles }}"}
+        """,
+        ".stepwell/users.toml": f"""
+            [users.ann]
+            token = "{ANN_TOKEN}"
+            roles = ["admin"]
+            team = "data"
+
+            [users.bob]
+            token_sha256 = "{__import__('hashlib').sha256(b'bob-token-0123456789abcdef').hexdigest()}"
+        """,
+    })
+    with ThreadServer(root, host="0.0.0.0") as server:
+        owner = (root / ".stepwell" / "token").read_text().strip()
+        with server.client() as anonymous:
+            refused = anonymous.post("/api/actions/whoami/run", json={})
+            assert refused.status_code == 401
+        with server.client(ANN_TOKEN) as ann:
+            assert ann.post("/api/actions/whoami/run", json={}).json()["data"] == {
+                "id": "ann", "roles": ["admin"], "team": "data"}
+            assert ann.post("/api/actions/admins_only/run", json={}).json()["data"] == "welcome"
+            assert ann.get("/api/runs").status_code == 401  # user tokens are for actions only
+            posing = ann.post("/api/actions/whoami/run", json={},
+                              headers={"X-Stepwell-User": '{"id": "root"}'})
+            assert posing.status_code == 403
+        with server.client("bob-token-0123456789abcdef") as bob:
+            denied = bob.post("/api/actions/admins_only/run", json={}).json()
+            assert denied["status"] == "failed" and "PermissionError: admins only" in denied["error"]
+        with server.client(owner) as admin:
+            acting = admin.post("/api/actions/whoami/run", json={},
+                                headers={"X-Stepwell-User": '{"id": "cy", "roles": ["x"]}'}).json()
+            assert acting["data"] == {"id": "cy", "roles": ["x"], "team": None}
+            assert admin.get("/api/runs").status_code == 200
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def test_cli_through_the_running_server(served: Any) -> None:
+    done = cli("action", str(served.root), "enrich", "--params", '{"user_id": 3}',
+               "--user", '{"id": "ann", "roles": ["admin"]}')
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["data"]["id"] == 3 and result["data"]["roles"] == ["admin"]
+    assert record_of(served, result["run_id"])["trigger"] == "cli"  # it went through the API
+
+    failed = cli("action", str(served.root), "strict")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["error"].startswith("step 'fails': RuntimeError: stop here")
+    assert "error: action 'strict' failed" in failed.stderr
+
+    bad = cli("action", str(served.root), "double", "--params", "{nope")
+    assert bad.returncode == 1 and "--params is not valid JSON" in bad.stderr
+    assert "--params is not valid JSON" in json.loads(bad.stdout)["error"]
+    unknown = cli("action", str(served.root), "nope")
+    assert unknown.returncode == 1 and "no action named 'nope'" in unknown.stderr
+
+
+def test_cli_without_a_server(tmp_path: Path) -> None:
+    root = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            actions:
+              - name: greet
+                steps:
+                  - name: hi
+                    code: |
+                      print("greeting", user["id"])
+                      return f"hi {params['name']} from {user['id']}"
+        """,
+    })
+    done = cli("action", str(root), "greet", "--params", '{"name": "Ann"}', "--user", '{"id": "cy"}')
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["data"] == "hi Ann from cy"
+    logs = cli("logs", str(root), result["run_id"])
+    assert "[hi] greeting cy" in logs.stdout
+    runs = json.loads(cli("runs", str(root), "--json").stdout)
+    assert runs[0]["step"] == "action:greet" and runs[0]["status"] == "succeeded"
+    not_object = cli("action", str(root), "greet", "--params", "[1]")
+    assert not_object.returncode == 1 and "--params must be a JSON object" in not_object.stderr
+
+
+def test_template_inside_inline_code_fails_to_load(tmp_path: Path) -> None:
+    root = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            actions:
+              - name: a
+                steps:
+                  - name: s
+                    code: |
+                      x = 1
+                      return {{ steps.load.data }}
+        """,
+    })
+    done = cli("action", str(root), "a")
+    assert done.returncode == 1
+    assert "stepwell.yml:5: actions[0].steps[0].code: {{ }} templates cannot be used inside code" in done.stderr
+    assert "line 2: {{ steps.load.data }} cannot be used inside Python code" in done.stderr
+    assert "variables:" in done.stderr
+
+
+def test_inline_syntax_error_fails_to_load_naming_the_line(tmp_path: Path) -> None:
+    write_app(tmp_path, {"stepwell.yml": """
+        actions:
+          - name: a
+            steps:
+              - name: s
+                code: |
+                  x = 1
+                  return x +
+    """})
+    with pytest.raises(AppError) as caught:
+        load_app(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / 'stepwell.yml'}:5: actions[0].steps[0].code: "
+                                        "invalid Python (invalid syntax, line 2 of the code: return x +)")
+
+
+# -- the app file ----------------------------------------------------------------------
+
+
+def _load_error(tmp_path: Path, text: str, files: dict[str, str] | None = None) -> str:
+    write_app(tmp_path, {"stepwell.yml": text, **(files or {})})
+    with pytest.raises(AppError) as caught:
+        load_app(tmp_path)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("actions:\n  - name: a\n    steps:\n      - {name: s, code: 'return 1', items: [1]}\n",
+     ":4: actions[0].steps[0].items: `items` cannot be used on a code step"),
+    ("actions:\n  - name: a\n    steps:\n      - {name: s, code: 'return 1', colour: red}\n",
+     ":4: actions[0].steps[0].colour: unknown key 'colour'"),
+    ("actions:\n  - name: a\n    steps:\n      - {name: s, loop: b}\n",
+     ":4: actions[0].steps[0].loop: no action named 'b'"),
+    ("actions:\n  - name: a\n    steps:\n      - {name: s, code: 'return 1', python: x.py}\n",
+     "actions[0].steps[0].python: an action step has exactly one of"),
+    ("actions:\n  - name: a\n    steps:\n      - name: s\n        code: return x\n"
+     "        variables: {data: '{{ params.x }}'}\n",
+     ":6: actions[0].steps[0].variables.data: variable 'data' would hide the built-in `data`"),
+    ("actions:\n  - name: a\n    steps:\n      - name: s\n        code: return x\n"
+     "        variables: {x: '{{ params.x() }}'}\n",
+     "actions[0].steps[0].variables.x: calls are not allowed"),
+    ("actions:\n  - name: a\n    steps:\n      - name: s\n        code: return x\n"
+     "        variables: {x: '{{ parms.x }}'}\n",
+     "unknown name 'parms'"),
+    ("actions:\n  - name: a\n    steps:\n      - {name: s, python: gone.py}\n",
+     ":4: actions[0].steps[0].python: python file 'gone.py' not found"),
+    ("actions:\n  - name: a\n    steps:\n      - {name: s, sql: \"SELECT * FROM t WHERE id = {{ params.id }}\"}\n",
+     "actions[0].steps[0].sql: {{ }} templates cannot be used inside SQL"),
+    ("actions:\n  - name: a\n    steps: []\n", "actions[0].steps: an action needs at least one step"),
+    ("actions:\n  - name: a\n    timeout: soon\n    steps: [{name: s, code: return}]\n",
+     ":3: actions[0].timeout: bad duration 'soon'"),
+])
+def test_app_file_errors_name_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in _load_error(tmp_path, text)
+
+
+def test_action_models(tmp_path: Path) -> None:
+    write_app(tmp_path, {
+        "stepwell.yml": """
+            actions:
+              - name: a
+                params: {key: "${{ secrets.k }}"}
+                timeout: 2m
+                steps:
+                  - {name: s, sql: q.sql, variables: {t: "${{ secrets.t }}"}}
+                  - {name: l, loop: a, chunk_size: 4, max_iterations: 10, params: {n: "{{ index }}"}}
+                  - {name: i, sql: "select 1"}
+        """,
+        "q.sql": "select 1",
+    })
+    action = load_app(tmp_path).actions[0]
+    assert action.timeout == 120 and action.secrets == ["k", "t"]
+    sql, loop, inline = action.steps
+    assert (sql.kind, sql.sql_file, sql.file) == ("sql", "q.sql", "q.sql")
+    assert (loop.kind, loop.source, loop.chunk_size, loop.max_iterations) == ("loop", "a", 4, 10)
+    assert inline.sql_file is None and inline.source == "select 1"
+
+
+# -- the expression language -----------------------------------------------------------
+
+
+def test_templates_evaluate_to_values() -> None:
+    context = {"params": {"ids": [1, 2], "name": "Ann", "user-id": 5},
+               "steps": {"items": {"data": {"n": 3}, "error": None}}, "user": {"roles": ["a"]},
+               "data": None, "error": None}
+    assert templating.evaluate("{{ params.ids }}", context) == [1, 2]
+    assert templating.evaluate("{{ params['user-id'] }}", context) == 5
+    assert templating.evaluate("{{ steps.items.data.n }}", context) == 3  # keys, not dict methods
+    assert templating.evaluate("hi {{ params.name }}!", context) == "hi Ann!"
+    assert templating.evaluate("{{ params.missing }}", context) is None
+    assert templating.evaluate("{{ 'a' in user.roles }}", context) is True
+    assert templating.evaluate("{{ params.ids | length }}", context) == 2
+    assert templating.evaluate("{{ params.nope | default('x') }}", context) == "x"
+    assert templating.evaluate("{{ {'k': [1, none, true]} }}", context) == {"k": [1, None, True]}
+    assert templating.evaluate("no templates", context) == "no templates"
+    assert templating.evaluate_text("Bearer ${{ secrets.t }} for {{ params.name }}", context,
+                                    lambda name: f"<{name}>") == "Bearer <t> for Ann"
+    with pytest.raises(templating.TemplateProblem, match="has no attribute 'x'"):
+        templating.evaluate("{{ params.missing.x }}", context)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("{{ params.x() }}", "calls are not allowed"),
+    ("{{ params.__class__ }}", "names starting with '_'"),
+    ("{{ params['__class__'] }}", "names starting with '_'"),
+    ("{{ params.x | attr('y') }}", "filter 'attr' is not allowed"),
+    ("{% for x in params %}{{ x }}{% endfor %}", "statements"),
+    ("{{ params.x + 1 }}", "add is not allowed"),
+    ("{{ lipsum }}", "unknown name 'lipsum'"),
+    ("{{ params.x", "bad template"),
+])
+def test_templates_refuse_anything_executable(text: str, problem: str) -> None:
+    with pytest.raises(templating.TemplateProblem, match=problem):
+        templating.check_template(text)

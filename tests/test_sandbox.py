@@ -1,0 +1,480 @@
+"""The sandbox: fork-server, isolation of each run, limits and statuses, secrets.
+
+Everything runs through real fork-server workers and real stores. The
+fork-server is one per host process (here: the pytest process), so several
+tests also check that it is started once and survives what its children do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from apputil import cli, logs, rows, run_app, write_app
+
+from stepwell.engine.logs import Redactor
+from stepwell.sandbox.launcher import forkserver
+from stepwell.sandbox.policy import (
+    MEMORY_EXIT_CODE,
+    describe_exit,
+    format_bytes,
+    sandbox_mode,
+    skipped_features,
+)
+
+FACTS = """
+import json, os, socket
+from patterns import Parameter, Table
+
+def attempt(action):
+    try:
+        return ["ok", action()]
+    except Exception as exc:
+        return ["error", f"{type(exc).__name__}: {exc}"]
+
+def connect():
+    socket.create_connection(("127.0.0.1", Parameter("port", type=int)), timeout=2).close()
+    return "connected"
+
+def write_tmp():
+    with open("/tmp/mine.txt", "w") as out:
+        out.write("private")
+    return sorted(os.listdir("/tmp"))
+
+facts = {
+    "uid": os.getuid(),
+    "pid": os.getpid(),
+    "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+    "env": sorted(os.environ),
+    "home": os.environ.get("HOME"),
+    "tmpdir": os.environ.get("TMPDIR"),
+    "cwd": os.getcwd(),
+    "app_file": attempt(lambda: open("data.txt").read()),
+    "write_app": attempt(lambda: open("new.txt", "w").write("x")),
+    "write_tmp": attempt(write_tmp),
+    "store_dir": attempt(lambda: os.listdir(".stepwell")),
+    "connect": attempt(connect),
+    "no_new_privs": [line.split()[1] for line in open("/proc/self/status") if line.startswith("NoNewPrivs")],
+    "seccomp": [line.split()[1] for line in open("/proc/self/status") if line.startswith("Seccomp:")],
+    "cap_eff": [line.split()[1] for line in open("/proc/self/status") if line.startswith("CapEff")],
+}
+print("FACTS " + json.dumps(facts))
+Table("facts", "w").append({"n": 1})
+"""
+
+
+def _facts(app, run) -> dict:
+    (line,) = [line for line in logs(app, run.id) if line.startswith("FACTS ")]
+    return json.loads(line[len("FACTS "):])
+
+
+@pytest.fixture
+def listener():
+    """A TCP listener on the host's loopback: reachable only with network on."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield server.getsockname()[1]
+    server.close()
+
+
+def _facts_app(tmp_path, port, extra: str = "", defaults: str = ""):
+    return write_app(tmp_path / "app", {
+        "stepwell.yml": f"""
+            {defaults}
+            steps:
+              - name: offline
+                node: facts.py
+                network: false
+                parameters: {{port: {port}}}
+              - name: online
+                node: facts.py
+                parameters: {{port: {port}}}
+            {extra}
+        """,
+        "facts.py": FACTS,
+        "data.txt": "app data",
+    })  # fmt: skip
+
+
+def test_isolation_of_a_run(tmp_path, listener):
+    app = _facts_app(tmp_path, listener)
+    offline, online = run_app(app)
+    assert offline.status == online.status == "succeeded", (offline.error, online.error)
+    facts = _facts(app, offline)
+    assert facts["uid"] == 0  # root of its own user namespace, nobody outside
+    assert facts["pid"] == 2 and facts["pids"] == [2]  # own PID namespace, only itself visible
+    assert facts["env"] == ["HOME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE", "TMPDIR"] or set(
+        facts["env"]) <= {"HOME", "LANG", "LC_ALL", "PATH", "PYTHONDONTWRITEBYTECODE", "TMPDIR", "TZ"}
+    assert facts["home"] == facts["tmpdir"] == "/tmp"
+    assert facts["cwd"] == str(app.resolve())
+    assert facts["app_file"] == ["ok", "app data"]
+    assert facts["write_app"][0] == "error" and "Read-only file system" in facts["write_app"][1]
+    # a fresh private /tmp (holding only the way to the app when the app is under /tmp)
+    way = str(app.resolve()).split("/")[2:3] if str(app.resolve()).startswith("/tmp/") else []
+    assert facts["write_tmp"] == ["ok", sorted(["mine.txt", *way])]
+    assert facts["store_dir"] == ["ok", []]  # the store's folder is hidden
+    assert facts["connect"][0] == "error" and "Network is unreachable" in facts["connect"][1]
+    assert facts["no_new_privs"] == ["1"] and facts["seccomp"] == ["2"]
+    assert int(facts["cap_eff"][0], 16) == 0
+    # with network on, the host's loopback is reachable
+    assert _facts(app, online)["connect"] == ["ok", "connected"]
+    # a second run gets a new empty /tmp: nothing leaks between runs
+    again = run_app(app, steps=["offline"])[0]
+    assert _facts(app, again)["write_tmp"] == ["ok", sorted(["mine.txt", *way])]
+    assert not os.path.exists(app / "new.txt")
+
+
+def test_network_defaults_from_app_and_strict_mode(tmp_path, listener):
+    app = _facts_app(tmp_path, listener, defaults="defaults: {network: false}")
+    offline, online = run_app(app)
+    assert _facts(app, online)["connect"][0] == "error"  # app default: no network
+    # strict mode: no network unless the step sets it
+    plain = write_app(tmp_path / "strict", {
+        "stepwell.yml": f"""
+            steps:
+              - name: unset
+                node: facts.py
+                parameters: {{port: {listener}}}
+              - name: allowed
+                node: facts.py
+                network: true
+                parameters: {{port: {listener}}}
+        """,
+        "facts.py": FACTS,
+        "data.txt": "x",
+    })  # fmt: skip
+    from stepwell.app import load_app
+    from stepwell.engine.app_run import run_steps
+    from stepwell.engine.runner import Runner
+    from stepwell.store import open_store
+
+    spec = load_app(plain)
+    store = open_store(None, spec.root)
+    try:
+        unset, allowed = run_steps(Runner(spec, store, sandbox="strict"), ["unset", "allowed"])
+    finally:
+        store.close()
+    assert "Network is unreachable" in _facts(plain, unset)["connect"][1]
+    assert _facts(plain, allowed)["connect"] == ["ok", "connected"]
+
+
+def test_refused_namespace_is_logged_and_strict_refuses(tmp_path, listener, monkeypatch):
+    app = _facts_app(tmp_path, listener)
+    monkeypatch.setenv("STEPWELL_SANDBOX_SKIP", "net,pid")
+    offline = run_app(app, steps=["offline"])[0]
+    assert offline.status == "succeeded", offline.error
+    lines = logs(app, offline.id)
+    assert any(line.startswith("[stepwell] sandbox: network namespace unavailable (disabled by "
+                               "STEPWELL_SANDBOX_SKIP); running with the host's network") for line in lines)
+    assert any("PID namespace unavailable" in line for line in lines)
+    assert _facts(app, offline)["connect"] == ["ok", "connected"]  # said so, not silently
+    # strict mode refuses to run with less isolation
+    monkeypatch.setenv("STEPWELL_SANDBOX", "strict")
+    refused = run_app(app, steps=["offline"])[0]
+    assert refused.status == "failed"
+    assert "sandbox mode `strict` refuses to run" in refused.error
+    assert "network namespace unavailable" in refused.error
+    assert rows(app, "facts") and len(rows(app, "facts")) == 1  # the refused run wrote nothing
+
+
+def test_sandbox_none_runs_a_plain_subprocess_and_says_so(tmp_path, listener, monkeypatch):
+    app = _facts_app(tmp_path, listener)
+    monkeypatch.setenv("STEPWELL_SANDBOX", "none")
+    offline = run_app(app, steps=["offline"])[0]
+    assert offline.status == "succeeded", offline.error
+    assert logs(app, offline.id)[0].startswith("[stepwell] sandbox: disabled (STEPWELL_SANDBOX=none)")
+    assert _facts(app, offline)["pid"] != 2
+
+
+LIMITS_APP = {
+    "stepwell.yml": """
+        defaults: {memory: 512MiB}
+        steps:
+          - name: memory
+            node: memory.py
+            memory: 256MiB
+          - name: cpu
+            node: cpu.py
+            cpu: 1s
+            timeout: 30s
+          - name: wall
+            node: wall.py
+            timeout: 1s
+          - name: processes
+            node: processes.py
+            processes: 16
+          - name: app_default_memory
+            node: memory.py
+          - name: graceful
+            node: graceful.py
+            timeout: 2s
+    """,
+    "memory.py": """
+        from patterns import Table
+        Table("m", "w").append({"a": 1})
+        chunks = []
+        while True:
+            chunks.append(bytearray(16 * 1024**2))
+    """,
+    "cpu.py": """
+        from patterns import Table
+        Table("c", "w").append({"a": 1})
+        while True:
+            pass
+    """,
+    "wall.py": """
+        import time
+        from patterns import Table
+        Table("w", "w").append({"a": 1})
+        time.sleep(60)
+    """,
+    "processes.py": """
+        import subprocess, sys
+        from patterns import Table
+        Table("p", "w").append({"a": 1})
+        children = [subprocess.Popen(["sleep", "30"]) for _ in range(40)]
+    """,
+    "graceful.py": """
+        import time
+        from patterns import State, Table
+        loops = 0
+        while State().should_continue(pct_of_limit=0.8):
+            time.sleep(0.05)
+            loops += 1
+        Table("g", "w").append({"loops": loops})
+    """,
+}
+
+
+def test_limits_end_runs_with_named_statuses(tmp_path):
+    app = write_app(tmp_path / "app", LIMITS_APP)
+    memory, cpu, wall, processes, default_memory, graceful = run_app(app)
+    assert memory.status == "killed" and "memory limit 256MiB exceeded" in memory.error
+    assert default_memory.status == "killed" and "memory limit 512MiB exceeded" in default_memory.error
+    assert cpu.status == "timed_out" and "CPU time limit 1s exceeded" in cpu.error
+    assert wall.status == "timed_out" and "timeout 1s" in wall.error
+    assert processes.status == "failed"
+    assert "Resource temporarily unavailable" in processes.error
+    assert "process limit 16 reached" in processes.error
+    # should_continue() follows the real limit: 80 % of 2 s
+    assert graceful.status == "succeeded", graceful.error
+    assert 15 <= rows(app, "g")[0]["loops"] <= 33
+    for table in ("m", "c", "w", "p"):
+        assert rows(app, table) == [], table
+
+
+def test_fork_server_is_started_once_and_survives_crashes(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: segfault
+                node: segfault.py
+              - name: abort
+                node: abort.py
+              - name: oom
+                node: oom.py
+                memory: 128MiB
+              - name: self_kill
+                node: self_kill.py
+              - name: fine
+                node: fine.py
+        """,
+        "segfault.py": "import ctypes\nctypes.string_at(0)\n",
+        "abort.py": "import os\nos.abort()\n",
+        "oom.py": "x = bytearray(1024**3)\n",
+        "self_kill.py": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+        "fine.py": "from patterns import Table\nTable('ok', 'w').append({'a': 1})\n",
+    })  # fmt: skip
+    client = forkserver()
+    client.ensure()
+    pid, starts = client.pid, client.starts
+    began = time.perf_counter()
+    segfault, abort, oom, self_kill, fine = run_app(app)
+    assert segfault.status == "killed" and "SIGSEGV" in segfault.error
+    assert abort.status == "killed" and "SIGABRT" in abort.error
+    assert oom.status == "killed" and "memory limit 128MiB exceeded" in oom.error
+    assert self_kill.status == "killed" and "SIGKILL" in self_kill.error
+    assert fine.status == "succeeded"
+    assert client.pid == pid and client.starts == starts, "the fork-server was restarted"
+    # five runs, no cold start among them
+    assert time.perf_counter() - began < 30
+    # a dead fork-server is replaced on the next run
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    (again,) = run_app(app, steps=["fine"])
+    assert again.status == "succeeded", again.error
+    assert client.pid not in (None, pid) and client.starts == starts + 1
+
+
+def test_fork_server_holds_no_host_environment(monkeypatch):
+    monkeypatch.setenv("SW_HOST_ONLY", "do-not-copy")
+    client = forkserver()
+    client.ensure()
+    with open(f"/proc/{client.pid}/environ", "rb") as handle:
+        environ = handle.read().decode()
+    assert "SW_HOST_ONLY" not in environ and "STEPWELL_SECRET" not in environ
+    assert "ARROW_DEFAULT_MEMORY_POOL=system" in environ
+
+
+def test_concurrent_runs_are_isolated_from_each_other(tmp_path):
+    apps = [
+        write_app(tmp_path / f"app{i}", {
+            "stepwell.yml": "steps:\n  - name: s\n    node: s.py\n",
+            "s.py": f"""
+                import os, time
+                from patterns import Table
+                open("/tmp/who", "w").write("{i}")
+                time.sleep(0.3)
+                Table("t", "w").append({{"me": {i}, "seen": open("/tmp/who").read(),
+                                         "pids": len([p for p in os.listdir("/proc") if p.isdigit()])}})
+            """,
+        })
+        for i in range(3)
+    ]  # fmt: skip
+    results: dict[int, object] = {}
+
+    def go(i):
+        results[i] = run_app(apps[i])[0]
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(3):
+        assert results[i].status == "succeeded", results[i].error
+        (row,) = rows(apps[i], "t")
+        assert row["seen"] == str(i) and row["pids"] == 1
+
+
+SECRET = "sk-live-7b2f9e41c0d3"
+
+SECRETS_APP = {
+    "stepwell.yml": """
+        steps:
+          - name: owner
+            node: owner.py
+            parameters: {api_key: "${{ secrets.api_key }}"}
+          - name: other
+            node: other.py
+    """,
+    "owner.py": """
+        import sys
+        from patterns import Parameter, State
+        key = Parameter("api_key")
+        print("whole:", key)
+        for ch in key:            # one character per line
+            print(ch)
+        for ch in key:            # character by character on one line
+            print(ch, end="", flush=True)
+        print()
+        half = len(key) // 2
+        print("first half", key[:half])
+        print(key[half:], "second half")
+        print({"nested": [key]})
+        sys.stderr.write("err " + key + "\\n")
+        State().set_value("note", "kept for the run")
+        raise ValueError(f"could not use {key!r} with the service")
+    """,
+    "other.py": """
+        import os
+        from patterns import Parameter, Table
+        found = [k for k in os.environ if "SECRET" in k or "API" in k]
+        try:
+            value = Parameter("api_key")
+        except Exception as exc:
+            value = f"no: {exc}"
+        Table("seen", "w").append({"env": ",".join(found), "param": str(value)})
+    """,
+}
+
+
+def test_secrets_are_per_step_and_redacted_everywhere(tmp_path):
+    app = write_app(tmp_path / "app", SECRETS_APP)
+    owner, other = run_app(app, environ={"STEPWELL_SECRET_API_KEY": SECRET})
+    assert owner.status == "failed"
+    stored = "\n".join(logs(app, owner.id)) + owner.error + (owner.traceback or "")
+    for piece in (SECRET, SECRET[: len(SECRET) // 2 + 1], SECRET[len(SECRET) // 2 - 1:]):
+        assert piece not in stored, piece
+    lines = logs(app, owner.id)
+    assert "whole: ***" in lines and "{'nested': ['***']}" in lines
+    assert "err ***" in lines
+    assert "could not use '***' with the service" in owner.error
+    # the char-by-char lines are masked one by one, and nothing of the key survives
+    assert not any(len(line) == 1 and line in SECRET and line != "*" for line in lines[1:1 + len(SECRET)])
+    # only the declaring step gets it
+    assert other.status == "succeeded", other.error
+    (seen,) = rows(app, "seen")
+    assert seen["env"] == "" and "has no value" in seen["param"]
+
+
+def test_secret_split_across_log_batches_is_redacted():
+    from stepwell.engine.logs import RunLog
+
+    class Sink:
+        def __init__(self):
+            self.lines = []
+
+        def append_logs(self, lines):
+            self.lines.extend(lines)
+
+    sink = Sink()
+    log = RunLog(sink, "run", Redactor([SECRET]), flush_seconds=0)
+    log.add("info", ["hello", SECRET[:5]])
+    log.add("info", [SECRET[5:12]])
+    log.add("info", [SECRET[12:], "after"])
+    log.flush()
+    messages = [line.message for line in sink.lines]
+    assert messages == ["hello", "***", "***", "***", "after"]
+    assert [line.seq for line in sink.lines] == [0, 1, 2, 3, 4]
+
+
+def test_redactor_variants_and_lines():
+    redact = Redactor(['pa"ss\\word', "abc"])  # short values are not redacted
+    assert redact.values == ['pa"ss\\word']
+    assert redact(repr('pa"ss\\word')) == "'***'"
+    assert redact(json.dumps({"k": 'pa"ss\\word'})) == '{"k": "***"}'
+    assert redact('x pa"ss\n\\word y') == "x ***\n*** y"
+    masked, release = redact.mask_lines(["ok", 'pa"s'], final=False)
+    assert masked == ["ok", 'pa"s'] and release == 1
+
+
+def test_exit_descriptions_name_the_limit():
+    assert format_bytes(256 * 1024**2) == "256MiB" and format_bytes(1024**3) == "1GiB"
+    assert describe_exit(signal.SIGXCPU, cpu=2.0) == ("timed_out", "CPU time limit 2s exceeded (killed by SIGXCPU)")
+    assert describe_exit(signal.SIGKILL, cpu=2.0, cpu_used=3.0)[1].startswith("CPU time limit 2s")
+    assert describe_exit(signal.SIGKILL) == ("killed", "the worker process was killed by SIGKILL")
+    assert describe_exit(MEMORY_EXIT_CODE << 8, memory=256 * 1024**2) == ("killed", "memory limit 256MiB exceeded")
+    assert describe_exit(3 << 8, stderr_tail="boom")[1] == "the worker process exited with code 3: boom"
+    assert sandbox_mode("STRICT") == "strict"
+    with pytest.raises(ValueError):
+        sandbox_mode("loose")
+    assert skipped_features("net, pid") == ["net", "pid"]
+    with pytest.raises(ValueError):
+        skipped_features("everything")
+
+
+def test_cli_run_with_sandbox_option(tmp_path, listener):
+    app = _facts_app(tmp_path, listener)
+    result = cli("run", str(app), "online", "--sandbox", "strict")
+    assert result.returncode == 0, result.stderr
+    (run_line,) = [line for line in logs(app, _last_run_id(app)) if line.startswith("FACTS ")]
+    assert "Network is unreachable" in run_line  # strict: no network unless the step sets it
+    bad = cli("run", str(app), "--sandbox", "loose")
+    assert bad.returncode != 0 and "unknown sandbox mode 'loose'" in bad.stderr
+
+
+def _last_run_id(app) -> str:
+    from stepwell.store import open_store
+
+    store = open_store(None, app)
+    try:
+        return store.list_runs(limit=1)[0].id
+    finally:
+        store.close()
