@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # System packages the test suite needs: a PostgreSQL server (tests start their own
-# throwaway cluster). Installs with apt-get when run as root and missing.
+# throwaway cluster) and a Java runtime (the Spark connector test runs a local
+# SparkSession). Installed with apt-get when run as root and missing.
 set -euo pipefail
-if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    exit 0
-fi
+packages=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
+command -v java >/dev/null 2>&1 || packages+=(openjdk-17-jre-headless)
+[ ${#packages[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q postgresql
+    apt-get install -y -q "${packages[@]}"
 else
-    echo "PostgreSQL server binaries not found: install them (Debian: sudo apt-get install postgresql)" >&2
+    echo "missing system packages: ${packages[*]} (Debian: sudo apt-get install ${packages[*]})" >&2
     exit 1
 fi

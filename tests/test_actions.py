@@ -614,7 +614,7 @@ def _load_error(tmp_path: Path, text: str, files: dict[str, str] | None = None) 
     ("actions:\n  - name: a\n    steps:\n      - {name: s, loop: b}\n",
      ":4: actions[0].steps[0].loop: no action named 'b'"),
     ("actions:\n  - name: a\n    steps:\n      - {name: s, code: 'return 1', python: x.py}\n",
-     "actions[0].steps[0].python: an action step has exactly one of"),
+     "actions[0].steps[0].code: an action step has exactly one of python:, code:"),
     ("actions:\n  - name: a\n    steps:\n      - name: s\n        code: return x\n"
      "        variables: {data: '{{ params.x }}'}\n",
      ":6: actions[0].steps[0].variables.data: variable 'data' would hide the built-in `data`"),
@@ -677,7 +677,7 @@ def test_templates_evaluate_to_values() -> None:
     assert templating.evaluate("no templates", context) == "no templates"
     assert templating.evaluate_text("Bearer ${{ secrets.t }} for {{ params.name }}", context,
                                     lambda name: f"<{name}>") == "Bearer <t> for Ann"
-    with pytest.raises(templating.TemplateProblem, match="has no attribute 'x'"):
+    with pytest.raises(templating.TemplateProblem, match="has no attribute 'missing'"):
         templating.evaluate("{{ params.missing.x }}", context)
 
 
@@ -694,3 +694,41 @@ def test_templates_evaluate_to_values() -> None:
 def test_templates_refuse_anything_executable(text: str, problem: str) -> None:
     with pytest.raises(templating.TemplateProblem, match=problem):
         templating.check_template(text)
+
+
+@pytest.mark.postgres
+def test_actions_on_postgresql(tmp_path: Path, make_pg_database: Any) -> None:
+    root = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            tables: [{name: orders}]
+            actions:
+              - name: orders_of
+                steps:
+                  - name: rows
+                    sql: "SELECT id, amount FROM orders WHERE customer = :who AND id IN :ids ORDER BY id"
+                    variables: {who: "{{ params.customer }}", ids: "{{ params.ids }}"}
+                  - {name: total, code: "return sum(r['amount'] for r in data)"}
+        """,
+    })
+    with ThreadServer(root, store_url=make_pg_database()) as server, server.client() as client:
+        assert client.post("/api/tables/orders/rows", json=ORDERS).status_code == 200
+        result = client.post("/api/actions/orders_of/run",
+                             json={"customer": "ann", "ids": [1, 2, 3]}).json()
+        assert result["steps"][0]["data"] == [{"id": 1, "amount": 10}, {"id": 3, "amount": 7}]
+        assert result["data"] == 17
+        injected = client.post("/api/actions/orders_of/run",
+                               json={"customer": "x' OR '1'='1", "ids": [1]}).json()
+        assert injected["data"] == 0
+
+        def recorded() -> bool:
+            response = client.get(f"/api/runs/{result['run_id']}")
+            return response.status_code == 200 and response.json()["status"] == "succeeded"
+
+        wait_for(recorded, 10, what="the run record in PostgreSQL")
+
+
+def test_init_action_style(tmp_path: Path) -> None:
+    assert cli("init", str(tmp_path / "app"), "--style", "action").returncode == 0
+    done = cli("action", str(tmp_path / "app"), "greet", "--params", '{"name": "Ann"}')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["data"]["message"] == "Hello, Ann!"

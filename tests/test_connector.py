@@ -728,6 +728,7 @@ def test_sigkill_of_a_partition_worker_keeps_each_partition_whole(tmp_path):
         conn, pid = beacon.accept()  # partition b is being read; a is committed
         os.kill(pid, signal.SIGKILL)
         thread.join(120)
+        conn.close()
     finally:
         beacon.close()
     (run,) = result
@@ -760,29 +761,89 @@ def _check_partitions_whole(app: Path) -> int:
     return final
 
 
+TICKING_CONNECTOR = SOURCE_CONNECTOR + """
+
+    import socket as _socket
+
+    _plain_read = read_arrow
+
+
+    def read_arrow(context, metadata):
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.connect("\\0" + context["ticker"])  # tell the test a read started
+        sock.close()
+        return _plain_read(context, metadata)
+"""
+
+
+class Ticker(Beacon):
+    """Counts the partition reads that started (one connection each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+            self.count += 1
+
+    def wait_for(self, count: int, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.count >= count
+
+
 def test_sigkill_of_the_host_at_random_points_never_half_replaces_a_partition(tmp_path):
-    app = connector_app(tmp_path / "app", SOURCE_CONNECTOR, step="parallelism: 2\ntimeout: 120s")
+    """Kill the host (and with it every worker) after a random number of partition
+    reads have started, plus a random delay (so kills land while rows stream in,
+    while partitions wait to commit and while they commit); after each kill every
+    partition holds exactly the rows of the fingerprint its record names."""
+    app = connector_app(tmp_path / "app", TICKING_CONNECTOR,
+                        step="parallelism: 2\ntimeout: 120s\nnetwork: true")
     names = [f"part{i:02d}" for i in range(24)]
-    set_source(app, {n: (f"{n}-v1", 3) for n in names})
+    ticker = Ticker()
+    set_source(app, {n: (f"{n}-v1", 3) for n in names}, ticker=ticker.name)
     assert run_app(app)[0].status == "succeeded"
-    set_source(app, {n: (f"{n}-v2", 40 + i) for i, n in enumerate(names)}, sleep=0.2)
+    set_source(app, {n: (f"{n}-v2", 400 + i) for i, n in enumerate(names)}, sleep=0.15,
+               ticker=ticker.name)
     rng = random.Random(4321)
     progress = []  # partitions holding the new fingerprint after each kill
-    for _attempt in range(12):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stepwell.cli", "run", str(app)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )
-        time.sleep(rng.uniform(1.5, 4.5))
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            break
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-        progress.append(_check_partitions_whole(app))
-    # some kills landed in the middle of the refresh, with part of it committed
+    try:
+        for _attempt in range(6):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "stepwell.cli", "run", str(app)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            )
+            target = ticker.count + rng.randint(2, 5)
+            while proc.poll() is None and not ticker.wait_for(target, timeout=0.2):
+                pass
+            time.sleep(rng.uniform(0.0, 0.3))
+            if proc.poll() is not None:
+                assert proc.returncode == 0, proc.stderr.read().decode()
+                break
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            progress.append(_check_partitions_whole(app))
+    finally:
+        ticker.close()
+    assert len(progress) >= 3, progress
+    # the kills landed in the middle of the refresh, with part of it committed
     assert any(0 < done < len(names) for done in progress), progress
-    (final,) = run_app(app)
+    ticker = Ticker()
+    try:
+        set_source(app, {n: (f"{n}-v2", 400 + i) for i, n in enumerate(names)},
+                   ticker=ticker.name)
+        (final,) = run_app(app)
+    finally:
+        ticker.close()
     assert final.status in ("succeeded", "succeeded_no_data"), final.error
     assert _check_partitions_whole(app) == len(names)
     store = open_store(None, app)
@@ -790,7 +851,7 @@ def test_sigkill_of_the_host_at_random_points_never_half_replaces_a_partition(tm
         statuses = [r.status for r in store.list_runs(step="load", limit=100)]
     finally:
         store.close()
-    assert "running" not in statuses and statuses.count("killed") >= 2, statuses
+    assert "running" not in statuses and statuses.count("killed") == len(progress), statuses
 
 
 # -- credentials, HTTP, requirements ---------------------------------------------------------------
@@ -1084,10 +1145,11 @@ def test_cancel_stops_every_worker_of_the_refresh(tmp_path):
         thread = threading.Thread(target=lambda: result.append(runner.run_step("load")))
         thread.start()
         try:
-            beacon.accept()  # partition b is being read
+            conn, _pid = beacon.accept()  # partition b is being read (held until killed)
             (run_id,) = runner.active_runs()
             assert runner.cancel(run_id, "stopped by the test")
             thread.join(60)
+            conn.close()
         finally:
             beacon.close()
         (run,) = result

@@ -699,3 +699,37 @@ def test_steps_run_in_parallel_beside_webhooks_on_one_store(tmp_path, store_url)
         assert starts[-1] < ends[0]  # they really ran at the same time
         tables = {t["name"]: t["rows"] for t in client.get("/api/tables").json()["tables"]}
         assert tables == {"t0": 1000, "t1": 1000, "t2": 1000, "inbox": posted}
+
+
+def test_a_stale_server_file_is_ignored_and_removed(steps_app):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    info = steps_app / ".stepwell" / "server.json"
+    info.parent.mkdir(parents=True, exist_ok=True)
+    info.write_text(json.dumps({"url": "http://127.0.0.1:9", "host": "127.0.0.1", "port": 9,
+                                "pid": dead.pid, "token_path": "", "store_key": "x",
+                                "started_at": "2020-01-01T00:00:00+00:00"}))
+    result = cli("tables", str(steps_app), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+    assert not info.exists()
+
+
+def test_a_killed_server_leaves_nothing_half_committed(steps_app):
+    server = ServerProcess(steps_app)
+    with server.client() as client:
+        run_id = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
+        with client.stream("GET", f"/api/runs/{run_id}/events") as stream:
+            for line in stream.iter_lines():
+                if "wrote a row" in line:
+                    break
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert (steps_app / ".stepwell" / "server.json").exists()  # stale now
+    with ThreadServer(steps_app) as restarted, restarted.client() as client:
+        record = client.get(f"/api/runs/{run_id}").json()
+        assert record["status"] == "killed" and "stopped while this run was in progress" in record["error"]
+        assert table_rows(client, "out") == []
+        assert [r["id"] for r in runs_of(client)] == [run_id]  # nothing ran it again

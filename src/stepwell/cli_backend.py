@@ -101,13 +101,23 @@ class RemoteBackend:
 
 def find_server(app_root: Path, store_url: str | None) -> Any | None:
     """A client for the server running for this app on this store, if there is one."""
-    from stepwell.server.client import ServerClient
+    from stepwell.server.client import ApiError, ServerClient
     from stepwell.server.serve import read_server_info, store_key
 
     info = read_server_info(app_root)
     if info is None or info.store_key != store_key(store_url):
         return None
-    return ServerClient(info.url, info.token())
+    client = ServerClient(info.url, info.token())
+    try:
+        client.health()
+    except ApiError as exc:
+        if exc.status is not None:  # it answers: let the command see what it says
+            return client
+        # not answering: stopping, or a stale file whose pid was reused. Go to the
+        # store; if a stopping server still holds it, opening it says so.
+        client.close()
+        return None
+    return client
 
 
 @contextmanager

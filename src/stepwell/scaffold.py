@@ -45,7 +45,29 @@ print(f"{seen} new events")
 """,
 }
 
-STYLES = {"node": _NODE_APP}
+_ACTION_APP = {
+    "stepwell.yml": """\
+title: My actions
+actions:
+  - name: greet
+    params: {greeting: Hello}
+    steps:
+      - name: load
+        python: load_user.py
+        variables: {name: "{{ params.name }}"}
+      - name: shape
+        code: |
+          print("shaping", data)
+          return {**data, "message": f"{params['greeting']}, {data['name']}!", "by": user["id"]}
+""",
+    "load_user.py": """\
+# The body of a function: `data`, `error`, `params`, `user` and the step's
+# variables (here `name`) are there; what it returns is the step's result.
+return {"name": name or "world"}
+""",
+}
+
+STYLES = {"node": _NODE_APP, "action": _ACTION_APP}
 
 
 def scaffold(directory: Path, style: str = "node") -> list[str]:

@@ -105,6 +105,13 @@ def recover_orphans(store: Store) -> list[str]:
             continue
         if run.host_pid == os.getpid():
             continue
+        if run.status == "queued":  # left by a stopped `stepwell serve`, never started
+            store.update_run(
+                run.id, status="cancelled", ended_at=_now(),
+                error=f"the server (pid {run.host_pid}) stopped before this queued run started",
+            )
+            closed.append(run.id)
+            continue
         store.update_run(
             run.id,
             status="killed",

@@ -84,6 +84,9 @@ class WorkerSession:
     # -- the loop --------------------------------------------------------
     def serve(self, start: dict[str, Any]) -> Outcome:
         channel = self.worker.channel
+        # runtimes that know their tables up front confine the worker to them
+        self._read_tables = start.get("read_tables")
+        self._write_tables = start.get("write_tables")
         try:
             channel.send(start)
             while self._done is None:
@@ -140,6 +143,7 @@ class WorkerSession:
         if handler is None:
             return {"ok": False, "error": f"unknown request {op!r}"}, b""
         try:
+            self._check_tables(op, message)
             result = handler(message, body)
         except Exception as exc:  # errors go back to user code as exceptions
             return {"ok": False, "error": self.redact(str(exc)) or type(exc).__name__}, b""
@@ -293,6 +297,23 @@ class WorkerSession:
     def op_log(self, message: dict, _body: bytes) -> dict:
         self.log.add(str(message.get("level", "info")), message.get("lines") or [])
         return {}
+
+    def _check_tables(self, op: str, message: dict) -> None:
+        """Refuse tables outside ``read_tables``/``write_tables`` of the start frame, when given."""
+        reads, writes = getattr(self, "_read_tables", None), getattr(self, "_write_tables", None)
+        if reads is None or writes is None:
+            return
+        if op in ("write", "truncate", "reset"):
+            tables, allowed, what = [message.get("table")], writes, "write"
+        elif op in ("scan_open", "table_info"):
+            tables, allowed, what = [message.get("table")], [*reads, *writes], "read"
+        elif op == "read_sql":
+            tables, allowed, what = list((message.get("tables") or {}).values()), [*reads, *writes], "read"
+        else:
+            return
+        for table in tables:
+            if table not in allowed:
+                raise PermissionError(f"step {self.staged.step!r} may not {what} table {table!r}")
 
     def _progress(self) -> None:
         if self.on_progress:

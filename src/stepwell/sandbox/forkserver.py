@@ -48,8 +48,8 @@ from typing import Any
 import msgpack
 
 from stepwell.sandbox import linux
-from stepwell.sandbox.isolate import ChildPlan, enter_sandbox
-from stepwell.sandbox.policy import SandboxSpec
+from stepwell.sandbox.isolate import ChildPlan, detach_process, enter_sandbox
+from stepwell.sandbox.policy import SANDBOX_TMP, SandboxSpec
 
 #: Modules every worker needs, imported once here instead of in every run.
 PRELOAD = (
@@ -142,6 +142,9 @@ class ForkServer:
         #: the next run's worker, forked while the fork-server had nothing else to do
         self.spare: Spare | None = None
         self._spare_retry_at = 0.0
+        #: folders of the last run that reappear inside its /tmp (an app under /tmp):
+        #: their mount points are made ahead of time in spare temp dirs
+        self._tmp_mount_points: list[str] = []
         try:
             self.own_pidns: int | None = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -169,12 +172,11 @@ class ForkServer:
                     traceback.print_exc()
 
     def _idle_timeout(self) -> float | None:
-        """0 while there is work to do ahead of time, else wait for events."""
-        if len(self.spare_dirs) < 2:
-            return 0
-        if self.spare is None:
-            return max(0.0, self._spare_retry_at - time.monotonic())
-        return None
+        """0 while there is work to do ahead of time, else wait for events (after a
+        failure to prepare something, wait a little before trying again)."""
+        if len(self.spare_dirs) >= 2 and self.spare is not None:
+            return None
+        return max(0.0, self._spare_retry_at - time.monotonic())
 
     def _on_run_event(self, kind: str, run: Run, fd: int) -> None:
         # events of one select() batch may be stale: an earlier one closed the fd
@@ -212,6 +214,7 @@ class ForkServer:
         sock = socket.socket(fileno=run_fd)
         try:
             spec = SandboxSpec.from_dict(message["spec"])
+            self._remember_tmp_mount_points(spec)
             tmpdir = self.spare_dirs.pop() if self.spare_dirs else self._new_dir()
             stderr_read, stderr_fd = os.pipe()
             os.set_blocking(stderr_read, False)
@@ -297,10 +300,8 @@ class ForkServer:
         """In a spare worker: wait for a plan and its file descriptors, then be that run."""
         try:
             self.selector.close()
-            try:
-                linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            except OSError:
-                pass
+            self._forget_fds()
+            detach_process()
             keep = sock.fileno()
             os.closerange(3, keep)
             os.closerange(keep + 1, 1 << 20)
@@ -310,6 +311,7 @@ class ForkServer:
                 os._exit(0)
             plan: ChildPlan = pickle.loads(data)
             plan.pidns = pidns
+            plan.detached = True
             sock.close()
         except BaseException:  # noqa: BLE001
             os._exit(70)
@@ -382,11 +384,23 @@ class ForkServer:
         if self.own_pidns is not None:
             linux.setns(self.own_pidns, linux.CLONE_NEWPID)
 
+    def _forget_fds(self) -> None:
+        """In a child: drop the fork-server's socket objects without closing anything,
+        so none of them can later close a descriptor number the worker reuses."""
+        gc.collect()  # stale objects close their (fork-server) fds now, not later
+        sockets = [self.control, *(r.sock for r in self.runs.values())]
+        if self.spare is not None:
+            sockets.append(self.spare.sock)
+        for sock in sockets:
+            if sock is not None and sock.fileno() != -1:
+                sock.detach()
+
     def _child(self, plan: ChildPlan, channel_fd: int, stderr_fd: int) -> None:
         """In the forked worker: isolate, serve the run, exit. Never returns."""
         code = 70
         try:
             self.selector.close()
+            self._forget_fds()
             refuse = None
             try:
                 notes = enter_sandbox(plan, channel_fd, stderr_fd)
@@ -471,13 +485,26 @@ class ForkServer:
         if self.uid is not None:
             os.chown(path, self.uid, self.gid if self.gid is not None else -1)
         os.chmod(path, 0o700)
+        for inner in self._tmp_mount_points:
+            try:
+                os.makedirs(os.path.join(path, inner), 0o755, exist_ok=True)
+            except OSError:
+                pass
         return path
+
+    def _remember_tmp_mount_points(self, spec: SandboxSpec) -> None:
+        points = []
+        for raw in [spec.app_root, *spec.read_paths]:
+            real = os.path.realpath(raw) if raw else ""
+            if real.startswith(SANDBOX_TMP + "/"):
+                points.append(real[len(SANDBOX_TMP) + 1 :])
+        self._tmp_mount_points = points[:8]
 
     def _make_spare_dir(self) -> None:
         try:
             self.spare_dirs.append(self._new_dir())
         except OSError:
-            pass
+            self._spare_retry_at = time.monotonic() + 1.0
 
     def _cleanup(self, run: Run) -> None:
         self.runs.pop(run.pid, None)

@@ -55,6 +55,8 @@ class ChildPlan:
     #: True when the child is PID 2 of a fresh PID namespace
     pidns: bool
     notes: list[str] = field(default_factory=list)
+    #: True when ``detach_process`` already ran (in a spare worker)
+    detached: bool = False
 
 
 def _note_unavailable(plan: ChildPlan, what: str, exc: OSError | str, consequence: str) -> None:
@@ -70,8 +72,9 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _prepare_process(channel_fd: int, stderr_fd: int) -> None:
-    """Tie the child's life to the fork-server and keep only the fds it needs."""
+def detach_process() -> None:
+    """Tie the child's life to the fork-server, make it the OOM killer's first
+    choice, give it its own session and default signal handling."""
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
@@ -81,6 +84,15 @@ def _prepare_process(channel_fd: int, stderr_fd: int) -> None:
     except OSError:
         pass
     os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _prepare_process(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> None:
+    """Detach (unless a spare worker did already) and keep only the fds it needs."""
+    if not plan.detached:
+        detach_process()
     devnull = os.open(os.devnull, os.O_RDONLY)
     # move the channel out of the way before stdio is set up (it may be fd 0-2)
     channel = os.dup(channel_fd)
@@ -90,9 +102,6 @@ def _prepare_process(channel_fd: int, stderr_fd: int) -> None:
     os.dup2(channel, CHANNEL_FD)
     os.set_inheritable(CHANNEL_FD, False)
     os.closerange(CHANNEL_FD + 1, 1 << 20)
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _unshare_namespaces(plan: ChildPlan) -> set[str]:
@@ -340,7 +349,7 @@ def enter_sandbox(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> list[str]
 
     Returns the notes to write into the run log: one line per isolation feature
     that could not be had. Afterwards the channel is on fd ``CHANNEL_FD``."""
-    _prepare_process(channel_fd, stderr_fd)
+    _prepare_process(plan, channel_fd, stderr_fd)
     spec = plan.spec
     if not plan.pidns and "pid" in spec.skip and not any("PID namespace" in n for n in plan.notes):
         _note_unavailable(plan, "PID namespace", "disabled by STEPWELL_SANDBOX_SKIP",

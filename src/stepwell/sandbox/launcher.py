@@ -453,7 +453,11 @@ def start_worker(
     harmless basics reach the worker; the store's URL and credentials never do.
     ``app_root`` (default ``cwd``) stays readable, its ``.stepwell`` folder (the
     store) and ``hide_paths`` are hidden, ``read_paths`` (an app environment)
-    stay readable. ``mode`` overrides ``$STEPWELL_SANDBOX``."""
+    stay readable. ``mode`` overrides ``$STEPWELL_SANDBOX``.
+
+    ``env`` passes through the fork-server, whose memory every later worker
+    inherits: never put secrets there; they travel in the run's start frame,
+    straight from the host to this one worker."""
     limits = limits or WorkerLimits()
     mode = sandbox_mode(mode)
     if mode == "none":

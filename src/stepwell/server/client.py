@@ -72,8 +72,8 @@ class ServerClient:
         return self.request("GET", path, params=params).json()
 
     # -- health / tables ---------------------------------------------------------------
-    def health(self) -> dict[str, Any]:
-        return self.get_json("/api/health")
+    def health(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self.request("GET", "/api/health", timeout=timeout).json()
 
     def list_tables(self) -> list[TableInfo]:
         return [t.to_info() for t in TableList.model_validate(self.get_json("/api/tables")).tables]

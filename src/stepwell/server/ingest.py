@@ -70,6 +70,9 @@ class Ingest:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        # pyarrow imports pandas on its first from_pylist (~0.5 s): not on the first post
+        threading.Thread(target=records_to_arrow, args=([{"warm_up": 1}], "warm_up"),
+                         name="stepwell-ingest-warm-up", daemon=True).start()
 
     async def add(self, table: str, rows: list[dict[str, Any]] | pa.Table) -> list[str]:
         """Commit ``rows`` to ``table``; returns their ``patterns_id`` values.

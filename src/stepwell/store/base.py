@@ -257,6 +257,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def create_run(self, run: RunRecord) -> None: ...
 
+    def create_runs(self, runs: Sequence[RunRecord]) -> None:
+        """Insert several run records (in one transaction where the backend can)."""
+        for run in runs:
+            self.create_run(run)
+
     @abc.abstractmethod
     def update_run(self, run_id: str, **fields: Any) -> None: ...
 

@@ -842,14 +842,20 @@ class SQLStore(Store):
 
     # -- bookkeeping
     def create_run(self, run: RunRecord) -> None:
-        values = [_run_params(f, getattr(run, f)) for f in _RUN_FIELDS]
+        self.create_runs([run])
+
+    def create_runs(self, runs: Sequence[RunRecord]) -> None:
+        if not runs:
+            return
         with self._autocommit() as s:
-            placeholders = ", ".join(_json_param(s) if f == "info" else "?" for f in _RUN_FIELDS)
-            s.execute(
-                f"INSERT INTO {META}.runs ({', '.join(quote(f) for f in _RUN_FIELDS)}) "
-                f"VALUES ({placeholders})",
-                values,
-            )
+            row = "(" + ", ".join(_json_param(s) if f == "info" else "?" for f in _RUN_FIELDS) + ")"
+            for start in range(0, len(runs), 100):  # one statement per 100 records
+                chunk = runs[start : start + 100]
+                s.execute(
+                    f"INSERT INTO {META}.runs ({', '.join(quote(f) for f in _RUN_FIELDS)}) "
+                    f"VALUES {', '.join([row] * len(chunk))}",
+                    [_run_params(f, getattr(run, f)) for run in chunk for f in _RUN_FIELDS],
+                )
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         with self._autocommit() as s:

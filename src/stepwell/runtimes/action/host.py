@@ -587,7 +587,7 @@ class ActionExecutor:
                               timed_out=True) from None  # fmt: skip
         except WorkerFailed as exc:
             raise _StepFailed(call.redact(str(exc))) from None
-        except TypeError as exc:  # params or variables the wire protocol cannot carry
+        except (TypeError, ValueError, OverflowError) as exc:  # inputs msgpack cannot carry
             raise _StepFailed(f"cannot pass the step its inputs: {exc}") from None
         finally:
             self.pool.release(worker)
@@ -758,11 +758,11 @@ def bind_sql(sql: str, values: Mapping[str, Any], dialect: str, where: str) -> s
     import sqlglot
     from sqlglot import exp
 
-    from stepwell.runtimes.sqlcheck import _SQLGLOT_DIALECTS, SqlNotAllowed, expand_templates
+    from stepwell.runtimes.sqlcheck import SqlNotAllowed, expand_templates
 
     if not values and ":" not in sql and "$" not in sql:
         return sql
-    read = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
+    read = {"postgresql": "postgres"}.get(dialect.lower(), dialect.lower())
     try:
         tree = sqlglot.parse_one(expand_templates(sql).strip().rstrip(";"), read=read)
     except sqlglot.errors.ParseError as exc:

@@ -106,8 +106,8 @@ class RunJournal:
                     updates.append((run_id, fields))
             else:
                 lines.extend(item)
-        for run in creates.values():
-            self._attempt("record run", self.store.create_run, run)
+        if creates:
+            self._attempt("record runs", self.store.create_runs, list(creates.values()))
         if lines:
             self._attempt("write log lines", self.store.append_logs, lines)
         for run_id, fields in updates:

@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from jinja2 import TemplateSyntaxError, UndefinedError, nodes
+from jinja2 import TemplateSyntaxError, Undefined, UndefinedError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -91,6 +91,8 @@ class _Env(SandboxedEnvironment):
     """The sandbox, with lookups on mappings reading keys only."""
 
     def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Undefined):  # looking into something missing is an error
+            return getattr(obj, attribute)
         if isinstance(obj, Mapping):
             try:
                 return obj[attribute]
@@ -99,6 +101,8 @@ class _Env(SandboxedEnvironment):
         return self.undefined(obj=obj, name=attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(obj, Undefined):
+            return obj[argument]
         if isinstance(argument, str) and argument.startswith("_"):
             return self.undefined(obj=obj, name=argument)
         if isinstance(obj, Mapping):

@@ -31,7 +31,8 @@ A processor statement is untrusted code. Before it runs, this module:
    ``numpy.testing``, ``pandas.compat``, PyYAML's unsafe loaders, ...);
 5. **hardens a few library entry points** that evaluate strings as code or
    look attributes up by user-given names (pandas ``eval``/``query`` and the
-   string dispatch of ``agg``/``apply``/``transform``), and
+   string dispatch of ``agg``/``apply``/``transform``, PyYAML's ``python/``
+   tags), and
 6. **installs an audit hook** (:func:`install_audit_hook`, once per worker
    process) that refuses starting processes, signals, ``fork``, ``ctypes``,
    unpickling globals, tracing hooks, ``gc`` object walks and building code
@@ -43,6 +44,7 @@ rlimits, a read-only filesystem) is the outer boundary.
 
 from __future__ import annotations
 
+import _string  # the C helpers behind str.format's field parsing
 import ast
 import builtins
 import importlib
@@ -51,8 +53,6 @@ import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-
-import _string  # the C helpers behind str.format's field parsing
 
 __all__ = [
     "DEFAULT_ALLOWED_IMPORTS",
@@ -584,8 +584,6 @@ class ImportGuard:
                 f"{self._line()}module {name!r} is allowed in processor statements but is not "
                 f"installed in this environment; add it to the app's requirements_file"
             )
-        if self.harden_libraries and name.partition(".")[0] == "pandas":
-            harden_pandas()
         return module
 
     # -- views -----------------------------------------------------------------
@@ -599,6 +597,8 @@ class ImportGuard:
         key = (name, kind)
         existing = self._views.get(key)
         if existing is None:
+            if self.harden_libraries and name.partition(".")[0] in _HARDENERS:
+                _HARDENERS[name.partition(".")[0]]()
             existing = self._views[key] = _make_view(self, module, kind)
         return existing
 
@@ -639,7 +639,7 @@ def _make_view(guard: ImportGuard, module: types.ModuleType, kind: str) -> Any:
         if hit is not _MISSING:
             return hit
         attr = _plain(attr)
-        if attribute_blocked(attr):
+        if attribute_blocked(attr) or attr == "__init__":
             raise AttributeError(f"module {name!r}: {_refuse_attribute(attr)}")
         if attr in hidden:
             raise AttributeError(f"{name}.{attr} is not available in processor statements: {hidden[attr]}")
@@ -771,6 +771,30 @@ def harden_pandas() -> None:
                 continue
             for method in ("agg", "aggregate", "apply", "transform"):
                 _guard_method(cls, method)
+
+
+def harden_yaml() -> None:
+    """Make PyYAML's ``python/...`` tags (which import modules and call functions)
+    fail, whichever loader is used: the unsafe loaders stay reachable through
+    ``yaml.YAMLObject.yaml_loader`` even though the module view hides them."""
+    if "yaml" in _hardened:
+        return
+    _hardened.add("yaml")
+    from yaml import constructor
+
+    def refuse(self: Any, name: str, mark: Any, unsafe: bool = False) -> Any:
+        raise constructor.ConstructorError(
+            None, None, f"python/... tags ({name!r}) are not allowed in a processor statement", mark
+        )
+
+    constructor.FullConstructor.find_python_module = refuse  # type: ignore[method-assign]
+    constructor.FullConstructor.find_python_name = refuse  # type: ignore[method-assign]
+    constructor.UnsafeConstructor.find_python_module = refuse  # type: ignore[method-assign]
+    constructor.UnsafeConstructor.find_python_name = refuse  # type: ignore[method-assign]
+
+
+#: Top-level package -> the function hardening it (run before its first view is made).
+_HARDENERS: dict[str, Callable[[], None]] = {"pandas": harden_pandas, "yaml": harden_yaml}
 
 
 # -- the audit hook -------------------------------------------------------------------------------

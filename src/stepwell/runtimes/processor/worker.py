@@ -163,6 +163,53 @@ def _row_builder(names: list[str]) -> Callable[..., dict[str, Any]]:
     return eval(f"lambda {params}: {{{items}}}", {"__builtins__": {}})  # our own code, not the user's
 
 
+_ROW_LOOP = """
+async def row_loop(rows, function, checkpoint, log, sleep, sink, failed, out_index, columns,
+                   name_set):
+    keep = out_index.append
+    {appends}
+    for index, row in enumerate(rows):
+        errors = sink.errors
+        result = await function([row], checkpoint, log, sleep)
+        if sink.errors != errors:
+            failed(index)
+            continue
+        if type(result) is not list:
+            return "result", index, result
+        for obj in result:
+            if type(obj) is dict and len(obj) == {count}:
+                {gets}
+                if {present}:
+                    {stores}
+                    keep(index)
+                    continue
+            if type(obj) is not dict or not obj.keys() <= name_set:
+                return "object", index, obj
+            {slow_stores}
+            keep(index)
+    return None
+"""
+
+
+def _compile_row_loop(names: tuple[str, ...]) -> Callable[..., Any]:
+    """The row loop specialised for one output schema (fields inlined: no inner
+    loop over fields, and a complete object is checked with ``len`` plus one
+    lookup per field). Generated from our own template, never from user input."""
+    indent = "\n                "
+    source = _ROW_LOOP.format(
+        appends="; ".join(f"a{i} = columns[{i}].append" for i in range(len(names))),
+        count=len(names),
+        gets=indent.join(f"v{i} = obj.get({name!r}, MISSING)" for i, name in enumerate(names)),
+        present=" and ".join(f"v{i} is not MISSING" for i in range(len(names))),
+        stores=(indent + "    ").join(f"a{i}(v{i})" for i in range(len(names))),
+        slow_stores="; ".join(f"a{i}(obj.get({name!r}))" for i, name in enumerate(names)),
+    )
+    namespace: dict[str, Any] = {"MISSING": object(), "enumerate": enumerate, "type": type,
+                                 "list": list, "dict": dict, "len": len}
+    exec(compile(source, "<stepwell row loop>", "exec"), namespace)  # noqa: S102 - our template
+    return namespace["row_loop"]
+
+
 class ProcessorRun:
     """One run of a processor statement inside the worker."""
 
@@ -188,6 +235,7 @@ class ProcessorRun:
         self.last_output: pa.Table | None = None
         self.failure: BaseException | None = None
         self.statement: CompiledStatement | None = None
+        self._loop: Callable[..., Any] | None = None
 
     # -- set-up ------------------------------------------------------------------
     def compile(self) -> bool:
@@ -410,28 +458,25 @@ class ProcessorRun:
     ) -> tuple[list[int], list[list[Any]]]:
         """The hot loop: one execution per row, results collected column by column."""
         assert self.statement is not None
-        function, checkpoint, log = self.statement.function, self.checkpoint, self.log
-        sink = self.sink
-        name_set = self.schema.name_set
+        if self._loop is None:
+            self._loop = _compile_row_loop(self.schema.names)
         columns: list[list[Any]] = [[] for _ in self.schema.names]
-        appends = list(zip(self.schema.names, [c.append for c in columns], strict=True))
         out_index: list[int] = []
-        keep = out_index.append
-        for index, row in enumerate(rows):
-            errors = sink.errors
-            result = await function([row], checkpoint, log, sleep)
-            if sink.errors != errors:
-                self.failed_executions.append((first_input + index, sink.first_error or ""))
-                continue
-            if type(result) is not list:
-                raise self._result_error(result, f" for input row {first_input + index}")
-            for obj in result:
-                if type(obj) is not dict or not obj.keys() <= name_set:
-                    label = f"output row {self.rows_out + len(out_index)} (input row {first_input + index})"
-                    raise self.schema.object_error(obj, label)
-                for name, append in appends:
-                    append(obj.get(name))
-                keep(index)
+        sink = self.sink
+
+        def failed(index: int) -> None:
+            self.failed_executions.append((first_input + index, sink.first_error or ""))
+
+        problem = await self._loop(
+            rows, self.statement.function, self.checkpoint, self.log, sleep, sink, failed,
+            out_index, columns, self.schema.name_set,
+        )
+        if problem is not None:
+            kind, index, value = problem
+            if kind == "result":
+                raise self._result_error(value, f" for input row {first_input + index}")
+            label = f"output row {self.rows_out + len(out_index)} (input row {first_input + index})"
+            raise self.schema.object_error(value, label)
         self.executions += len(rows)
         return out_index, columns
 

@@ -95,6 +95,9 @@ def cancel_run(run_id: str = RunId, ctx: ServerContext = Depends(get_ctx)) -> Ca
         raise ApiError(409, f"run {run_id} has already ended ({run.status})")
     outcome = ctx.scheduler.cancel(run_id)
     if outcome is None:
+        run = _run(ctx, run_id)  # it may have ended meanwhile
+        if run.status in FINISHED:
+            raise ApiError(409, f"run {run_id} has already ended ({run.status})")
         raise ApiError(409, f"run {run_id} ({run.status}) is not run by this server")
     return CancelResponse(run_id=run_id, status=outcome)  # type: ignore[arg-type]
 
