@@ -164,6 +164,9 @@ APP = {
           - name: crash
             steps:
               - {name: c, code: "import os; os._exit(3)"}
+          - name: opaque
+            steps:
+              - {name: o, code: "return object()"}
           - name: awaits
             steps:
               - name: a
@@ -174,8 +177,13 @@ APP = {
     """,
     "steps/load_user.py": """
         import json
+        from .helpers import tag
         print("loading user", uid)
-        return {"id": uid, "roles": roles, "json": json.dumps({"uid": uid})}
+        return {"id": uid, "roles": roles, "json": json.dumps({"uid": uid}), "tag": tag(uid)}
+    """,
+    "steps/helpers.py": """
+        def tag(value):
+            return f"#{value}"
     """,
     "steps/broken.py": """
         x = 1
@@ -247,13 +255,13 @@ def record_of(server: Any, run_id: str) -> dict[str, Any]:
 def test_python_file_and_inline_code_steps(served: Any) -> None:
     result = run(served, "enrich", {"user_id": 7})
     assert result["status"] == "succeeded" and result["error"] is None
-    assert result["data"] == {"id": 7, "roles": [], "json": '{"uid": 7}', "seen": True,
-                              "greeting": "hello"}
+    assert result["data"] == {"id": 7, "roles": [], "json": '{"uid": 7}', "tag": "#7",
+                              "seen": True, "greeting": "hello"}
     assert [s["name"] for s in result["steps"]] == ["load", "shape"]
     for step in result["steps"]:
         assert step["error"] is None and step["duration_ms"] >= 0
         assert step["started_at"].endswith("+00:00")
-    assert result["steps"][0]["data"] == {"id": 7, "roles": [], "json": '{"uid": 7}'}
+    assert result["steps"][0]["data"] == {"id": 7, "roles": [], "json": '{"uid": 7}', "tag": "#7"}
     record = record_of(served, result["run_id"])
     assert record["step"] == "action:enrich" and record["status"] == "succeeded"
     assert record["trigger"] == "api"
@@ -344,7 +352,8 @@ def test_step_timeout_kills_the_worker_and_the_pool_recovers(served: Any) -> Non
     result = run(served, "slow")
     assert time.monotonic() - began < 5
     assert result["status"] == "timed_out"
-    assert result["error"] == "step 'sleep': step 'sleep' exceeded its time limit (1s)"
+    assert result["error"] == "step 'sleep' exceeded its time limit (1s)"
+    assert result["steps"][0]["error"] == "step 'sleep' exceeded its time limit (1s)"
     assert run(served, "slow", {"seconds": 0})["data"] == "woke"
     assert record_of(served, result["run_id"])["status"] == "timed_out"
 
@@ -393,6 +402,9 @@ def test_results_are_plain_json(served: Any) -> None:
     data = run(served, "typed")["data"]
     assert data == {"when": "2024-01-02T03:04:05", "amount": "1.50", "nan": None,
                     "pair": [1, 2], "raw": "aGk="}
+    opaque = run(served, "opaque")
+    assert opaque["status"] == "failed"
+    assert "the step's result cannot be passed on: a value of type object" in opaque["error"]
 
 
 def test_async_bodies_are_awaited(served: Any) -> None:
@@ -448,6 +460,9 @@ def test_bad_requests(served: Any) -> None:
     bad_user = served.http.post("/api/actions/whoami/run", json={},
                                 headers={"X-Stepwell-User": "not json"})
     assert bad_user.status_code == 422
+    huge = run(served, "double", {"n": 10**30})  # valid JSON the wire protocol cannot carry
+    assert huge["status"] == "failed" and "cannot pass the step its inputs" in huge["error"]
+    assert run(served, "double", {"n": 21})["data"] == 42
 
 
 def test_user_on_loopback(served: Any) -> None:

@@ -340,3 +340,21 @@ def test_hostile_on_postgres(name, tmp_path, make_pg_database, listeners, server
     case = CASES[name]
     app = _app(tmp_path / "app", case, listeners[1], port)
     _contained(app, case, url)
+
+
+def test_announced_huge_frame_costs_the_host_nothing(tmp_path, listeners, server_pid):
+    """A frame that announces ~900 MB and never sends them: the run times out and
+    the host never allocated the announced size."""
+    import resource
+
+    code = (
+        'import msgpack\nheader = msgpack.packb({"op": "write", "table": "loot"})\n'
+        'os.write(3, struct.pack("!II", len(header), 900 * 1024**2) + header + b"x" * 1000)\n'
+        "import time\ntime.sleep(30)"
+    )
+    case = Case(code, "timed_out", r"timeout 2s", settings={"timeout": "2s"})
+    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _contained(app, case)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 200 * 1024, f"the host grew by {grown_kib} KiB"

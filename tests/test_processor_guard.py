@@ -156,6 +156,16 @@ ATTEMPTS: dict[str, tuple[str, str]] = {
         "import yaml\nyaml.load('!!python/name:os.system', Loader=yaml.FullLoader)",
         "yaml.FullLoader is not available in processor statements",
     ),
+    "yaml_unsafe_loader_via_yamlobject": (
+        "import yaml\n"
+        "unsafe = yaml.YAMLObject.yaml_loader[-1]\n"
+        "yaml.load(\"!!python/object/apply:os.remove ['/nonexistent']\", Loader=unsafe)",
+        "python/... tags ('os.remove') are not allowed in a processor statement",
+    ),
+    "module_reinit": (
+        "import json\njson.__init__('os')",
+        "attribute '__init__' is not accessible",
+    ),
     "pickle_through_pandas": (
         "import io\nimport pandas as pd\n"
         "pd.read_pickle(io.BytesIO(b\"cos\\nsystem\\n(S'echo escaped'\\ntR.\"))",

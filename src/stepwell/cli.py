@@ -68,15 +68,22 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
-@contextmanager
-def _opened(app_path: str, store_url: str | None):
-    """Load the app and open its store."""
+def _load(app_path: str):
+    """Load the app, printing its warnings."""
     from stepwell.app import load_app
-    from stepwell.store import open_store
 
     spec = load_app(app_path)
     for warning in spec.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    return spec
+
+
+@contextmanager
+def _opened(app_path: str, store_url: str | None):
+    """Load the app and open its store."""
+    from stepwell.store import open_store
+
+    spec = _load(app_path)
     store = open_store(store_url or spec.store, spec.root)
     try:
         yield spec, store
@@ -88,12 +95,9 @@ def _opened(app_path: str, store_url: str | None):
 def _backend(app_path: str, store_url: str | None):
     """Load the app; yield it with its data: a running server's API while
     `stepwell serve` runs for it (DESIGN 7a), else the store opened here."""
-    from stepwell.app import load_app
     from stepwell.cli_backend import open_backend
 
-    spec = load_app(app_path)
-    for warning in spec.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    spec = _load(app_path)
     with open_backend(spec, store_url) as backend:
         yield spec, backend
 

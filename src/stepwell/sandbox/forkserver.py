@@ -601,6 +601,7 @@ def _warm_up() -> None:
             message, body = receiver.recv()
             decode_table(encode_table(decode_table(body)))
             traceback.format_exception(ValueError, ValueError("warm"), None)
+            linux.warm_up()
         finally:
             left.close()
             right.close()
@@ -635,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     # one-time lazy initialisations (pyarrow's pandas shim costs ~250 ms) happen
     # here once instead of in every worker
     _warm_up()
+    sys.dont_write_bytecode = True  # workers never write .pyc files (their filesystem is read-only)
     server = ForkServer(control)
     gc.collect()
     gc.freeze()  # forked workers then never touch (and copy) these pages for GC

@@ -278,7 +278,7 @@ class ForkServerClient:
     def _launch(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {k: os.environ[k] for k in _FORKSERVER_ENV if k in os.environ}
-        env.update(ARROW_DEFAULT_MEMORY_POOL="system", PYTHONDONTWRITEBYTECODE="1")
+        env.update(ARROW_DEFAULT_MEMORY_POOL="system")
         fd, self._stderr_path = tempfile.mkstemp(prefix="stepwell-forkserver-", suffix=".log")
         try:
             self._proc = subprocess.Popen(

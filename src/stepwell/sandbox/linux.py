@@ -17,6 +17,8 @@ import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+for _name in ("unshare", "setns", "mount", "prctl", "capset"):
+    getattr(_libc, _name)  # resolve now (in the fork-server), not in every worker
 
 # -- namespaces (clone flags) -----------------------------------------------------------
 CLONE_NEWNS = 0x00020000
@@ -180,13 +182,23 @@ def _cap_last_cap() -> int:
 _CAP_LAST = _cap_last_cap()
 
 
-def drop_capabilities() -> None:
-    """Empty the bounding, ambient, effective, permitted and inheritable sets."""
-    for cap in range(_CAP_LAST + 1):
-        try:
-            prctl(PR_CAPBSET_DROP, cap)
-        except OSError:
-            break
+PR_SET_SECUREBITS = 28
+#: root gains nothing on execve, setuid keeps nothing, no ambient raise; all locked
+SECUREBITS_LOCKED_DOWN = 0xEF
+
+
+def drop_capabilities(bounding_set: bool = True) -> None:
+    """Empty the effective, permitted, inheritable and ambient sets, and lock the
+    securebits so that nothing (execve as root, setuid) can bring any back.
+    ``bounding_set`` also empties the bounding set (one prctl per capability;
+    belt and braces once the securebits are locked and no_new_privs is set)."""
+    prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN)
+    if bounding_set:
+        for cap in range(_CAP_LAST + 1):
+            try:
+                prctl(PR_CAPBSET_DROP, cap)
+            except OSError:
+                break
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:
@@ -279,3 +291,13 @@ def install_seccomp() -> None:
 
 #: Built once (in the fork-server) rather than in every worker.
 _SECCOMP_PROGRAM = _seccomp_program() if seccomp_supported() else b""
+
+
+def warm_up() -> None:
+    """Touch the ctypes paths of a worker's set-up (in a spare worker, before its
+    run arrives, so their first-use cost is not paid on the run's critical path)."""
+    prctl(3)  # PR_GET_DUMPABLE
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
+    ctypes.byref(header), ctypes.byref(data), ctypes.byref(_MountAttr(0, 0, 0, 0))
+    buffer = ctypes.create_string_buffer(_SECCOMP_PROGRAM, len(_SECCOMP_PROGRAM) or 1)
+    ctypes.addressof(_SockFprog(len(_SECCOMP_PROGRAM) // 8, ctypes.cast(buffer, ctypes.c_void_p)))

@@ -35,6 +35,8 @@ MAX_HEADER = 64 * 1024 * 1024
 MAX_BODY = 1024 * 1024 * 1024
 
 _EXT_DATETIME, _EXT_DATE, _EXT_DECIMAL = 1, 2, 3
+#: Frame parts up to this size are read into one buffer allocated up front.
+_EAGER_READ = 4 * 1024 * 1024
 
 #: Ops a worker may send that expect no reply. ``write`` is one so the worker can
 #: go on producing rows while the host stores the previous batch; a failed write
@@ -131,6 +133,8 @@ class Channel:
         return self.recv()
 
     def _read_exact(self, n: int) -> bytes:
+        if n > _EAGER_READ:
+            return self._read_growing(n)
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -140,6 +144,19 @@ class Channel:
                 raise PeerGone("connection closed by peer")
             got += chunk
         return bytes(buf)
+
+    def _read_growing(self, n: int) -> bytes:
+        """Read a large part in pieces: memory grows with what actually arrives, so a
+        peer announcing a huge frame and sending nothing costs (almost) nothing."""
+        parts = []
+        got = 0
+        while got < n:
+            chunk = self.sock.recv(min(n - got, _EAGER_READ))
+            if not chunk:
+                raise PeerGone("connection closed by peer")
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
 
     def close(self) -> None:
         try:

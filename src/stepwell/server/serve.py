@@ -37,6 +37,7 @@ from typing import Any
 
 import uvicorn
 
+from stepwell.engine.runner import _alive
 from stepwell.server.auth import TOKEN_FILE, TokenFile, is_loopback
 from stepwell.server.context import ServerContext, ServerSettings
 
@@ -71,16 +72,6 @@ class ServerInfo:
 
     def token(self) -> str | None:
         return TokenFile(Path(self.token_path)).read()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_server_info(app_root: Path) -> ServerInfo | None:

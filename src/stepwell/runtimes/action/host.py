@@ -477,11 +477,11 @@ class ActionExecutor:
                 return _Outcome(None, self._action_timeout(call, chain), steps, True,
                                 failure.traceback)  # fmt: skip
             if time.monotonic() >= call.deadline or not step.allow_failure:
-                return _Outcome(None, f"step {step.name!r}: {_text(step_error)}", steps,
-                                failure.timed_out, failure.traceback)  # fmt: skip
+                return _Outcome(None, _about(step.name, step_error), steps, failure.timed_out,
+                                failure.traceback)  # fmt: skip
             data, error = None, step_error
         if error is not None:  # the last step failed and was allowed to
-            return _Outcome(None, f"step {steps[-1].name!r}: {_text(error)}", steps)
+            return _Outcome(None, _about(steps[-1].name, error), steps)
         return _Outcome(data, None, steps)
 
     def _action_timeout(self, call: _Call, chain: tuple[str, ...]) -> str:
@@ -861,6 +861,13 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _about(step: str, error: Any) -> str:
+    """The action's error for a failed step: the step's error, naming the step."""
+    text = _text(error)
+    named = f"step {step!r}"
+    return text if text.startswith(named) else f"{named}: {text}"
 
 
 def _text(error: Any) -> str:

@@ -217,7 +217,8 @@ class WorkerPool:
                     if self._fresh(worker):
                         self._cond.notify_all()  # the filler may start a replacement
                         return worker
-                    self._count -= 1
+                    self._count -= 1  # spent: retired, and the filler may replace it
+                    self._cond.notify_all()
                     threading.Thread(target=worker.stop, daemon=True).start()
                 if self._count < self.max_workers:
                     self._count += 1

@@ -34,7 +34,13 @@ from pathlib import Path
 from types import CodeType
 from typing import Any
 
-from stepwell.runtimes.action.code import FUNCTION_NAME, compile_step, syntax_message, to_wire
+from stepwell.runtimes.action.code import (
+    FUNCTION_NAME,
+    NotPassable,
+    compile_step,
+    syntax_message,
+    to_wire,
+)
 from stepwell.sandbox.client import HostLink, LogStream
 
 #: Synthetic package the app folder is importable as (shared with node steps).
@@ -161,7 +167,6 @@ def run_job(job: dict[str, Any], cache: _CodeCache, app_root: str) -> dict[str, 
             value = asyncio.run(value)
         if inspect.isgenerator(value):
             value = list(value)
-        return {"status": "ok", "data": to_wire(value)}
     except SystemExit as exc:
         return {"status": "error", "traceback": None,
                 "error": f"the step called exit({exc.code if exc.code is not None else ''}); "
@@ -175,6 +180,11 @@ def run_job(job: dict[str, Any], cache: _CodeCache, app_root: str) -> dict[str, 
             "traceback": _user_traceback(exc, filename, where, app_root),
             "memory_error": isinstance(exc, MemoryError),
         }
+    try:
+        return {"status": "ok", "data": to_wire(value)}
+    except NotPassable as exc:
+        return {"status": "error", "traceback": None,
+                "error": f"the step's result cannot be passed on: {exc}"}  # fmt: skip
 
 
 def serve(link: HostLink, start: dict[str, Any]) -> None:
@@ -194,6 +204,6 @@ def serve(link: HostLink, start: dict[str, Any]) -> None:
         _end_output()
         try:
             reply, _ = link.call("result", **result)
-        except TypeError as exc:  # a value the protocol cannot carry after all
+        except (TypeError, ValueError, OverflowError) as exc:  # the protocol cannot carry it
             reply, _ = link.call("result", status="error", traceback=None,
                                  error=f"the step's result cannot be passed on: {exc}")  # fmt: skip

@@ -84,7 +84,7 @@ def start_message(
         "after": step.after,
         "output": step.output,
         "read_tables": [table] if table is not None else [],
-        "write_tables_x": [step.output],
+        "write_tables": [step.output],
         "output_schema": dict(step.output_schema or {}),
         "checkpoint_column": step.checkpoint_column,
         "data_checkpoint": state.get(CHECKPOINT_KEY),

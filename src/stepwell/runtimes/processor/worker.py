@@ -44,10 +44,15 @@ ID_COLUMN = "patterns_id"
 #: Key of the step's state that holds DATA_CHECKPOINT.
 CHECKPOINT_KEY = "DATA_CHECKPOINT"
 #: Input rows per scan batch, and output rows per write in bulk mode.
-BATCH_ROWS = 50_000
+BATCH_ROWS = 100_000
+#: Row mode hands output to the host once this many rows are pending (fewer, larger
+#: writes cost the host less per row).
+WRITE_ROWS = 200_000
 #: Pending log lines are sent when there are this many, or after LOG_SECONDS.
 LOG_LINES, LOG_SECONDS = 500, 0.2
 _JSON_TYPE = b"json"
+#: Cyclic GC thresholds while the statement runs (CPython's default is 700, 10, 10).
+GC_THRESHOLDS = (50_000, 20, 20)
 
 
 class StatementFailed(Exception):
@@ -228,7 +233,8 @@ class ProcessorRun:
         self.state: dict[str, Any] = dict(start.get("state") or {})
         self.sink = LogSink(link)
         self.log = StatementLog(self.sink)
-        self.rows_out = 0
+        self.rows_out = 0  # rows handed to the host
+        self.rows_built = 0  # output rows checked and converted (ahead of rows_out by one batch)
         self.executions = 0
         self.failed_executions: list[tuple[int | None, str]] = []
         self.position: tuple[int, Any] | None = None  # (table version, last patterns_id)
@@ -293,6 +299,11 @@ class ProcessorRun:
         self._check_checkpoint_column(None)
         self._capture_warnings()
         install_audit_hook()
+        # Row batches allocate many short-lived containers: keep what exists now out of
+        # every collection and collect young objects less often (cycles are still found).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             asyncio.run(self._main())
             gc.collect()  # unawaited coroutines still referenced are reported now
@@ -441,15 +452,25 @@ class ProcessorRun:
     async def _run_rows(self) -> None:
         input_index = 0
         checked = False
+        pending: list[pa.Table] = []  # checked output not yet handed to the host
+        pending_rows = 0
         for version, batch in self._batches():
+            # The next batch has arrived: only now hand the host the output so far, so
+            # that it stores it while this batch is computed (not before it answers).
+            if pending_rows >= WRITE_ROWS:
+                self._write_all(pending)
+                pending, pending_rows = [], 0
             names, rows = self._input_rows(version, batch)
             if not checked:
                 self._check_checkpoint_column(names)
                 checked = True
             out_index, columns = await self._row_loop(rows, input_index)
             if out_index:
-                self._write_row_output(batch, names, out_index, columns, input_index)
+                table = self._row_output(batch, names, out_index, columns, input_index)
+                pending.append(table)
+                pending_rows += table.num_rows
             input_index += len(rows)
+        self._write_all(pending)
         if input_index == 0:
             self.sink.emit("info", "[stepwell] no new input rows: the statement did not run")
 
@@ -475,22 +496,22 @@ class ProcessorRun:
             kind, index, value = problem
             if kind == "result":
                 raise self._result_error(value, f" for input row {first_input + index}")
-            label = f"output row {self.rows_out + len(out_index)} (input row {first_input + index})"
+            label = f"output row {self.rows_built + len(out_index)} (input row {first_input + index})"
             raise self.schema.object_error(value, label)
         self.executions += len(rows)
         return out_index, columns
 
-    def _write_row_output(
+    def _row_output(
         self,
         batch: pa.RecordBatch,
         input_names: list[str],
         out_index: list[int],
         columns: list[list[Any]],
         first_input: int,
-    ) -> None:
+    ) -> pa.Table:
         """Row mode: each output row is its input row plus the returned fields
         (a returned field replaces an input column of the same name)."""
-        first_out = self.rows_out
+        first_out = self.rows_built
 
         def label(i: int) -> str:
             return f"output row {first_out + i} (input row {first_input + out_index[i]})"
@@ -501,7 +522,15 @@ class ProcessorRun:
         table = pa.Table.from_arrays(
             [*taken.columns, *arrays], schema=pa.schema([*taken.schema, *fields])
         )
-        self._write(table)
+        self.rows_built += table.num_rows
+        return table
+
+    def _write_all(self, tables: list[pa.Table]) -> None:
+        """Hand several output tables to the host, as one write when their types agree."""
+        if len(tables) > 1 and all(t.schema.equals(tables[0].schema, check_metadata=True) for t in tables):
+            tables = [pa.concat_tables(tables)]
+        for table in tables:
+            self._write(table)
 
     def _write(self, table: pa.Table) -> None:
         if not table.num_rows:
