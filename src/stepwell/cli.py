@@ -92,12 +92,20 @@ def _opened(app_path: str, store_url: str | None):
 
 
 @contextmanager
-def _backend(app_path: str, store_url: str | None):
+def _backend(app_path: str, store_url: str | None, *, warm_workers: bool = False):
     """Load the app; yield it with its data: a running server's API while
-    `stepwell serve` runs for it (DESIGN 7a), else the store opened here."""
+    `stepwell serve` runs for it (DESIGN 7a), else the store opened here.
+    ``warm_workers`` starts the sandbox's fork-server at once when the app has
+    Python steps, so its start overlaps with opening the store."""
     from stepwell.cli_backend import open_backend
 
     spec = _load(app_path)
+    if warm_workers and any(step.kind != "sql" for step in spec.steps):
+        from stepwell.sandbox.launcher import forkserver
+        from stepwell.sandbox.policy import sandbox_mode
+
+        if sandbox_mode() != "none":
+            forkserver().prestart()
     with open_backend(spec, store_url) as backend:
         yield spec, backend
 
@@ -147,7 +155,7 @@ def run(
 
     if executor != "local":
         raise CliError(f"executor {executor!r} is not available yet; use --executor local")
-    with _backend(app_path, store) as (spec, backend):
+    with _backend(app_path, store, warm_workers=True) as (spec, backend):
         names = select_steps(spec, steps)
         console = _console()
         with RunProgress(console, total_steps=len(names)) as progress:

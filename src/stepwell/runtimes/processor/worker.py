@@ -169,11 +169,13 @@ def _row_builder(names: list[str]) -> Callable[..., dict[str, Any]]:
 
 
 _ROW_LOOP = """
-async def row_loop(rows, function, checkpoint, log, sleep, sink, failed, out_index, columns,
-                   name_set):
+async def row_loop(inputs, count, function, checkpoint, log, sleep, sink, failed, out_index,
+                   columns, name_set):
     keep = out_index.append
+    {unpack}
     {appends}
-    for index, row in enumerate(rows):
+    {header}
+        row = {row}
         errors = sink.errors
         result = await function([row], checkpoint, log, sleep)
         if sink.errors != errors:
@@ -196,13 +198,27 @@ async def row_loop(rows, function, checkpoint, log, sleep, sink, failed, out_ind
 """
 
 
-def _compile_row_loop(names: tuple[str, ...]) -> Callable[..., Any]:
-    """The row loop specialised for one output schema (fields inlined: no inner
-    loop over fields, and a complete object is checked with ``len`` plus one
-    lookup per field). Generated from our own template, never from user input."""
+def _compile_row_loop(inputs: list[str], names: tuple[str, ...]) -> Callable[..., Any]:
+    """The row loop specialised for one input table and one output schema: each
+    INPUT_DATA row is built straight from the input columns (a dict display, no
+    list of rows in between), output fields are inlined (no inner loop over
+    fields) and a complete object is checked with ``len`` plus one lookup per
+    field. Generated from our own template; names enter it only as ``repr``
+    string literals, never as code."""
     indent = "\n                "
+    k = len(inputs)
+    if k == 0:
+        header = "for index in range(count):"
+    elif k == 1:
+        header = "for index, c0 in enumerate(i0):"
+    else:
+        targets = ", ".join(f"c{j}" for j in range(k))
+        header = f"for index, ({targets}) in enumerate(zip({', '.join(f'i{j}' for j in range(k))})):"
     source = _ROW_LOOP.format(
+        unpack="; ".join(f"i{j} = inputs[{j}]" for j in range(k)) or "pass",
         appends="; ".join(f"a{i} = columns[{i}].append" for i in range(len(names))),
+        header=header,
+        row="{" + ", ".join(f"{name!r}: c{j}" for j, name in enumerate(inputs)) + "}",
         count=len(names),
         gets=indent.join(f"v{i} = obj.get({name!r}, MISSING)" for i, name in enumerate(names)),
         present=" and ".join(f"v{i} is not MISSING" for i in range(len(names))),
@@ -210,7 +226,8 @@ def _compile_row_loop(names: tuple[str, ...]) -> Callable[..., Any]:
         slow_stores="; ".join(f"a{i}(obj.get({name!r}))" for i, name in enumerate(names)),
     )
     namespace: dict[str, Any] = {"MISSING": object(), "enumerate": enumerate, "type": type,
-                                 "list": list, "dict": dict, "len": len}
+                                 "list": list, "dict": dict, "len": len, "zip": zip,
+                                 "range": range}
     exec(compile(source, "<stepwell row loop>", "exec"), namespace)  # noqa: S102 - our template
     return namespace["row_loop"]
 
@@ -241,7 +258,7 @@ class ProcessorRun:
         self.last_output: pa.Table | None = None
         self.failure: BaseException | None = None
         self.statement: CompiledStatement | None = None
-        self._loop: Callable[..., Any] | None = None
+        self._loops: dict[tuple[str, ...], Callable[..., Any]] = {}
 
     # -- set-up ------------------------------------------------------------------
     def compile(self) -> bool:
@@ -369,8 +386,11 @@ class ProcessorRun:
             if scan_id is not None:
                 self.link.call("scan_close", scan=scan_id)
 
-    def _input_rows(self, version: int, batch: pa.RecordBatch) -> tuple[list[str], list[dict[str, Any]]]:
-        """The batch as INPUT_DATA dicts (without patterns_id, JSON parsed); moves the position."""
+    def _input_columns(
+        self, version: int, batch: pa.RecordBatch
+    ) -> tuple[list[str], list[list[Any]]]:
+        """The batch's columns as Python values (without patterns_id, JSON parsed);
+        moves the input position to the batch's last row."""
         schema = batch.schema
         if ID_COLUMN not in schema.names:
             raise StatementFailed(
@@ -386,13 +406,16 @@ class ProcessorRun:
             if field.metadata and field.metadata.get(b"stepwell.type") == _JSON_TYPE:
                 values = [None if v is None else json.loads(v) for v in values]
             columns.append(values)
-        if names:
-            rows = list(map(_row_builder(names), *columns))
-        else:
-            rows = [{} for _ in range(batch.num_rows)]
         last_id = batch.column(schema.get_field_index(ID_COLUMN))[-1].as_py()
         self.position = (version, last_id)
-        return names, rows
+        return names, columns
+
+    def _input_rows(self, version: int, batch: pa.RecordBatch) -> tuple[list[str], list[dict[str, Any]]]:
+        """The batch as INPUT_DATA dicts (bulk mode)."""
+        names, columns = self._input_columns(version, batch)
+        if names:
+            return names, list(map(_row_builder(names), *columns))
+        return names, [{} for _ in range(batch.num_rows)]
 
     def _result_error(self, result: Any, where: str) -> StatementFailed:
         if result is None:
@@ -460,27 +483,28 @@ class ProcessorRun:
             if pending_rows >= WRITE_ROWS:
                 self._write_all(pending)
                 pending, pending_rows = [], 0
-            names, rows = self._input_rows(version, batch)
+            names, inputs = self._input_columns(version, batch)
             if not checked:
                 self._check_checkpoint_column(names)
                 checked = True
-            out_index, columns = await self._row_loop(rows, input_index)
+            out_index, columns = await self._row_loop(names, inputs, batch.num_rows, input_index)
             if out_index:
                 table = self._row_output(batch, names, out_index, columns, input_index)
                 pending.append(table)
                 pending_rows += table.num_rows
-            input_index += len(rows)
+            input_index += batch.num_rows
         self._write_all(pending)
         if input_index == 0:
             self.sink.emit("info", "[stepwell] no new input rows: the statement did not run")
 
     async def _row_loop(
-        self, rows: list[dict[str, Any]], first_input: int
+        self, names: list[str], inputs: list[list[Any]], count: int, first_input: int
     ) -> tuple[list[int], list[list[Any]]]:
         """The hot loop: one execution per row, results collected column by column."""
         assert self.statement is not None
-        if self._loop is None:
-            self._loop = _compile_row_loop(self.schema.names)
+        key = tuple(names)
+        if key not in self._loops:
+            self._loops[key] = _compile_row_loop(names, self.schema.names)
         columns: list[list[Any]] = [[] for _ in self.schema.names]
         out_index: list[int] = []
         sink = self.sink
@@ -488,9 +512,9 @@ class ProcessorRun:
         def failed(index: int) -> None:
             self.failed_executions.append((first_input + index, sink.first_error or ""))
 
-        problem = await self._loop(
-            rows, self.statement.function, self.checkpoint, self.log, sleep, sink, failed,
-            out_index, columns, self.schema.name_set,
+        problem = await self._loops[key](
+            inputs, count, self.statement.function, self.checkpoint, self.log, sleep, sink,
+            failed, out_index, columns, self.schema.name_set,
         )
         if problem is not None:
             kind, index, value = problem
@@ -498,7 +522,7 @@ class ProcessorRun:
                 raise self._result_error(value, f" for input row {first_input + index}")
             label = f"output row {self.rows_built + len(out_index)} (input row {first_input + index})"
             raise self.schema.object_error(value, label)
-        self.executions += len(rows)
+        self.executions += count
         return out_index, columns
 
     def _row_output(
