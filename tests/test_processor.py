@@ -549,3 +549,32 @@ def test_after_chains_on_the_previous_steps_output(tmp_path, store_url):
     assert alone.status == "succeeded_no_data"
     out = rows(app, "enriched", store_url, order_by="id")
     assert [(r["id"], r["vat"]) for r in out] == [(i, pytest.approx(2.0 * i)) for i in range(1, 7)]
+
+
+def test_after_needs_a_step_with_one_output_table(tmp_path):
+    app = write_app(
+        tmp_path / "app",
+        {
+            "stepwell.yml": """
+                steps:
+                  - name: split
+                    node: split.py
+                    outputs: {a: a, b: b}
+                  - name: use
+                    processor: use.py
+                    after: split
+                    output: used
+                    output_schema: {n: int}
+            """,
+            "split.py": """
+                from stepwell import Table
+                Table("a", "w").append([{"n": 1}])
+                Table("b", "w").append([{"n": 2}])
+            """,
+            "use.py": "return []",
+        },
+    )
+    use = by_step(run_app(app))["use"]
+    assert use.status == "failed"
+    assert "`after: split`, which writes a, b" in use.error
+    assert "use `input: <table>` instead" in use.error

@@ -304,12 +304,31 @@ def test_fork_server_is_started_once_and_survives_crashes(tmp_path):
     assert client.pid == pid and client.starts == starts, "the fork-server was restarted"
     # five runs, no cold start among them
     assert time.perf_counter() - began < 30
-    # a dead fork-server is replaced on the next run
+    # a dead fork-server takes its spare worker and that worker's namespace along...
+    children = _children(pid)
+    assert children, "the fork-server keeps a spare worker (and its namespace's init)"
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{c}") for c in children):
+        time.sleep(0.05)
+    assert not [c for c in children if os.path.exists(f"/proc/{c}")], "orphans were left behind"
+    # ...and is replaced on the next run
     (again,) = run_app(app, steps=["fine"])
     assert again.status == "succeeded", again.error
     assert client.pid not in (None, pid) and client.starts == starts + 1
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
 
 
 def test_fork_server_holds_no_host_environment(monkeypatch):

@@ -105,6 +105,21 @@ class Spare:
     notes: list[str]
 
 
+def _pdeathsig_prefix() -> list[str]:
+    """``setpriv --pdeathsig KILL --`` if available: a namespace's init then dies
+    (taking its whole sandbox along) even if the fork-server is killed outright."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return []
+    try:
+        import subprocess
+
+        usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [setpriv, "--pdeathsig", "KILL", "--"] if "--pdeathsig" in usage else []
+
+
 def _sandbox_identity() -> tuple[int | None, int | None]:
     """The (uid, gid) sandboxes run as: an unprivileged user when we are root."""
     if os.geteuid() != 0:
@@ -137,6 +152,9 @@ class ForkServer:
         self.base_dir = tempfile.mkdtemp(prefix=f"stepwell-fs-{os.getpid()}-")
         os.chmod(self.base_dir, 0o711)
         self.sleep = shutil.which("sleep") or ("/bin/sleep" if os.path.exists("/bin/sleep") else None)
+        #: how a PID namespace's init is started: `sleep`, made to die with us when
+        #: util-linux's setpriv can set its parent-death signal
+        self.init_prefix = _pdeathsig_prefix()
         #: private temp dirs made ahead of time (creating one costs a disk round trip)
         self.spare_dirs: list[str] = []
         #: the next run's worker, forked while the fork-server had nothing else to do
@@ -364,8 +382,9 @@ class ForkServer:
         if reason is None:
             lifetime = int(plan.spec.lifetime + 60) if plan.spec.lifetime else 86400
             try:
+                argv = [*self.init_prefix, self.sleep, str(lifetime)]
                 init_pid = os.posix_spawn(
-                    self.sleep, ["stepwell-init", str(lifetime)], {}, setsid=True,
+                    argv[0], ["stepwell-init", *argv[1:]], {}, setsid=True,
                     setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
                 )  # fmt: skip
             except OSError as exc:

@@ -7,7 +7,8 @@ on one asyncio event loop for the whole run:
 * ``bulk``: once over every new input row;
 * ``row``: once per new input row, in a loop *inside this process*. Input
   arrives in Arrow batches (one ``scan_next`` per batch, never per row) and
-  output leaves in Arrow batches (one ``write`` per input batch).
+  output leaves in Arrow batches (a ``write`` per ~200,000 rows, sent once the
+  next input batch is in, so the host stores it while the worker computes).
 
 Nothing is committed before the end: the input position, the output rows and
 ``DATA_CHECKPOINT`` go to the host in the final ``done``, which commits them in
@@ -313,7 +314,6 @@ class ProcessorRun:
     def execute(self) -> None:
         if not self.compile():
             return
-        self._check_checkpoint_column(None)
         self._capture_warnings()
         install_audit_hook()
         # Row batches allocate many short-lived containers: keep what exists now out of
@@ -322,6 +322,7 @@ class ProcessorRun:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         try:
+            self._check_checkpoint_column(None)
             asyncio.run(self._main())
             gc.collect()  # unawaited coroutines still referenced are reported now
             self.sink.report_repeats()
@@ -337,7 +338,7 @@ class ProcessorRun:
     async def _main(self) -> None:
         try:
             if self.input is None:
-                await self._run_once([], None)
+                await self._run_once([])
             elif self.mode == "bulk":
                 await self._run_bulk()
             else:
@@ -440,7 +441,7 @@ class ProcessorRun:
             raise self._result_error(result, "")
         return result, False
 
-    async def _run_once(self, rows: list[dict[str, Any]], names: list[str] | None) -> None:
+    async def _run_once(self, rows: list[dict[str, Any]]) -> None:
         result, failed = await self._call(rows)
         if failed:
             return
@@ -457,7 +458,7 @@ class ProcessorRun:
             self.sink.emit("info", "[stepwell] no new input rows: the statement did not run")
             return
         self._check_checkpoint_column(names)
-        await self._run_once(rows, names)
+        await self._run_once(rows)
 
     def _write_objects(self, objects: list[Any], first: int) -> None:
         """Bulk / no-input output: the returned objects are the output rows."""
