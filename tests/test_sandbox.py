@@ -183,13 +183,17 @@ def test_refused_namespace_is_logged_and_strict_refuses(tmp_path, listener, monk
     assert rows(app, "facts") and len(rows(app, "facts")) == 1  # the refused run wrote nothing
 
 
-def test_sandbox_none_runs_a_plain_subprocess_and_says_so(tmp_path, listener, monkeypatch):
-    app = _facts_app(tmp_path, listener)
+def test_sandbox_none_runs_a_plain_subprocess_and_says_so(tmp_path, monkeypatch):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: plain\n    node: plain.py\n",
+        "plain.py": "import os\nprint('PID', os.getpid())\n",
+    })  # fmt: skip
     monkeypatch.setenv("STEPWELL_SANDBOX", "none")
-    offline = run_app(app, steps=["offline"])[0]
-    assert offline.status == "succeeded", offline.error
-    assert logs(app, offline.id)[0].startswith("[stepwell] sandbox: disabled (STEPWELL_SANDBOX=none)")
-    assert _facts(app, offline)["pid"] != 2
+    plain = run_app(app)[0]
+    assert plain.status == "succeeded_no_data", plain.error
+    lines = logs(app, plain.id)
+    assert lines[0].startswith("[stepwell] sandbox: disabled (STEPWELL_SANDBOX=none)")
+    assert lines[1] != "PID 2"  # no PID namespace: a plain subprocess
 
 
 LIMITS_APP = {

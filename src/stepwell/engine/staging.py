@@ -9,6 +9,7 @@ commits all of it at once. ``rollback`` (or the host dying) discards it all.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,34 @@ import pyarrow as pa
 
 from stepwell.store import ids
 from stepwell.store.base import Store, StreamPosition, Transaction
+
+# -- visibility watermark ------------------------------------------------------
+# Ids are handed out when rows are written but become visible only at commit, so
+# a transaction that commits late could make rows appear *behind* a stream's
+# position. Every open transaction registers the first id it handed out; streams
+# read only rows below the smallest such id (rows at or above it are read on a
+# later run, once everything before them has committed or rolled back).
+_in_flight: dict[int, str] = {}
+_in_flight_lock = threading.Lock()
+
+
+def _new_ids_in_flight(owner: object, n: int) -> pa.Array:
+    with _in_flight_lock:  # ids and registration together, or a scan could slip between
+        new = ids.new_ids(n)
+        if n:
+            _in_flight.setdefault(id(owner), new[0].as_py())
+    return new
+
+
+def _in_flight_done(owner: object) -> None:
+    with _in_flight_lock:
+        _in_flight.pop(id(owner), None)
+
+
+def visibility_watermark() -> str | None:
+    """Streams may read rows whose patterns_id is below this (None: no limit)."""
+    with _in_flight_lock:
+        return min(_in_flight.values(), default=None)
 
 
 class StagedRun:
@@ -72,7 +101,7 @@ class StagedRun:
             now = pa.array([dt.datetime.now(dt.UTC)] * data.num_rows, pa.timestamp("us", "UTC"))
             data = _put_column(data, add_created, now)
         if id_column:
-            data = _put_column(data, id_column, ids.new_ids(data.num_rows))
+            data = _put_column(data, id_column, _new_ids_in_flight(self, data.num_rows))
         return data
 
     def write(
@@ -137,8 +166,11 @@ class StagedRun:
             tx.set_state(self.step, dict(state))
         if run_fields:
             tx.update_run(self.run_id, **run_fields)
-        tx.commit()
-        self._tx = None
+        try:
+            tx.commit()
+        finally:
+            self._tx = None
+            _in_flight_done(self)
         self.committed_rows_out = self.rows_out
         tables, self._tables_with_rows = self._tables_with_rows, set()
         if tables and self.on_commit is not None:
@@ -147,7 +179,10 @@ class StagedRun:
     def rollback(self) -> None:
         if self._tx is not None:
             tx, self._tx = self._tx, None
-            tx.rollback()
+            try:
+                tx.rollback()
+            finally:
+                _in_flight_done(self)
         self.rows_out = self.committed_rows_out
         self._tables_with_rows.clear()
 

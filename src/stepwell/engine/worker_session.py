@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from stepwell.engine.logs import Redactor, RunLog
-from stepwell.engine.staging import StagedRun
+from stepwell.engine.staging import StagedRun, visibility_watermark
 from stepwell.runtimes.sqlcheck import restrict_select
 from stepwell.sandbox.launcher import WorkerProcess
 from stepwell.sandbox.protocol import (
@@ -27,7 +27,7 @@ from stepwell.sandbox.protocol import (
     ProtocolError,
     decode_table,
 )
-from stepwell.store.base import Store
+from stepwell.store.base import ID_COLUMN, Store
 
 #: Requests still served after a deferred write error.
 _AFTER_WRITE_ERROR_OPS = frozenset({"done", "log", "rollback"})
@@ -179,11 +179,15 @@ class WorkerSession:
                     f"cannot stream table {table!r} ordered by {', '.join(missing)}: no such "
                     f"column (columns: {', '.join(c.name for c in info.columns)})"
                 )
+        # Streams in patterns_id order stop below ids still in flight elsewhere, so a
+        # late commit can never land behind this stream's position.
+        by_id = bool(order_by) and order_by[0] == ID_COLUMN
         batches = self.store.scan(
             table,
             order_by=order_by or None,
             after=tuple(after) if after else None,
             batch_rows=int(message.get("batch_rows") or 50_000),
+            below_id=visibility_watermark() if by_id else None,
         )
         scan_id = next(self._scan_ids)
         self._scans[scan_id] = iter(batches)

@@ -233,6 +233,7 @@ class Store(abc.ABC):
         after: tuple[Any, str | None] | None = None,
         columns: Sequence[str] | None = None,
         batch_rows: int = 65536,
+        below_id: str | None = None,
     ) -> Iterator[pa.RecordBatch]:
         """Stream a consistent snapshot of ``table`` in batches.
 
@@ -240,7 +241,9 @@ class Store(abc.ABC):
         ``[col, "patterns_id"]`` or ``["patterns_id"]``) rows come sorted
         ascending, NULLs first. ``after=(value, last_id)`` keeps only rows
         strictly after that position in that order (``last_id`` None: compare on
-        the first column only). Memory stays bounded by ``batch_rows``.
+        the first column only). ``below_id`` keeps only rows whose ``patterns_id``
+        is smaller (the engine's visibility watermark for streams). Memory stays
+        bounded by ``batch_rows``.
         """
 
     @abc.abstractmethod

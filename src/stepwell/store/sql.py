@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from stepwell.store import schema as sch
 from stepwell.store.base import (
+    ID_COLUMN,
     ColumnInfo,
     LogLine,
     PartitionRecord,
@@ -391,6 +392,7 @@ def scan_query(
     order_by: Sequence[str] | None,
     after: tuple[Any, str | None] | None,
     columns: Sequence[str] | None,
+    below_id: str | None = None,
 ) -> tuple[str, list[Any], pa.Schema]:
     """SQL, parameters and result schema of a scan (see ``Store.scan``)."""
     wanted = list(columns) if columns is not None else list(types)
@@ -411,6 +413,7 @@ def scan_query(
         return quote(column) + (dialect.text_collation if types[column] == "str" else "")
 
     sql = f"SELECT {', '.join(select(c) for c in wanted)} FROM {quote(name)}"
+    where: list[str] = []
     params: list[Any] = []
     if after is not None:
         if not order:
@@ -420,16 +423,21 @@ def scan_query(
         if last_id is not None and len(order) > 1:
             tie = ordered(order[1])
             if value is None:
-                sql += f" WHERE ({first} IS NULL AND {tie} > ?) OR {first} IS NOT NULL"
+                where.append(f"(({first} IS NULL AND {tie} > ?) OR {first} IS NOT NULL)")
                 params = [last_id]
             else:
-                sql += f" WHERE {first} > ? OR ({first} = ? AND {tie} > ?)"
+                where.append(f"({first} > ? OR ({first} = ? AND {tie} > ?))")
                 params = [value, value, last_id]
         elif value is None:
-            sql += f" WHERE {first} IS NOT NULL"
+            where.append(f"{first} IS NOT NULL")
         else:
-            sql += f" WHERE {first} > ?"
+            where.append(f"{first} > ?")
             params = [value]
+    if below_id is not None and ID_COLUMN in types:
+        where.append(f"{ordered(ID_COLUMN)} < ?")
+        params.append(below_id)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
     if order:
         sql += " ORDER BY " + ", ".join(f"{ordered(c)} ASC NULLS FIRST" for c in order)
     return sql, params, sch.arrow_schema({c: types[c] for c in wanted})
@@ -789,6 +797,7 @@ class SQLStore(Store):
         after: tuple[Any, str | None] | None = None,
         columns: Sequence[str] | None = None,
         batch_rows: int = 65536,
+        below_id: str | None = None,
     ) -> Iterator[pa.RecordBatch]:
         name = check_table_name(table, self.dialect)
         if batch_rows < 1:
@@ -800,7 +809,7 @@ class SQLStore(Store):
                 if types is None:
                     raise StoreError(f"table {name!r} does not exist")
                 sql, params, result_schema = scan_query(
-                    self.dialect, name, types, order_by, after, columns
+                    self.dialect, name, types, order_by, after, columns, below_id
                 )
                 yield from s.stream(sql, params, result_schema, batch_rows)
             except s.errors as exc:
