@@ -7,6 +7,7 @@ the worker ended onto the run's final status; SQL steps run in the host.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import threading
@@ -279,15 +280,19 @@ class Runner:
             outcome = Outcome("cancelled", handle.cancel_reason)
         log.flush()
         if outcome.status not in SUCCESS:
-            self.store.update_run(
-                run.id,
-                status=outcome.status,
-                ended_at=_now(),
-                error=redact(outcome.error),
-                traceback=redact(outcome.traceback),
-                rows_out=staged.committed_rows_out if staged else 0,
-            )
-        final = self.store.get_run(run.id) or run
+            failure = {
+                "status": outcome.status,
+                "ended_at": _now(),
+                "error": redact(outcome.error),
+                "traceback": redact(outcome.traceback),
+                "rows_out": staged.committed_rows_out if staged else 0,
+            }
+            self.store.update_run(run.id, **failure)
+            final = dataclasses.replace(run, **failure)
+        elif outcome.fields:  # what the final commit wrote: no need to read it back
+            final = dataclasses.replace(run, **outcome.fields)
+        else:
+            final = self.store.get_run(run.id) or run
         self.listener.run_finished(final)
         return final
 

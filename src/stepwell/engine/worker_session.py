@@ -49,6 +49,8 @@ class Outcome:
     error: str | None = None
     traceback: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: the run-record fields committed with the run's effects, when it succeeded
+    fields: dict[str, Any] | None = None
 
 
 class WorkerSession:
@@ -295,7 +297,7 @@ class WorkerSession:
             fields["error"] = self.redact(str(message["run_error"]))
         self.log.flush()
         self.staged.commit(message.get("positions"), message.get("state"), run_fields=fields)
-        self._done = Outcome(status, info=info)
+        self._done = Outcome(status, info=info, fields=fields)
         return {}
 
     def op_log(self, message: dict, _body: bytes) -> dict:

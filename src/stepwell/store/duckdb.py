@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +64,20 @@ class DuckDBSession(Session):
     dialect = DIALECT
     errors = (duckdb.Error,)
 
-    def __init__(self, cursor: duckdb.DuckDBPyConnection, *, read_only: bool):
+    def __init__(
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        *,
+        read_only: bool,
+        fresh: bool = True,
+        release: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+    ):
         self._cur = cursor
+        self._release = release
         self._names = itertools.count(1)
         self._staged: dict[str, str] = {}
-        cursor.execute("SET TimeZone = 'UTC'")
+        if fresh:  # a reused cursor keeps its settings
+            cursor.execute("SET TimeZone = 'UTC'")
         cursor.execute("BEGIN TRANSACTION READ ONLY" if read_only else "BEGIN TRANSACTION")
         self._active = True
 
@@ -142,9 +151,24 @@ class DuckDBSession(Session):
             self._cur.execute("ROLLBACK")
 
     def close(self) -> None:
-        self._active = False
-        self._cur.close()
+        reusable = self._release is not None
+        try:
+            if self._active:
+                self._active = False
+                self._cur.execute("ROLLBACK")
+            for name in self._staged.values():
+                self._cur.unregister(name)
+            self._staged.clear()
+        except duckdb.Error:
+            reusable = False
+        if reusable:
+            self._release(self._cur)
+        else:
+            self._cur.close()
 
+
+#: Idle cursors kept for reuse.
+_MAX_IDLE_CURSORS = 8
 
 #: Default bound on DuckDB's buffer memory (``STEPWELL_DUCKDB_MEMORY`` overrides).
 DEFAULT_MEMORY_LIMIT = "512MB"
@@ -170,16 +194,37 @@ class DuckDBStore(SQLStore):
                 "`stepwell serve`), or talk to it through its API"
             ) from exc
         self._cursor_lock = threading.Lock()
+        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._closing = False
         super().__init__()
 
     def _new_session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+        # Cursors are reused: a new one costs a connection setup per bookkeeping
+        # call, which is a noticeable share of a short run.
         with self._cursor_lock:
-            cursor = self._con.cursor()
+            cursor = self._idle.pop() if self._idle else None
+            fresh = cursor is None
+            if fresh:
+                cursor = self._con.cursor()
         try:
-            return DuckDBSession(cursor, read_only=read_only or snapshot)
+            return DuckDBSession(
+                cursor, read_only=read_only or snapshot, fresh=fresh, release=self._release
+            )
         except BaseException:
             cursor.close()
             raise
 
+    def _release(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        with self._cursor_lock:
+            if len(self._idle) < _MAX_IDLE_CURSORS and not self._closing:
+                self._idle.append(cursor)
+                return
+        cursor.close()
+
     def _close_backend(self) -> None:
+        with self._cursor_lock:
+            self._closing = True
+            idle, self._idle = self._idle, []
+        for cursor in idle:
+            cursor.close()
         self._con.close()
