@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from stepwell.store.base import LogLine, Store
 
@@ -14,6 +15,18 @@ MAX_LINES = 100_000
 MAX_CHARS = 20_000_000
 MAX_LINE_CHARS = 10_000
 REDACTED = "***"
+
+
+def secret_strings(value: Any) -> list[str]:
+    """Every text inside a resolved secret (a string, or a connection's values),
+    for the ``Redactor``."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in secret_strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in secret_strings(v)]
+    return [str(value)] if value is not None else []
 
 
 class Redactor:

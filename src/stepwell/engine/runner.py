@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stepwell.engine.logs import Redactor, RunLog
+from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.engine.staging import StagedRun
 from stepwell.engine.worker_session import DeclaredSchema, Outcome, WorkerSession
 from stepwell.runtimes.node import host as node_host
@@ -170,7 +170,7 @@ class Runner:
         secret_values: list[str] = []
         for ref in sorted(secrets.find_secret_refs(parameters)):
             value = secrets.lookup(ref, self.app.root, self.environ, step=step.name)
-            secret_values.extend(_strings(value))
+            secret_values.extend(secret_strings(value))
         resolved = secrets.resolve(parameters, self.app.root, self.environ, step=step.name)
         limits = step.effective_limits(self.app.defaults)
         timeout = limits.timeout if limits.timeout else DEFAULT_TIMEOUT
@@ -462,11 +462,3 @@ def _seconds(value: float | None) -> str:
     return f"{value:g}s"
 
 
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    return [str(value)] if value is not None else []

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from stepwell.sandbox.protocol import Channel
@@ -39,6 +40,32 @@ class HostLink:
         if not reply.get("ok", False):
             raise HostError(reply.get("error") or f"host refused {op!r}")
         return reply, reply_body
+
+    def scan(
+        self, table: str, order_by: list[str] | None, after: Any, batch_rows: int
+    ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(table version, Arrow batch)`` pairs of a consistent snapshot of
+        ``table`` (see ``Store.scan``), one request per batch, so memory stays flat."""
+        from stepwell.sandbox.protocol import decode_table
+
+        reply, _ = self.call(
+            "scan_open", table=table, order_by=order_by, after=after, batch_rows=batch_rows
+        )
+        scan_id, version = reply.get("scan"), int(reply.get("version") or 0)
+        if scan_id is None:
+            return
+        try:
+            while True:
+                reply, body = self.call("scan_next", scan=scan_id)
+                if reply.get("done"):
+                    scan_id = None
+                    return
+                for batch in decode_table(body).to_batches():
+                    if batch.num_rows:
+                        yield version, batch
+        finally:
+            if scan_id is not None:
+                self.call("scan_close", scan=scan_id)
 
     def notify(self, op: str, body: Any = b"", **args: Any) -> None:
         if self.forked():

@@ -293,3 +293,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+def active_positions(store: Store, step: str) -> list[StreamPosition]:
+    """``step``'s stream positions that still apply: those recorded for the active
+    version of their table (a reset table is read again from its start)."""
+    versions: dict[str, int] = {}
+    result = []
+    for position in store.get_positions(step):
+        if position.table not in versions:
+            info = store.table_info(position.table)
+            versions[position.table] = info.version if info else -1
+        if versions[position.table] == position.table_version:
+            result.append(position)
+    return result

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stepwell.engine.logs import Redactor, RunLog
+from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.runtimes.action import templating
 from stepwell.runtimes.action.code import template_problem
 from stepwell.runtimes.action.journal import RunJournal
@@ -407,7 +407,7 @@ class ActionExecutor:
         try:
             secret_values: list[str] = []
             for ref in sorted(self._secret_refs(name)):
-                secret_values.extend(_strings(self._secret(ref)))
+                secret_values.extend(secret_strings(self._secret(ref)))
             redact.values = secret_values
             defaults = templating.evaluate_value(action.params, {}, self._secret)
             outcome = self._run_action(action, {**defaults, **params}, call, (name,), call.deadline)
@@ -894,11 +894,3 @@ def _json_kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    return [str(value)] if value is not None else []

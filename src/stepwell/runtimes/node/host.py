@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stepwell.store.base import Store
+from stepwell.store.base import Store, active_positions
 
 #: Worker entry point of node runs.
 ENTRY = "stepwell.runtimes.node.worker:run"
@@ -22,22 +22,16 @@ def start_message(
 ) -> dict[str, Any]:
     """The ``start`` frame of a node run: ports, parameters, committed state and
     the stream positions still valid for each table's active version."""
-    positions = []
-    versions: dict[str, int] = {}
-    for position in store.get_positions(step.name):
-        if position.table not in versions:
-            info = store.table_info(position.table)
-            versions[position.table] = info.version if info else -1
-        if versions[position.table] == position.table_version:
-            positions.append(
-                {
-                    "table": position.table,
-                    "order_by": list(position.order_by),
-                    "table_version": position.table_version,
-                    "value": position.value,
-                    "last_id": position.last_id,
-                }
-            )
+    positions = [
+        {
+            "table": position.table,
+            "order_by": list(position.order_by),
+            "table_version": position.table_version,
+            "value": position.value,
+            "last_id": position.last_id,
+        }
+        for position in active_positions(store, step.name)
+    ]
     return {
         "op": "start",
         "entry": ENTRY,

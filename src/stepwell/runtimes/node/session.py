@@ -58,23 +58,7 @@ class NodeSession:
 
     def scan(self, table: str, order_by: list[str] | None, after: Any, batch_rows: int = 50_000):
         """Yield (version, Arrow batch) pairs of a consistent snapshot of ``table``."""
-        reply, _ = self.link.call(
-            "scan_open", table=table, order_by=order_by, after=after, batch_rows=batch_rows
-        )
-        scan_id, version = reply.get("scan"), reply.get("version", 0)
-        if scan_id is None:
-            return
-        try:
-            while True:
-                reply, body = self.link.call("scan_next", scan=scan_id)
-                if reply.get("done"):
-                    scan_id = None
-                    return
-                for batch in decode_table(body).to_batches():
-                    yield version, batch
-        finally:
-            if scan_id is not None:
-                self.link.call("scan_close", scan=scan_id)
+        return self.link.scan(table, order_by, after, batch_rows)
 
     def table_info(self, table: str) -> dict[str, Any]:
         reply, _ = self.link.call("table_info", table=table)

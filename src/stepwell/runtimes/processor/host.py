@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from stepwell.runtimes.processor.guard import DEFAULT_ALLOWED_IMPORTS
-from stepwell.store.base import Store
+from stepwell.store.base import Store, active_positions
 
 #: Worker entry point of processor runs.
 ENTRY = "stepwell.runtimes.processor.worker:run"
@@ -58,15 +58,9 @@ def start_message(
     table = input_table(app, step)
     source: dict[str, Any] | None = None
     if table is not None:
-        info = store.table_info(table)
         position = None
-        for committed in store.get_positions(step.name):
-            if (
-                committed.table == table
-                and tuple(committed.order_by) == ORDER_BY
-                and info is not None
-                and committed.table_version == info.version
-            ):
+        for committed in active_positions(store, step.name):
+            if committed.table == table and tuple(committed.order_by) == ORDER_BY:
                 position = {"table_version": committed.table_version, "value": committed.value}
         source = {"table": table, "position": position}
     state = store.get_state(step.name)

@@ -38,7 +38,6 @@ from stepwell.runtimes.processor.guard import (
 )
 from stepwell.runtimes.processor.schema import OutputSchema, SchemaError, describe_value
 from stepwell.sandbox.client import HostLink
-from stepwell.sandbox.protocol import decode_table
 
 #: The column every tracked input table has; the input position is its last value read.
 ID_COLUMN = "patterns_id"
@@ -368,24 +367,7 @@ class ProcessorRun:
         table = self.input["table"]
         position = self.input.get("position")
         after = [position["value"], None] if position else None
-        reply, _ = self.link.call(
-            "scan_open", table=table, order_by=[ID_COLUMN], after=after, batch_rows=BATCH_ROWS
-        )
-        scan_id, version = reply.get("scan"), int(reply.get("version") or 0)
-        if scan_id is None:
-            return
-        try:
-            while True:
-                reply, body = self.link.call("scan_next", scan=scan_id)
-                if reply.get("done"):
-                    scan_id = None
-                    return
-                for batch in decode_table(body).to_batches():
-                    if batch.num_rows:
-                        yield version, batch
-        finally:
-            if scan_id is not None:
-                self.link.call("scan_close", scan=scan_id)
+        return self.link.scan(table, [ID_COLUMN], after, BATCH_ROWS)
 
     def _input_columns(
         self, version: int, batch: pa.RecordBatch
