@@ -116,7 +116,7 @@ class Channel:
         with self.sock.makefile("wb", buffering=1 << 20) as raw:
             _write_ipc(pa.PythonFile(raw, mode="w"), body)
 
-    def recv(self) -> tuple[dict[str, Any], bytes]:
+    def recv(self) -> tuple[dict[str, Any], bytes | bytearray]:
         header_len, body_len = _PREFIX.unpack(self._read_exact(_PREFIX.size))
         if header_len > MAX_HEADER or body_len > MAX_BODY:
             raise ProtocolError(
@@ -132,31 +132,22 @@ class Channel:
         self.send(message, body)
         return self.recv()
 
-    def _read_exact(self, n: int) -> bytes:
-        if n > _EAGER_READ:
-            return self._read_growing(n)
-        buf = bytearray(n)
-        view = memoryview(buf)
+    def _read_exact(self, n: int) -> bytearray:
+        """Read exactly ``n`` bytes into one buffer (returned without a copy).
+
+        The buffer grows (doubling) only as data actually arrives, so a peer that
+        announces a huge frame and sends nothing costs (almost) nothing."""
+        buf = bytearray(min(n, _EAGER_READ))
         got = 0
         while got < n:
-            chunk = self.sock.recv_into(view[got:], n - got)
+            if got == len(buf):
+                buf.extend(bytes(min(len(buf), n - len(buf))))
+            with memoryview(buf) as view:
+                chunk = self.sock.recv_into(view[got:], len(buf) - got)
             if chunk == 0:
                 raise PeerGone("connection closed by peer")
             got += chunk
-        return bytes(buf)
-
-    def _read_growing(self, n: int) -> bytes:
-        """Read a large part in pieces: memory grows with what actually arrives, so a
-        peer announcing a huge frame and sending nothing costs (almost) nothing."""
-        parts = []
-        got = 0
-        while got < n:
-            chunk = self.sock.recv(min(n - got, _EAGER_READ))
-            if not chunk:
-                raise PeerGone("connection closed by peer")
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
+        return buf
 
     def close(self) -> None:
         try:
