@@ -11,8 +11,10 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from apputil import cli, logs, rows, run_app, write_app
@@ -102,6 +104,12 @@ def _facts_app(tmp_path, port, extra: str = "", defaults: str = ""):
     })  # fmt: skip
 
 
+def _ways_under_tmp(*paths: Path) -> list[str]:
+    """First components under /tmp of the paths the sandbox must show (the app, and
+    Python itself when the checkout and its venv live under /tmp, as in CI)."""
+    return sorted({str(p).split("/")[2] for p in paths if str(p).startswith("/tmp/")})
+
+
 def test_isolation_of_a_run(tmp_path, listener):
     app = _facts_app(tmp_path, listener)
     offline, online = run_app(app)
@@ -116,7 +124,7 @@ def test_isolation_of_a_run(tmp_path, listener):
     assert facts["app_file"] == ["ok", "app data"]
     assert facts["write_app"][0] == "error" and "Read-only file system" in facts["write_app"][1]
     # a fresh private /tmp (holding only the way to the app when the app is under /tmp)
-    way = str(app.resolve()).split("/")[2:3] if str(app.resolve()).startswith("/tmp/") else []
+    way = _ways_under_tmp(app.resolve(), Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())
     assert facts["write_tmp"] == ["ok", sorted(["mine.txt", *way])]
     assert facts["store_dir"] == ["ok", []]  # the store's folder is hidden
     assert facts["connect"][0] == "error" and "Network is unreachable" in facts["connect"][1]

@@ -288,7 +288,8 @@ class Runner:
                 "rows_out": staged.committed_rows_out if staged else 0,
             }
             self.store.update_run(run.id, **failure)
-            final = dataclasses.replace(run, **failure)
+            # read back: an executor may have recorded details (e.g. partitions)
+            final = self.store.get_run(run.id) or dataclasses.replace(run, **failure)
         elif outcome.fields:  # what the final commit wrote: no need to read it back
             final = dataclasses.replace(run, **outcome.fields)
         else:
