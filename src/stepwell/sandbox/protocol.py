@@ -36,7 +36,7 @@ MAX_BODY = 1024 * 1024 * 1024
 
 _EXT_DATETIME, _EXT_DATE, _EXT_DECIMAL = 1, 2, 3
 #: Frame parts up to this size are read into one buffer allocated up front.
-_EAGER_READ = 4 * 1024 * 1024
+_EAGER_READ = 64 * 1024 * 1024
 
 #: Ops a worker may send that expect no reply. ``write`` is one so the worker can
 #: go on producing rows while the host stores the previous batch; a failed write
