@@ -473,6 +473,10 @@ class SQLTransaction(Transaction):
         self._d = session.dialect
         self._done = False
         self._lock = threading.RLock()
+        # Known within this transaction (it is the only one changing these tables'
+        # shape while it is open), so repeated writes skip the catalog queries.
+        self._columns: dict[str, dict[str, str]] = {}
+        self._registered: set[str] = set()
 
     # -- plumbing
     @contextlib.contextmanager
@@ -491,7 +495,13 @@ class SQLTransaction(Transaction):
         defs = ", ".join(f"{quote(c)} {self._d.sql_type(t)}" for c, t in columns.items())
         s.execute(f"CREATE TABLE {quote(physical)} ({defs})")
 
-    def _ensure_registered(self, s: Session, name: str) -> int:
+    def _ensure_registered(self, s: Session, name: str) -> None:
+        if name not in self._registered:
+            self._registered_version(s, name)
+            self._registered.add(name)
+
+    def _registered_version(self, s: Session, name: str) -> int:
+        """The table's active version, registering it (version 1) if new."""
         found = _registration(s, name)
         if found:
             return found[0]
@@ -524,7 +534,7 @@ class SQLTransaction(Transaction):
             return data
         for column in data.column_names:
             check_column_name(name, column, self._d)
-        existing = table_columns(s, name)
+        existing = self._columns.get(name) or table_columns(s, name)
         plan = sch.plan_columns(
             name, existing, data.schema, case_insensitive=self._d.case_insensitive
         )
@@ -541,6 +551,7 @@ class SQLTransaction(Transaction):
                 f"USING CAST({quote(column)} AS {sql_type})"
             )
         self._ensure_registered(s, name)
+        self._columns[name] = dict(plan.columns)
         return sch.conform(name, data, plan.columns, plan.rename)
 
     def _delete_matching(self, s: Session, name: str, keys: pa.Table) -> int:
@@ -595,7 +606,7 @@ class SQLTransaction(Transaction):
             if columns is None:
                 found = _registration(s, name)
                 return found[0] if found else 1
-            old = self._ensure_registered(s, name)
+            old = self._registered_version(s, name)
             new = old + 1
             archived = versioned_name(name, old)
             s.execute(f"ALTER TABLE {quote(name)} RENAME TO {quote(archived)}")
