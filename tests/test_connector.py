@@ -1080,6 +1080,14 @@ def test_cli_shows_partitions_in_state_and_runs(tmp_path):
     assert runs[0]["partitions"]["listed"] == 2 and runs[0]["partitions"]["succeeded"] == 2
     table = cli("runs", str(app)).stdout
     assert "2 listed, 2 read" in table
+    # a reset forgets the partitions: the next refresh reads (and replaces) them all
+    reset = json.loads(cli("state", str(app), "load", "--reset").stdout)
+    assert "partitions" not in reset
+    assert cli("run", str(app)).returncode == 0
+    runs = json.loads(cli("runs", str(app), "--json").stdout)
+    assert runs[0]["partitions"]["succeeded"] == 2
+    assert sorted(r["_partition"] for r in json.loads(cli("table", str(app), "out", "--json").stdout)) == [
+        "a", "a", "b"]
 
 
 # -- Spark -----------------------------------------------------------------------------------------------

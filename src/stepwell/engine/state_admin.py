@@ -67,12 +67,19 @@ def change_state(
     assignments: Sequence[str],
     values: Mapping[str, Any] | None = None,
 ) -> None:
-    """Reset and/or set values (``KEY=VALUE`` texts and/or ``values``), in one transaction."""
+    """Reset and/or set values (``KEY=VALUE`` texts and/or ``values``), in one transaction.
+
+    A reset forgets state, stream positions and connector partition records, so
+    the step starts over: streams from their first row, a connector re-reads
+    (and replaces) every partition."""
     state = {} if reset else store.get_state(step)
     state.update(parse_assignments(assignments))
     state.update(values or {})
+    partitions = store.get_partitions(step) if reset else []
     with store.transaction() as tx:
         if reset:
             tx.clear_positions(step)
+            for partition in partitions:
+                tx.delete_partition(step, partition.name)
         tx.set_state(step, state)
         tx.commit()
