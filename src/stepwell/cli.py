@@ -11,6 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
+from stepwell.cli_common import AppArg, CliError, JsonOpt, SandboxOpt, StoreOpt
+from stepwell.cli_common import use_sandbox as _use_sandbox
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -19,39 +22,6 @@ app = typer.Typer(
 )
 
 _verbose = False
-
-AppArg = Annotated[str, typer.Argument(help="App folder or app file (default: current dir)")]
-StoreOpt = Annotated[
-    str | None,
-    typer.Option("--store", envvar="STEPWELL_STORE", help="Store URL (postgresql://...)"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
-SandboxOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--sandbox", envvar="STEPWELL_SANDBOX",
-        help="default | strict (no network unless a step sets it, full isolation or no run) "
-        "| none (plain subprocess, for debugging)",
-    ),
-]
-
-
-def _use_sandbox(mode: str | None) -> None:
-    """Make ``mode`` the sandbox of every runner this command creates."""
-    if mode is not None:
-        import os
-
-        from stepwell.sandbox.policy import MODE_ENV, sandbox_mode
-
-        try:
-            os.environ[MODE_ENV] = sandbox_mode(mode)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-
-
-class CliError(Exception):
-    """A failure to report as one line on stderr."""
-
 
 @app.callback()
 def _main(

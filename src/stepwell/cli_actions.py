@@ -16,32 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-AppArg = Annotated[str, typer.Argument(help="App folder or app file")]
-StoreOpt = Annotated[
-    str | None,
-    typer.Option("--store", envvar="STEPWELL_STORE", help="Store URL (postgresql://...)"),
-]
-SandboxOpt = Annotated[
-    str | None,
-    typer.Option("--sandbox", envvar="STEPWELL_SANDBOX",
-                 help="default | strict | none (plain subprocess, for debugging)"),
-]
-
-
-class CliError(Exception):
-    """A failure reported as one line on stderr (by ``stepwell.cli.main``)."""
-
-
-def _use_sandbox(mode: str | None) -> None:
-    if mode is not None:
-        import os
-
-        from stepwell.sandbox.policy import MODE_ENV, sandbox_mode
-
-        try:
-            os.environ[MODE_ENV] = sandbox_mode(mode)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
+from stepwell.cli_common import AppArg, CliError, SandboxOpt, StoreOpt
+from stepwell.cli_common import use_sandbox as _use_sandbox
 
 
 def _parse(option: str, text: str | None) -> Any:
