@@ -4,6 +4,10 @@ Plugins live in the app folder (``APP/.stepwell/plugins``); rules live in the
 app store. ``rule start`` marks a rule running (``stepwell serve`` runs every
 rule marked so); with ``--run-for SECONDS`` or ``--foreground`` it also runs
 the rule here and prints its status when done.
+
+While ``stepwell serve`` runs for the app (and store), every command goes
+through its API (``/api/plugins``, ``/api/rules``) instead, so rules start and
+stop in the server and the store is not opened here; the output is the same.
 """
 
 from __future__ import annotations
@@ -27,12 +31,8 @@ StoreOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
 RuleId = Annotated[str, typer.Argument(help="Rule id")]
-
-
-def _root(app_path: str) -> Path:
-    from stepwell.app import load_app
-
-    return load_app(app_path).root
+#: Seconds a running server gets to install a plugin (building its environment).
+INSTALL_TIMEOUT = 900.0
 
 
 def _print(data: Any) -> None:
@@ -47,6 +47,30 @@ def _fail(exc: Exception) -> None:
     raise CliError(str(exc)) from None
 
 
+def _server(app_path: str, store_url: str | None = None) -> tuple[Path, Any]:
+    """The app's root, and a client for its running server (None: work locally)."""
+    from stepwell.app import load_app
+    from stepwell.cli_backend import find_server
+
+    spec = load_app(app_path)
+    return spec.root, find_server(spec.root, store_url or spec.store)
+
+
+def _call(client: Any, method: str, path: str, *, close: bool = True, **kwargs: Any) -> Any:
+    """One API request (then the client is closed unless ``close`` is false); the
+    server's error message becomes the CLI's."""
+    from stepwell.server.client import ApiError
+
+    try:
+        return client.request(method, path, **kwargs).json()
+    except ApiError as exc:
+        client.close()
+        _fail(exc)
+    finally:
+        if close:
+            client.close()
+
+
 # -- plugins ------------------------------------------------------------------------------
 
 
@@ -57,13 +81,19 @@ def plugin_install(
     force: Annotated[bool, typer.Option("--force", help="Reinstall even if unchanged")] = False,
 ) -> None:
     """Install a plugin folder or zip into the app."""
-    from stepwell.runtimes.plugin.install import PluginInstallError, install_plugin
+    from stepwell.runtimes.plugin.install import InstalledPlugin, PluginInstallError, install_plugin
 
-    try:
-        plugin = install_plugin(_root(app_path), path, force=force)
-    except PluginInstallError as exc:
-        _fail(exc)
-        return
+    root, client = _server(app_path)
+    if client is not None:
+        plugin = InstalledPlugin(**_call(client, "POST", "/api/plugins",
+                                         json={"path": str(path.resolve()), "force": force},
+                                         timeout=INSTALL_TIMEOUT))  # it may build an environment
+    else:
+        try:
+            plugin = install_plugin(root, path, force=force)
+        except PluginInstallError as exc:
+            _fail(exc)
+            return
     for warning in plugin.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     symbols = ", ".join(f"{kind} {name}" for kind, name in plugin.symbols())
@@ -73,9 +103,13 @@ def plugin_install(
 @plugin_app.command("list")
 def plugin_list(app_path: AppArg = ".", as_json: JsonOpt = False) -> None:
     """List installed plugins and their symbols."""
-    from stepwell.runtimes.plugin.install import list_plugins
+    from stepwell.runtimes.plugin.install import InstalledPlugin, list_plugins
 
-    plugins = list_plugins(_root(app_path))
+    root, client = _server(app_path)
+    if client is not None:
+        plugins = [InstalledPlugin(**p) for p in _call(client, "GET", "/api/plugins")["plugins"]]
+    else:
+        plugins = list_plugins(root)
     if as_json:
         _print([asdict(p) for p in plugins])
         return
@@ -93,8 +127,12 @@ def plugin_remove(app_path: AppArg, name: Annotated[str, typer.Argument(help="Pl
     """Remove an installed plugin."""
     from stepwell.runtimes.plugin.install import PluginInstallError, remove_plugin
 
+    root, client = _server(app_path)
+    if client is not None:
+        print(f"removed plugin {_call(client, 'DELETE', f'/api/plugins/{name}')['name']}")
+        return
     try:
-        removed = remove_plugin(_root(app_path), name)
+        removed = remove_plugin(root, name)
     except PluginInstallError as exc:
         _fail(exc)
         return
@@ -140,6 +178,18 @@ def rule_create(
     store: StoreOpt = None,
 ) -> None:
     """Create a rule (validated against the app's streams and plugins)."""
+    from stepwell.streams import RuleError
+    from stepwell.streams.parser import load_rule_file
+
+    if not file.is_file():
+        _fail(RuleError(f"{file}: no such rule file"))
+    _guard(lambda: load_rule_file(file))  # precise errors with the file name
+    _, client = _server(app_path, store)
+    if client is not None:
+        created = _call(client, "POST", "/api/rules", json=json.loads(file.read_text()),
+                        params={"replace": replace})
+        print(f"rule {created['id']} created")
+        return
     with _engine(app_path, store) as engine:
         rule = _guard(lambda: engine.create_from_file(file, replace=replace))
     print(f"rule {rule.id} created")
@@ -148,8 +198,12 @@ def rule_create(
 @rule_app.command("list")
 def rule_list(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt = None) -> None:
     """List rules with their status."""
-    with _engine(app_path, store) as engine:
-        rules = engine.list()
+    _, client = _server(app_path, store)
+    if client is not None:
+        rules = _call(client, "GET", "/api/rules")["rules"]
+    else:
+        with _engine(app_path, store) as engine:
+            rules = engine.list()
     if as_json:
         _print(rules)
         return
@@ -157,6 +211,16 @@ def rule_list(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt 
         print("no rules")
     for r in rules:
         print(f"{r['id']:20} {r['status']:10} {r['sql']}")
+
+
+def _wait(run_for: float | None) -> None:
+    """Sleep ``run_for`` seconds (None: until Ctrl-C)."""
+    try:
+        deadline = time.monotonic() + (run_for if run_for is not None else float("inf"))
+        while time.monotonic() < deadline:
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+    except KeyboardInterrupt:
+        pass
 
 
 @rule_app.command("start")
@@ -169,15 +233,19 @@ def rule_start(
 ) -> None:
     """Mark a rule running (`stepwell serve` runs it); optionally run it here."""
     run_here = foreground or run_for is not None
+    _, client = _server(app_path, store)
+    if client is not None:  # the rule runs in the server
+        _call(client, "POST", f"/api/rules/{rule_id}/start", close=not run_here)
+        if run_here:
+            _wait(run_for)
+            _print(_call(client, "GET", f"/api/rules/{rule_id}/status"))
+            return
+        print(f"rule {rule_id} marked running (it runs with `stepwell serve`)")
+        return
     with _engine(app_path, store) as engine:
         _guard(lambda: engine.start(rule_id, run_here=run_here))
         if run_here:
-            try:
-                deadline = time.monotonic() + (run_for if run_for is not None else float("inf"))
-                while time.monotonic() < deadline:
-                    time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
-            except KeyboardInterrupt:
-                pass
+            _wait(run_for)
             status = engine.status(rule_id)
             engine.stop_all()
             status = {**status, **{k: v for k, v in engine.status(rule_id).items()
@@ -190,6 +258,11 @@ def rule_start(
 @rule_app.command("stop")
 def rule_stop(app_path: AppArg, rule_id: RuleId, store: StoreOpt = None) -> None:
     """Stop a rule."""
+    _, client = _server(app_path, store)
+    if client is not None:
+        _call(client, "POST", f"/api/rules/{rule_id}/stop")
+        print(f"rule {rule_id} stopped")
+        return
     with _engine(app_path, store) as engine:
         _guard(lambda: engine.stop(rule_id))
     print(f"rule {rule_id} stopped")
@@ -198,6 +271,11 @@ def rule_stop(app_path: AppArg, rule_id: RuleId, store: StoreOpt = None) -> None
 @rule_app.command("delete")
 def rule_delete(app_path: AppArg, rule_id: RuleId, store: StoreOpt = None) -> None:
     """Delete a rule."""
+    _, client = _server(app_path, store)
+    if client is not None:
+        _call(client, "DELETE", f"/api/rules/{rule_id}")
+        print(f"rule {rule_id} deleted")
+        return
     with _engine(app_path, store) as engine:
         _guard(lambda: engine.delete(rule_id))
     print(f"rule {rule_id} deleted")
@@ -206,6 +284,10 @@ def rule_delete(app_path: AppArg, rule_id: RuleId, store: StoreOpt = None) -> No
 @rule_app.command("status")
 def rule_status(app_path: AppArg, rule_id: RuleId, store: StoreOpt = None) -> None:
     """A rule's status and metrics (records in/out, errors, last error, latency)."""
+    _, client = _server(app_path, store)
+    if client is not None:
+        _print(_call(client, "GET", f"/api/rules/{rule_id}/status"))
+        return
     with _engine(app_path, store) as engine:
         status = _guard(lambda: engine.status(rule_id))
     _print(status)

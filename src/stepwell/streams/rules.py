@@ -70,6 +70,10 @@ class RuleError(RuntimeError):
     """A rule cannot be created, started or found; the message says what to do."""
 
 
+class RuleNotFound(RuleError):
+    """No rule has the id asked for."""
+
+
 def def_key(rule_id: str) -> str:
     return f"rule-def:{rule_id}"
 
@@ -662,7 +666,7 @@ class RuleEngine:
     def _known(self, rule_id: str) -> _Known:
         data = self.store.get_state(def_key(rule_id))
         if not data.get("definition"):
-            raise RuleError(f"no rule {rule_id!r} (rules: {', '.join(self._ids()) or 'none'}); "
+            raise RuleNotFound(f"no rule {rule_id!r} (rules: {', '.join(self._ids()) or 'none'}); "
                             "create it with `stepwell rule create APP FILE.json`")
         return _Known(parse_rule(data["definition"], f"rule {rule_id}"), data.get("desired", "stopped"),
                       data.get("created_at", ""))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from stepwell.server.models import ErrorResponse
-from stepwell.server.routes import actions, app_info, health, runs, tables, webhooks
+from stepwell.server.routes import actions, app_info, health, plugins, runs, tables, webhooks
 
 #: Error responses every route may give, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict] = {
@@ -23,4 +23,5 @@ ROUTERS: list[APIRouter] = [
     tables.router,
     webhooks.router,
     actions.router,
+    plugins.router,
 ]
