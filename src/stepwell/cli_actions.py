@@ -97,7 +97,7 @@ def _remote(client: Any, name: str, params: dict[str, Any], user: Any, spec: Any
 
 def _local(spec: Any, store_url: str | None, name: str, params: dict[str, Any],
            user: Any) -> dict[str, Any]:  # fmt: skip
-    from stepwell.runtimes.action.host import ActionExecutor, InvalidInput
+    from stepwell.engine.action_executor import ActionExecutor, InvalidInput
     from stepwell.store import open_store
 
     store = open_store(store_url or spec.store, spec.root)

@@ -318,7 +318,7 @@ class Runner:
                     worker.kill()
 
     def _run_connector(self, active: ActiveRun) -> Outcome:
-        from stepwell.runtimes.connector.host import run_connector
+        from stepwell.engine.connector_executor import run_connector
 
         return run_connector(self, active)
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from stepwell.runtimes.action.host import (
+from stepwell.engine.action_executor import (
     ActionExecutor,
     ActionNotFound,
     InvalidInput,
