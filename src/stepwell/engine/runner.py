@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import os
 import threading
 import time
@@ -255,14 +256,9 @@ class Runner:
         try:
             context = self._context(step)
             redact.values = Redactor(context.secret_values).values
-            schemas = self._schemas()
             staged = StagedRun(
-                self.store, run.id, step.name, unique_on=self._unique_on(schemas),
-                column_types={
-                    t.name: schemas[t.schema_name].types
-                    for t in self.app.tables
-                    if t.schema_name in schemas
-                },
+                self.store, run.id, step.name, unique_on=self._table_keys,
+                column_types=self._table_types,
                 on_commit=lambda tables: self._committed(run, tables),
             )
             execute = self._executors().get(step.kind)
@@ -327,6 +323,8 @@ class Runner:
         if notify is not None:
             notify(run, tables)
 
+    # The app is fixed for a Runner, so what it declares is derived once.
+    @functools.cached_property
     def _schemas(self) -> dict[str, DeclaredSchema]:
         """The app's Common Model schemas by name (``Table(..., schema="Name")``)."""
         from stepwell.store.schema import arrow_type
@@ -340,14 +338,25 @@ class Runner:
             )
         return result
 
-    def _unique_on(self, schemas: dict[str, DeclaredSchema]) -> dict[str, list[str]]:
+    @functools.cached_property
+    def _table_keys(self) -> dict[str, list[str]]:
+        """``unique_on`` per declared table (its own, else its schema's)."""
         keys = {}
         for table in self.app.tables:
-            declared = schemas.get(table.schema_name) if table.schema_name else None
+            declared = self._schemas.get(table.schema_name) if table.schema_name else None
             unique_on = table.unique_on or (declared.unique_on if declared else None)
             if unique_on:
                 keys[table.name] = list(unique_on)
         return keys
+
+    @functools.cached_property
+    def _table_types(self) -> dict[str, dict]:
+        """Column types fixed by the schema a declared table names."""
+        return {
+            t.name: self._schemas[t.schema_name].types
+            for t in self.app.tables
+            if t.schema_name in self._schemas
+        }
 
     def _run_sql(self, active: ActiveRun) -> Outcome:
         rows = run_sql_step(
@@ -367,7 +376,7 @@ class Runner:
             time_limit=active.context.time_limit,
             sys_path=self._environment(active.log),
         )
-        start["table_keys"] = self._unique_on(self._schemas())
+        start["table_keys"] = self._table_keys
         return self.run_worker(active, start)
 
     def _run_processor(self, active: ActiveRun) -> Outcome:
@@ -404,7 +413,7 @@ class Runner:
                 active.log,
                 active.redact,
                 deadline=active.began + time_limit if time_limit else None,
-                schemas=self._schemas(),
+                schemas=self._schemas,
                 limit_note=f" (timeout {_seconds(time_limit)})" if time_limit else "",
                 on_progress=lambda rows_in, rows_out: self.listener.progress(
                     active.run, rows_in, rows_out
