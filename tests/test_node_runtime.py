@@ -673,3 +673,60 @@ def test_common_model_schema_fixes_column_types_and_keys(tmp_path, store_url):
         store.close()
     assert loose.status == "failed" and "schema='Nope'" in loose.error
     assert rows(app, "other", store_url) == []
+
+
+def test_state_and_positions_are_written_only_when_they_change(tmp_path, store_url, monkeypatch):
+    from stepwell.store.sql import SQLTransaction
+
+    writes: list[str] = []
+    for name in ("set_state", "set_position", "clear_positions"):
+        original = getattr(SQLTransaction, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            writes.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(SQLTransaction, name, counted)
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: produce
+                node: produce.py
+              - name: count
+                node: count.py
+        """,
+        "produce.py": """
+            import os
+            from patterns import Table
+            out = Table("seen", "w")
+            if os.path.exists("produce"):
+                out.append([{"x": i} for i in range(3)])
+        """,
+        "count.py": """
+            import os
+            from patterns import State, Table
+            state = State()
+            rows = list(Table("seen").as_stream().consume_records())
+            if os.path.exists("bump"):
+                state.set_value("bumps", state.get_value("bumps", 0) + 1)
+            print(f"rows={len(rows)} bumps={state.get_value('bumps', 0)}")
+        """,
+    })  # fmt: skip
+
+    def run(*flags: str) -> list[str]:
+        for flag in ("bump", "produce"):
+            (app / flag).unlink(missing_ok=True)
+            if flag in flags:
+                (app / flag).write_text("")
+        writes.clear()
+        results = run_app(app, store_url)
+        assert all(r.status.startswith("succeeded") for r in results), results
+        return [line for line in logs(app, results[-1].id, store_url) if line.startswith("rows=")]
+
+    assert run("produce", "bump") == ["rows=3 bumps=1"]
+    assert sorted(set(writes)) == ["clear_positions", "set_position", "set_state"]
+    assert run() == ["rows=0 bumps=1"] and writes == []  # nothing changed: nothing written
+    assert run("produce") == ["rows=3 bumps=1"]
+    assert "set_position" in writes and "set_state" not in writes
+    assert run("bump") == ["rows=0 bumps=2"] and writes == ["set_state"]
+    assert run() == ["rows=0 bumps=2"] and writes == []

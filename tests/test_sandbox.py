@@ -138,6 +138,44 @@ def test_isolation_of_a_run(tmp_path, listener):
     assert not os.path.exists(app / "new.txt")
 
 
+PEEK = """
+import json, sys
+from patterns import Parameter
+
+def read(path):
+    try:
+        return open(path).read()
+    except OSError as exc:
+        return type(exc).__name__
+
+print("PEEK " + json.dumps({"own": read("data.txt"), "other": read(Parameter("other"))}))
+"""
+
+
+def test_spare_worker_views_follow_the_app(tmp_path):
+    """Spare workers build the last app's filesystem view ahead of time; a run of
+    another app must get its own view, never the prepared one."""
+    apps = {}
+    for name, other in (("a", "b"), ("b", "a")):
+        apps[name] = write_app(tmp_path / name, {
+            "stepwell.yml": f"""
+                steps:
+                  - name: peek
+                    node: peek.py
+                    parameters: {{other: "{tmp_path / other / 'data.txt'}"}}
+            """,
+            "peek.py": PEEK,
+            "data.txt": f"data of {name}",
+        })  # fmt: skip
+    for name in ("a", "a", "b", "a", "b", "b"):  # same app (prepared view) and switches
+        (run,) = run_app(apps[name])
+        assert run.status == "succeeded_no_data", run.error
+        (line,) = [m for m in logs(apps[name], run.id) if m.startswith("PEEK ")]
+        seen = json.loads(line[len("PEEK "):])
+        assert seen["own"] == f"data of {name}"
+        assert seen["other"] in ("FileNotFoundError", "PermissionError"), seen
+
+
 def test_network_defaults_from_app_and_strict_mode(tmp_path, listener):
     app = _facts_app(tmp_path, listener, defaults="defaults: {network: false}")
     offline, online = run_app(app)

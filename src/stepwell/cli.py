@@ -347,7 +347,7 @@ def token(
     """Print the app's API token (made on first `serve`), or rotate it."""
     from stepwell.app import load_app
     from stepwell.server.auth import TOKEN_FILE, TokenFile
-    from stepwell.server.serve import state_dir
+    from stepwell.server.info import state_dir
 
     spec = load_app(app_path)
     tokens = TokenFile(state_dir(spec.root) / TOKEN_FILE)

@@ -101,12 +101,13 @@ class RemoteBackend:
 
 def find_server(app_root: Path, store_url: str | None) -> Any | None:
     """A client for the server running for this app on this store, if there is one."""
-    from stepwell.server.client import ApiError, ServerClient
-    from stepwell.server.serve import read_server_info, store_key
+    from stepwell.server.info import read_server_info, store_key
 
     info = read_server_info(app_root)
     if info is None or info.store_key != store_key(store_url):
         return None
+    from stepwell.server.client import ApiError, ServerClient
+
     client = ServerClient(info.url, info.token())
     try:
         client.health()

@@ -29,10 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-import sqlglot
 import yaml
 from pydantic import BaseModel, ValidationError
-from sqlglot import exp
 
 from stepwell.app.actions import action_files, action_problems
 from stepwell.app.models import (
@@ -469,6 +467,9 @@ def scan_sql_tables(
     text = _TEMPLATE_TABLE.sub(table, sql)
     text = _TEMPLATE_BLOCK.sub(" ", text)
     text = _TEMPLATE_EXPR.sub(expression, text)
+    import sqlglot  # only apps with SQL steps pay for it
+    from sqlglot import exp
+
     try:
         statements = [s for s in sqlglot.parse(text, read="duckdb") if s is not None]
     except sqlglot.errors.SqlglotError:
@@ -500,9 +501,9 @@ def scan_sql_tables(
     return SqlTables(list(dict.fromkeys(reads)), list(dict.fromkeys(writes)), True)
 
 
-def _position(node: exp.Expression) -> int:
+def _position(node: Any) -> int:
     """Where a table reference starts in the query text (for first-appearance order)."""
-    meta = node.this.meta if isinstance(node.this, exp.Expression) else {}
+    meta = getattr(node.this, "meta", None) or {}
     start = meta.get("start")
     return start if isinstance(start, int) else 1 << 30
 

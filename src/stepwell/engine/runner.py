@@ -196,7 +196,11 @@ class Runner:
             how = "reused"
         log.add("info", [f"[stepwell] environment {self._env.key[:12]} for "
                          f"{self.app.requirements_file}: {how}"])
-        return [str(self._env.site_packages)]
+        return self._env_paths()
+
+    def _env_paths(self) -> list[str]:
+        """The app environment's folders a worker reads (once it is built)."""
+        return [str(self._env.site_packages)] if self._env is not None else []
 
     # -- cancelling ----------------------------------------------------------
     def cancel(self, run_id: str, reason: str = "cancelled on request") -> bool:
@@ -242,6 +246,52 @@ class Runner:
                 self._active.pop(run.id, None)
 
     def _run(self, step: Any, run: RunRecord, handle: _RunHandle, *, existing: bool) -> RunRecord:
+        try:
+            context: StepContext | None = self._context(step)
+            problem: Exception | None = None
+        except Exception as exc:  # recorded as the run's failure below
+            context, problem = None, exc
+        # The worker is asked for first: the fork-server sets it up while the run
+        # record is written and the start frame is read from the store.
+        early_worker = self._early_worker(step, context) if context else None
+        try:
+            return self._run_with(step, run, handle, context, problem, early_worker, existing=existing)
+        finally:
+            if early_worker is not None:
+                early_worker.close()  # a no-op when the run used it
+
+    def _early_worker(self, step: Any, context: StepContext) -> Any:
+        """A worker for a node or processor run, requested ahead of time, or None
+        (other styles; an app environment not yet built; no fork-server)."""
+        if step.kind not in ("node", "processor") or self.sandbox == "none":
+            return None
+        if getattr(self.app, "requirements_file", None) and not self._env_checked:
+            return None  # the first run builds the environment (and logs it) first
+        try:
+            return self._start_worker(context, self._env_paths())
+        except Exception:
+            return None  # the run starts its worker itself, and reports why it cannot
+
+    def _start_worker(self, context: StepContext, sys_path: list[str]) -> Any:
+        return start_worker(
+            self.app.root,
+            limits=context.worker_limits,
+            read_paths=sys_path,
+            hide_paths=self._store_paths(),
+            mode=self.sandbox,
+        )
+
+    def _run_with(
+        self,
+        step: Any,
+        run: RunRecord,
+        handle: _RunHandle,
+        context: StepContext | None,
+        problem: Exception | None,
+        early_worker: Any,
+        *,
+        existing: bool,
+    ) -> RunRecord:
         if existing and self.store.get_run(run.id) is not None:
             self.store.update_run(
                 run.id, status=run.status, trigger=run.trigger, started_at=run.started_at,
@@ -254,7 +304,9 @@ class Runner:
         log = RunLog(self.store, run.id, redact, lambda line: self.listener.log_line(run, line))
         staged = None
         try:
-            context = self._context(step)
+            if problem is not None:
+                raise problem
+            assert context is not None
             redact.values = Redactor(context.secret_values).values
             staged = StagedRun(
                 self.store, run.id, step.name, unique_on=self._table_keys,
@@ -267,7 +319,7 @@ class Runner:
             elif execute is None:
                 outcome = Outcome("failed", f"step {step.name!r}: {step.kind} steps are not supported yet")
             else:
-                outcome = execute(ActiveRun(step, run, context, staged, log, redact))
+                outcome = execute(ActiveRun(step, run, context, staged, log, redact, early_worker))
         except Exception as exc:  # configuration problems: secrets, environment, files
             if staged is not None:
                 staged.rollback()
@@ -394,13 +446,9 @@ class Runner:
     def run_worker(self, active: ActiveRun, start: dict[str, Any]) -> Outcome:
         """Start a worker, send it ``start`` and serve it until it is done."""
         time_limit = active.context.time_limit
-        worker = start_worker(
-            self.app.root,
-            limits=active.context.worker_limits,
-            read_paths=start.get("sys_path") or [],
-            hide_paths=self._store_paths(),
-            mode=self.sandbox,
-        )
+        worker = active.early_worker
+        if worker is None or start.get("sys_path", []) != self._env_paths():
+            worker = self._start_worker(active.context, start.get("sys_path") or [])
         if worker.notes:
             active.log.add("warn", worker.notes)
         self.attach_worker(active.run.id, worker)
@@ -446,6 +494,8 @@ class ActiveRun:
     staged: StagedRun
     log: RunLog
     redact: Redactor
+    #: a worker the runner requested before the run record was written (or None)
+    early_worker: Any = None
     began: float = field(default_factory=time.monotonic)
 
 

@@ -148,6 +148,11 @@ class StagedRun:
         state: Mapping[str, Any] | None,
         run_fields: Mapping[str, Any] | None = None,
     ) -> None:
+        if self._tx is None and positions is None and state is None:
+            # nothing was staged: the run record's fields are one statement
+            if run_fields:
+                self.store.update_run(self.run_id, **run_fields)
+            return
         tx = self.tx()
         if positions is not None:
             tx.clear_positions(self.step)

@@ -82,6 +82,9 @@ class WorkerSession:
         self._scan_ids = itertools.count(1)
         self._done: Outcome | None = None
         self._deferred_error: str | None = None
+        #: the state and positions as last committed (first: as sent in ``start``)
+        self._committed_state: Any = None
+        self._committed_positions: Any = None
 
     # -- the loop --------------------------------------------------------
     def serve(self, start: dict[str, Any]) -> Outcome:
@@ -89,6 +92,8 @@ class WorkerSession:
         # runtimes that know their tables up front confine the worker to them
         self._read_tables = start.get("read_tables")
         self._write_tables = start.get("write_tables")
+        self._committed_state = start.get("state")
+        self._committed_positions = start.get("positions")
         try:
             channel.send(start)
             while self._done is None:
@@ -257,9 +262,23 @@ class WorkerSession:
 
     # -- commit points ---------------------------------------------------
     def op_commit(self, message: dict, _body: bytes) -> dict:
-        self.staged.commit(message.get("positions"), message.get("state"))
+        self._commit(message)
         self.committed_rows_in = self.rows_in
         return {}
+
+    def _commit(self, message: dict, run_fields: dict[str, Any] | None = None) -> None:
+        """Commit the staged effects with the worker's positions and state; those
+        are written only when they changed (most runs of a step leave them be)."""
+        positions, state = message.get("positions"), message.get("state")
+        self.staged.commit(
+            None if positions == self._committed_positions else positions,
+            None if state == self._committed_state else state,
+            run_fields=run_fields,
+        )
+        if positions is not None:
+            self._committed_positions = positions
+        if state is not None:
+            self._committed_state = state
 
     def op_rollback(self, _message: dict, _body: bytes) -> dict:
         self._deferred_error = None
@@ -296,7 +315,7 @@ class WorkerSession:
         if message.get("run_error"):
             fields["error"] = self.redact(str(message["run_error"]))
         self.log.flush()
-        self.staged.commit(message.get("positions"), message.get("state"), run_fields=fields)
+        self._commit(message, run_fields=fields)
         self._done = Outcome(status, info=info, fields=fields)
         return {}
 

@@ -22,13 +22,22 @@ next children, spawns a tiny init there (``sleep``, PID 1: it owns the
 namespace, and killing it kills everything the run left behind), forks the
 worker (PID 2, so it can signal itself like any process) and returns to its
 own namespace. Then the worker isolates itself (``isolate.enter_sandbox``)
-and serves the run. Crashing, OOM-killed or runaway children only ever end
-their own run: the fork-server reaps them and reports how they ended. When the
-host goes away (control socket closed) the fork-server kills every run and exits.
+and serves the run.
+
+The next run's worker is forked ahead of time, while the fork-server is idle
+(a *spare*). It also builds the filesystem view of the last run's app
+(``isolate.prepare_view``: mount and IPC namespaces, read-only mounts), so
+a run of the same app only has to apply its own limits, user namespace,
+network and seccomp filter when it arrives.
+
+Crashing, OOM-killed or runaway children only ever end their own run: the
+fork-server reaps them and reports how they ended. When the host goes away
+(control socket closed) the fork-server kills every run and exits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import os
@@ -48,7 +57,13 @@ from typing import Any
 import msgpack
 
 from stepwell.sandbox import linux
-from stepwell.sandbox.isolate import ChildPlan, detach_process, enter_sandbox
+from stepwell.sandbox.isolate import (
+    ChildPlan,
+    PreparedView,
+    detach_process,
+    enter_sandbox,
+    prepare_view,
+)
 from stepwell.sandbox.policy import SANDBOX_TMP, SandboxSpec
 
 #: Modules every worker needs, imported once here instead of in every run.
@@ -103,6 +118,9 @@ class Spare:
     init_pid: int | None
     sock: socket.socket
     notes: list[str]
+    #: the private temp dir and ``PreparedView.key`` of the view it built (if any)
+    tmpdir: str | None = None
+    view_key: tuple | None = None
 
 
 def _pdeathsig_prefix() -> list[str]:
@@ -159,6 +177,8 @@ class ForkServer:
         self.spare_dirs: list[str] = []
         #: the next run's worker, forked while the fork-server had nothing else to do
         self.spare: Spare | None = None
+        #: the last run's sandbox: the next spare prepares its filesystem view
+        self.last_spec: SandboxSpec | None = None
         self._spare_retry_at = 0.0
         #: folders of the last run that reappear inside its /tmp (an app under /tmp):
         #: their mount points are made ahead of time in spare temp dirs
@@ -233,7 +253,12 @@ class ForkServer:
         try:
             spec = SandboxSpec.from_dict(message["spec"])
             self._remember_tmp_mount_points(spec)
-            tmpdir = self.spare_dirs.pop() if self.spare_dirs else self._new_dir()
+            self.last_spec = spec
+            spare = self._take_spare(spec)
+            if spare is not None and spare.tmpdir is not None:
+                tmpdir = spare.tmpdir
+            else:
+                tmpdir = self.spare_dirs.pop() if self.spare_dirs else self._new_dir()
             stderr_read, stderr_fd = os.pipe()
             os.set_blocking(stderr_read, False)
         except Exception as exc:
@@ -243,7 +268,7 @@ class ForkServer:
             return
         try:
             plan = ChildPlan(spec, tmpdir, self.uid, self.gid, self.base_paths, pidns=False)
-            started = self._use_spare(plan, channel_fd, stderr_fd)
+            started = self._use_spare(spare, plan, channel_fd, stderr_fd) if spare else None
             pid, init_pid = started or self._fork_now(plan, channel_fd, stderr_fd)
         except Exception as exc:
             os.close(channel_fd)
@@ -284,18 +309,27 @@ class ForkServer:
 
     # -- spare workers ----------------------------------------------------
     def _make_spare(self) -> None:
-        """Fork the next worker now, so a request only has to hand it its plan."""
-        probe = ChildPlan(SandboxSpec(cwd="/", env={}), "", self.uid, self.gid, [], pidns=False)
+        """Fork the next worker now, so a request only has to hand it its plan; it
+        builds the filesystem view of the last run's app while it waits."""
+        spec = self.last_spec
+        tmpdir = self.spare_dirs.pop() if spec is not None and self.spare_dirs else None
+        probe = ChildPlan(
+            spec if tmpdir else SandboxSpec(cwd="/", env={}), tmpdir or "",
+            self.uid, self.gid, self.base_paths, pidns=False,
+        )  # fmt: skip
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid, init_pid = self._fork_spare(probe, ours, theirs)
         except Exception:
             ours.close()
             theirs.close()
+            if tmpdir:
+                self.spare_dirs.append(tmpdir)
             self._spare_retry_at = time.monotonic() + 1.0
             return
         theirs.close()
-        self.spare = Spare(pid, init_pid, ours, probe.notes)
+        view_key = PreparedView.key(spec) if tmpdir else None
+        self.spare = Spare(pid, init_pid, ours, probe.notes, tmpdir, view_key)
 
     def _fork_spare(self, probe: ChildPlan, ours: socket.socket,
                     theirs: socket.socket) -> tuple[int, int | None]:  # fmt: skip
@@ -309,13 +343,15 @@ class ForkServer:
                 os.waitpid(init_pid, 0)
             raise
         if pid == 0:
-            self._spare_child(theirs, probe.pidns)  # never returns
+            self._spare_child(theirs, probe)  # never returns
         if init_pid is not None:
             self._leave_pid_namespace()
         return pid, init_pid
 
-    def _spare_child(self, sock: socket.socket, pidns: bool) -> None:
-        """In a spare worker: wait for a plan and its file descriptors, then be that run."""
+    def _spare_child(self, sock: socket.socket, probe: ChildPlan) -> None:
+        """In a spare worker: build the view ``probe`` names (if any), wait for a
+        plan and its file descriptors, then be that run."""
+        view: PreparedView | BaseException | None = None
         try:
             self.selector.close()
             self._forget_fds()
@@ -323,31 +359,44 @@ class ForkServer:
             keep = sock.fileno()
             os.closerange(3, keep)
             os.closerange(keep + 1, 1 << 20)
-            _warm_up()
+            if probe.tmpdir:
+                try:
+                    view = prepare_view(probe)
+                except Exception as exc:  # reported to the run that gets this spare
+                    view = exc
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
             if not data or len(fds) != 2:
                 os._exit(0)
             plan: ChildPlan = pickle.loads(data)
-            plan.pidns = pidns
+            plan.pidns = probe.pidns
             plan.detached = True
             sock.close()
         except BaseException:  # noqa: BLE001
             os._exit(70)
-        self._child(plan, fds[0], fds[1])
+        self._child(plan, fds[0], fds[1], view)
 
-    def _use_spare(self, plan: ChildPlan, channel_fd: int, stderr_fd: int) -> tuple[int, int | None] | None:
-        """Hand the run to the spare worker, if there is one; returns (pid, init pid)."""
+    def _take_spare(self, spec: SandboxSpec) -> Spare | None:
+        """The spare worker, if it can serve a run of ``spec`` (else it is discarded)."""
         spare, self.spare = self.spare, None
         if spare is None:
             return None
-        if "pid" in plan.spec.skip:  # this run wants no PID namespace: fork afresh
+        if "pid" in spec.skip or (  # this run wants no PID namespace: fork afresh
+            spare.view_key is not None and spare.view_key != PreparedView.key(spec)
+        ):
             self._discard_spare(spare)
             return None
-        plan.pidns = spare.init_pid is not None
-        plan.notes.extend(spare.notes)
+        return spare
+
+    def _use_spare(self, spare: Spare, plan: ChildPlan, channel_fd: int,
+                   stderr_fd: int) -> tuple[int, int | None] | None:  # fmt: skip
+        """Hand the run to ``spare``; returns (pid, init pid), None if it is gone."""
+        handed = dataclasses.replace(
+            plan, pidns=spare.init_pid is not None, notes=[*plan.notes, *spare.notes]
+        )
         try:
-            socket.send_fds(spare.sock, [pickle.dumps(plan)], [channel_fd, stderr_fd])
+            socket.send_fds(spare.sock, [pickle.dumps(handed)], [channel_fd, stderr_fd])
         except OSError:
+            spare.tmpdir = None  # the run's temp dir now: a fresh worker uses it
             self._discard_spare(spare)
             return None
         spare.sock.close()
@@ -355,6 +404,8 @@ class ForkServer:
 
     def _discard_spare(self, spare: Spare) -> None:
         spare.sock.close()
+        if spare.tmpdir is not None:
+            shutil.rmtree(spare.tmpdir, ignore_errors=True)
         # the worker first: its namespace's init cannot finish dying while the
         # worker (our child, not its) is still unreaped
         for pid in (spare.pid, spare.init_pid):
@@ -414,7 +465,8 @@ class ForkServer:
             if sock is not None and sock.fileno() != -1:
                 sock.detach()
 
-    def _child(self, plan: ChildPlan, channel_fd: int, stderr_fd: int) -> None:
+    def _child(self, plan: ChildPlan, channel_fd: int, stderr_fd: int,
+               view: PreparedView | BaseException | None = None) -> None:  # fmt: skip
         """In the forked worker: isolate, serve the run, exit. Never returns."""
         code = 70
         try:
@@ -422,7 +474,9 @@ class ForkServer:
             self._forget_fds()
             refuse = None
             try:
-                notes = enter_sandbox(plan, channel_fd, stderr_fd)
+                if isinstance(view, BaseException):
+                    raise view
+                notes = enter_sandbox(plan, channel_fd, stderr_fd, view)
             except Exception as exc:  # never run user code in a half-built sandbox
                 notes = plan.notes
                 refuse = f"the sandbox could not be set up: {exc}"
@@ -603,11 +657,11 @@ def _kill(pid: int) -> None:
 
 
 def _warm_up() -> None:
-    """Run the worker's common code paths once in a spare, while nobody waits for it.
+    """Run the worker's common code paths once in the fork-server, before it serves:
+    their one-time lazy initialisations then happen here, not in every worker.
 
-    A forked child pays a page copy the first time it writes to memory shared
-    with the fork-server (reference counts change on every object touched), so
-    doing that now takes it off the next run's critical path."""
+    (Spares do not run it again: on a busy host pre-touching pages a run may not
+    need costs more CPU time than it saves.)"""
     try:
         from stepwell.runtimes.node.records import records_to_arrow
         from stepwell.sandbox.protocol import Channel, decode_table, encode_table, pack, unpack

@@ -104,22 +104,24 @@ def _prepare_process(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> None:
     os.closerange(CHANNEL_FD + 1, 1 << 20)
 
 
-def _unshare_namespaces(plan: ChildPlan) -> set[str]:
-    """New mount, IPC and (no network) network namespaces; returns those obtained."""
-    wanted = {"mount": linux.CLONE_NEWNS, "ipc": linux.CLONE_NEWIPC}
-    if not plan.spec.network:
-        wanted["net"] = linux.CLONE_NEWNET
-    consequences = {
-        "mount": "without a read-only filesystem view: only file permissions protect the host's files",
-        "ipc": "sharing System V IPC and POSIX message queues with the host",
-        "net": "with the host's network although the step has `network: false`",
-    }
-    labels = {"mount": "mount namespace", "ipc": "IPC namespace", "net": "network namespace"}
+_NAMESPACES = {
+    "mount": (linux.CLONE_NEWNS, "mount namespace",
+              "without a read-only filesystem view: only file permissions protect the host's files"),
+    "ipc": (linux.CLONE_NEWIPC, "IPC namespace",
+            "sharing System V IPC and POSIX message queues with the host"),
+    "net": (linux.CLONE_NEWNET, "network namespace",
+            "with the host's network although the step has `network: false`"),
+}  # fmt: skip
+
+
+def _unshare_namespaces(plan: ChildPlan, names: list[str]) -> set[str]:
+    """New namespaces of ``names`` (keys of ``_NAMESPACES``); returns those obtained."""
     got: set[str] = set()
     todo = {}
-    for name, flag in wanted.items():
+    for name in names:
+        flag, label, consequence = _NAMESPACES[name]
         if name in plan.spec.skip:
-            _note_unavailable(plan, labels[name], "disabled by STEPWELL_SANDBOX_SKIP", consequences[name])
+            _note_unavailable(plan, label, "disabled by STEPWELL_SANDBOX_SKIP", consequence)
         else:
             todo[name] = flag
     flags = 0
@@ -137,7 +139,7 @@ def _unshare_namespaces(plan: ChildPlan) -> set[str]:
             linux.unshare(flag)
             got.add(name)
         except OSError as exc:
-            _note_unavailable(plan, labels[name], exc, consequences[name])
+            _note_unavailable(plan, _NAMESPACES[name][1], exc, _NAMESPACES[name][2])
     return got
 
 
@@ -344,8 +346,48 @@ def _harden(plan: ChildPlan) -> None:
         pass
 
 
-def enter_sandbox(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> list[str]:
-    """Isolate the calling (freshly forked) process as ``plan`` says.
+@dataclass
+class PreparedView:
+    """What ``prepare_view`` set up, ahead of the run in a spare worker."""
+
+    #: True when the fork-server is root (the user namespace comes after the view)
+    privileged: bool
+    #: the private temp dir as the worker sees it
+    tmp_inside: str
+    #: notes on isolation features the kernel refused
+    notes: list[str]
+
+    @staticmethod
+    def key(spec: SandboxSpec) -> tuple:
+        """What a view depends on: two specs with equal keys can share one."""
+        return (spec.app_root, tuple(spec.read_paths), tuple(spec.hide_paths), tuple(spec.skip))
+
+
+def prepare_view(plan: ChildPlan) -> PreparedView:
+    """Steps 2-3 (and, for an unprivileged fork-server, the user namespace first):
+    the mount and IPC namespaces and the filesystem view. They depend only on the
+    folders in ``PreparedView.key``, not on the run, so a spare worker builds
+    them before its run arrives, off the run's critical path."""
+    privileged = os.geteuid() == 0
+    if not privileged:
+        _enter_user_namespace(plan)
+    namespaces = _unshare_namespaces(plan, ["mount", "ipc"])
+    tmp_inside = plan.tmpdir
+    if "mount" in namespaces:
+        try:
+            _setup_filesystem(plan, plan.pidns)
+            tmp_inside = SANDBOX_TMP
+        except OSError as exc:
+            _note_unavailable(plan, "read-only filesystem", exc,
+                              "with the host's filesystem (file permissions still apply)")  # fmt: skip
+    return PreparedView(privileged, tmp_inside, list(plan.notes))
+
+
+def enter_sandbox(
+    plan: ChildPlan, channel_fd: int, stderr_fd: int, view: PreparedView | None = None
+) -> list[str]:
+    """Isolate the calling (freshly forked) process as ``plan`` says; ``view`` is
+    what this process prepared for it already (``prepare_view``), if anything.
 
     Returns the notes to write into the run log: one line per isolation feature
     that could not be had. Afterwards the channel is on fd ``CHANNEL_FD``."""
@@ -356,20 +398,14 @@ def enter_sandbox(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> list[str]
                           "in the host's PID namespace (other processes may be visible)")  # fmt: skip
     # an unprivileged fork-server gets the rights to build the rest from a user
     # namespace first; a root one builds it first and then gives up being root
-    privileged = os.geteuid() == 0
-    if not privileged:
-        _enter_user_namespace(plan)
-    namespaces = _unshare_namespaces(plan)
-    tmp_inside = plan.tmpdir
-    if "mount" in namespaces:
-        try:
-            _setup_filesystem(plan, plan.pidns)
-            tmp_inside = SANDBOX_TMP
-        except OSError as exc:
-            _note_unavailable(plan, "read-only filesystem", exc,
-                              "with the host's filesystem (file permissions still apply)")  # fmt: skip
+    if view is None:
+        view = prepare_view(plan)
+    else:
+        plan.notes.extend(n for n in view.notes if n not in plan.notes)
+    if not spec.network:
+        _unshare_namespaces(plan, ["net"])
     _apply_rlimits(plan)
-    if privileged:
+    if view.privileged:
         _enter_user_namespace(plan)
     processes = spec.processes
     if processes is not None:
@@ -378,7 +414,7 @@ def enter_sandbox(plan: ChildPlan, channel_fd: int, stderr_fd: int) -> list[str]
     os.chdir(spec.cwd)
     os.environ.clear()
     os.environ.update(spec.env)
-    os.environ["HOME"] = os.environ["TMPDIR"] = tmp_inside
+    os.environ["HOME"] = os.environ["TMPDIR"] = view.tmp_inside
     return plan.notes
 
 

@@ -294,8 +294,8 @@ _SECCOMP_PROGRAM = _seccomp_program() if seccomp_supported() else b""
 
 
 def warm_up() -> None:
-    """Touch the ctypes paths of a worker's set-up (in a spare worker, before its
-    run arrives, so their first-use cost is not paid on the run's critical path)."""
+    """Touch the ctypes paths of a worker's set-up once in the fork-server, so their
+    first-use cost is not paid again by every worker."""
     prctl(3)  # PR_GET_DUMPABLE
     header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
     ctypes.byref(header), ctypes.byref(data), ctypes.byref(_MountAttr(0, 0, 0, 0))

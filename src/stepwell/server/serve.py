@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import signal
@@ -31,62 +30,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from stepwell.engine.runner import _alive
 from stepwell.server.auth import TOKEN_FILE, TokenFile, is_loopback
 from stepwell.server.context import ServerContext, ServerSettings
+from stepwell.server.info import SERVER_FILE, ServerInfo, read_server_info, state_dir, store_key
 
-SERVER_FILE = "server.json"
 #: Seconds HTTP requests in flight get on shutdown (live streams are ended first).
 HTTP_GRACE_SECONDS = 5
 
 
 class ServeError(Exception):
     """The server cannot start; the message says why and what to do."""
-
-
-def state_dir(app_root: Path) -> Path:
-    return Path(app_root) / ".stepwell"
-
-
-def store_key(url: str | None) -> str:
-    """A digest identifying a store URL without revealing it (for server.json)."""
-    text = (url or "").strip() or "duckdb"
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass
-class ServerInfo:
-    url: str
-    host: str
-    port: int
-    pid: int
-    token_path: str
-    store_key: str
-    started_at: str
-
-    def token(self) -> str | None:
-        return TokenFile(Path(self.token_path)).read()
-
-
-def read_server_info(app_root: Path) -> ServerInfo | None:
-    """The live server of the app, if any (a stale file is removed)."""
-    path = state_dir(app_root) / SERVER_FILE
-    try:
-        data = json.loads(path.read_text())
-        info = ServerInfo(**{k: data[k] for k in ServerInfo.__dataclass_fields__})
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        return None
-    if not _alive(info.pid):
-        with contextlib.suppress(OSError):
-            path.unlink()
-        return None
-    return info
 
 
 def _client_host(host: str) -> str:

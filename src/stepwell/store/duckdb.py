@@ -71,6 +71,7 @@ class DuckDBSession(Session):
         read_only: bool,
         fresh: bool = True,
         release: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+        begin: bool = True,
     ):
         self._cur = cursor
         self._release = release
@@ -78,8 +79,11 @@ class DuckDBSession(Session):
         self._staged: dict[str, str] = {}
         if fresh:  # a reused cursor keeps its settings
             cursor.execute("SET TimeZone = 'UTC'")
-        cursor.execute("BEGIN TRANSACTION READ ONLY" if read_only else "BEGIN TRANSACTION")
-        self._active = True
+        # without ``begin`` each statement commits on its own (one-statement sessions:
+        # BEGIN and COMMIT would cost as much as the statement itself)
+        if begin:
+            cursor.execute("BEGIN TRANSACTION READ ONLY" if read_only else "BEGIN TRANSACTION")
+        self._explicit = self._active = begin
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         self._cur.execute(sql, list(params) if params else None)
@@ -142,8 +146,9 @@ class DuckDBSession(Session):
             reader.close()
 
     def commit(self) -> None:
-        self._active = False
-        self._cur.execute("COMMIT")
+        if self._explicit:  # else the statement committed itself
+            self._active = False
+            self._cur.execute("COMMIT")
 
     def rollback(self) -> None:
         if self._active:
@@ -198,7 +203,9 @@ class DuckDBStore(SQLStore):
         self._closing = False
         super().__init__()
 
-    def _new_session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+    def _new_session(
+        self, *, read_only: bool = False, snapshot: bool = False, single: bool = False
+    ) -> Session:
         # Cursors are reused: a new one costs a connection setup per bookkeeping
         # call, which is a noticeable share of a short run.
         with self._cursor_lock:
@@ -208,7 +215,8 @@ class DuckDBStore(SQLStore):
                 cursor = self._con.cursor()
         try:
             return DuckDBSession(
-                cursor, read_only=read_only or snapshot, fresh=fresh, release=self._release
+                cursor, read_only=read_only or snapshot, fresh=fresh, release=self._release,
+                begin=not single,
             )
         except BaseException:
             cursor.close()

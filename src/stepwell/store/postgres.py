@@ -286,7 +286,9 @@ class PostgresStore(SQLStore):
         self._pool = _Pool(url, max_idle_connections)
         super().__init__()
 
-    def _new_session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+    def _new_session(
+        self, *, read_only: bool = False, snapshot: bool = False, single: bool = False
+    ) -> Session:
         conn = self._pool.get()
         try:
             return PostgresSession(self._pool, conn, read_only=read_only, snapshot=snapshot)

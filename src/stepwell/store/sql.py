@@ -735,25 +735,31 @@ class SQLStore(Store):
             bootstrap(s)
 
     @abc.abstractmethod
-    def _new_session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+    def _new_session(
+        self, *, read_only: bool = False, snapshot: bool = False, single: bool = False
+    ) -> Session:
         """A new session with its transaction begun (``snapshot``: a consistent
-        read-only view for a long scan)."""
+        read-only view for a long scan). ``single``: the session runs one statement
+        only, so a backend may let that statement be its own transaction."""
 
     @abc.abstractmethod
     def _close_backend(self) -> None: ...
 
-    def _session(self, *, read_only: bool = False, snapshot: bool = False) -> Session:
+    def _session(
+        self, *, read_only: bool = False, snapshot: bool = False, single: bool = False
+    ) -> Session:
         if self._closed:
             raise StoreError(f"store {self.url} is closed")
-        session = self._new_session(read_only=read_only, snapshot=snapshot)
+        session = self._new_session(read_only=read_only, snapshot=snapshot, single=single)
         with self._open_lock:
             self._open.add(session)
         return session
 
     @contextlib.contextmanager
-    def _autocommit(self, *, read_only: bool = False) -> Iterator[Session]:
-        """A session committed when the block succeeds, rolled back otherwise."""
-        s = self._session(read_only=read_only)
+    def _autocommit(self, *, read_only: bool = False, single: bool = False) -> Iterator[Session]:
+        """A session committed when the block succeeds, rolled back otherwise
+        (``single``: the block runs one statement; see ``_new_session``)."""
+        s = self._session(read_only=read_only, single=single)
         try:
             try:
                 yield s
@@ -867,7 +873,7 @@ class SQLStore(Store):
     def create_runs(self, runs: Sequence[RunRecord]) -> None:
         if not runs:
             return
-        with self._autocommit() as s:
+        with self._autocommit(single=len(runs) <= 100) as s:
             row = "(" + ", ".join(_json_param(s) if f == "info" else "?" for f in _RUN_FIELDS) + ")"
             for start in range(0, len(runs), 100):  # one statement per 100 records
                 chunk = runs[start : start + 100]
@@ -878,16 +884,16 @@ class SQLStore(Store):
                 )
 
     def update_run(self, run_id: str, **fields: Any) -> None:
-        with self._autocommit() as s:
+        with self._autocommit(single=True) as s:
             update_run(s, run_id, fields)
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        with self._autocommit(read_only=True) as s:
+        with self._autocommit(read_only=True, single=True) as s:
             runs = _select_runs(s, "WHERE id = ?", [run_id], None)
         return runs[0] if runs else None
 
     def list_runs(self, step: str | None = None, limit: int = 100) -> list[RunRecord]:
-        with self._autocommit(read_only=True) as s:
+        with self._autocommit(read_only=True, single=True) as s:
             if step is None:
                 return _select_runs(s, "", [], limit)
             return _select_runs(s, "WHERE step = ?", [step], limit)
@@ -905,11 +911,11 @@ class SQLStore(Store):
             },
             schema=_LOG_SCHEMA,
         )
-        with self._autocommit() as s:
+        with self._autocommit(single=True) as s:
             s.insert_arrow(f"{META}.logs", data)
 
     def get_logs(self, run_id: str) -> list[LogLine]:
-        with self._autocommit(read_only=True) as s:
+        with self._autocommit(read_only=True, single=True) as s:
             rows = s.fetchall(
                 f"SELECT run_id, seq, ts, level, message FROM {META}.logs WHERE run_id = ? ORDER BY seq",
                 [run_id],
@@ -917,14 +923,14 @@ class SQLStore(Store):
         return [LogLine(r, int(seq), _utc(ts), level, msg) for r, seq, ts, level, msg in rows]
 
     def get_state(self, step: str) -> dict[str, Any]:
-        with self._autocommit(read_only=True) as s:
+        with self._autocommit(read_only=True, single=True) as s:
             rows = s.fetchall(
                 f"SELECT CAST(value AS TEXT) FROM {META}.state WHERE step = ?", [step]
             )
         return (loads_tagged(rows[0][0]) or {}) if rows else {}
 
     def get_positions(self, step: str) -> list[StreamPosition]:
-        with self._autocommit(read_only=True) as s:
+        with self._autocommit(read_only=True, single=True) as s:
             rows = s.fetchall(
                 f'SELECT step, "table", order_by, table_version, CAST(value AS TEXT), last_id '
                 f"FROM {META}.positions WHERE step = ? "
@@ -944,7 +950,7 @@ class SQLStore(Store):
         ]
 
     def get_partitions(self, step: str) -> list[PartitionRecord]:
-        with self._autocommit(read_only=True) as s:
+        with self._autocommit(read_only=True, single=True) as s:
             rows = s.fetchall(
                 f"SELECT {_PARTITION_COLUMNS} FROM {META}.partitions WHERE step = ? "
                 f"ORDER BY name{s.dialect.text_collation}",
