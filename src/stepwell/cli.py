@@ -119,13 +119,14 @@ def run(
 ) -> None:
     """Run steps once, in dependency order, with a progress display."""
     _use_sandbox(sandbox)
-    from stepwell.cli_progress import RunProgress
-    from stepwell.engine.app_run import select_steps
-    from stepwell.engine.runner import SUCCESS
-
     if executor != "local":
         raise CliError(f"executor {executor!r} is not available yet; use --executor local")
     with _backend(app_path, store, warm_workers=True) as (spec, backend):
+        # imported once the fork-server is starting: it warms up meanwhile
+        from stepwell.cli_progress import RunProgress
+        from stepwell.engine.app_run import select_steps
+        from stepwell.engine.runner import SUCCESS
+
         names = select_steps(spec, steps)
         console = _console()
         with RunProgress(console, total_steps=len(names)) as progress:
