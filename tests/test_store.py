@@ -58,6 +58,10 @@ def test_first_append_creates_table_with_inferred_schema(store: Store) -> None:
     info = store.table_info("orders")
     assert info is not None
     assert info.row_count == 2 and info.version == 1 and info.unique_on is None
+    uncounted = store.table_info("orders", count_rows=False)
+    assert uncounted is not None and uncounted.row_count is None
+    assert (uncounted.columns, uncounted.version) == (info.columns, info.version)
+    assert store.table_info("missing", count_rows=False) is None
     assert column_types(store, "orders") == {"id": "int", "name": "str", "price": "float"}
     assert [t.name for t in store.list_tables()] == ["orders"]
     assert rows(store, "orders", ["id"]) == [

@@ -174,7 +174,7 @@ class WorkerSession:
 
     def op_scan_open(self, message: dict, _body: bytes) -> dict:
         table = str(message["table"])
-        info = self.store.table_info(table)
+        info = self.store.table_info(table, count_rows=False)
         if info is None:
             return {"scan": None, "version": 0}
         order_by = message.get("order_by")

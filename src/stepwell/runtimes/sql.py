@@ -38,6 +38,6 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
     if result is None:
         result = staged.query(checked)
     output = sql_output(step)
-    if staged.store.table_info(output) is not None:
+    if staged.store.table_info(output, count_rows=False) is not None:
         staged.truncate(output)
     return staged.write(output, result, mode="append", id_column=None)

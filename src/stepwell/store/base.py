@@ -63,7 +63,8 @@ class ColumnInfo:
 class TableInfo:
     name: str
     columns: list[ColumnInfo]
-    row_count: int
+    #: None when not asked for (``table_info(..., count_rows=False)``)
+    row_count: int | None
     version: int
     unique_on: list[str] | None = None
 
@@ -222,7 +223,10 @@ class Store(abc.ABC):
     def list_tables(self) -> list[TableInfo]: ...
 
     @abc.abstractmethod
-    def table_info(self, name: str) -> TableInfo | None: ...
+    def table_info(self, name: str, *, count_rows: bool = True) -> TableInfo | None:
+        """The table's columns, active version and keys, None if it does not exist.
+        ``count_rows=False`` skips counting its rows (a full scan on PostgreSQL) for
+        callers that only need its columns or version."""
 
     @abc.abstractmethod
     def scan(
@@ -302,7 +306,7 @@ def active_positions(store: Store, step: str) -> list[StreamPosition]:
     result = []
     for position in store.get_positions(step):
         if position.table not in versions:
-            info = store.table_info(position.table)
+            info = store.table_info(position.table, count_rows=False)
             versions[position.table] = info.version if info else -1
         if versions[position.table] == position.table_version:
             result.append(position)

@@ -776,15 +776,16 @@ class SQLStore(Store):
             s.close()
 
     def _table_info(
-        self, s: Session, name: str, version: int, unique_on: list[str] | None
-    ) -> TableInfo | None:
+        self, s: Session, name: str, version: int, unique_on: list[str] | None,
+        count_rows: bool = True,
+    ) -> TableInfo | None:  # fmt: skip
         columns = table_columns(s, name)
         if columns is None:
             return None
         return TableInfo(
             name=name,
             columns=[ColumnInfo(c, t) for c, t in columns.items()],
-            row_count=_row_count(s, name),
+            row_count=_row_count(s, name) if count_rows else None,
             version=version,
             unique_on=unique_on,
         )
@@ -799,12 +800,12 @@ class SQLStore(Store):
             ]
         return [info for info in infos if info is not None]
 
-    def table_info(self, name: str) -> TableInfo | None:
+    def table_info(self, name: str, *, count_rows: bool = True) -> TableInfo | None:
         check_table_name(name, self.dialect)
         with self._autocommit(read_only=True) as s:
             found = _registration(s, name)
             version, unique_on = found if found else (1, None)
-            return self._table_info(s, name, version, unique_on)
+            return self._table_info(s, name, version, unique_on, count_rows)
 
     def scan(
         self,

@@ -346,7 +346,7 @@ class RuleRuntime:
         if self.stream.is_table:
             positions = [p for p in self.store.get_positions(state_key(self.rule.id))
                          if p.table == self.stream.datasource]
-            info = self.store.table_info(self.stream.datasource)
+            info = self.store.table_info(self.stream.datasource, count_rows=False)
             if positions and info is not None and positions[0].table_version == info.version:
                 self._read_after = positions[0].value
                 self._committed_position = positions[0].value
@@ -433,7 +433,7 @@ class RuleRuntime:
             self._wake.clear()
 
     def _read_table(self, table: str) -> None:
-        info = self.store.table_info(table)
+        info = self.store.table_info(table, count_rows=False)
         if info is None:
             return
         if self._table_version is not None and info.version != self._table_version:

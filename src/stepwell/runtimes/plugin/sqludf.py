@@ -78,7 +78,7 @@ def query_with_plugin_functions(sql: str, app_root: Path, store: Any, dialect: s
 def _empty(store: Any, name: str) -> pa.Table:
     from stepwell.store import schema as sch
 
-    info = store.table_info(name)
+    info = store.table_info(name, count_rows=False)
     if info is None:
         raise ValueError(f"table {name!r} does not exist")
     return pa.table({c.name: pa.array([], sch.arrow_field(c.name, c.type).type) for c in info.columns})
