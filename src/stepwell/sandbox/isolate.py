@@ -6,20 +6,22 @@ order:
 
 1. die with the fork-server, prefer this process to the OOM killer, new session,
    only the channel and stderr stay open;
-2. new mount, IPC and (when the step has no network) network namespaces;
+2. new mount and IPC namespaces;
 3. the filesystem: everything read-only, a private temp dir at ``/tmp`` (also
    HOME and TMPDIR), a private ``/dev/shm``, a fresh ``/proc`` showing only the
    sandbox's processes, the store's folder hidden behind an empty tmpfs, and
    folders the sandbox user cannot traverse (``/root``) replaced by an empty
    tmpfs in which only the paths the step needs (the app, Python, its
-   environment) reappear;
-4. rlimits (memory, CPU time, open files, file size, no core files);
-5. drop to an unprivileged user (when the fork-server is root), then a new user
+   environment) reappear. Steps 2-3 depend only on the app's folders, so a
+   spare worker does them (``prepare_view``) before its run arrives;
+4. a new network namespace when the step has no network;
+5. rlimits (memory, CPU time, open files, file size, no core files);
+6. drop to an unprivileged user (when the fork-server is root), then a new user
    namespace mapping that user to uid 0 inside; then the process limit (counted
    per user namespace, so concurrent runs do not share it). A fork-server that
    is not root enters the user namespace first instead, to gain the rights for
-   steps 2-3 there;
-6. no capabilities, no new privileges, not dumpable, and a seccomp filter.
+   steps 2-4 there;
+7. no capabilities, no new privileges, not dumpable, and a seccomp filter.
 
 Every feature the kernel refuses is skipped and reported as a note; the worker
 writes those notes into the run log (and strict mode refuses to run).
@@ -396,8 +398,6 @@ def enter_sandbox(
     if not plan.pidns and "pid" in spec.skip and not any("PID namespace" in n for n in plan.notes):
         _note_unavailable(plan, "PID namespace", "disabled by STEPWELL_SANDBOX_SKIP",
                           "in the host's PID namespace (other processes may be visible)")  # fmt: skip
-    # an unprivileged fork-server gets the rights to build the rest from a user
-    # namespace first; a root one builds it first and then gives up being root
     if view is None:
         view = prepare_view(plan)
     else:
