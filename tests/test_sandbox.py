@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -167,13 +168,24 @@ def test_spare_worker_views_follow_the_app(tmp_path):
             "peek.py": PEEK,
             "data.txt": f"data of {name}",
         })  # fmt: skip
-    for name in ("a", "a", "b", "a", "b", "b"):  # same app (prepared view) and switches
+    def peek(name: str) -> dict:
         (run,) = run_app(apps[name])
         assert run.status == "succeeded_no_data", run.error
         (line,) = [m for m in logs(apps[name], run.id) if m.startswith("PEEK ")]
-        seen = json.loads(line[len("PEEK "):])
+        return json.loads(line[len("PEEK "):])
+
+    for name in ("a", "a", "b", "a", "b", "b"):  # same app (prepared view) and switches
+        seen = peek(name)
         assert seen["own"] == f"data of {name}"
         assert seen["other"] in ("FileNotFoundError", "PermissionError"), seen
+    # the app folder replaced by a new one at the same path (a fresh checkout, say):
+    # the spare prepared for the old folder must not serve it
+    stale = tmp_path / "b-old"
+    apps["b"].rename(stale)
+    shutil.copytree(stale, apps["b"], ignore=shutil.ignore_patterns(".stepwell"))
+    shutil.rmtree(stale)
+    (apps["b"] / "data.txt").write_text("new data of b")
+    assert peek("b")["own"] == "new data of b"
 
 
 def test_network_defaults_from_app_and_strict_mode(tmp_path, listener):

@@ -361,8 +361,19 @@ class PreparedView:
 
     @staticmethod
     def key(spec: SandboxSpec) -> tuple:
-        """What a view depends on: two specs with equal keys can share one."""
-        return (spec.app_root, tuple(spec.read_paths), tuple(spec.hide_paths), tuple(spec.skip))
+        """What a view depends on: two specs with equal keys can share one. The
+        folders' identities count too: a view shows the folder it was built from,
+        so an app folder replaced since (same path, new directory) needs a new one."""
+        folders = [spec.app_root, *spec.read_paths, *spec.hide_paths]
+        return (*folders, "|", *spec.skip, "|", *(_identity(f) for f in folders))
+
+
+def _identity(path: str | None) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
 
 
 def prepare_view(plan: ChildPlan) -> PreparedView:
