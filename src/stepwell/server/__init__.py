@@ -10,5 +10,7 @@ The public surface is small:
   commands use while a server runs for their app (DESIGN section 7a).
 
 Routes live in ``stepwell.server.routes``, one router per resource; a new
-resource adds a module there and an entry in ``routes.ROUTERS``.
+resource adds a module there and an entry in ``routes.ROUTERS``. The web UI is
+static files in ``stepwell/server/ui/`` (no build step), served under ``/ui/``
+by ``routes.ui``.
 """

@@ -13,7 +13,7 @@ from stepwell.server import errors
 from stepwell.server.auth import WEBHOOK_PREFIX, BearerAuthMiddleware
 from stepwell.server.context import ServerContext
 from stepwell.server.limits import BodyLimitMiddleware
-from stepwell.server.routes import ERROR_RESPONSES, ROUTERS
+from stepwell.server.routes import ERROR_RESPONSES, ROUTERS, ui
 
 log = logging.getLogger("stepwell.server")
 
@@ -24,6 +24,7 @@ their state, runs (with live logs as server-sent events), tables, and webhooks.
 Errors always have the body `{"error": {"code", "message", "details"}}`. When
 the server listens beyond loopback every request needs
 `Authorization: Bearer <token>` (the token is in `APP/.stepwell/token`).
+The web UI is at `/ui/`.
 """
 
 
@@ -81,6 +82,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     errors.install(api)
     for router in ROUTERS:
         api.include_router(router)
+    ui.install(api)  # the web UI at /ui/ (static files, not in the OpenAPI spec)
 
     settings = ctx.settings
 

@@ -7,6 +7,9 @@ re-read when its modification time changes). It is required on every request
 when the server listens beyond loopback; on 127.0.0.1 / ::1 / localhost no
 token is needed. A webhook with its own ``token:`` accepts that token (or the
 server's) and nothing else, whatever the bind address.
+
+The web UI's static files (``GET /`` and ``GET /ui/...``) are the one exception:
+they carry no data and no secrets, and the page sends the token on each API call.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ TOKEN_FILE = "token"
 WEBHOOK_PREFIX = "/api/webhooks/"
 #: Action routes also accept user tokens and check them themselves (``routes.actions``).
 ACTIONS_PREFIX = "/api/actions"
+#: The web UI's static files (``routes.ui``), public: they ask for the token themselves.
+UI_PREFIX = "/ui/"
 
 
 def is_loopback(host: str) -> bool:
@@ -87,6 +92,17 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def is_public_ui(scope: Scope) -> bool:
+    """Whether the request only fetches the web UI's static files: ``GET /``,
+    ``GET /ui`` (both redirect) or ``GET /ui/<file>``, without ``..`` segments."""
+    if scope.get("method") != "GET":
+        return False
+    path: str = scope["path"]
+    if path in ("/", UI_PREFIX.rstrip("/")):
+        return True
+    return path.startswith(UI_PREFIX) and ".." not in path.split("/")
+
+
 def token_matches(given: str | None, *expected: str | None) -> bool:
     """Constant-time comparison of ``given`` against any of ``expected``."""
     if not given:
@@ -99,7 +115,8 @@ def token_matches(given: str | None, *expected: str | None) -> bool:
 
 
 class BearerAuthMiddleware:
-    """401 for every request without the server token (webhooks check their own)."""
+    """401 for every request without the server token (webhooks and actions check
+    their own; the UI's static files need none)."""
 
     def __init__(self, app: ASGIApp, tokens: TokenFile, *, required: bool):
         self.app = app
@@ -111,6 +128,7 @@ class BearerAuthMiddleware:
             scope["type"] != "http"
             or not self.required
             or scope["path"].startswith((WEBHOOK_PREFIX, ACTIONS_PREFIX))
+            or is_public_ui(scope)
             or token_matches(bearer(scope["headers"]), self.tokens.read())
         ):
             await self.app(scope, receive, send)

@@ -186,6 +186,18 @@ class Serving:
         if auth_required:
             self._say(f"listening on {host} beyond loopback: every request needs "
                       f"`Authorization: Bearer <token>` (token in {tokens.path})")
+        self._say(self._ui_line(token, created, auth_required, tokens.path))
+
+    def _ui_line(self, token: str, shown: bool, auth_required: bool, token_path: Path) -> str:
+        """Where the web UI is. With a token required, the address carries it in
+        its fragment (never sent to the server) only when the token was just
+        printed anyway; otherwise the line says where the token is."""
+        address = f"{self.url}/ui/"
+        if not auth_required:
+            return f"web UI: {address}"
+        if shown:
+            return f"web UI: {address}#token={token}"
+        return f"web UI: {address} (it asks for the token: see {token_path})"
 
     def _bind(self) -> socket.socket:
         host = self.settings.host

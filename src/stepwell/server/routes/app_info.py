@@ -121,7 +121,10 @@ def get_step(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> Ste
 
 
 def _state(ctx: ServerContext, name: str) -> StepState:
-    return StepState.model_validate(jsonable(describe_state(ctx.store, name)))
+    described = describe_state(ctx.store, name)
+    # a connector's partitions have their own endpoint (GET /api/steps/{name}/partitions)
+    described.pop("partitions", None)
+    return StepState.model_validate(jsonable(described))
 
 
 def _idle(ctx: ServerContext, name: str) -> None:

@@ -1,0 +1,131 @@
+// Runs: the list (polled every 2 s) and one run's page, whose log follows the
+// run live through its event stream (GET /api/runs/{id}/events).
+
+import { api, followEvents, seg, withQuery } from "../api.js";
+import {
+  FINISHED, dataTable, facts, fill, fmtTime, h, jsonBlock, runDuration, runLink, stepLink,
+  statusBadge,
+} from "../dom.js";
+
+/** #/runs */
+export async function runsView(page) {
+  const holder = h("div");
+  page.root.append(h("h1", {}, "Runs"), h("p", { class: "hint" }, "Newest first; refreshed every 2 s."),
+    holder);
+  await page.every(2000, async () => {
+    const { runs } = await api(withQuery("/api/runs", { limit: 100 }), { signal: page.signal });
+    fill(holder, dataTable([
+      ["Run", (r) => runLink(r.id)],
+      ["Step", (r) => stepLink(r.step)],
+      ["Status", (r) => statusBadge(r.status)],
+      ["Trigger", (r) => r.trigger || ""],
+      ["Started", (r) => fmtTime(r.started_at)],
+      ["Duration", (r) => runDuration(r)],
+      ["Rows in", (r) => r.rows_in],
+      ["Rows out", (r) => r.rows_out],
+      ["Error", (r) => (r.error ? h("span", { class: "error-text", title: r.error }, r.error) : "")],
+    ], runs, { empty: "No runs yet.", attrs: { class: "data runs" },
+      rowAttrs: (r) => ({ "data-run": r.id, "data-step": r.step, "data-status": r.status }) }));
+  });
+}
+
+// -- one run ---------------------------------------------------------------------
+
+function summary(run) {
+  return facts([
+    ["Step", stepLink(run.step)],
+    ["Status", statusBadge(run.status)],
+    ["Trigger", run.trigger],
+    ["Started", fmtTime(run.started_at)],
+    ["Ended", fmtTime(run.ended_at)],
+    ["Duration", runDuration(run)],
+    ["Rows in", String(run.rows_in)],
+    ["Rows out", String(run.rows_out)],
+    ["Error", run.error ? h("span", { class: "error-text" }, run.error) : null],
+  ]);
+}
+
+function logLine(line) {
+  return h("li", { class: `log-line level-${line.level.toLowerCase().replace(/[^a-z]/g, "")}`,
+    "data-seq": line.seq },
+  h("time", {}, new Date(line.ts).toLocaleTimeString()), " ",
+  h("span", { class: "level" }, line.level), " ",
+  h("span", { class: "message" }, line.message));
+}
+
+/** #/runs/<id> */
+export async function runView(page, runId) {
+  const path = `/api/runs/${seg(runId)}`;
+  const about = h("div");
+  const details = h("div");
+  const log = h("ol", { class: "log", id: "log" });
+  const live = h("span", { class: "live", hidden: true }, "following live…");
+  const cancel = h("button", { type: "button", class: "danger", id: "cancel-run", hidden: true },
+    "Cancel");
+  page.root.append(
+    h("div", { class: "title-row" }, h("h1", {}, "Run ", h("span", { class: "mono" }, runId)), cancel),
+    about, details,
+    h("section", { class: "card" }, h("h2", {}, "Log ", live), log),
+  );
+
+  let run = null;
+  const seen = new Set();
+  const show = (record) => {
+    run = record;
+    fill(about, summary(record));
+    cancel.hidden = FINISHED.has(record.status);
+    const extra = [];
+    if (record.traceback) extra.push(h("h3", {}, "Traceback"), h("pre", { class: "traceback" }, record.traceback));
+    if (record.info && Object.keys(record.info).length) {
+      extra.push(h("details", {}, h("summary", {}, "Run info"), jsonBlock(record.info)));
+    }
+    fill(details, extra);
+  };
+  const addLine = (line) => {
+    if (seen.has(line.seq)) return;
+    seen.add(line.seq);
+    const follow = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    log.append(logLine(line));
+    if (follow) log.scrollTop = log.scrollHeight;
+  };
+
+  cancel.addEventListener("click", () => page.guard(async () => {
+    const answer = await api(`${path}/cancel`, { method: "POST" });
+    cancel.hidden = true;
+    if (answer.status === "cancelled") show(await api(path));
+  }));
+
+  show(await api(path, { signal: page.signal }));
+  // keep the duration of a run in progress ticking
+  page.every(1000, () => {
+    if (!FINISHED.has(run.status)) fill(about, summary(run));
+  });
+  // The stream sends the run, its stored lines, then live lines until `end`.
+  live.hidden = FINISHED.has(run.status);
+  let ended = false;
+  try {
+    await followEvents(`${path}/events`, ({ event, data }) => {
+      if (event === "log") addLine(data);
+      else if (event === "status") show(data);
+      else if (event === "progress") show({ ...run, rows_in: data.rows_in, rows_out: data.rows_out });
+      else if (event === "end") {
+        ended = true;
+        show(data);
+      } else if (event === "closing") {
+        page.report(new Error(`the live log stopped: ${data.reason}`));
+      }
+    }, page.signal);
+  } catch (error) {
+    page.report(error);
+  } finally {
+    live.hidden = true;
+  }
+  if (!ended && page.active) {
+    // the stream broke off (server stopping, network): show the run as stored now
+    await page.guard(async () => {
+      show(await api(path, { signal: page.signal }));
+      const { lines } = await api(`${path}/logs`, { signal: page.signal });
+      lines.forEach(addLine);
+    });
+  }
+}
