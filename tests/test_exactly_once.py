@@ -138,3 +138,65 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, backend
         assert "running" not in statuses  # orphaned runs were closed on restart
     finally:
         store.close()
+
+
+def test_a_step_runs_in_one_process_at_a_time_on_postgres(tmp_path, make_pg_database):
+    """Two host processes on one PostgreSQL store (overlapping `stepwell run`s from
+    cron, say): a run of a step that is still running elsewhere does nothing and
+    says why, so the stream is consumed once."""
+    from apputil import run_app
+
+    url = make_pg_database()
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: feed
+                node: feed.py
+              - name: consume
+                node: consume.py
+        """,
+        "feed.py": """
+            from patterns import Table
+            Table("events", "w").append([{"n": i} for i in range(5)])
+        """,
+        "consume.py": """
+            import os, time
+            from patterns import Table
+            out = Table("seen", "w")
+            for record in Table("events").as_stream().consume_records():
+                out.append(record)
+            while os.path.exists("hold"):  # the test lets go
+                time.sleep(0.05)
+        """,
+    })  # fmt: skip
+    (feed,) = run_app(app, url, steps=["feed"])
+    assert feed.status == "succeeded", feed.error
+    (app / "hold").write_text("")
+    other = subprocess.Popen(
+        [sys.executable, "-m", "stepwell.cli", "run", str(app), "consume", "--store", url],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        import psycopg
+
+        deadline = time.monotonic() + 60
+        with psycopg.connect(url, autocommit=True) as conn:
+            while time.monotonic() < deadline:  # until the other process holds the lock
+                query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                if conn.execute(query).fetchone()[0]:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the other process never started its run")
+        (second,) = run_app(app, url, steps=["consume"])
+        assert second.status == "failed"
+        assert "already running in another process" in second.error
+        assert rows(app, "seen", url) == []  # nothing from the refused run
+    finally:
+        (app / "hold").unlink()
+        output, _ = other.communicate(timeout=120)
+    assert other.returncode == 0, output
+    assert sorted(r["n"] for r in rows(app, "seen", url)) == [0, 1, 2, 3, 4]
+    (again,) = run_app(app, url, steps=["consume"])  # the lock went with that run
+    assert again.status == "succeeded_no_data", again.error
+    assert len(rows(app, "seen", url)) == 5

@@ -319,7 +319,8 @@ class Runner:
             elif execute is None:
                 outcome = Outcome("failed", f"step {step.name!r}: {step.kind} steps are not supported yet")
             else:
-                outcome = execute(ActiveRun(step, run, context, staged, log, redact, early_worker))
+                with self.store.run_lock(step.name):
+                    outcome = execute(ActiveRun(step, run, context, staged, log, redact, early_worker))
         except Exception as exc:  # configuration problems: secrets, environment, files
             if staged is not None:
                 staged.rollback()

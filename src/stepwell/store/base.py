@@ -24,6 +24,7 @@ name them directly); bookkeeping lives in the ``stepwell`` schema.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -294,6 +295,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_partitions(self, step: str) -> list[PartitionRecord]:
         """The committed partition records of connector step ``step``, by name."""
+
+    @contextlib.contextmanager
+    def run_lock(self, step: str) -> Iterator[None]:
+        """Hold ``step``'s run lock across processes for the block; ``StoreError`` if
+        another process holds it. One run of a step at a time is what keeps its
+        stream positions and state exactly-once. A store only one process can
+        open (DuckDB) needs nothing more than the host's own bookkeeping."""
+        yield
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -11,6 +11,7 @@ canonical types of :mod:`stepwell.store.schema`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
@@ -295,6 +296,36 @@ class PostgresStore(SQLStore):
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"PostgreSQL at {redact(self.url)}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def run_lock(self, step: str) -> Iterator[None]:
+        """A session-level advisory lock keyed by the step's name, on a connection
+        kept out of the pool for the run (if the process dies, PostgreSQL drops the
+        connection and with it the lock)."""
+        conn = self._pool.get()
+        key = f"stepwell-run:{step}"
+        try:
+            try:
+                (got,) = conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [key]
+                ).fetchone()
+                conn.commit()
+            except psycopg.Error as exc:
+                conn.close()
+                raise StoreError(f"PostgreSQL at {redact(self.url)}: {exc}") from exc
+            if not got:
+                raise StoreError(
+                    "it is already running in another process on this store, so this run "
+                    "did nothing (one run of a step at a time keeps its stream positions "
+                    "and state exactly-once): wait for that run to end"
+                )
+            yield
+        finally:
+            if not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_advisory_unlock_all()")
+                    conn.commit()
+                self._pool.put(conn)
 
     def _close_backend(self) -> None:
         self._pool.close()
