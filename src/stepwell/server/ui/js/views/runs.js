@@ -14,19 +14,24 @@ export async function runsView(page) {
     holder);
   await page.every(2000, async () => {
     const { runs } = await api(withQuery("/api/runs", { limit: 100 }), { signal: page.signal });
-    fill(holder, dataTable([
-      ["Run", (r) => runLink(r.id)],
-      ["Step", (r) => stepLink(r.step)],
-      ["Status", (r) => statusBadge(r.status)],
-      ["Trigger", (r) => r.trigger || ""],
-      ["Started", (r) => fmtTime(r.started_at)],
-      ["Duration", (r) => runDuration(r)],
-      ["Rows in", (r) => r.rows_in],
-      ["Rows out", (r) => r.rows_out],
-      ["Error", (r) => (r.error ? h("span", { class: "error-text", title: r.error }, r.error) : "")],
-    ], runs, { empty: "No runs yet.", attrs: { class: "data runs" },
-      rowAttrs: (r) => ({ "data-run": r.id, "data-step": r.step, "data-status": r.status }) }));
+    fill(holder, runsTable(runs));
   });
+}
+
+/** A table of runs; ``withStep: false`` leaves out the step (runs of one step). */
+export function runsTable(runs, { withStep = true } = {}) {
+  return dataTable([
+    ["Run", (r) => runLink(r.id)],
+    ...(withStep ? [["Step", (r) => stepLink(r.step)]] : []),
+    ["Status", (r) => statusBadge(r.status)],
+    ["Trigger", (r) => r.trigger || ""],
+    ["Started", (r) => fmtTime(r.started_at)],
+    ["Duration", (r) => runDuration(r)],
+    ["Rows in", (r) => r.rows_in],
+    ["Rows out", (r) => r.rows_out],
+    ["Error", (r) => (r.error ? h("span", { class: "error-text", title: r.error }, r.error) : "")],
+  ], runs, { empty: "No runs yet.", attrs: { class: "data runs" },
+    rowAttrs: (r) => ({ "data-run": r.id, "data-step": r.step, "data-status": r.status }) });
 }
 
 // -- one run ---------------------------------------------------------------------

@@ -4,9 +4,10 @@
 
 import { api, seg, withQuery } from "../api.js";
 import {
-  dataTable, facts, fill, fmtSeconds, fmtTime, h, jsonBlock, link, runDuration, runLink,
-  section, statusBadge, valueNode,
+  dataTable, facts, fill, fmtSeconds, fmtTime, h, jsonBlock, link, runLink, section,
+  statusBadge, valueNode,
 } from "../dom.js";
+import { runsTable } from "./runs.js";
 
 /** The newest run of each step: Map(step name -> run). */
 export async function latestRuns(signal) {
@@ -120,19 +121,6 @@ function partitionsTable(partitions) {
   ], partitions, { empty: "No partitions read yet.", attrs: { class: "data partitions" } });
 }
 
-function runsTable(runs) {
-  return dataTable([
-    ["Run", (r) => runLink(r.id)],
-    ["Status", (r) => statusBadge(r.status)],
-    ["Trigger", (r) => r.trigger || ""],
-    ["Started", (r) => fmtTime(r.started_at)],
-    ["Duration", (r) => runDuration(r)],
-    ["Rows in", (r) => r.rows_in],
-    ["Rows out", (r) => r.rows_out],
-    ["Error", (r) => (r.error ? h("span", { class: "error-text" }, r.error) : "")],
-  ], runs, { empty: "No runs yet.", attrs: { class: "data runs" } });
-}
-
 /** #/steps/<name> */
 export async function stepView(page, name) {
   const path = `/api/steps/${seg(name)}`;
@@ -173,7 +161,7 @@ export async function stepView(page, name) {
       api(withQuery("/api/runs", { step: name, limit: 10 }), { signal: page.signal }),
     ]);
     fill(about, describe(current));
-    fill(runs, runsTable(list.runs));
+    fill(runs, runsTable(list.runs, { withStep: false }));
     const ended = list.runs.find((r) => r.ended_at);
     const key = ended ? `${ended.id}:${ended.status}` : null;
     if (lastEnded !== null && key !== lastEnded) await Promise.all([loadState(), loadPartitions()]);
