@@ -1166,3 +1166,90 @@ def test_cancel_stops_every_worker_of_the_refresh(tmp_path):
     finally:
         store.close()
     assert by_partition(app)["b"] == [(0, "b1")]
+
+
+# -- prefixes: unchanged subtrees are not listed again ------------------------------------
+
+TREE = '''
+import os
+
+def context(credentials):
+    return {}
+
+def list_objects(context, metadata):
+    # a prefix's fingerprint is its folder's .version file (like a folder etag)
+    where = "data" if metadata is None else os.path.join("data", metadata["name"])
+    print(f"listing {metadata['name'] if metadata else '/'}")
+    for entry in sorted(os.scandir(where), key=lambda e: e.name):
+        name = os.path.relpath(entry.path, "data")
+        if entry.is_dir():
+            with open(os.path.join(entry.path, ".version")) as version:
+                yield {"name": name + "/", "fingerprint": version.read().strip(), "is_prefix": True}
+        elif not entry.name.startswith("."):
+            with open(entry.path) as data:
+                yield {"name": name, "fingerprint": name + ":" + data.read(), "is_prefix": False}
+
+def read_bytes(context, metadata):
+    with open(os.path.join("data", metadata["name"]), "rb") as data:
+        yield data.read()
+'''
+
+
+def test_unchanged_prefixes_are_not_listed_again(tmp_path, store_url):
+    files = {
+        "data/a/.version": "1", "data/a/x.csv": "v\n1\n",
+        "data/b/.version": "1", "data/b/y.csv": "v\n2\n",
+        "data/b/sub/.version": "1", "data/b/sub/z.csv": "v\n3\n",
+    }  # fmt: skip
+    app = connector_app(tmp_path / "app", TREE, step="parser: csv", files=files)
+
+    def refresh(expect_status: str = "succeeded") -> tuple[dict[str, int], set[str]]:
+        (run,) = run_app(app, store_url)
+        assert run.status == expect_status, run.error
+        listed = {m.split(" ", 1)[1] for m in logs(app, run.id, store_url) if m.startswith("listing ")}
+        return run.info["partitions"], listed
+
+    def values() -> list[int]:
+        return sorted(r["v"] for r in rows(app, "out", store_url))
+
+    counts, listed = refresh()
+    assert listed == {"/", "a/", "b/", "b/sub/"} and counts["new"] == 3 and values() == [1, 2, 3]
+
+    counts, listed = refresh("succeeded_no_data")  # nothing changed: only the root is listed
+    assert listed == {"/"}
+    assert (counts["unchanged"], counts["removed"], counts["under_unchanged_prefixes"]) == (3, 0, 3)
+    assert sorted(partitions(app, "load", store_url)) == ["a/x.csv", "b/sub/z.csv", "b/y.csv"]
+    assert values() == [1, 2, 3]
+
+    (app / "data/b/sub/w.csv").write_text("v\n4\n")  # a new file deep in b/
+    (app / "data/b/.version").write_text("2")
+    (app / "data/b/sub/.version").write_text("2")
+    counts, listed = refresh()
+    assert listed == {"/", "b/", "b/sub/"} and counts["new"] == 1 and counts["unchanged"] == 3
+    assert values() == [1, 2, 3, 4]
+
+    (app / "data/b/bad.csv").write_text('v\n"unterminated\n')  # its read fails
+    (app / "data/b/.version").write_text("3")
+    counts, listed = refresh("failed")
+    assert "b/" in listed and counts["failed"] == 1
+    # fixed, and the prefix's fingerprint back at the one its subtree was last read
+    # in full at: b/ is listed again all the same, as a file below it failed
+    (app / "data/b/bad.csv").write_text("v\n5\n")
+    (app / "data/b/.version").write_text("2")
+    counts, listed = refresh()
+    assert listed == {"/", "b/"} and counts["succeeded"] == 1 and values() == [1, 2, 3, 4, 5]
+    counts, listed = refresh("succeeded_no_data")
+    assert listed == {"/"}
+
+    (app / "data/a/x.csv").unlink()  # a removed prefix takes its partitions along
+    shutil.rmtree(app / "data/a")
+    counts, listed = refresh()
+    assert counts["removed"] == 1 and values() == [2, 3, 4, 5]
+
+    (app / "connector.py").write_text(TREE + "\n# changed\n")  # new code: everything again
+    counts, listed = refresh()
+    assert listed == {"/", "b/", "b/sub/"} and counts["changed"] == 4
+
+    cli("state", str(app), "load", "--reset", *(["--store", store_url] if store_url else []))
+    counts, listed = refresh()  # a reset forgets the prefixes too
+    assert listed == {"/", "b/", "b/sub/"} and counts["new"] == 4 and values() == [2, 3, 4, 5]

@@ -4,7 +4,9 @@ A refresh goes like this:
 
 1. **List.** One worker runs ``context`` + ``list_objects`` (recursively) and
    returns the leaves in a few batched round trips (:class:`ListingSession`).
-   Nothing is changed if the listing fails.
+   A prefix whose subtree was read in full at its current fingerprint (by the
+   same code) is not listed again: the records below it stay as they are
+   (:func:`skippable_prefixes`). Nothing is changed if the listing fails.
 2. **Compare.** One query loads the stored partition records; a partition is
    read when it is new, its fingerprint changed, its last read failed, or the
    connector's *code hash* (connector file, parser, requirements file) changed.
@@ -25,6 +27,11 @@ The first failing partition fails the run: no further partitions are handed
 out, the ones in progress finish and commit, and the failed one keeps its
 previous rows and fingerprint (its record says ``failed`` with the error, so
 the next refresh reads it again).
+
+At the end, each listed prefix whose whole subtree is now read at this
+listing's fingerprints gets a record (status ``prefix``) with its fingerprint;
+one with anything unread or failed below it keeps its old record, so the next
+refresh lists it again (:func:`_record_prefixes`).
 """
 
 from __future__ import annotations
@@ -48,11 +55,11 @@ import pyarrow as pa
 from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun
 from stepwell.engine.worker_session import Outcome, WorkerSession
-from stepwell.runtimes.connector.contract import READ_FUNCTIONS
+from stepwell.runtimes.connector.contract import MAX_DEPTH, READ_FUNCTIONS
 from stepwell.runtimes.connector.worker import LIST_ENTRY, READ_ENTRY
 from stepwell.sandbox.launcher import WorkerProcess, start_worker
 from stepwell.sandbox.protocol import decode_table
-from stepwell.store.base import PartitionRecord
+from stepwell.store.base import PREFIX_STATUS, PartitionRecord
 
 if TYPE_CHECKING:
     from stepwell.engine.runner import ActiveRun, Runner
@@ -246,9 +253,14 @@ class ListingSession(WorkerSession):
     """Serves the listing worker: collects the leaves, the read function's name and
     the schema from ``infer_schema``. It commits nothing."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, skip_prefixes: dict[str, str], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.leaves: list[dict[str, Any]] = []
+        #: the prefix each leaf was listed under (None: the root), in step with leaves
+        self.parents: list[str | None] = []
+        #: prefixes met: name, fingerprint, parent, skipped (not listed again)
+        self.prefixes: list[dict[str, Any]] = []
+        self.skip_prefixes = skip_prefixes
         self._names: set[str] = set()
         self.read_function: str | None = None
         self.schema: pa.Schema | None = None
@@ -260,14 +272,31 @@ class ListingSession(WorkerSession):
         return super()._dispatch(op, message, body)
 
     def op_partitions(self, message: dict, _body: bytes) -> dict:
-        for leaf in message.get("leaves") or []:
+        leaves, parents = message.get("leaves") or [], message.get("parents") or []
+        if len(parents) != len(leaves):
+            raise ValueError("every listed partition needs its parent prefix")
+        for leaf, parent in zip(leaves, parents, strict=True):
             name = leaf.get("name") if isinstance(leaf, dict) else None
             if not isinstance(name, str) or not isinstance(leaf.get("fingerprint"), str):
                 raise ValueError(f"malformed partition {leaf!r}")
             if name in self._names:
                 raise ValueError(f"partition {name!r} was listed twice")
+            if parent is not None and not isinstance(parent, str):
+                raise ValueError(f"malformed parent of partition {name!r}")
             self._names.add(name)
             self.leaves.append(leaf)
+            self.parents.append(parent)
+        for prefix in message.get("prefixes") or []:
+            name = prefix.get("name") if isinstance(prefix, dict) else None
+            fingerprint = prefix.get("fingerprint") if isinstance(prefix, dict) else None
+            if not isinstance(name, str) or not isinstance(fingerprint, str | None):
+                raise ValueError(f"malformed prefix {prefix!r}")
+            if prefix.get("skipped") and self.skip_prefixes.get(name) != fingerprint:
+                raise ValueError(f"prefix {name!r} was skipped without being read in full before")
+            self.prefixes.append(
+                {"name": name, "fingerprint": fingerprint, "parent": prefix.get("parent"),
+                 "skipped": bool(prefix.get("skipped"))}
+            )  # fmt: skip
         return {}
 
     def op_listed(self, message: dict, body: bytes) -> dict:
@@ -438,6 +467,8 @@ class Refresh:
         self.failures: list[tuple[str, str, str | None]] = []
         self._partition_hook = getattr(runner.listener, "partition_progress", None)
         self._last_progress = 0.0
+        #: the prefix each partition was listed under (recorded with it)
+        self.parents: dict[str, str | None] = {}
 
     # -- handing out work
     def next_job(self) -> Job | None:
@@ -449,7 +480,7 @@ class Refresh:
         self._notify(
             PartitionRecord(
                 self.active.step.name, job.name, leaf["fingerprint"], self.code_hash, 0,
-                None, "running", None, self.active.run.id,
+                None, "running", None, self.active.run.id, parent=self.parents.get(job.name),
             )
         )
         return job
@@ -503,6 +534,7 @@ class Refresh:
         record = PartitionRecord(
             step, job.name, job.leaf["fingerprint"], self.code_hash, job.buffer.rows,
             job.elapsed(), "succeeded", None, self.active.run.id,
+            parent=self.parents.get(job.name),
         )
         try:
             with self.commit_lock:
@@ -547,6 +579,7 @@ class Refresh:
             "failed",
             error,
             self.active.run.id,
+            parent=self.parents.get(job.name),
         )
         with self.lock:
             self.failed += 1
@@ -611,7 +644,9 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
         "parameters": active.context.parameters,
     }
 
-    # 1. list
+    # 1. list (prefixes whose subtree was read in full at their fingerprint are not listed again)
+    records = {p.name: p for p in runner.store.get_partitions(step.name, prefixes=True)}
+    skip = skippable_prefixes(records, hashed)
     listing_staged = StagedRun(runner.store, active.run.id, step.name)
     options = worker_options(runner, active, sys_path)
     worker = group.start(app_root, None, options)
@@ -622,9 +657,11 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
     try:
         listing = ListingSession(
             runner.store, listing_staged, worker, log, active.redact,
-            deadline=deadline, limit_note=limit_note,
+            deadline=deadline, limit_note=limit_note, skip_prefixes=skip,
         )
-        outcome = listing.serve({**base, "entry": LIST_ENTRY, "credentials": credentials})
+        outcome = listing.serve(
+            {**base, "entry": LIST_ENTRY, "credentials": credentials, "skip_prefixes": skip}
+        )
     finally:
         group.release(worker)
     if outcome.status != "succeeded":
@@ -632,10 +669,18 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
         return outcome
 
     # 2. compare with what is stored
-    stored = {p.name: p for p in runner.store.get_partitions(step.name)}
+    stored = {name: p for name, p in records.items() if p.status != PREFIX_STATUS}
+    skipped = {p["name"] for p in listing.prefixes if p["skipped"]}
+    kept = under_prefixes(records, skipped)  # as they are: their prefix is unchanged
+    kept_leaves = sum(1 for name in kept if name in stored)
     notes, always_delete = _check_output(runner, active, output, stored)
-    listed = {leaf["name"] for leaf in listing.leaves}
+    listed = {leaf["name"] for leaf in listing.leaves} | kept
     removed = [name for name in stored if name not in listed]
+    listed_prefixes = {p["name"] for p in listing.prefixes}
+    gone_prefixes = [
+        name for name, p in records.items()
+        if p.status == PREFIX_STATUS and name not in listed_prefixes and name not in kept
+    ]  # fmt: skip
     jobs: list[tuple[dict[str, Any], PartitionRecord | None]] = []
     new = changed = 0
     for leaf in listing.leaves:
@@ -651,6 +696,7 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
         else:
             continue
         jobs.append((leaf, old))
+    unchanged = len(listing.leaves) - len(jobs) + kept_leaves
     code_changed = any(p.code_hash != hashed for p in stored.values() if p.status == "succeeded")
     if code_changed:
         notes.append("the connector's code changed: every partition is read again")
@@ -659,9 +705,11 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
         "info",
         [
             *(f"[stepwell] {note}" for note in notes),
-            f"[stepwell] {len(listing.leaves):,} partitions listed: {new:,} new, "
-            f"{changed:,} changed, {len(listing.leaves) - len(jobs):,} unchanged, "
-            f"{len(removed):,} removed; read with {listing.read_function}"
+            f"[stepwell] {len(listing.leaves) + kept_leaves:,} partitions: {new:,} new, "
+            f"{changed:,} changed, {unchanged:,} unchanged, {len(removed):,} removed"
+            + (f" ({kept_leaves:,} of them under {len(skipped):,} unchanged "
+               f"prefix{'es' if len(skipped) != 1 else ''}, not listed again)" if skipped else "")
+            + f"; read with {listing.read_function}"
             + (f" by {parallelism} worker{'s' if parallelism > 1 else ''}" if jobs else ""),
         ],
     )
@@ -669,11 +717,11 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
     # 3. the output table's schema, and partitions that are gone
     if listing.schema is not None:
         _create_output(runner, active, output, listing.schema)
-    if removed:
+    if removed or gone_prefixes:
         with runner.store.transaction() as tx:
             if any(stored[name].rows for name in removed):
                 tx.delete_where(output, PARTITION_COLUMN, removed)
-            for name in removed:
+            for name in [*removed, *gone_prefixes]:
                 tx.delete_partition(step.name, name)
             tx.commit()
 
@@ -684,6 +732,9 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
         log=log, group=group, spill_dir=spill_dir,
     )
     refresh.always_delete = always_delete
+    refresh.parents = {
+        leaf["name"]: parent for leaf, parent in zip(listing.leaves, listing.parents, strict=True)
+    }
     outcomes: list[Outcome] = []
     try:
         if jobs:
@@ -719,12 +770,15 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
-    # 5. the run's result
+    # 5. prefixes whose subtree is now read in full; the run's result
+    _record_prefixes(runner.store, step.name, active.run.id, listing, hashed)
     counts = {
         "listed": len(listing.leaves),
+        "unchanged_prefixes": len(skipped),
+        "under_unchanged_prefixes": kept_leaves,
         "new": new,
         "changed": changed,
-        "unchanged": len(listing.leaves) - len(jobs),
+        "unchanged": unchanged,
         "removed": len(removed),
         "read": refresh.succeeded + refresh.failed,
         "succeeded": refresh.succeeded,
@@ -754,6 +808,82 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
         },
     )
     return Outcome(status, info=info)
+
+
+# -- prefixes ----------------------------------------------------------------------------
+
+
+def _ancestors(name: str, records: dict[str, PartitionRecord]) -> list[str]:
+    """The prefixes ``name`` was recorded under, nearest first."""
+    chain: list[str] = []
+    parent = records[name].parent if name in records else None
+    while parent is not None and len(chain) < MAX_DEPTH:
+        chain.append(parent)
+        parent = records[parent].parent if parent in records else None
+    return chain
+
+
+def skippable_prefixes(records: dict[str, PartitionRecord], code_hash: str) -> dict[str, str]:
+    """``{prefix: fingerprint}`` of the prefixes that need not be listed again: each
+    was recorded by this code at that fingerprint, and every partition recorded
+    under it (at any depth) was last read successfully by this code."""
+    incomplete: set[str] = set()
+    for name, record in records.items():
+        done = record.code_hash == code_hash and record.status in ("succeeded", PREFIX_STATUS)
+        if not done:
+            incomplete.update(_ancestors(name, records))
+            incomplete.add(name)
+    return {
+        name: record.fingerprint
+        for name, record in records.items()
+        if record.status == PREFIX_STATUS and record.fingerprint is not None
+        and record.code_hash == code_hash and name not in incomplete
+    }  # fmt: skip
+
+
+def under_prefixes(records: dict[str, PartitionRecord], prefixes: set[str]) -> set[str]:
+    """Names of the records below any of ``prefixes`` (at any depth)."""
+    if not prefixes:
+        return set()
+    return {name for name in records if prefixes.intersection(_ancestors(name, records))}
+
+
+def _record_prefixes(
+    store: Any, step: str, run_id: str, listing: ListingSession, code_hash: str
+) -> None:
+    """Record the listed prefixes whose whole subtree is now read at this listing's
+    fingerprints (so the next refresh may skip them while they stay unchanged).
+    A prefix with a partition still unread or failed below it keeps its old record,
+    so the next refresh lists it again."""
+    if not listing.prefixes:
+        return
+    final = {p.name: p for p in store.get_partitions(step)}
+    complete: dict[str | None, bool] = collections.defaultdict(lambda: True)
+    for leaf, parent in zip(listing.leaves, listing.parents, strict=True):
+        record = final.get(leaf["name"])
+        if not (
+            record is not None and record.status == "succeeded"
+            and record.fingerprint == leaf["fingerprint"] and record.code_hash == code_hash
+        ):  # fmt: skip
+            complete[parent] = False
+    # the listing is depth first, so in reverse every prefix comes after its subprefixes
+    done = []
+    for prefix in reversed(listing.prefixes):
+        name = prefix["name"]
+        if prefix["skipped"]:
+            continue
+        if complete[name]:
+            done.append(prefix)
+        else:
+            complete[prefix["parent"]] = False
+    if done:
+        with store.transaction() as tx:
+            for p in done:
+                tx.set_partition(PartitionRecord(
+                    step, p["name"], p["fingerprint"], code_hash, status=PREFIX_STATUS,
+                    run_id=run_id, parent=p["parent"],
+                ))  # fmt: skip
+            tx.commit()
 
 
 def _serve_partitions(

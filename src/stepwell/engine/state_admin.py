@@ -75,7 +75,7 @@ def change_state(
     state = {} if reset else store.get_state(step)
     state.update(parse_assignments(assignments))
     state.update(values or {})
-    partitions = store.get_partitions(step) if reset else []
+    partitions = store.get_partitions(step, prefixes=True) if reset else []
     with store.transaction() as tx:
         if reset:
             tx.clear_positions(step)

@@ -124,13 +124,21 @@ class StreamPosition:
     last_id: str | None
 
 
+#: ``PartitionRecord.status`` of a prefix's record.
+PREFIX_STATUS = "prefix"
+
+
 @dataclass
 class PartitionRecord:
-    """Bookkeeping of one connector partition (a leaf yielded by ``list_objects``).
+    """Bookkeeping of one connector partition (a leaf yielded by ``list_objects``),
+    or of a prefix (``status`` ``prefix``).
 
     ``fingerprint`` and ``code_hash`` are those of the rows currently stored for
     the partition (None when it never committed any); ``status`` is how its
-    last read ended (``succeeded`` or ``failed``, with ``error``).
+    last read ended (``succeeded`` or ``failed``, with ``error``). ``parent`` is
+    the prefix it was listed under (None: the root). A prefix record holds the
+    fingerprint its whole subtree was last read at, so an unchanged prefix need
+    not be listed again.
     """
 
     step: str
@@ -143,6 +151,7 @@ class PartitionRecord:
     error: str | None = None
     run_id: str | None = None
     updated_at: datetime | None = None
+    parent: str | None = None
 
 
 class Transaction(abc.ABC):
@@ -293,8 +302,9 @@ class Store(abc.ABC):
     def get_positions(self, step: str) -> list[StreamPosition]: ...
 
     @abc.abstractmethod
-    def get_partitions(self, step: str) -> list[PartitionRecord]:
-        """The committed partition records of connector step ``step``, by name."""
+    def get_partitions(self, step: str, *, prefixes: bool = False) -> list[PartitionRecord]:
+        """The committed partition records of connector step ``step``, by name
+        (``prefixes``: the prefix records too)."""
 
     @contextlib.contextmanager
     def run_lock(self, step: str) -> Iterator[None]:

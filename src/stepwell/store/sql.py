@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from stepwell.store import schema as sch
 from stepwell.store.base import (
     ID_COLUMN,
+    PREFIX_STATUS,
     ColumnInfo,
     LogLine,
     PartitionRecord,
@@ -274,7 +275,10 @@ def bootstrap_statements(d: Dialect) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {META}.partitions (
             step {text} NOT NULL, name {text} NOT NULL, fingerprint {text}, code_hash {text},
             "rows" {big}, duration_seconds {d.type_names["float"]}, status {text} NOT NULL,
-            error {text}, run_id {text}, updated_at {ts}, PRIMARY KEY (step, name))""",
+            error {text}, run_id {text}, updated_at {ts}, parent {text},
+            PRIMARY KEY (step, name))""",
+        # stores made before prefixes were recorded
+        f"ALTER TABLE {META}.partitions ADD COLUMN IF NOT EXISTS parent {text}",
     ]
     if d.secondary_indexes:
         statements.append(
@@ -680,8 +684,10 @@ class SQLTransaction(Transaction):
 
     def set_partition(self, record: PartitionRecord) -> None:
         with self._op(f"set partition {record.name!r} of step {record.step!r}") as s:
-            values = [getattr(record, f) for f in _PARTITION_FIELDS]
-            values[-1] = _utc(record.updated_at) or _now()
+            values = [
+                (_utc(record.updated_at) or _now()) if f == "updated_at" else getattr(record, f)
+                for f in _PARTITION_FIELDS
+            ]
             updates = ", ".join(f"{quote(f)} = excluded.{quote(f)}" for f in _PARTITION_FIELDS[2:])
             s.execute(
                 f"INSERT INTO {META}.partitions ({_PARTITION_COLUMNS}) VALUES "
@@ -950,10 +956,11 @@ class SQLStore(Store):
             for st, tb, ob, ver, value, last_id in rows
         ]
 
-    def get_partitions(self, step: str) -> list[PartitionRecord]:
+    def get_partitions(self, step: str, *, prefixes: bool = False) -> list[PartitionRecord]:
+        only_leaves = "" if prefixes else f" AND status <> '{PREFIX_STATUS}'"
         with self._autocommit(read_only=True, single=True) as s:
             rows = s.fetchall(
-                f"SELECT {_PARTITION_COLUMNS} FROM {META}.partitions WHERE step = ? "
+                f"SELECT {_PARTITION_COLUMNS} FROM {META}.partitions WHERE step = ?{only_leaves} "
                 f"ORDER BY name{s.dialect.text_collation}",
                 [step],
             )

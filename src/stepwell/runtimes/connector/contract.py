@@ -135,15 +135,28 @@ def check_object(obj: Any, parent: Mapping[str, Any] | None) -> tuple[str, str |
     return name, fingerprint, is_prefix
 
 
+@dataclass
+class Listed:
+    """One object of a listing: a leaf, a prefix listed in turn, or a prefix
+    skipped because its fingerprint is one the host says it has read in full."""
+
+    obj: dict[str, Any]
+    #: name of the prefix it was listed under (None: the root)
+    parent: str | None
+    kind: str  # leaf | prefix | skipped
+
+
 def walk_listing(
-    list_objects: Callable[..., Any], context: Any
-) -> Iterator[dict[str, Any]]:
+    list_objects: Callable[..., Any], context: Any, skip: Mapping[str, str] | None = None
+) -> Iterator[Listed]:
     """Call ``list_objects(context, None)``, then again for every prefix it yields
-    (depth first, in yield order), and yield the validated leaves.
+    (depth first, in yield order), and yield the validated objects. A prefix whose
+    fingerprint is ``skip[name]`` is not listed again (its subtree is unchanged).
 
     Leaf names must be unique, and so must leaf fingerprints; a prefix listed
     twice is a cycle. Every error names the object and where it was listed.
     """
+    skip = skip or {}
     leaf_where: dict[str, str] = {}
     fingerprints: dict[str, str] = {}
     prefixes: set[str] = set()
@@ -171,6 +184,11 @@ def walk_listing(
                     "listing looks like an endless recursion"
                 )
             prefixes.add(name)
+            parent_name = parent.get("name") if parent is not None else None
+            if fingerprint is not None and skip.get(name) == fingerprint:
+                yield Listed(dict(obj), parent_name, "skipped")
+                continue
+            yield Listed(dict(obj), parent_name, "prefix")
             stack.append((obj, _listing(list_objects, context, obj)))
             continue
         if name in leaf_where:
@@ -188,7 +206,7 @@ def walk_listing(
             )
         leaf_where[name] = where
         fingerprints[fingerprint] = name
-        yield dict(obj)
+        yield Listed(dict(obj), parent.get("name") if parent is not None else None, "leaf")
 
 
 def _listing(

@@ -54,7 +54,12 @@ def _flush_output() -> None:
     sys.stderr.flush()
 
 
-def _send_leaves(link: HostLink, leaves: list[dict[str, Any]]) -> None:
+def _send_leaves(
+    link: HostLink, leaves: list[dict[str, Any]], parents: list[str | None],
+    prefixes: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """Hand a batch of the listing to the host: leaves (their metadata as the user
+    yielded it), the prefix each was listed under, and the prefixes met meanwhile."""
     try:
         pack({"leaves": leaves})
     except (TypeError, ValueError, OverflowError):
@@ -68,7 +73,7 @@ def _send_leaves(link: HostLink, leaves: list[dict[str, Any]]) -> None:
                     "dates and datetimes"
                 ) from None
         raise
-    link.call("partitions", leaves=leaves)
+    link.call("partitions", leaves=leaves, parents=parents, prefixes=prefixes)
 
 
 def list_entry(link: HostLink, start: dict[str, Any]) -> None:
@@ -83,15 +88,26 @@ def list_entry(link: HostLink, start: dict[str, Any]) -> None:
     context = functions.context(credentials)
     del credentials
     batch: list[dict[str, Any]] = []
+    parents: list[str | None] = []
+    prefixes: list[dict[str, Any]] = []
     count = 0
-    for leaf in walk_listing(functions.list_objects, context):
-        batch.append(leaf)
-        count += 1
-        if len(batch) >= LEAF_BATCH:
-            _send_leaves(link, batch)
-            batch = []
-    if batch:
-        _send_leaves(link, batch)
+    # prefixes whose subtree the host has read in full at these fingerprints
+    skip = start.get("skip_prefixes") or {}
+    for item in walk_listing(functions.list_objects, context, skip):
+        if item.kind == "leaf":
+            batch.append(item.obj)
+            parents.append(item.parent)
+            count += 1
+        else:
+            prefixes.append({
+                "name": item.obj["name"], "fingerprint": item.obj.get("fingerprint"),
+                "parent": item.parent, "skipped": item.kind == "skipped",
+            })  # fmt: skip
+        if len(batch) + len(prefixes) >= LEAF_BATCH:
+            _send_leaves(link, batch, parents, prefixes)
+            batch, parents, prefixes = [], [], []
+    if batch or prefixes:
+        _send_leaves(link, batch, parents, prefixes)
     body = b""
     spark = LocalSpark()
     try:
