@@ -356,6 +356,22 @@ class Scheduler:
         with self._cv:
             return self._slots[step].running is not None
 
+    def running_run(self, step: str) -> str | None:
+        """Id of ``step``'s run in progress here, if any."""
+        with self._cv:
+            return self._slots[step].running
+
+    def wait_not_running(self, step: str, timeout: float) -> bool:
+        """Wait until ``step`` has no run in progress here; False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._slots[step].running is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cv.wait(remaining)
+        return True
+
     def counts(self) -> tuple[int, int]:
         """(running, queued) runs."""
         with self._cv:

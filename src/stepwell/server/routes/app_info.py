@@ -129,7 +129,14 @@ def _state(ctx: ServerContext, name: str) -> StepState:
 
 def _idle(ctx: ServerContext, name: str) -> None:
     ctx.app.step(name)
-    if ctx.scheduler.is_running(name):
+    run_id = ctx.scheduler.running_run(name)
+    if run_id is None:
+        return
+    # a run's end is committed a moment before the scheduler lets go of it: a client
+    # that saw the run end must not be told it is still running
+    record = ctx.store.get_run(run_id)
+    ended = record is not None and record.status not in ("running", "queued")
+    if not (ended and ctx.scheduler.wait_not_running(name, 5.0)):
         raise ApiError(
             409, f"step {name!r} is running; change its state when the run has ended "
             f"(or cancel it first)",
