@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -730,3 +731,38 @@ def test_state_and_positions_are_written_only_when_they_change(tmp_path, store_u
     assert "set_position" in writes and "set_state" not in writes
     assert run("bump") == ["rows=0 bumps=2"] and writes == ["set_state"]
     assert run() == ["rows=0 bumps=2"] and writes == []
+
+
+def test_json_fields_read_back_as_python_values(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: write
+                node: write.py
+              - name: read
+                node: read.py
+        """,
+        "write.py": """
+            from patterns import Table
+            Table("docs", "w").append([{"k": 1, "payload": {"a": [1, 2], "b": None}},
+                                       {"k": 2, "payload": None}])
+        """,
+        "read.py": """
+            import json
+            from patterns import Table
+            docs = Table("docs")
+            seen = {
+                "read": [r["payload"] for r in docs.read()],
+                "stream": [r["payload"] for r in docs.as_stream().consume_records()],
+                "sql": [r["payload"] for r in docs.read_sql('select payload from docs order by k')],
+                "frame": list(docs.read(as_format="dataframe")["payload"]),
+            }
+            print("SEEN " + json.dumps(seen))
+        """,
+    })  # fmt: skip
+    write, read = run_app(app, store_url)
+    assert read.status == "succeeded", read.error
+    (line,) = [m for m in logs(app, read.id, store_url) if m.startswith("SEEN ")]
+    seen = json.loads(line[len("SEEN "):])
+    expected = [{"a": [1, 2], "b": None}, None]
+    assert seen == {"read": expected, "stream": expected, "sql": expected, "frame": expected}

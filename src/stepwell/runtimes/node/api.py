@@ -16,6 +16,7 @@ from typing import Any
 
 from stepwell.runtimes.node.records import RecordError, records_to_arrow, to_records
 from stepwell.runtimes.node.session import NodeSession
+from stepwell.store.schema import is_json_field, to_pylist
 
 __all__ = ["Connection", "Parameter", "State", "Stream", "Table", "RecordError"]
 
@@ -236,7 +237,14 @@ def _shape(batches: Iterator, as_format: str, chunksize: int | None) -> Any:
         raise ValueError(f"as_format must be 'records' or 'dataframe', not {as_format!r}")
 
     def convert(table: pa.Table) -> Any:
-        return table.to_pandas() if as_format == "dataframe" else table.to_pylist()
+        if as_format != "dataframe":
+            return to_pylist(table)
+        frame = table.to_pandas()
+        for f in table.schema:  # JSON columns hold Python values, as in records
+            if is_json_field(f):
+                values = table.column(f.name).to_pylist()
+                frame[f.name] = [None if v is None else json.loads(v) for v in values]
+        return frame
 
     if chunksize:
 
@@ -338,7 +346,7 @@ class Stream:
                     f"cannot stream table {self.table.table_name!r} by {first!r}: no such "
                     f"column (columns: {', '.join(batch.schema.names)})"
                 )
-            rows = batch.to_pylist()
+            rows = to_pylist(batch)
             if generation != self._generation:
                 return  # rolled back: stop delivering from a stale position
             self._batch = (
