@@ -766,3 +766,41 @@ def test_json_fields_read_back_as_python_values(tmp_path, store_url):
     seen = json.loads(line[len("SEEN "):])
     expected = [{"a": [1, 2], "b": None}, None]
     assert seen == {"read": expected, "stream": expected, "sql": expected, "frame": expected}
+
+
+def test_schema_dicts_and_hints_set_column_types(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: write
+                node: write.py
+              - name: bad
+                node: bad.py
+        """,
+        "write.py": """
+            from patterns import Table
+            hinted = Table("hinted", "w")
+            hinted.init(schema_hints={"amount": "Decimal(12,2)", "code": "Text"})
+            hinted.append([{"amount": 1.25, "code": 123, "n": 1}])
+            Table("typed", "w", schema={"amount": "Float"}).append([{"amount": 2}])
+        """,
+        "bad.py": """
+            from patterns import Table
+            Table("other", "w", schema={"x": "Colour"}).append([{"x": 1}])
+        """,
+    })  # fmt: skip
+    write, bad = run_app(app, store_url)
+    assert write.status == "succeeded", write.error
+    from stepwell.store import open_store
+
+    store = open_store(store_url, app)
+    try:
+        hinted = {c.name: c.type for c in store.table_info("hinted").columns}
+        typed = {c.name: c.type for c in store.table_info("typed").columns}
+    finally:
+        store.close()
+    assert hinted["amount"] == "decimal(12,2)" and hinted["code"] == "str" and hinted["n"] == "int"
+    assert typed["amount"] == "float"
+    assert rows(app, "hinted", store_url)[0]["code"] == "123"
+    assert bad.status == "failed"
+    assert "'other'" in bad.error and "'x'" in bad.error and "'Colour'" in bad.error

@@ -234,21 +234,26 @@ class WorkerSession:
     # -- writes ----------------------------------------------------------
     def op_write(self, message: dict, body: bytes) -> dict:
         data = decode_table(body)
-        schema_name = message.get("schema")
-        declared = self.schemas.get(schema_name) if isinstance(schema_name, str) else None
-        if isinstance(schema_name, str) and declared is None:
+        table = str(message["table"])
+        schema = message.get("schema")
+        declared = self.schemas.get(schema) if isinstance(schema, str) else None
+        if isinstance(schema, str) and declared is None:
             raise ValueError(
-                f"Table({message['table']!r}, schema={schema_name!r}): no schema of that name "
+                f"Table({table!r}, schema={schema!r}): no schema of that name "
                 f"is declared in the app file (`schemas:`)"
             )
+        types = dict(declared.types) if declared else {}
+        if isinstance(schema, dict):  # Table(..., schema={"field": "Type"})
+            types.update(_field_types(schema, table, "schema"))
+        types.update(_field_types(message.get("schema_hints") or {}, table, "schema_hints"))
         written = self.staged.write(
-            str(message["table"]),
+            table,
             data,
             mode=str(message.get("mode", "append")),
             unique_on=message.get("unique_on") or (declared.unique_on if declared else None),
             id_column=message.get("id_column"),
             add_created=message.get("add_created"),
-            schema=declared.types if declared else None,
+            schema=types or None,
         )
         self._progress()
         return {"rows": written}
@@ -343,3 +348,23 @@ class WorkerSession:
     def _progress(self) -> None:
         if self.on_progress:
             self.on_progress(self.rows_in, self.staged.rows_out)
+
+
+def _field_types(fields: Any, table: str, option: str) -> dict[str, pa.DataType]:
+    """Arrow types of ``{field: "Type"}`` (Patterns type names: Integer, Text,
+    Decimal(12,2), ...) given as a table's ``schema`` or ``schema_hints``."""
+    from stepwell.app.models import logical_type
+    from stepwell.store.schema import arrow_type
+
+    if not isinstance(fields, dict):
+        raise ValueError(f"table {table!r}: {option} must map field names to types, got {fields!r}")
+    types = {}
+    for name, type_name in fields.items():
+        logical = logical_type(type_name) if isinstance(type_name, str) else None
+        if logical is None:
+            raise ValueError(
+                f"table {table!r}: {option} gives field {name!r} the unknown type {type_name!r} "
+                "(use Integer, Text, Float, Boolean, Date, DateTime, Decimal(p,s) or Json)"
+            )
+        types[str(name)] = arrow_type(logical)
+    return types
