@@ -804,3 +804,51 @@ def test_schema_dicts_and_hints_set_column_types(tmp_path, store_url):
     assert rows(app, "hinted", store_url)[0]["code"] == "123"
     assert bad.status == "failed"
     assert "'other'" in bad.error and "'x'" in bad.error and "'Colour'" in bad.error
+
+
+def test_optional_ports_left_unconnected_read_nothing_and_write_nowhere(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: feed
+                node: feed.py
+              - name: use
+                node: use.py
+                inputs: {events: events}
+                outputs: {out: out}
+              - name: implicit
+                node: implicit.py
+        """,
+        "feed.py": """
+            from patterns import Table
+            Table("events", "w").append([{"n": 1}])
+            Table("extra", "w").append([{"n": 2}])
+        """,
+        "use.py": """
+            import json
+            from patterns import Table
+            events, extra = Table("events"), Table("extra", required=False)
+            sink = Table("sink", "w", required=False)
+            sink.append({"n": 3})
+            sink.truncate()
+            Table("out", "w").append(events.read())
+            print("SEEN " + json.dumps({
+                "connected": [events.is_connected, extra.is_connected, sink.is_connected],
+                "extra": extra.read(), "stream": list(extra.as_stream().consume_records()),
+                "exists": extra.exists, "count": extra.record_count,
+            }))
+        """,
+        "implicit.py": """
+            from patterns import Table
+            assert Table("extra", required=False).is_connected  # no ports declared: by name
+            assert [r["n"] for r in Table("extra", required=False).read()] == [2]
+        """,
+    })  # fmt: skip
+    feed, use, implicit = run_app(app, store_url)
+    assert use.status == "succeeded" and implicit.status == "succeeded", (use.error, implicit.error)
+    (line,) = [m for m in logs(app, use.id, store_url) if m.startswith("SEEN ")]
+    assert json.loads(line[len("SEEN "):]) == {
+        "connected": [True, False, False], "extra": [], "stream": [], "exists": False, "count": 0,
+    }
+    assert rows(app, "sink", store_url) == []  # never created
+    assert [r["n"] for r in rows(app, "out", store_url)] == [1]

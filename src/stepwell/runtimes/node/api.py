@@ -64,6 +64,10 @@ class Table:
         self.mode = mode
         self.description = description
         self.required = required
+        # An optional port the app file leaves unconnected (the step declares its
+        # ports, not this one): as in Patterns, reads see nothing, writes go nowhere.
+        declared = {**session.inputs, **session.outputs}
+        self._connected = required or not declared or name in declared
         self._session = session
         self._buffer: list[dict[str, Any]] = []
         self._buffer_mode = "append"
@@ -92,9 +96,11 @@ class Table:
 
     @property
     def is_connected(self) -> bool:
-        return True
+        return self._connected
 
     def _info(self) -> dict[str, Any]:
+        if not self._connected:
+            return {"exists": False, "row_count": 0}
         return self._session.table_info(self.table_name)
 
     @property
@@ -112,6 +118,8 @@ class Table:
 
     # -- reading ---------------------------------------------------------
     def _batches(self, batch_rows: int):
+        if not self._connected:
+            return
         for _, batch in self._session.scan(self.table_name, None, None, batch_rows):
             yield batch
 
@@ -206,13 +214,15 @@ class Table:
         """Delete all rows (keeps the table and its schema)."""
         self._check_writable("truncate it")
         self._buffer.clear()
-        self._session.link.call("truncate", table=self.table_name)
+        if self._connected:
+            self._session.link.call("truncate", table=self.table_name)
 
     def reset(self) -> None:
         """Start a new empty version; earlier versions are kept."""
         self._check_writable("reset it")
         self._buffer.clear()
-        self._session.link.call("reset", table=self.table_name)
+        if self._connected:
+            self._session.link.call("reset", table=self.table_name)
 
     def flush(self) -> None:
         """A commit point: everything written and consumed so far becomes durable."""
@@ -226,6 +236,8 @@ class Table:
         self._ship(data, self._buffer_mode)
 
     def _ship(self, data: Any, mode: str) -> None:
+        if not self._connected:
+            return
         self._session.write(self.table_name, data, mode=mode, **self._options)
         self._rows_written += data.num_rows
 
@@ -331,6 +343,8 @@ class Stream:
 
     def consume_records(self, with_metadata: bool = False) -> Iterator[dict[str, Any]]:
         """Yield each row not consumed before, oldest first."""
+        if not self.table.is_connected:
+            return
         generation = self._generation
         columns = list(self.order_columns)
         first = columns[0]
