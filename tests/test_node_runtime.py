@@ -852,3 +852,35 @@ def test_optional_ports_left_unconnected_read_nothing_and_write_nowhere(tmp_path
     }
     assert rows(app, "sink", store_url) == []  # never created
     assert [r["n"] for r in rows(app, "out", store_url)] == [1]
+
+
+def test_stream_by_a_column_of_a_table_without_patterns_id(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: feed
+                node: feed.py
+              - name: consume
+                node: consume.py
+        """,
+        "feed.py": """
+            from patterns import State, Table
+            state = State()
+            start = state.get_value("next", 0)
+            messages = Table("messages", "w")
+            messages.init(add_monotonic_id=None)
+            messages.append([{"ts": start + i, "text": f"m{start + i}"} for i in range(3)])
+            state.set_value("next", start + 3)
+        """,
+        "consume.py": """
+            from patterns import Table
+            out = Table("seen", "w")
+            for record in Table("messages").as_stream(order_by="ts").consume_records():
+                out.append({"ts": record["ts"]})
+        """,
+    })  # fmt: skip
+    for _ in range(3):
+        feed, consume = run_app(app, store_url)
+        assert consume.status == "succeeded", consume.error
+    assert "patterns_id" not in rows(app, "messages", store_url)[0]
+    assert sorted(r["ts"] for r in rows(app, "seen", store_url)) == list(range(9))

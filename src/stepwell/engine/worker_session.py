@@ -162,12 +162,12 @@ class WorkerSession:
 
     # -- reads -----------------------------------------------------------
     def op_table_info(self, message: dict, _body: bytes) -> dict:
-        info = self.store.table_info(str(message["table"]))
+        info = self.store.table_info(str(message["table"]), count_rows=message.get("count", True))
         if info is None:
             return {"exists": False, "row_count": 0, "version": 0}
         return {
             "exists": True,
-            "row_count": info.row_count,
+            "row_count": info.row_count or 0,
             "version": info.version,
             "columns": {c.name: c.type for c in info.columns},
         }

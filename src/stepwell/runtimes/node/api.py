@@ -293,9 +293,12 @@ class Stream:
         session = table._session
         self._session = session
         self.order_by_field = order_by or ID_COLUMN
-        self.order_columns: tuple[str, ...] = (
-            (ID_COLUMN,) if self.order_by_field == ID_COLUMN else (self.order_by_field, ID_COLUMN)
-        )
+        if self.order_by_field == ID_COLUMN:
+            self.order_columns: tuple[str, ...] = (ID_COLUMN,)
+        elif self._has_ids():
+            self.order_columns = (self.order_by_field, ID_COLUMN)  # ties broken by id
+        else:  # written with add_monotonic_id=None: the order column alone, strictly after
+            self.order_columns = (self.order_by_field,)
         committed = session.committed_positions.get((table.table_name, self.order_columns))
         self._committed_position = committed
         if committed is None and starting_value is not None:
@@ -307,6 +310,13 @@ class Stream:
         self._index = -1
         self._generation = 0
         session.streams.append(self)
+
+    def _has_ids(self) -> bool:
+        """Whether the table has its ``patterns_id`` column (or does not exist yet)."""
+        if not self.table.is_connected:
+            return True
+        info = self._session.table_info(self.table.table_name, count=False)
+        return not info.get("exists") or ID_COLUMN in (info.get("columns") or {})
 
     # positions -----------------------------------------------------------
     @property

@@ -60,8 +60,8 @@ class NodeSession:
         """Yield (version, Arrow batch) pairs of a consistent snapshot of ``table``."""
         return self.link.scan(table, order_by, after, batch_rows)
 
-    def table_info(self, table: str) -> dict[str, Any]:
-        reply, _ = self.link.call("table_info", table=table)
+    def table_info(self, table: str, count: bool = True) -> dict[str, Any]:
+        reply, _ = self.link.call("table_info", table=table, count=count)
         return reply
 
     def read_sql(self, sql: str) -> pa.Table:
