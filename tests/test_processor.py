@@ -433,6 +433,28 @@ def test_documented_imports_work(tmp_path):
     assert proc.status == "succeeded", proc.error
 
 
+def test_integrays_third_party_modules_work(tmp_path):
+    """The modules Integray provides besides the standard library (installed with
+    the `integray` extra, which `make setup` includes)."""
+    app = processor_app(
+        tmp_path,
+        """
+        import deepdiff, openai, matplotlib, matplotlib.pyplot
+        import passlib.hash
+        from jose import jwt
+        token = jwt.encode({"sub": "ada"}, "secret", algorithm="HS256")
+        hashed = passlib.hash.sha256_crypt.hash("pw")
+        return [{"y": int(jwt.decode(token, "secret", algorithms=["HS256"])["sub"] == "ada")
+                 + int(passlib.hash.sha256_crypt.verify("pw", hashed))
+                 + len(deepdiff.DeepDiff({"a": 1}, {"a": 2}))}]
+        """,
+        mode="bulk",
+    )
+    proc = by_step(run_app(app))["proc"]
+    assert proc.status == "succeeded", proc.error
+    assert [r["y"] for r in rows(app, "out")] == [3]
+
+
 @pytest.mark.parametrize(
     "statement, module, line",
     [
@@ -488,10 +510,12 @@ def test_plain_syntax_error_names_the_line(tmp_path):
 
 
 def test_allowed_but_not_installed_module(tmp_path):
-    app = processor_app(tmp_path, "import deepdiff\nreturn []", mode="bulk")
+    app = processor_app(tmp_path, "import stepwell_absent_module\nreturn []", mode="bulk",
+                        extra="allowed_imports: [stepwell_absent_module]")
     proc = by_step(run_app(app))["proc"]
     assert proc.status == "failed"
-    assert "module 'deepdiff' is allowed in processor statements but is not installed" in proc.error
+    assert ("module 'stepwell_absent_module' is allowed in processor statements but is not "
+            "installed") in proc.error
 
 
 # -- exactly once ------------------------------------------------------------------------------------

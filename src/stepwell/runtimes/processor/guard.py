@@ -649,7 +649,8 @@ def _make_view(guard: ImportGuard, module: types.ModuleType, kind: str) -> Any:
             value = getattr(module, attr, _MISSING)
             if value is _MISSING:
                 raise AttributeError(f"module {name!r} has no attribute {attr!r}")
-            if isinstance(value, types.ModuleType):
+            # a submodule, or what a package registers as one (passlib.hash is a proxy)
+            if isinstance(value, types.ModuleType) or sys.modules.get(f"{name}.{attr}") is value:
                 value = guard.child(module, kind, attr, value)
             elif kind == PATH:
                 raise AttributeError(
