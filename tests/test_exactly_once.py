@@ -182,7 +182,9 @@ def test_a_step_runs_in_one_process_at_a_time_on_postgres(tmp_path, make_pg_data
         deadline = time.monotonic() + 60
         with psycopg.connect(url, autocommit=True) as conn:
             while time.monotonic() < deadline:  # until the other process holds the lock
-                query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                query = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                         "AND database = (SELECT oid FROM pg_database "
+                         "WHERE datname = current_database())")
                 if conn.execute(query).fetchone()[0]:
                     break
                 time.sleep(0.05)

@@ -884,3 +884,83 @@ def test_stream_by_a_column_of_a_table_without_patterns_id(tmp_path, store_url):
         assert consume.status == "succeeded", consume.error
     assert "patterns_id" not in rows(app, "messages", store_url)[0]
     assert sorted(r["ts"] for r in rows(app, "seen", store_url)) == list(range(9))
+
+
+def test_table_versions_from_a_node(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: v
+                node: v.py
+        """,
+        "v.py": """
+            import json
+            from patterns import State, Table
+            state = State()
+            phase = state.get_value("phase", 0)
+            t = Table("t", "w")
+            if phase == 0:
+                before = t.has_active_version()
+                t.append([{"n": 1}, {"n": 2}])
+                print("SEEN " + json.dumps({"before": before}))
+            elif phase == 1:
+                active = t.get_active_version()
+                new = t.create_new_version()
+                t.append({"n": 3})
+                t.signal_reset()
+                print("SEEN " + json.dumps({"active": [active.version, active.record_count,
+                                                       sorted(active.schema)],
+                                            "new": new.version}))
+            elif phase == 2:
+                print("SEEN " + json.dumps({"active": t.get_active_version().version}))
+                t.set_active_version(1)  # reads see it after this run's commit
+            else:
+                print("SEEN " + json.dumps({"active": t.get_active_version().version}))
+            state.set_value("phase", phase + 1)
+        """,
+    })  # fmt: skip
+    seen = []
+    for _ in range(4):
+        (run,) = run_app(app, store_url)
+        assert run.status.startswith("succeeded"), run.error
+        (line,) = [m for m in logs(app, run.id, store_url) if m.startswith("SEEN ")]
+        seen.append(json.loads(line[len("SEEN "):]))
+        if len(seen) == 2:
+            assert [r["n"] for r in rows(app, "t", store_url, order_by="n")] == [3]
+        if len(seen) == 3:
+            assert [r["n"] for r in rows(app, "t", store_url, order_by="n")] == [1, 2]
+    assert seen[0] == {"before": False}
+    assert seen[1] == {"active": [1, 2, ["n", "patterns_id"]], "new": 2}
+    assert seen[2] == {"active": 2}
+    assert seen[3] == {"active": 1}
+
+
+def test_reading_a_table_the_run_is_resetting(tmp_path, store_url):
+    """Reads see committed data. On PostgreSQL a table the run itself reset is
+    locked until the run commits: the read gives up with a clear error instead of
+    waiting for ever."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: r
+                node: r.py
+        """,
+        "r.py": """
+            from patterns import Table
+            t = Table("t", "w")
+            if t.has_active_version():
+                t.reset()
+                print(f"rows={len(t.read())}")
+            else:
+                t.append({"n": 1})
+        """,
+    })  # fmt: skip
+    (first,) = run_app(app, store_url)
+    assert first.status == "succeeded", first.error
+    (second,) = run_app(app, store_url)
+    if store_url is None:  # DuckDB: the committed version is read
+        assert second.status == "succeeded", second.error
+        assert "rows=1" in logs(app, second.id, store_url)
+    else:
+        assert second.status == "failed"
+        assert "being changed by a transaction not yet committed" in second.error

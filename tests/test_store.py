@@ -348,6 +348,39 @@ def test_reset_starts_a_new_version_and_keeps_old_rows(store: Store) -> None:
     assert rows(store, "t") == []
 
 
+def test_an_earlier_version_can_be_made_active_again(store: Store) -> None:
+    write(store, "t", {"a": [1, 2]})
+    with store.transaction() as tx:
+        tx.reset("t")
+        tx.commit()
+    write(store, "t", {"a": [3]})
+    with store.transaction() as tx:
+        tx.activate_version("t", 1)
+        tx.commit()
+    assert store.table_info("t").version == 1 and rows(store, "t", ["a"]) == [{"a": 1}, {"a": 2}]
+    assert [(v.version, v.physical_name, v.active, v.row_count) for v in store.table_versions("t")] == [
+        (1, "t", True, 2),
+        (2, "t__v2", False, 1),
+    ]
+    with store.transaction() as tx:  # and back
+        tx.activate_version("t", 2)
+        tx.activate_version("t", 2)  # already active: nothing to do
+        tx.commit()
+    assert rows(store, "t", ["a"]) == [{"a": 3}]
+    with store.transaction() as tx:
+        with pytest.raises(StoreError, match=r"has no version 7 \(versions: \[1, 2\]\)"):
+            tx.activate_version("t", 7)
+        tx.rollback()
+    assert store.table_info("t").version == 2
+    with store.transaction() as tx:  # a reset after going back starts the newest version
+        tx.activate_version("t", 1)
+        assert tx.reset("t") == 3
+        tx.commit()
+    assert [(v.version, v.active) for v in store.table_versions("t")] == [
+        (1, False), (2, False), (3, True),
+    ]
+
+
 def test_reset_of_a_missing_table_is_harmless(store: Store) -> None:
     with store.transaction() as tx:
         assert tx.reset("nothing") == 1

@@ -138,6 +138,9 @@ class StagedRun:
     def reset(self, table: str) -> int:
         return self.tx().reset(table)
 
+    def activate_version(self, table: str, version: int) -> None:
+        self.tx().activate_version(table, version)
+
     def query(self, sql: str) -> pa.Table:
         return self._tx.query(sql) if self._tx is not None else self.store.query(sql)
 

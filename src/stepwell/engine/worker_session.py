@@ -265,6 +265,10 @@ class WorkerSession:
     def op_reset(self, message: dict, _body: bytes) -> dict:
         return {"version": self.staged.reset(str(message["table"]))}
 
+    def op_activate_version(self, message: dict, _body: bytes) -> dict:
+        self.staged.activate_version(str(message["table"]), int(message["version"]))
+        return {}
+
     # -- commit points ---------------------------------------------------
     def op_commit(self, message: dict, _body: bytes) -> dict:
         self._commit(message)
@@ -333,7 +337,7 @@ class WorkerSession:
         reads, writes = getattr(self, "_read_tables", None), getattr(self, "_write_tables", None)
         if reads is None or writes is None:
             return
-        if op in ("write", "truncate", "reset"):
+        if op in ("write", "truncate", "reset", "activate_version"):
             tables, allowed, what = [message.get("table")], writes, "write"
         elif op in ("scan_open", "table_info"):
             tables, allowed, what = [message.get("table")], [*reads, *writes], "read"

@@ -180,6 +180,11 @@ class Transaction(abc.ABC):
         under a versioned name. Returns the new version number."""
 
     @abc.abstractmethod
+    def activate_version(self, table: str, version: int) -> None:
+        """Make an earlier (or later) version of ``table`` the active one again; the
+        version that was active is kept under its versioned name."""
+
+    @abc.abstractmethod
     def delete_where(self, table: str, column: str, values: Sequence[Any]) -> int:
         """Delete rows whose ``column`` is one of ``values``; returns rows deleted."""
 

@@ -52,6 +52,8 @@ DIALECT = Dialect(
     bootstrap_lock="SELECT pg_advisory_xact_lock(5172935101)",
 )
 
+#: How long a read waits for a table locked by an uncommitted change.
+READ_LOCK_TIMEOUT = "10s"
 #: Rows per CSV chunk sent to COPY (bounds the memory of the text form).
 COPY_CHUNK_ROWS = 65536
 _CSV_OPTIONS = pacsv.WriteOptions(include_header=False, quoting_style="all_valid")
@@ -128,6 +130,19 @@ def _rows_to_batch(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.RecordB
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
+@contextlib.contextmanager
+def _lock_timeouts() -> Iterator[None]:
+    """Say what a read's lock timeout means."""
+    try:
+        yield
+    except psycopg.errors.LockNotAvailable as exc:
+        raise StoreError(
+            f"a table this reads is being changed by a transaction not yet committed (a "
+            f"reset or a new table version, perhaps by the run that reads it), and it waited "
+            f"{READ_LOCK_TIMEOUT}: read the table after that run's next commit ({exc})"
+        ) from exc
+
+
 class _Pool:
     """A minimal thread-safe pool of idle connections."""
 
@@ -186,6 +201,10 @@ class PostgresSession(Session):
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         elif read_only:
             conn.execute("SET TRANSACTION READ ONLY")
+        if snapshot or read_only:
+            # a reader blocked by a table change not yet committed (a reset or a new
+            # version, maybe by the very run that reads) gives up instead of hanging
+            conn.execute(f"SET LOCAL lock_timeout = '{READ_LOCK_TIMEOUT}'")
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -194,12 +213,12 @@ class PostgresSession(Session):
         return self._conn
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with self.conn.cursor() as cur:
+        with self.conn.cursor() as cur, _lock_timeouts():
             cur.execute(_pyformat(sql), list(params))
             return cur.rowcount
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self.conn.cursor() as cur:
+        with self.conn.cursor() as cur, _lock_timeouts():
             cur.execute(_pyformat(sql), list(params))
             return cur.fetchall()
 
@@ -251,7 +270,8 @@ class PostgresSession(Session):
     ) -> Iterator[pa.RecordBatch]:
         cur = self.conn.cursor(name=f"stepwell_scan_{next(self._names)}", binary=True)
         try:
-            cur.execute(_pyformat(sql), list(params))
+            with _lock_timeouts():
+                cur.execute(_pyformat(sql), list(params))
             while rows := cur.fetchmany(batch_rows):
                 yield _rows_to_batch(rows, schema)
         finally:

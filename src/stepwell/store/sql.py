@@ -611,7 +611,11 @@ class SQLTransaction(Transaction):
                 found = _registration(s, name)
                 return found[0] if found else 1
             old = self._registered_version(s, name)
-            new = old + 1
+            # after activate_version the active one need not be the newest
+            ((newest,),) = s.fetchall(
+                f"SELECT max(version) FROM {META}.table_versions WHERE name = ?", [name]
+            )
+            new = max(int(newest or old), old) + 1
             archived = versioned_name(name, old)
             s.execute(f"ALTER TABLE {quote(name)} RENAME TO {quote(archived)}")
             self._create_table(s, name, columns)
@@ -627,6 +631,42 @@ class SQLTransaction(Transaction):
             )
             s.execute(f"UPDATE {META}.tables SET version = ? WHERE name = ?", [new, name])
             return new
+
+    def activate_version(self, table: str, version: int) -> None:
+        with self._op(f"activate version {version} of table {table!r}") as s:
+            name = check_table_name(table, self._d)
+            current = self._registered_version(s, name)
+            if version == current:
+                return
+            rows = s.fetchall(
+                f"SELECT physical_name FROM {META}.table_versions WHERE name = ? AND version = ?",
+                [name, version],
+            )
+            if not rows:
+                known = [v for (v,) in s.fetchall(
+                    f"SELECT version FROM {META}.table_versions WHERE name = ? ORDER BY version",
+                    [name],
+                )]  # fmt: skip
+                raise StoreError(f"table {name!r} has no version {version} (versions: {known})")
+            (physical,) = rows[0]
+            if table_columns(s, name) is not None:
+                archived = versioned_name(name, current)
+                s.execute(f"ALTER TABLE {quote(name)} RENAME TO {quote(archived)}")
+            else:
+                archived = None
+            if physical != name and table_columns(s, physical) is not None:
+                s.execute(f"ALTER TABLE {quote(physical)} RENAME TO {quote(name)}")
+            s.execute(
+                f"UPDATE {META}.table_versions SET physical_name = ?, active = FALSE "
+                "WHERE name = ? AND version = ?",
+                [archived or versioned_name(name, current), name, current],
+            )
+            s.execute(
+                f"UPDATE {META}.table_versions SET physical_name = ?, active = TRUE "
+                "WHERE name = ? AND version = ?",
+                [name, name, version],
+            )
+            s.execute(f"UPDATE {META}.tables SET version = ? WHERE name = ?", [version, name])
 
     def delete_where(self, table: str, column: str, values: Sequence[Any]) -> int:
         with self._op(f"delete from table {table!r}") as s:

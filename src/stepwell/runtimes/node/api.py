@@ -18,7 +18,7 @@ from stepwell.runtimes.node.records import RecordError, records_to_arrow, to_rec
 from stepwell.runtimes.node.session import NodeSession
 from stepwell.store.schema import is_json_field, to_pylist
 
-__all__ = ["Connection", "Parameter", "State", "Stream", "Table", "RecordError"]
+__all__ = ["Connection", "Parameter", "State", "Stream", "Table", "TableVersion", "RecordError"]
 
 ID_COLUMN = "patterns_id"
 #: Rows buffered per table before they are shipped to the host as one Arrow batch.
@@ -219,10 +219,47 @@ class Table:
 
     def reset(self) -> None:
         """Start a new empty version; earlier versions are kept."""
-        self._check_writable("reset it")
+        self.create_new_version()
+
+    # -- versions (Patterns' table-version API) ----------------------------
+    def get_active_version(self) -> TableVersion | None:
+        """The version reads see now (committed), None if the table does not exist."""
+        info = self._info()
+        if not info.get("exists"):
+            return None
+        return TableVersion(self.table_name, int(info["version"]), info.get("columns"),
+                            int(info.get("row_count") or 0))  # fmt: skip
+
+    def has_active_version(self) -> bool:
+        return self.get_active_version() is not None
+
+    def create_new_version(self) -> TableVersion:
+        """Point the table at a new empty version (at this run's next commit);
+        earlier versions are kept."""
+        self._check_writable("start a new version of it")
         self._buffer.clear()
+        version = 1
         if self._connected:
-            self._session.link.call("reset", table=self.table_name)
+            reply, _ = self._session.link.call("reset", table=self.table_name)
+            version = int(reply.get("version") or 1)
+        return TableVersion(self.table_name, version, None, 0)
+
+    def set_active_version(self, version: TableVersion | int) -> None:
+        """Make an earlier (or later) version the active one again (at the next commit)."""
+        self._check_writable("change its active version")
+        number = version.version if isinstance(version, TableVersion) else int(version)
+        self._send_buffer()
+        if self._connected:
+            self._session.link.call("activate_version", table=self.table_name, version=number)
+
+    def signal_create(self) -> None:
+        """Kept for Patterns code: downstream steps hear of every commit anyway."""
+
+    def signal_update(self) -> None:
+        """Kept for Patterns code: downstream steps hear of every commit anyway."""
+
+    def signal_reset(self) -> None:
+        """Kept for Patterns code: downstream steps hear of every commit anyway."""
 
     def flush(self) -> None:
         """A commit point: everything written and consumed so far becomes durable."""
@@ -279,6 +316,25 @@ def _shape(batches: Iterator, as_format: str, chunksize: int | None) -> Any:
     if not collected:
         return convert(pa.table({})) if as_format == "dataframe" else []
     return convert(pa.Table.from_batches(collected))
+
+
+class TableVersion:
+    """One version of a table: ``version`` counts up with each new version."""
+
+    def __init__(self, table: str, version: int, schema: dict[str, str] | None, record_count: int):
+        self.table = table
+        self.version = version
+        self.name = table
+        self.storage = "stepwell"
+        self.schema = schema
+        self.record_count = record_count
+
+    @property
+    def exists(self) -> bool:
+        return self.schema is not None
+
+    def __repr__(self) -> str:
+        return f"TableVersion({self.table!r}, version={self.version})"
 
 
 class Stream:
