@@ -322,9 +322,8 @@ class TableVersion:
     """One version of a table: ``version`` counts up with each new version."""
 
     def __init__(self, table: str, version: int, schema: dict[str, str] | None, record_count: int):
-        self.table = table
-        self.version = version
         self.name = table
+        self.version = version
         self.storage = "stepwell"
         self.schema = schema
         self.record_count = record_count
@@ -334,7 +333,7 @@ class TableVersion:
         return self.schema is not None
 
     def __repr__(self) -> str:
-        return f"TableVersion({self.table!r}, version={self.version})"
+        return f"TableVersion({self.name!r}, version={self.version})"
 
 
 class Stream:
