@@ -120,7 +120,7 @@ def runner_seconds(
         runner = Runner(spec, store, sandbox=sandbox)
         names = select_steps(spec, None)[:steps]
         runner.run_step(names[0])  # warm-up: fork-server start, first imports
-        server = forkserver().pid if sandbox != "none" else None
+        server = forkserver(pandas=False).pid if sandbox != "none" else None
         host_before = sum(os.times()[:2])
         server_before = _process_cpu_ms(server) if server else (0.0, 0.0)
         times = []

@@ -260,11 +260,13 @@ def listeners(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_pid():
-    """The fork-server's pid before any hostile run: it must survive them all."""
-    forkserver().ensure()
-    pid = forkserver().pid
-    yield pid
-    assert forkserver().pid == pid, "a hostile step took the fork-server down"
+    """The fork-servers' pids before any hostile run: they must survive them all."""
+    for pandas in (True, False):
+        forkserver(pandas).ensure()
+    pids = {pandas: forkserver(pandas).pid for pandas in (True, False)}
+    yield pids
+    for pandas, pid in pids.items():
+        assert forkserver(pandas).pid == pid, "a hostile step took a fork-server down"
 
 
 def _contained(app: Path, case: Case, store_url: str | None = None) -> RunRecord:

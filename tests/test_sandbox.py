@@ -353,7 +353,7 @@ def test_fork_server_is_started_once_and_survives_crashes(tmp_path):
         "self_kill.py": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
         "fine.py": "from patterns import Table\nTable('ok', 'w').append({'a': 1})\n",
     })  # fmt: skip
-    client = forkserver()
+    client = forkserver(pandas=False)  # the one node steps without pandas use
     client.ensure()
     pid, starts = client.pid, client.starts
     began = time.perf_counter()
@@ -395,12 +395,13 @@ def _children(pid: int) -> list[int]:
 
 def test_fork_server_holds_no_host_environment(monkeypatch):
     monkeypatch.setenv("SW_HOST_ONLY", "do-not-copy")
-    client = forkserver()
-    client.ensure()
-    with open(f"/proc/{client.pid}/environ", "rb") as handle:
-        environ = handle.read().decode()
-    assert "SW_HOST_ONLY" not in environ and "STEPWELL_SECRET" not in environ
-    assert "ARROW_DEFAULT_MEMORY_POOL=system" in environ
+    for pandas in (True, False):
+        client = forkserver(pandas)
+        client.ensure()
+        with open(f"/proc/{client.pid}/environ", "rb") as handle:
+            environ = handle.read().decode()
+        assert "SW_HOST_ONLY" not in environ and "STEPWELL_SECRET" not in environ
+        assert "ARROW_DEFAULT_MEMORY_POOL=system" in environ
 
 
 def test_concurrent_runs_are_isolated_from_each_other(tmp_path):

@@ -70,12 +70,13 @@ def _backend(app_path: str, store_url: str | None, *, warm_workers: bool = False
     from stepwell.cli_backend import open_backend
 
     spec = _load(app_path)
-    if warm_workers and any(step.kind != "sql" for step in spec.steps):
-        from stepwell.sandbox.launcher import forkserver
+    if warm_workers:
         from stepwell.sandbox.policy import sandbox_mode
 
         if sandbox_mode() != "none":
-            forkserver().prestart()
+            from stepwell.engine.preload import prestart_forkservers
+
+            prestart_forkservers(spec)
     with open_backend(spec, store_url) as backend:
         yield spec, backend
 

@@ -333,7 +333,6 @@ class ActionExecutor:
             memory=getattr(defaults, "memory", None),
             processes=getattr(defaults, "processes", None),
             network=network if network is not None else mode != "strict",
-            timeout=None,  # a warm worker outlives invocations; each one has its own deadline
         )
         sys_path = self._environment()
         process = start_worker(self.app.root, limits=limits, read_paths=sys_path,

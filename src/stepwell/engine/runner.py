@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
+from stepwell.engine.preload import prestart_forkservers, step_wants_pandas
 from stepwell.engine.staging import StagedRun
 from stepwell.engine.worker_session import DeclaredSchema, Outcome, WorkerSession
 from stepwell.runtimes.node import host as node_host
 from stepwell.runtimes.processor import host as processor_host
 from stepwell.runtimes.sql import run_sql_step
-from stepwell.sandbox.launcher import WorkerLimits, forkserver, start_worker
+from stepwell.sandbox.launcher import WorkerLimits, start_worker
 from stepwell.sandbox.policy import DEFAULT_PROCESSES, format_bytes, sandbox_mode
 from stepwell.store import ids
 from stepwell.store.base import LogLine, PartitionRecord, RunRecord, Store
@@ -153,10 +154,10 @@ class Runner:
         self.environ = dict(os.environ if environ is None else environ)
         #: ``default``, ``strict`` (no network unless a step asks) or ``none``
         self.sandbox = sandbox_mode(sandbox)
-        if self.sandbox != "none" and any(
-            getattr(s, "kind", "sql") != "sql" for s in getattr(app, "steps", [])
-        ):
-            forkserver().prestart()  # warms up while the app's first steps are prepared
+        #: per step: whether its workers come from the fork-server with pandas
+        self._pandas: dict[str, bool] = {}
+        if self.sandbox != "none":
+            prestart_forkservers(app)  # they warm up while the first steps are prepared
         self._env = None
         self._env_checked = False
         self._active: dict[str, _RunHandle] = {}
@@ -178,7 +179,7 @@ class Runner:
         network = limits.network if limits.network is not None else self.sandbox != "strict"
         worker_limits = WorkerLimits(
             memory=limits.memory, cpu=limits.cpu, processes=limits.processes,
-            network=network, timeout=timeout,
+            network=network,
         )
         return StepContext(resolved, secret_values, timeout, worker_limits)
 
@@ -268,18 +269,24 @@ class Runner:
         if getattr(self.app, "requirements_file", None) and not self._env_checked:
             return None  # the first run builds the environment (and logs it) first
         try:
-            return self._start_worker(context, self._env_paths())
+            return self._start_worker(step, context, self._env_paths())
         except Exception:
             return None  # the run starts its worker itself, and reports why it cannot
 
-    def _start_worker(self, context: StepContext, sys_path: list[str]) -> Any:
+    def _start_worker(self, step: Any, context: StepContext, sys_path: list[str]) -> Any:
         return start_worker(
             self.app.root,
             limits=context.worker_limits,
             read_paths=sys_path,
             hide_paths=self._store_paths(),
             mode=self.sandbox,
+            pandas=self._wants_pandas(step),
         )
+
+    def _wants_pandas(self, step: Any) -> bool:
+        if step.name not in self._pandas:
+            self._pandas[step.name] = step_wants_pandas(step, self.app.root)
+        return self._pandas[step.name]
 
     def _run_with(
         self,
@@ -449,7 +456,7 @@ class Runner:
         time_limit = active.context.time_limit
         worker = active.early_worker
         if worker is None or start.get("sys_path", []) != self._env_paths():
-            worker = self._start_worker(active.context, start.get("sys_path") or [])
+            worker = self._start_worker(active.step, active.context, start.get("sys_path") or [])
         if worker.notes:
             active.log.add("warn", worker.notes)
         self.attach_worker(active.run.id, worker)
@@ -468,7 +475,10 @@ class Runner:
                     active.run, rows_in, rows_out
                 ),
             )
-            return _limit_outcome(session.serve(start), active.context.worker_limits)
+            outcome = session.serve(start)
+            if session.imported_pandas:  # (a no-op when pandas was loaded already)
+                self._pandas[active.step.name] = True  # next runs start with it loaded
+            return _limit_outcome(outcome, active.context.worker_limits)
         finally:
             worker.close()
 

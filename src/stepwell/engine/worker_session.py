@@ -85,6 +85,8 @@ class WorkerSession:
         #: the state and positions as last committed (first: as sent in ``start``)
         self._committed_state: Any = None
         self._committed_positions: Any = None
+        #: the worker's last frame said the run imported pandas
+        self.imported_pandas = False
 
     # -- the loop --------------------------------------------------------
     def serve(self, start: dict[str, Any]) -> Outcome:
@@ -296,6 +298,7 @@ class WorkerSession:
         return {}
 
     def op_done(self, message: dict, _body: bytes) -> dict:
+        self.imported_pandas = bool(message.get("imported_pandas"))
         if self._deferred_error is not None and message.get("status") == "ok":
             message = {"status": "error", "error": self._deferred_error}
         if message.get("status") != "ok":

@@ -35,6 +35,8 @@ class HostLink:
                 f"cannot {op!r} from a process forked by the step: only the step's own "
                 "process talks to the host"
             )
+        if op == "done":  # the host starts the step's next runs with pandas loaded
+            args.setdefault("imported_pandas", "pandas" in sys.modules)
         with self._lock:
             reply, reply_body = self.channel.request({"op": op, **args}, body)
         if not reply.get("ok", False):

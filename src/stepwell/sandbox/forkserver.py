@@ -4,7 +4,8 @@ The host starts it once (``python -I -m stepwell.sandbox.forkserver FD``) with
 a clean environment, before it has read any secret or opened any connection
 in a way this process could see, so its memory holds neither. It imports the
 worker's libraries once (pyarrow, msgpack, the stepwell worker and runtimes,
-pandas; more or fewer via ``STEPWELL_FORKSERVER_PRELOAD``), runs the common
+pandas unless started as a lean server; more or fewer via
+``STEPWELL_FORKSERVER_PRELOAD``), runs the common
 code paths once, freezes the GC, and then
 serves requests on the control socket ``FD`` (a ``SOCK_SEQPACKET`` socket):
 
@@ -18,8 +19,10 @@ serves requests on the control socket ``FD`` (a ``SOCK_SEQPACKET`` socket):
   run's socket kills the run too.
 
 Each run gets a fresh PID namespace: the fork-server unshares one for its
-next children, spawns a tiny init there (``sleep``, PID 1: it owns the
-namespace, and killing it kills everything the run left behind), forks the
+next children, spawns a tiny init there (``cat`` reading a pipe only the
+fork-server can write, PID 1: it owns the namespace, killing it kills
+everything the run left behind, and it ends by itself when the fork-server
+does, however that ends), forks the
 worker (PID 2, so it can signal itself like any process) and returns to its
 own namespace. Then the worker isolates itself (``isolate.enter_sandbox``)
 and serves the run.
@@ -64,7 +67,8 @@ from stepwell.sandbox.isolate import (
     enter_sandbox,
     prepare_view,
 )
-from stepwell.sandbox.policy import SANDBOX_TMP, SandboxSpec
+from stepwell.sandbox.lazy_pandas import pandas_hidden, resync_pyarrow_on_import
+from stepwell.sandbox.policy import PRELOAD_ENV, SANDBOX_TMP, SandboxSpec
 
 #: Modules every worker needs, imported once here instead of in every run.
 PRELOAD = (
@@ -73,9 +77,6 @@ PRELOAD = (
     "stepwell.sandbox.worker", "stepwell.sandbox.client", "stepwell.sandbox.protocol",
     "stepwell.runtimes.node.worker", "stepwell.runtimes.node.api",
 )  # fmt: skip
-#: Comma-separated modules to import too (``-name`` drops one of the defaults, e.g.
-#: ``-pandas`` for a smaller, faster-forking server when no step uses pandas).
-PRELOAD_ENV = "STEPWELL_FORKSERVER_PRELOAD"
 #: Unprivileged user a root fork-server runs sandboxes as.
 SANDBOX_USER_ENV = "STEPWELL_SANDBOX_UID"
 DEFAULT_SANDBOX_USER = "nobody"
@@ -123,21 +124,6 @@ class Spare:
     view_key: tuple | None = None
 
 
-def _pdeathsig_prefix() -> list[str]:
-    """``setpriv --pdeathsig KILL --`` if available: a namespace's init then dies
-    (taking its whole sandbox along) even if the fork-server is killed outright."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return []
-    try:
-        import subprocess
-
-        usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [setpriv, "--pdeathsig", "KILL", "--"] if "--pdeathsig" in usage else []
-
-
 def _sandbox_identity() -> tuple[int | None, int | None]:
     """The (uid, gid) sandboxes run as: an unprivileged user when we are root."""
     if os.geteuid() != 0:
@@ -169,10 +155,13 @@ class ForkServer:
         self.base_paths = _base_read_paths()
         self.base_dir = tempfile.mkdtemp(prefix=f"stepwell-fs-{os.getpid()}-")
         os.chmod(self.base_dir, 0o711)
-        self.sleep = shutil.which("sleep") or ("/bin/sleep" if os.path.exists("/bin/sleep") else None)
-        #: how a PID namespace's init is started: `sleep`, made to die with us when
-        #: util-linux's setpriv can set its parent-death signal
-        self.init_prefix = _pdeathsig_prefix()
+        #: a PID namespace's init: `cat` with the read end of this "lifeline" pipe as
+        #: its input. Only the fork-server holds the write end, so when it ends (even
+        #: by SIGKILL) every init reads end-of-file and exits, taking its namespace
+        #: along. (One exec of a small program: about half the CPU time of the
+        #: `setpriv --pdeathsig KILL sleep` it replaces.)
+        self.cat = shutil.which("cat") or ("/bin/cat" if os.path.exists("/bin/cat") else None)
+        self.lifeline_read, self.lifeline_write = os.pipe()
         #: private temp dirs made ahead of time (creating one costs a disk round trip)
         self.spare_dirs: list[str] = []
         #: the next run's worker, forked while the fork-server had nothing else to do
@@ -421,8 +410,8 @@ class ForkServer:
         reason = None
         if "pid" in plan.spec.skip:
             return None
-        if self.sleep is None:
-            reason = "no `sleep` program for the namespace's init"
+        if self.cat is None:
+            reason = "no `cat` program for the namespace's init"
         elif self.own_pidns is None:
             reason = "/proc/self/ns/pid cannot be opened"
         else:
@@ -431,12 +420,11 @@ class ForkServer:
             except OSError as exc:
                 reason = linux.errno_name(exc)
         if reason is None:
-            lifetime = int(plan.spec.lifetime + 60) if plan.spec.lifetime else 86400
             try:
-                argv = [*self.init_prefix, self.sleep, str(lifetime)]
                 init_pid = os.posix_spawn(
-                    argv[0], ["stepwell-init", *argv[1:]], {}, setsid=True,
-                    setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
+                    self.cat, ["stepwell-init"], {}, setsid=True,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, self.lifeline_read, 0)],
+                    setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE),
                 )  # fmt: skip
             except OSError as exc:
                 self._leave_pid_namespace()
@@ -706,9 +694,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError:
         pass
     missing = preload()
-    # one-time lazy initialisations (pyarrow's pandas shim costs ~250 ms) happen
-    # here once instead of in every worker
-    _warm_up()
+    # one-time lazy initialisations happen here once instead of in every worker
+    if "pandas" in sys.modules:
+        _warm_up()
+    else:  # pyarrow's pandas check must not import it (see lazy_pandas)
+        with pandas_hidden():
+            _warm_up()
+        resync_pyarrow_on_import()
     sys.dont_write_bytecode = True  # workers never write .pyc files (their filesystem is read-only)
     server = ForkServer(control)
     gc.collect()

@@ -20,6 +20,9 @@ MODE_ENV = "STEPWELL_SANDBOX"
 #: Comma-separated isolation features to skip on purpose (``user,pid,mount,ipc,net,
 #: seccomp``), to see how a run behaves on a kernel that refuses them.
 SKIP_ENV = "STEPWELL_SANDBOX_SKIP"
+#: Comma-separated modules a fork-server imports besides its defaults (``-name``
+#: drops a default, e.g. ``-pandas``: the host starts its lean fork-server that way).
+PRELOAD_ENV = "STEPWELL_FORKSERVER_PRELOAD"
 MODES = ("default", "strict", "none")
 SKIPPABLE = ("user", "pid", "mount", "ipc", "net", "seccomp")
 
@@ -72,9 +75,6 @@ class SandboxSpec:
     open_files: int = DEFAULT_OPEN_FILES
     file_size: int = DEFAULT_FILE_SIZE
     network: bool = True
-    #: longest the sandbox may live (seconds); its init exits after that even if
-    #: nobody is left to kill it
-    lifetime: float | None = None
     skip: list[str] = field(default_factory=list)
     #: refuse to run when any isolation feature is unavailable
     strict: bool = False

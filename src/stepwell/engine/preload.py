@@ -1,0 +1,92 @@
+"""Which fork-server a step's workers come from: the one with pandas imported
+ahead, or the lean one without it (see ``sandbox.lazy_pandas``).
+
+A node step whose code (its file and the app modules it imports) never
+mentions pandas or data frames gets the lean fork-server, so each of its runs
+forks and exits faster; every other Python step keeps pandas warm. A guess
+that misses (pandas imported through a library) costs one slower run: the
+worker reports it, and the step's next runs come from the pandas fork-server.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+#: Words in a node's code that mean it will load pandas (``import pandas``,
+#: ``read_dataframe()``, ``as_format="dataframe"``).
+_PANDAS_WORDS = re.compile(r"\bpandas\b|dataframe", re.IGNORECASE)
+#: App files followed at most per node (imports of imports of ...).
+_MAX_FILES = 200
+
+
+def node_uses_pandas(app_root: Path, file: str) -> bool:
+    """Whether node ``file`` (relative to ``app_root``), or an app module it
+    imports directly or indirectly, mentions pandas or data frames."""
+    root = app_root.resolve()
+    todo, seen = [root / file], set()
+    while todo and len(seen) < _MAX_FILES:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if _PANDAS_WORDS.search(text):
+            return True
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue  # the run itself reports the error
+        todo.extend(_imported_app_files(tree, path.parent, root))
+    return False
+
+
+def _imported_app_files(tree: ast.AST, folder: Path, root: Path) -> list[Path]:
+    """Files under ``root`` that the imports in ``tree`` may load."""
+    modules: list[list[str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.extend(alias.name.split(".") for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative to the importing file's folder
+                base = folder
+                for _ in range(node.level - 1):
+                    base = base.parent
+                prefix = list(base.relative_to(root).parts) if base.is_relative_to(root) else None
+            else:
+                prefix = []
+            if prefix is None:
+                continue
+            module = prefix + (node.module.split(".") if node.module else [])
+            modules.append(module)
+            modules.extend(module + [alias.name] for alias in node.names)  # submodules
+    files = []
+    for parts in modules:
+        if parts and parts[0] == "stepwell_app":  # the app package itself
+            parts = parts[1:]
+        if not parts:
+            continue
+        base = root.joinpath(*parts)
+        files += [base.with_suffix(".py"), base / "__init__.py"]
+    return [f for f in files if f.is_file()]
+
+
+def step_wants_pandas(step: Any, app_root: Path) -> bool:
+    """Whether ``step``'s workers should come from the fork-server with pandas."""
+    if step.kind != "node":
+        return True
+    return node_uses_pandas(Path(app_root), step.file)
+
+
+def prestart_forkservers(app: Any) -> None:
+    """Start, in the background, the fork-servers the app's Python steps use."""
+    from stepwell.sandbox.launcher import forkserver
+
+    flavors = {step_wants_pandas(step, app.root) for step in app.steps if step.kind != "sql"}
+    for pandas in sorted(flavors):
+        forkserver(pandas).prestart()
