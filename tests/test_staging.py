@@ -53,3 +53,95 @@ def test_rollback_releases_the_watermark(any_store):
     run.rollback()
     assert visibility_watermark() is None
     assert any_store.table_info("events") is None or _ids(any_store) == []
+
+
+def _record(run_id: str, step: str = "s"):
+    import datetime as dt
+
+    from stepwell.store.base import RunRecord
+
+    return RunRecord(id=run_id, step=step, status="running", started_at=dt.datetime.now(dt.UTC))
+
+
+def test_an_unrecorded_run_is_written_by_its_first_commit_with_its_effects(any_store):
+    store = any_store
+    run = StagedRun(store, "late", "s", unrecorded=_record("late"))
+    run.write("events", pa.table({"n": [1]}))
+    assert store.get_run("late") is None  # not in the store while it runs...
+    run.commit(None, {"k": 1}, run_fields={"status": "succeeded", "rows_out": 1})
+    record = store.get_run("late")  # ...then written once, with its end and its rows
+    assert (record.status, record.rows_out, record.step) == ("succeeded", 1, "s")
+    assert store.get_state("s") == {"k": 1} and _ids(store) == [1]
+    # later commit points update the record written by the first one
+    run.write("events", pa.table({"n": [2]}))
+    run.commit(None, None, run_fields={"rows_out": 2})
+    assert store.get_run("late").rows_out == 2
+
+
+def test_an_unrecorded_run_that_fails_or_stages_nothing_is_still_recorded(any_store, monkeypatch):
+    store = any_store
+    failed = StagedRun(store, "failed", "s", unrecorded=_record("failed"))
+    failed.write("events", pa.table({"n": [1]}))
+    failed.rollback()
+    failed.close_record({"status": "failed", "error": "boom"})
+    assert (store.get_run("failed").status, store.get_run("failed").error) == ("failed", "boom")
+    empty = StagedRun(store, "empty", "s", unrecorded=_record("empty"))
+    empty.commit(None, None)  # an intermediate commit point with nothing in it
+    assert store.get_run("empty") is None
+    empty.commit(None, None, run_fields={"status": "succeeded_no_data"})
+    assert store.get_run("empty").status == "succeeded_no_data"
+    # a failed commit does not count as recorded: the failure path records it
+    broken = StagedRun(store, "broken", "s", unrecorded=_record("broken"))
+    broken.write("events", pa.table({"n": [9]}))
+    tx = broken.tx()
+
+    def commit_fails() -> None:  # as when the disk is full or the server goes away
+        tx.rollback()
+        raise RuntimeError("commit failed")
+
+    monkeypatch.setattr(tx, "commit", commit_fails)
+    with pytest.raises(RuntimeError):
+        broken.commit(None, None, run_fields={"status": "succeeded"})
+    assert broken.unrecorded is not None and store.get_run("broken") is None
+    broken.rollback()
+    broken.close_record({"status": "failed"})
+    assert store.get_run("broken").status == "failed"
+    assert store.table_info("events") is None  # none of the three kept a row
+
+
+def test_a_long_run_is_visible_as_running_while_a_short_one_is_recorded_once(tmp_path):
+    import threading
+    import time
+
+    from apputil import write_app
+
+    from stepwell.app import load_app
+    from stepwell.engine.runner import Runner
+    from stepwell.engine.worker_session import RECORD_AFTER
+    from stepwell.store import open_store
+
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: slow\n    node: slow.py\n  - name: quick\n    node: quick.py\n",
+        "slow.py": "import time\ntime.sleep(3)\n",
+        "quick.py": "print('hi')\n",
+    })  # fmt: skip
+    spec = load_app(app)
+    store = open_store(None, spec.root)
+    try:
+        runner = Runner(spec, store)
+        assert runner.run_step("quick").status == "succeeded_no_data"
+        finished: list = []
+        thread = threading.Thread(target=lambda: finished.append(runner.run_step("slow")))
+        thread.start()
+        seen = []
+        deadline = time.monotonic() + 2.5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(RECORD_AFTER / 4)
+            seen = [r for r in store.list_runs("slow") if r.status == "running"]
+        thread.join()
+        assert seen, f"the slow run was not recorded as running within {RECORD_AFTER}s"
+        assert finished[0].status == "succeeded_no_data"
+        assert store.get_run(finished[0].id).status == "succeeded_no_data"
+        assert [r.status for r in store.list_runs("quick")] == ["succeeded_no_data"]
+    finally:
+        store.close()

@@ -32,6 +32,9 @@ from stepwell.store.base import LogLine, PartitionRecord, RunRecord, Store
 #: Time limit when neither the step nor the app's defaults set one.
 DEFAULT_TIMEOUT = 600.0
 SUCCESS = frozenset({"succeeded", "succeeded_no_data", "succeeded_with_errors"})
+#: Styles whose run record is written with the run's first commit (or once the run
+#: has gone on for ``worker_session.RECORD_AFTER``) rather than before it starts.
+_RECORDED_LATE = frozenset({"node", "processor"})
 
 
 class RunListener(Protocol):
@@ -299,11 +302,14 @@ class Runner:
         *,
         existing: bool,
     ) -> RunRecord:
+        unrecorded = None
         if existing and self.store.get_run(run.id) is not None:
             self.store.update_run(
                 run.id, status=run.status, trigger=run.trigger, started_at=run.started_at,
                 host_pid=run.host_pid,
             )
+        elif problem is None and step.kind in _RECORDED_LATE:
+            unrecorded = run  # a short run's record is written once, when it ends
         else:
             self.store.create_run(run)
         self.listener.run_started(run)
@@ -319,6 +325,7 @@ class Runner:
                 self.store, run.id, step.name, unique_on=self._table_keys,
                 column_types=self._table_types,
                 on_commit=lambda tables: self._committed(run, tables),
+                unrecorded=unrecorded,
             )
             execute = self._executors().get(step.kind)
             if handle.cancel_reason is not None:
@@ -343,7 +350,10 @@ class Runner:
                 "traceback": redact(outcome.traceback),
                 "rows_out": staged.committed_rows_out if staged else 0,
             }
-            self.store.update_run(run.id, **failure)
+            if staged is not None:
+                staged.close_record(failure)
+            else:
+                self.store.update_run(run.id, **failure)
             # read back: an executor may have recorded details (e.g. partitions)
             final = self.store.get_run(run.id) or dataclasses.replace(run, **failure)
         elif outcome.fields:  # what the final commit wrote: no need to read it back

@@ -8,6 +8,7 @@ commits all of it at once. ``rollback`` (or the host dying) discards it all.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from stepwell.store import ids
-from stepwell.store.base import Store, StreamPosition, Transaction
+from stepwell.store.base import RunRecord, Store, StreamPosition, Transaction
 
 # -- visibility watermark ------------------------------------------------------
 # Ids are handed out when rows are written but become visible only at commit, so
@@ -57,6 +58,7 @@ class StagedRun:
         unique_on: Mapping[str, Sequence[str]] | None = None,
         column_types: Mapping[str, Mapping[str, pa.DataType]] | None = None,
         on_commit: Callable[[set[str]], None] | None = None,
+        unrecorded: RunRecord | None = None,
     ):
         self.store = store
         self.run_id = run_id
@@ -69,6 +71,23 @@ class StagedRun:
         #: called after each commit with the tables that got new rows in it
         self.on_commit = on_commit
         self._tables_with_rows: set[str] = set()
+        #: the run's record while it is not in the store yet: the run's first commit
+        #: (or ``record``) writes it, so a short run costs one statement, not two
+        self.unrecorded = unrecorded
+
+    def record(self) -> None:
+        """Write the run's record now, if it is not in the store yet."""
+        if self.unrecorded is not None:
+            self.store.create_run(self.unrecorded)
+            self.unrecorded = None
+
+    def close_record(self, run_fields: Mapping[str, Any]) -> None:
+        """Write the run record's final ``run_fields`` on their own (nothing staged)."""
+        if self.unrecorded is not None:
+            self.store.create_run(dataclasses.replace(self.unrecorded, **run_fields))
+            self.unrecorded = None
+        else:
+            self.store.update_run(self.run_id, **run_fields)
 
     def tx(self) -> Transaction:
         if self._tx is None:
@@ -154,7 +173,7 @@ class StagedRun:
         if self._tx is None and positions is None and state is None:
             # nothing was staged: the run record's fields are one statement
             if run_fields:
-                self.store.update_run(self.run_id, **run_fields)
+                self.close_record(run_fields)
             return
         tx = self.tx()
         if positions is not None:
@@ -172,10 +191,13 @@ class StagedRun:
                 )
         if state is not None:
             tx.set_state(self.step, dict(state))
-        if run_fields:
+        if self.unrecorded is not None:
+            tx.create_run(dataclasses.replace(self.unrecorded, **(run_fields or {})))
+        elif run_fields:
             tx.update_run(self.run_id, **run_fields)
         try:
             tx.commit()
+            self.unrecorded = None
         finally:
             self._tx = None
             _in_flight_done(self)

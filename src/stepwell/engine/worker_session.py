@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import select
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from stepwell.sandbox.protocol import (
 )
 from stepwell.store.base import ID_COLUMN, Store
 
+#: Seconds after which a run still in progress gets its ``running`` record (a
+#: shorter one is recorded once, with its end; see ``StagedRun.unrecorded``).
+RECORD_AFTER = 0.2
 #: Requests still served after a deferred write error.
 _AFTER_WRITE_ERROR_OPS = frozenset({"done", "log", "rollback"})
 
@@ -96,9 +100,12 @@ class WorkerSession:
         self._write_tables = start.get("write_tables")
         self._committed_state = start.get("state")
         self._committed_positions = start.get("positions")
+        record_at = time.monotonic() + RECORD_AFTER
         try:
             channel.send(start)
             while self._done is None:
+                if self.staged.unrecorded is not None:
+                    self._record_when_due(record_at)
                 if self.deadline is not None:
                     remaining = self.deadline - time.monotonic()
                     if remaining <= 0:
@@ -138,6 +145,18 @@ class WorkerSession:
         finally:
             self._close_scans()
         return self._done
+
+    def _record_when_due(self, record_at: float) -> None:
+        """Wait for the worker's next frame until ``record_at`` at most, then write
+        the run's record if it is due (waiting on the socket, not reading from it,
+        so a frame is never cut by the timeout)."""
+        wait = record_at - time.monotonic()
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - time.monotonic())
+        if wait > 0:
+            select.select([self.worker.channel.sock], [], [], wait)
+        if time.monotonic() >= record_at:
+            self.staged.record()
 
     def _death_reason(self) -> str:
         return self._with_limit_note(self.worker.exit_description())

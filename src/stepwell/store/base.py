@@ -202,6 +202,10 @@ class Transaction(abc.ABC):
     def clear_positions(self, step: str) -> None: ...
 
     @abc.abstractmethod
+    def create_run(self, run: RunRecord) -> None:
+        """Insert a run record as part of this transaction."""
+
+    @abc.abstractmethod
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Update fields of a run record as part of this transaction."""
 

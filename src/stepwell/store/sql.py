@@ -357,6 +357,18 @@ def _select_runs(
     return [_run_from_row(row) for row in session.fetchall(sql, params)]
 
 
+def insert_runs(session: Session, runs: Sequence[RunRecord]) -> None:
+    """Insert run records (one statement per 100)."""
+    row = "(" + ", ".join(_json_param(session) if f == "info" else "?" for f in _RUN_FIELDS) + ")"
+    for start in range(0, len(runs), 100):
+        chunk = runs[start : start + 100]
+        session.execute(
+            f"INSERT INTO {META}.runs ({', '.join(quote(f) for f in _RUN_FIELDS)}) "
+            f"VALUES {', '.join([row] * len(chunk))}",
+            [_run_params(f, getattr(run, f)) for run in chunk for f in _RUN_FIELDS],
+        )
+
+
 def update_run(session: Session, run_id: str, changes: Mapping[str, Any]) -> None:
     """Set fields of a run record; unknown fields and unknown runs are errors."""
     unknown = sorted(set(changes) - set(_RUN_FIELDS[1:]))
@@ -718,6 +730,10 @@ class SQLTransaction(Transaction):
         with self._op(f"clear stream positions of step {step!r}") as s:
             s.execute(f"DELETE FROM {META}.positions WHERE step = ?", [step])
 
+    def create_run(self, run: RunRecord) -> None:
+        with self._op(f"create run {run.id!r}") as s:
+            insert_runs(s, [run])
+
     def update_run(self, run_id: str, **fields: Any) -> None:
         with self._op(f"update run {run_id!r}") as s:
             update_run(s, run_id, fields)
@@ -921,14 +937,7 @@ class SQLStore(Store):
         if not runs:
             return
         with self._autocommit(single=len(runs) <= 100) as s:
-            row = "(" + ", ".join(_json_param(s) if f == "info" else "?" for f in _RUN_FIELDS) + ")"
-            for start in range(0, len(runs), 100):  # one statement per 100 records
-                chunk = runs[start : start + 100]
-                s.execute(
-                    f"INSERT INTO {META}.runs ({', '.join(quote(f) for f in _RUN_FIELDS)}) "
-                    f"VALUES {', '.join([row] * len(chunk))}",
-                    [_run_params(f, getattr(run, f)) for run in chunk for f in _RUN_FIELDS],
-                )
+            insert_runs(s, runs)
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         with self._autocommit(single=True) as s:
