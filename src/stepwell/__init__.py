@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_NODE_API = frozenset({"Table", "Stream", "State", "Parameter", "Connection"})
+_NODE_API = frozenset({"Table", "Stream", "State", "Parameter", "Connection", "respond_to_request"})
 
 __all__ = sorted(_NODE_API)
 

@@ -427,6 +427,11 @@ class WebhookSpec(_Model):
     token: str | None = None
     """Optional bearer token required by this webhook."""
     description: str | None = None
+    respond: bool = False
+    """Ingest and respond: the request waits until a step answers its row with
+    ``respond_to_request(row["patterns_request_key"], payload)``."""
+    respond_timeout: Duration = 30.0
+    """How long such a request waits for its answer."""
 
 
 # --------------------------------------------------------------------------- schemas

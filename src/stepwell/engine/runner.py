@@ -46,6 +46,9 @@ class RunListener(Protocol):
     def run_finished(self, run: RunRecord) -> None: ...
     def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
         """A commit point of ``run`` made new rows of ``tables`` visible (optional hook)."""
+    def respond(self, run: RunRecord, request_key: str, payload: Any) -> bool:
+        """``run`` answers the waiting HTTP request ``request_key`` (optional hook;
+        False when no request waits for that key)."""
     def partition_progress(
         self, run: RunRecord, partition: PartitionRecord, done: int, total: int
     ) -> None:
@@ -388,6 +391,10 @@ class Runner:
 
         return run_connector(self, active)
 
+    def _respond(self, run: RunRecord, request_key: str, payload: Any) -> bool:
+        respond = getattr(self.listener, "respond", None)
+        return bool(respond is not None and respond(run, request_key, payload))
+
     def _committed(self, run: RunRecord, tables: set[str]) -> None:
         notify = getattr(self.listener, "tables_committed", None)
         if notify is not None:
@@ -484,6 +491,7 @@ class Runner:
                 on_progress=lambda rows_in, rows_out: self.listener.progress(
                     active.run, rows_in, rows_out
                 ),
+                on_respond=lambda key, payload: self._respond(active.run, key, payload),
             )
             outcome = session.serve(start)
             if session.imported_pandas:  # (a no-op when pandas was loaded already)

@@ -133,6 +133,10 @@ class _Fanout:
     def run_finished(self, run: RunRecord) -> None:
         self.outside.run_finished(run)
 
+    def respond(self, run: RunRecord, request_key: str, payload: Any) -> bool:
+        respond = getattr(self.outside, "respond", None)
+        return bool(respond is not None and respond(run, request_key, payload))
+
     def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
         self.scheduler._run_committed(run.step, tables)
         notify = getattr(self.outside, "tables_committed", None)

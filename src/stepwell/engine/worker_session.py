@@ -70,6 +70,7 @@ class WorkerSession:
         limit_note: str = "",
         schemas: Mapping[str, DeclaredSchema] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        on_respond: Callable[[str, Any], bool] | None = None,
     ):
         self.store = store
         self.staged = staged
@@ -80,6 +81,7 @@ class WorkerSession:
         self.limit_note = limit_note
         self.schemas = dict(schemas or {})
         self.on_progress = on_progress
+        self.on_respond = on_respond
         self.rows_in = 0
         self.committed_rows_in = 0
         self._scans: dict[int, Iterator[pa.RecordBatch]] = {}
@@ -349,6 +351,18 @@ class WorkerSession:
         self._commit(message, run_fields=fields)
         self._done = Outcome(status, info=info, fields=fields)
         return {}
+
+    def op_respond(self, message: dict, _body: bytes) -> dict:
+        """``respond_to_request``: answer the HTTP request waiting for ``key``."""
+        key = str(message.get("key") or "")
+        delivered = bool(key) and self.on_respond is not None and self.on_respond(key, message.get("payload"))
+        if not delivered:
+            self.log.add("warn", [
+                f"[stepwell] respond_to_request({key!r}): no request is waiting for this key "
+                "(it timed out or was answered already, or the app is not running under "
+                "`stepwell serve`)"
+            ])  # fmt: skip
+        return {"delivered": delivered}
 
     def op_log(self, message: dict, _body: bytes) -> dict:
         self.log.add(str(message.get("level", "info")), message.get("lines") or [])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepwell.server.models import LogLineModel, RunDetail
+from stepwell.server.responses import PendingResponses
 from stepwell.store.base import LogLine, RunRecord
 
 #: Events a slow client has not read yet beyond this many are dropped for it
@@ -69,6 +70,8 @@ class LiveHub:
         self._last_progress: dict[str, float] = {}
         self._recent: dict[str, deque[LogLine]] = {}
         self.closed = False
+        #: webhook requests waiting for a step's respond_to_request
+        self.responses = PendingResponses()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -138,6 +141,9 @@ class LiveHub:
 
     def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
         pass
+
+    def respond(self, run: RunRecord, request_key: str, payload: Any) -> bool:
+        return self.responses.deliver(request_key, payload)
 
 
 def _offer(queue: asyncio.Queue[RunEvent], event: RunEvent) -> None:

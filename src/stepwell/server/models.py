@@ -287,6 +287,9 @@ class WebhookModel(_Model):
     table: str
     url: str
     has_token: bool = Field(description="Whether the webhook has its own token (never shown)")
+    respond: bool = Field(
+        default=False, description="Ingest and respond: the request waits for a step's answer"
+    )
 
 
 class GraphNode(_Model):

@@ -18,7 +18,10 @@ from stepwell.runtimes.node.records import RecordError, records_to_arrow, to_rec
 from stepwell.runtimes.node.session import NodeSession
 from stepwell.store.schema import is_json_field, to_pylist
 
-__all__ = ["Connection", "Parameter", "State", "Stream", "Table", "TableVersion", "RecordError"]
+__all__ = [
+    "Connection", "Parameter", "State", "Stream", "Table", "TableVersion", "RecordError",
+    "respond_to_request",
+]  # fmt: skip
 
 ID_COLUMN = "patterns_id"
 #: Rows buffered per table before they are shipped to the host as one Arrow batch.
@@ -555,12 +558,26 @@ class State:
         }
 
 
-def _jsonable(value: Any) -> Any:
-    """State must survive a JSON round trip; reject what would not, early."""
+def respond_to_request(request_key: str, payload: Any) -> bool:
+    """Answer the HTTP request of an ingest-and-respond webhook (``respond: true``):
+    ``request_key`` is the ``patterns_request_key`` of the request's row and
+    ``payload`` (JSON-serialisable) becomes the response body. Returns False when
+    no request waits for that key (timed out, answered already, or the app is not
+    running under ``stepwell serve``); the run log says so too."""
+    if not isinstance(request_key, str) or not request_key:
+        raise TypeError(f"respond_to_request: request_key must be the row's "
+                        f"patterns_request_key (a string), got {request_key!r}")  # fmt: skip
+    body = _jsonable(payload, "respond_to_request's payload")
+    reply, _ = _current().link.call("respond", key=request_key, payload=body)
+    return bool(reply.get("delivered"))
+
+
+def _jsonable(value: Any, what: str = "State values") -> Any:
+    """``value`` after a JSON round trip; rejects what would not survive one, early."""
     try:
         json.dumps(value, default=_state_default)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"State values must be JSON-serialisable: {exc}") from None
+        raise TypeError(f"{what} must be JSON-serialisable: {exc}") from None
     return json.loads(json.dumps(value, default=_state_default))
 
 

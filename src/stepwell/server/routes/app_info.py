@@ -84,7 +84,8 @@ def graph(app: Any) -> Graph:
 
 def webhook_models(app: Any) -> list[WebhookModel]:
     return [
-        WebhookModel(name=h.name, table=h.table, url=f"/api/webhooks/{h.name}", has_token=bool(h.token))
+        WebhookModel(name=h.name, table=h.table, url=f"/api/webhooks/{h.name}",
+                     has_token=bool(h.token), respond=h.respond)  # fmt: skip
         for h in app.webhooks
     ]
 

@@ -1,16 +1,27 @@
-"""Webhooks: each POSTed JSON object becomes a row of the webhook's table."""
+"""Webhooks: each POSTed JSON object becomes a row of the webhook's table.
+
+A webhook with ``respond: true`` (ingest and respond) takes one object per
+request, stores it with a fresh ``patterns_request_key`` and answers with what
+a step passes to ``respond_to_request`` for that key (see ``server.responses``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import JSONResponse
 
 from stepwell.server.auth import bearer, token_matches
 from stepwell.server.context import ServerContext, get_ctx
 from stepwell.server.errors import ApiError, not_found
 from stepwell.server.ingest import IngestError
 from stepwell.server.models import WebhookModel, WebhookResponse
+from stepwell.server.responses import REQUEST_KEY_COLUMN
 from stepwell.server.routes.app_info import webhook_models
 from stepwell.server.routes.tables import parse_json_rows
+from stepwell.store import ids
 
 router = APIRouter(prefix="/api", tags=["webhooks"])
 
@@ -29,8 +40,12 @@ def list_webhooks(ctx: ServerContext = Depends(get_ctx)) -> list[WebhookModel]:
         "Every row gets a `patterns_id`. The rows are committed before the response is "
         "sent; steps triggered `upstream` by the webhook's table are queued. A webhook "
         "with its own token needs `Authorization: Bearer <webhook token>` (the server "
-        "token works too)."
+        "token works too). A `respond: true` webhook takes one object, stores it with a "
+        "`patterns_request_key` and answers 200 with the JSON a step passes to "
+        "`respond_to_request(key, payload)`, or 504 after its `respond_timeout`."
     ),
+    responses={200: {"description": "The step's answer (respond webhooks)"},
+               504: {"description": "No step answered in time (respond webhooks)"}},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}]}}}}},
 )
@@ -42,11 +57,42 @@ async def post_webhook(request: Request, name: str = Path(max_length=200),
         raise not_found(f"no webhook {name!r} (webhooks: {known})")
     _authorize(request, ctx, hook)
     rows = parse_json_rows(await request.body(), f"webhook {name!r}")
+    if hook.respond:
+        return await _ingest_and_respond(ctx, hook, rows)
     try:
-        ids = await ctx.ingest.add(hook.table, rows)
+        row_ids = await ctx.ingest.add(hook.table, rows)
     except IngestError as exc:
         raise ApiError(422, f"webhook {name!r}: {exc}") from None
-    return WebhookResponse(webhook=name, table=hook.table, rows=len(ids), ids=ids)
+    return WebhookResponse(webhook=name, table=hook.table, rows=len(row_ids), ids=row_ids)
+
+
+async def _ingest_and_respond(ctx: ServerContext, hook: Any, rows: list[dict]) -> JSONResponse:
+    """Store the one row with its request key, then wait for a step's answer."""
+    where = f"webhook {hook.name!r}"
+    if len(rows) != 1:
+        raise ApiError(422, f"{where} answers each request: post one JSON object, not an "
+                            f"array of {len(rows)}")  # fmt: skip
+    if REQUEST_KEY_COLUMN in rows[0]:
+        raise ApiError(422, f"{where}: the field {REQUEST_KEY_COLUMN!r} is set by the server")
+    key = ids.new_id()
+    answer = ctx.hub.responses.expect(key)  # before the row exists: no answer can be missed
+    try:
+        try:
+            (row_id,) = await ctx.ingest.add(hook.table, [{**rows[0], REQUEST_KEY_COLUMN: key}])
+        except IngestError as exc:
+            raise ApiError(422, f"{where}: {exc}") from None
+        try:
+            payload = await asyncio.wait_for(answer, hook.respond_timeout)
+        except TimeoutError:
+            raise ApiError(
+                504, f"{where}: no step answered within {hook.respond_timeout:g}s (a step "
+                f"reading table {hook.table!r} calls respond_to_request(record["
+                f"{REQUEST_KEY_COLUMN!r}], payload)); the request is stored as row {row_id} "
+                f"with {REQUEST_KEY_COLUMN} {key}", code="no_response",
+            ) from None
+    finally:
+        ctx.hub.responses.forget(key)
+    return JSONResponse(payload)
 
 
 def _authorize(request: Request, ctx: ServerContext, hook: object) -> None:

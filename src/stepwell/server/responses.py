@@ -1,0 +1,61 @@
+"""Ingest-and-respond webhooks: HTTP requests waiting for a step's answer.
+
+A webhook with ``respond: true`` stores its request as a row carrying a fresh
+``patterns_request_key`` and keeps the request open. A step that processes
+the row answers with ``respond_to_request(key, payload)``; the payload becomes
+the HTTP response. The answer goes out when the step calls it (it does not
+wait for the run to commit), and only the first answer for a key counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+#: Column of a respond webhook's rows that names the request to answer.
+REQUEST_KEY_COLUMN = "patterns_request_key"
+
+
+class PendingResponses:
+    """Requests waiting for an answer, by request key. ``expect``/``forget`` run
+    on the server's event loop; ``deliver`` may be called from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+
+    def expect(self, key: str) -> asyncio.Future[Any]:
+        """A future that ``deliver(key, ...)`` resolves (call on the event loop)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            self._waiting[key] = (loop, future)
+        return future
+
+    def forget(self, key: str) -> None:
+        """Stop waiting for ``key`` (answered, timed out, or the client left)."""
+        with self._lock:
+            self._waiting.pop(key, None)
+
+    def deliver(self, key: str, payload: Any) -> bool:
+        """Answer request ``key``; False when no request waits for it (any more)."""
+        with self._lock:
+            waiting = self._waiting.pop(key, None)
+        if waiting is None:
+            return False
+        loop, future = waiting
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(payload)
+
+        try:
+            loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            return False
+        return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._waiting)

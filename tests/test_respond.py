@@ -1,0 +1,125 @@
+"""Ingest-and-respond webhooks: a real server on loopback, real workers, real stores.
+
+A ``respond: true`` webhook stores its request as a row with a
+``patterns_request_key`` and answers with what a step passes to
+``respond_to_request`` for that key.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pytest
+from apputil import logs, run_app, write_app
+from serverutil import ThreadServer, table_rows
+
+from stepwell.engine.staging import StagedRun
+from stepwell.store import open_store
+
+APP = {
+    "stepwell.yml": """
+        title: ask
+        tables: [{name: questions}, {name: unheard}]
+        webhooks:
+          - name: ask
+            table: questions
+            respond: true
+            respond_timeout: 30s
+          - name: void
+            table: unheard
+            respond: true
+            respond_timeout: 0.5s
+        steps:
+          - name: answer
+            node: answer.py
+            inputs: {questions: questions}
+            trigger: upstream
+          - name: unserialisable
+            node: bad.py
+    """,
+    "bad.py": """
+        from patterns import respond_to_request
+        respond_to_request("some-key", {"when": object()})
+    """,
+    "answer.py": """
+        from patterns import Table, respond_to_request
+        for record in Table("questions").as_stream().consume_records():
+            delivered = respond_to_request(
+                record["patterns_request_key"],
+                {"answer": record["q"].upper(), "row": record["patterns_id"]},
+            )
+            print("delivered" if delivered else "nobody waiting")
+    """,
+}
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request):
+    if request.param == "duckdb":
+        return None
+    return request.getfixturevalue("make_pg_database")()
+
+
+def test_a_step_answers_the_webhook_request(tmp_path, store_url):
+    app = write_app(tmp_path / "ask", APP)
+    with ThreadServer(app, store_url=store_url) as server, server.client() as client:
+        hooks = {h["name"]: h for h in client.get("/api/webhooks").json()}
+        assert hooks["ask"]["respond"] is True
+        first = client.post("/api/webhooks/ask", json={"q": "hello"})
+        assert first.status_code == 200, first.text
+        assert first.json()["answer"] == "HELLO"
+        # concurrent requests each get their own answer
+        answers: dict[str, object] = {}
+
+        def ask(word: str) -> None:
+            answers[word] = client.post("/api/webhooks/ask", json={"q": word}).json()
+
+        threads = [threading.Thread(target=ask, args=(w,)) for w in ("a", "bb", "ccc")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {w: a["answer"] for w, a in answers.items()} == {"a": "A", "bb": "BB", "ccc": "CCC"}
+        stored = table_rows(client, "questions")
+        assert sorted(r["q"] for r in stored) == ["a", "bb", "ccc", "hello"]
+        assert len({r["patterns_request_key"] for r in stored}) == 4
+        assert first.json()["row"] in {r["patterns_id"] for r in stored}
+
+
+def test_bad_respond_requests_and_unanswered_ones_lose_nothing(tmp_path):
+    app = write_app(tmp_path / "ask", APP)
+    with ThreadServer(app) as server, server.client() as client:
+        many = client.post("/api/webhooks/ask", json=[{"q": "x"}, {"q": "y"}])
+        assert many.status_code == 422 and "one JSON object" in many.json()["error"]["message"]
+        forged = client.post("/api/webhooks/ask", json={"q": "x", "patterns_request_key": "k"})
+        assert forged.status_code == 422 and "set by the server" in forged.json()["error"]["message"]
+        # no step reads `unheard`: the request times out, its row is kept
+        silent = client.post("/api/webhooks/void", json={"q": "anyone?"})
+        assert silent.status_code == 504
+        error = silent.json()["error"]
+        assert error["code"] == "no_response" and "0.5s" in error["message"]
+        assert "respond_to_request" in error["message"]
+        (row,) = table_rows(client, "unheard")
+        assert row["q"] == "anyone?" and row["patterns_request_key"] in error["message"]
+        assert len(server.ctx.hub.responses) == 0  # nothing left waiting
+
+
+def test_respond_outside_the_server_returns_false_and_says_so(tmp_path):
+    app = write_app(tmp_path / "ask", APP)
+    store = open_store(None, app)
+    try:
+        seed = StagedRun(store, "seed", "seed")
+        seed.write("questions", pa.table({"q": ["late"], "patterns_request_key": ["gone"]}))
+        seed.commit(None, None)
+    finally:
+        store.close()
+    (run,) = run_app(app, steps=["answer"])
+    assert run.status == "succeeded", run.error
+    lines = logs(app, run.id)
+    assert any("respond_to_request('gone'): no request is waiting" in line for line in lines), lines
+    assert "nobody waiting" in lines
+    (bad,) = run_app(app, steps=["unserialisable"])
+    assert bad.status == "failed"
+    assert "respond_to_request's payload must be JSON-serialisable" in bad.error
+    assert "bad.py:2" in bad.error
