@@ -964,3 +964,62 @@ def test_reading_a_table_the_run_is_resetting(tmp_path, store_url):
     else:
         assert second.status == "failed"
         assert "being changed by a transaction not yet committed" in second.error
+
+
+EXECUTE_SQL = {
+    "stepwell.yml": """
+        steps:
+          - name: seed
+            node: seed.py
+          - name: derive
+            node: derive.py
+            inputs: {orders: orders}
+            outputs: {big: big_orders, summary: summary}
+          - name: sneaky
+            node: sneaky.py
+            inputs: {orders: orders}
+    """,
+    "seed.py": """
+        from patterns import Table
+        Table("orders", "w").append([{"id": i, "amount": i * 10} for i in range(1, 6)])
+    """,
+    "derive.py": """
+        from patterns import Table
+        orders, big, summary = Table("orders"), Table("big", "w"), Table("summary", "w")
+        big.append({"id": 0, "amount": 0})
+        n = big.execute_sql(f"INSERT INTO {big} (id, amount) SELECT id, amount FROM orders WHERE amount >= 30")
+        big.execute_sql("INSERT INTO big (id, amount) VALUES (100, 1000), (101, 1010)")
+        # the query sees what this run wrote so far; a replace starts a new version
+        summary.execute_sql(
+            'CREATE OR REPLACE TABLE summary AS SELECT count(*) AS n, sum(amount) AS total FROM {{ Table("big") }}'
+        )
+        print(f"inserted {n}")
+    """,
+    "sneaky.py": """
+        from patterns import Table
+        Table("orders", "w").execute_sql("DELETE FROM orders")
+    """,
+}
+
+
+def test_execute_sql_appends_and_replaces_only_its_table(tmp_path, store_url):
+    app = write_app(tmp_path / "app", EXECUTE_SQL)
+    seed, derive, sneaky = run_app(app, store_url)
+    assert seed.status == "succeeded" and derive.status == "succeeded", derive.error
+    assert "inserted 3" in logs(app, derive.id, store_url)
+    big = rows(app, "big_orders", store_url, order_by="patterns_id")
+    assert [(r["id"], r["amount"]) for r in big] == [(0, 0), (3, 30), (4, 40), (5, 50), (100, 1000), (101, 1010)]
+    assert all(r["patterns_id"] for r in big)
+    (summary,) = rows(app, "summary", store_url)
+    assert (summary["n"], summary["total"]) == (6, 2130)
+    # a second run replaces the summary (a new version) and appends to big_orders again
+    again = run_app(app, store_url, steps=["derive"])[0]
+    assert again.status == "succeeded", again.error
+    assert len(rows(app, "big_orders", store_url)) == 12
+    (summary,) = rows(app, "summary", store_url)
+    assert summary["n"] == 12
+    # anything but INSERT / CREATE TABLE AS into the table itself is refused, naming the fix
+    assert sneaky.status == "failed"
+    assert "DELETE statements cannot run here" in sneaky.error
+    assert "INSERT INTO orders" in sneaky.error and "sneaky.py:2" in sneaky.error
+    assert len(rows(app, "orders", store_url)) == 5

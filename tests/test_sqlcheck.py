@@ -2,7 +2,12 @@
 
 import pytest
 
-from stepwell.runtimes.sqlcheck import SqlNotAllowed, expand_templates, restrict_select
+from stepwell.runtimes.sqlcheck import (
+    SqlNotAllowed,
+    expand_templates,
+    restrict_select,
+    table_statement,
+)
 
 
 @pytest.mark.parametrize(
@@ -37,3 +42,43 @@ def test_ports_are_rewritten_to_tables_and_ctes_kept():
 def test_patterns_templates():
     assert expand_templates('select * from {{ Table("orders") }}') == "select * from orders"
     assert expand_templates("select * from {{Table('a', 'w')}}") == "select * from a"
+
+
+TABLES = {"orders": "raw_orders", "out": "out_table"}
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind", "select", "columns"),
+    [
+        ("insert into out select * from orders", "insert", 'SELECT * FROM "raw_orders"', []),
+        ('INSERT INTO "out_table" (a) SELECT id FROM orders', "insert",
+         'SELECT id FROM "raw_orders"', ["a"]),
+        ("insert into out (a, b) values (1, 'x')", "insert",
+         "SELECT * FROM (VALUES (1, 'x')) AS v(\"a\", \"b\")", ["a", "b"]),
+        ("create or replace table out as select 1 as n", "replace", "SELECT 1 AS n", []),
+        ("create table out as (select * from orders)", "replace", 'SELECT * FROM "raw_orders"', []),
+    ],
+)
+def test_table_statement(sql, kind, select, columns):
+    plan = table_statement(sql, "out_table", TABLES, "duckdb", "node.py")
+    assert (plan.kind, plan.select, plan.columns) == (kind, select, columns)
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("insert into orders select * from out", "may only change table 'out_table' itself"),
+        ("insert into stepwell.runs select 1", "may only change table 'out_table' itself"),
+        ("insert into out select * from read_csv('/etc/passwd')", "read_csv() is not allowed"),
+        ("insert into out select * from secrets", "'secrets' is not one of this step's tables"),
+        ("insert into out values (1)", "name the columns of the VALUES"),
+        ("update out set a = 1", "UPDATE statements cannot run here"),
+        ("delete from out", "DELETE statements cannot run here"),
+        ("create view out as select 1", "CREATE statements cannot run here"),
+        ("insert into out select 1; select 2", "expected one statement, got 2"),
+    ],
+)
+def test_table_statement_refused(sql, message):
+    with pytest.raises(SqlNotAllowed, match="node.py") as info:
+        table_statement(sql, "out_table", TABLES, "duckdb", "node.py")
+    assert message in str(info.value)

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun, visibility_watermark
-from stepwell.runtimes.sqlcheck import restrict_select
+from stepwell.runtimes.sqlcheck import restrict_select, table_statement
 from stepwell.sandbox.launcher import WorkerProcess
 from stepwell.sandbox.protocol import (
     NOTIFY_OPS,
@@ -255,6 +255,16 @@ class WorkerSession:
         return {}, self.staged.query(sql)
 
     # -- writes ----------------------------------------------------------
+    def op_table_sql(self, message: dict, _body: bytes) -> tuple[dict, bytes]:
+        """``Table.execute_sql``: check the statement; reply with the rows it adds
+        (the worker writes them like any other rows, with its table's options)."""
+        allowed = {str(k): str(v) for k, v in (message.get("tables") or {}).items()}
+        plan = table_statement(
+            str(message["sql"]), str(message["table"]), allowed, self.store.dialect.name,
+            where=f"execute_sql in {self.staged.step}",
+        )
+        return {"kind": plan.kind, "columns": plan.columns}, self.staged.query(plan.select)
+
     def op_write(self, message: dict, body: bytes) -> dict:
         data = decode_table(body)
         table = str(message["table"])
@@ -373,7 +383,7 @@ class WorkerSession:
         reads, writes = getattr(self, "_read_tables", None), getattr(self, "_write_tables", None)
         if reads is None or writes is None:
             return
-        if op in ("write", "truncate", "reset", "activate_version"):
+        if op in ("write", "truncate", "reset", "activate_version", "table_sql"):
             tables, allowed, what = [message.get("table")], writes, "write"
         elif op in ("scan_open", "table_info"):
             tables, allowed, what = [message.get("table")], [*reads, *writes], "read"

@@ -1,9 +1,11 @@
-"""Checking user SQL before the host runs it: one SELECT over allowed tables only."""
+"""Checking user SQL before the host runs it: one SELECT over allowed tables only
+(and, for ``Table.execute_sql``, one INSERT or CREATE TABLE AS into one table)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 #: Patterns-style templating: ``{{ Table("orders") }}`` (optionally with a mode).
 _TABLE_TEMPLATE = re.compile(
@@ -97,3 +99,65 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
                 f"or list it in the step's inputs"
             )
     return tree.sql(dialect=dialect)
+
+
+@dataclass
+class TableStatement:
+    """What ``Table.execute_sql`` runs: the rows of ``select`` (already restricted
+    to the step's tables), named ``columns`` if given, appended to the table
+    (``kind`` "insert") or replacing its contents as a new version ("replace")."""
+
+    kind: str
+    select: str
+    columns: list[str]
+
+
+def table_statement(
+    sql: str, table: str, allowed: Mapping[str, str], dialect: str, where: str
+) -> TableStatement:
+    """Check that ``sql`` is one ``INSERT INTO <table> ... SELECT/VALUES`` or
+    ``CREATE [OR REPLACE] TABLE <table> AS SELECT`` whose query reads only the
+    tables in ``allowed`` (alias -> table); ``table`` is the one it may change."""
+    import sqlglot
+    from sqlglot import exp
+
+    glot = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
+    usage = (f"use INSERT INTO {table} [(columns)] SELECT ... | VALUES ..., or CREATE "
+             f"[OR REPLACE] TABLE {table} AS SELECT ...")  # fmt: skip
+    text = expand_templates(sql).strip().rstrip(";")
+    try:
+        statements = [s for s in sqlglot.parse(text, read=glot) if s is not None]
+    except sqlglot.errors.ParseError as exc:
+        raise SqlNotAllowed(f"{where}: cannot parse SQL: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise SqlNotAllowed(f"{where}: expected one statement, got {len(statements)}; {usage}")
+    tree = statements[0]
+    if isinstance(tree, exp.Insert):
+        kind = "insert"
+    elif isinstance(tree, exp.Create) and str(tree.args.get("kind", "")).upper() == "TABLE":
+        kind = "replace"
+    else:
+        raise SqlNotAllowed(f"{where}: {tree.key.upper()} statements cannot run here; {usage}")
+    target = tree.this
+    columns = [c.name for c in target.expressions] if isinstance(target, exp.Schema) else []
+    target_table = target.this if isinstance(target, exp.Schema) else target
+    name = target_table.name if isinstance(target_table, exp.Table) else ""
+    if allowed.get(name, name) != table or target_table.args.get("db"):
+        raise SqlNotAllowed(
+            f"{where}: execute_sql may only change table {table!r} itself, not "
+            f"{target_table.sql(dialect=glot)}"
+        )
+    source = tree.expression
+    if isinstance(source, exp.Subquery):
+        source = source.this
+    if isinstance(source, exp.Values):
+        if not columns:
+            raise SqlNotAllowed(f"{where}: name the columns of the VALUES: INSERT INTO "
+                                f"{table} (a, b, ...) VALUES ...")  # fmt: skip
+        alias = ", ".join(exp.to_identifier(c, quoted=True).sql(dialect=glot) for c in columns)
+        query = f"SELECT * FROM ({source.sql(dialect=glot)}) AS v({alias})"
+    elif isinstance(source, (exp.Select, exp.Union, exp.Intersect, exp.Except)):
+        query = source.sql(dialect=glot)
+    else:
+        raise SqlNotAllowed(f"{where}: {kind.upper()} needs a SELECT or VALUES; {usage}")
+    return TableStatement(kind, restrict_select(query, allowed, dialect, where), columns)

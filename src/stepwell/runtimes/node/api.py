@@ -264,6 +264,31 @@ class Table:
     def signal_reset(self) -> None:
         """Kept for Patterns code: downstream steps hear of every commit anyway."""
 
+    def execute_sql(self, sql: str) -> int:
+        """Change this table with one SQL statement over the step's tables (named by
+        port, ``str(table)`` or ``{{ Table("x") }}``): ``INSERT INTO <this table>
+        [(columns)] SELECT ... | VALUES ...`` appends rows, ``CREATE [OR REPLACE]
+        TABLE <this table> AS SELECT ...`` replaces its contents (a new version).
+        The rows are written like ``append``'s (``patterns_id``, ``init`` options)
+        and commit with the run; returns how many there were."""
+        self._check_writable("change it with SQL")
+        if not self._connected:
+            return 0
+        self._send_buffer()  # rows appended before come first, and the query sees them
+        kind, columns, data = self._session.table_sql(sql, self.table_name)
+        if columns:
+            if len(columns) != data.num_columns:
+                raise ValueError(
+                    f"execute_sql on {self.table_name!r}: {len(columns)} column names for "
+                    f"{data.num_columns} values per row"
+                )
+            data = data.rename_columns(columns)
+        if kind == "replace":
+            self.reset()
+        if data.num_rows:
+            self._ship(data, "append")
+        return data.num_rows
+
     def flush(self) -> None:
         """A commit point: everything written and consumed so far becomes durable."""
         self._session.commit()
