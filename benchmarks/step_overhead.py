@@ -157,23 +157,25 @@ def cli_seconds(app: Path, steps: list[str] | None, env: dict[str, str]) -> floa
 
 
 def sandbox_cycle(samples: int) -> dict[str, float]:
-    """The sandbox alone: fork + isolation + a no-op worker, and fork-server cold start."""
+    """The sandbox alone: fork + isolation + a no-op worker from the lean fork-server
+    (the one these steps use), and the cold start of both fork-servers."""
     from stepwell.sandbox.launcher import ForkServerClient, WorkerLimits, forkserver, start_worker
 
-    fresh = ForkServerClient()
-    began = time.perf_counter()
-    fresh.ensure()
-    cold_ms = (time.perf_counter() - began) * 1000
-    internal_ms = float(fresh.info.get("startup_ms", 0.0))
-    fresh.shutdown()
-    forkserver().ensure()
     summary: dict[str, float] = {}
+    for pandas, suffix in ((False, ""), (True, "_pandas")):
+        fresh = ForkServerClient(pandas=pandas)
+        began = time.perf_counter()
+        fresh.ensure()
+        summary["forkserver_cold_start_ms" + suffix] = (time.perf_counter() - began) * 1000
+        summary["forkserver_internal_startup_ms" + suffix] = float(fresh.info.get("startup_ms", 0.0))
+        fresh.shutdown()
+    forkserver(pandas=False).ensure()
     for network in (True, False):
         results: dict[str, list[float]] = {"fork_ms": [], "isolate_and_run_ms": [], "total_ms": []}
         for i in range(samples + 3):
             time.sleep(0.01)  # a host does its bookkeeping between runs; the next spare forks meanwhile
             began = time.perf_counter()
-            worker = start_worker(Path("/"), limits=WorkerLimits(network=network))
+            worker = start_worker(Path("/"), limits=WorkerLimits(network=network), pandas=False)
             forked = time.perf_counter()
             worker.channel.send({"op": "start", "entry": "stepwell.sandbox.worker:ping"})
             while worker.channel.recv()[0].get("op") != "done":
@@ -189,7 +191,6 @@ def sandbox_cycle(samples: int) -> dict[str, float]:
         for key, values in results.items():
             summary[key + suffix] = statistics.median(values)
         summary["total_ms_min" + suffix] = min(results["total_ms"])
-    summary.update(forkserver_cold_start_ms=cold_ms, forkserver_internal_startup_ms=internal_ms)
     return summary
 
 
@@ -319,7 +320,8 @@ def main() -> None:
           f"fork request {cycle['fork_ms']:.2f} ms + isolation and a no-op run "
           f"{cycle['isolate_and_run_ms']:.2f} ms")
     print(f"  fork-server cold start     {cycle['forkserver_cold_start_ms']:.0f} ms, once per host "
-          f"process ({cycle['forkserver_internal_startup_ms']:.0f} ms of it importing and warming up)")
+          f"process ({cycle['forkserver_internal_startup_ms']:.0f} ms of it importing and warming up; "
+          f"{cycle['forkserver_cold_start_ms_pandas']:.0f} ms for the one with pandas)")
     print(f"  without sandbox (python per step) {per_step_ms(unsandboxed):6.1f} ms overhead per step")
     if warm:
         print(f"  Prefect {prefect.get('version', 3)} flow    {min(warm) * 1000:9.1f} ms total  "

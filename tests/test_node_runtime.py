@@ -1023,3 +1023,49 @@ def test_execute_sql_appends_and_replaces_only_its_table(tmp_path, store_url):
     assert "DELETE statements cannot run here" in sneaky.error
     assert "INSERT INTO orders" in sneaky.error and "sneaky.py:2" in sneaky.error
     assert len(rows(app, "orders", store_url)) == 5
+
+
+SQL_THEN_STREAM = {
+    "stepwell.yml": """
+        tables: [orders, totals, big, seen]
+        steps:
+          - name: seed
+            node: seed.py
+          - name: totals
+            sql: totals.sql
+            output: totals
+          - name: big
+            sql: big.sql
+            output: big
+          - name: watch
+            node: watch.py
+    """,
+    "seed.py": """
+        from patterns import Table
+        Table("orders", "w").append([{"amount": a} for a in (10, 20, 30)])
+    """,
+    "totals.sql": "SELECT count(*) AS n, sum(amount) AS total FROM orders",
+    "big.sql": "SELECT * FROM orders WHERE amount > 15",
+    "watch.py": """
+        from patterns import Table
+        seen = Table("seen", "w")
+        for row in Table("totals").as_stream().consume_records():
+            seen.append({"n": row["n"], "total": row["total"]})
+    """,
+}
+
+
+def test_a_sql_steps_output_streams_each_new_result_once(tmp_path, store_url):
+    app = write_app(tmp_path / "app", SQL_THEN_STREAM)
+    first = run_app(app, store_url)
+    assert [r.status for r in first] == ["succeeded"] * 4, [r.error for r in first]
+    second = run_app(app, store_url)
+    assert [r.status for r in second] == ["succeeded"] * 4, [r.error for r in second]
+    seen = rows(app, "seen", store_url, order_by="patterns_id")
+    assert [(r["n"], r["total"]) for r in seen] == [(3, 60), (6, 120)]
+    (totals,) = rows(app, "totals", store_url)  # the output holds the latest result only
+    assert totals["n"] == 6 and totals["patterns_id"]
+    # a result that selects an input's patterns_id keeps those ids
+    orders = {r["patterns_id"]: r["amount"] for r in rows(app, "orders", store_url)}
+    big = rows(app, "big", store_url)
+    assert len(big) == 4 and all(orders[r["patterns_id"]] == r["amount"] for r in big)

@@ -1,4 +1,4 @@
-"""SQL steps: one SELECT over app tables, its result replaces the output table.
+"""SQL steps: one SELECT over app tables, its result replaces the output table's rows.
 
 SQL steps run in the host (there is no user Python to isolate), but the query
 is checked first: a single SELECT that reads only the app's tables, never the
@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from stepwell.runtimes.sqlcheck import restrict_select, template_tables
+from stepwell.store.base import ID_COLUMN
 
 
 def sql_output(step) -> str:
@@ -40,4 +41,8 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
     output = sql_output(step)
     if staged.store.table_info(output, count_rows=False) is not None:
         staged.truncate(output)
-    return staged.write(output, result, mode="append", id_column=None)
+    # Rows get a patterns_id (larger than any earlier run's), so a stream over the
+    # output reads each new result once; a result that selects an input's
+    # patterns_id keeps those ids instead.
+    id_column = None if ID_COLUMN in result.column_names else ID_COLUMN
+    return staged.write(output, result, mode="append", id_column=id_column)
