@@ -86,6 +86,12 @@ def test_rule_sql_compiles_windows_and_functions() -> None:
     with pytest.raises(StreamError, match="unknown time unit"):
         compile_rule("SELECT * FROM d GROUP BY TUMBLINGWINDOW(yy, 1)", rule_id="r",
                      is_plugin_function=is_fn, is_aggregate_function=is_agg)
+    m = compile_rule("SELECT meta(topic), meta(*) AS m FROM d WHERE meta('qos') > 0", rule_id="r",
+                     is_plugin_function=is_fn, is_aggregate_function=is_agg)
+    assert m.meta_keys == {"topic", "*", "qos"} and " AS meta" in m.sql
+    with pytest.raises(StreamError, match=r"meta\(\) takes one key"):
+        compile_rule("SELECT meta(a, b) FROM d", rule_id="r", is_plugin_function=is_fn,
+                     is_aggregate_function=is_agg)
 
 
 # -- windowers (deterministic timestamps) ---------------------------------------------------
@@ -146,6 +152,22 @@ def test_source_rule_to_sink_log_and_table(env, tmp_path: Path) -> None:
     assert status["records_in"] == 5 and status["records_out"] == 4 and status["acks_ok"] == 4
     assert status["errors"] == 0 and status["status"] == "stopped"
     assert Path(str(out) + ".closed").exists()  # stopping the rule closed the sink
+
+
+def test_meta_reads_the_sources_metadata(env, tmp_path: Path) -> None:
+    root, store, engine = env
+    engine.create({"id": "m", "sql": "SELECT id, meta(seq) AS s, meta(*) AS everything, meta(conf) "
+                   "FROM demo WHERE meta(seq) >= 3", "actions": [{"table": {"name": "metas"}}]})
+    engine.start("m")
+    wait_for(lambda: engine.status("m")["records_out"] == 2)
+    engine.stop("m")
+    rows = rows_of(store, "metas")
+    assert [(r["id"], r["s"]) for r in rows] == [(3, 3), (4, 4)]
+    # the whole map (a JSON column in the table), and an unaliased meta() named like
+    # eKuiper names it
+    everything = rows[0]["everything"]
+    everything = json.loads(everything) if isinstance(everything, str) else everything
+    assert everything == {"seq": 3, "conf": "topicA"} and rows[0]["meta"] == "topicA"
 
 
 def test_ack_errors_and_send_single(env, tmp_path: Path) -> None:

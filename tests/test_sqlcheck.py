@@ -75,7 +75,7 @@ def test_table_statement(sql, kind, select, columns):
         ("update out set a = 1", "UPDATE statements cannot run here"),
         ("delete from out", "DELETE statements cannot run here"),
         ("create view out as select 1", "CREATE statements cannot run here"),
-        ("insert into out select 1; select 2", "expected one statement, got 2"),
+        ("insert into out select 1; select 2", "expected one statement (use INSERT INTO"),
     ],
 )
 def test_table_statement_refused(sql, message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 #: Patterns-style templating: ``{{ Table("orders") }}`` (optionally with a mode).
 _TABLE_TEMPLATE = re.compile(
@@ -46,23 +47,28 @@ def template_tables(sql: str) -> list[str]:
     return _TABLE_TEMPLATE.findall(sql)
 
 
-def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: str) -> str:
-    """Return ``sql`` rewritten so names in ``allowed`` (alias -> table) point at
-    their tables; raise ``SqlNotAllowed`` for anything but one SELECT reading only
-    those tables. ``where`` names the step or file for error messages."""
+def _one_statement(sql: str, dialect: str, where: str, expected: str) -> Any:
+    """The single statement in ``sql`` (templates expanded), parsed by sqlglot."""
     import sqlglot
-    from sqlglot import exp
 
-    dialect = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
     text = expand_templates(sql).strip().rstrip(";")
     try:
         statements = [s for s in sqlglot.parse(text, read=dialect) if s is not None]
     except sqlglot.errors.ParseError as exc:
-        first = str(exc).splitlines()[0]
-        raise SqlNotAllowed(f"{where}: cannot parse SQL: {first}") from None
+        raise SqlNotAllowed(f"{where}: cannot parse SQL: {str(exc).splitlines()[0]}") from None
     if len(statements) != 1:
-        raise SqlNotAllowed(f"{where}: expected one SELECT statement, got {len(statements)}")
-    tree = statements[0]
+        raise SqlNotAllowed(f"{where}: expected {expected}, got {len(statements)}")
+    return statements[0]
+
+
+def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: str) -> str:
+    """Return ``sql`` rewritten so names in ``allowed`` (alias -> table) point at
+    their tables; raise ``SqlNotAllowed`` for anything but one SELECT reading only
+    those tables. ``where`` names the step or file for error messages."""
+    from sqlglot import exp
+
+    dialect = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
+    tree = _one_statement(sql, dialect, where, "one SELECT statement")
     if not isinstance(tree, (exp.Select, exp.Union, exp.Intersect, exp.Except)):
         raise SqlNotAllowed(
             f"{where}: only SELECT queries are allowed here, not {tree.key.upper()}"
@@ -118,20 +124,12 @@ def table_statement(
     """Check that ``sql`` is one ``INSERT INTO <table> ... SELECT/VALUES`` or
     ``CREATE [OR REPLACE] TABLE <table> AS SELECT`` whose query reads only the
     tables in ``allowed`` (alias -> table); ``table`` is the one it may change."""
-    import sqlglot
     from sqlglot import exp
 
     glot = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
     usage = (f"use INSERT INTO {table} [(columns)] SELECT ... | VALUES ..., or CREATE "
              f"[OR REPLACE] TABLE {table} AS SELECT ...")  # fmt: skip
-    text = expand_templates(sql).strip().rstrip(";")
-    try:
-        statements = [s for s in sqlglot.parse(text, read=glot) if s is not None]
-    except sqlglot.errors.ParseError as exc:
-        raise SqlNotAllowed(f"{where}: cannot parse SQL: {str(exc).splitlines()[0]}") from None
-    if len(statements) != 1:
-        raise SqlNotAllowed(f"{where}: expected one statement, got {len(statements)}; {usage}")
-    tree = statements[0]
+    tree = _one_statement(sql, glot, where, f"one statement ({usage})")
     if isinstance(tree, exp.Insert):
         kind = "insert"
     elif isinstance(tree, exp.Create) and str(tree.args.get("kind", "")).upper() == "TABLE":

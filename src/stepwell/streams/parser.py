@@ -264,6 +264,44 @@ class CompiledRule:
     functions: list[FunctionSite]
     columns: set[str]
     uses_window_bounds: bool
+    #: keys the rule reads with ``meta(key)`` ("*" for ``meta(*)``); each is the
+    #: column ``meta_column(key)`` of the events table
+    meta_keys: set[str] = field(default_factory=set)
+
+
+#: Prefix of the events table's columns that carry a source's metadata.
+META_PREFIX = "__sw_meta__"
+
+
+def meta_column(key: str) -> str:
+    """The events table column holding ``meta(key)`` (``*``: the whole metadata map)."""
+    return META_PREFIX if key == "*" else META_PREFIX + key
+
+
+def _rewrite_meta_calls(tree: Any, where: str) -> set[str]:
+    """Turn ``meta(key)`` / ``meta(*)`` into columns of the events table (an
+    unaliased one in the SELECT list is named ``meta``, as eKuiper names it)."""
+    from sqlglot import exp
+
+    keys: set[str] = set()
+    for node in list(tree.find_all(exp.Anonymous)):
+        if _func_name(node) != "meta":
+            continue
+        args = _func_args(node)
+        arg = args[0] if len(args) == 1 else None
+        if isinstance(arg, exp.Star):
+            key = "*"
+        elif isinstance(arg, exp.Column) and not arg.table:
+            key = arg.name
+        elif isinstance(arg, exp.Literal) and arg.is_string:
+            key = arg.this
+        else:
+            raise StreamError(f"{where}: meta() takes one key, e.g. meta(topic), or meta(*)")
+        keys.add(key)
+        column = exp.column(meta_column(key), quoted=True)
+        unaliased = node.parent is tree and node.arg_key == "expressions"
+        node.replace(exp.alias_(column, "meta") if unaliased else column)
+    return keys
 
 
 def _func_name(node: Any) -> str:
@@ -390,6 +428,7 @@ def compile_rule(
     elif any(isinstance(n, exp.Func) and _func_name(n) in _WINDOWS for n in tree.walk()):
         raise StreamError(f"{where}: window functions belong in GROUP BY")
 
+    meta_keys = _rewrite_meta_calls(tree, where)
     uses_bounds = False
     for node in list(tree.find_all(exp.Func)):
         name = _func_name(node)
@@ -416,7 +455,8 @@ def compile_rule(
         out = tree.sql(dialect="duckdb")
     except sqlglot.errors.SqlglotError as exc:
         raise StreamError(f"{where}: cannot translate the SQL: {exc}") from None
-    return CompiledRule(stream, alias, window, out, aggregate, sites, columns, uses_bounds)
+    return CompiledRule(stream, alias, window, out, aggregate, sites, columns, uses_bounds,
+                        meta_keys)
 
 
 def rewrite_plugin_calls(

@@ -51,6 +51,7 @@ from stepwell.streams.parser import (
     compile_rule,
     load_rule_file,
     load_stream_file,
+    meta_column,
     parse_rule,
 )
 from stepwell.streams.windows import Event, Pane, Windower, make_windower
@@ -124,6 +125,12 @@ def rows_to_arrow(rows: list[dict[str, Any]], declared: dict[str, pa.DataType] |
     if not fields:
         return pa.table({"__sw_empty": pa.nulls(len(rows))})
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _meta_values(meta: dict[str, Any] | None, keys: Iterable[str]) -> dict[str, Any]:
+    """The events table's ``meta()`` columns for one event's source metadata."""
+    meta = meta or {}
+    return {meta_column(k): (meta or None) if k == "*" else meta.get(k) for k in keys}
 
 
 def result_rows(relation: Any) -> list[dict[str, Any]]:
@@ -395,26 +402,27 @@ class RuleRuntime:
         self._save_status(force=True)
 
     # -- input
-    def _push(self, rows: list[tuple[dict[str, Any], Any]]) -> None:
+    def _push(self, rows: list[tuple[dict[str, Any], Any]], meta: Any = None) -> None:
         now = time.monotonic()
         wall = int(time.time() * 1000)
+        meta = meta if isinstance(meta, dict) else None
         events = []
         for row, position in rows:
             ts = wall
             if self.event_time and self.stream.timestamp:
                 ts = _to_ms(row.get(self.stream.timestamp)) or wall
             self._seq += 1
-            events.append(Event(ts, row, self._seq, position, now))
+            events.append(Event(ts, row, self._seq, position, now, meta))
         with self._cond:
             self._queue.extend(events)
             self._cond.notify_all()
 
-    def _on_message(self, message: Any, _meta: Any) -> None:
+    def _on_message(self, message: Any, meta: Any) -> None:
         items = message if isinstance(message, list) else [message]
         rows = [(m, None) for m in items if isinstance(m, dict)]
         if len(rows) != len(items):
             self.metrics.error(f"source {self.stream.type!r} sent a message that is not an object")
-        self._push(rows)
+        self._push(rows, meta)
 
     def _on_source_error(self, text: str) -> None:
         self.metrics.error(f"source {self.stream.type!r}: {text}")
@@ -539,7 +547,9 @@ class RuleRuntime:
 
     def _query(self, events: list[Event], pane: Pane | None) -> list[dict[str, Any]]:
         assert self.compiled is not None
-        table = rows_to_arrow([e.row for e in events], self._declared, self.compiled.columns)
+        keys = self.compiled.meta_keys
+        rows = [{**e.row, **_meta_values(e.meta, keys)} if keys else e.row for e in events]
+        table = rows_to_arrow(rows, self._declared, self.compiled.columns)
         con = self._con
         con.register(EVENTS_TABLE, table)
         try:

@@ -36,6 +36,8 @@ class Event:
     """Source position (table streams): committed once no pane needs the event any more."""
     arrived: float = 0.0
     """time.monotonic() at arrival, for latency metrics."""
+    meta: dict[str, Any] | None = None
+    """The source's metadata for this event (``meta()`` in rule SQL)."""
 
 
 @dataclass
