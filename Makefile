@@ -8,7 +8,7 @@ endif
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen --all-groups --extra spark --extra integray
+	$(UV) sync --frozen --all-groups --extra spark --extra integray --extra ray
 
 demo: setup
 	rm -rf examples/quickstart/.stepwell

@@ -115,31 +115,61 @@ def run(
     app_path: AppArg = ".",
     steps: Annotated[list[str] | None, typer.Argument(help="Steps to run (default: all)")] = None,
     store: StoreOpt = None,
-    executor: Annotated[str, typer.Option(help="local")] = "local",
+    executor: Annotated[str, typer.Option(
+        help="local (the fork-server pool here) or ray (each run a Ray task; needs a "
+             "PostgreSQL --store)")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (default: start a local one)")] = None,
     sandbox: SandboxOpt = None,
 ) -> None:
     """Run steps once, in dependency order, with a progress display."""
     _use_sandbox(sandbox)
+    if executor == "ray":
+        _run_on_ray(app_path, steps, store, ray_address, sandbox)
+        return
     if executor != "local":
-        raise CliError(f"executor {executor!r} is not available yet; use --executor local")
+        raise CliError(f"unknown executor {executor!r}; use --executor local or --executor ray")
     with _backend(app_path, store, warm_workers=True) as (spec, backend):
         # imported once the fork-server is starting: it warms up meanwhile
         from stepwell.cli_progress import RunProgress
         from stepwell.engine.app_run import select_steps
-        from stepwell.engine.runner import SUCCESS
 
         names = select_steps(spec, steps)
         console = _console()
         with RunProgress(console, total_steps=len(names)) as progress:
             runs = backend.run_steps(names, progress)
-        failed = [r for r in runs if r.status not in SUCCESS]
-        for r in failed:
-            print(f"error: step {r.step!r} {r.status}: {r.error} (details: stepwell logs "
-                  f"{app_path} {r.id})", file=sys.stderr)
-            if _verbose and r.traceback:
-                print(r.traceback, file=sys.stderr)
-        if failed:
-            raise typer.Exit(1)
+        _report_failures(app_path, runs)
+
+
+def _run_on_ray(app_path: str, steps: list[str] | None, store: str | None,
+                address: str | None, sandbox: str | None) -> None:  # fmt: skip
+    from stepwell.cli_progress import RunProgress
+    from stepwell.engine.app_run import select_steps
+    from stepwell.engine.ray_executor import RayExecutorError, run_steps_on_ray
+
+    spec = _load(app_path)
+    names = select_steps(spec, steps)
+    with RunProgress(_console(), total_steps=len(names)) as progress:
+        try:
+            runs = run_steps_on_ray(spec, store or spec.store or "", names, address=address,
+                                    listener=progress, sandbox=sandbox)  # fmt: skip
+        except RayExecutorError as exc:
+            raise CliError(str(exc)) from None
+    _report_failures(app_path, runs)
+
+
+def _report_failures(app_path: str, runs: list[Any]) -> None:
+    """One stderr line per failed run (and its traceback with --verbose); exit 1."""
+    from stepwell.engine.runner import SUCCESS
+
+    failed = [r for r in runs if r.status not in SUCCESS]
+    for r in failed:
+        details = f" (details: stepwell logs {app_path} {r.id})" if r.id else ""
+        print(f"error: step {r.step!r} {r.status}: {r.error}{details}", file=sys.stderr)
+        if _verbose and r.traceback:
+            print(r.traceback, file=sys.stderr)
+    if failed:
+        raise typer.Exit(1)
 
 
 # -- load -------------------------------------------------------------------

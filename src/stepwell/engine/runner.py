@@ -153,6 +153,7 @@ class Runner:
         listener: RunListener | None = None,
         environ: Mapping[str, str] | None = None,
         sandbox: str | None = None,
+        recover: bool = True,
     ):
         self.app = app
         self.store = store
@@ -168,7 +169,8 @@ class Runner:
         self._env_checked = False
         self._active: dict[str, _RunHandle] = {}
         self._active_lock = threading.Lock()
-        recover_orphans(store)
+        if recover:  # (a Ray task must not: other hosts' pids mean nothing on its node)
+            recover_orphans(store)
 
     # -- preparation -----------------------------------------------------
     def _context(self, step: Any) -> StepContext:

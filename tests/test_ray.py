@@ -1,0 +1,107 @@
+"""The Ray executor end to end: `stepwell run --executor ray` starts a real local
+Ray cluster, each run is a Ray task (in a Ray worker process, sandboxed by that
+node's fork-server), and the store is a real PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from apputil import cli, write_app
+
+from stepwell.store import open_store
+
+pytest.importorskip("ray", reason="the ray extra is not installed (uv sync --extra ray)")
+
+APP = {
+    "stepwell.yml": """
+        title: fan-in
+        steps:
+          - name: left
+            node: produce.py
+            parameters: {side: left, count: 3}
+            outputs: {out: left_rows}
+          - name: right
+            node: produce.py
+            parameters: {side: right, count: 4}
+            outputs: {out: right_rows}
+          - name: combine
+            node: combine.py
+            inputs: {left: left_rows, right: right_rows}
+            outputs: {out: combined}
+          - name: again
+            node: again.py
+          - name: broken
+            node: broken.py
+    """,
+    "produce.py": """
+        import os
+        from patterns import Parameter, Table
+        side, count = Parameter("side"), Parameter("count", type=int)
+        Table("out", "w").append([{"side": side, "n": i, "pid": os.getpid()} for i in range(count)])
+    """,
+    "combine.py": """
+        from patterns import Parameter, Table
+        out = Table("out", "w")
+        for port in ("left", "right"):
+            for row in Table(port).as_stream().consume_records():
+                out.append({"side": row["side"], "n": row["n"], "secret_len": len(Parameter("token"))})
+    """,
+    "again.py": """
+        from patterns import State
+        state = State()
+        n = state.get_value("n", 0) + 1
+        state.set_value("n", n)
+        if n < 3:
+            state.request_new_run()
+    """,
+    "broken.py": "raise ValueError('on purpose')\n",
+}
+
+
+def test_run_with_the_ray_executor(tmp_path, make_pg_database):
+    url = make_pg_database()
+    app_files = dict(APP)
+    app_files["stepwell.yml"] = APP["stepwell.yml"].replace(
+        "outputs: {out: combined}", 'outputs: {out: combined}\n            parameters: {token: "${{ secrets.token }}"}'
+    )
+    app = write_app(tmp_path / "app", app_files)
+    env = {**os.environ, "STEPWELL_SECRET_TOKEN": "s3cr3t-value"}
+    result = cli("run", str(app), "--executor", "ray", "--store", url, env=env, timeout=300)
+    # the failing step fails the command, naming the step; the others still ran
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: step 'broken' failed: ValueError: on purpose (at broken.py:1)"), result.stderr
+    store = open_store(url, app)
+    try:
+        runs = store.list_runs(limit=100)
+        by_step: dict[str, list] = {}
+        for run in runs:
+            by_step.setdefault(run.step, []).append(run)
+        assert {s: len(r) for s, r in by_step.items()} == {
+            "left": 1, "right": 1, "combine": 1, "again": 3, "broken": 1}
+        assert all(r.status == "succeeded" for s in ("left", "right", "combine") for r in by_step[s])
+        assert sorted(r.trigger for r in by_step["again"]) == ["manual", "request_new_run", "request_new_run"]
+        assert store.get_state("again") == {"n": 3}
+        # the fan-in step ran after both producers and saw all their rows once
+        combined = [row for b in store.scan("combined") for row in b.to_pylist()]
+        assert sorted((r["side"], r["n"]) for r in combined) == (
+            [("left", i) for i in range(3)] + [("right", i) for i in range(4)])
+        assert {r["secret_len"] for r in combined} == {len("s3cr3t-value")}
+        # the secret reached the step, never the logs
+        for run in runs:
+            assert all("s3cr3t-value" not in line.message for line in store.get_logs(run.id))
+    finally:
+        store.close()
+
+
+def test_the_ray_executor_needs_a_shared_store(tmp_path):
+    app = write_app(tmp_path / "app", {"stepwell.yml": "steps:\n  - name: s\n    node: s.py\n",
+                                       "s.py": "print('hi')\n"})
+    result = cli("run", str(app), "--executor", "ray")
+    assert result.returncode == 1
+    assert "needs a PostgreSQL store" in result.stderr and "--store postgresql://" in result.stderr
+    assert not (app / ".stepwell").exists() or not any((app / ".stepwell").glob("*.duckdb"))
+    unknown = cli("run", str(app), "--executor", "dask")
+    assert unknown.returncode != 0 and "unknown executor 'dask'" in unknown.stderr
