@@ -181,10 +181,14 @@ def test_a_step_runs_in_one_process_at_a_time_on_postgres(tmp_path, make_pg_data
 
         deadline = time.monotonic() + 60
         with psycopg.connect(url, autocommit=True) as conn:
-            while time.monotonic() < deadline:  # until the other process holds the lock
-                query = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                         "AND database = (SELECT oid FROM pg_database "
-                         "WHERE datname = current_database())")
+            # until the other process holds the step's run lock (not just any advisory
+            # lock: opening the store takes one briefly for its schema)
+            query = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                     "AND database = (SELECT oid FROM pg_database "
+                     "WHERE datname = current_database()) "
+                     "AND ((classid::bigint << 32) | objid::bigint) = "
+                     "(hashtextextended('stepwell-run:consume', 0) & x'ffffffffffffffff'::bigint)")
+            while time.monotonic() < deadline:
                 if conn.execute(query).fetchone()[0]:
                     break
                 time.sleep(0.05)
