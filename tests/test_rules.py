@@ -230,6 +230,37 @@ def test_table_stream_windows_event_time(env, window: str, expected: list) -> No
         assert r["sp"] == (r["c"] - 1 if "SLIDING" not in window else r["sp"])
 
 
+def test_join_a_stream_with_a_lookup_table(env) -> None:
+    root, store, engine = env
+    engine.add_stream(parse_stream(
+        'CREATE TABLE groups () WITH (TYPE="table", DATASOURCE="group_names")'))
+    append_rows(store, "group_names", [{"code": "a", "label": "alpha"}])
+    append_rows(store, "readings", _readings(4))
+    engine.create({"id": "j", "sql": "SELECT r.id, g.label FROM readings AS r "
+                   "LEFT JOIN groups AS g ON r.grp = g.code WHERE r.v >= 1",
+                   "actions": [{"table": {"name": "labelled"}}],
+                   "options": {"lookupRefreshMs": 60_000}})
+    engine.start("j")
+    wait_for(lambda: engine.status("j")["records_out"] == 3)
+    # the lookup table changes: a commit notice makes the rule read it again
+    append_rows(store, "group_names", [{"code": "b", "label": "beta"}])
+    engine.notify("group_names")
+    append_rows(store, "readings", _readings(2, start=4))
+    engine.notify("readings")
+    wait_for(lambda: engine.status("j")["records_out"] == 5)
+    engine.stop("j")
+    got = sorted((r["id"], r["label"]) for r in rows_of(store, "labelled"))
+    assert got == [(1, None), (2, "alpha"), (3, None), (4, "alpha"), (5, "beta")]
+    # a lookup table is joined, never read as the stream; only lookup tables join
+    with pytest.raises(RuleError, match="is a lookup table"):
+        engine.create({"id": "bad1", "sql": "SELECT * FROM groups", "actions": [{"log": {}}]})
+    with pytest.raises((RuleError, StreamError), match="joins its stream with lookup tables"):
+        engine.create({"id": "bad2", "sql": "SELECT * FROM readings JOIN demo ON readings.id = demo.id",
+                       "actions": [{"log": {}}]})
+    with pytest.raises(StreamError, match="lookup tables read a stepwell table"):
+        parse_stream('CREATE TABLE t () WITH (TYPE="file", DATASOURCE="t.json")')
+
+
 def test_group_by_key_in_window_and_having(env) -> None:
     root, store, engine = env
     append_rows(store, "readings", _readings(9))  # the event at 8 s closes window [4, 8)

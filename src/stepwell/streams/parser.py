@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,8 @@ class StreamError(ValueError):
 
 @dataclass
 class StreamDef:
-    """A parsed ``CREATE STREAM`` statement."""
+    """A parsed ``CREATE STREAM`` statement, or a ``CREATE TABLE`` lookup table
+    (``lookup``: rules JOIN it; it is read whole, not streamed)."""
 
     name: str
     type: str
@@ -66,10 +67,12 @@ class StreamDef:
     fields: list[tuple[str, str]] = field(default_factory=list)
     options: dict[str, str] = field(default_factory=dict)
     sql: str = ""
+    lookup: bool = False
 
     @property
     def is_table(self) -> bool:
-        return self.type.lower() == "table"
+        """A stream of a stepwell table's newly committed rows."""
+        return self.type.lower() == "table" and not self.lookup
 
 
 def _split_top(text: str) -> list[str]:
@@ -98,24 +101,24 @@ def _split_top(text: str) -> list[str]:
 
 
 _CREATE = re.compile(
-    r"^\s*CREATE\s+STREAM\s+`?([A-Za-z_][A-Za-z0-9_]*)`?\s*\((.*)\)\s*WITH\s*\((.*)\)\s*;?\s*$",
+    r"^\s*CREATE\s+(STREAM|TABLE)\s+`?([A-Za-z_][A-Za-z0-9_]*)`?\s*\((.*)\)\s*WITH\s*\((.*)\)\s*;?\s*$",
     re.I | re.S,
 )
 _OPTION = re.compile(r"""^\s*([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s,]+))\s*$""", re.S)
 
 
 def parse_stream(sql: str, where: str = "stream") -> StreamDef:
-    """Parse eKuiper's ``CREATE STREAM name (fields) WITH (OPTIONS)``."""
+    """Parse eKuiper's ``CREATE STREAM name (fields) WITH (OPTIONS)``, or ``CREATE
+    TABLE name () WITH (TYPE="table", DATASOURCE="<stepwell table>")``: a lookup
+    table rules can JOIN."""
     match = _CREATE.match(sql)
     if not match:
-        if re.match(r"^\s*CREATE\s+TABLE", sql, re.I):
-            raise StreamError(f"{where}: eKuiper lookup tables (CREATE TABLE) are not supported; "
-                              "use CREATE STREAM")
         raise StreamError(
             f"{where}: expected CREATE STREAM <name> (<fields>) WITH (TYPE=\"...\", "
             f"DATASOURCE=\"...\"), got {sql.strip()[:80]!r}"
         )
-    name, body, opts = match.group(1), match.group(2), match.group(3)
+    lookup = match.group(1).upper() == "TABLE"
+    name, body, opts = match.group(2), match.group(3), match.group(4)
     fields = []
     for item in _split_top(body):
         parts = item.replace("`", "").split(None, 1)
@@ -148,7 +151,13 @@ def parse_stream(sql: str, where: str = "stream") -> StreamDef:
         fields=fields,
         options=options,
         sql=sql.strip(),
+        lookup=lookup,
     )
+    if lookup and (stream.type.lower() != "table" or not _NAME.fullmatch(stream.datasource)):
+        raise StreamError(
+            f"{where}: table {name!r}: lookup tables read a stepwell table: WITH "
+            f"(TYPE=\"table\", DATASOURCE=\"<table name>\")"
+        )
     if stream.is_table and not _NAME.fullmatch(stream.datasource):
         raise StreamError(f"{where}: stream {name!r} of TYPE \"table\" needs DATASOURCE=\"<table name>\"")
     return stream
@@ -267,8 +276,12 @@ class CompiledRule:
     #: keys the rule reads with ``meta(key)`` ("*" for ``meta(*)``); each is the
     #: column ``meta_column(key)`` of the events table
     meta_keys: set[str] = field(default_factory=set)
+    #: DuckDB relation -> lookup table (``CREATE TABLE``) the rule JOINs
+    lookups: dict[str, str] = field(default_factory=dict)
 
 
+#: Prefix of the relations that hold the rows of a rule's lookup tables.
+LOOKUP_PREFIX = "__sw_lookup__"
 #: Prefix of the events table's columns that carry a source's metadata.
 META_PREFIX = "__sw_meta__"
 
@@ -388,8 +401,10 @@ def compile_rule(
     is_plugin_function: Callable[[str], bool],
     is_aggregate_function: Callable[[str], bool],
     where: str = "rule",
+    lookup_tables: Collection[str] = (),
 ) -> CompiledRule:
-    """Turn eKuiper rule SQL into a DuckDB query over :data:`EVENTS_TABLE`."""
+    """Turn eKuiper rule SQL into a DuckDB query over :data:`EVENTS_TABLE` (and the
+    relations of the ``lookup_tables`` it JOINs)."""
     import sqlglot
     from sqlglot import exp
 
@@ -400,9 +415,20 @@ def compile_rule(
     if len(statements) != 1 or not isinstance(statements[0], exp.Select):
         raise StreamError(f"{where}: a rule's sql must be one SELECT statement")
     tree = statements[0]
-    if tree.args.get("joins"):
-        raise StreamError(f"{where}: JOIN is not supported in rules; use one stream per rule")
-    tables = list(tree.find_all(exp.Table))
+    lookups: dict[str, str] = {}
+    for join in tree.args.get("joins") or []:
+        target = join.this
+        if not isinstance(target, exp.Table) or target.name not in lookup_tables:
+            known = ", ".join(sorted(lookup_tables)) or "none"
+            raise StreamError(
+                f"{where}: JOIN {target.sql()}: a rule joins its stream with lookup tables "
+                f"(CREATE TABLE <name> () WITH (TYPE=\"table\", DATASOURCE=\"<table>\")); "
+                f"lookup tables: {known}"
+            )
+        relation = LOOKUP_PREFIX + target.name
+        lookups[relation] = target.name
+        target.replace(exp.alias_(exp.to_table(relation), target.alias_or_name, table=True))
+    tables = [t for t in tree.find_all(exp.Table) if t.name not in lookups]
     if len(tables) != 1:
         raise StreamError(f"{where}: a rule reads exactly one stream (FROM <stream>)")
     source = tables[0]
@@ -450,13 +476,15 @@ def compile_rule(
             f"{where}: aggregates and GROUP BY need a window, e.g. GROUP BY TUMBLINGWINDOW(ss, 10)"
         )
     aliases = {e.alias for e in tree.expressions if isinstance(e, exp.Alias)}
-    columns = {c.name for c in tree.find_all(exp.Column) if c.name not in aliases and c.name}
+    # the stream's columns (with lookups, unqualified names may be the lookup's)
+    columns = {c.name for c in tree.find_all(exp.Column) if c.name not in aliases and c.name
+               and (c.table == alias or (not c.table and not lookups))}  # fmt: skip
     try:
         out = tree.sql(dialect="duckdb")
     except sqlglot.errors.SqlglotError as exc:
         raise StreamError(f"{where}: cannot translate the SQL: {exc}") from None
     return CompiledRule(stream, alias, window, out, aggregate, sites, columns, uses_bounds,
-                        meta_keys)
+                        meta_keys, lookups)
 
 
 def rewrite_plugin_calls(

@@ -287,6 +287,11 @@ class RuleRuntime:
         self.late_tolerance = int(options.get("lateTolerance", 0))
         self.processes = options.get("functionProcesses")
         self.poll_interval = float(options.get("pollIntervalMs", 200)) / 1000
+        #: a lookup table is read again after this long even without a commit notice
+        #: (commits by other processes), and at once after one
+        self.lookup_refresh = float(options.get("lookupRefreshMs", 1000)) / 1000
+        #: relation -> (stepwell table, rows, when they were read; 0: read again)
+        self._lookups: dict[str, list[Any]] = {}
         self.metrics = RuleMetrics()
         self.status = "stopped"
         self.compiled: CompiledRule | None = None
@@ -312,6 +317,8 @@ class RuleRuntime:
         import duckdb
 
         self.compiled = self.engine.compile(self.rule)
+        self._lookups = {relation: [self.engine.streams[name].datasource, None, 0.0]
+                         for relation, name in self.compiled.lookups.items()}  # fmt: skip
         self._con = duckdb.connect(":memory:")
         self._con.execute("SET TimeZone = 'UTC'")
         pools = {s.symbol: self.manager.function_pool(s.symbol, self.processes)
@@ -552,12 +559,33 @@ class RuleRuntime:
         table = rows_to_arrow(rows, self._declared, self.compiled.columns)
         con = self._con
         con.register(EVENTS_TABLE, table)
+        for relation in self._lookups:
+            con.register(relation, self._lookup_rows(relation))
         try:
             if pane is not None and self.compiled.uses_window_bounds:
                 con.register(WINDOW_TABLE, pa.table({"ws": [pane.start], "we": [pane.end]}))
             return result_rows(con.sql(self.compiled.sql))
         finally:
             con.unregister(EVENTS_TABLE)
+
+    # -- lookup tables
+    def _lookup_rows(self, relation: str) -> pa.Table:
+        """The lookup table's committed rows, read again when they may have changed."""
+        entry = self._lookups[relation]
+        table, rows, read_at = entry
+        if rows is None or time.monotonic() - read_at >= self.lookup_refresh:
+            if self.store.table_info(table, count_rows=False) is None:
+                raise RuleError(f"lookup table {self.compiled.lookups[relation]!r}: table "
+                                f"{table!r} does not exist yet")  # fmt: skip
+            entry[1] = rows = self.store.query(f'SELECT * FROM "{table}"')
+            entry[2] = time.monotonic()
+        return rows
+
+    def lookup_changed(self, table: str) -> None:
+        """``table`` got a commit: lookups of it are read again before the next query."""
+        for entry in self._lookups.values():
+            if entry[0] == table:
+                entry[2] = 0.0
 
     # -- commits (exactly once for table outputs)
     def _commit(self, emitted: bool) -> None:
@@ -691,12 +719,16 @@ class RuleEngine:
             is_aggregate_function=lambda name: self.manager.function_pool(
                 name, rule.options.get("functionProcesses")).is_aggregate(),
             where=where,
+            lookup_tables={name for name, s in self.streams.items() if s.lookup},
         )
         stream = self.streams.get(compiled.stream)
         if stream is None:
             raise RuleError(f"{where}: stream {compiled.stream!r} is not defined (streams: "
                             f"{', '.join(sorted(self.streams)) or 'none'}); list its file under "
                             "`streams:` in stepwell.yml")
+        if stream.lookup:
+            raise RuleError(f"{where}: {compiled.stream!r} is a lookup table: read a stream "
+                            f"and JOIN the table (FROM <stream> JOIN {compiled.stream} ON ...)")
         if not stream.is_table:
             self.manager.plugin_for("source", stream.type)
         for kind, _props in rule.actions:
@@ -819,10 +851,12 @@ class RuleEngine:
         return runtime
 
     def notify(self, table: str) -> None:
-        """New rows were committed to ``table``: wake the rules that stream it."""
+        """New rows were committed to ``table``: wake the rules that stream it, and
+        have the rules that JOIN it as a lookup table read it again."""
         for runtime in list(self.running.values()):
             if runtime.stream.is_table and runtime.stream.datasource == table:
                 runtime.notify()
+            runtime.lookup_changed(table)
 
     # -- whole app
     def start_all(self, app: Any = None, *, on_error: Callable[[str, Exception], None] | None = None) -> list[str]:
