@@ -989,15 +989,17 @@ EXECUTE_SQL = {
         big.append({"id": 0, "amount": 0})
         n = big.execute_sql(f"INSERT INTO {big} (id, amount) SELECT id, amount FROM orders WHERE amount >= 30")
         big.execute_sql("INSERT INTO big (id, amount) VALUES (100, 1000), (101, 1010)")
+        d = big.execute_sql("DELETE FROM big WHERE amount = 0")
+        u = big.execute_sql("UPDATE big SET amount = amount + 1 WHERE big.id >= 100 AND id IN (SELECT 100 + orders.id - id FROM orders UNION SELECT 101)")
         # the query sees what this run wrote so far; a replace starts a new version
         summary.execute_sql(
             'CREATE OR REPLACE TABLE summary AS SELECT count(*) AS n, sum(amount) AS total FROM {{ Table("big") }}'
         )
-        print(f"inserted {n}")
+        print(f"inserted {n} deleted {d} updated {u}")
     """,
     "sneaky.py": """
         from patterns import Table
-        Table("orders", "w").execute_sql("DELETE FROM orders")
+        Table("orders_copy", "w").execute_sql("DELETE FROM orders")
     """,
 }
 
@@ -1006,22 +1008,23 @@ def test_execute_sql_appends_and_replaces_only_its_table(tmp_path, store_url):
     app = write_app(tmp_path / "app", EXECUTE_SQL)
     seed, derive, sneaky = run_app(app, store_url)
     assert seed.status == "succeeded" and derive.status == "succeeded", derive.error
-    assert "inserted 3" in logs(app, derive.id, store_url)
+    assert "inserted 3 deleted 1 updated 2" in logs(app, derive.id, store_url)
     big = rows(app, "big_orders", store_url, order_by="patterns_id")
-    assert [(r["id"], r["amount"]) for r in big] == [(0, 0), (3, 30), (4, 40), (5, 50), (100, 1000), (101, 1010)]
+    assert [(r["id"], r["amount"]) for r in big] == [(3, 30), (4, 40), (5, 50), (100, 1001), (101, 1011)]
     assert all(r["patterns_id"] for r in big)
     (summary,) = rows(app, "summary", store_url)
-    assert (summary["n"], summary["total"]) == (6, 2130)
-    # a second run replaces the summary (a new version) and appends to big_orders again
+    assert (summary["n"], summary["total"]) == (5, 2132)
+    # a second run replaces the summary (a new version) and changes big_orders again
     again = run_app(app, store_url, steps=["derive"])[0]
     assert again.status == "succeeded", again.error
-    assert len(rows(app, "big_orders", store_url)) == 12
+    assert "inserted 3 deleted 1 updated 4" in logs(app, again.id, store_url)
+    assert len(rows(app, "big_orders", store_url)) == 10
     (summary,) = rows(app, "summary", store_url)
-    assert summary["n"] == 12
-    # anything but INSERT / CREATE TABLE AS into the table itself is refused, naming the fix
+    assert summary["n"] == 10
+    # a statement that changes another table is refused, naming the forms that work
     assert sneaky.status == "failed"
-    assert "DELETE statements cannot run here" in sneaky.error
-    assert "INSERT INTO orders" in sneaky.error and "sneaky.py:2" in sneaky.error
+    assert "may only change table 'orders_copy' itself, not orders" in sneaky.error
+    assert "sneaky.py:2" in sneaky.error
     assert len(rows(app, "orders", store_url)) == 5
 
 

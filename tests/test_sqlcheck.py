@@ -37,6 +37,9 @@ def test_ports_are_rewritten_to_tables_and_ctes_kept():
     sql = "with recent as (select * from orders) select c, count(*) from recent group by c"
     out = restrict_select(sql, {"orders": "raw_orders"}, "PostgreSQL", "q")
     assert '"raw_orders"' in out and "recent" in out
+    # a column qualified by the port name still resolves (the table keeps it as alias)
+    qualified = restrict_select("select orders.id from orders", {"orders": "raw_orders"}, "duckdb", "q")
+    assert qualified == 'SELECT orders.id FROM "raw_orders" AS orders'
 
 
 def test_patterns_templates():
@@ -50,18 +53,24 @@ TABLES = {"orders": "raw_orders", "out": "out_table"}
 @pytest.mark.parametrize(
     ("sql", "kind", "select", "columns"),
     [
-        ("insert into out select * from orders", "insert", 'SELECT * FROM "raw_orders"', []),
+        ("insert into out select * from orders", "insert", 'SELECT * FROM "raw_orders" AS orders', []),
         ('INSERT INTO "out_table" (a) SELECT id FROM orders', "insert",
-         'SELECT id FROM "raw_orders"', ["a"]),
+         'SELECT id FROM "raw_orders" AS orders', ["a"]),
         ("insert into out (a, b) values (1, 'x')", "insert",
          "SELECT * FROM (VALUES (1, 'x')) AS v(\"a\", \"b\")", ["a", "b"]),
         ("create or replace table out as select 1 as n", "replace", "SELECT 1 AS n", []),
-        ("create table out as (select * from orders)", "replace", 'SELECT * FROM "raw_orders"', []),
+        ("create table out as (select * from orders)", "replace",
+         'SELECT * FROM "raw_orders" AS orders', []),
+        ("delete from out where id in (select id from orders)", "delete",
+         'DELETE FROM "out_table" AS out WHERE id IN (SELECT id FROM "raw_orders" AS orders)', []),
+        ("update out set n = n + 1 from orders where out.id = orders.id", "update",
+         'UPDATE "out_table" AS out SET n = n + 1 FROM "raw_orders" AS orders '
+         "WHERE out.id = orders.id", []),
     ],
 )
 def test_table_statement(sql, kind, select, columns):
     plan = table_statement(sql, "out_table", TABLES, "duckdb", "node.py")
-    assert (plan.kind, plan.select, plan.columns) == (kind, select, columns)
+    assert (plan.kind, plan.sql, plan.columns) == (kind, select, columns)
 
 
 @pytest.mark.parametrize(
@@ -72,8 +81,10 @@ def test_table_statement(sql, kind, select, columns):
         ("insert into out select * from read_csv('/etc/passwd')", "read_csv() is not allowed"),
         ("insert into out select * from secrets", "'secrets' is not one of this step's tables"),
         ("insert into out values (1)", "name the columns of the VALUES"),
-        ("update out set a = 1", "UPDATE statements cannot run here"),
-        ("delete from out", "DELETE statements cannot run here"),
+        ("update out set patterns_id = 'x'", "patterns_id is set by stepwell"),
+        ("delete from orders", "may only change table 'out_table' itself"),
+        ("delete from out where id in (select id from secrets)", "'secrets' is not one of"),
+        ("drop table out", "DROP statements cannot run here"),
         ("create view out as select 1", "CREATE statements cannot run here"),
         ("insert into out select 1; select 2", "expected one statement (use INSERT INTO"),
     ],

@@ -157,6 +157,13 @@ class StagedRun:
     def reset(self, table: str) -> int:
         return self.tx().reset(table)
 
+    def change_rows(self, table: str, statement: str) -> int:
+        """An UPDATE or DELETE of ``table`` (checked beforehand); the rows changed."""
+        changed = self.tx().change_rows(table, statement)
+        if changed:
+            self._tables_with_rows.add(table)  # its readers hear of the change at commit
+        return changed
+
     def activate_version(self, table: str, version: int) -> None:
         self.tx().activate_version(table, version)
 

@@ -255,15 +255,19 @@ class WorkerSession:
         return {}, self.staged.query(sql)
 
     # -- writes ----------------------------------------------------------
-    def op_table_sql(self, message: dict, _body: bytes) -> tuple[dict, bytes]:
-        """``Table.execute_sql``: check the statement; reply with the rows it adds
-        (the worker writes them like any other rows, with its table's options)."""
+    def op_table_sql(self, message: dict, _body: bytes) -> tuple[dict, Any]:
+        """``Table.execute_sql``: check the statement. An UPDATE or DELETE runs here;
+        for an INSERT or CREATE TABLE AS the reply carries the rows to add (the
+        worker writes them like any other rows, with its table's options)."""
         allowed = {str(k): str(v) for k, v in (message.get("tables") or {}).items()}
+        table = str(message["table"])
         plan = table_statement(
-            str(message["sql"]), str(message["table"]), allowed, self.store.dialect.name,
+            str(message["sql"]), table, allowed, self.store.dialect.name,
             where=f"execute_sql in {self.staged.step}",
         )
-        return {"kind": plan.kind, "columns": plan.columns}, self.staged.query(plan.select)
+        if plan.kind in ("update", "delete"):
+            return {"kind": plan.kind, "rows": self.staged.change_rows(table, plan.sql)}, b""
+        return {"kind": plan.kind, "columns": plan.columns}, self.staged.query(plan.sql)
 
     def op_write(self, message: dict, body: bytes) -> dict:
         data = decode_table(body)

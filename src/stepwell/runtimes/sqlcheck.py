@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stepwell.store.base import ID_COLUMN
+
 #: Patterns-style templating: ``{{ Table("orders") }}`` (optionally with a mode).
 _TABLE_TEMPLATE = re.compile(
     r"""\{\{\s*Table\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']\s*(?:,\s*[^)]*)?\)\s*\}\}"""
@@ -73,6 +75,14 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
         raise SqlNotAllowed(
             f"{where}: only SELECT queries are allowed here, not {tree.key.upper()}"
         )
+    return _restrict_tables(tree, allowed, dialect, where)
+
+
+def _restrict_tables(tree: Any, allowed: Mapping[str, str], dialect: str, where: str) -> str:
+    """``tree`` as SQL with the names in ``allowed`` pointing at their tables; refuses
+    other tables, table functions and functions that reach outside them."""
+    from sqlglot import exp
+
     ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
     targets = set(allowed.values())
     for func in tree.find_all(exp.Func):
@@ -97,6 +107,8 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
         if name in ctes:
             continue
         if name in allowed:
+            if allowed[name] != name and not table.alias:  # `port.column` still resolves
+                table.set("alias", exp.TableAlias(this=exp.to_identifier(name)))
             table.set("this", exp.to_identifier(allowed[name], quoted=True))
         elif name not in targets:
             raise SqlNotAllowed(
@@ -109,12 +121,13 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
 
 @dataclass
 class TableStatement:
-    """What ``Table.execute_sql`` runs: the rows of ``select`` (already restricted
-    to the step's tables), named ``columns`` if given, appended to the table
-    (``kind`` "insert") or replacing its contents as a new version ("replace")."""
+    """What ``Table.execute_sql`` runs, restricted to the step's tables: for
+    ``kind`` "insert" the rows of the SELECT ``sql`` (named ``columns`` if given)
+    are appended to the table, for "replace" they become its contents (a new
+    version); "update" and "delete" run ``sql`` itself on the table."""
 
     kind: str
-    select: str
+    sql: str
     columns: list[str]
 
 
@@ -127,13 +140,16 @@ def table_statement(
     from sqlglot import exp
 
     glot = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
-    usage = (f"use INSERT INTO {table} [(columns)] SELECT ... | VALUES ..., or CREATE "
-             f"[OR REPLACE] TABLE {table} AS SELECT ...")  # fmt: skip
+    usage = (f"use INSERT INTO {table} [(columns)] SELECT ... | VALUES ..., CREATE [OR "
+             f"REPLACE] TABLE {table} AS SELECT ..., UPDATE {table} SET ... [WHERE ...] or "
+             f"DELETE FROM {table} [WHERE ...]")  # fmt: skip
     tree = _one_statement(sql, glot, where, f"one statement ({usage})")
     if isinstance(tree, exp.Insert):
         kind = "insert"
     elif isinstance(tree, exp.Create) and str(tree.args.get("kind", "")).upper() == "TABLE":
         kind = "replace"
+    elif isinstance(tree, (exp.Update, exp.Delete)):
+        return _change_statement(tree, table, allowed, glot, where)
     else:
         raise SqlNotAllowed(f"{where}: {tree.key.upper()} statements cannot run here; {usage}")
     target = tree.this
@@ -159,3 +175,24 @@ def table_statement(
     else:
         raise SqlNotAllowed(f"{where}: {kind.upper()} needs a SELECT or VALUES; {usage}")
     return TableStatement(kind, restrict_select(query, allowed, dialect, where), columns)
+
+
+def _change_statement(tree: Any, table: str, allowed: Mapping[str, str], dialect: str,
+                      where: str) -> TableStatement:  # fmt: skip
+    """An UPDATE or DELETE of ``table`` (its conditions, FROM and USING may read the
+    step's tables)."""
+    from sqlglot import exp
+
+    target = tree.this
+    if not isinstance(target, exp.Table) or allowed.get(target.name, target.name) != table \
+            or target.args.get("db"):
+        raise SqlNotAllowed(
+            f"{where}: execute_sql may only change table {table!r} itself, not "
+            f"{target.sql(dialect=dialect)}"
+        )
+    for assignment in tree.args.get("expressions") or []:  # UPDATE ... SET
+        column = assignment.this if isinstance(assignment, exp.EQ) else None
+        if isinstance(column, exp.Column) and column.name == ID_COLUMN:
+            raise SqlNotAllowed(f"{where}: {ID_COLUMN} is set by stepwell and cannot be updated")
+    kind = "update" if isinstance(tree, exp.Update) else "delete"
+    return TableStatement(kind, _restrict_tables(tree, allowed, dialect, where), [])

@@ -202,6 +202,11 @@ class Transaction(abc.ABC):
     def clear_positions(self, step: str) -> None: ...
 
     @abc.abstractmethod
+    def change_rows(self, table: str, statement: str) -> int:
+        """Run ``statement``, an UPDATE or DELETE of ``table`` already checked to
+        change only that table (``sqlcheck.table_statement``); the rows changed."""
+
+    @abc.abstractmethod
     def create_run(self, run: RunRecord) -> None:
         """Insert a run record as part of this transaction."""
 

@@ -609,6 +609,13 @@ class SQLTransaction(Transaction):
             self._record_unique_on(s, name, keys)
             return written
 
+    def change_rows(self, table: str, statement: str) -> int:
+        with self._op(f"change rows of table {table!r}") as s:
+            name = check_table_name(table, self._d)
+            if table_columns(s, name) is None:
+                raise StoreError(f"table {table!r} does not exist yet: write rows to it first")
+            return max(s.execute(statement), 0)
+
     def truncate(self, table: str) -> None:
         with self._op(f"truncate table {table!r}") as s:
             name = check_table_name(table, self._d)

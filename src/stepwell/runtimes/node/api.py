@@ -268,14 +268,19 @@ class Table:
         """Change this table with one SQL statement over the step's tables (named by
         port, ``str(table)`` or ``{{ Table("x") }}``): ``INSERT INTO <this table>
         [(columns)] SELECT ... | VALUES ...`` appends rows, ``CREATE [OR REPLACE]
-        TABLE <this table> AS SELECT ...`` replaces its contents (a new version).
-        The rows are written like ``append``'s (``patterns_id``, ``init`` options)
-        and commit with the run; returns how many there were."""
+        TABLE <this table> AS SELECT ...`` replaces its contents (a new version),
+        ``UPDATE <this table> SET ...`` and ``DELETE FROM <this table>`` change
+        rows in place. New rows are written like ``append``'s (``patterns_id``,
+        ``init`` options); everything commits with the run. Returns the number of
+        rows written, updated or deleted."""
         self._check_writable("change it with SQL")
         if not self._connected:
             return 0
         self._send_buffer()  # rows appended before come first, and the query sees them
-        kind, columns, data = self._session.table_sql(sql, self.table_name)
+        reply, data = self._session.table_sql(sql, self.table_name)
+        kind, columns = reply["kind"], reply.get("columns") or []
+        if data is None:  # UPDATE / DELETE: done by the host in the run's transaction
+            return int(reply.get("rows") or 0)
         if columns:
             if len(columns) != data.num_columns:
                 raise ValueError(

@@ -69,11 +69,12 @@ class NodeSession:
         _, body = self.link.call("read_sql", sql=sql, tables=allowed)
         return decode_table(body)
 
-    def table_sql(self, sql: str, table: str) -> tuple[str, list[str], pa.Table]:
-        """Check ``Table.execute_sql``'s statement: (kind, column names, rows to write)."""
+    def table_sql(self, sql: str, table: str) -> tuple[dict[str, Any], pa.Table | None]:
+        """Have the host check (and, for UPDATE/DELETE, run) ``Table.execute_sql``'s
+        statement: its reply (kind, columns, rows changed) and the rows to write."""
         allowed = {name: t.table_name for name, t in self.tables.items()}
         reply, body = self.link.call("table_sql", sql=sql, table=table, tables=allowed)
-        return str(reply["kind"]), list(reply.get("columns") or []), decode_table(body)
+        return reply, decode_table(body) if body else None
 
     # -- commit points ---------------------------------------------------
     def positions(self) -> list[dict[str, Any]]:
