@@ -115,7 +115,8 @@ def parse_stream(sql: str, where: str = "stream") -> StreamDef:
     if not match:
         raise StreamError(
             f"{where}: expected CREATE STREAM <name> (<fields>) WITH (TYPE=\"...\", "
-            f"DATASOURCE=\"...\"), got {sql.strip()[:80]!r}"
+            f"DATASOURCE=\"...\") or CREATE TABLE <name> () WITH (TYPE=\"table\", "
+            f"DATASOURCE=\"<table>\"), got {sql.strip()[:80]!r}"
         )
     lookup = match.group(1).upper() == "TABLE"
     name, body, opts = match.group(2), match.group(3), match.group(4)
