@@ -99,14 +99,18 @@ def _print_json(data: Any) -> None:
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder to create the app in")],
-    style: Annotated[str, typer.Option(help="node (more styles arrive with their runtimes)")] = "node",
+    style: Annotated[str, typer.Option(
+        help="node | processor | connector | action | plugin")] = "node",
 ) -> None:
     """Scaffold a new app."""
-    from stepwell.scaffold import scaffold
+    from stepwell.scaffold import next_command, scaffold
 
-    created = scaffold(directory, style)
+    try:
+        created = scaffold(directory, style)
+    except (ValueError, FileExistsError) as exc:
+        raise CliError(str(exc)) from None
     _console().print(f"Created [bold]{directory}[/] ({', '.join(created)}). Next: "
-                     f"[cyan]stepwell run {directory}[/]")
+                     f"[cyan]{next_command(style, str(directory))}[/]", highlight=False)
 
 
 # -- run --------------------------------------------------------------------
