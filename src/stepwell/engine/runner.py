@@ -447,7 +447,6 @@ class Runner:
 
     def _run_node(self, active: ActiveRun) -> Outcome:
         start = node_host.start_message(
-            store=self.store,
             run_id=active.run.id,
             step=active.step,
             app_root=str(self.app.root),

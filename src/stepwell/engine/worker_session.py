@@ -28,7 +28,7 @@ from stepwell.sandbox.protocol import (
     ProtocolError,
     decode_table,
 )
-from stepwell.store.base import ID_COLUMN, Store
+from stepwell.store.base import ID_COLUMN, Store, active_positions
 
 #: Seconds after which a run still in progress gets its ``running`` record (a
 #: shorter one is recorded once, with its end; see ``StagedRun.unrecorded``).
@@ -377,6 +377,19 @@ class WorkerSession:
                 "`stepwell serve`)"
             ])  # fmt: skip
         return {"delivered": delivered}
+
+    def op_step_memory(self, _message: dict, _body: bytes) -> dict:
+        """A node's committed State and stream positions (asked for on first use); the
+        stream positions still valid for each table's active version."""
+        step = self.staged.step
+        state = self.store.get_state(step)
+        positions = [
+            {"table": p.table, "order_by": list(p.order_by), "table_version": p.table_version,
+             "value": p.value, "last_id": p.last_id}
+            for p in active_positions(self.store, step)
+        ]  # fmt: skip
+        self._committed_state, self._committed_positions = state, positions
+        return {"state": state, "positions": positions}
 
     def op_log(self, message: dict, _body: bytes) -> dict:
         self.log.add(str(message.get("level", "info")), message.get("lines") or [])

@@ -38,15 +38,43 @@ class NodeSession:
         self.started = time.monotonic() - float(start.get("elapsed", 0.0))
         self.tables: dict[str, Table] = {}
         self.streams: list[Stream] = []
-        self._committed_state: dict[str, Any] = dict(start.get("state") or {})
-        self.state: dict[str, Any] = copy.deepcopy(self._committed_state)
-        #: (table, order_by tuple) -> (version, value, last_id) as of the last commit
-        self.committed_positions: dict[tuple[str, tuple[str, ...]], tuple[int, Any, Any]] = {
-            (p["table"], tuple(p["order_by"])): (p["table_version"], p["value"], p["last_id"])
-            for p in start.get("positions", [])
-        }
+        # The step's committed State and stream positions come from the host on first
+        # use (most runs of a simple node need neither: one store read less per run).
+        self._memory_loaded = False
+        self._committed_state: dict[str, Any] = {}
+        self._state: dict[str, Any] = {}
+        self._committed_positions: dict[tuple[str, tuple[str, ...]], tuple[int, Any, Any]] = {}
         self.state_reset = False
         self.new_run_request: dict[str, Any] | None = None
+
+    # -- the step's memory: State and stream positions ----------------------
+    def _load_memory(self) -> None:
+        if self._memory_loaded:
+            return
+        reply, _ = self.link.call("step_memory")
+        self._committed_state = dict(reply.get("state") or {})
+        self._state = copy.deepcopy(self._committed_state)
+        self._committed_positions = {
+            (p["table"], tuple(p["order_by"])): (p["table_version"], p["value"], p["last_id"])
+            for p in reply.get("positions") or []
+        }
+        self._memory_loaded = True
+
+    @property
+    def state(self) -> dict[str, Any]:
+        self._load_memory()
+        return self._state
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        self._load_memory()
+        self._state = value
+
+    @property
+    def committed_positions(self) -> dict[tuple[str, tuple[str, ...]], tuple[int, Any, Any]]:
+        """(table, order_by tuple) -> (version, value, last_id) as of the last commit."""
+        self._load_memory()
+        return self._committed_positions
 
     # -- tables ----------------------------------------------------------
     def resolve_table(self, port: str) -> str:
@@ -97,6 +125,8 @@ class NodeSession:
     def _effects(self) -> dict[str, Any]:
         for table in self.tables.values():
             table._send_buffer()
+        if not self._memory_loaded:  # neither read nor changed: nothing to write
+            return {"positions": None, "state": None, "state_reset": False}
         return {
             "positions": self.positions(),
             "state": self.state,
@@ -109,7 +139,9 @@ class NodeSession:
         self._mark_committed(effects)
 
     def _mark_committed(self, effects: dict[str, Any]) -> None:
-        self.committed_positions = {
+        if effects["positions"] is None:
+            return
+        self._committed_positions = {
             (p["table"], tuple(p["order_by"])): (p["table_version"], p["value"], p["last_id"])
             for p in effects["positions"]
         }
@@ -123,7 +155,8 @@ class NodeSession:
         for table in self.tables.values():
             table._buffer.clear()
         self.link.call("rollback")
-        self.state = copy.deepcopy(self._committed_state)
+        if self._memory_loaded:
+            self._state = copy.deepcopy(self._committed_state)
         self.state_reset = False
         for stream in self.streams:
             stream._rolled_back()
