@@ -103,7 +103,7 @@ def worker_options(runner: Runner, active: ActiveRun, sys_path: list[str]) -> di
     return {
         "limits": active.context.worker_limits,
         "read_paths": list(sys_path),
-        "hide_paths": runner._store_paths(),
+        "hide_paths": runner._store_paths,
         "mode": runner.sandbox,
     }
 

@@ -286,7 +286,7 @@ class Runner:
             self.app.root,
             limits=context.worker_limits,
             read_paths=sys_path,
-            hide_paths=self._store_paths(),
+            hide_paths=self._store_paths,
             mode=self.sandbox,
             pandas=self._wants_pandas(step),
         )
@@ -501,6 +501,7 @@ class Runner:
         finally:
             worker.close()
 
+    @functools.cached_property
     def _store_paths(self) -> list[str]:
         """Folders of an embedded store kept outside the app's ``.stepwell`` (hidden
         from workers like that one)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 #: Environment variable choosing the sandbox: ``default`` (fork-server + namespaces),
@@ -80,7 +80,8 @@ class SandboxSpec:
     strict: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow: its values are plain strings, numbers, lists and dicts already
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxSpec:
