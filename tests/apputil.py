@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,17 @@ def run_app(root: Path, store_url: str | None = None, steps: list[str] | None = 
     try:
         runner = Runner(app, store, environ=environ)
         return run_steps(runner, select_steps(app, steps))
+    finally:
+        store.close()
+
+
+@contextmanager
+def app_runner(root: Path, store_url: str | None = None) -> Iterator[Runner]:
+    """A Runner for the app at ``root`` (its ``store`` is open inside the block)."""
+    app = load_app(root)
+    store = open_store(store_url, app.root)
+    try:
+        yield Runner(app, store)
     finally:
         store.close()
 

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from apputil import logs, rows, run_app, write_app
+from apputil import app_runner, logs, rows, run_app, write_app
 
 
 @pytest.fixture(params=["duckdb", "postgres"])
@@ -1075,26 +1075,17 @@ def test_a_sql_steps_output_streams_each_new_result_once(tmp_path, store_url):
 
 
 def test_state_and_positions_are_read_only_by_nodes_that_use_them(tmp_path):
-    from stepwell.app import load_app
-    from stepwell.engine.runner import Runner
-    from stepwell.store import open_store
-
     app = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: plain\n    node: plain.py\n  - name: keeps\n    node: keeps.py\n",
         "plain.py": "from patterns import Table\nTable('out', 'w').append({'a': 1})\n",
         "keeps.py": "from patterns import State\nState().set_value('n', State().get_value('n', 0) + 1)\n",
     })  # fmt: skip
-    spec = load_app(app)
-    store = open_store(None, spec.root)
-    reads: list[str] = []
-    real_get_state = store.get_state
-    store.get_state = lambda step: reads.append(step) or real_get_state(step)
-    try:
-        runner = Runner(spec, store)
+    with app_runner(app) as runner:
+        reads: list[str] = []
+        real_get_state = runner.store.get_state
+        runner.store.get_state = lambda step: reads.append(step) or real_get_state(step)
         for _ in range(2):
             assert runner.run_step("plain").status == "succeeded"
             assert runner.run_step("keeps").status == "succeeded_no_data"
         assert reads == ["keeps", "keeps"]  # one read per run that uses State, none otherwise
         assert real_get_state("keeps") == {"n": 2} and real_get_state("plain") == {}
-    finally:
-        store.close()

