@@ -88,7 +88,8 @@ class WorkerSession:
         self._scan_ids = itertools.count(1)
         self._done: Outcome | None = None
         self._deferred_error: str | None = None
-        #: the state and positions as last committed (first: as sent in ``start``)
+        #: the state and positions as last committed (first: as sent in ``start``, or
+        #: as the worker fetched them with ``step_memory``)
         self._committed_state: Any = None
         self._committed_positions: Any = None
         #: the worker's last frame said the run imported pandas
@@ -369,7 +370,9 @@ class WorkerSession:
     def op_respond(self, message: dict, _body: bytes) -> dict:
         """``respond_to_request``: answer the HTTP request waiting for ``key``."""
         key = str(message.get("key") or "")
-        delivered = bool(key) and self.on_respond is not None and self.on_respond(key, message.get("payload"))
+        delivered = bool(
+            key and self.on_respond is not None and self.on_respond(key, message.get("payload"))
+        )
         if not delivered:
             self.log.add("warn", [
                 f"[stepwell] respond_to_request({key!r}): no request is waiting for this key "
