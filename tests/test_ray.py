@@ -70,7 +70,7 @@ def test_run_with_the_ray_executor(tmp_path, make_pg_database):
     result = cli("run", str(app), "--executor", "ray", "--store", url, env=env, timeout=300)
     # the failing step fails the command, naming the step; the others still ran
     assert result.returncode == 1, result.stdout + result.stderr
-    errors = result.stderr.strip().splitlines()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(
         "error: step 'broken' failed: ValueError: on purpose (at broken.py:1)"), result.stderr
     store = open_store(url, app)
