@@ -41,6 +41,7 @@ import pyarrow as pa
 from stepwell.runtimes.plugin.functions import UdfSite, context_json, json_default, register_udfs
 from stepwell.runtimes.plugin.manager import PluginManager, shared_manager
 from stepwell.store.base import Store
+from stepwell.store.sql import quote
 from stepwell.streams.parser import (
     EVENTS_TABLE,
     WINDOW_TABLE,
@@ -273,6 +274,17 @@ class _TableAction(_Action):
 # -- one running rule ----------------------------------------------------------------------
 
 
+@dataclass
+class _Lookup:
+    """A lookup table a rule JOINs, and its rows as last read (None: read them)."""
+
+    name: str
+    #: the stepwell table it reads
+    table: str
+    rows: pa.Table | None = None
+    read_at: float = 0.0
+
+
 class RuleRuntime:
     """A started rule: input, micro-batch loop, DuckDB query, actions."""
 
@@ -290,8 +302,8 @@ class RuleRuntime:
         #: a lookup table is read again after this long even without a commit notice
         #: (commits by other processes), and at once after one
         self.lookup_refresh = float(options.get("lookupRefreshMs", 1000)) / 1000
-        #: relation -> (stepwell table, rows, when they were read; 0: read again)
-        self._lookups: dict[str, list[Any]] = {}
+        #: the lookup tables the rule JOINs, by DuckDB relation name
+        self._lookups: dict[str, _Lookup] = {}
         self.metrics = RuleMetrics()
         self.status = "stopped"
         self.compiled: CompiledRule | None = None
@@ -317,7 +329,7 @@ class RuleRuntime:
         import duckdb
 
         self.compiled = self.engine.compile(self.rule)
-        self._lookups = {relation: [self.engine.streams[name].datasource, None, 0.0]
+        self._lookups = {relation: _Lookup(name, self.engine.streams[name].datasource)
                          for relation, name in self.compiled.lookups.items()}  # fmt: skip
         self._con = duckdb.connect(":memory:")
         self._con.execute("SET TimeZone = 'UTC'")
@@ -559,8 +571,8 @@ class RuleRuntime:
         table = rows_to_arrow(rows, self._declared, self.compiled.columns)
         con = self._con
         con.register(EVENTS_TABLE, table)
-        for relation in self._lookups:
-            con.register(relation, self._lookup_rows(relation))
+        for relation, lookup in self._lookups.items():
+            con.register(relation, self._lookup_rows(lookup))
         try:
             if pane is not None and self.compiled.uses_window_bounds:
                 con.register(WINDOW_TABLE, pa.table({"ws": [pane.start], "we": [pane.end]}))
@@ -569,23 +581,22 @@ class RuleRuntime:
             con.unregister(EVENTS_TABLE)
 
     # -- lookup tables
-    def _lookup_rows(self, relation: str) -> pa.Table:
+    def _lookup_rows(self, lookup: _Lookup) -> pa.Table:
         """The lookup table's committed rows, read again when they may have changed."""
-        entry = self._lookups[relation]
-        table, rows, read_at = entry
-        if rows is None or time.monotonic() - read_at >= self.lookup_refresh:
-            if self.store.table_info(table, count_rows=False) is None:
-                raise RuleError(f"lookup table {self.compiled.lookups[relation]!r}: table "
-                                f"{table!r} does not exist yet")  # fmt: skip
-            entry[1] = rows = self.store.query(f'SELECT * FROM "{table}"')
-            entry[2] = time.monotonic()
+        rows = lookup.rows
+        if rows is None or time.monotonic() - lookup.read_at >= self.lookup_refresh:
+            if self.store.table_info(lookup.table, count_rows=False) is None:
+                raise RuleError(f"lookup table {lookup.name!r}: table {lookup.table!r} "
+                                "does not exist yet")  # fmt: skip
+            rows = lookup.rows = self.store.query(f"SELECT * FROM {quote(lookup.table)}")
+            lookup.read_at = time.monotonic()
         return rows
 
     def lookup_changed(self, table: str) -> None:
         """``table`` got a commit: lookups of it are read again before the next query."""
-        for entry in self._lookups.values():
-            if entry[0] == table:
-                entry[2] = 0.0
+        for lookup in self._lookups.values():
+            if lookup.table == table:
+                lookup.rows = None
 
     # -- commits (exactly once for table outputs)
     def _commit(self, emitted: bool) -> None:
