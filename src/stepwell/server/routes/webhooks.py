@@ -59,11 +59,16 @@ async def post_webhook(request: Request, name: str = Path(max_length=200),
     rows = parse_json_rows(await request.body(), f"webhook {name!r}")
     if hook.respond:
         return await _ingest_and_respond(ctx, hook, rows)
-    try:
-        row_ids = await ctx.ingest.add(hook.table, rows)
-    except IngestError as exc:
-        raise ApiError(422, f"webhook {name!r}: {exc}") from None
+    row_ids = await _ingest(ctx, hook, rows)
     return WebhookResponse(webhook=name, table=hook.table, rows=len(row_ids), ids=row_ids)
+
+
+async def _ingest(ctx: ServerContext, hook: Any, rows: list[dict]) -> list[str]:
+    """Commit ``rows`` to the webhook's table; their ``patterns_id`` values."""
+    try:
+        return await ctx.ingest.add(hook.table, rows)
+    except IngestError as exc:
+        raise ApiError(422, f"webhook {hook.name!r}: {exc}") from None
 
 
 async def _ingest_and_respond(ctx: ServerContext, hook: Any, rows: list[dict]) -> JSONResponse:
@@ -77,10 +82,7 @@ async def _ingest_and_respond(ctx: ServerContext, hook: Any, rows: list[dict]) -
     key = ids.new_id()
     answer = ctx.hub.responses.expect(key)  # before the row exists: no answer can be missed
     try:
-        try:
-            (row_id,) = await ctx.ingest.add(hook.table, [{**rows[0], REQUEST_KEY_COLUMN: key}])
-        except IngestError as exc:
-            raise ApiError(422, f"{where}: {exc}") from None
+        (row_id,) = await _ingest(ctx, hook, [{**rows[0], REQUEST_KEY_COLUMN: key}])
         try:
             payload = await asyncio.wait_for(answer, hook.respond_timeout)
         except TimeoutError:
