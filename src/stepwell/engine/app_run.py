@@ -27,6 +27,15 @@ def select_steps(app: Any, names: Sequence[str] | None) -> list[str]:
     return [name for name in order if name in wanted]
 
 
+def follow_up_delay(run: RunRecord) -> float | None:
+    """Seconds to wait before the follow-up run that ``run`` asked for with
+    ``State.request_new_run()``, or None when it asked for none (or failed)."""
+    request = run.info.get("request_new_run") if run.status in SUCCESS else None
+    if not request:
+        return None
+    return min(float(request.get("wait_atleast_seconds") or 0), MAX_FOREGROUND_WAIT)
+
+
 def run_steps(runner: Runner, names: Sequence[str]) -> list[RunRecord]:
     """Run each step once (plus the follow-up runs it requests), in order.
 
@@ -37,10 +46,8 @@ def run_steps(runner: Runner, names: Sequence[str]) -> list[RunRecord]:
         run = runner.run_step(name)
         runs.append(run)
         follow_ups = 0
-        while run.status in SUCCESS and run.info.get("request_new_run") and follow_ups < MAX_FOLLOW_UPS:
-            wait = run.info["request_new_run"].get("wait_atleast_seconds") or 0
-            if wait:
-                time.sleep(min(float(wait), MAX_FOREGROUND_WAIT))
+        while (delay := follow_up_delay(run)) is not None and follow_ups < MAX_FOLLOW_UPS:
+            time.sleep(delay)
             run = runner.run_step(name, trigger="request_new_run")
             runs.append(run)
             follow_ups += 1

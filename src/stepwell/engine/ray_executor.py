@@ -25,8 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stepwell.engine.app_run import MAX_FOLLOW_UPS, MAX_FOREGROUND_WAIT
-from stepwell.engine.runner import SUCCESS
+from stepwell.engine.app_run import MAX_FOLLOW_UPS, follow_up_delay
 from stepwell.store.base import RunRecord
 
 _SECRET_PREFIX = "STEPWELL_SECRET_"
@@ -122,11 +121,10 @@ def run_steps_on_ray(
             if listener is not None:
                 listener.run_started(run)
                 listener.run_finished(run)
-            follow = run.info.get("request_new_run") if run.status in SUCCESS else None
-            if follow and follow_ups[name] < MAX_FOLLOW_UPS:
+            delay = follow_up_delay(run)
+            if delay is not None and follow_ups[name] < MAX_FOLLOW_UPS:
                 follow_ups[name] += 1
-                wait = float(follow.get("wait_atleast_seconds") or 0)
-                time.sleep(min(wait, MAX_FOREGROUND_WAIT))
+                time.sleep(delay)
                 submit(name, "request_new_run")
             else:
                 done.add(name)
