@@ -83,10 +83,16 @@ def step_wants_pandas(step: Any, app_root: Path) -> bool:
     return node_uses_pandas(Path(app_root), step.file)
 
 
-def prestart_forkservers(app: Any) -> None:
-    """Start, in the background, the fork-servers the app's Python steps use."""
+def pandas_by_step(app: Any) -> dict[str, bool]:
+    """``step_wants_pandas`` of each of the app's Python steps, by name."""
+    return {s.name: step_wants_pandas(s, app.root) for s in app.steps if s.kind != "sql"}
+
+
+def prestart_forkservers(app: Any, wants: dict[str, bool] | None = None) -> None:
+    """Start, in the background, the fork-servers the app's Python steps use
+    (``wants``: ``pandas_by_step(app)``, if worked out already)."""
     from stepwell.sandbox.launcher import forkserver
 
-    flavors = {step_wants_pandas(step, app.root) for step in app.steps if step.kind != "sql"}
-    for pandas in sorted(flavors):
+    wants = pandas_by_step(app) if wants is None else wants
+    for pandas in sorted(set(wants.values())):
         forkserver(pandas).prestart()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
-from stepwell.engine.preload import prestart_forkservers, step_wants_pandas
+from stepwell.engine.preload import pandas_by_step, prestart_forkservers, step_wants_pandas
 from stepwell.engine.staging import StagedRun
 from stepwell.engine.worker_session import DeclaredSchema, Outcome, WorkerSession
 from stepwell.runtimes.node import host as node_host
@@ -162,9 +162,10 @@ class Runner:
         #: ``default``, ``strict`` (no network unless a step asks) or ``none``
         self.sandbox = sandbox_mode(sandbox)
         #: per step: whether its workers come from the fork-server with pandas
-        self._pandas: dict[str, bool] = {}
+        self._pandas: dict[str, bool] = pandas_by_step(app) if self.sandbox != "none" else {}
         if self.sandbox != "none":
-            prestart_forkservers(app)  # they warm up while the first steps are prepared
+            # they warm up while the first steps are prepared
+            prestart_forkservers(app, self._pandas)
         self._env = None
         self._env_checked = False
         self._active: dict[str, _RunHandle] = {}
