@@ -180,7 +180,6 @@ def sandbox_cycle(samples: int) -> dict[str, float]:
             worker.channel.send({"op": "start", "entry": "stepwell.sandbox.worker:ping"})
             while worker.channel.recv()[0].get("op") != "done":
                 pass
-            worker.channel.send({"ok": True})
             done = time.perf_counter()
             worker.close()
             if i >= 3:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from apputil import cli, logs, rows, run_app, write_app
+from apputil import app_runner, cli, logs, rows, run_app, write_app
 
 from stepwell.engine.logs import Redactor
 from stepwell.sandbox.launcher import forkserver
@@ -560,3 +560,104 @@ def _last_run_id(app) -> str:
         return store.list_runs(limit=1)[0].id
     finally:
         store.close()
+
+
+def test_a_run_temp_dir_is_reused_only_when_left_empty(tmp_path):
+    from stepwell.sandbox.forkserver import _reset_run_dir
+
+    run_dir, points = tmp_path / "run", ["apps/app"]
+    (run_dir / "apps" / "app").mkdir(parents=True)
+    owner = os.stat(run_dir).st_uid
+    os.chmod(run_dir, 0o777)
+    try:
+        os.setxattr(run_dir, "user.left", b"behind")
+    except OSError:  # a file system without user attributes: nothing to clear
+        pass
+    assert _reset_run_dir(str(run_dir), points, owner)
+    assert os.listxattr(run_dir) == [] and os.stat(run_dir).st_mode & 0o777 == 0o700
+    assert not _reset_run_dir(str(run_dir), ["other/app"], owner)  # made for another app
+    assert not _reset_run_dir(str(run_dir), points, owner + 1)  # not the sandbox user's
+    (run_dir / "note.txt").write_text("left by the run")
+    assert not _reset_run_dir(str(run_dir), points, owner)
+    (run_dir / "note.txt").unlink()
+    (run_dir / "apps" / "app" / "inner").mkdir()
+    assert not _reset_run_dir(str(run_dir), points, owner)
+    (run_dir / "apps" / "app" / "inner").rmdir()
+    (run_dir / "apps" / "app").rmdir()
+    (run_dir / "apps" / "app").symlink_to("/etc")  # a mount point swapped for a link
+    assert not _reset_run_dir(str(run_dir), points, owner)
+
+
+def test_nothing_a_run_leaves_on_its_temp_dir_reaches_later_runs(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: mark\n    node: mark.py\n",
+        "mark.py": """
+            import os
+            from patterns import Table
+            seen = {"found": ",".join(sorted(os.listxattr("/tmp"))),
+                    "mode": oct(os.stat("/tmp").st_mode & 0o777)}
+            try:
+                os.setxattr("/tmp", "user.mark", b"left by an earlier run")
+            except OSError:
+                pass
+            os.chmod("/tmp", 0o777)
+            Table("seen", "w").append(seen)
+        """,
+    })  # fmt: skip
+    with app_runner(app) as runner:
+        for _ in range(6):  # more runs than the fork-server keeps temp dirs
+            run = runner.run_step("mark")
+            assert run.status == "succeeded", run.error
+    assert [(r["found"], r["mode"]) for r in rows(app, "seen")] == [("", "0o700")] * 6
+
+
+def test_the_next_steps_worker_is_made_ahead_but_runs_nothing_early(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: first
+                node: first.py
+              - name: second
+                node: second.py
+        """,
+        "first.py": "import time\nfrom patterns import Table\ntime.sleep(0.3)\nTable('t', 'w').append({'step': 'first'})\n",
+        "second.py": "import time\nfrom patterns import Table\nTable('t', 'w').append({'step': 'second', 'at': time.time()})\n",
+    })  # fmt: skip
+    with app_runner(app) as runner:
+        first = runner.run_step("first", then="second")
+        assert "second" in runner._prepared  # made while the first run went on
+        second = runner.run_step("second")
+        assert not runner._prepared
+        assert first.status == second.status == "succeeded", (first.error, second.error)
+        (row,) = [r for r in rows(app, "t") if r["step"] == "second"]
+        assert row["at"] >= first.ended_at.timestamp()  # its code began after the commit
+        # one whose run does not come is ended
+        runner.run_step("first", then="second")
+        worker = runner._prepared["second"][1]
+        pid = worker.pid
+        assert os.path.exists(f"/proc/{pid}")
+        runner.discard_prepared()
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_failed_final_commit_is_the_runs_error(tmp_path, monkeypatch):
+    from stepwell.engine.staging import StagedRun
+
+    original = StagedRun.commit
+
+    def refuse_the_last(self, positions, state, run_fields=None):
+        if run_fields is not None:
+            raise RuntimeError("the store refused the final commit")
+        return original(self, positions, state, run_fields=run_fields)
+
+    monkeypatch.setattr(StagedRun, "commit", refuse_the_last)
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: write\n    node: write.py\n",
+        "write.py": "from patterns import Table\nTable('t', 'w').append({'a': 1})\n",
+    })  # fmt: skip
+    (run,) = run_app(app)
+    assert run.status == "failed" and run.error == "the store refused the final commit"
+    assert rows(app, "t") == []

@@ -42,13 +42,17 @@ def run_steps(runner: Runner, names: Sequence[str]) -> list[RunRecord]:
     A failed step does not stop independent later steps, but steps reading
     what a failed step writes still run on the data committed so far."""
     runs: list[RunRecord] = []
-    for name in names:
-        run = runner.run_step(name)
-        runs.append(run)
-        follow_ups = 0
-        while (delay := follow_up_delay(run)) is not None and follow_ups < MAX_FOLLOW_UPS:
-            time.sleep(delay)
-            run = runner.run_step(name, trigger="request_new_run")
+    try:
+        for i, name in enumerate(names):
+            then = names[i + 1] if i + 1 < len(names) else None  # its worker is made meanwhile
+            run = runner.run_step(name, then=then)
             runs.append(run)
-            follow_ups += 1
+            follow_ups = 0
+            while (delay := follow_up_delay(run)) is not None and follow_ups < MAX_FOLLOW_UPS:
+                time.sleep(delay)
+                run = runner.run_step(name, trigger="request_new_run", then=then)
+                runs.append(run)
+                follow_ups += 1
+    finally:
+        runner.discard_prepared()
     return runs

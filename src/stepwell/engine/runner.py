@@ -170,6 +170,9 @@ class Runner:
         self._env_checked = False
         self._active: dict[str, _RunHandle] = {}
         self._active_lock = threading.Lock()
+        #: workers made ahead for steps about to run (``run_step(..., then=...)``), by
+        #: step name, with what they were made for
+        self._prepared: dict[str, tuple[tuple, Any]] = {}
         if recover:  # (a Ray task must not: other hosts' pids mean nothing on its node)
             recover_orphans(store)
 
@@ -234,9 +237,17 @@ class Runner:
             return list(self._active)
 
     # -- running -----------------------------------------------------------
-    def run_step(self, name: str, trigger: str = "manual", *, run_id: str | None = None) -> RunRecord:
+    def run_step(
+        self, name: str, trigger: str = "manual", *, run_id: str | None = None,
+        then: str | None = None,
+    ) -> RunRecord:
         """Run step ``name`` once. ``run_id`` names a run record created beforehand
-        with status ``queued`` (by the scheduler); without it a new record is made."""
+        with status ``queued`` (by the scheduler); without it a new record is made.
+
+        ``then`` names the step expected to run next: its worker is forked and
+        sandboxed while this run goes on (it starts no user code before its own run
+        sends it one), so that run starts at once. ``discard_prepared`` ends such a
+        worker if its run does not come."""
         step = self.app.step(name)
         run = RunRecord(
             id=run_id or ids.new_id(),
@@ -250,12 +261,20 @@ class Runner:
         with self._active_lock:
             self._active[run.id] = handle
         try:
-            return self._run(step, run, handle, existing=run_id is not None)
+            return self._run(step, run, handle, then, existing=run_id is not None)
         finally:
             with self._active_lock:
                 self._active.pop(run.id, None)
 
-    def _run(self, step: Any, run: RunRecord, handle: _RunHandle, *, existing: bool) -> RunRecord:
+    def discard_prepared(self) -> None:
+        """End the workers made ahead for runs that did not come (see ``run_step``)."""
+        while self._prepared:
+            _key, worker = self._prepared.popitem()[1]
+            worker.close()
+
+    def _run(
+        self, step: Any, run: RunRecord, handle: _RunHandle, then: str | None, *, existing: bool
+    ) -> RunRecord:
         try:
             context: StepContext | None = self._context(step)
             problem: Exception | None = None
@@ -264,6 +283,8 @@ class Runner:
         # The worker is asked for first: the fork-server sets it up while the run
         # record is written and the start frame is read from the store.
         early_worker = self._early_worker(step, context) if context else None
+        if then is not None:
+            self._prepare(then)
         try:
             return self._run_with(step, run, handle, context, problem, early_worker, existing=existing)
         finally:
@@ -271,16 +292,40 @@ class Runner:
                 early_worker.close()  # a no-op when the run used it
 
     def _early_worker(self, step: Any, context: StepContext) -> Any:
-        """A worker for a node or processor run, requested ahead of time, or None
-        (other styles; an app environment not yet built; no fork-server)."""
+        """A worker for a node or processor run, requested ahead of time (or made
+        ahead by the run before, if it still fits), or None (other styles; an app
+        environment not yet built; no fork-server)."""
         if step.kind not in ("node", "processor") or self.sandbox == "none":
             return None
         if getattr(self.app, "requirements_file", None) and not self._env_checked:
             return None  # the first run builds the environment (and logs it) first
+        prepared = self._prepared.pop(step.name, None)
+        if prepared is not None:
+            key, worker = prepared
+            if key == self._worker_key(step, context):
+                return worker
+            worker.close()
         try:
             return self._start_worker(step, context, self._env_paths())
         except Exception:
             return None  # the run starts its worker itself, and reports why it cannot
+
+    def _prepare(self, name: str) -> None:
+        """Make the worker of step ``name``'s next run now (``run_step``'s ``then``)."""
+        if name in self._prepared:
+            return
+        try:
+            step = self.app.step(name)
+            context = self._context(step)
+        except Exception:
+            return  # the run itself reports the problem
+        worker = self._early_worker(step, context)
+        if worker is not None:
+            self._prepared[name] = (self._worker_key(step, context), worker)
+
+    def _worker_key(self, step: Any, context: StepContext) -> tuple:
+        """What a worker made for ``step`` depends on (a prepared one must match)."""
+        return (context.worker_limits, tuple(self._env_paths()), self._wants_pandas(step))
 
     def _start_worker(self, step: Any, context: StepContext, sys_path: list[str]) -> Any:
         return start_worker(

@@ -124,6 +124,9 @@ class WorkerSession:
                 reply, reply_body = self._dispatch(op, message, body)
                 if op not in NOTIFY_OPS:
                     channel.send(reply, reply_body)
+                elif not reply.get("ok") and op == "done":  # the final commit failed
+                    self.staged.rollback()
+                    self._done = Outcome("failed", reply.get("error"))
                 elif not reply.get("ok"):
                     # writes are not answered (so host and worker overlap): report the
                     # failure on the worker's next request instead

@@ -35,8 +35,6 @@ class HostLink:
                 f"cannot {op!r} from a process forked by the step: only the step's own "
                 "process talks to the host"
             )
-        if op == "done":  # the host starts the step's next runs with pandas loaded
-            args.setdefault("imported_pandas", "pandas" in sys.modules)
         with self._lock:
             reply, reply_body = self.channel.request({"op": op, **args}, body)
         if not reply.get("ok", False):
@@ -74,6 +72,8 @@ class HostLink:
             if op == "log":  # its frames would interleave with the step's own
                 return
             raise HostError(f"cannot {op!r} from a process forked by the step")
+        if op == "done":  # the host starts the step's next runs with pandas loaded
+            args.setdefault("imported_pandas", "pandas" in sys.modules)
         with self._lock:
             self.channel.send({"op": op, **args}, body)
 

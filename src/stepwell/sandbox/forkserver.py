@@ -50,6 +50,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -68,6 +69,7 @@ from stepwell.sandbox.isolate import (
     prepare_view,
 )
 from stepwell.sandbox.lazy_pandas import pandas_hidden, resync_pyarrow_on_import
+from stepwell.sandbox.ns_init import InitProgram
 from stepwell.sandbox.policy import PRELOAD_ENV, SANDBOX_TMP, SandboxSpec
 
 #: Modules every worker needs, imported once here instead of in every run.
@@ -81,6 +83,8 @@ PRELOAD = (
 SANDBOX_USER_ENV = "STEPWELL_SANDBOX_UID"
 DEFAULT_SANDBOX_USER = "nobody"
 MAX_MESSAGE = 4 * 1024 * 1024
+#: Emptied temp dirs kept for later runs (making and removing one costs disk writes).
+MAX_SPARE_DIRS = 4
 STDERR_TAIL = 4000
 
 
@@ -155,14 +159,14 @@ class ForkServer:
         self.base_paths = _base_read_paths()
         self.base_dir = tempfile.mkdtemp(prefix=f"stepwell-fs-{os.getpid()}-")
         os.chmod(self.base_dir, 0o711)
-        #: a PID namespace's init: `cat` with the read end of this "lifeline" pipe as
-        #: its input. Only the fork-server holds the write end, so when it ends (even
-        #: by SIGKILL) every init reads end-of-file and exits, taking its namespace
-        #: along. (One exec of a small program: about half the CPU time of the
-        #: `setpriv --pdeathsig KILL sleep` it replaces.)
-        self.cat = shutil.which("cat") or ("/bin/cat" if os.path.exists("/bin/cat") else None)
+        #: a PID namespace's init (see ``ns_init``) reads the read end of this
+        #: "lifeline" pipe. Only the fork-server holds the write end, so when it ends
+        #: (even by SIGKILL) every init reads end-of-file and exits, taking its
+        #: namespace along.
+        self.init_program = InitProgram()
         self.lifeline_read, self.lifeline_write = os.pipe()
-        #: private temp dirs made ahead of time (creating one costs a disk round trip)
+        #: private temp dirs ready for a run: made ahead of time, or left empty by an
+        #: earlier run (creating and removing one each cost a disk round trip)
         self.spare_dirs: list[str] = []
         #: the next run's worker, forked while the fork-server had nothing else to do
         self.spare: Spare | None = None
@@ -182,6 +186,7 @@ class ForkServer:
         self.selector.register(self.control, selectors.EVENT_READ, ("control", None))
         while True:
             events = self.selector.select(timeout=self._idle_timeout())
+            events.sort(key=lambda event: event[0].data[0] != "control")  # requests first
             if not events:
                 if len(self.spare_dirs) < 2:
                     self._make_spare_dir()
@@ -394,7 +399,7 @@ class ForkServer:
     def _discard_spare(self, spare: Spare) -> None:
         spare.sock.close()
         if spare.tmpdir is not None:
-            shutil.rmtree(spare.tmpdir, ignore_errors=True)
+            self._recycle_dir(spare.tmpdir)
         # the worker first: its namespace's init cannot finish dying while the
         # worker (our child, not its) is still unreaped
         for pid in (spare.pid, spare.init_pid):
@@ -410,7 +415,7 @@ class ForkServer:
         reason = None
         if "pid" in plan.spec.skip:
             return None
-        if self.cat is None:
+        if self.init_program.path is None:
             reason = "no `cat` program for the namespace's init"
         elif self.own_pidns is None:
             reason = "/proc/self/ns/pid cannot be opened"
@@ -422,7 +427,7 @@ class ForkServer:
         if reason is None:
             try:
                 init_pid = os.posix_spawn(
-                    self.cat, ["stepwell-init"], {}, setsid=True,
+                    self.init_program.path, ["stepwell-init"], {}, setsid=True,
                     file_actions=[(os.POSIX_SPAWN_DUP2, self.lifeline_read, 0)],
                     setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE),
                 )  # fmt: skip
@@ -575,7 +580,17 @@ class ForkServer:
             self.selector.unregister(run.stderr_fd)
             os.close(run.stderr_fd)
             run.stderr_fd = None
-        shutil.rmtree(run.tmpdir, ignore_errors=True)
+        self._recycle_dir(run.tmpdir)
+
+    def _recycle_dir(self, path: str) -> None:
+        """Keep a finished run's temp dir for a later run if the run left nothing in
+        it (the usual case), else remove it."""
+        if len(self.spare_dirs) < MAX_SPARE_DIRS and _reset_run_dir(
+            path, self._tmp_mount_points, self.uid
+        ):
+            self.spare_dirs.append(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _on_run_message(self, run: Run) -> None:
         assert run.sock is not None
@@ -635,6 +650,37 @@ class ForkServer:
                         break
                     time.sleep(0.01)
         shutil.rmtree(self.base_dir, ignore_errors=True)
+        self.init_program.close()
+
+
+def _reset_run_dir(path: str, mount_points: list[str], uid: int | None) -> bool:
+    """Whether run temp dir ``path`` holds nothing but the (empty) folders made for
+    ``mount_points``, so another run may use it; if so, also undo what the run could
+    change on the dir itself (its mode and extended attributes, ACLs included)."""
+    expected = {""}
+    for point in mount_points:
+        parts = point.split("/")
+        expected.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
+            return False
+        for inner in expected:
+            folder = os.path.join(path, inner) if inner else path
+            if inner:  # made by the fork-server: a real folder the sandbox cannot write
+                info = os.lstat(folder)
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                    return False
+            for name in os.listdir(folder):
+                if (f"{inner}/{name}" if inner else name) not in expected:
+                    return False
+        for name in os.listxattr(path, follow_symlinks=False):
+            os.removexattr(path, name, follow_symlinks=False)
+        if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+            os.chmod(path, 0o700)
+    except OSError:
+        return False
+    return True
 
 
 def _kill(pid: int) -> None:

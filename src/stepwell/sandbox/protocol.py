@@ -40,8 +40,10 @@ _EAGER_READ = 64 * 1024 * 1024
 
 #: Ops a worker may send that expect no reply. ``write`` is one so the worker can
 #: go on producing rows while the host stores the previous batch; a failed write
-#: is reported in the reply to the worker's next request.
-NOTIFY_OPS = frozenset({"log", "write"})
+#: is reported in the reply to the worker's next request. ``done`` is a worker's
+#: last word: it exits at once, so its exit overlaps the host's final commit (a
+#: commit that fails is the run's error, reported by the host).
+NOTIFY_OPS = frozenset({"log", "write", "done"})
 
 
 class ProtocolError(Exception):

@@ -76,7 +76,7 @@ def _add_site_dirs(paths: list[str]) -> None:
 
 def ping(link: HostLink, start: dict[str, Any]) -> None:
     """A runtime entry that does nothing: measures the cost of a worker itself."""
-    link.call("done", status="ok")
+    link.notify("done", status="ok")
 
 
 def load_entry(spec: str) -> Any:
@@ -87,7 +87,7 @@ def load_entry(spec: str) -> Any:
 def _report_failure(link: HostLink, exc: BaseException, app_root: str | None) -> None:
     error = error_summary(exc, app_root)
     trace = user_traceback(exc, app_root)
-    link.call("done", status="error", error=error, traceback=trace,
+    link.notify("done", status="error", error=error, traceback=trace,
               memory_error=isinstance(exc, MemoryError))  # fmt: skip
 
 
@@ -111,7 +111,7 @@ def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None =
         return 3
     if refuse:
         try:
-            link.call("done", status="error", error=refuse)
+            link.notify("done", status="error", error=refuse)
         except Exception:
             pass
         return 1

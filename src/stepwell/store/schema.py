@@ -29,7 +29,6 @@ from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from stepwell.store.base import SchemaConflict, StoreError
 
@@ -457,6 +456,10 @@ def cast_column(column: pa.ChunkedArray, source: str, target: str) -> pa.Chunked
         return _cast(column, target_type, safe=False)
     dec = parse_decimal(target)
     if dec and source == "float":
+        # (imported here: workers load this module, and pyarrow.compute is a sixth
+        # of a warm worker's memory, copied and torn down by every fork)
+        import pyarrow.compute as pc
+
         column = pc.round(column, ndigits=dec[1])
     elif dec and source == "int":
         # Arrow wants room for any int64; go wide, then check the actual values

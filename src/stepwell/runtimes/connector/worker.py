@@ -118,7 +118,7 @@ def list_entry(link: HostLink, start: dict[str, Any]) -> None:
         spark.stop()
     _flush_output()
     link.call("listed", body, read_function=functions.read_name, leaves=count)
-    link.call("done", status="ok")
+    link.notify("done", status="ok")
 
 
 def read_entry(link: HostLink, start: dict[str, Any]) -> None:
@@ -168,4 +168,4 @@ def read_entry(link: HostLink, start: dict[str, Any]) -> None:
     finally:
         spark.stop()
     _flush_output()
-    link.call("done", status="ok")
+    link.notify("done", status="ok")

@@ -164,7 +164,7 @@ class NodeSession:
     def finish(self) -> None:
         """The final commit point: the host commits and closes the run."""
         effects = self._effects()
-        self.link.call("done", status="ok", request_new_run=self.new_run_request, **effects)
+        self.link.notify("done", status="ok", request_new_run=self.new_run_request, **effects)
 
     # -- limits ----------------------------------------------------------
     def elapsed(self) -> float:

@@ -279,7 +279,7 @@ class ProcessorRun:
             text = exc.text.rstrip("\n") if exc.text else ""
             detail = f'  File "{self.file}", line {exc.lineno or 1}\n    {text.strip()}\n' if text else ""
             self.sink.flush()
-            self.link.call(
+            self.link.notify(
                 "done",
                 status="error",
                 error=f"SyntaxError: {exc.msg} ({where})",
@@ -330,7 +330,7 @@ class ProcessorRun:
             self.finish()
         except (StatementFailed, SchemaError) as exc:  # not a Python error of the user's code
             self.sink.flush()
-            self.link.call("done", status="error", error=str(exc), traceback=None)
+            self.link.notify("done", status="error", error=str(exc), traceback=None)
         finally:
             self.sink.flush()
 
@@ -580,7 +580,7 @@ class ProcessorRun:
             status = "succeeded_no_data"
         info = {"executions": self.executions, "failed_executions": failed}
         self.sink.flush()
-        self.link.call(
+        self.link.notify(
             "done",
             status="ok",
             run_status=status,
