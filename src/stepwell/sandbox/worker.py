@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import mmap
 import os
 import site
 import socket
@@ -98,8 +99,9 @@ def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None =
     ``refuse`` makes the run fail with that message without running user code."""
     link = HostLink(channel)
     owner = os.getpid()
-    # a little memory set aside, so a MemoryError can still be reported
-    reserve: bytearray | None = bytearray(256 * 1024)
+    # address space set aside (the memory limit is on it), so a MemoryError can still
+    # be reported; mapped but never touched, it costs the run no page faults
+    reserve: mmap.mmap | None = mmap.mmap(-1, 256 * 1024)
     if notes:
         try:
             link.notify("log", level="warn", lines=list(notes))
@@ -126,6 +128,7 @@ def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None =
         if os.getpid() != owner:  # a process the step forked: it has no run to report
             return 1
         if isinstance(exc, MemoryError):
+            reserve.close()
             reserve = None
             exc.__traceback__ = _without_locals(exc.__traceback__)
             for name in [m for m in sys.modules if m.startswith("stepwell_app")]:
