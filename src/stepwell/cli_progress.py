@@ -13,12 +13,21 @@ from stepwell.store.base import LogLine, PartitionRecord, RunRecord
 _DONE_STYLE = {"succeeded": "green", "succeeded_no_data": "green", "succeeded_with_errors": "yellow"}
 
 
+class _Progress(Progress):
+    """A display redrawn by its own timer (ten times a second on a terminal, once at
+    the end elsewhere) only. rich also redraws it on every ``add_task``, rendering
+    every line again: 2 ms per step of a 40-step run, growing with the steps."""
+
+    def refresh(self) -> None:
+        pass
+
+
 class RunProgress:
     """A RunListener drawing a rich progress display (plain lines when not a TTY)."""
 
     def __init__(self, console: Console, total_steps: int):
         self.console = console
-        self._bar = Progress(
+        self._bar = _Progress(
             TextColumn("{task.description}"),
             BarColumn(bar_width=24),
             MofNCompleteColumn(),
