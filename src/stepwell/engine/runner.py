@@ -302,9 +302,9 @@ class Runner:
         prepared = self._prepared.pop(step.name, None)
         if prepared is not None:
             key, worker = prepared
-            if key == self._worker_key(step, context):
+            if key == self._worker_key(step, context) and not worker.ended():
                 return worker
-            worker.close()
+            worker.close()  # made for other limits, or it died waiting
         try:
             return self._start_worker(step, context, self._env_paths())
         except Exception:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -90,6 +91,10 @@ class WorkerProcess:
         """The raw wait status once the worker has ended (None if unknown)."""
         raise NotImplementedError
 
+    def ended(self) -> bool:
+        """Whether the worker is known to have ended already (does not wait)."""
+        raise NotImplementedError
+
     def stderr_tail(self, limit: int = 2000) -> str:
         raise NotImplementedError
 
@@ -136,6 +141,9 @@ class SubprocessWorker(WorkerProcess):
                 self.proc.kill()
             except ProcessLookupError:
                 pass
+
+    def ended(self) -> bool:
+        return self.proc.poll() is not None
 
     def wait(self, timeout: float = 5.0) -> int | None:
         try:
@@ -190,6 +198,11 @@ class ForkedWorker(WorkerProcess):
                 self.run_sock.send(msgpack.packb({"op": "kill"}))
             except OSError:
                 pass
+
+    def ended(self) -> bool:
+        while not self._ended and select.select([self.run_sock], [], [], 0)[0]:
+            self._read_reply(1.0)  # what the fork-server said so far
+        return self._ended
 
     def wait(self, timeout: float = 5.0) -> int | None:
         if not self._ended:
