@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -1089,3 +1090,36 @@ def test_state_and_positions_are_read_only_by_nodes_that_use_them(tmp_path):
             assert runner.run_step("keeps").status == "succeeded_no_data"
         assert reads == ["keeps", "keeps"]  # one read per run that uses State, none otherwise
         assert real_get_state("keeps") == {"n": 2} and real_get_state("plain") == {}
+
+
+def test_workers_load_node_bytecode_the_host_wrote(tmp_path, monkeypatch):
+    import importlib.util
+    import marshal
+    import sys
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # (PYTHONDONTWRITEBYTECODE)
+
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: n\n    node: nodes/n.py\n",
+        "nodes/n.py": "from patterns import Table\nfrom stepwell_app import helper\nTable('t', 'w').append({'v': helper.VALUE})\n",
+        "helper.py": "VALUE = 1\n",
+    })  # fmt: skip
+    helper = app / "helper.py"
+    cached = {name: importlib.util.cache_from_source(str(app / name)) for name in ("nodes/n.py", "helper.py")}
+    with app_runner(app) as runner:
+        assert all(os.path.exists(path) for path in cached.values())  # written at start
+        # bytecode that says otherwise than the source (same header): a run that
+        # reads it loaded the cached code instead of compiling the file
+        with open(cached["helper.py"], "rb") as f:
+            header = f.read(16)
+        with open(cached["helper.py"], "wb") as f:
+            f.write(header + marshal.dumps(compile("VALUE = 2\n", str(helper), "exec")))
+        assert runner.run_step("n").status == "succeeded"
+    assert [r["v"] for r in rows(app, "t")] == [2]
+    # an edited file gets fresh bytecode with the next runner
+    helper.write_text("VALUE = 30\n")
+    with app_runner(app) as runner:
+        with open(cached["helper.py"], "rb") as f:
+            assert int.from_bytes(f.read(16)[12:], "little") == helper.stat().st_size
+        assert runner.run_step("n").status == "succeeded"
+    assert [r["v"] for r in rows(app, "t")] == [2, 30]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,15 @@ _MAX_FILES = 200
 def node_uses_pandas(app_root: Path, file: str) -> bool:
     """Whether node ``file`` (relative to ``app_root``), or an app module it
     imports directly or indirectly, mentions pandas or data frames."""
+    return any(_PANDAS_WORDS.search(text) for _, text in _node_sources(app_root, file))
+
+
+def node_files(app_root: Path, file: str) -> list[Path]:
+    """Node ``file`` and the app files its imports may load, directly or not."""
+    return [path for path, _ in _node_sources(app_root, file)]
+
+
+def _node_sources(app_root: Path, file: str) -> Iterator[tuple[Path, str]]:
     root = app_root.resolve()
     todo, seen = [root / file], set()
     while todo and len(seen) < _MAX_FILES:
@@ -36,14 +46,12 @@ def node_uses_pandas(app_root: Path, file: str) -> bool:
             text = path.read_text(errors="replace")
         except OSError:
             continue
-        if _PANDAS_WORDS.search(text):
-            return True
+        yield path, text
         try:
             tree = ast.parse(text)
         except (SyntaxError, ValueError):
             continue  # the run itself reports the error
         todo.extend(_imported_app_files(tree, path.parent, root))
-    return False
 
 
 def _imported_app_files(tree: ast.AST, folder: Path, root: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from stepwell.engine.bytecode import write_bytecode
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.engine.preload import pandas_by_step, prestart_forkservers, step_wants_pandas
 from stepwell.engine.staging import StagedRun
@@ -166,6 +167,7 @@ class Runner:
         if self.sandbox != "none":
             # they warm up while the first steps are prepared
             prestart_forkservers(app, self._pandas)
+        write_bytecode(app)  # so workers load node files instead of compiling them
         self._env = None
         self._env_checked = False
         self._active: dict[str, _RunHandle] = {}
