@@ -19,13 +19,13 @@ serves requests on the control socket ``FD`` (a ``SOCK_SEQPACKET`` socket):
   run's socket kills the run too.
 
 Each run gets a fresh PID namespace: the fork-server unshares one for its
-next children, spawns a tiny init there (``cat`` reading a pipe only the
-fork-server can write, PID 1: it owns the namespace, killing it kills
+next children, spawns a tiny init there (``ns_init``: it reads a pipe only the
+fork-server can write; as PID 1 it owns the namespace, killing it kills
 everything the run left behind, and it ends by itself when the fork-server
-does, however that ends), forks the
-worker (PID 2, so it can signal itself like any process) and returns to its
-own namespace. Then the worker isolates itself (``isolate.enter_sandbox``)
-and serves the run.
+does, however that ends), forks the worker (PID 2, so it can signal itself
+like any process) and returns to its own namespace. Then the worker isolates
+itself (``isolate.enter_sandbox``) and serves the run. A run's private temp
+dir is kept for a later run if the run left it empty, else removed.
 
 The next run's worker is forked ahead of time, while the fork-server is idle
 (a *spare*). It also builds the filesystem view of the last run's app
@@ -416,7 +416,7 @@ class ForkServer:
         if "pid" in plan.spec.skip:
             return None
         if self.init_program.path is None:
-            reason = "no `cat` program for the namespace's init"
+            reason = "no program for the namespace's init (stepwell's cannot run here, no `cat`)"
         elif self.own_pidns is None:
             reason = "/proc/self/ns/pid cannot be opened"
         else:
