@@ -83,7 +83,7 @@ PRELOAD = (
 SANDBOX_USER_ENV = "STEPWELL_SANDBOX_UID"
 DEFAULT_SANDBOX_USER = "nobody"
 MAX_MESSAGE = 4 * 1024 * 1024
-#: Emptied temp dirs kept for later runs (making and removing one costs disk writes).
+#: Temp dirs kept ready for runs at most (making and removing one costs disk writes).
 MAX_SPARE_DIRS = 4
 STDERR_TAIL = 4000
 

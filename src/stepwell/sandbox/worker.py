@@ -89,7 +89,7 @@ def _report_failure(link: HostLink, exc: BaseException, app_root: str | None) ->
     error = error_summary(exc, app_root)
     trace = user_traceback(exc, app_root)
     link.notify("done", status="error", error=error, traceback=trace,
-              memory_error=isinstance(exc, MemoryError))  # fmt: skip
+                memory_error=isinstance(exc, MemoryError))  # fmt: skip
 
 
 def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None = None) -> int:
