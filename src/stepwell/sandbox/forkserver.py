@@ -128,9 +128,10 @@ class Spare:
     view_key: tuple | None = None
 
 
-def _sandbox_identity() -> tuple[int | None, int | None]:
-    """The (uid, gid) sandboxes run as: an unprivileged user when we are root."""
-    if os.geteuid() != 0:
+def _sandbox_identity(own_user_namespace: bool) -> tuple[int | None, int | None]:
+    """The (uid, gid) sandboxes run as: an unprivileged user when we are root (of
+    the host, not of a user namespace of our own, where only our uid exists)."""
+    if os.geteuid() != 0 or own_user_namespace:
         return None, None
     wanted = os.environ.get(SANDBOX_USER_ENV, DEFAULT_SANDBOX_USER)
     if wanted.isdigit():
@@ -151,11 +152,12 @@ def _base_read_paths() -> list[str]:
 
 
 class ForkServer:
-    def __init__(self, control: socket.socket):
+    def __init__(self, control: socket.socket, own_user_namespace: bool = False):
         self.control = control
         self.selector = selectors.DefaultSelector()
         self.runs: dict[int, Run] = {}
-        self.uid, self.gid = _sandbox_identity()
+        self.uid, self.gid = _sandbox_identity(own_user_namespace)
+        self.own_user_namespace = own_user_namespace
         self.base_paths = _base_read_paths()
         self.base_dir = tempfile.mkdtemp(prefix=f"stepwell-fs-{os.getpid()}-")
         os.chmod(self.base_dir, 0o711)
@@ -282,7 +284,20 @@ class ForkServer:
         self.selector.register(run.pidfd, selectors.EVENT_READ, ("worker", run))
         self.selector.register(sock, selectors.EVENT_READ, ("run", run))
         self.selector.register(stderr_read, selectors.EVENT_READ, ("stderr", run))
-        self._reply(sock, {"pid": pid, "pidns": init_pid is not None})
+        self._reply(sock, {"pid": self._host_pid(run), "pidns": init_pid is not None})
+
+    def _host_pid(self, run: Run) -> int:
+        """The run's worker pid as the host sees it (in our own PID namespace, see
+        ``_enter_own_namespaces``, ours differ; the host's /proc tells)."""
+        if self.own_user_namespace:
+            try:
+                with open(f"/proc/self/fdinfo/{run.pidfd}") as info:
+                    for line in info:
+                        if line.startswith("Pid:"):
+                            return int(line.split()[1])
+            except (OSError, ValueError):
+                pass
+        return run.pid
 
     def _fork_now(self, plan: ChildPlan, channel_fd: int, stderr_fd: int) -> tuple[int, int | None]:
         """Fork the run's worker (in a fresh PID namespace); returns (pid, init pid)."""
@@ -730,11 +745,38 @@ def preload() -> list[str]:
     return missing
 
 
+def _enter_own_namespaces() -> bool:
+    """Without privileges, become root of a user namespace of our own (our uid as 0,
+    no other) and PID 1 of a PID namespace it owns: only there may the fork-server
+    give each run a PID namespace (and /proc) of its own; the files, processes and
+    network it can reach stay those of its uid. The process the host started stays
+    outside and exits as we do; we die with it. Must run before any thread starts.
+    Returns False when the kernel refuses (runs then go without PID namespaces, and
+    their logs say so)."""
+    if os.geteuid() == 0:
+        return False
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWPID)
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        server = os.fork()
+    except OSError:
+        return False  # (a refused map leaves us unable to unshare a PID namespace)
+    if server:  # outside: the host's handle on the fork-server
+        _pid, status = os.waitpid(server, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     started = time.perf_counter()
     control = socket.socket(fileno=int(argv[0]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host
+    own_user_namespace = _enter_own_namespaces()
     try:
         linux.prctl(linux.PR_SET_DUMPABLE, 0)  # nobody may ptrace or read our memory
     except OSError:
@@ -748,14 +790,14 @@ def main(argv: list[str] | None = None) -> None:
             _warm_up()
         resync_pyarrow_on_import()
     sys.dont_write_bytecode = True  # workers never write .pyc files (their filesystem is read-only)
-    server = ForkServer(control)
+    server = ForkServer(control, own_user_namespace)
     gc.collect()
     gc.freeze()  # forked workers then never touch (and copy) these pages for GC
     control.send(
         pack(
             {
                 "ready": True,
-                "pid": os.getpid(),
+                "pid": int(os.readlink("/proc/self")),  # as the host sees it
                 "uid": server.uid,
                 "startup_ms": (time.perf_counter() - started) * 1000,
                 "missing": missing,
