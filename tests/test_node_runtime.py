@@ -1123,3 +1123,16 @@ def test_workers_load_node_bytecode_the_host_wrote(tmp_path, monkeypatch):
             assert int.from_bytes(f.read(16)[12:], "little") == helper.stat().st_size
         assert runner.run_step("n").status == "succeeded"
     assert [r["v"] for r in rows(app, "t")] == [2, 30]
+
+
+def test_a_run_that_writes_then_runs_on_commits_its_end(tmp_path, store_url):
+    # it outlasts RECORD_AFTER after its first write: its record must not be one its
+    # open transaction cannot see (DuckDB: "update_run: no run with id ...")
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: w\n    node: w.py\n",
+        "w.py": "import time\nfrom patterns import Table\n"  # 20,000 rows: shipped at once
+                "Table('t', 'w').append([{'a': i} for i in range(20_000)])\ntime.sleep(0.5)\n",
+    })  # fmt: skip
+    (run,) = run_app(app, store_url)
+    assert run.status == "succeeded", run.error
+    assert run.rows_out == 20_000 and len(rows(app, "t", store_url)) == 20_000

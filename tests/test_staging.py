@@ -66,16 +66,33 @@ def _record(run_id: str, step: str = "s"):
 def test_an_unrecorded_run_is_written_by_its_first_commit_with_its_effects(any_store):
     store = any_store
     run = StagedRun(store, "late", "s", unrecorded=_record("late"))
+    run.commit(None, {"k": 1})  # a commit point with state only
+    assert store.get_run("late").status == "running"  # recorded in the same transaction
+    run.commit(None, {"k": 2}, run_fields={"status": "succeeded", "rows_out": 0})
+    record = store.get_run("late")
+    assert (record.status, record.step) == ("succeeded", "s")
+    assert store.get_state("s") == {"k": 2}
+    quiet = StagedRun(store, "quiet", "s", unrecorded=_record("quiet"))
+    quiet.commit(None, {"k": 3}, run_fields={"status": "succeeded"})  # one transaction
+    assert store.get_run("quiet").status == "succeeded" and store.get_state("s") == {"k": 3}
+
+
+def test_a_run_that_writes_is_recorded_before_its_transaction_opens(any_store):
+    """A record written while the run's transaction is open would be invisible to it
+    (snapshot isolation, as in DuckDB), and the commit could not close it."""
+    store = any_store
+    run = StagedRun(store, "writer", "s", unrecorded=_record("writer"))
     run.write("events", pa.table({"n": [1]}))
-    assert store.get_run("late") is None  # not in the store while it runs...
+    assert store.get_run("writer").status == "running" and store.table_info("events") is None
+    run.record()  # what the session does once a run has lasted RECORD_AFTER: a no-op now
     run.commit(None, {"k": 1}, run_fields={"status": "succeeded", "rows_out": 1})
-    record = store.get_run("late")  # ...then written once, with its end and its rows
-    assert (record.status, record.rows_out, record.step) == ("succeeded", 1, "s")
+    record = store.get_run("writer")
+    assert (record.status, record.rows_out) == ("succeeded", 1)
     assert store.get_state("s") == {"k": 1} and _ids(store) == [1]
     # later commit points update the record written by the first one
     run.write("events", pa.table({"n": [2]}))
     run.commit(None, None, run_fields={"rows_out": 2})
-    assert store.get_run("late").rows_out == 2
+    assert store.get_run("writer").rows_out == 2
 
 
 def test_an_unrecorded_run_that_fails_or_stages_nothing_is_still_recorded(any_store, monkeypatch):
@@ -90,7 +107,8 @@ def test_an_unrecorded_run_that_fails_or_stages_nothing_is_still_recorded(any_st
     assert store.get_run("empty") is None
     empty.commit(None, None, run_fields={"status": "succeeded_no_data"})
     assert store.get_run("empty").status == "succeeded_no_data"
-    # a failed commit does not count as recorded: the failure path records it
+    # a run whose commit fails stays recorded as running (its writes recorded it)
+    # until the failure path closes it
     broken = StagedRun(store, "broken", "s", unrecorded=_record("broken"))
     broken.write("events", pa.table({"n": [9]}))
     tx = broken.tx()
@@ -102,7 +120,7 @@ def test_an_unrecorded_run_that_fails_or_stages_nothing_is_still_recorded(any_st
     monkeypatch.setattr(tx, "commit", commit_fails)
     with pytest.raises(RuntimeError):
         broken.commit(None, None, run_fields={"status": "succeeded"})
-    assert broken.unrecorded is not None and store.get_run("broken") is None
+    assert store.get_run("broken").status == "running"
     broken.rollback()
     broken.close_record({"status": "failed"})
     assert store.get_run("broken").status == "failed"

@@ -90,7 +90,11 @@ class StagedRun:
             self.store.update_run(self.run_id, **run_fields)
 
     def tx(self) -> Transaction:
+        """The run's open transaction (opened by its first write). The run's record
+        is written before it opens: a record written while it is open would be
+        invisible to it (snapshot isolation), so the commit could not update it."""
         if self._tx is None:
+            self.record()
             self._tx = self.store.transaction()
         return self._tx
 
@@ -182,7 +186,9 @@ class StagedRun:
             if run_fields:
                 self.close_record(run_fields)
             return
-        tx = self.tx()
+        if self._tx is None:  # state or positions only: the record goes in with them
+            self._tx = self.store.transaction()
+        tx = self._tx
         if positions is not None:
             tx.clear_positions(self.step)
             for p in positions:
