@@ -78,6 +78,8 @@ class ServerContext:
     rules: Any = None
 
 
-def get_ctx(request: Request) -> ServerContext:
-    """FastAPI dependency: the server context."""
+async def get_ctx(request: Request) -> ServerContext:
+    """FastAPI dependency: the server context. (``async`` so FastAPI resolves it on
+    the event loop: a plain function would cost a hop to its thread pool and back
+    on every request.)"""
     return request.app.state.ctx

@@ -109,9 +109,10 @@ def _service(request: Request) -> ActionService:
     return service
 
 
-def caller(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dict[str, Any]:
+async def caller(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dict[str, Any]:
     """The user calling: from the bearer token, else the local user on loopback.
-    (Action routes check tokens themselves: user tokens are not the server's.)"""
+    (Action routes check tokens themselves: user tokens are not the server's. It
+    only compares strings and stats files: done on the event loop, not in a thread.)"""
     token = bearer(request.scope["headers"])
     if token is None:
         if ctx.auth_required:
