@@ -6,7 +6,7 @@ fork-server can write to, so it blocks until that pipe reports end-of-file.
 
 ``cat`` behaves so, but as a dynamically linked program each start maps and
 relocates the C library: about 0.5 ms of CPU per run, a tenth of a warm step.
-On x86_64 the fork-server runs the 25 instructions' worth of machine code below
+On x86_64 the fork-server runs the 25 bytes of machine code below
 instead (``read(0, buf, 1); exit(0)`` as a static ELF file of 145 bytes, kept
 in a sealed memfd); elsewhere, or where the kernel will not run it, ``cat``.
 """
