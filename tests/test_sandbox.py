@@ -667,3 +667,26 @@ def test_a_failed_final_commit_is_the_runs_error(tmp_path, monkeypatch):
     (run,) = run_app(app)
     assert run.status == "failed" and run.error == "the store refused the final commit"
     assert rows(app, "t") == []
+
+
+def test_namespace_init_waits_for_the_lifeline_then_exits():
+    import platform
+
+    from stepwell.sandbox.ns_init import InitProgram
+
+    program = InitProgram()
+    try:
+        assert program.path is not None
+        if platform.machine() == "x86_64":  # the static program, not `cat`
+            assert program.path.startswith("/proc/self/fd/")
+        read, write = os.pipe()
+        pid = os.posix_spawn(program.path, ["stepwell-init"], {},
+                             file_actions=[(os.POSIX_SPAWN_DUP2, read, 0)])  # fmt: skip
+        os.close(read)
+        time.sleep(0.2)
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # still waiting on its input
+        os.close(write)  # the fork-server is gone
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        program.close()
