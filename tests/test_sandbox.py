@@ -631,10 +631,13 @@ def test_the_next_steps_worker_is_made_ahead_but_runs_nothing_early(tmp_path):
         assert first.status == second.status == "succeeded", (first.error, second.error)
         (row,) = [r for r in rows(app, "t") if r["step"] == "second"]
         assert row["at"] >= first.ended_at.timestamp()  # its code began after the commit
-        # one that died while waiting is replaced
+        # one that died while waiting (and the fork-server said so) is replaced
         runner.run_step("first", then="second")
-        os.kill(runner._prepared["second"][1].pid, signal.SIGKILL)
-        time.sleep(0.2)
+        dead = runner._prepared["second"][1]
+        os.kill(dead.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not dead.ended() and time.monotonic() < deadline:
+            time.sleep(0.02)
         again = runner.run_step("second")
         assert again.status == "succeeded", again.error
         # one whose run does not come is ended
