@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from stepwell.store import schema as sch
 from stepwell.store.base import (
@@ -465,6 +464,8 @@ def _dedupe_last(data: pa.Table, keys: Sequence[str]) -> pa.Table:
     n = data.num_rows
     if n < 2:
         return data
+    import pyarrow.compute as pc  # (here: importing it costs every host 40 ms at start)
+
     rows = pa.array(np.arange(n, dtype=np.int64))
     has_key = pc.is_valid(data[keys[0]]).combine_chunks()
     for key in keys[1:]:
