@@ -693,3 +693,43 @@ def test_namespace_init_waits_for_the_lifeline_then_exits():
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         program.close()
+
+
+def test_hidden_folders_are_empty_in_every_view_but_for_what_a_step_needs(monkeypatch):
+    import tempfile
+
+    # outside /tmp (each sandbox has its own) and readable by all, as a home may be
+    private = Path(tempfile.mkdtemp(prefix="stepwell-hide-", dir="/var/tmp"))
+    private.chmod(0o755)
+    (private / "keys").mkdir(mode=0o755)
+    (private / "keys" / "id_key").write_text("do not read")
+    app = write_app(private / "projects" / "app", {  # the app itself lives in the folder
+        "stepwell.yml": "steps:\n  - name: look\n    node: look.py\n",
+        "data.txt": "app data",
+        "look.py": f"""
+            import os
+            from patterns import Table
+            def seen(path):
+                try:
+                    return ",".join(sorted(os.listdir(path)))
+                except OSError as exc:
+                    return type(exc).__name__
+            Table("seen", "w").append({{"private": seen({str(private)!r}),
+                                        "keys": seen({str(private / "keys")!r}),
+                                        "app": open("data.txt").read()}})
+        """,
+    })  # fmt: skip
+    monkeypatch.setenv("STEPWELL_SANDBOX_HIDE", f"{private}:/no/such/folder")
+    for pandas in (False, True):
+        forkserver(pandas).shutdown()  # the setting is the fork-server's: start afresh
+    try:
+        (run,) = run_app(app)
+        assert run.status == "succeeded", run.error
+        (row,) = rows(app, "seen")
+        assert row == {"private": "projects", "keys": "FileNotFoundError", "app": "app data",
+                       "patterns_id": row["patterns_id"]}  # fmt: skip
+    finally:
+        monkeypatch.delenv("STEPWELL_SANDBOX_HIDE")
+        for pandas in (False, True):
+            forkserver(pandas).shutdown()
+        shutil.rmtree(private, ignore_errors=True)

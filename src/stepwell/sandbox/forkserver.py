@@ -70,7 +70,7 @@ from stepwell.sandbox.isolate import (
 )
 from stepwell.sandbox.lazy_pandas import pandas_hidden, resync_pyarrow_on_import
 from stepwell.sandbox.ns_init import InitProgram
-from stepwell.sandbox.policy import PRELOAD_ENV, SANDBOX_TMP, SandboxSpec
+from stepwell.sandbox.policy import HIDE_ENV, PRELOAD_ENV, SANDBOX_TMP, SandboxSpec
 
 #: Modules every worker needs, imported once here instead of in every run.
 PRELOAD = (
@@ -152,8 +152,11 @@ def _base_read_paths() -> list[str]:
 
 
 class ForkServer:
-    def __init__(self, control: socket.socket, own_user_namespace: bool = False):
+    def __init__(self, control: socket.socket, own_user_namespace: bool = False,
+                 private_paths: list[str] | None = None):  # fmt: skip
         self.control = control
+        #: folders no view shows (see ``private_folders``)
+        self.private_paths = list(private_paths or [])
         self.selector = selectors.DefaultSelector()
         self.runs: dict[int, Run] = {}
         self.uid, self.gid = _sandbox_identity(own_user_namespace)
@@ -263,7 +266,8 @@ class ForkServer:
             sock.close()
             return
         try:
-            plan = ChildPlan(spec, tmpdir, self.uid, self.gid, self.base_paths, pidns=False)
+            plan = ChildPlan(spec, tmpdir, self.uid, self.gid, self.base_paths, pidns=False,
+                             private_paths=self.private_paths)  # fmt: skip
             started = self._use_spare(spare, plan, channel_fd, stderr_fd) if spare else None
             pid, init_pid = started or self._fork_now(plan, channel_fd, stderr_fd)
         except Exception as exc:
@@ -324,7 +328,7 @@ class ForkServer:
         tmpdir = self.spare_dirs.pop() if spec is not None and self.spare_dirs else None
         probe = ChildPlan(
             spec if tmpdir else SandboxSpec(cwd="/", env={}), tmpdir or "",
-            self.uid, self.gid, self.base_paths, pidns=False,
+            self.uid, self.gid, self.base_paths, pidns=False, private_paths=self.private_paths,
         )  # fmt: skip
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -745,6 +749,21 @@ def preload() -> list[str]:
     return missing
 
 
+def private_folders() -> list[str]:
+    """Folders no sandbox may see: those in ``STEPWELL_SANDBOX_HIDE`` and, when we
+    are not root (sandboxes then run under our own uid), our home and runtime
+    folders (keys, credentials, an ssh agent's socket)."""
+    folders = [p for p in os.environ.get(HIDE_ENV, "").split(":") if p.strip()]
+    uid = os.geteuid()
+    if uid != 0:
+        try:
+            folders.append(pwd.getpwuid(uid).pw_dir)
+        except KeyError:
+            pass
+        folders.append(f"/run/user/{uid}")
+    return sorted({os.path.realpath(p) for p in folders if p and os.path.isabs(p)})
+
+
 def _enter_own_namespaces() -> bool:
     """Without privileges, become root of a user namespace of our own (our uid as 0,
     no other) and PID 1 of a PID namespace it owns: only there may the fork-server
@@ -776,6 +795,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     control = socket.socket(fileno=int(argv[0]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host
+    private_paths = private_folders()  # (before: inside our own namespace we are uid 0)
     own_user_namespace = _enter_own_namespaces()
     try:
         linux.prctl(linux.PR_SET_DUMPABLE, 0)  # nobody may ptrace or read our memory
@@ -790,7 +810,7 @@ def main(argv: list[str] | None = None) -> None:
             _warm_up()
         resync_pyarrow_on_import()
     sys.dont_write_bytecode = True  # workers never write .pyc files (their filesystem is read-only)
-    server = ForkServer(control, own_user_namespace)
+    server = ForkServer(control, own_user_namespace, private_paths)
     gc.collect()
     gc.freeze()  # forked workers then never touch (and copy) these pages for GC
     control.send(

@@ -57,6 +57,8 @@ class ChildPlan:
     #: True when the child is PID 2 of a fresh PID namespace
     pidns: bool
     notes: list[str] = field(default_factory=list)
+    #: folders shown empty but for the read paths inside them (``private_folders``)
+    private_paths: list[str] = field(default_factory=list)
     #: True when ``detach_process`` already ran (in a spare worker)
     detached: bool = False
 
@@ -187,6 +189,9 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
     if os.path.isdir("/dev/shm"):
         covers["/dev/shm"] = "shm"
     read_paths = _read_paths(plan)
+    for private in plan.private_paths:
+        if private != "/" and os.path.isdir(private) and not any(_under(private, c) for c in covers):
+            covers[private] = "shim"
     if plan.uid is not None:
         for path in read_paths:
             for ancestor in _ancestors(path):

@@ -33,6 +33,7 @@ import msgpack
 
 from stepwell.sandbox.policy import (
     DEFAULT_PROCESSES,
+    HIDE_ENV,
     PRELOAD_ENV,
     SKIP_ENV,
     SandboxSpec,
@@ -48,7 +49,7 @@ _PR_SET_PDEATHSIG = 1
 _PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SYSTEMROOT")
 #: Variables the fork-server itself needs from the host (never secrets).
 _FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", PRELOAD_ENV,
-                   "STEPWELL_SANDBOX_UID", "OPENBLAS_NUM_THREADS")  # fmt: skip
+                   "STEPWELL_SANDBOX_UID", "OPENBLAS_NUM_THREADS", HIDE_ENV)  # fmt: skip
 _MAX_REPLY = 1024 * 1024
 #: Seconds to wait for a fork-server to import its libraries and say it is ready.
 STARTUP_TIMEOUT = 60.0

@@ -23,6 +23,9 @@ SKIP_ENV = "STEPWELL_SANDBOX_SKIP"
 #: Comma-separated modules a fork-server imports besides its defaults (``-name``
 #: drops a default, e.g. ``-pandas``: the host starts its lean fork-server that way).
 PRELOAD_ENV = "STEPWELL_FORKSERVER_PRELOAD"
+#: Folders (separated by ``:``) no sandbox may see: each is an empty folder in
+#: every view, but for the folders a step needs inside it (its app, Python).
+HIDE_ENV = "STEPWELL_SANDBOX_HIDE"
 MODES = ("default", "strict", "none")
 SKIPPABLE = ("user", "pid", "mount", "ipc", "net", "seccomp")
 
