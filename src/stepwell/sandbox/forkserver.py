@@ -66,6 +66,7 @@ from stepwell.sandbox.isolate import (
     PreparedView,
     detach_process,
     enter_sandbox,
+    map_to_root,
     prepare_view,
 )
 from stepwell.sandbox.lazy_pandas import pandas_hidden, resync_pyarrow_on_import
@@ -777,9 +778,7 @@ def _enter_own_namespaces() -> bool:
     uid, gid = os.geteuid(), os.getegid()
     try:
         linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWPID)
-        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
+        map_to_root(uid, gid)
         server = os.fork()
     except OSError:
         return False  # (a refused map leaves us unable to unshare a PID namespace)

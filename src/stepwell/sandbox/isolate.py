@@ -326,10 +326,16 @@ def _enter_user_namespace(plan: ChildPlan) -> bool:
     except OSError as exc:
         _note_unavailable(plan, "user namespace", exc, f"as uid {outer_uid} without one")
         return False
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"0 {outer_uid} 1")
-    _write("/proc/self/gid_map", f"0 {outer_gid} 1")
+    map_to_root(outer_uid, outer_gid)
     return True
+
+
+def map_to_root(uid: int, gid: int) -> None:
+    """In a user namespace just made: be its uid and gid 0, mapped to ``uid`` and
+    ``gid`` outside (and to nothing else)."""
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"0 {uid} 1")
+    _write("/proc/self/gid_map", f"0 {gid} 1")
 
 
 def _harden(plan: ChildPlan) -> None:
