@@ -26,7 +26,8 @@ def write_bytecode(app: Any) -> None:
     if sys.dont_write_bytecode:
         return
     root = Path(app.root)
-    files = {path for step in app.steps if step.kind == "node" for path in node_files(root, step.file)}
+    node_sources = {step.file for step in app.steps if step.kind == "node"}
+    files = {path for file in node_sources for path in node_files(root, file)}
     for path in sorted(files):
         _update(path)
 

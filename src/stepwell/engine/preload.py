@@ -11,6 +11,7 @@ worker reports it, and the step's next runs come from the pandas fork-server.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,8 +93,12 @@ def step_wants_pandas(step: Any, app_root: Path) -> bool:
 
 
 def pandas_by_step(app: Any) -> dict[str, bool]:
-    """``step_wants_pandas`` of each of the app's Python steps, by name."""
-    return {s.name: step_wants_pandas(s, app.root) for s in app.steps if s.kind != "sql"}
+    """``step_wants_pandas`` of each of the app's Python steps, by name (a node file
+    run by several steps is read once)."""
+    uses_pandas = functools.cache(lambda file: node_uses_pandas(Path(app.root), file))
+    return {
+        s.name: s.kind != "node" or uses_pandas(s.file) for s in app.steps if s.kind != "sql"
+    }
 
 
 def prestart_forkservers(app: Any, wants: dict[str, bool] | None = None) -> None:
