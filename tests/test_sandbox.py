@@ -695,6 +695,14 @@ def test_namespace_init_waits_for_the_lifeline_then_exits():
         program.close()
 
 
+def test_a_relative_hidden_folder_is_refused_by_name():
+    from stepwell.sandbox.policy import hidden_folders
+
+    assert hidden_folders("/srv/keys: /data/private ") == ["/srv/keys", "/data/private"]
+    with pytest.raises(ValueError, match=r"STEPWELL_SANDBOX_HIDE: 'keys' is not an absolute path"):
+        hidden_folders("/srv/ok:keys")
+
+
 def test_hidden_folders_are_empty_in_every_view_but_for_what_a_step_needs(monkeypatch):
     import tempfile
 

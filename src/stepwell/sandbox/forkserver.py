@@ -71,7 +71,7 @@ from stepwell.sandbox.isolate import (
 )
 from stepwell.sandbox.lazy_pandas import pandas_hidden, resync_pyarrow_on_import
 from stepwell.sandbox.ns_init import InitProgram
-from stepwell.sandbox.policy import HIDE_ENV, PRELOAD_ENV, SANDBOX_TMP, SandboxSpec
+from stepwell.sandbox.policy import PRELOAD_ENV, SANDBOX_TMP, SandboxSpec, hidden_folders
 
 #: Modules every worker needs, imported once here instead of in every run.
 PRELOAD = (
@@ -754,7 +754,7 @@ def private_folders() -> list[str]:
     """Folders no sandbox may see: those in ``STEPWELL_SANDBOX_HIDE`` and, when we
     are not root (sandboxes then run under our own uid), our home and runtime
     folders (keys, credentials, an ssh agent's socket)."""
-    folders = [p for p in os.environ.get(HIDE_ENV, "").split(":") if p.strip()]
+    folders = hidden_folders()
     uid = os.geteuid()
     if uid != 0:
         try:
@@ -762,7 +762,7 @@ def private_folders() -> list[str]:
         except KeyError:
             pass
         folders.append(f"/run/user/{uid}")
-    return sorted({os.path.realpath(p) for p in folders if p and os.path.isabs(p)})
+    return sorted({os.path.realpath(p) for p in folders})
 
 
 def _enter_own_namespaces() -> bool:

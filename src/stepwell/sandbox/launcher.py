@@ -38,6 +38,7 @@ from stepwell.sandbox.policy import (
     SKIP_ENV,
     SandboxSpec,
     describe_exit,
+    hidden_folders,
     sandbox_mode,
     skipped_features,
 )
@@ -49,7 +50,7 @@ _PR_SET_PDEATHSIG = 1
 _PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "SYSTEMROOT")
 #: Variables the fork-server itself needs from the host (never secrets).
 _FORKSERVER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", PRELOAD_ENV,
-                   "STEPWELL_SANDBOX_UID", "OPENBLAS_NUM_THREADS", HIDE_ENV)  # fmt: skip
+                   "STEPWELL_SANDBOX_UID", "OPENBLAS_NUM_THREADS")  # fmt: skip
 _MAX_REPLY = 1024 * 1024
 #: Seconds to wait for a fork-server to import its libraries and say it is ready.
 STARTUP_TIMEOUT = 60.0
@@ -297,6 +298,8 @@ class ForkServerClient:
         if not self.pandas:
             env[PRELOAD_ENV] = ",".join(filter(None, [env.get(PRELOAD_ENV, ""), "-pandas"]))
         env.update(ARROW_DEFAULT_MEMORY_POOL="system")
+        if folders := hidden_folders():  # (a bad value fails here, saying why)
+            env[HIDE_ENV] = ":".join(folders)
         # numpy's BLAS would start a thread per core that spins for a while (CPU the
         # fork-server's start-up needs); in a worker, threads count against its
         # process limit. The host's own setting, if any, is kept.

@@ -61,6 +61,19 @@ def skipped_features(value: str | None = None) -> list[str]:
     return names
 
 
+def hidden_folders(value: str | None = None) -> list[str]:
+    """Folders hidden from every sandbox through ``$STEPWELL_SANDBOX_HIDE``."""
+    text = value if value is not None else os.environ.get(HIDE_ENV, "")
+    folders = [part.strip() for part in text.split(":") if part.strip()]
+    relative = [f for f in folders if not os.path.isabs(f)]
+    if relative:
+        raise ValueError(
+            f"{HIDE_ENV}: {', '.join(map(repr, relative))} is not an absolute path; list "
+            "absolute folders separated by ':' (e.g. /srv/keys:/data/private)"
+        )
+    return folders
+
+
 @dataclass
 class SandboxSpec:
     """Everything the fork-server needs to build one run's sandbox."""
