@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -1092,12 +1091,8 @@ def test_state_and_positions_are_read_only_by_nodes_that_use_them(tmp_path):
         assert real_get_state("keeps") == {"n": 2} and real_get_state("plain") == {}
 
 
-def test_workers_load_node_bytecode_the_host_wrote(tmp_path, monkeypatch):
-    import importlib.util
+def test_workers_run_node_code_the_host_compiled(tmp_path):
     import marshal
-    import sys
-
-    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # (PYTHONDONTWRITEBYTECODE)
 
     app = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: n\n    node: nodes/n.py\n",
@@ -1105,24 +1100,68 @@ def test_workers_load_node_bytecode_the_host_wrote(tmp_path, monkeypatch):
         "helper.py": "VALUE = 1\n",
     })  # fmt: skip
     helper = app / "helper.py"
-    cached = {name: importlib.util.cache_from_source(str(app / name)) for name in ("nodes/n.py", "helper.py")}
     with app_runner(app) as runner:
-        assert all(os.path.exists(path) for path in cached.values())  # written at start
-        # bytecode that says otherwise than the source (same header): a run that
-        # reads it loaded the cached code instead of compiling the file
-        with open(cached["helper.py"], "rb") as f:
-            header = f.read(16)
-        with open(cached["helper.py"], "wb") as f:
-            f.write(header + marshal.dumps(compile("VALUE = 2\n", str(helper), "exec")))
+        # the host's code for the helper says otherwise than its source: a run that
+        # reads 2 loaded the shipped code instead of compiling the file
+        code = runner.bytecode.for_node("nodes/n.py")["files"]
+        assert sorted(code) == [str(helper), str(app / "nodes" / "n.py")]
+        mtime, size, _ = code[str(helper)]
+        runner.bytecode._code[helper] = (mtime, size, marshal.dumps(compile("VALUE = 2\n", str(helper), "exec")))
         assert runner.run_step("n").status == "succeeded"
-    assert [r["v"] for r in rows(app, "t")] == [2]
-    # an edited file gets fresh bytecode with the next runner
-    helper.write_text("VALUE = 30\n")
-    with app_runner(app) as runner:
-        with open(cached["helper.py"], "rb") as f:
-            assert int.from_bytes(f.read(16)[12:], "little") == helper.stat().st_size
+        # an edited file is compiled afresh for the next run
+        helper.write_text("VALUE = 30\n")
         assert runner.run_step("n").status == "succeeded"
     assert [r["v"] for r in rows(app, "t")] == [2, 30]
+    assert not any(app.rglob("__pycache__"))  # nothing written into the app folder
+
+
+def test_shipped_code_per_run_is_capped_node_file_first(tmp_path, monkeypatch):
+    from stepwell.engine import bytecode
+
+    app = write_app(tmp_path / "app", {
+        "n.py": "import helper\n" + "x = 1\n" * 50,
+        "helper.py": "VALUE = 1\n" * 50,
+        "broken.py": "def (:\n",
+    })  # fmt: skip
+    compiled = bytecode.AppBytecode(app)
+    assert sorted(compiled.for_node("n.py")["files"]) == [str(app / "helper.py"), str(app / "n.py")]
+    node_size = len(compiled.for_node("n.py")["files"][str(app / "n.py")][2])
+    monkeypatch.setattr(bytecode, "MAX_SHIPPED_BYTES", node_size)
+    assert list(compiled.for_node("n.py")["files"]) == [str(app / "n.py")]
+    assert compiled.for_node("broken.py")["files"] == {}  # the worker reports its error
+
+
+def test_shipped_code_is_used_only_for_the_file_as_it_was_compiled(tmp_path, monkeypatch):
+    import importlib
+    import importlib.util
+    import marshal
+    import sys
+
+    from stepwell.runtimes.node import shipped_code
+
+    module = tmp_path / "mod_a.py"
+    module.write_text("VALUE = 'source'\n")
+    info = module.stat()
+    shipped = marshal.dumps(compile("VALUE = 'shipped'\n", str(module), "exec"))
+    monkeypatch.setattr(sys, "path_hooks", list(sys.path_hooks))
+    monkeypatch.setattr(sys, "path_importer_cache", {})
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.setattr(shipped_code, "_shipped", {})
+    for name, size, expected in (("mod_a", info.st_size, "shipped"), ("mod_b", info.st_size + 1, "source")):
+        if name == "mod_b":
+            module = module.rename(tmp_path / "mod_b.py")
+        shipped_code.use_shipped_code(
+            {"magic": importlib.util.MAGIC_NUMBER, "files": {str(module): [info.st_mtime_ns, size, shipped]}},
+            str(tmp_path),
+        )
+        try:
+            assert importlib.import_module(name).VALUE == expected
+        finally:
+            sys.modules.pop(name, None)
+    # code from another Python version is never loaded
+    shipped_code._shipped.clear()
+    shipped_code.use_shipped_code({"magic": b"\0\0\r\n", "files": {str(module): [0, 0, b""]}}, str(tmp_path))
+    assert shipped_code._shipped == {}
 
 
 def test_a_run_that_writes_then_runs_on_commits_its_end(tmp_path, store_url):

@@ -638,6 +638,7 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
         "step": step.name,
         "app_root": str(app_root),
         "file": step.file,
+        "code": runner.bytecode.for_node(step.file),
         "sys_path": sys_path,
         "parser": step.parser,
         "time_limit": time_limit,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stepwell.engine.bytecode import write_bytecode
+from stepwell.engine.bytecode import AppBytecode
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.engine.preload import pandas_by_step, prestart_forkservers, step_wants_pandas
 from stepwell.engine.staging import StagedRun
@@ -167,7 +167,8 @@ class Runner:
         if self.sandbox != "none":
             # they warm up while the first steps are prepared
             prestart_forkservers(app, self._pandas)
-        write_bytecode(app)  # so workers load node files instead of compiling them
+        #: node code compiled here once, so workers need not compile it every run
+        self.bytecode = AppBytecode(app.root)
         self._env = None
         self._env_checked = False
         self._active: dict[str, _RunHandle] = {}
@@ -503,6 +504,7 @@ class Runner:
             sys_path=self._environment(active.log),
         )
         start["table_keys"] = self._table_keys
+        start["code"] = self.bytecode.for_node(active.step.file)
         return self.run_worker(active, start)
 
     def _run_processor(self, active: ActiveRun) -> Outcome:

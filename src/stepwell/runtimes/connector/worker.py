@@ -41,9 +41,11 @@ LEAF_BATCH = 2000
 
 
 def _load(start: dict[str, Any]) -> ConnectorFunctions:
+    from stepwell.runtimes.node.shipped_code import use_shipped_code
     from stepwell.runtimes.node.worker import _mount_app, run_module
 
     app_root = Path(start["app_root"])
+    use_shipped_code(start.get("code"), start["app_root"])
     _mount_app(app_root)
     module = run_module(app_root, start["file"])
     return find_functions(vars(module), start["file"])

@@ -10,6 +10,7 @@ from typing import Any
 
 from stepwell.runtimes.node import api
 from stepwell.runtimes.node.session import NodeSession
+from stepwell.runtimes.node.shipped_code import ShippedCodeLoader, use_shipped_code
 from stepwell.sandbox.client import HostLink
 
 #: Synthetic package the app folder is mounted as, so ``from . import common`` works.
@@ -45,7 +46,7 @@ def run_module(app_root: Path, file: str) -> types.ModuleType:
             sub.__path__ = [str(app_root.joinpath(*parts[:depth]))]
             sys.modules[name] = sub
     name = ".".join([APP_PACKAGE, *parts])
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=ShippedCodeLoader(name, str(path)))
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {file}")
     module = importlib.util.module_from_spec(spec)
@@ -59,6 +60,7 @@ def run(link: HostLink, start: dict[str, Any]) -> None:
     session = NodeSession(link, start)
     api._session = session
     app_root = Path(start["app_root"])
+    use_shipped_code(start.get("code"), start["app_root"])
     _mount_app(app_root)
     _install_aliases()
     try:
