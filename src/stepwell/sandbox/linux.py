@@ -283,14 +283,13 @@ def install_seccomp() -> None:
     """Install the filter (needs no_new_privs or CAP_SYS_ADMIN). x86_64 only."""
     if not seccomp_supported():
         raise OSError(errno.ENOSYS, f"no seccomp filter for {_MACHINE}")
-    program = _SECCOMP_PROGRAM
-    buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
-    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(_SECCOMP_FPROG))
 
 
 #: Built once (in the fork-server) rather than in every worker.
 _SECCOMP_PROGRAM = _seccomp_program() if seccomp_supported() else b""
+_SECCOMP_BUFFER = ctypes.create_string_buffer(_SECCOMP_PROGRAM, len(_SECCOMP_PROGRAM) or 1)
+_SECCOMP_FPROG = _SockFprog(len(_SECCOMP_PROGRAM) // 8, ctypes.cast(_SECCOMP_BUFFER, ctypes.c_void_p))
 
 
 def warm_up() -> None:
@@ -299,5 +298,4 @@ def warm_up() -> None:
     prctl(3)  # PR_GET_DUMPABLE
     header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
     ctypes.byref(header), ctypes.byref(data), ctypes.byref(_MountAttr(0, 0, 0, 0))
-    buffer = ctypes.create_string_buffer(_SECCOMP_PROGRAM, len(_SECCOMP_PROGRAM) or 1)
-    ctypes.addressof(_SockFprog(len(_SECCOMP_PROGRAM) // 8, ctypes.cast(buffer, ctypes.c_void_p)))
+    ctypes.addressof(_SECCOMP_FPROG)
