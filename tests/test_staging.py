@@ -3,10 +3,15 @@ several writers commit out of id order."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pyarrow as pa
 import pytest
 
-from stepwell.engine.staging import StagedRun, visibility_watermark
+from stepwell.engine.staging import StagedRun
+from stepwell.store.visibility import watermark as visibility_watermark
 
 
 @pytest.fixture(params=["duckdb", "postgres"])
@@ -19,8 +24,8 @@ def any_store(request, tmp_path):
     store.close()
 
 
-def _ids(store, after=None, below=None):
-    batches = store.scan("events", order_by=["patterns_id"], after=after, below_id=below)
+def _ids(store, after=None, stream=False):
+    batches = store.scan("events", order_by=["patterns_id"], after=after, stream=stream)
     return [r["n"] for b in batches for r in b.to_pylist()]
 
 
@@ -39,11 +44,11 @@ def test_late_commit_never_lands_behind_a_stream(any_store):
     fast.commit(None, None)
     assert visibility_watermark() == watermark          # the slow writer still holds it
     # a stream reading now must not pass rows 1, 2 (they would be skipped forever)
-    assert _ids(store, below=visibility_watermark()) == [0]
+    assert _ids(store, stream=True) == [0]
     assert _ids(store) == [0, 3, 4]  # what a stream without the watermark would pass
     slow.commit(None, None)
     assert visibility_watermark() is None
-    assert _ids(store, below=visibility_watermark()) == [0, 1, 2, 3, 4]
+    assert _ids(store, stream=True) == [0, 1, 2, 3, 4]
 
 
 def test_rollback_releases_the_watermark(any_store):
@@ -156,3 +161,105 @@ def test_a_long_run_is_visible_as_running_while_a_short_one_is_recorded_once(tmp
         assert finished[0].status == "succeeded_no_data"
         assert store.get_run(finished[0].id).status == "succeeded_no_data"
         assert [r.status for r in store.list_runs("quick")] == ["succeeded_no_data"]
+
+
+# -- several hosts on one PostgreSQL store ---------------------------------------------
+# Each "host" below is a process of its own, so its ids come from its own clock and
+# it shares no in-process watermark with the test (another host).
+
+OTHER_HOST = """
+import os, sys, time
+import pyarrow as pa
+from stepwell.engine.staging import StagedRun
+from stepwell.store import ids, open_store
+
+url, action, skew_ms = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real_now = ids._now_ms
+ids._now_ms = lambda: real_now() - skew_ms  # this host's clock is behind
+store = open_store(url, None)
+run = StagedRun(store, "other-host-run", "other")
+run.write("events", pa.table({"n": [int(n) for n in sys.argv[4:]]}))
+print("written", flush=True)
+if action == "commit-now":
+    run.commit(None, None)
+else:
+    command = sys.stdin.readline().strip()
+    if command == "die":
+        os._exit(9)  # as if killed: the transaction and its connections just go
+    run.commit(None, None)
+store.close()
+print("done", flush=True)
+"""
+
+
+def _other_host(url: str, action: str, rows: list[int], skew_ms: int = 0) -> subprocess.Popen:
+    host = subprocess.Popen(
+        [sys.executable, "-c", OTHER_HOST, url, action, str(skew_ms), *map(str, rows)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert host.stdout.readline().strip() == "written"
+    return host
+
+
+def _finish(host: subprocess.Popen, command: str) -> None:
+    host.stdin.write(command + "\n")
+    host.stdin.flush()
+    host.wait(timeout=60)
+
+
+@pytest.fixture
+def pg_store(make_pg_database, tmp_path):
+    from stepwell.store import open_store
+
+    url = make_pg_database()
+    store = open_store(url, tmp_path)
+    yield url, store
+    store.close()
+
+
+def _commit(store, rows: list[int]) -> None:
+    run = StagedRun(store, "this-host-run", "this")
+    run.write("events", pa.table({"n": rows}))
+    run.commit(None, None)
+
+
+def test_a_stream_never_passes_ids_another_host_has_in_flight(pg_store):
+    url, store = pg_store
+    _commit(store, [0])
+    slow = _other_host(url, "wait", [1, 2])  # ids handed out there, not committed
+    _commit(store, [3, 4])  # greater ids (a later clock reading), committed first
+    assert visibility_watermark() is None  # nothing in flight in this process
+    assert _ids(store) == [0, 3, 4]  # what a stream without leases would pass
+    assert _ids(store, stream=True) == [0]  # it stops below the other host's lease
+    _finish(slow, "commit")
+    assert slow.returncode == 0
+    assert _ids(store, stream=True) == [0, 1, 2, 3, 4]
+    rows = store.query("SELECT count(*) AS n FROM stepwell.id_leases").to_pylist()
+    assert rows == [{"n": 0}]  # a lease ends with its transaction
+
+
+def test_a_host_that_dies_holding_a_lease_does_not_stall_streams(pg_store):
+    url, store = pg_store
+    _commit(store, [0])
+    dying = _other_host(url, "wait", [1])
+    _commit(store, [2])
+    assert _ids(store, stream=True) == [0]
+    _finish(dying, "die")
+    assert dying.returncode == 9
+    deadline = time.monotonic() + 30  # PostgreSQL notices the lost connection
+    while _ids(store, stream=True) != [0, 2] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ids(store, stream=True) == [0, 2]
+    assert store.query("SELECT count(*) AS n FROM stepwell.id_leases").to_pylist() == [{"n": 0}]
+
+
+def test_a_host_whose_clock_is_behind_never_commits_behind_a_stream(pg_store):
+    url, store = pg_store
+    _commit(store, [0, 1])
+    batches = list(store.scan("events", order_by=["patterns_id"], stream=True))
+    position = batches[-1].column("patterns_id")[-1].as_py()  # a stream has read both
+    behind = _other_host(url, "commit-now", [2], skew_ms=3_600_000)  # an hour behind
+    behind.wait(timeout=60)
+    assert behind.returncode == 0
+    after = list(store.scan("events", order_by=["patterns_id"], after=(position, None), stream=True))
+    assert [r["n"] for b in after for r in b.to_pylist()] == [2]  # read next, not skipped

@@ -10,42 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from stepwell.store import ids
+from stepwell.store import ids, visibility
 from stepwell.store.base import RunRecord, Store, StreamPosition, Transaction
-
-# -- visibility watermark ------------------------------------------------------
-# Ids are handed out when rows are written but become visible only at commit, so
-# a transaction that commits late could make rows appear *behind* a stream's
-# position. Every open transaction registers the first id it handed out; streams
-# read only rows below the smallest such id (rows at or above it are read on a
-# later run, once everything before them has committed or rolled back).
-_in_flight: dict[int, str] = {}
-_in_flight_lock = threading.Lock()
-
-
-def _new_ids_in_flight(owner: object, n: int) -> pa.Array:
-    with _in_flight_lock:  # ids and registration together, or a scan could slip between
-        new = ids.new_ids(n)
-        if n:
-            _in_flight.setdefault(id(owner), new[0].as_py())
-    return new
-
-
-def _in_flight_done(owner: object) -> None:
-    with _in_flight_lock:
-        _in_flight.pop(id(owner), None)
-
-
-def visibility_watermark() -> str | None:
-    """Streams may read rows whose patterns_id is below this (None: no limit)."""
-    with _in_flight_lock:
-        return min(_in_flight.values(), default=None)
 
 
 class StagedRun:
@@ -68,6 +39,8 @@ class StagedRun:
         self._unique_on = dict(unique_on or {})
         self._column_types = dict(column_types or {})
         self._tx: Transaction | None = None
+        #: whether the open transaction took its id lease (``Transaction.lease_ids``)
+        self._leased = False
         #: called after each commit with the tables that got new rows in it
         self.on_commit = on_commit
         self._tables_with_rows: set[str] = set()
@@ -98,6 +71,17 @@ class StagedRun:
             self._tx = self.store.transaction()
         return self._tx
 
+    def _new_ids(self, n: int) -> pa.Array:
+        """Ids for ``n`` new rows. The transaction's first ones wait for its id
+        lease (on a store several hosts share): every id after it is greater."""
+        tx = self.tx()
+        if n and not self._leased:
+            floor = tx.lease_ids()
+            self._leased = True
+            if floor is not None:
+                ids.advance_past(floor)
+        return visibility.new_ids_in_flight(self, n)
+
     @property
     def open(self) -> bool:
         return self._tx is not None
@@ -124,7 +108,7 @@ class StagedRun:
             now = pa.array([dt.datetime.now(dt.UTC)] * data.num_rows, pa.timestamp("us", "UTC"))
             data = _put_column(data, add_created, now)
         if id_column:
-            data = _put_column(data, id_column, _new_ids_in_flight(self, data.num_rows))
+            data = _put_column(data, id_column, self._new_ids(data.num_rows))
         return data
 
     def write(
@@ -212,8 +196,8 @@ class StagedRun:
             tx.commit()
             self.unrecorded = None
         finally:
-            self._tx = None
-            _in_flight_done(self)
+            self._tx, self._leased = None, False
+            visibility.in_flight_done(self)
         self.committed_rows_out = self.rows_out
         tables, self._tables_with_rows = self._tables_with_rows, set()
         if tables and self.on_commit is not None:
@@ -221,11 +205,11 @@ class StagedRun:
 
     def rollback(self) -> None:
         if self._tx is not None:
-            tx, self._tx = self._tx, None
+            tx, self._tx, self._leased = self._tx, None, False
             try:
                 tx.rollback()
             finally:
-                _in_flight_done(self)
+                visibility.in_flight_done(self)
         self.rows_out = self.committed_rows_out
         self._tables_with_rows.clear()
 

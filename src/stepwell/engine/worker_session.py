@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from stepwell.engine.logs import Redactor, RunLog
-from stepwell.engine.staging import StagedRun, visibility_watermark
+from stepwell.engine.staging import StagedRun
 from stepwell.runtimes.sqlcheck import restrict_select, table_statement
 from stepwell.sandbox.launcher import WorkerProcess
 from stepwell.sandbox.protocol import (
@@ -215,13 +215,12 @@ class WorkerSession:
                 )
         # Streams in patterns_id order stop below ids still in flight elsewhere, so a
         # late commit can never land behind this stream's position.
-        by_id = bool(order_by) and order_by[0] == ID_COLUMN
         batches = self.store.scan(
             table,
             order_by=order_by or None,
             after=tuple(after) if after else None,
             batch_rows=int(message.get("batch_rows") or 50_000),
-            below_id=visibility_watermark() if by_id else None,
+            stream=bool(order_by) and order_by[0] == ID_COLUMN,
         )
         scan_id = next(self._scan_ids)
         self._scans[scan_id] = iter(batches)

@@ -229,6 +229,15 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def rollback(self) -> None: ...
 
+    def lease_ids(self) -> str | None:
+        """Called once before the transaction hands out its first ``patterns_id``.
+        On a store several hosts write at once it registers, for every host's
+        streams to see until this transaction ends, that ids are in flight here,
+        and returns the floor they will lie above (every id ever committed to the
+        store is at most that: another host's clock may be ahead of ours). None on
+        a store one process owns."""
+        return None
+
     def __enter__(self) -> Transaction:
         return self
 
@@ -261,7 +270,7 @@ class Store(abc.ABC):
         after: tuple[Any, str | None] | None = None,
         columns: Sequence[str] | None = None,
         batch_rows: int = 65536,
-        below_id: str | None = None,
+        stream: bool = False,
     ) -> Iterator[pa.RecordBatch]:
         """Stream a consistent snapshot of ``table`` in batches.
 
@@ -269,9 +278,10 @@ class Store(abc.ABC):
         ``[col, "patterns_id"]`` or ``["patterns_id"]``) rows come sorted
         ascending, NULLs first. ``after=(value, last_id)`` keeps only rows
         strictly after that position in that order (``last_id`` None: compare on
-        the first column only). ``below_id`` keeps only rows whose ``patterns_id``
-        is smaller (the engine's visibility watermark for streams). Memory stays
-        bounded by ``batch_rows``.
+        the first column only). ``stream``: a stream's read in ``patterns_id``
+        order, which must never pass an id that may still be committed, so only
+        rows below every id still in flight (``store.visibility``; on a store
+        several hosts write, theirs too). Memory stays bounded by ``batch_rows``.
         """
 
     @abc.abstractmethod

@@ -30,7 +30,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["ULID_LENGTH", "MAX_BATCH", "new_id", "new_ids", "ulid_timestamp"]
+__all__ = [
+    "ULID_LENGTH", "MAX_BATCH", "new_id", "new_ids", "ulid_timestamp", "advance_past", "high_water",
+]  # fmt: skip
 
 ULID_LENGTH = 26
 """Number of characters of an encoded ULID."""
@@ -192,6 +194,23 @@ def _decode(value: str) -> int:
     if result > _MAX_VALUE:
         raise ValueError(f"not a ULID (value exceeds 128 bits): {value!r}")
     return result
+
+
+def advance_past(floor: str) -> None:
+    """Make every id issued from now on greater than ``floor`` (an id issued
+    elsewhere: another host, whose clock may be ahead of ours)."""
+    global _last
+    value = _decode(floor)
+    with _lock:
+        _last = max(_last, value)
+
+
+def high_water() -> str:
+    """An id at least as great as every id issued so far in this process and
+    every id it would issue in this millisecond's past (its clock's reading)."""
+    with _lock:
+        value = max(_last, _now_ms() << _RANDOM_BITS)
+    return _encode(value)
 
 
 def ulid_timestamp(id: str) -> datetime:

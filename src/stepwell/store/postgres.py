@@ -15,7 +15,9 @@ import contextlib
 import functools
 import io
 import itertools
+import os
 import re
+import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,9 +28,10 @@ import pyarrow.csv as pacsv
 from psycopg import pq
 from psycopg.types.string import TextLoader
 
+from stepwell.store import ids
 from stepwell.store import schema as sch
-from stepwell.store.base import StoreError
-from stepwell.store.sql import Dialect, Session, SQLStore, quote
+from stepwell.store.base import StoreError, Transaction
+from stepwell.store.sql import META, Dialect, Session, SQLStore, SQLTransaction, quote
 
 DIALECT = Dialect(
     name="PostgreSQL",
@@ -50,6 +53,15 @@ DIALECT = Dialect(
     text_collation=' COLLATE "C"',
     secondary_indexes=True,
     bootstrap_lock="SELECT pg_advisory_xact_lock(5172935101)",
+    shared=True,
+)
+#: First key of the advisory locks that tie an id lease to its transaction.
+LEASE_LOCK_CLASS = 1398230065
+#: A lease (row of ``id_leases``) is alive while its transaction holds this lock.
+_LEASE_ALIVE = (
+    "EXISTS (SELECT 1 FROM pg_locks k WHERE k.locktype = 'advisory' AND k.granted "
+    f"AND k.classid = CAST({LEASE_LOCK_CLASS} AS oid) AND k.objid = CAST(l.key AS oid) "
+    "AND k.objsubid = 2)"
 )
 
 #: How long a read waits for a table locked by an uncommitted change.
@@ -296,6 +308,57 @@ class PostgresSession(Session):
             self._pool.put(conn)
 
 
+class PostgresTransaction(SQLTransaction):
+    """A transaction that, once it hands out ids, holds an id lease until it ends.
+
+    Several hosts may write one PostgreSQL store, each handing out ids from its
+    own clock, so a stream on one host must not read past ids another host has
+    handed out but not committed, nor may a host hand out ids below rows a stream
+    has read already (its clock may be behind). So before its first id a
+    transaction (1) takes an advisory lock that lives exactly as long as it does,
+    (2) in a transaction of its own, reads ``id_clock`` (an id at least as great
+    as every committed one) with a row lock and records a lease with a floor
+    above it, and hands out ids only above that floor; at commit it raises
+    ``id_clock`` to its ids and drops its lease, atomically with its rows. A
+    stream reads only below the smallest floor of a live lease (one whose lock is
+    held), evaluated in the same snapshot as the rows it reads."""
+
+    def __init__(self, session: Session, store: PostgresStore):
+        super().__init__(session)
+        self._store = store
+        self._lease: int | None = None
+
+    def lease_ids(self) -> str | None:
+        with self._op("taking an id lease") as s:
+            key = _lock_lease_key(s)
+        floor = self._store._record_lease(key)
+        self._lease = key
+        return floor
+
+    def commit(self) -> None:
+        if self._lease is not None:
+            with self._op("commit") as s:
+                s.execute(
+                    f'UPDATE {META}.id_clock SET value = GREATEST(value COLLATE "C", ?)',
+                    [ids.high_water()],
+                )
+                s.execute(f"DELETE FROM {META}.id_leases WHERE key = ?", [self._lease])
+        super().commit()
+
+
+def _lock_lease_key(s: Session) -> int:
+    """A random lease key, its advisory lock taken by the transaction of ``s``."""
+    for _ in range(16):
+        key = secrets.randbelow(2**31 - 1) + 1
+        ((got,),) = s.fetchall(
+            "SELECT pg_try_advisory_xact_lock(CAST(? AS int4), CAST(? AS int4))",
+            [LEASE_LOCK_CLASS, key],
+        )
+        if got:
+            return key
+    raise StoreError("no free id lease key after 16 tries")
+
+
 class PostgresStore(SQLStore):
     """Store in a PostgreSQL database: user tables in the default schema,
     bookkeeping in schema ``stepwell`` (created on open)."""
@@ -316,6 +379,30 @@ class PostgresStore(SQLStore):
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"PostgreSQL at {redact(self.url)}: {exc}") from exc
+
+    def transaction(self) -> Transaction:
+        return PostgresTransaction(self._session(), self)
+
+    def _record_lease(self, key: int) -> str:
+        """Record lease ``key`` (its lock held); returns its floor."""
+        with self._autocommit() as s:
+            # the row lock waits for transactions raising the clock as they commit
+            ((clock,),) = s.fetchall(f"SELECT value FROM {META}.id_clock FOR UPDATE")
+            floor = max(clock, ids.high_water())
+            s.execute(
+                f"INSERT INTO {META}.id_leases (key, floor, pid, created_at) "
+                "VALUES (?, ?, ?, now())",
+                [key, floor, os.getpid()],
+            )
+        return floor
+
+    def _stream_bound(self) -> tuple[str, list[Any]] | None:
+        # Leases whose lock is free are over, and go: their transaction rolled back
+        # (or its host is gone), or it committed, and then a snapshot taken after
+        # this sees its rows (PostgreSQL releases locks once a commit is visible).
+        with self._autocommit() as s:
+            s.execute(f"DELETE FROM {META}.id_leases l WHERE NOT {_LEASE_ALIVE}")
+        return f'SELECT min(floor COLLATE "C") FROM {META}.id_leases', []
 
     @contextlib.contextmanager
     def run_lock(self, step: str) -> Iterator[None]:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from stepwell.store import ids, visibility
 from stepwell.store import schema as sch
 from stepwell.store.base import (
     ID_COLUMN,
@@ -82,6 +83,8 @@ class Dialect:
     secondary_indexes: bool
     #: statement serializing concurrent bootstrap, if needed
     bootstrap_lock: str | None
+    #: whether several hosts may write the store at once (see ``Transaction.lease_ids``)
+    shared: bool = False
 
     def sql_type(self, logical: str) -> str:
         dec = sch.parse_decimal(logical)
@@ -283,6 +286,14 @@ def bootstrap_statements(d: Dialect) -> list[str]:
         statements.append(
             f"CREATE INDEX IF NOT EXISTS runs_step_started ON {META}.runs (step, started_at)"
         )
+    if d.shared:  # ids in flight on every host, and an id greater than all committed
+        statements += [
+            f"""CREATE TABLE IF NOT EXISTS {META}.id_leases (
+                key {big} PRIMARY KEY, floor {text} NOT NULL, pid {big}, created_at {ts})""",
+            f"CREATE TABLE IF NOT EXISTS {META}.id_clock (value {text} NOT NULL)",
+            f"INSERT INTO {META}.id_clock (value) SELECT '{'0' * ids.ULID_LENGTH}' "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {META}.id_clock)",
+        ]
     return statements
 
 
@@ -400,6 +411,10 @@ def _partition_from_row(row: Sequence[Any]) -> PartitionRecord:
     return record
 
 
+#: Greater than every id (ids are lowercase base32, a tilde sorts after them).
+_ABOVE_ALL_IDS = "~"
+
+
 def scan_query(
     dialect: Dialect,
     name: str,
@@ -408,8 +423,11 @@ def scan_query(
     after: tuple[Any, str | None] | None,
     columns: Sequence[str] | None,
     below_id: str | None = None,
+    below_sql: tuple[str, list[Any]] | None = None,
 ) -> tuple[str, list[Any], pa.Schema]:
-    """SQL, parameters and result schema of a scan (see ``Store.scan``)."""
+    """SQL, parameters and result schema of a scan (see ``Store.scan``): only rows
+    whose patterns_id is below ``below_id`` and below the value of the query
+    ``below_sql`` (when it has one), if given."""
     wanted = list(columns) if columns is not None else list(types)
     if not wanted:
         raise StoreError(f"scan of {name!r}: 'columns' names no columns")
@@ -451,6 +469,9 @@ def scan_query(
     if below_id is not None and ID_COLUMN in types:
         where.append(f"{ordered(ID_COLUMN)} < ?")
         params.append(below_id)
+    if below_sql is not None and ID_COLUMN in types:
+        where.append(f"{ordered(ID_COLUMN)} < COALESCE(({below_sql[0]}), ?)")
+        params += [*below_sql[1], _ABOVE_ALL_IDS]
     if where:
         sql += " WHERE " + " AND ".join(where)
     if order:
@@ -885,11 +906,14 @@ class SQLStore(Store):
         after: tuple[Any, str | None] | None = None,
         columns: Sequence[str] | None = None,
         batch_rows: int = 65536,
-        below_id: str | None = None,
+        stream: bool = False,
     ) -> Iterator[pa.RecordBatch]:
         name = check_table_name(table, self.dialect)
         if batch_rows < 1:
             raise StoreError(f"scan of {name!r}: batch_rows must be positive, got {batch_rows}")
+        below_id = visibility.watermark() if stream else None
+        # (before the scan's snapshot: see ``_stream_bound``)
+        below_sql = self._stream_bound() if stream else None
         s = self._session(read_only=True, snapshot=True)
         try:
             try:
@@ -897,7 +921,7 @@ class SQLStore(Store):
                 if types is None:
                     raise StoreError(f"table {name!r} does not exist")
                 sql, params, result_schema = scan_query(
-                    self.dialect, name, types, order_by, after, columns, below_id
+                    self.dialect, name, types, order_by, after, columns, below_id, below_sql
                 )
                 yield from s.stream(sql, params, result_schema, batch_rows)
             except s.errors as exc:
@@ -907,6 +931,12 @@ class SQLStore(Store):
                     s.rollback()
         finally:
             s.close()
+
+    def _stream_bound(self) -> tuple[str, list[Any]] | None:
+        """A query for the smallest id rows may still be committed at by other
+        hosts, run inside a stream's scan so that it sees the same snapshot (None:
+        one process owns the store, and ``visibility`` knows all its writers)."""
+        return None
 
     def query(self, sql: str) -> pa.Table:
         with self._autocommit(read_only=True) as s:

@@ -470,7 +470,7 @@ class RuleRuntime:
             raise RuleError(f"table {table!r} has no patterns_id column to stream by")
         after = (self._read_after, None) if self._read_after is not None else None
         for batch in self.store.scan(table, order_by=["patterns_id"], after=after,
-                                     batch_rows=self.batch_size):
+                                     batch_rows=self.batch_size, stream=True):
             rows = batch.to_pylist()
             if not rows:
                 continue
