@@ -263,3 +263,24 @@ def test_a_host_whose_clock_is_behind_never_commits_behind_a_stream(pg_store):
     assert behind.returncode == 0
     after = list(store.scan("events", order_by=["patterns_id"], after=(position, None), stream=True))
     assert [r["n"] for b in after for r in b.to_pylist()] == [2]  # read next, not skipped
+
+
+def test_ids_never_go_below_a_position_recorded_before_leases_existed(pg_store):
+    from stepwell.store import ids, open_store
+    from stepwell.store.base import StreamPosition
+
+    url, store = pg_store
+    ahead = ids._encode((ids._now_ms() + 86_400_000) << 80)  # read by a host a day ahead
+    with store.transaction() as tx:
+        tx.set_position(StreamPosition("reader", "events", ("patterns_id",), 1, ahead, None))
+        tx.commit()
+    with store.transaction() as tx:  # as a store made before id leases: clock at zero
+        tx._s.execute("UPDATE stepwell.id_clock SET value = ?", ["0" * ids.ULID_LENGTH])
+        tx.commit()
+    reopened = open_store(url, None)  # raises the clock to the recorded position
+    try:
+        _commit(reopened, [1])
+        (row,) = reopened.query("SELECT patterns_id FROM events").to_pylist()
+        assert row["patterns_id"] > ahead
+    finally:
+        reopened.close()

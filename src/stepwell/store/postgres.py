@@ -30,7 +30,7 @@ from psycopg.types.string import TextLoader
 
 from stepwell.store import ids
 from stepwell.store import schema as sch
-from stepwell.store.base import StoreError, Transaction
+from stepwell.store.base import ID_COLUMN, StoreError, Transaction
 from stepwell.store.sql import META, Dialect, Session, SQLStore, SQLTransaction, quote
 
 DIALECT = Dialect(
@@ -369,6 +369,14 @@ class PostgresStore(SQLStore):
         self.url = url
         self._pool = _Pool(url, max_idle_connections)
         super().__init__()
+        with self._autocommit() as s:
+            # No id may go below one a stream has read; in a store made before id
+            # leases only the recorded stream positions say how far that is.
+            s.execute(
+                f'UPDATE {META}.id_clock SET value = GREATEST(value COLLATE "C", ('
+                f'SELECT max(GREATEST(last_id COLLATE "C", CASE WHEN order_by = '
+                f"'{ID_COLUMN}' THEN value #>> '{{}}' END)) FROM {META}.positions))"
+            )
 
     def _new_session(
         self, *, read_only: bool = False, snapshot: bool = False, single: bool = False
