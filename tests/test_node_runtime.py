@@ -1147,6 +1147,7 @@ def test_shipped_code_is_used_only_for_the_file_as_it_was_compiled(tmp_path, mon
     monkeypatch.setattr(sys, "path_importer_cache", {})
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     monkeypatch.setattr(shipped_code, "_shipped", {})
+    monkeypatch.setattr(shipped_code, "_hooked", set())
     for name, size, expected in (("mod_a", info.st_size, "shipped"), ("mod_b", info.st_size + 1, "source")):
         if name == "mod_b":
             module = module.rename(tmp_path / "mod_b.py")

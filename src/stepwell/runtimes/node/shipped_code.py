@@ -14,6 +14,8 @@ from typing import Any
 
 #: path -> [st_mtime_ns, st_size, marshalled code] of this run's app files
 _shipped: dict[str, Any] = {}
+#: app folders whose imports go through ``ShippedCodeLoader`` already
+_hooked: set[str] = set()
 
 
 class ShippedCodeLoader(importlib.machinery.SourceFileLoader):
@@ -38,7 +40,10 @@ def use_shipped_code(shipped: dict[str, Any] | None, app_root: str) -> None:
     if not shipped or shipped.get("magic") != importlib.util.MAGIC_NUMBER:
         return
     _shipped.update(shipped.get("files") or {})
-    sys.path_hooks.insert(0, _app_path_hook(app_root.rstrip("/") + "/"))
+    prefix = app_root.rstrip("/") + "/"
+    if prefix not in _hooked:
+        _hooked.add(prefix)
+        sys.path_hooks.insert(0, _app_path_hook(prefix))
 
 
 def _app_path_hook(prefix: str) -> Callable[[str], importlib.machinery.FileFinder]:
