@@ -284,3 +284,30 @@ def test_ids_never_go_below_a_position_recorded_before_leases_existed(pg_store):
         assert row["patterns_id"] > ahead
     finally:
         reopened.close()
+
+
+def test_writers_racing_to_create_or_widen_a_table_wait_for_each_other(pg_store):
+    import threading
+
+    _url, store = pg_store
+    first = store.transaction()
+    first.append("fresh", pa.table({"a": [1]}))  # creates it; not committed yet
+    errors: list[BaseException] = []
+
+    def second_writer() -> None:
+        try:
+            with store.transaction() as tx:  # would fail: "duplicate key ... pg_type"
+                tx.append("fresh", pa.table({"a": [2], "b": ["x"]}))  # and widen it
+                tx.commit()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=second_writer)
+    thread.start()
+    thread.join(1.0)
+    assert thread.is_alive()  # waiting for the first writer's table
+    first.commit()
+    thread.join(30)
+    assert errors == []
+    rows = store.query("SELECT a, b FROM fresh ORDER BY a").to_pylist()
+    assert rows == [{"a": 1, "b": None}, {"a": 2, "b": "x"}]

@@ -85,6 +85,10 @@ class Dialect:
     bootstrap_lock: str | None
     #: whether several hosts may write the store at once (see ``Transaction.lease_ids``)
     shared: bool = False
+    #: statement taking a transaction-long lock on a table name (parameter: the
+    #: name) before its shape changes, so that writers racing to create or widen
+    #: one table wait for each other instead of failing (None: one process)
+    table_shape_lock: str | None = None
 
     def sql_type(self, logical: str) -> str:
         dec = sch.parse_decimal(logical)
@@ -576,6 +580,13 @@ class SQLTransaction(Transaction):
         plan = sch.plan_columns(
             name, existing, data.schema, case_insensitive=self._d.case_insensitive
         )
+        if (plan.create or plan.add or plan.alter) and self._d.table_shape_lock:
+            # another host may be changing it too: wait for it, then look again
+            s.execute(self._d.table_shape_lock, [f"stepwell-table:{name}"])
+            plan = sch.plan_columns(
+                name, table_columns(s, name), data.schema,
+                case_insensitive=self._d.case_insensitive,
+            )  # fmt: skip
         if plan.create:
             self._create_table(s, name, plan.columns)
         for column, logical in plan.add if not plan.create else ():
