@@ -507,6 +507,14 @@ def _dedupe_last(data: pa.Table, keys: Sequence[str]) -> pa.Table:
 # -- the transaction ----------------------------------------------------------------------
 
 
+#: DuckDB gives each transaction a snapshot from its start, so of two runs that
+#: create or change one table at the same moment, the later cannot see the other's.
+_CONCURRENT_CHANGE_HINT = (
+    " (another run created or changed this table at the same moment and committed "
+    "first; nothing of this run's transaction was written: run it again)"
+)
+
+
 class SQLTransaction(Transaction):
     """``Transaction`` over one backend :class:`Session`."""
 
@@ -531,7 +539,8 @@ class SQLTransaction(Transaction):
             except StoreError:
                 raise
             except self._s.errors as exc:
-                raise StoreError(f"{what}: {exc}") from exc
+                hint = _CONCURRENT_CHANGE_HINT if "write-write conflict" in str(exc) else ""
+                raise StoreError(f"{what}: {exc}{hint}") from exc
 
     def _create_table(self, s: Session, physical: str, columns: Mapping[str, str]) -> None:
         defs = ", ".join(f"{quote(c)} {self._d.sql_type(t)}" for c, t in columns.items())
