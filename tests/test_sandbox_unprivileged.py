@@ -106,7 +106,7 @@ def _user_namespaces_allowed(stage: Path) -> bool:
 
 @pytest.fixture
 def open_tmp():
-    """A temp folder nobody may enter (pytest's ``tmp_path`` is under a closed one)."""
+    """A temp folder anyone may enter (pytest's ``tmp_path`` is under a closed one)."""
     # (not under /tmp: each sandbox has a /tmp of its own, so nothing there is in view)
     path = Path(tempfile.mkdtemp(prefix="stepwell-unprivileged-", dir="/var/tmp"))
     path.chmod(0o755)
