@@ -340,10 +340,10 @@ class PostgresTransaction(SQLTransaction):
         if self._lease is not None:
             with self._op("commit") as s:
                 s.execute(
+                    f"WITH ended AS (DELETE FROM {META}.id_leases WHERE key = ?) "
                     f'UPDATE {META}.id_clock SET value = GREATEST(value COLLATE "C", ?)',
-                    [ids.high_water()],
+                    [self._lease, ids.high_water()],
                 )
-                s.execute(f"DELETE FROM {META}.id_leases WHERE key = ?", [self._lease])
         super().commit()
 
 
@@ -396,12 +396,11 @@ class PostgresStore(SQLStore):
         """Record lease ``key`` (its lock held); returns its floor."""
         with self._autocommit() as s:
             # the row lock waits for transactions raising the clock as they commit
-            ((clock,),) = s.fetchall(f"SELECT value FROM {META}.id_clock FOR UPDATE")
-            floor = max(clock, ids.high_water())
-            s.execute(
+            ((floor,),) = s.fetchall(
+                f"WITH clock AS (SELECT value FROM {META}.id_clock FOR UPDATE) "
                 f"INSERT INTO {META}.id_leases (key, floor, pid, created_at) "
-                "VALUES (?, ?, ?, now())",
-                [key, floor, os.getpid()],
+                f'SELECT ?, GREATEST(value COLLATE "C", ?), ?, now() FROM clock RETURNING floor',
+                [key, ids.high_water(), os.getpid()],
             )
         return floor
 
