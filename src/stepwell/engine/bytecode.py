@@ -33,32 +33,18 @@ class AppBytecode:
 
     def __init__(self, app_root: Path | str):
         self._root = Path(app_root)
-        #: node file -> (its stat when scanned, the files its imports may load)
-        self._imports: dict[str, tuple[tuple[int, int], list[Path]]] = {}
         self._code: dict[Path, Entry] = {}
 
     def for_node(self, file: str) -> dict[str, object]:
         """The ``code`` field of a start message for node ``file`` (relative to the
         app root): the compiled code of it and of the app modules it imports."""
         code, size = {}, 0
-        for path in self._files(file):
+        for path in node_files(self._root, file):
             entry = self._compiled(path)
             if entry is not None and size + len(entry[2]) <= MAX_SHIPPED_BYTES:
                 code[str(path)] = entry
                 size += len(entry[2])
         return {"magic": importlib.util.MAGIC_NUMBER, "files": code}
-
-    def _files(self, file: str) -> list[Path]:
-        path = self._root / file
-        try:
-            info = os.stat(path)
-        except OSError:
-            return []  # the run reports the missing file
-        key = (info.st_mtime_ns, info.st_size)
-        known = self._imports.get(file)
-        if known is None or known[0] != key:  # an edit may import other modules
-            known = self._imports[file] = (key, node_files(self._root, file))
-        return known[1]
 
     def _compiled(self, path: Path) -> Entry | None:
         try:

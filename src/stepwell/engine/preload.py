@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,22 @@ def node_files(app_root: Path, file: str) -> list[Path]:
     return [path for path, _ in _node_sources(app_root, file)]
 
 
-def _node_sources(app_root: Path, file: str) -> Iterator[tuple[Path, str]]:
-    root = app_root.resolve()
+def _node_sources(app_root: Path, file: str) -> tuple[tuple[Path, str], ...]:
+    """(path, text) of node ``file`` and of the app files its imports may load.
+    Read and parsed once per version of the node file (its modification time and
+    size), however many steps, checks and runs ask; a change in an imported file
+    alone is seen once the node file changes or the process restarts."""
+    root = Path(app_root).resolve()
+    try:
+        info = os.stat(root / file)
+    except OSError:
+        return ()  # the run itself reports the missing file
+    return _read_node_sources(root, file, info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_node_sources(root: Path, file: str, _mtime_ns: int, _size: int) -> tuple[tuple[Path, str], ...]:
+    sources = []
     todo, seen = [root / file], set()
     while todo and len(seen) < _MAX_FILES:
         path = todo.pop()
@@ -47,12 +61,13 @@ def _node_sources(app_root: Path, file: str) -> Iterator[tuple[Path, str]]:
             text = path.read_text(errors="replace")
         except OSError:
             continue
-        yield path, text
+        sources.append((path, text))
         try:
             tree = ast.parse(text)
         except (SyntaxError, ValueError):
             continue  # the run itself reports the error
         todo.extend(_imported_app_files(tree, path.parent, root))
+    return tuple(sources)
 
 
 def _imported_app_files(tree: ast.AST, folder: Path, root: Path) -> list[Path]:
@@ -93,12 +108,8 @@ def step_wants_pandas(step: Any, app_root: Path) -> bool:
 
 
 def pandas_by_step(app: Any) -> dict[str, bool]:
-    """``step_wants_pandas`` of each of the app's Python steps, by name (a node file
-    run by several steps is read once)."""
-    uses_pandas = functools.cache(lambda file: node_uses_pandas(Path(app.root), file))
-    return {
-        s.name: s.kind != "node" or uses_pandas(s.file) for s in app.steps if s.kind != "sql"
-    }
+    """``step_wants_pandas`` of each of the app's Python steps, by name."""
+    return {s.name: step_wants_pandas(s, app.root) for s in app.steps if s.kind != "sql"}
 
 
 def prestart_forkservers(app: Any, wants: dict[str, bool] | None = None) -> None:
