@@ -39,8 +39,6 @@ class StagedRun:
         self._unique_on = dict(unique_on or {})
         self._column_types = dict(column_types or {})
         self._tx: Transaction | None = None
-        #: whether the open transaction took its id lease (``Transaction.lease_ids``)
-        self._leased = False
         #: called after each commit with the tables that got new rows in it
         self.on_commit = on_commit
         self._tables_with_rows: set[str] = set()
@@ -74,12 +72,8 @@ class StagedRun:
     def _new_ids(self, n: int) -> pa.Array:
         """Ids for ``n`` new rows. The transaction's first ones wait for its id
         lease (on a store several hosts share): every id after it is greater."""
-        tx = self.tx()
-        if n and not self._leased:
-            floor = tx.lease_ids()
-            self._leased = True
-            if floor is not None:
-                ids.advance_past(floor)
+        if n and (floor := self.tx().lease_ids()) is not None:
+            ids.advance_past(floor)
         return visibility.new_ids_in_flight(self, n)
 
     @property
@@ -196,7 +190,7 @@ class StagedRun:
             tx.commit()
             self.unrecorded = None
         finally:
-            self._tx, self._leased = None, False
+            self._tx = None
             visibility.in_flight_done(self)
         self.committed_rows_out = self.rows_out
         tables, self._tables_with_rows = self._tables_with_rows, set()
@@ -205,7 +199,7 @@ class StagedRun:
 
     def rollback(self) -> None:
         if self._tx is not None:
-            tx, self._tx, self._leased = self._tx, None, False
+            tx, self._tx = self._tx, None
             try:
                 tx.rollback()
             finally:

@@ -230,12 +230,12 @@ class Transaction(abc.ABC):
     def rollback(self) -> None: ...
 
     def lease_ids(self) -> str | None:
-        """Called once before the transaction hands out its first ``patterns_id``.
-        On a store several hosts write at once it registers, for every host's
+        """Called before the transaction hands out ``patterns_id``s. On a store
+        several hosts write at once, the first call registers, for every host's
         streams to see until this transaction ends, that ids are in flight here,
         and returns the floor they will lie above (every id ever committed to the
-        store is at most that: another host's clock may be ahead of ours). None on
-        a store one process owns."""
+        store is at most that: another host's clock may be ahead of ours); later
+        calls return None. None on a store one process owns."""
         return None
 
     def __enter__(self) -> Transaction:

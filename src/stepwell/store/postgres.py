@@ -330,6 +330,8 @@ class PostgresTransaction(SQLTransaction):
         self._lease: int | None = None
 
     def lease_ids(self) -> str | None:
+        if self._lease is not None:
+            return None  # taken already: the ids handed out since lie above its floor
         with self._op("taking an id lease") as s:
             key = _lock_lease_key(s)
         floor = self._store._record_lease(key)
