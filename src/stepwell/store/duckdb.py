@@ -43,6 +43,7 @@ DIALECT = Dialect(
     text_collation="",
     secondary_indexes=False,
     bootstrap_lock=None,
+    concurrent_change_error="write-write conflict",
 )
 
 

@@ -89,6 +89,9 @@ class Dialect:
     #: name) before its shape changes, so that writers racing to create or widen
     #: one table wait for each other instead of failing (None: one process)
     table_shape_lock: str | None = None
+    #: text of the error a transaction gets when another one changed the same table
+    #: first and it cannot wait for it (None: writers wait, see ``table_shape_lock``)
+    concurrent_change_error: str | None = None
 
     def sql_type(self, logical: str) -> str:
         dec = sch.parse_decimal(logical)
@@ -507,8 +510,9 @@ def _dedupe_last(data: pa.Table, keys: Sequence[str]) -> pa.Table:
 # -- the transaction ----------------------------------------------------------------------
 
 
-#: DuckDB gives each transaction a snapshot from its start, so of two runs that
-#: create or change one table at the same moment, the later cannot see the other's.
+#: Said with a ``Dialect.concurrent_change_error`` (DuckDB gives each transaction a
+#: snapshot from its start: of two runs that create or change one table at the same
+#: moment, the later cannot see the other's change).
 _CONCURRENT_CHANGE_HINT = (
     " (another run created or changed this table at the same moment and committed "
     "first; nothing of this run's transaction was written: run it again)"
@@ -539,7 +543,8 @@ class SQLTransaction(Transaction):
             except StoreError:
                 raise
             except self._s.errors as exc:
-                hint = _CONCURRENT_CHANGE_HINT if "write-write conflict" in str(exc) else ""
+                marker = self._d.concurrent_change_error
+                hint = _CONCURRENT_CHANGE_HINT if marker and marker in str(exc) else ""
                 raise StoreError(f"{what}: {exc}{hint}") from exc
 
     def _create_table(self, s: Session, physical: str, columns: Mapping[str, str]) -> None:
