@@ -1,8 +1,9 @@
-"""Which fork-server a step's workers come from (engine.preload, sandbox.lazy_pandas).
+"""Which fork-server a step's workers come from (engine.preload, sandbox.lazy_numpy).
 
 The scan is checked on plain files; the lean fork-server through real runs:
-its workers start without pandas, can still import it (with pyarrow's pandas
-support intact), and a step that did so gets the pandas fork-server next time.
+its workers start without numpy and pandas, can still import them (with
+pyarrow's numpy and pandas support intact), and a step that did so gets the
+pandas fork-server next time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from stepwell.engine.preload import node_uses_pandas
     [
         ({"n.py": "def fib(n):\n    return n\n"}, False),
         ({"n.py": "import pandas as pd\n"}, True),
+        ({"n.py": "import numpy as np\n"}, True),
+        ({"n.py": "from sklearn.linear_model import LinearRegression\n"}, True),
+        ({"n.py": "import numpyro_like_name\n"}, False),
         ({"n.py": "from patterns import Table\nTable('t').read_dataframe()\n"}, True),
         ({"n.py": "from patterns import Table\nTable('t').read(as_format='DataFrame')\n"}, True),
         ({"n.py": "from . import helpers\n", "helpers.py": "import pandas\n"}, True),
@@ -38,8 +42,25 @@ def test_node_uses_pandas_follows_the_app_modules_it_imports(tmp_path, files, ex
     assert node_uses_pandas(tmp_path, node) is expected
 
 
-# The node hides its use of pandas from the scan: its first run comes from the
-# lean fork-server and imports pandas itself.
+# The node hides its use of numpy and pandas from the scan: its first run comes
+# from the lean fork-server and imports them itself.
+HIDDEN_NUMPY = """
+import importlib, sys
+import pyarrow as pa
+from patterns import Table
+
+had_numpy, had_pandas = "num" + "py" in sys.modules, "pan" + "das" in sys.modules
+np = importlib.import_module("num" + "py")
+Table("seen", "w").append({
+    "had_numpy": had_numpy,
+    "had_pandas": had_pandas,
+    "array_type": str(pa.array(np.arange(3, dtype="int16")).type),
+    "scalar": np.int64(7),
+    "small_float": np.float32(1.5),
+    "stamp": np.datetime64("2026-01-02T03:04:05", "us"),
+})
+"""
+
 HIDDEN_PANDAS = """
 import importlib, sys
 import pyarrow as pa
@@ -57,17 +78,32 @@ Table("seen", "w").append({
 """
 
 
-def test_lean_fork_server_workers_import_pandas_and_the_step_switches(tmp_path):
+def _run_twice(tmp_path, code: str) -> list[dict]:
     app_root = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: hidden\n    node: hidden.py\n",
-        "hidden.py": HIDDEN_PANDAS,
+        "hidden.py": code,
     })  # fmt: skip
     with app_runner(app_root) as runner:
         first = runner.run_step("hidden")
         assert first.status == "succeeded", first.error
         second = runner.run_step("hidden")
         assert second.status == "succeeded", second.error
-    seen = rows(app_root, "seen", order_by="patterns_id")
+    return rows(app_root, "seen", order_by="patterns_id")
+
+
+def test_lean_fork_server_workers_import_numpy_and_the_step_switches(tmp_path):
+    seen = _run_twice(tmp_path, HIDDEN_NUMPY)
+    # the first worker came without numpy or pandas, the second with both loaded ahead
+    assert [(row["had_numpy"], row["had_pandas"]) for row in seen] == [(False, False), (True, True)]
+    # pyarrow's numpy support works in both: arrays keep their type, scalars convert
+    assert [row["array_type"] for row in seen] == ["int16", "int16"]
+    assert [row["scalar"] for row in seen] == [7, 7]
+    assert [row["small_float"] for row in seen] == [1.5, 1.5]
+    assert {str(row["stamp"])[:19] for row in seen} == {"2026-01-02 03:04:05"}
+
+
+def test_lean_fork_server_workers_import_pandas_and_the_step_switches(tmp_path):
+    seen = _run_twice(tmp_path, HIDDEN_PANDAS)
     # the first worker came without pandas, the second with it loaded ahead
     assert [row["preloaded"] for row in seen] == [False, True]
     # pyarrow's own pandas support works in both (categoricals stay dictionaries)

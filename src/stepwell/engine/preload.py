@@ -1,10 +1,10 @@
-"""Which fork-server a step's workers come from: the one with pandas imported
-ahead, or the lean one without it (see ``sandbox.lazy_pandas``).
+"""Which fork-server a step's workers come from: the one with numpy and pandas
+imported ahead, or the lean one without them (see ``sandbox.lazy_numpy``).
 
 A node step whose code (its file and the app modules it imports) never
-mentions pandas or data frames gets the lean fork-server, so each of its runs
-forks and exits faster; every other Python step keeps pandas warm. A guess
-that misses (pandas imported through a library) costs one slower run: the
+mentions numpy, pandas or data frames gets the lean fork-server, so each of its
+runs forks and exits faster; every other Python step keeps them warm. A guess
+that misses (numpy imported through a library) costs one slower run: the
 worker reports it, and the step's next runs come from the pandas fork-server.
 """
 
@@ -17,16 +17,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-#: Words in a node's code that mean it will load pandas (``import pandas``,
-#: ``read_dataframe()``, ``as_format="dataframe"``).
-_PANDAS_WORDS = re.compile(r"\bpandas\b|dataframe", re.IGNORECASE)
+#: Words in a node's code that mean it will load numpy or pandas (``import numpy``,
+#: ``import pandas``, libraries built on numpy, ``read_dataframe()``,
+#: ``as_format="dataframe"``).
+_PANDAS_WORDS = re.compile(
+    r"\b(numpy|pandas|scipy|sklearn|statsmodels|matplotlib|seaborn)\b|dataframe", re.IGNORECASE
+)
 #: App files followed at most per node (imports of imports of ...).
 _MAX_FILES = 200
 
 
 def node_uses_pandas(app_root: Path, file: str) -> bool:
     """Whether node ``file`` (relative to ``app_root``), or an app module it
-    imports directly or indirectly, mentions pandas or data frames."""
+    imports directly or indirectly, mentions numpy, pandas or data frames."""
     return any(_PANDAS_WORDS.search(text) for _, text in _node_sources(app_root, file))
 
 

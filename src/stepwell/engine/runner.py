@@ -545,7 +545,7 @@ class Runner:
                 on_respond=lambda key, payload: self._respond(active.run, key, payload),
             )
             outcome = session.serve(start)
-            if session.imported_pandas:  # (a no-op when pandas was loaded already)
+            if session.imported_numpy:  # (a no-op when numpy was loaded already)
                 self._pandas[active.step.name] = True  # next runs start with it loaded
             return _limit_outcome(outcome, active.context.worker_limits)
         finally:

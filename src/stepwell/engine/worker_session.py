@@ -92,8 +92,8 @@ class WorkerSession:
         #: as the worker fetched them with ``step_memory``)
         self._committed_state: Any = None
         self._committed_positions: Any = None
-        #: the worker's last frame said the run imported pandas
-        self.imported_pandas = False
+        #: the worker's last frame said the run imported numpy (pandas imports it too)
+        self.imported_numpy = False
 
     # -- the loop --------------------------------------------------------
     def serve(self, start: dict[str, Any]) -> Outcome:
@@ -336,7 +336,7 @@ class WorkerSession:
         return {}
 
     def op_done(self, message: dict, _body: bytes) -> dict:
-        self.imported_pandas = bool(message.get("imported_pandas"))
+        self.imported_numpy = bool(message.get("imported_numpy"))
         if self._deferred_error is not None and message.get("status") == "ok":
             message = {"status": "error", "error": self._deferred_error}
         if message.get("status") != "ok":

@@ -72,8 +72,8 @@ class HostLink:
             if op == "log":  # its frames would interleave with the step's own
                 return
             raise HostError(f"cannot {op!r} from a process forked by the step")
-        if op == "done":  # the host starts the step's next runs with pandas loaded
-            args.setdefault("imported_pandas", "pandas" in sys.modules)
+        if op == "done":  # the host starts the step's next runs with numpy and pandas loaded
+            args.setdefault("imported_numpy", "numpy" in sys.modules)
         with self._lock:
             self.channel.send({"op": op, **args}, body)
 

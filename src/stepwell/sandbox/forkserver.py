@@ -69,7 +69,12 @@ from stepwell.sandbox.isolate import (
     map_to_root,
     prepare_view,
 )
-from stepwell.sandbox.lazy_pandas import pandas_hidden, resync_pyarrow_on_import
+from stepwell.sandbox.lazy_numpy import (
+    hidden,
+    pyarrow_numpy_init,
+    resync_pyarrow_on_import,
+    settle_pyarrow,
+)
 from stepwell.sandbox.ns_init import InitProgram
 from stepwell.sandbox.policy import PRELOAD_ENV, SANDBOX_TMP, SandboxSpec, hidden_folders
 
@@ -736,12 +741,18 @@ def _warm_up() -> None:
         pass
 
 
-def preload() -> list[str]:
+def preload_plan() -> tuple[list[str], list[str]]:
+    """(The default modules to import, the extra ones ``STEPWELL_FORKSERVER_PRELOAD``
+    asks for), without those it drops."""
+    asked = [m.strip() for m in os.environ.get(PRELOAD_ENV, "").split(",") if m.strip()]
+    dropped = {m[1:] for m in asked if m.startswith("-")}
+    defaults = [m for m in PRELOAD if m not in dropped]
+    return defaults, [m for m in asked if not m.startswith("-") and m not in dropped]
+
+
+def preload(names: list[str]) -> list[str]:
     """Import what workers need; returns the modules that could not be imported."""
     missing = []
-    extra = [m.strip() for m in os.environ.get(PRELOAD_ENV, "").split(",") if m.strip()]
-    dropped = {m[1:] for m in extra if m.startswith("-")}
-    names = [m for m in (*PRELOAD, *extra) if not m.startswith("-") and m not in dropped]
     for name in names:
         try:
             importlib.import_module(name)
@@ -800,14 +811,19 @@ def main(argv: list[str] | None = None) -> None:
         linux.prctl(linux.PR_SET_DUMPABLE, 0)  # nobody may ptrace or read our memory
     except OSError:
         pass
-    missing = preload()
-    # one-time lazy initialisations happen here once instead of in every worker
-    if "pandas" in sys.modules:
+    defaults, extra = preload_plan()
+    # (_warm_up: one-time lazy initialisations happen here, not in every worker)
+    if "pandas" in defaults:
+        missing = preload(defaults)
         _warm_up()
-    else:  # pyarrow's pandas check must not import it (see lazy_pandas)
-        with pandas_hidden():
+    else:  # the lean fork-server: pyarrow must not import numpy or pandas (see lazy_numpy)
+        numpy_init = pyarrow_numpy_init()
+        with hidden(("pandas",) if numpy_init is None else ("numpy", "pandas")):
+            missing = preload(defaults)
             _warm_up()
-        resync_pyarrow_on_import()
+            settle_pyarrow()
+        resync_pyarrow_on_import(numpy_init)
+    missing += preload(extra)
     sys.dont_write_bytecode = True  # workers never write .pyc files (their filesystem is read-only)
     server = ForkServer(control, own_user_namespace, private_paths)
     gc.collect()

@@ -269,11 +269,11 @@ class ForkServerError(Exception):
 
 
 class ForkServerClient:
-    """The host's handle on one of its fork-servers: the one with pandas imported
-    or the lean one without it (each started when first needed)."""
+    """The host's handle on one of its fork-servers: the one with numpy and pandas
+    imported or the lean one without them (each started when first needed)."""
 
     def __init__(self, *, pandas: bool = True) -> None:
-        #: whether this fork-server imports pandas ahead of its workers
+        #: whether this fork-server imports numpy and pandas ahead of its workers
         self.pandas = pandas
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
@@ -432,9 +432,9 @@ for _client in _FORKSERVERS.values():
 
 
 def forkserver(pandas: bool = True) -> ForkServerClient:
-    """This host process's fork-server client: the one with pandas imported ahead
-    (steps that use pandas start ~150 ms sooner) or the lean one (a third of the
-    memory, so every fork and exit costs less)."""
+    """This host process's fork-server client: the one with numpy and pandas
+    imported ahead (steps that use them start ~150 ms sooner) or the lean one
+    (under a third of the memory, so every fork and exit costs less)."""
     return _FORKSERVERS[pandas]
 
 

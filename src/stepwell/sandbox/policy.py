@@ -21,7 +21,8 @@ MODE_ENV = "STEPWELL_SANDBOX"
 #: seccomp``), to see how a run behaves on a kernel that refuses them.
 SKIP_ENV = "STEPWELL_SANDBOX_SKIP"
 #: Comma-separated modules a fork-server imports besides its defaults (``-name``
-#: drops a default, e.g. ``-pandas``: the host starts its lean fork-server that way).
+#: drops a default, e.g. ``-pandas``: the host starts its lean fork-server, without
+#: numpy and pandas, that way).
 PRELOAD_ENV = "STEPWELL_FORKSERVER_PRELOAD"
 #: Folders (separated by ``:``) no sandbox may see: each is an empty folder in
 #: every view, but for the folders a step needs inside it (its app, Python).
