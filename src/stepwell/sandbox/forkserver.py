@@ -4,7 +4,7 @@ The host starts it once (``python -I -m stepwell.sandbox.forkserver FD``) with
 a clean environment, before it has read any secret or opened any connection
 in a way this process could see, so its memory holds neither. It imports the
 worker's libraries once (pyarrow, msgpack, the stepwell worker and runtimes,
-pandas unless started as a lean server; more or fewer via
+numpy and pandas unless started as a lean server; more or fewer via
 ``STEPWELL_FORKSERVER_PRELOAD``), runs the common
 code paths once, freezes the GC, and then
 serves requests on the control socket ``FD`` (a ``SOCK_SEQPACKET`` socket):
@@ -68,6 +68,7 @@ from stepwell.sandbox.isolate import (
     enter_sandbox,
     map_to_root,
     prepare_view,
+    traversable_ancestors,
 )
 from stepwell.sandbox.lazy_numpy import (
     hidden,
@@ -154,7 +155,7 @@ def _base_read_paths() -> list[str]:
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     paths.update(p for p in sys.path if p)
     paths.add(os.path.dirname(os.path.realpath(sys.executable)))
-    return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
+    return sorted({os.path.realpath(p) for p in paths if os.path.exists(p)})
 
 
 class ForkServer:
@@ -168,6 +169,7 @@ class ForkServer:
         self.uid, self.gid = _sandbox_identity(own_user_namespace)
         self.own_user_namespace = own_user_namespace
         self.base_paths = _base_read_paths()
+        self.base_traversable = traversable_ancestors(self.base_paths, self.uid, self.gid)
         self.base_dir = tempfile.mkdtemp(prefix=f"stepwell-fs-{os.getpid()}-")
         os.chmod(self.base_dir, 0o711)
         #: a PID namespace's init (see ``ns_init``) reads the read end of this
@@ -273,7 +275,8 @@ class ForkServer:
             return
         try:
             plan = ChildPlan(spec, tmpdir, self.uid, self.gid, self.base_paths, pidns=False,
-                             private_paths=self.private_paths)  # fmt: skip
+                             private_paths=self.private_paths,
+                             base_traversable=self.base_traversable)  # fmt: skip
             started = self._use_spare(spare, plan, channel_fd, stderr_fd) if spare else None
             pid, init_pid = started or self._fork_now(plan, channel_fd, stderr_fd)
         except Exception as exc:
@@ -335,6 +338,7 @@ class ForkServer:
         probe = ChildPlan(
             spec if tmpdir else SandboxSpec(cwd="/", env={}), tmpdir or "",
             self.uid, self.gid, self.base_paths, pidns=False, private_paths=self.private_paths,
+            base_traversable=self.base_traversable,
         )  # fmt: skip
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:

@@ -53,6 +53,7 @@ class ChildPlan:
     uid: int | None
     gid: int | None
     #: folders every worker must read: Python's prefix, sys.path, stepwell itself
+    #: (resolved and checked once, when the fork-server started)
     base_read_paths: list[str]
     #: True when the child is PID 2 of a fresh PID namespace
     pidns: bool
@@ -61,6 +62,9 @@ class ChildPlan:
     private_paths: list[str] = field(default_factory=list)
     #: True when ``detach_process`` already ran (in a spare worker)
     detached: bool = False
+    #: whether ``uid`` may traverse each ancestor of ``base_read_paths`` (worked out
+    #: once, by ``traversable_ancestors``; other folders are checked run by run)
+    base_traversable: dict[str, bool] = field(default_factory=dict)
 
 
 def _note_unavailable(plan: ChildPlan, what: str, exc: OSError | str, consequence: str) -> None:
@@ -168,10 +172,18 @@ def _ancestors(path: str) -> list[str]:
     return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
+def traversable_ancestors(paths: list[str], uid: int | None, gid: int | None) -> dict[str, bool]:
+    """Whether ``uid`` may traverse each folder above (and at) ``paths``."""
+    if uid is None:
+        return {}
+    gid = gid if gid is not None else -1
+    return {a: _traversable(a, uid, gid) for path in paths for a in _ancestors(path)}
+
+
 def _read_paths(plan: ChildPlan) -> list[str]:
     """Folders that must stay readable, outermost first, nested ones dropped."""
-    paths = []
-    for raw in [plan.spec.app_root, *plan.spec.read_paths, *plan.base_read_paths]:
+    paths = list(plan.base_read_paths)
+    for raw in [plan.spec.app_root, *plan.spec.read_paths]:
         if raw and os.path.exists(raw):
             paths.append(os.path.realpath(raw))
     kept: list[str] = []
@@ -197,7 +209,10 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
             for ancestor in _ancestors(path):
                 if any(_under(ancestor, c) for c in covers):
                     break
-                if not _traversable(ancestor, plan.uid, plan.gid if plan.gid is not None else -1):
+                known = plan.base_traversable.get(ancestor)
+                if known is None:
+                    known = _traversable(ancestor, plan.uid, plan.gid if plan.gid is not None else -1)
+                if not known:
                     covers[ancestor] = "shim"
                     break
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -222,7 +237,7 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
     hidden = list(spec.hide_paths)
     if spec.app_root:
         hidden.append(os.path.join(os.path.realpath(spec.app_root), ".stepwell"))
-    for path in hidden:
+    for path in dict.fromkeys(hidden):  # (the host may name .stepwell too)
         if os.path.isdir(path):
             linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4k,mode=0755")
     proc_flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
