@@ -21,7 +21,8 @@ from stepwell.engine.preload import node_uses_pandas
         ({"n.py": "import pandas as pd\n"}, True),
         ({"n.py": "import numpy as np\n"}, True),
         ({"n.py": "from sklearn.linear_model import LinearRegression\n"}, True),
-        ({"n.py": "import numpyro_like_name\n"}, False),
+        ({"n.py": "import pyarrow as pa\nvalues = pa.array([1]).to_numpy()\n"}, True),
+        ({"n.py": "import sklearnish\n"}, False),
         ({"n.py": "from patterns import Table\nTable('t').read_dataframe()\n"}, True),
         ({"n.py": "from patterns import Table\nTable('t').read(as_format='DataFrame')\n"}, True),
         ({"n.py": "from . import helpers\n", "helpers.py": "import pandas\n"}, True),
@@ -49,11 +50,11 @@ import importlib, sys
 import pyarrow as pa
 from patterns import Table
 
-had_numpy, had_pandas = "num" + "py" in sys.modules, "pan" + "das" in sys.modules
+had_np, had_pd = "num" + "py" in sys.modules, "pan" + "das" in sys.modules
 np = importlib.import_module("num" + "py")
 Table("seen", "w").append({
-    "had_numpy": had_numpy,
-    "had_pandas": had_pandas,
+    "had_np": had_np,
+    "had_pd": had_pd,
     "array_type": str(pa.array(np.arange(3, dtype="int16")).type),
     "scalar": np.int64(7),
     "small_float": np.float32(1.5),
@@ -94,7 +95,7 @@ def _run_twice(tmp_path, code: str) -> list[dict]:
 def test_lean_fork_server_workers_import_numpy_and_the_step_switches(tmp_path):
     seen = _run_twice(tmp_path, HIDDEN_NUMPY)
     # the first worker came without numpy or pandas, the second with both loaded ahead
-    assert [(row["had_numpy"], row["had_pandas"]) for row in seen] == [(False, False), (True, True)]
+    assert [(row["had_np"], row["had_pd"]) for row in seen] == [(False, False), (True, True)]
     # pyarrow's numpy support works in both: arrays keep their type, scalars convert
     assert [row["array_type"] for row in seen] == ["int16", "int16"]
     assert [row["scalar"] for row in seen] == [7, 7]
@@ -110,3 +111,18 @@ def test_lean_fork_server_workers_import_pandas_and_the_step_switches(tmp_path):
     types = {row["series_type"] for row in seen}
     assert len(types) == 1 and types.pop().startswith("dictionary<"), seen
     assert [row["frame_rows"] for row in seen] == [3, 3]
+
+
+def test_a_run_that_needed_numpy_without_importing_it_moves_its_step(tmp_path):
+    # pyarrow needs numpy here but the node neither imports it nor names it
+    code = "import pyarrow as pa\npa.infer_type([1, 2], mask=[False, True])\n"
+    app_root = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: infer\n    node: infer.py\n",
+        "infer.py": code,
+    })  # fmt: skip
+    with app_runner(app_root) as runner:
+        first = runner.run_step("infer")
+        second = runner.run_step("infer")
+    assert first.status == "failed" and "ndarray" in first.error, first.error
+    assert second.status.startswith("succeeded"), second.error
+

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 #: Words in a node's code that mean it will load numpy or pandas (``import numpy``,
-#: ``import pandas``, libraries built on numpy, ``read_dataframe()``,
-#: ``as_format="dataframe"``).
+#: pyarrow's ``to_numpy()``, which needs numpy loaded, ``import pandas``, libraries
+#: built on numpy, ``read_dataframe()``, ``as_format="dataframe"``).
 _PANDAS_WORDS = re.compile(
-    r"\b(numpy|pandas|scipy|sklearn|statsmodels|matplotlib|seaborn)\b|dataframe", re.IGNORECASE
+    r"numpy|\b(pandas|scipy|sklearn|statsmodels|matplotlib|seaborn)\b|dataframe", re.IGNORECASE
 )
 #: App files followed at most per node (imports of imports of ...).
 _MAX_FILES = 200

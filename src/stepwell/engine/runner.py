@@ -36,6 +36,9 @@ SUCCESS = frozenset({"succeeded", "succeeded_no_data", "succeeded_with_errors"})
 #: Styles whose run record is written with the run's first commit (or once the run
 #: has gone on for ``worker_session.RECORD_AFTER``) rather than before it starts.
 _RECORDED_LATE = frozenset({"node", "processor"})
+#: What pyarrow says when a run from the lean fork-server (no numpy loaded) calls
+#: something that needs numpy without importing it (see ``sandbox.lazy_numpy``).
+_NUMPY_MISSING = ("NumPy is not present", "'NoneType' object has no attribute 'ndarray'")
 
 
 class RunListener(Protocol):
@@ -545,8 +548,9 @@ class Runner:
                 on_respond=lambda key, payload: self._respond(active.run, key, payload),
             )
             outcome = session.serve(start)
-            if session.imported_numpy:  # (a no-op when numpy was loaded already)
-                self._pandas[active.step.name] = True  # next runs start with it loaded
+            # next runs start with numpy loaded (a no-op when it was already)
+            if session.imported_numpy or any(m in (outcome.error or "") for m in _NUMPY_MISSING):
+                self._pandas[active.step.name] = True
             return _limit_outcome(outcome, active.context.worker_limits)
         finally:
             worker.close()
