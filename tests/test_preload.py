@@ -51,10 +51,12 @@ import pyarrow as pa
 from patterns import Table
 
 had_np, had_pd = "num" + "py" in sys.modules, "pan" + "das" in sys.modules
+had_processor = "stepwell.runtimes.processor.worker" in sys.modules
 np = importlib.import_module("num" + "py")
 Table("seen", "w").append({
     "had_np": had_np,
     "had_pd": had_pd,
+    "had_processor": had_processor,
     "array_type": str(pa.array(np.arange(3, dtype="int16")).type),
     "scalar": np.int64(7),
     "small_float": np.float32(1.5),
@@ -94,8 +96,10 @@ def _run_twice(tmp_path, code: str) -> list[dict]:
 
 def test_lean_fork_server_workers_import_numpy_and_the_step_switches(tmp_path):
     seen = _run_twice(tmp_path, HIDDEN_NUMPY)
-    # the first worker came without numpy or pandas, the second with both loaded ahead
+    # the first worker came without numpy or pandas, the second with both loaded
+    # ahead (and the other step styles' runtimes, which only that fork-server holds)
     assert [(row["had_np"], row["had_pd"]) for row in seen] == [(False, False), (True, True)]
+    assert [row["had_processor"] for row in seen] == [False, True]
     # pyarrow's numpy support works in both: arrays keep their type, scalars convert
     assert [row["array_type"] for row in seen] == ["int16", "int16"]
     assert [row["scalar"] for row in seen] == [7, 7]

@@ -3,8 +3,9 @@
 The host starts it once (``python -I -m stepwell.sandbox.forkserver FD``) with
 a clean environment, before it has read any secret or opened any connection
 in a way this process could see, so its memory holds neither. It imports the
-worker's libraries once (pyarrow, msgpack, the stepwell worker and runtimes,
-numpy and pandas unless started as a lean server; more or fewer via
+worker's libraries once (pyarrow, msgpack, the stepwell worker and node runtime;
+numpy, pandas and the other step styles' runtimes unless started as a lean
+server; more or fewer via
 ``STEPWELL_FORKSERVER_PRELOAD``), runs the common
 code paths once, freezes the GC, and then
 serves requests on the control socket ``FD`` (a ``SOCK_SEQPACKET`` socket):
@@ -85,6 +86,14 @@ PRELOAD = (
     "pyarrow", "pyarrow.ipc", "msgpack", "pandas",
     "stepwell.sandbox.worker", "stepwell.sandbox.client", "stepwell.sandbox.protocol",
     "stepwell.runtimes.node.worker", "stepwell.runtimes.node.api",
+    "stepwell.runtimes.processor.worker", "stepwell.runtimes.connector.worker",
+    "stepwell.runtimes.action.worker",
+)  # fmt: skip
+#: What the lean fork-server (``-pandas``) leaves out besides numpy and pandas: the
+#: runtimes of the steps that always come from the other one (``engine.preload``).
+FULL_ONLY = (
+    "pandas", "stepwell.runtimes.processor.worker", "stepwell.runtimes.connector.worker",
+    "stepwell.runtimes.action.worker",
 )  # fmt: skip
 #: Unprivileged user a root fork-server runs sandboxes as.
 SANDBOX_USER_ENV = "STEPWELL_SANDBOX_UID"
@@ -750,6 +759,8 @@ def preload_plan() -> tuple[list[str], list[str]]:
     asks for), without those it drops."""
     asked = [m.strip() for m in os.environ.get(PRELOAD_ENV, "").split(",") if m.strip()]
     dropped = {m[1:] for m in asked if m.startswith("-")}
+    if "pandas" in dropped:
+        dropped.update(FULL_ONLY)
     defaults = [m for m in PRELOAD if m not in dropped]
     return defaults, [m for m in asked if not m.startswith("-") and m not in dropped]
 
