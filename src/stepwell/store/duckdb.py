@@ -37,7 +37,13 @@ DIALECT = Dialect(
         "json": "JSON",
         "binary": "BLOB",
     },
-    column_type_field="data_type",
+    # (the catalog function under information_schema.columns: the same rows at half
+    # the cost, which a run pays several times)
+    columns_query=(
+        "SELECT column_name, data_type, numeric_precision, numeric_scale FROM duckdb_columns() "
+        "WHERE database_name = current_database() AND schema_name = current_schema() "
+        "AND table_name = ? ORDER BY column_index"
+    ),
     case_insensitive=True,
     max_identifier_length=None,
     text_collation="",

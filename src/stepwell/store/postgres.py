@@ -47,7 +47,11 @@ DIALECT = Dialect(
         "json": "JSONB",
         "binary": "BYTEA",
     },
-    column_type_field="udt_name",
+    columns_query=(
+        "SELECT column_name, udt_name, numeric_precision, numeric_scale FROM "
+        "information_schema.columns WHERE table_catalog = current_database() AND "
+        "table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position"
+    ),
     case_insensitive=False,
     max_identifier_length=63,
     text_collation=' COLLATE "C"',

@@ -71,8 +71,9 @@ class Dialect:
     name: str
     #: logical base type -> SQL type name (``decimal`` gets ``(p,s)`` appended)
     type_names: Mapping[str, str]
-    #: column of ``information_schema.columns`` that names a column's type
-    column_type_field: str
+    #: a table's columns in order, as (name, type, numeric precision, numeric scale);
+    #: one ``?``: the table's name (in the current schema)
+    columns_query: str
     #: whether quoted identifiers differing only in case name the same column
     case_insensitive: bool
     #: longest identifier the engine keeps intact (None: no limit)
@@ -314,13 +315,7 @@ def bootstrap(session: Session) -> None:
 
 def table_columns(session: Session, name: str) -> dict[str, str] | None:
     """``{column: logical type}`` of a user table, None if it does not exist."""
-    rows = session.fetchall(
-        f"SELECT column_name, {session.dialect.column_type_field}, numeric_precision, "
-        "numeric_scale FROM information_schema.columns WHERE table_catalog = "
-        "current_database() AND table_schema = current_schema() AND table_name = ? "
-        "ORDER BY ordinal_position",
-        [name],
-    )
+    rows = session.fetchall(session.dialect.columns_query, [name])
     if not rows:
         return None
     return {col: sch.logical_from_sql(typ, prec, scale) for col, typ, prec, scale in rows}
