@@ -8,6 +8,8 @@ pandas fork-server next time.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from apputil import app_runner, rows, write_app
 
@@ -81,21 +83,27 @@ Table("seen", "w").append({
 """
 
 
-def _run_twice(tmp_path, code: str) -> list[dict]:
+def _run_twice(tmp_path, code: str) -> tuple[list, Path]:
+    """Run a one-node app whose node is ``code`` twice in one host: (the two runs,
+    the app's folder)."""
     app_root = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: hidden\n    node: hidden.py\n",
         "hidden.py": code,
     })  # fmt: skip
     with app_runner(app_root) as runner:
-        first = runner.run_step("hidden")
-        assert first.status == "succeeded", first.error
-        second = runner.run_step("hidden")
-        assert second.status == "succeeded", second.error
+        runs = [runner.run_step("hidden"), runner.run_step("hidden")]
+    return runs, app_root
+
+
+def _seen_in_two_runs(tmp_path, code: str) -> list[dict]:
+    runs, app_root = _run_twice(tmp_path, code)
+    for run in runs:
+        assert run.status == "succeeded", run.error
     return rows(app_root, "seen", order_by="patterns_id")
 
 
 def test_lean_fork_server_workers_import_numpy_and_the_step_switches(tmp_path):
-    seen = _run_twice(tmp_path, HIDDEN_NUMPY)
+    seen = _seen_in_two_runs(tmp_path, HIDDEN_NUMPY)
     # the first worker came without numpy or pandas, the second with both loaded
     # ahead (and the other step styles' runtimes, which only that fork-server holds)
     assert [(row["had_np"], row["had_pd"]) for row in seen] == [(False, False), (True, True)]
@@ -108,7 +116,7 @@ def test_lean_fork_server_workers_import_numpy_and_the_step_switches(tmp_path):
 
 
 def test_lean_fork_server_workers_import_pandas_and_the_step_switches(tmp_path):
-    seen = _run_twice(tmp_path, HIDDEN_PANDAS)
+    seen = _seen_in_two_runs(tmp_path, HIDDEN_PANDAS)
     # the first worker came without pandas, the second with it loaded ahead
     assert [row["preloaded"] for row in seen] == [False, True]
     # pyarrow's own pandas support works in both (categoricals stay dictionaries)
@@ -120,13 +128,6 @@ def test_lean_fork_server_workers_import_pandas_and_the_step_switches(tmp_path):
 def test_a_run_that_needed_numpy_without_importing_it_moves_its_step(tmp_path):
     # pyarrow needs numpy here but the node neither imports it nor names it
     code = "import pyarrow as pa\npa.infer_type([1, 2], mask=[False, True])\n"
-    app_root = write_app(tmp_path / "app", {
-        "stepwell.yml": "steps:\n  - name: infer\n    node: infer.py\n",
-        "infer.py": code,
-    })  # fmt: skip
-    with app_runner(app_root) as runner:
-        first = runner.run_step("infer")
-        second = runner.run_step("infer")
+    (first, second), _ = _run_twice(tmp_path, code)
     assert first.status == "failed" and "ndarray" in first.error, first.error
     assert second.status.startswith("succeeded"), second.error
-
