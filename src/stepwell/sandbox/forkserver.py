@@ -80,20 +80,20 @@ from stepwell.sandbox.lazy_numpy import (
 from stepwell.sandbox.ns_init import InitProgram
 from stepwell.sandbox.policy import PRELOAD_ENV, SANDBOX_TMP, SandboxSpec, hidden_folders
 
-#: Modules every worker needs, imported once here instead of in every run.
-PRELOAD = (
-    "json", "decimal", "datetime", "ctypes", "importlib.util", "traceback", "site",
-    "pyarrow", "pyarrow.ipc", "msgpack", "pandas",
-    "stepwell.sandbox.worker", "stepwell.sandbox.client", "stepwell.sandbox.protocol",
-    "stepwell.runtimes.node.worker", "stepwell.runtimes.node.api",
-    "stepwell.runtimes.processor.worker", "stepwell.runtimes.connector.worker",
-    "stepwell.runtimes.action.worker",
-)  # fmt: skip
-#: What the lean fork-server (``-pandas``) leaves out besides numpy and pandas: the
-#: runtimes of the steps that always come from the other one (``engine.preload``).
+#: Of ``PRELOAD``, what the lean fork-server (``-pandas``) leaves out besides numpy:
+#: pandas, and the runtimes of the steps that always come from the other one
+#: (``engine.preload``).
 FULL_ONLY = (
     "pandas", "stepwell.runtimes.processor.worker", "stepwell.runtimes.connector.worker",
     "stepwell.runtimes.action.worker",
+)  # fmt: skip
+#: Modules every worker needs, imported once here instead of in every run.
+PRELOAD = (
+    "json", "decimal", "datetime", "ctypes", "importlib.util", "traceback", "site",
+    "pyarrow", "pyarrow.ipc", "msgpack",
+    "stepwell.sandbox.worker", "stepwell.sandbox.client", "stepwell.sandbox.protocol",
+    "stepwell.runtimes.node.worker", "stepwell.runtimes.node.api",
+    *FULL_ONLY,
 )  # fmt: skip
 #: Unprivileged user a root fork-server runs sandboxes as.
 SANDBOX_USER_ENV = "STEPWELL_SANDBOX_UID"

@@ -155,7 +155,8 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def _traversable(path: str, uid: int, gid: int) -> bool:
+def _traversable(path: str, uid: int, gid: int | None) -> bool:
+    """Whether ``uid`` (in group ``gid``, if any) may enter folder ``path``."""
     try:
         st = os.stat(path)
     except OSError:
@@ -176,7 +177,6 @@ def traversable_ancestors(paths: list[str], uid: int | None, gid: int | None) ->
     """Whether ``uid`` may traverse each folder above (and at) ``paths``."""
     if uid is None:
         return {}
-    gid = gid if gid is not None else -1
     return {a: _traversable(a, uid, gid) for path in paths for a in _ancestors(path)}
 
 
@@ -211,7 +211,7 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
                     break
                 known = plan.base_traversable.get(ancestor)
                 if known is None:
-                    known = _traversable(ancestor, plan.uid, plan.gid if plan.gid is not None else -1)
+                    known = _traversable(ancestor, plan.uid, plan.gid)
                 if not known:
                     covers[ancestor] = "shim"
                     break
