@@ -12,7 +12,9 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -21,9 +23,11 @@ import pytest
 from apputil import app_runner, cli, logs, rows, run_app, write_app
 
 from stepwell.engine.logs import Redactor
+from stepwell.sandbox.forkserver import FORK_HOOK_MODULES
 from stepwell.sandbox.launcher import forkserver
 from stepwell.sandbox.policy import (
     MEMORY_EXIT_CODE,
+    PRELOAD_ENV,
     describe_exit,
     format_bytes,
     sandbox_mode,
@@ -402,6 +406,78 @@ def test_fork_server_holds_no_host_environment(monkeypatch):
             environ = handle.read().decode()
         assert "SW_HOST_ONLY" not in environ and "STEPWELL_SECRET" not in environ
         assert "ARROW_DEFAULT_MEMORY_POOL=system" in environ
+
+
+FORK_STATE_NODE = """
+import logging, random, subprocess, sys, threading
+from patterns import Table
+seen = []
+thread = threading.Thread(target=lambda: seen.append(threading.get_ident()))
+thread.start()
+thread.join()
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+logging.getLogger("step").info("logged from the step")
+child = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
+Table("facts", "w").append({
+    "random": random.random(),
+    "thread_ran": seen != [] and seen[0] != threading.get_ident(),
+    "main_thread": threading.current_thread() is threading.main_thread(),
+    "child": child.stdout.strip(),
+})
+"""
+
+
+def test_workers_forked_without_python_fork_hooks_start_in_a_sound_state(tmp_path):
+    # both fork-servers are single-threaded with no Python signal handler, so they
+    # fork workers with libc's fork alone (forkserver.python_fork_hooks_needed)
+    for pandas in (False, True):
+        client = forkserver(pandas)
+        client.ensure()
+        assert client.info["os_fork"] is None, client.info
+        assert os.listdir(f"/proc/{client.pid}/task") == [str(client.pid)]
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: lean
+                node: facts.py
+              - name: full
+                node: facts_pandas.py
+        """,
+        "facts.py": FORK_STATE_NODE,
+        "facts_pandas.py": "import pandas\n" + FORK_STATE_NODE,
+    })  # fmt: skip
+    runs = run_app(app) + run_app(app)
+    assert [r.status for r in runs] == ["succeeded"] * 4, [r.error for r in runs]
+    facts = rows(app, "facts")
+    assert len({f["random"] for f in facts}) == 4, "runs share a random sequence"
+    assert all(f["thread_ran"] and f["main_thread"] and f["child"] == "42" for f in facts), facts
+    for run in runs:
+        assert any("step: logged from the step" in line for line in logs(app, run.id))
+
+
+def test_only_known_modules_register_python_fork_hooks():
+    """The fork-servers skip Python's fork hooks (see python_fork_hooks_needed):
+    every hook their modules register must be one that only repairs what other
+    threads left (or random's, which the fork-server runs itself)."""
+    script = textwrap.dedent("""
+        import os, sys
+        callers = set()
+        register = os.register_at_fork
+        def recording(**hooks):
+            callers.add(sys._getframe(1).f_globals.get("__name__"))
+            register(**hooks)
+        os.register_at_fork = recording
+        from stepwell.sandbox import forkserver
+        forkserver.load_worker_modules(forkserver.preload_plan()[0])
+        print(sorted(callers))
+    """)
+    for preload in ("-pandas", ""):
+        env = {**os.environ, PRELOAD_ENV: preload}
+        done = subprocess.run([sys.executable, "-I", "-c", script], env=env, capture_output=True,
+                              text=True, timeout=120, check=True)  # fmt: skip
+        callers = set(json.loads(done.stdout.strip().replace("'", '"')))
+        assert "threading" in callers  # the recording works
+        assert callers <= set(FORK_HOOK_MODULES), callers
 
 
 def test_concurrent_runs_are_isolated_from_each_other(tmp_path):

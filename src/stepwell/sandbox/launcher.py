@@ -297,7 +297,9 @@ class ForkServerClient:
         env = {k: os.environ[k] for k in _FORKSERVER_ENV if k in os.environ}
         if not self.pandas:
             env[PRELOAD_ENV] = ",".join(filter(None, [env.get(PRELOAD_ENV, ""), "-pandas"]))
-        env.update(ARROW_DEFAULT_MEMORY_POOL="system")
+        # no allocator threads: the fork-server stays single-threaded (see
+        # forkserver.python_fork_hooks_needed)
+        env.update(ARROW_DEFAULT_MEMORY_POOL="system", JE_ARROW_MALLOC_CONF="background_thread:false")
         if folders := hidden_folders():  # (a bad value fails here, saying why)
             env[HIDE_ENV] = ":".join(folders)
         # numpy's BLAS would start a thread per core that spins for a while (CPU the

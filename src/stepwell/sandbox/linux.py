@@ -92,6 +92,21 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
+#: libc called the way CPython calls its own C API: the GIL stays held throughout
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+_pylibc.fork.restype = ctypes.c_int
+_pylibc.fork.argtypes = []
+
+
+def fork_without_python_hooks() -> int:
+    """``fork(2)`` straight from libc: what ``os.fork`` does minus CPython's own
+    steps around it (taking the import lock, re-initialising thread states and
+    locks in the child, running the ``os.register_at_fork`` hooks). libc's own
+    ``pthread_atfork`` handlers still run. Only for a process that has one thread
+    and no Python signal handlers; see ``ForkServer.fork_process``."""
+    return _check(_pylibc.fork(), "fork")
+
+
 def setns(fd: int, nstype: int) -> None:
     """Re-associate the caller with the namespace open as ``fd`` (``setns(2)``)."""
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
