@@ -41,11 +41,9 @@ fork-server reaps them and reports how they ended. When the host goes away
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib
 import os
-import pickle
 import pwd
 import selectors
 import shutil
@@ -433,8 +431,11 @@ class ForkServer:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
             if not data or len(fds) != 2:
                 os._exit(0)
-            plan: ChildPlan = pickle.loads(data)
-            plan.pidns = probe.pidns
+            handed = unpack(data)  # the run's part of its plan (see _use_spare)
+            plan = probe
+            plan.spec = SandboxSpec.from_dict(handed["spec"])
+            plan.tmpdir = handed["tmpdir"]
+            plan.notes = [*handed["notes"], *probe.notes]
             plan.detached = True
             sock.close()
         except BaseException:  # noqa: BLE001
@@ -456,11 +457,10 @@ class ForkServer:
     def _use_spare(self, spare: Spare, plan: ChildPlan, channel_fd: int,
                    stderr_fd: int) -> tuple[int, int | None] | None:  # fmt: skip
         """Hand the run to ``spare``; returns (pid, init pid), None if it is gone."""
-        handed = dataclasses.replace(
-            plan, pidns=spare.init_pid is not None, notes=[*plan.notes, *spare.notes]
-        )
+        # the rest of the plan (paths, user, PID namespace) the spare has already
+        handed = {"spec": plan.spec.to_dict(), "tmpdir": plan.tmpdir, "notes": plan.notes}
         try:
-            socket.send_fds(spare.sock, [pickle.dumps(handed)], [channel_fd, stderr_fd])
+            socket.send_fds(spare.sock, [pack(handed)], [channel_fd, stderr_fd])
         except OSError:
             spare.tmpdir = None  # the run's temp dir now: a fresh worker uses it
             self._discard_spare(spare)

@@ -449,10 +449,18 @@ def enter_sandbox(
         _set_limit(resource.RLIMIT_NPROC, int(processes))
     _harden(plan)
     os.chdir(spec.cwd)
-    os.environ.clear()
-    os.environ.update(spec.env)
-    os.environ["HOME"] = os.environ["TMPDIR"] = view.tmp_inside
+    _set_environment({**spec.env, "HOME": view.tmp_inside, "TMPDIR": view.tmp_inside})
     return plan.notes
+
+
+def _set_environment(wanted: dict[str, str]) -> None:
+    """Make the environment exactly ``wanted``, touching only what differs (the
+    fork-server's few variables, such as PATH, are mostly kept)."""
+    for key in [k for k in os.environ if k not in wanted]:
+        del os.environ[key]
+    for key, value in wanted.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def describe_limits(spec: SandboxSpec) -> str:

@@ -167,14 +167,13 @@ def mount_setattr(path: str, attr_set: int, attr_clr: int = 0, recursive: bool =
     )  # fmt: skip
 
 
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(
-        _libc.prctl(
-            ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-            ctypes.c_ulong(arg4), ctypes.c_ulong(arg5),
-        ),
-        f"prctl({option})",
-    )  # fmt: skip
+    result = _libc.prctl(option, arg2, arg3, arg4, arg5)
+    return result if result != -1 else _check(result, f"prctl({option})")
 
 
 class _CapHeader(ctypes.Structure):
