@@ -1176,3 +1176,56 @@ def test_a_run_that_writes_then_runs_on_commits_its_end(tmp_path, store_url):
     (run,) = run_app(app, store_url)
     assert run.status == "succeeded", run.error
     assert run.rows_out == 20_000 and len(rows(app, "t", store_url)) == 20_000
+
+
+class _RecordingLink:
+    """Stands in for the host link in the worker-side unit test below."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def notify(self, op: str, body: bytes = b"", **args) -> None:
+        self.sent.append((op, args))
+
+
+def test_a_prepared_node_module_is_taken_over_by_its_run(tmp_path, monkeypatch):
+    """Worker side: ``prepare`` loads the node without running it; the run with the
+    same file and code runs that module (and loads nothing again)."""
+    import sys
+
+    from stepwell.engine.bytecode import AppBytecode
+    from stepwell.runtimes.node import worker as node_worker
+    from stepwell.runtimes.node.host import prepare_message, start_message
+    from stepwell.sandbox.worker import _prepare
+
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: s\n    node: s.py\n",
+        "s.py": "import builtins\nbuiltins.stepwell_test_ran = getattr(builtins, 'stepwell_test_ran', 0) + 1\n",
+    })  # fmt: skip
+    step = type("Step", (), {"name": "s", "file": "s.py", "inputs": {}, "outputs": {}})()
+    code = AppBytecode(app).for_node("s.py")
+    import builtins
+
+    from stepwell.runtimes.node import shipped_code
+
+    # what a worker changes for its run, put back afterwards
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "path_hooks", list(sys.path_hooks))
+    monkeypatch.setattr(shipped_code, "_shipped", {})
+    monkeypatch.setattr(shipped_code, "_hooked", set())
+    for name in ("stepwell_app", "stepwell_app.s", "patterns"):  # (put back as they were)
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name))
+        del sys.modules[name]
+
+    monkeypatch.setattr(builtins, "stepwell_test_ran", 0, raising=False)
+    _prepare(prepare_message(step=step, app_root=str(app), code=code))
+    assert node_worker._prepared is not None and builtins.stepwell_test_ran == 0  # loaded, not run
+    loads = []
+    monkeypatch.setattr(node_worker, "_ready_for", lambda message: loads.append(message))
+    start = start_message(run_id="r1", step=step, app_root=str(app), parameters={},
+                          time_limit=None, sys_path=[])  # fmt: skip
+    start["code"] = code
+    link = _RecordingLink()
+    node_worker.run(link, start)
+    assert builtins.stepwell_test_ran == 1 and loads == [] and node_worker._prepared is None
+    assert [op for op, _ in link.sent] == ["done"]

@@ -728,6 +728,37 @@ def test_the_next_steps_worker_is_made_ahead_but_runs_nothing_early(tmp_path):
         assert not os.path.exists(f"/proc/{pid}")
 
 
+def test_a_worker_made_ahead_loads_its_node_but_runs_the_code_of_its_start(tmp_path):
+    # a worker made ahead gets its node's code first (a prepare frame) and loads it;
+    # the run must still run the file as it is when the run starts
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: first
+                node: first.py
+              - name: second
+                node: second.py
+        """,
+        "first.py": "from patterns import Table\nTable('t', 'w').append({'step': 'first'})\n",
+        "second.py": "from patterns import Table\nTable('t', 'w').append({'step': 'second v1'})\n",
+    })  # fmt: skip
+    with app_runner(app) as runner:
+        runner.run_step("first", then="second")
+        assert "second" in runner._prepared
+        (app / "second.py").write_text(
+            "from patterns import Table\nTable('t', 'w').append({'step': 'second, v2'})\n"
+        )
+        assert runner.run_step("second").status == "succeeded"
+        runner.run_step("first", then="second")
+        (app / "second.py").write_text("x = (\n")  # broken while its worker waits
+        broken = runner.run_step("second")
+        runner.run_step("first", then="second")
+        (app / "second.py").write_text("from patterns import Table\nTable('t', 'w').append({'step': 'second v3'})\n")
+        assert runner.run_step("second").status == "succeeded"
+    assert broken.status == "failed" and "SyntaxError" in broken.error and "line 1" in broken.error
+    assert [r["step"] for r in rows(app, "t")] == ["first", "second, v2", "first", "first", "second v3"]
+
+
 def test_a_failed_final_commit_is_the_runs_error(tmp_path, monkeypatch):
     from stepwell.engine.staging import StagedRun
 

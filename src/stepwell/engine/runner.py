@@ -312,9 +312,17 @@ class Runner:
                 return worker
             worker.close()  # made for other limits, or it died waiting
         try:
-            return self._start_worker(step, context, self._env_paths())
+            worker = self._start_worker(step, context, self._env_paths())
         except Exception:
             return None  # the run starts its worker itself, and reports why it cannot
+        if step.kind == "node":
+            try:  # it loads the node's code while this host gets the run ready
+                worker.channel.send(node_host.prepare_message(
+                    step=step, app_root=str(self.app.root), code=self.bytecode.for_node(step.file)
+                ))  # fmt: skip
+            except OSError:
+                pass  # a worker gone already: the run finds out and reports it
+        return worker
 
     def _prepare(self, name: str) -> None:
         """Make the worker of step ``name``'s next run now (``run_step``'s ``then``)."""

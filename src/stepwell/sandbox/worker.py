@@ -2,7 +2,8 @@
 
 The host hands the worker one end of a socketpair (its file descriptor number
 is the only argument), then sends a ``start`` frame naming the runtime entry
-point (``module:function``) and the run's context. The worker routes
+point (``module:function``) and the run's context; a ``prepare`` frame with
+part of it may come first, while the run is not ready to start yet. The worker routes
 stdout/stderr into the run log, calls the entry point and makes sure the host
 always hears a final ``done``, whatever user code did.
 """
@@ -85,6 +86,18 @@ def load_entry(spec: str) -> Any:
     return getattr(importlib.import_module(module_name), func)
 
 
+def _prepare(message: dict[str, Any]) -> None:
+    """Let the runtime get ready for its run (``prepare(message)``, if it has one)
+    before the start frame comes. Runs none of the step's code; whatever fails is
+    done again, and reported, when the run starts."""
+    try:
+        prepare = getattr(importlib.import_module(message["entry"].partition(":")[0]), "prepare", None)
+        if prepare is not None:
+            prepare(message)
+    except Exception:
+        pass
+
+
 def _report_failure(link: HostLink, exc: BaseException, app_root: str | None) -> None:
     error = error_summary(exc, app_root)
     trace = user_traceback(exc, app_root)
@@ -109,6 +122,10 @@ def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None =
             return 3
     try:
         start, _ = channel.recv()
+        if start.get("op") == "prepare":
+            if refuse is None:
+                _prepare(start)
+            start, _ = channel.recv()
     except PeerGone:
         return 3
     if refuse:

@@ -12,6 +12,12 @@ from typing import Any
 ENTRY = "stepwell.runtimes.node.worker:run"
 
 
+def prepare_message(*, step: Any, app_root: str, code: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``prepare`` frame a node's worker may get before its run's ``start``: its
+    file and code, to load while the run is not ready to begin."""
+    return {"op": "prepare", "entry": ENTRY, "app_root": app_root, "file": step.file, "code": code}
+
+
 def start_message(
     *,
     run_id: str,

@@ -36,6 +36,13 @@ def _install_aliases() -> None:
 
 def run_module(app_root: Path, file: str) -> types.ModuleType:
     """Execute ``file`` (relative to the app root) as a module of the app package."""
+    module, code = _load_module(app_root, file)
+    exec(code, module.__dict__)
+    return module
+
+
+def _load_module(app_root: Path, file: str) -> tuple[types.ModuleType, types.CodeType]:
+    """The module ``file`` becomes (registered, not yet executed) and its code."""
     path = (app_root / file).resolve()
     parts = list(path.relative_to(app_root).with_suffix("").parts)
     # Import parent folders as subpackages first (namespace packages work too).
@@ -46,25 +53,55 @@ def run_module(app_root: Path, file: str) -> types.ModuleType:
             sub.__path__ = [str(app_root.joinpath(*parts[:depth]))]
             sys.modules[name] = sub
     name = ".".join([APP_PACKAGE, *parts])
-    spec = importlib.util.spec_from_file_location(name, path, loader=ShippedCodeLoader(name, str(path)))
-    if spec is None or spec.loader is None:
+    loader = ShippedCodeLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    if spec is None:
         raise ImportError(f"cannot load {file}")
     module = importlib.util.module_from_spec(spec)
     module.__package__ = name.rpartition(".")[0]
     sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    code = loader.get_code(name)
+    if code is None:
+        raise ImportError(f"cannot load {file}")
+    return module, code
+
+
+def _ready_for(message: dict[str, Any]) -> tuple[types.ModuleType, types.CodeType]:
+    """Set up the app package and load the node's module (without running it)."""
+    app_root = Path(message["app_root"])
+    use_shipped_code(message.get("code"), message["app_root"])
+    _mount_app(app_root)
+    _install_aliases()
+    return _load_module(app_root, message["file"])
+
+
+#: what ``prepare`` made ready, and for which (app folder, file, shipped code)
+_prepared: tuple[tuple[Any, ...], tuple[types.ModuleType, types.CodeType]] | None = None
+
+
+def _key(message: dict[str, Any]) -> tuple[Any, ...]:
+    return (message["app_root"], message["file"], message.get("code"))
+
+
+def prepare(message: dict[str, Any]) -> None:
+    """Get ready for the coming run while the host is still busy (committing the run
+    before, say): the app package and the node's module, its code loaded but not
+    run. A run whose start frame names the same file and code takes them over."""
+    global _prepared
+    _prepared = (_key(message), _ready_for(message))
 
 
 def run(link: HostLink, start: dict[str, Any]) -> None:
+    global _prepared
+    prepared, _prepared = _prepared, None
     session = NodeSession(link, start)
     api._session = session
-    app_root = Path(start["app_root"])
-    use_shipped_code(start.get("code"), start["app_root"])
-    _mount_app(app_root)
-    _install_aliases()
+    if prepared is not None and prepared[0] == _key(start):
+        module, code = prepared[1]
+    else:
+        module, code = _ready_for(start)
     try:
-        run_module(app_root, start["file"])
+        exec(code, module.__dict__)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             raise
