@@ -120,6 +120,9 @@ def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None =
             link.notify("log", level="warn", lines=list(notes))
         except OSError:
             return 3
+    # from here on, what this process prints goes to the run log (a .pth file's
+    # complaint included); set up before the start frame, while the host is busy
+    out, err = capture_output(link)
     try:
         start, _ = channel.recv()
         if start.get("op") == "prepare":
@@ -135,7 +138,6 @@ def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None =
             pass
         return 1
     _add_site_dirs(start.get("sys_path", []))
-    out, err = capture_output(link)
     try:
         load_entry(start["entry"])(link, start)
         return 0
