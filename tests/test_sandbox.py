@@ -455,6 +455,42 @@ def test_workers_forked_without_python_fork_hooks_start_in_a_sound_state(tmp_pat
         assert any("step: logged from the step" in line for line in logs(app, run.id))
 
 
+def test_a_fork_server_that_may_need_python_fork_hooks_uses_os_fork(tmp_path):
+    script = textwrap.dedent("""
+        import signal, threading, time
+        from stepwell.sandbox.forkserver import python_fork_hooks_needed as needed
+        print(needed([]))  # Python's own SIGINT handler counts
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the fork-server has it
+        print(needed([]))
+        print(needed(["json"]))
+        signal.signal(signal.SIGUSR2, lambda *args: None)
+        print(needed([]))
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        threading.Thread(target=time.sleep, args=(1,)).start()
+        print(needed([]))
+    """)
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)  # fmt: skip
+    assert done.stdout.splitlines() == [
+        f"a Python handler for signal {int(signal.SIGINT)}",
+        "None",
+        "modules preloaded on request may register fork hooks",
+        f"a Python handler for signal {int(signal.SIGUSR2)}",
+        "2 threads",
+    ]
+    # extra preloads: workers come from os.fork, as before, and run as usual
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: s\n    node: s.py\n",
+        "s.py": FORK_STATE_NODE,
+    })  # fmt: skip
+    env = {**os.environ, PRELOAD_ENV: "json"}
+    for _ in range(2):
+        result = cli("run", str(app), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+    facts = rows(app, "facts")
+    assert len({f["random"] for f in facts}) == 2 and all(f["child"] == "42" for f in facts)
+
+
 def test_only_known_modules_register_python_fork_hooks():
     """The fork-servers skip Python's fork hooks (see python_fork_hooks_needed):
     every hook their modules register must be one that only repairs what other
