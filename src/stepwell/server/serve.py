@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import signal
@@ -252,6 +253,10 @@ class Serving:
         """Serve until SIGTERM/SIGINT (blocking; the CLI's `stepwell serve`)."""
         self._prepare()
         assert self.server is not None and self._sock is not None
+        # what is loaded by now stays for the server's life: keep the garbage
+        # collector from scanning it again (a full pass over its ~86,000 objects took
+        # 43-49 ms here)
+        gc.freeze()
         try:
             self.server.run(sockets=[self._sock])
         finally:
