@@ -459,6 +459,7 @@ def test_a_fork_server_that_may_need_python_fork_hooks_uses_os_fork(tmp_path):
     script = textwrap.dedent("""
         import signal, threading, time
         from stepwell.sandbox.forkserver import python_fork_hooks_needed as needed
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # (ignored if started so)
         print(needed([]))  # Python's own SIGINT handler counts
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the fork-server has it
         print(needed([]))
