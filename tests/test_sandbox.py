@@ -724,15 +724,18 @@ def test_nothing_a_run_leaves_on_its_temp_dir_reaches_later_runs(tmp_path):
     assert [(r["found"], r["mode"]) for r in rows(app, "seen")] == [("", "0o700")] * 6
 
 
+FIRST_THEN_SECOND = """
+    steps:
+      - name: first
+        node: first.py
+      - name: second
+        node: second.py
+"""
+
+
 def test_the_next_steps_worker_is_made_ahead_but_runs_nothing_early(tmp_path):
     app = write_app(tmp_path / "app", {
-        "stepwell.yml": """
-            steps:
-              - name: first
-                node: first.py
-              - name: second
-                node: second.py
-        """,
+        "stepwell.yml": FIRST_THEN_SECOND,
         "first.py": "import time\nfrom patterns import Table\ntime.sleep(0.3)\nTable('t', 'w').append({'step': 'first'})\n",
         "second.py": "import time\nfrom patterns import Table\nTable('t', 'w').append({'step': 'second', 'at': time.time()})\n",
     })  # fmt: skip
@@ -769,13 +772,7 @@ def test_a_worker_made_ahead_loads_its_node_but_runs_the_code_of_its_start(tmp_p
     # a worker made ahead gets its node's code first (a prepare frame) and loads it;
     # the run must still run the file as it is when the run starts
     app = write_app(tmp_path / "app", {
-        "stepwell.yml": """
-            steps:
-              - name: first
-                node: first.py
-              - name: second
-                node: second.py
-        """,
+        "stepwell.yml": FIRST_THEN_SECOND,
         "first.py": "from patterns import Table\nTable('t', 'w').append({'step': 'first'})\n",
         "second.py": "from patterns import Table\nTable('t', 'w').append({'step': 'second v1'})\n",
     })  # fmt: skip
