@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,11 +317,11 @@ class ForkServer:
             sock.close()
             return
         try:
-            plan = ChildPlan(spec, tmpdir, self.uid, self.gid, self.base_paths, pidns=False,
-                             private_paths=self.private_paths,
-                             base_traversable=self.base_traversable)  # fmt: skip
+            plan = self._plan(spec, tmpdir)
             started = self._use_spare(spare, plan, channel_fd, stderr_fd) if spare else None
-            pid, init_pid = started or self._fork_now(plan, channel_fd, stderr_fd)
+            pid, init_pid = started or self._fork_worker(
+                plan, lambda: self._child(plan, channel_fd, stderr_fd)
+            )
         except Exception as exc:
             os.close(channel_fd)
             os.close(stderr_fd)
@@ -354,8 +355,16 @@ class ForkServer:
                 pass
         return run.pid
 
-    def _fork_now(self, plan: ChildPlan, channel_fd: int, stderr_fd: int) -> tuple[int, int | None]:
-        """Fork the run's worker (in a fresh PID namespace); returns (pid, init pid)."""
+    def _plan(self, spec: SandboxSpec, tmpdir: str) -> ChildPlan:
+        """The plan of a worker for ``spec`` with its temp dir ``tmpdir``: this
+        fork-server's sandbox user and the folders every worker reads."""
+        return ChildPlan(spec, tmpdir, self.uid, self.gid, self.base_paths, pidns=False,
+                         private_paths=self.private_paths,
+                         base_traversable=self.base_traversable)  # fmt: skip
+
+    def _fork_worker(self, plan: ChildPlan, child: Callable[[], None]) -> tuple[int, int | None]:
+        """Fork a worker (as PID 2 of a fresh PID namespace, unless ``plan`` can have
+        none) that runs ``child()``, which never returns; returns (pid, init pid)."""
         init_pid = self._enter_pid_namespace(plan)
         try:
             pid = self.fork_process()
@@ -366,7 +375,7 @@ class ForkServer:
                 os.waitpid(init_pid, 0)
             raise RuntimeError(f"fork failed: {exc}") from None
         if pid == 0:
-            self._child(plan, channel_fd, stderr_fd)  # never returns
+            child()  # never returns
         if init_pid is not None:
             self._leave_pid_namespace()
         return pid, init_pid
@@ -377,14 +386,10 @@ class ForkServer:
         builds the filesystem view of the last run's app while it waits."""
         spec = self.last_spec
         tmpdir = self.spare_dirs.pop() if spec is not None and self.spare_dirs else None
-        probe = ChildPlan(
-            spec if tmpdir else SandboxSpec(cwd="/", env={}), tmpdir or "",
-            self.uid, self.gid, self.base_paths, pidns=False, private_paths=self.private_paths,
-            base_traversable=self.base_traversable,
-        )  # fmt: skip
+        probe = self._plan(spec if tmpdir else SandboxSpec(cwd="/", env={}), tmpdir or "")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid, init_pid = self._fork_spare(probe, ours, theirs)
+            pid, init_pid = self._fork_worker(probe, lambda: self._spare_child(theirs, probe))
         except Exception:
             ours.close()
             theirs.close()
@@ -395,23 +400,6 @@ class ForkServer:
         theirs.close()
         view_key = PreparedView.key(spec) if tmpdir else None
         self.spare = Spare(pid, init_pid, ours, probe.notes, tmpdir, view_key)
-
-    def _fork_spare(self, probe: ChildPlan, ours: socket.socket,
-                    theirs: socket.socket) -> tuple[int, int | None]:  # fmt: skip
-        init_pid = self._enter_pid_namespace(probe)
-        try:
-            pid = self.fork_process()
-        except OSError:
-            if init_pid is not None:
-                self._leave_pid_namespace()
-                _kill(init_pid)
-                os.waitpid(init_pid, 0)
-            raise
-        if pid == 0:
-            self._spare_child(theirs, probe)  # never returns
-        if init_pid is not None:
-            self._leave_pid_namespace()
-        return pid, init_pid
 
     def _spare_child(self, sock: socket.socket, probe: ChildPlan) -> None:
         """In a spare worker: build the view ``probe`` names (if any), wait for a

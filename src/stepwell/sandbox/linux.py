@@ -173,7 +173,9 @@ _libc.prctl.restype = ctypes.c_int
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     result = _libc.prctl(option, arg2, arg3, arg4, arg5)
-    return result if result != -1 else _check(result, f"prctl({option})")
+    if result == -1:  # (the message is made only then: workers call this a lot)
+        _check(result, f"prctl({option})")
+    return result
 
 
 class _CapHeader(ctypes.Structure):
