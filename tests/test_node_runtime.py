@@ -680,7 +680,7 @@ def test_state_and_positions_are_written_only_when_they_change(tmp_path, store_u
     from stepwell.store.sql import SQLTransaction
 
     writes: list[str] = []
-    for name in ("set_state", "set_position", "clear_positions"):
+    for name in ("set_state", "set_position", "replace_positions"):
         original = getattr(SQLTransaction, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
@@ -725,10 +725,10 @@ def test_state_and_positions_are_written_only_when_they_change(tmp_path, store_u
         return [line for line in logs(app, results[-1].id, store_url) if line.startswith("rows=")]
 
     assert run("produce", "bump") == ["rows=3 bumps=1"]
-    assert sorted(set(writes)) == ["clear_positions", "set_position", "set_state"]
+    assert sorted(set(writes)) == ["replace_positions", "set_state"]
     assert run() == ["rows=0 bumps=1"] and writes == []  # nothing changed: nothing written
     assert run("produce") == ["rows=3 bumps=1"]
-    assert "set_position" in writes and "set_state" not in writes
+    assert "replace_positions" in writes and "set_state" not in writes
     assert run("bump") == ["rows=0 bumps=2"] and writes == ["set_state"]
     assert run() == ["rows=0 bumps=2"] and writes == []
 

@@ -501,6 +501,100 @@ def test_scan_sees_a_snapshot_while_another_thread_writes(store: Store) -> None:
     assert store.table_info("t").row_count == 4002  # type: ignore[union-attr]
 
 
+# -- the catalog cache (a store one process owns keeps table shapes between transactions) ------
+
+
+def catalog_queries(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the table named by each catalog question (columns or registration)
+    the store puts to its database from now on."""
+    session_type = type(store._session())  # type: ignore[attr-defined]
+    original = session_type.fetchall
+    asked: list[str] = []
+
+    def fetchall(self: Any, sql_text: str, params: Any = ()) -> Any:
+        if sql_text == self.dialect.columns_query or "FROM stepwell.tables WHERE" in sql_text:
+            asked.append(str(params[0]))
+        return original(self, sql_text, params)
+
+    monkeypatch.setattr(session_type, "fetchall", fetchall)
+    return asked
+
+
+def test_table_shapes_are_answered_from_memory_until_they_change(store: Store, monkeypatch) -> None:
+    write(store, "t", {"a": [1]})
+    asked = catalog_queries(store, monkeypatch)
+    for n in range(3):
+        assert column_types(store, "t") == {"a": "int"}
+        assert len(rows(store, "t")) == n + 1
+        write(store, "t", {"a": [1]})
+    if store.dialect.shared:  # other hosts change tables too: always asked
+        assert len(asked) >= 9
+        return
+    assert asked == ["t", "t"]  # once each: columns, registration
+    asked.clear()
+    write(store, "t", {"b": ["x"]})  # a new column: the cache stands aside, then refills
+    assert column_types(store, "t") == {"a": "int", "b": "str"}
+    assert column_types(store, "t") == {"a": "int", "b": "str"}
+    assert asked.count("t") <= 4
+
+
+def test_every_kind_of_shape_change_is_seen_next(store: Store) -> None:
+    write(store, "t", {"a": [1]})
+    assert column_types(store, "t") == {"a": "int"}
+    write(store, "t", {"a": [1.5]})  # widened
+    assert column_types(store, "t") == {"a": "float"}
+    with store.transaction() as tx:  # unique_on recorded
+        tx.upsert("t", pa.table({"a": [2.0]}), ["a"])
+        tx.commit()
+    assert store.table_info("t").unique_on == ["a"]  # type: ignore[union-attr]
+    with store.transaction() as tx:
+        assert tx.reset("t") == 2
+        tx.commit()
+    info = store.table_info("t")
+    assert info is not None and info.version == 2 and info.row_count == 0
+    with store.transaction() as tx:
+        tx.activate_version("t", 1)
+        tx.commit()
+    assert store.table_info("t").version == 1  # type: ignore[union-attr]
+    assert rows(store, "t", ["a"]) == [{"a": 1.0}, {"a": 1.5}, {"a": 2.0}]
+    assert store.table_info("new") is None
+    write(store, "new", {"x": [1]})  # created after being asked for (and found missing)
+    assert column_types(store, "new") == {"x": "int"}
+
+
+def test_a_rolled_back_shape_change_is_never_seen(store: Store) -> None:
+    write(store, "t", {"a": [1]})
+    tx = store.transaction()
+    tx.append("t", pa.table({"b": ["x"]}))
+    assert "b" in tx.query('SELECT * FROM "t"').column_names  # the transaction sees its own
+    if not store.dialect.shared:  # (PostgreSQL makes other readers wait for it)
+        assert column_types(store, "t") == {"a": "int"}  # others see the old shape meanwhile
+    tx.rollback()
+    assert column_types(store, "t") == {"a": "int"}
+    write(store, "t", {"a": [2]})
+    assert rows(store, "t", ["a"]) == [{"a": 1}, {"a": 2}]
+
+
+def test_a_session_older_than_a_shape_change_keeps_its_own_view(tmp_path: Path) -> None:
+    """A snapshot taken before a change commits must not get the changed shape from
+    the cache (filled by a newer session): its queries would name columns it lacks.
+    (DuckDB only: PostgreSQL makes the change wait for the older reader.)"""
+    from stepwell.store.sql import table_columns
+
+    store = DuckDBStore(tmp_path / "store.duckdb")
+    write(store, "t", {"a": [1]})
+    old = store._session(read_only=True, snapshot=True)  # type: ignore[attr-defined]
+    try:
+        assert old.fetchall('SELECT count(*) FROM "t"') == [(1,)]  # its snapshot begins
+        write(store, "t", {"b": ["x"]})
+        assert column_types(store, "t") == {"a": "int", "b": "str"}  # a new session fills the cache
+        assert table_columns(old, "t") == {"a": "int"}
+    finally:
+        old.rollback()
+        old.close()
+        store.close()
+
+
 def test_store_query_runs_sql_verbatim(store: Store) -> None:
     result = store.query("SELECT 7 % 3 AS m, '?' AS q, '%s' AS p")
     assert result.to_pylist() == [{"m": 1, "q": "?", "p": "%s"}]
@@ -740,8 +834,7 @@ def test_positions_set_replace_and_clear(store: Store) -> None:
         StreamPosition("s", "b", ("patterns_id",), 2, "07", None),
     ]
     with store.transaction() as tx:
-        tx.clear_positions("s")
-        tx.set_position(StreamPosition("s", "b", ("patterns_id",), 3, "08", None))
+        tx.replace_positions("s", [StreamPosition("s", "b", ("patterns_id",), 3, "08", None)])
         tx.commit()
     assert store.get_positions("s") == [StreamPosition("s", "b", ("patterns_id",), 3, "08", None)]
     assert len(store.get_positions("other")) == 1

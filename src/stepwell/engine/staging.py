@@ -168,18 +168,13 @@ class StagedRun:
             self._tx = self.store.transaction()
         tx = self._tx
         if positions is not None:
-            tx.clear_positions(self.step)
-            for p in positions:
-                tx.set_position(
-                    StreamPosition(
-                        self.step,
-                        p["table"],
-                        tuple(p["order_by"]),
-                        int(p["table_version"]),
-                        p["value"],
-                        p["last_id"],
-                    )
+            tx.replace_positions(self.step, [
+                StreamPosition(
+                    self.step, p["table"], tuple(p["order_by"]), int(p["table_version"]),
+                    p["value"], p["last_id"],
                 )
+                for p in positions
+            ])  # fmt: skip
         if state is not None:
             tx.set_state(self.step, dict(state))
         if self.unrecorded is not None:

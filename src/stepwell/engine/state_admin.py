@@ -78,7 +78,7 @@ def change_state(
     partitions = store.get_partitions(step, prefixes=True) if reset else []
     with store.transaction() as tx:
         if reset:
-            tx.clear_positions(step)
+            tx.replace_positions(step, [])
             for partition in partitions:
                 tx.delete_partition(step, partition.name)
         tx.set_state(step, state)

@@ -196,10 +196,12 @@ class Transaction(abc.ABC):
     def set_state(self, step: str, state: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
-    def set_position(self, position: StreamPosition) -> None: ...
+    def set_position(self, position: StreamPosition) -> None:
+        """Record one stream position, replacing the step's one for that table and order."""
 
     @abc.abstractmethod
-    def clear_positions(self, step: str) -> None: ...
+    def replace_positions(self, step: str, positions: Sequence[StreamPosition]) -> None:
+        """Make ``positions`` the step's only stream positions (none: forget them all)."""
 
     @abc.abstractmethod
     def change_rows(self, table: str, statement: str) -> int:

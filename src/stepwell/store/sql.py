@@ -44,6 +44,7 @@ from stepwell.store.base import (
     TableVersion,
     Transaction,
 )
+from stepwell.store.catalog import MISSING, CatalogCache, CatalogView
 
 #: Schema holding the engine's bookkeeping tables.
 META = "stepwell"
@@ -209,6 +210,8 @@ class Session(abc.ABC):
     dialect: Dialect
     #: exception types of the driver, translated into ``StoreError``
     errors: tuple[type[BaseException], ...]
+    #: the store's catalog cache as this session may use it (None: not kept)
+    catalog: CatalogView | None = None
 
     @abc.abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
@@ -315,10 +318,17 @@ def bootstrap(session: Session) -> None:
 
 def table_columns(session: Session, name: str) -> dict[str, str] | None:
     """``{column: logical type}`` of a user table, None if it does not exist."""
+    if session.catalog and (known := session.catalog.get(("columns", name))) is not MISSING:
+        return known
     rows = session.fetchall(session.dialect.columns_query, [name])
-    if not rows:
-        return None
-    return {col: sch.logical_from_sql(typ, prec, scale) for col, typ, prec, scale in rows}
+    columns = (
+        {col: sch.logical_from_sql(typ, prec, scale) for col, typ, prec, scale in rows}
+        if rows
+        else None
+    )
+    if session.catalog:
+        session.catalog.put(("columns", name), columns)
+    return columns
 
 
 def _row_count(session: Session, physical: str) -> int:
@@ -326,13 +336,19 @@ def _row_count(session: Session, physical: str) -> int:
 
 
 def _registration(session: Session, name: str) -> tuple[int, list[str] | None] | None:
+    """A user table's active version and ``unique_on`` columns (None: not registered)."""
+    if session.catalog and (known := session.catalog.get(("registration", name))) is not MISSING:
+        return known
     rows = session.fetchall(
         f"SELECT version, CAST(unique_on AS TEXT) FROM {META}.tables WHERE name = ?", [name]
     )
-    if not rows:
-        return None
-    version, unique_on = rows[0]
-    return int(version), (json.loads(unique_on) if unique_on else None)
+    found = None
+    if rows:
+        version, unique_on = rows[0]
+        found = int(version), (json.loads(unique_on) if unique_on else None)
+    if session.catalog:
+        session.catalog.put(("registration", name), found)
+    return found
 
 
 def _json_param(session: Session) -> str:
@@ -401,6 +417,24 @@ def update_run(session: Session, run_id: str, changes: Mapping[str, Any]) -> Non
 
 _PARTITION_FIELDS = tuple(f.name for f in fields(PartitionRecord))
 _PARTITION_COLUMNS = ", ".join(quote(f) for f in _PARTITION_FIELDS)
+
+
+def _insert_position(session: Session) -> str:
+    return (
+        f'INSERT INTO {META}.positions (step, "table", order_by, table_version, value, last_id) '
+        f"VALUES (?, ?, ?, ?, {_json_param(session)}, ?) "
+    )
+
+
+def _position_params(position: StreamPosition) -> list[Any]:
+    return [
+        position.step,
+        position.table,
+        ",".join(position.order_by),
+        position.table_version,
+        dumps_tagged(position.value),
+        position.last_id,
+    ]
 
 
 def _partition_from_row(row: Sequence[Any]) -> PartitionRecord:
@@ -526,6 +560,21 @@ class SQLTransaction(Transaction):
         # shape while it is open), so repeated writes skip the catalog queries.
         self._columns: dict[str, dict[str, str]] = {}
         self._registered: set[str] = set()
+        self._changed_shapes = False
+
+    def _change_shapes(self) -> None:
+        """Called before this transaction changes a table's shape or registration:
+        the store's catalog cache stands aside until it ends."""
+        if not self._changed_shapes and self._s.catalog:
+            self._s.catalog.begin_change()
+        self._changed_shapes = True
+
+    def _end(self) -> None:
+        try:
+            self._s.close()
+        finally:
+            if self._changed_shapes and self._s.catalog:
+                self._s.catalog.end_change()
 
     # -- plumbing
     @contextlib.contextmanager
@@ -543,6 +592,7 @@ class SQLTransaction(Transaction):
                 raise StoreError(f"{what}: {exc}{hint}") from exc
 
     def _create_table(self, s: Session, physical: str, columns: Mapping[str, str]) -> None:
+        self._change_shapes()
         defs = ", ".join(f"{quote(c)} {self._d.sql_type(t)}" for c, t in columns.items())
         s.execute(f"CREATE TABLE {quote(physical)} ({defs})")
 
@@ -556,6 +606,7 @@ class SQLTransaction(Transaction):
         found = _registration(s, name)
         if found:
             return found[0]
+        self._change_shapes()
         s.execute(
             f"INSERT INTO {META}.tables (name, version, unique_on) VALUES (?, 1, NULL)", [name]
         )
@@ -569,6 +620,7 @@ class SQLTransaction(Transaction):
     def _record_unique_on(self, s: Session, name: str, unique_on: Sequence[str]) -> None:
         found = _registration(s, name)
         if found and found[1] != list(unique_on):
+            self._change_shapes()
             s.execute(
                 f"UPDATE {META}.tables SET unique_on = {_json_param(s)} WHERE name = ?",
                 [json.dumps(list(unique_on)), name],
@@ -598,6 +650,8 @@ class SQLTransaction(Transaction):
             )  # fmt: skip
         if plan.create:
             self._create_table(s, name, plan.columns)
+        elif plan.add or plan.alter:
+            self._change_shapes()
         for column, logical in plan.add if not plan.create else ():
             s.execute(
                 f"ALTER TABLE {quote(name)} ADD COLUMN {quote(column)} {self._d.sql_type(logical)}"
@@ -678,6 +732,7 @@ class SQLTransaction(Transaction):
             )
             new = max(int(newest or old), old) + 1
             archived = versioned_name(name, old)
+            self._change_shapes()
             s.execute(f"ALTER TABLE {quote(name)} RENAME TO {quote(archived)}")
             self._create_table(s, name, columns)
             s.execute(
@@ -710,6 +765,7 @@ class SQLTransaction(Transaction):
                 )]  # fmt: skip
                 raise StoreError(f"table {name!r} has no version {version} (versions: {known})")
             (physical,) = rows[0]
+            self._change_shapes()
             if table_columns(s, name) is not None:
                 archived = versioned_name(name, current)
                 s.execute(f"ALTER TABLE {quote(name)} RENAME TO {quote(archived)}")
@@ -760,24 +816,18 @@ class SQLTransaction(Transaction):
     def set_position(self, position: StreamPosition) -> None:
         with self._op(f"set stream position of step {position.step!r}") as s:
             s.execute(
-                f'INSERT INTO {META}.positions (step, "table", order_by, table_version, value, last_id) '
-                f"VALUES (?, ?, ?, ?, {_json_param(s)}, ?) "
-                'ON CONFLICT (step, "table", order_by) DO UPDATE SET '
+                _insert_position(s) + 'ON CONFLICT (step, "table", order_by) DO UPDATE SET '
                 "table_version = excluded.table_version, value = excluded.value, "
                 "last_id = excluded.last_id",
-                [
-                    position.step,
-                    position.table,
-                    ",".join(position.order_by),
-                    position.table_version,
-                    dumps_tagged(position.value),
-                    position.last_id,
-                ],
+                _position_params(position),
             )
 
-    def clear_positions(self, step: str) -> None:
-        with self._op(f"clear stream positions of step {step!r}") as s:
+    def replace_positions(self, step: str, positions: Sequence[StreamPosition]) -> None:
+        with self._op(f"set stream positions of step {step!r}") as s:
             s.execute(f"DELETE FROM {META}.positions WHERE step = ?", [step])
+            # none is left to conflict with: a plain INSERT (an upsert costs DuckDB ~3x)
+            for position in positions:
+                s.execute(_insert_position(s), _position_params(position))
 
     def create_run(self, run: RunRecord) -> None:
         with self._op(f"create run {run.id!r}") as s:
@@ -817,7 +867,7 @@ class SQLTransaction(Transaction):
                     self._s.rollback()
                 raise StoreError(f"commit failed, nothing was written: {exc}") from exc
             finally:
-                self._s.close()
+                self._end()
 
     def rollback(self) -> None:
         with self._lock:
@@ -827,7 +877,7 @@ class SQLTransaction(Transaction):
             try:
                 self._s.rollback()
             finally:
-                self._s.close()
+                self._end()
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -842,6 +892,8 @@ class SQLStore(Store):
         self._open: weakref.WeakSet[Session] = weakref.WeakSet()
         self._open_lock = threading.Lock()
         self._closed = False
+        # only this process changes the tables of a store no other host writes
+        self._catalog = None if self.dialect.shared else CatalogCache()
         with self._autocommit() as s:
             bootstrap(s)
 
@@ -861,7 +913,9 @@ class SQLStore(Store):
     ) -> Session:
         if self._closed:
             raise StoreError(f"store {self.url} is closed")
+        view = self._catalog.view() if self._catalog else None  # before the snapshot
         session = self._new_session(read_only=read_only, snapshot=snapshot, single=single)
+        session.catalog = view
         with self._open_lock:
             self._open.add(session)
         return session
