@@ -77,6 +77,24 @@ def test_new_column_is_added_and_missing_columns_get_null(store: Store) -> None:
     assert rows(store, "t", ["a"]) == [{"a": None, "b": "x"}, {"a": 1, "b": None}]
 
 
+def test_columns_in_any_order_land_in_their_own_columns(store: Store) -> None:
+    write(store, "t", {"a": [1], "b": [10]})
+    write(store, "t", {"b": [20], "a": [2]})  # another order
+    write(store, "t", {"a": [3], "b": [30]})  # the table's order (may go in by position)
+    write(store, "t", {"c": ["x"], "a": [4]})  # a new column, one missing
+    write(store, "t", {"a": [5], "b": [50], "c": ["y"]})  # the table's order again
+    with store.transaction() as tx:
+        tx.upsert("t", pa.table({"a": [5], "b": [55], "c": ["z"]}), ["a"])
+        tx.commit()
+    assert rows(store, "t", ["a"]) == [
+        {"a": 1, "b": 10, "c": None},
+        {"a": 2, "b": 20, "c": None},
+        {"a": 3, "b": 30, "c": None},
+        {"a": 4, "b": None, "c": "x"},
+        {"a": 5, "b": 55, "c": "z"},
+    ]
+
+
 def test_int_column_widens_to_float(store: Store) -> None:
     write(store, "t", {"v": [1, 2]})
     write(store, "t", {"v": [2.5]})

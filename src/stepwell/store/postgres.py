@@ -255,7 +255,7 @@ class PostgresSession(Session):
                 arrays.append(array)
             return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
-    def insert_arrow(self, target: str, data: pa.Table) -> int:
+    def insert_arrow(self, target: str, data: pa.Table, *, every_column: bool = False) -> int:
         data = _csv_ready(data)
         columns = ", ".join(quote(c) for c in data.column_names)
         with (

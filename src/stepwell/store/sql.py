@@ -225,9 +225,11 @@ class Session(abc.ABC):
         """Run user SQL and return its full result (empty table if it has none)."""
 
     @abc.abstractmethod
-    def insert_arrow(self, target: str, data: pa.Table) -> int:
+    def insert_arrow(self, target: str, data: pa.Table, *, every_column: bool = False) -> int:
         """Insert ``data`` (canonical types, columns named as in the table) into
-        the quoted relation ``target``; returns rows inserted."""
+        the quoted relation ``target``; returns rows inserted. ``every_column``:
+        ``data`` has exactly the target's columns, in its order (so a backend may
+        insert by position)."""
 
     @abc.abstractmethod
     def stage(self, data: pa.Table) -> str:
@@ -675,12 +677,19 @@ class SQLTransaction(Transaction):
         finally:
             s.unstage(relation)
 
+    def _insert(self, s: Session, name: str, data: pa.Table) -> int:
+        """Insert rows ``_prepare`` made ready for table ``name``."""
+        if not data.num_rows:
+            return 0
+        every_column = data.column_names == list(self._columns[name])
+        return s.insert_arrow(quote(name), data, every_column=every_column)
+
     # -- Transaction
     def append(self, table: str, data: pa.Table, unique_on: Sequence[str] | None = None) -> int:
         with self._op(f"append to table {table!r}") as s:
             name = check_table_name(table, self._d)
             data = self._prepare(s, name, data)
-            written = s.insert_arrow(quote(name), data) if data.num_rows else 0
+            written = self._insert(s, name, data)
             if unique_on:
                 self._record_unique_on(s, name, unique_on)
             return written
@@ -701,7 +710,7 @@ class SQLTransaction(Transaction):
             data = _dedupe_last(data, keys)
             if data.num_rows:
                 self._delete_matching(s, name, data.select(keys))
-            written = s.insert_arrow(quote(name), data) if data.num_rows else 0
+            written = self._insert(s, name, data)
             self._record_unique_on(s, name, keys)
             return written
 
@@ -1079,8 +1088,8 @@ class SQLStore(Store):
             },
             schema=_LOG_SCHEMA,
         )
-        with self._autocommit(single=True) as s:
-            s.insert_arrow(f"{META}.logs", data)
+        with self._autocommit(single=True) as s:  # (_LOG_SCHEMA is the table's columns)
+            s.insert_arrow(f"{META}.logs", data, every_column=True)
 
     def get_logs(self, run_id: str) -> list[LogLine]:
         with self._autocommit(read_only=True, single=True) as s:
