@@ -6,7 +6,7 @@ on one asyncio event loop for the whole run:
 * no input: once, with ``INPUT_DATA = []``;
 * ``bulk``: once over every new input row;
 * ``row``: once per new input row, in a loop *inside this process*. Input
-  arrives in Arrow batches (one ``scan_next`` per batch, never per row) and
+  arrives in Arrow batches (one request per batch, never per row) and
   output leaves in Arrow batches (a ``write`` per ~200,000 rows, sent once the
   next input batch is in, so the host stores it while the worker computes).
 
