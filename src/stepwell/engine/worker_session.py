@@ -199,7 +199,7 @@ class WorkerSession:
             "columns": {c.name: c.type for c in info.columns},
         }
 
-    def op_scan_open(self, message: dict, _body: bytes) -> dict:
+    def op_scan_open(self, message: dict, _body: bytes) -> dict | tuple[dict, Any]:
         table = str(message["table"])
         info = self.store.table_info(table, count_rows=False)
         if info is None:

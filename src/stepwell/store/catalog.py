@@ -43,46 +43,48 @@ class CatalogCache:
     def begin_change(self) -> None:
         """A transaction is about to change a table's shape or registration: the
         cache answers nobody until :meth:`end_change`."""
-        with self._lock:
-            self._changing += 1
-            self._generation += 1
-            self._answers.clear()
+        self._changed(+1)
 
     def end_change(self) -> None:
         """A transaction that changed shapes committed or rolled back."""
+        self._changed(-1)
+
+    def _changed(self, changing: int) -> None:
         with self._lock:
-            self._changing -= 1
+            self._changing += changing
             self._generation += 1
             self._answers.clear()
 
-    def _usable(self, generation: int) -> bool:
-        return not self._changing and generation == self._generation
+    def get(self, generation: int, key: tuple[str, str]) -> Any:
+        """The answer (a copy) for a session opened at ``generation``, or :data:`MISSING`."""
+        with self._lock:
+            if self._changing or generation != self._generation:
+                return MISSING
+            answer = self._answers.get(key, MISSING)
+        return answer if answer is MISSING else copy.deepcopy(answer)
+
+    def put(self, generation: int, key: tuple[str, str], answer: Any) -> None:
+        """Keep what a session opened at ``generation`` found, if still current."""
+        with self._lock:
+            if not self._changing and generation == self._generation:
+                self._answers[key] = copy.deepcopy(answer)
 
 
 class CatalogView:
-    """One session's access to the cache (see the module's docstring)."""
+    """One session's access to the cache: the generation it was opened in."""
 
     def __init__(self, cache: CatalogCache, generation: int):
         self._cache = cache
         self._generation = generation
 
     def get(self, key: tuple[str, str]) -> Any:
-        """The cached answer (a copy) or :data:`MISSING`."""
-        cache = self._cache
-        with cache._lock:
-            if not cache._usable(self._generation):
-                return MISSING
-            answer = cache._answers.get(key, MISSING)
-        return answer if answer is MISSING else copy.deepcopy(answer)
+        return self._cache.get(self._generation, key)
+
+    def put(self, key: tuple[str, str], answer: Any) -> None:
+        self._cache.put(self._generation, key, answer)
 
     def begin_change(self) -> None:
         self._cache.begin_change()
 
     def end_change(self) -> None:
         self._cache.end_change()
-
-    def put(self, key: tuple[str, str], answer: Any) -> None:
-        cache = self._cache
-        with cache._lock:
-            if cache._usable(self._generation):
-                cache._answers[key] = copy.deepcopy(answer)
