@@ -353,6 +353,22 @@ def _registration(session: Session, name: str) -> tuple[int, list[str] | None] |
     return found
 
 
+def _table_info(
+    name: str,
+    columns: Mapping[str, str],
+    registration: tuple[int, list[str] | None] | None,
+    row_count: int | None,
+) -> TableInfo:
+    version, unique_on = registration or (1, None)
+    return TableInfo(
+        name=name,
+        columns=[ColumnInfo(c, t) for c, t in columns.items()],
+        row_count=row_count,
+        version=version,
+        unique_on=unique_on,
+    )
+
+
 def _json_param(session: Session) -> str:
     return f"CAST(? AS {session.dialect.type_names['json']})"
 
@@ -949,37 +965,31 @@ class SQLStore(Store):
         finally:
             s.close()
 
-    def _table_info(
-        self, s: Session, name: str, version: int, unique_on: list[str] | None,
-        count_rows: bool = True,
-    ) -> TableInfo | None:  # fmt: skip
-        columns = table_columns(s, name)
-        if columns is None:
-            return None
-        return TableInfo(
-            name=name,
-            columns=[ColumnInfo(c, t) for c, t in columns.items()],
-            row_count=_row_count(s, name) if count_rows else None,
-            version=version,
-            unique_on=unique_on,
-        )
-
     # -- user tables
     def list_tables(self) -> list[TableInfo]:
         with self._autocommit(read_only=True) as s:
             rows = s.fetchall(f"SELECT name, version, CAST(unique_on AS TEXT) FROM {META}.tables")
-            infos = [
-                self._table_info(s, name, int(version), json.loads(u) if u else None)
-                for name, version, u in sorted(rows)
-            ]
-        return [info for info in infos if info is not None]
+            infos = []
+            for name, version, u in sorted(rows):
+                columns = table_columns(s, name)
+                if columns is not None:
+                    registration = (int(version), json.loads(u) if u else None)
+                    infos.append(_table_info(name, columns, registration, _row_count(s, name)))
+        return infos
 
     def table_info(self, name: str, *, count_rows: bool = True) -> TableInfo | None:
         check_table_name(name, self.dialect)
+        if not count_rows and self._catalog:  # what the cache knows needs no session
+            view = self._catalog.view()
+            columns, found = view.get(("columns", name)), view.get(("registration", name))
+            if columns is not MISSING and found is not MISSING:
+                return _table_info(name, columns, found, None) if columns is not None else None
         with self._autocommit(read_only=True) as s:
             found = _registration(s, name)
-            version, unique_on = found if found else (1, None)
-            return self._table_info(s, name, version, unique_on, count_rows)
+            columns = table_columns(s, name)
+            if columns is None:
+                return None
+            return _table_info(name, columns, found, _row_count(s, name) if count_rows else None)
 
     def scan(
         self,
