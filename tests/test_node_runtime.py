@@ -79,6 +79,53 @@ def test_stream_processes_each_row_once_across_runs(tmp_path, store_url):
     assert [r["n"] for r in produced] == list(range(10))
 
 
+def test_each_scan_request_carries_a_batch_and_says_when_it_is_the_last(tmp_path, monkeypatch):
+    """A small input costs one round trip (not open, batch, end); a large one
+    one request per batch; every row arrives once, in order."""
+    from stepwell.engine.worker_session import WorkerSession
+
+    requests: list[str] = []
+    dispatch = WorkerSession._dispatch
+
+    def counted(self, op, message, body):
+        if str(op).startswith("scan"):
+            requests.append(op)
+        return dispatch(self, op, message, body)
+
+    monkeypatch.setattr(WorkerSession, "_dispatch", counted)
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: produce
+                node: produce.py
+              - name: small
+                node: small.py
+              - name: large
+                node: large.py
+        """,
+        "produce.py": """
+            from patterns import Table
+            Table("few", "w").append([{"n": i} for i in range(3)])
+            Table("many", "w").append([{"n": i} for i in range(25_000)])
+        """,
+        "small.py": """
+            from patterns import Table
+            print([r["n"] for r in Table("few").as_stream().consume_records()])
+        """,
+        "large.py": """
+            from patterns import Table
+            chunks = list(Table("many").read(chunksize=10_000))
+            values = [r["n"] for chunk in chunks for r in chunk]
+            print(len(chunks), values == list(range(25_000)))
+        """,
+    })  # fmt: skip
+    produce, small, large = run_app(app)
+    assert [r.status for r in (produce, small, large)] == ["succeeded"] * 3
+    assert logs(app, small.id) == ["[0, 1, 2]"] and small.rows_in == 3
+    assert logs(app, large.id) == ["3 True"] and large.rows_in == 25_000
+    assert requests == ["scan_open", "scan_open", "scan_next", "scan_next"]
+
+
 def test_failing_node_leaves_nothing_after_last_commit_point(tmp_path, store_url):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": """

@@ -84,7 +84,7 @@ class WorkerSession:
         self.on_respond = on_respond
         self.rows_in = 0
         self.committed_rows_in = 0
-        self._scans: dict[int, Iterator[pa.RecordBatch]] = {}
+        self._scans: dict[int, _ScanAhead] = {}
         self._scan_ids = itertools.count(1)
         self._done: Outcome | None = None
         self._deferred_error: str | None = None
@@ -199,7 +199,7 @@ class WorkerSession:
             "columns": {c.name: c.type for c in info.columns},
         }
 
-    def op_scan_open(self, message: dict, _body: bytes) -> dict:
+    def op_scan_open(self, message: dict, _body: bytes) -> dict | tuple[dict, Any]:
         table = str(message["table"])
         info = self.store.table_info(table, count_rows=False)
         if info is None:
@@ -222,32 +222,37 @@ class WorkerSession:
             batch_rows=int(message.get("batch_rows") or 50_000),
             stream=bool(order_by) and order_by[0] == ID_COLUMN,
         )
+        # The reply carries the first batch, and says when it is the last: a small
+        # input costs one round trip, not three (open, its batch, the end).
         scan_id = next(self._scan_ids)
-        self._scans[scan_id] = iter(batches)
-        return {"scan": scan_id, "version": info.version}
+        self._scans[scan_id] = _ScanAhead(batches)
+        reply, batch = self._next_batch(scan_id)
+        return {"scan": None if reply["done"] else scan_id, "version": info.version, **reply}, batch
 
     def op_scan_next(self, message: dict, _body: bytes) -> tuple[dict, bytes]:
-        scan = self._scans.get(message.get("scan"))
-        if scan is None:
+        if message.get("scan") not in self._scans:
             raise ValueError("unknown or closed scan")
-        batch = next(scan, None)
+        return self._next_batch(message["scan"])
+
+    def _next_batch(self, scan_id: int) -> tuple[dict, Any]:
+        batch, more = self._scans[scan_id].take()
+        if not more:
+            self._scans.pop(scan_id).close()
         if batch is None:
-            self._scans.pop(message["scan"], None)
             return {"done": True}, b""
         self.rows_in += batch.num_rows
         self._progress()
-        return {"rows": batch.num_rows}, batch
+        return {"rows": batch.num_rows, "done": not more}, batch
 
     def op_scan_close(self, message: dict, _body: bytes) -> dict:
         scan = self._scans.pop(message.get("scan"), None)
-        if scan is not None and hasattr(scan, "close"):
+        if scan is not None:
             scan.close()
         return {}
 
     def _close_scans(self) -> None:
         for scan in self._scans.values():
-            if hasattr(scan, "close"):
-                scan.close()
+            scan.close()
         self._scans.clear()
 
     def op_read_sql(self, message: dict, _body: bytes) -> tuple[dict, bytes]:
@@ -440,3 +445,22 @@ def _field_types(fields: Any, table: str, option: str) -> dict[str, pa.DataType]
             )
         types[str(name)] = arrow_type(logical)
     return types
+
+
+class _ScanAhead:
+    """A store scan read one batch ahead, so the reply with its last batch can say so."""
+
+    def __init__(self, batches: Iterator[pa.RecordBatch]):
+        self._batches = batches
+        self._next = next(batches, None)
+
+    def take(self) -> tuple[pa.RecordBatch | None, bool]:
+        """The next batch (None: none left) and whether another follows it."""
+        batch = self._next
+        self._next = next(self._batches, None) if batch is not None else None
+        return batch, self._next is not None
+
+    def close(self) -> None:
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()

@@ -45,24 +45,25 @@ class HostLink:
         self, table: str, order_by: list[str] | None, after: Any, batch_rows: int
     ) -> Iterator[tuple[int, Any]]:
         """Yield ``(table version, Arrow batch)`` pairs of a consistent snapshot of
-        ``table`` (see ``Store.scan``), one request per batch, so memory stays flat."""
+        ``table`` (see ``Store.scan``), one request per batch, so memory stays flat.
+        Each reply carries a batch and says whether it was the last one."""
         from stepwell.sandbox.protocol import decode_table
 
-        reply, _ = self.call(
+        reply, body = self.call(
             "scan_open", table=table, order_by=order_by, after=after, batch_rows=batch_rows
         )
         scan_id, version = reply.get("scan"), int(reply.get("version") or 0)
-        if scan_id is None:
-            return
         try:
             while True:
+                if reply.get("rows"):
+                    for batch in decode_table(body).to_batches():
+                        if batch.num_rows:
+                            yield version, batch
+                if scan_id is None:
+                    return
                 reply, body = self.call("scan_next", scan=scan_id)
                 if reply.get("done"):
                     scan_id = None
-                    return
-                for batch in decode_table(body).to_batches():
-                    if batch.num_rows:
-                        yield version, batch
         finally:
             if scan_id is not None:
                 self.call("scan_close", scan=scan_id)
