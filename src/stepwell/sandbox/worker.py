@@ -91,10 +91,8 @@ def _prepare(message: dict[str, Any]) -> None:
     before the start frame comes. Runs none of the step's code; whatever fails is
     done again, and reported, when the run starts."""
     try:
-        prepare = getattr(importlib.import_module(message["entry"].partition(":")[0]), "prepare", None)
-        if prepare is not None:
-            prepare(message)
-    except Exception:
+        load_entry(message["entry"].partition(":")[0] + ":prepare")(message)
+    except Exception:  # (also: a runtime without ``prepare``)
         pass
 
 
