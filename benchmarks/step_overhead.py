@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,30 +46,45 @@ def fib(n):
 NODE = FIB + "\nresult = fib(10)\n"
 
 PREFECT_SCRIPT = FIB + """
-import json, sys, time
+import json, statistics, sys, time
+from pathlib import Path
 from prefect import flow, task
 
-steps = int(sys.argv[1])
+steps, repeat = int(sys.argv[1]), int(sys.argv[2])
+calls = []
 
 @task
 def fib_task(n):
     return fib(n)
 
 @flow
-def light_steps():
-    for _ in range(steps):
+def light_steps(count):
+    for _ in range(count):
+        began = time.perf_counter()
         fib_task(10)
+        calls.append(time.perf_counter() - began)
 
-began = time.perf_counter()
-light_steps()  # the first flow also starts Prefect's local server
-cold = time.perf_counter() - began
-warm = []
-for _ in range(int(sys.argv[2])):
+def timed(count):
     began = time.perf_counter()
-    light_steps()
-    warm.append(time.perf_counter() - began)
+    light_steps(count)
+    return time.perf_counter() - began
+
+def process_age():
+    # seconds since this process started (interpreter start and imports included)
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return float(Path("/proc/uptime").read_text().split()[0]) - ticks / 100
+
+cold = timed(steps)  # with no PREFECT_API_URL, the first flow also starts Prefect's own server
+cold_process = process_age()
+calls.clear()
+warm = [timed(steps) for _ in range(repeat)]
+task_call_ms = statistics.median(calls) * 1000 if calls else None
+one_task = [timed(1) for _ in range(repeat)]
 import prefect
-print("RESULT " + json.dumps({"cold_s": cold, "warm_s": warm, "version": prefect.__version__}))
+print("RESULT " + json.dumps({
+    "cold_s": cold, "cold_process_s": cold_process, "warm_s": warm, "one_task_flow_s": one_task,
+    "task_call_ms": task_call_ms, "version": prefect.__version__,
+}))
 """
 
 
@@ -193,12 +209,65 @@ def sandbox_cycle(samples: int) -> dict[str, float]:
     return summary
 
 
+def _prefect_script(command: list[str], script: Path, env: dict[str, str], steps: int, repeat: int) -> dict:
+    try:
+        result = subprocess.run(
+            [*command, str(script), str(steps), str(repeat)],
+            capture_output=True, text=True, env=env, timeout=900,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": "Prefect did not finish within 900 s"}
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+    return {"error": f"Prefect run failed (exit {result.returncode}): " + " | ".join(tail)}
+
+
+def _prefect_with_server(command: list[str], script: Path, env: dict[str, str], steps: int, repeat: int) -> dict:
+    """Fresh processes each running one flow against an already running Prefect
+    server (``prefect server start``), as a team with a Prefect server would."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [*command, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    return {"error": "the Prefect server did not start"}
+                time.sleep(0.5)
+        client_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+        runs = [_prefect_script(command, script, client_env, steps, 0) for _ in range(repeat)]
+        failed = [r for r in runs if "error" in r]
+        if failed:
+            return failed[0]
+        return {"process_s": [r["cold_process_s"] for r in runs], "flow_s": [r["cold_s"] for r in runs]}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 def _run_prefect(command: list[str], steps: int, repeat: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="stepwell-prefect-") as home:
         env = {
             **os.environ,
             "PREFECT_HOME": home,
-            "PREFECT_LOGGING_LEVEL": "ERROR",
+            "PREFECT_LOGGING_LEVEL": "CRITICAL",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "1",
         }
@@ -206,18 +275,10 @@ def _run_prefect(command: list[str], steps: int, repeat: int) -> dict[str, objec
         env.pop("VIRTUAL_ENV", None)
         script = Path(home) / "bench_prefect.py"
         script.write_text(textwrap.dedent(PREFECT_SCRIPT))
-        try:
-            result = subprocess.run(
-                [*command, str(script), str(steps), str(repeat)],
-                capture_output=True, text=True, env=env, timeout=900,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return {"error": "Prefect did not finish within 900 s"}
-    for line in result.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-    return {"error": f"Prefect run failed (exit {result.returncode}): " + " | ".join(tail)}
+        result = _prefect_script(command, script, env, steps, repeat)
+        if "error" not in result:
+            result["with_server"] = _prefect_with_server(command, script, env, steps, repeat)
+        return result
 
 
 def prefect_seconds(steps: int, repeat: int) -> dict[str, object]:
@@ -289,17 +350,20 @@ def main() -> None:
     }
     warm = prefect.get("warm_s") if isinstance(prefect, dict) else None
     if warm:
-        prefect_ms = per_step_ms(min(warm))
-        result["prefect_overhead_per_step_ms"] = prefect_ms
-        result["prefect_cold_total_ms"] = float(prefect["cold_s"]) * 1000
-        result["prefect_median_overhead_per_step_ms"] = per_step_ms(statistics.median(warm))
-        result["prefect_vs_stepwell_runner"] = prefect_ms / runner_ms
-        result["prefect_vs_stepwell_runner_median"] = (
-            result["prefect_median_overhead_per_step_ms"] / result["runner_median_overhead_per_step_ms"]
-        )
-        result["prefect_vs_stepwell_cli_marginal"] = prefect_ms / float(result["cli_marginal_per_step_ms"] or 1)
-        # end to end from nothing: Prefect's first flow (with its server start) vs a CLI run
-        result["prefect_cold_vs_stepwell_cli"] = float(prefect["cold_s"]) / cli_full
+        # Prefect's cost is mostly per flow, not per task: report both, and compare like with like
+        result["prefect_flow_ms"] = min(warm) * 1000
+        result["prefect_flow_per_step_ms"] = per_step_ms(min(warm))
+        result["prefect_one_task_flow_ms"] = min(prefect["one_task_flow_s"]) * 1000
+        result["prefect_task_call_ms"] = prefect["task_call_ms"]
+        result["prefect_process_own_server_s"] = prefect["cold_process_s"]
+        result["ratio_warm_flow"] = min(warm) / min(in_process)
+        result["ratio_warm_flow_median"] = statistics.median(warm) / statistics.median(in_process)
+        result["ratio_task_call"] = prefect["task_call_ms"] / runner_ms
+        result["ratio_fresh_process_own_server"] = prefect["cold_process_s"] / cli_full
+        with_server = prefect.get("with_server") or {}
+        if "process_s" in with_server:
+            result["prefect_process_running_server_s"] = min(with_server["process_s"])
+            result["ratio_fresh_process_running_server"] = min(with_server["process_s"]) / cli_full
     path = save("step_overhead", result)
 
     print(f"{steps} sequential steps of fib(10)")
@@ -323,14 +387,20 @@ def main() -> None:
           f"{cycle['forkserver_cold_start_ms_pandas']:.0f} ms for the one with pandas)")
     print(f"  without sandbox (python per step) {per_step_ms(unsandboxed):6.1f} ms overhead per step")
     if warm:
-        print(f"  Prefect {prefect.get('version', 3)} flow    {min(warm) * 1000:9.1f} ms total  "
-              f"{result['prefect_overhead_per_step_ms']:6.2f} ms overhead per task (median of flows "
-              f"{result['prefect_median_overhead_per_step_ms']:.2f}; first flow incl. server start "
-              f"{result['prefect_cold_total_ms']:.0f} ms)")
-        print(f"  ratio Prefect / stepwell   {result['prefect_vs_stepwell_runner']:.1f}x (in-process, "
-              f"best of each; {result['prefect_vs_stepwell_runner_median']:.1f}x median of each), "
-              f"{result['prefect_vs_stepwell_cli_marginal']:.1f}x (CLI marginal), "
-              f"{result['prefect_cold_vs_stepwell_cli']:.1f}x (cold, end to end)")
+        print(f"  Prefect {prefect.get('version', 3)}, {steps} tasks in a flow, warm "
+              f"{result['prefect_flow_ms']:9.1f} ms total  ({result['prefect_flow_per_step_ms']:.2f} ms per task; "
+              f"a 1-task flow {result['prefect_one_task_flow_ms']:.0f} ms, a task call inside a flow "
+              f"{result['prefect_task_call_ms']:.2f} ms median)")
+        print(f"  fresh process, {steps}-step flow: {prefect['cold_process_s']:.1f} s with Prefect starting "
+              f"its own server" + (f", {result['prefect_process_running_server_s']:.2f} s against a running "
+              "server" if "prefect_process_running_server_s" in result else
+              f" (with a running server: {with_server.get('error', 'not measured')})"))
+        print(f"  ratio Prefect / stepwell   {result['ratio_warm_flow']:.1f}x warm {steps}-step flow vs run "
+              f"({result['ratio_warm_flow_median']:.1f}x median of each); fresh process: "
+              f"{result['ratio_fresh_process_own_server']:.1f}x (own server)"
+              + (f", {result['ratio_fresh_process_running_server']:.1f}x (running server)"
+                 if "ratio_fresh_process_running_server" in result else "")
+              + f"; per task call vs per sandboxed step {result['ratio_task_call']:.2f}x")
     elif isinstance(prefect, dict) and prefect.get("error"):
         print(f"  Prefect: {prefect['error']}")
     print(f"  ratio stepwell / bare loop {min(in_process) / bare:.0f}x")
