@@ -527,6 +527,15 @@ def test_tokens_identify_users_beyond_loopback(tmp_path: Path) -> None:
                                 headers={"X-Stepwell-User": '{"id": "cy", "roles": ["x"]}'}).json()
             assert acting["data"] == {"id": "cy", "roles": ["x"], "team": None}
             assert admin.get("/api/runs").status_code == 200
+        # a broken users file: user tokens cannot be checked (503), the owner still works
+        (root / ".stepwell" / "users.toml").write_text("[users.ann\ntoken = ")
+        with server.client(ANN_TOKEN) as ann:
+            broken = ann.post("/api/actions/whoami/run", json={})
+            assert broken.status_code == 503
+            assert broken.json()["error"]["code"] == "misconfigured"
+            assert str(root) not in broken.text  # the details are in the server's log
+        with server.client(owner) as admin:
+            assert admin.post("/api/actions/whoami/run", json={}).status_code == 200
 
 
 # -- the command line ------------------------------------------------------------------

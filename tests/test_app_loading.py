@@ -815,6 +815,11 @@ def test_bad_values_have_type_hints(tmp_path: Path) -> None:
     assert str(load_error(tmp_path)).startswith(
         f"{tmp_path / 'stepwell.yml'}:2: tables[0].name: bad table name 'bad-name'"
     )
+    app_with(tmp_path, "tables:\n  - name: orders__v2\n")
+    assert str(load_error(tmp_path)).startswith(
+        f"{tmp_path / 'stepwell.yml'}:2: tables[0].name: bad table name 'orders__v2' (names "
+        "ending in __v<number> are kept for a table's earlier versions"
+    )
 
 
 def test_all_errors_are_kept(tmp_path: Path) -> None:

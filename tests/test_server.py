@@ -208,6 +208,71 @@ def test_webhook_bad_bodies_give_json_errors_and_lose_nothing(pipeline):
         assert sorted(results) == [202] * 10 + [422]
         assert sorted(r["n"] for r in table_rows(client, "messages")) == list(range(1, 12))
         assert client.post("/api/webhooks/ingest", json=[]).json()["ids"] == []
+        deep = client.post("/api/webhooks/ingest", content=b"[" * 100_000 + b"]" * 100_000)
+        assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+        archived = client.post("/api/tables/messages__v1/rows", json=[{"n": 19}])
+        assert archived.status_code == 422 and "earlier versions" in archived.json()["error"]["message"]
+        assert client.get("/api/tables/messages__v1").status_code == 422
+        empty = client.post("/api/webhooks/ingest", json=[{"n": 20}, {}])
+        assert empty.status_code == 422 and "element 1" in empty.json()["error"]["message"]
+        # a field only later rows have is a column too (not only the first row's fields)
+        later = client.post("/api/webhooks/ingest", json=[{"n": 21}, {"n": 22, "note": "kept"}])
+        assert later.status_code == 202
+        notes = {r["n"]: r.get("note") for r in table_rows(client, "messages")}
+        assert notes[21] is None and notes[22] == "kept"
+
+
+def test_webhook_rows_losing_a_race_to_another_change_are_written_again(tmp_path, monkeypatch):
+    """DuckDB refuses the later of two transactions changing one table at once; the
+    ingest writer writes such a batch again instead of failing its requests."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from stepwell.server.ingest import Ingest, IngestError
+    from stepwell.store import ConcurrentChange
+
+    monkeypatch.setattr("stepwell.server.ingest.CONFLICT_ATTEMPTS", 50)  # however slow the machine
+    store = open_store(None, tmp_path)
+    ingest = Ingest(store)
+    lost_once = threading.Event()
+    real_commit = ingest._commit
+
+    def commit(table, batch):
+        try:
+            return real_commit(table, batch)
+        except ConcurrentChange:
+            lost_once.set()
+            raise
+
+    ingest._commit = commit
+    try:
+        other = store.transaction()
+        other.append("fresh", pa.table({"a": [1]}))  # creates the table, not committed yet
+
+        def commit_other_after_the_first_loss() -> None:
+            assert lost_once.wait(30)
+            other.commit()
+
+        committer = threading.Thread(target=commit_other_after_the_first_loss)
+        committer.start()
+        ids = asyncio.run(ingest.add("fresh", [{"a": 2}]))
+        committer.join()
+        assert lost_once.is_set() and len(ids) == 1
+        assert sorted(r["a"] for r in store.query("SELECT a FROM fresh").to_pylist()) == [1, 2]
+
+        def always_lose(table, batch):
+            raise ConcurrentChange("append to table 'fresh': write-write conflict")
+
+        ingest._commit = always_lose
+        monkeypatch.setattr("stepwell.server.ingest.CONFLICT_ATTEMPTS", 3)
+        with pytest.raises(IngestError) as raised:
+            asyncio.run(ingest.add("fresh", [{"a": 3}]))
+        error = raised.value.api_error()
+        assert error.status_code == 503 and error.headers == {"Retry-After": "1"}
+    finally:
+        ingest.close()
+        store.close()
 
 
 # -- triggers ----------------------------------------------------------------------------
@@ -426,6 +491,31 @@ def test_loopback_needs_no_token_but_webhook_tokens_hold(pipeline):
         assert step["secrets"] == ["hook_token"]
 
 
+def test_a_server_without_token_refuses_other_sites_and_other_host_names(pipeline):
+    """Cross-site request forgery and DNS rebinding: a loopback server has no token,
+    so it must not serve what a browser sends on another site's behalf."""
+    with ThreadServer(pipeline) as server, server.client() as client:
+        host = httpx.URL(server.url).netloc.decode()
+        attacks = [
+            ("POST", "/api/webhooks/ingest", {"Origin": "https://evil.example", "Content-Type": "text/plain"}),
+            ("POST", "/api/tables/messages/truncate", {"Origin": "http://localhost:3000"}),
+            ("POST", "/api/tables/messages/truncate", {"Sec-Fetch-Site": "cross-site"}),
+            ("GET", "/api/tables/messages/rows", {"Host": "attacker.example:" + host.split(":")[1]}),
+            ("GET", "/api/health", {"Origin": "null"}),
+        ]
+        assert client.post("/api/webhooks/ingest", json={"n": 1}).status_code == 202
+        for method, path, headers in attacks:
+            refused = client.request(method, path, content=b'{"n": 666}', headers=headers)
+            assert refused.status_code == 403, (method, path, headers)
+            assert refused.json()["error"]["code"] == "forbidden"
+        assert [r["n"] for r in table_rows(client, "messages")] == [1]
+        # the web UI's own requests (same origin) and clients that send no Origin pass
+        same = client.post("/api/webhooks/ingest", json={"n": 2}, headers={"Origin": f"http://{host}"})
+        assert same.status_code == 202
+        localhost = client.get("/api/health", headers={"Host": "localhost:" + host.split(":")[1]})
+        assert localhost.status_code == 200
+
+
 def test_beyond_loopback_every_request_needs_the_token(pipeline):
     with ThreadServer(pipeline, host="0.0.0.0") as server:
         token = (pipeline / ".stepwell" / "token").read_text().strip()
@@ -433,7 +523,8 @@ def test_beyond_loopback_every_request_needs_the_token(pipeline):
         with server.client() as anonymous:
             for method, path in (("GET", "/api/health"), ("GET", "/openapi.json"), ("GET", "/docs"),
                                  ("GET", "/api/tables"), ("POST", "/api/runs"),
-                                 ("POST", "/api/webhooks/ingest"), ("GET", "/api/webhooks")):
+                                 ("POST", "/api/webhooks/ingest"), ("GET", "/api/webhooks"),
+                                 ("POST", "/api/webhooks/unknown")):  # no 404 naming the webhooks
                 response = anonymous.request(method, path, json={"n": 1})
                 assert response.status_code == 401, (method, path)
                 assert response.json()["error"]["code"] == "unauthorized"

@@ -314,13 +314,13 @@ def test_writers_racing_to_create_or_widen_a_table_wait_for_each_other(pg_store)
 
 
 def test_on_duckdb_a_run_losing_a_race_to_create_a_table_is_told_to_run_again(tmp_path):
-    from stepwell.store import StoreError, open_store
+    from stepwell.store import ConcurrentChange, open_store
 
     store = open_store(None, tmp_path)
     try:
         first, second = store.transaction(), store.transaction()
         first.append("fresh", pa.table({"a": [1]}))
-        with pytest.raises(StoreError, match="at the same moment .* run it again"):
+        with pytest.raises(ConcurrentChange, match="at the same moment .* run it again"):
             second.append("fresh", pa.table({"a": [2]}))
         second.rollback()
         first.commit()

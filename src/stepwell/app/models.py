@@ -330,6 +330,9 @@ def _table_name(value: str) -> str:
             f"bad table name {value!r}",
             "use letters, digits and '_', not starting with a digit",
         )
+    if re.search(r"__v[0-9]+\Z", value):  # the store keeps old versions under these names
+        fail(f"bad table name {value!r}", "names ending in __v<number> are kept for a "
+             "table's earlier versions; rename the table")
     return value
 
 

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from stepwell.server import errors
-from stepwell.server.auth import WEBHOOK_PREFIX, BearerAuthMiddleware
+from stepwell.server.auth import WEBHOOK_PREFIX, BearerAuthMiddleware, LoopbackGuardMiddleware
 from stepwell.server.context import ServerContext
 from stepwell.server.limits import BodyLimitMiddleware
 from stepwell.server.routes import ERROR_RESPONSES, ROUTERS, ui
@@ -96,4 +96,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
     # outermost first: auth before anything reads the body
     api.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     api.add_middleware(BearerAuthMiddleware, tokens=ctx.tokens, required=ctx.auth_required)
+    if not ctx.auth_required:
+        api.add_middleware(LoopbackGuardMiddleware)
     return api

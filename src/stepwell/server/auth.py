@@ -10,6 +10,12 @@ server's) and nothing else, whatever the bind address.
 
 The web UI's static files (``GET /`` and ``GET /ui/...``) are the one exception:
 they carry no data and no secrets, and the page sends the token on each API call.
+
+Without a token, being on loopback is not enough: any web page the user opens
+may make the browser send requests to 127.0.0.1 (a form's POST needs no
+permission), and a page whose name is re-pointed at 127.0.0.1 (DNS rebinding)
+may even read the answers. So a server without a token answers only requests
+addressed to a loopback name and sent by no page or by its own (the web UI).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import secrets
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -140,3 +147,41 @@ class BearerAuthMiddleware:
             headers={"WWW-Authenticate": "Bearer"},
         )
         await response(scope, receive, send)
+
+
+def foreign_request(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a request must not reach a server that has no token, or None: it is
+    addressed to another name than a loopback one (DNS rebinding), or a web page
+    of another origin sent it (cross-site request forgery)."""
+    found = {name: value.decode("latin-1") for name, value in headers
+             if name in (b"host", b"origin", b"sec-fetch-site")}  # fmt: skip
+    host = found.get(b"host", "")
+    hostname = urlsplit("//" + host).hostname if host else None
+    if host and not (hostname and is_loopback(hostname)):
+        return (
+            f"this server listens on loopback without a token and answers requests for "
+            f"localhost or 127.0.0.1 only, not for {host!r}; to serve other names, start it "
+            f"with --host (it then requires its API token)"
+        )
+    origin = found.get(b"origin")
+    cross_site = found.get(b"sec-fetch-site") == "cross-site"
+    if cross_site or (origin is not None and urlsplit(origin).netloc.lower() != host.lower()):
+        return (
+            f"requests from other web pages ({origin or 'a cross-site page'}) are refused: "
+            f"this server has no token, so only its own web UI and non-browser clients may call it"
+        )
+    return None
+
+
+class LoopbackGuardMiddleware:
+    """403 for requests :func:`foreign_request` refuses (servers without a token)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = foreign_request(scope["headers"]) if scope["type"] in ("http", "websocket") else None
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        await error_response(403, problem)(scope, receive, send)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stepwell.app import AppError
 from stepwell.engine.scheduler import SchedulerClosed
-from stepwell.store.base import StoreError
+from stepwell.store.base import ConcurrentChange, InvalidName, StoreError
 
 log = logging.getLogger("stepwell.server")
 
@@ -82,6 +83,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StoreError)
     async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:
+        if isinstance(exc, ConcurrentChange):  # nothing was written: the same request may retry
+            return error_response(503, str(exc), code="busy", headers={"Retry-After": "1"})
+        if isinstance(exc, InvalidName):
+            return error_response(422, str(exc))
         return error_response(409, str(exc), code="store_conflict")
 
     @app.exception_handler(SchedulerClosed)
@@ -89,6 +94,10 @@ def install(app: FastAPI) -> None:
         return error_response(503, str(exc), code="shutting_down")
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # the details (paths, internals) go to the server's log, not to the client
+        incident = secrets.token_hex(4)
+        log.exception("unexpected error %s in %s %s", incident, request.method, request.url.path)
+        return error_response(
+            500, f"internal error {incident} ({type(exc).__name__}); the server's log has the details"
+        )

@@ -11,7 +11,9 @@ for rows that arrive over HTTP, so a stream reading the table in that order
 never passes a row that commits later.
 
 If a batch fails (a post whose values do not fit the table's columns, say),
-its requests are retried one by one so only the bad ones fail.
+its requests are retried one by one so only the bad ones fail. A batch that
+lost a race with another change of the table (a reset, say) is written again
+a few times before its requests are told to retry later (503).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +31,15 @@ import pyarrow as pa
 
 from stepwell.engine.staging import StagedRun
 from stepwell.runtimes.node.records import records_to_arrow
-from stepwell.store.base import ID_COLUMN, Store
+from stepwell.server.errors import ApiError
+from stepwell.store.base import ID_COLUMN, ConcurrentChange, Store
 
 log = logging.getLogger("stepwell.server")
 
 #: Rows written per transaction at most (a single larger request is one transaction).
 MAX_BATCH_ROWS = 20_000
+#: Attempts at a batch that keeps losing to concurrent changes of its table.
+CONFLICT_ATTEMPTS = 4
 
 
 @dataclass
@@ -48,7 +54,17 @@ class _Item:
 
 
 class IngestError(ValueError):
-    """The rows could not be stored; the message says why."""
+    """The rows could not be stored; the message says why. ``retry_later``: nothing
+    was written and the same request may simply be sent again (503, not 422)."""
+
+    def __init__(self, message: str, *, retry_later: bool = False):
+        super().__init__(message)
+        self.retry_later = retry_later
+
+    def api_error(self, prefix: str = "") -> ApiError:
+        if self.retry_later:
+            return ApiError(503, prefix + str(self), headers={"Retry-After": "1"})
+        return ApiError(422, prefix + str(self))
 
 
 class Ingest:
@@ -98,7 +114,7 @@ class Ingest:
     def _queue(self, table: str) -> queue.Queue[_Item | None]:
         with self._lock:
             if self._closed:
-                raise IngestError("the server is shutting down")
+                raise IngestError("the server is shutting down", retry_later=True)
             q = self._queues.get(table)
             if q is None:
                 q = self._queues[table] = queue.Queue()
@@ -131,10 +147,11 @@ class Ingest:
 
     def _write_batch(self, table: str, batch: list[_Item]) -> None:
         try:
-            ids = self._commit(table, batch)
+            ids = self._commit_retrying(table, batch)
         except Exception as exc:
             if len(batch) == 1:
-                _settle(batch[0], error=_describe(exc))
+                busy = isinstance(exc, ConcurrentChange)
+                _settle(batch[0], error=IngestError(_describe(exc), retry_later=busy))
                 return
             for item in batch:  # find the request(s) at fault
                 self._write_batch(table, [item])
@@ -148,6 +165,16 @@ class Ingest:
                 self.on_commit(table)
             except Exception:
                 log.exception("dispatch after a commit to %r failed", table)
+
+    def _commit_retrying(self, table: str, batch: list[_Item]) -> list[str]:
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return self._commit(table, batch)
+            except ConcurrentChange:
+                if attempt >= CONFLICT_ATTEMPTS:
+                    raise
+                time.sleep(min(0.02 * attempt, 0.1))  # let the change that won finish
+        raise AssertionError("unreachable")
 
     def _commit(self, table: str, batch: list[_Item]) -> list[str]:
         parts: list[pa.Table] = []
@@ -178,12 +205,12 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _settle(item: _Item, ids: list[str] | None = None, *, error: str | None = None) -> None:
+def _settle(item: _Item, ids: list[str] | None = None, *, error: IngestError | None = None) -> None:
     def apply() -> None:
         if item.future.done():
             return
         if error is not None:
-            item.future.set_exception(IngestError(error))
+            item.future.set_exception(error)
         else:
             item.future.set_result(ids or [])
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from stepwell.store.base import (
     ID_COLUMN,
     ColumnInfo,
+    ConcurrentChange,
+    InvalidName,
     LogLine,
     PartitionRecord,
     RunRecord,
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ID_COLUMN",
     "ColumnInfo",
+    "ConcurrentChange",
+    "InvalidName",
     "DuckDBStore",
     "LogLine",
     "PartitionRecord",

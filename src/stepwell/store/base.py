@@ -40,6 +40,15 @@ class StoreError(Exception):
     """A store operation failed; the message says what and what to do."""
 
 
+class InvalidName(StoreError):
+    """A table or column name the store cannot take (the message says why)."""
+
+
+class ConcurrentChange(StoreError):
+    """Another transaction changed the same table at the same moment and committed
+    first; nothing of this one was written, and the same work may simply run again."""
+
+
 class SchemaConflict(StoreError):
     """Incoming data cannot be stored in a table's existing column without loss."""
 

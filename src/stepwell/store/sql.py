@@ -34,6 +34,8 @@ from stepwell.store.base import (
     ID_COLUMN,
     PREFIX_STATUS,
     ColumnInfo,
+    ConcurrentChange,
+    InvalidName,
     LogLine,
     PartitionRecord,
     RunRecord,
@@ -49,6 +51,8 @@ from stepwell.store.catalog import MISSING, CatalogCache, CatalogView
 #: Schema holding the engine's bookkeeping tables.
 META = "stepwell"
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: A table's earlier versions are kept as ``<name>__v<version>`` (``versioned_name``).
+_VERSION_SUFFIX = re.compile(r"__v[0-9]+\Z")
 _RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
 _RUN_TIME_FIELDS = frozenset({"started_at", "ended_at"})
 _LOG_SCHEMA = pa.schema(
@@ -111,24 +115,29 @@ def quote(identifier: str) -> str:
 
 
 def check_table_name(name: str, dialect: Dialect) -> str:
-    """``name`` if it is a valid table name, else ``StoreError`` naming it."""
+    """``name`` if it is a valid table name, else ``InvalidName`` naming it."""
     if not isinstance(name, str) or not _TABLE_NAME.match(name):
-        raise StoreError(
+        raise InvalidName(
             f"invalid table name {name!r}: use letters, digits and underscores, "
             "starting with a letter or underscore"
         )
+    if _VERSION_SUFFIX.search(name):
+        raise InvalidName(
+            f"invalid table name {name!r}: names ending in __v<number> are kept for a "
+            "table's earlier versions (see its versions); rename the table"
+        )
     limit = dialect.max_identifier_length
     if limit is not None and len(name) > limit - 8:  # room for a __vNNNNN suffix
-        raise StoreError(f"table name {name!r} is too long: use at most {limit - 8} characters")
+        raise InvalidName(f"table name {name!r} is too long: use at most {limit - 8} characters")
     return name
 
 
 def check_column_name(table: str, name: str, dialect: Dialect) -> None:
     if not name or "\x00" in name:
-        raise StoreError(f"table {table!r}: invalid column name {name!r}")
+        raise InvalidName(f"table {table!r}: invalid column name {name!r}")
     limit = dialect.max_identifier_length
     if limit is not None and len(name.encode()) > limit:
-        raise StoreError(
+        raise InvalidName(
             f"table {table!r}: column name {name!r} is longer than {limit} bytes; rename it"
         )
 
@@ -605,9 +614,13 @@ class SQLTransaction(Transaction):
             except StoreError:
                 raise
             except self._s.errors as exc:
-                marker = self._d.concurrent_change_error
-                hint = _CONCURRENT_CHANGE_HINT if marker and marker in str(exc) else ""
-                raise StoreError(f"{what}: {exc}{hint}") from exc
+                raise self._error(f"{what}: {exc}", exc) from exc
+
+    def _error(self, message: str, exc: BaseException) -> StoreError:
+        marker = self._d.concurrent_change_error
+        if marker and marker in str(exc):
+            return ConcurrentChange(message + _CONCURRENT_CHANGE_HINT)
+        return StoreError(message)
 
     def _create_table(self, s: Session, physical: str, columns: Mapping[str, str]) -> None:
         self._change_shapes()
@@ -890,7 +903,7 @@ class SQLTransaction(Transaction):
             except self._s.errors as exc:
                 with contextlib.suppress(*self._s.errors):
                     self._s.rollback()
-                raise StoreError(f"commit failed, nothing was written: {exc}") from exc
+                raise self._error(f"commit failed, nothing was written: {exc}", exc) from exc
             finally:
                 self._end()
 

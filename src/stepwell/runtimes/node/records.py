@@ -67,12 +67,15 @@ def records_to_arrow(records: list[dict[str, Any]], table: str, first_row: int =
                 f"table {table!r}, row {first_row + index}: expected a dict (one record), "
                 f"got {type(record).__name__} {record!r:.60}"
             )
-    try:
-        result = pa.Table.from_pylist(records)
-        if not any(pa.types.is_nested(f.type) for f in result.schema):
-            return result
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
-        pass
+    first = records[0].keys() if records else {}.keys()
+    # from_pylist takes its columns from the first record: only when no later one has more
+    if all(record.keys() <= first for record in records):
+        try:
+            result = pa.Table.from_pylist(records)
+            if not any(pa.types.is_nested(f.type) for f in result.schema):
+                return result
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
+            pass
     names: dict[str, None] = {}
     for record in records:
         names.update(dict.fromkeys(record))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,6 +31,8 @@ from stepwell.server.auth import bearer, token_matches
 from stepwell.server.context import ServerContext, get_ctx
 from stepwell.server.errors import ApiError
 from stepwell.server.users import OWNER, USERS_FILE, UserDirectory, UsersFileError
+
+log = logging.getLogger("stepwell.server")
 
 #: Header with which the owner (or a loopback caller) acts as another user.
 USER_HEADER = "x-stepwell-user"
@@ -126,8 +129,10 @@ async def caller(request: Request, ctx: ServerContext = Depends(get_ctx)) -> dic
         service = getattr(request.app.state, "actions", None)
         try:
             identity = service.users.lookup(token) if service is not None else None
-        except UsersFileError as exc:
-            raise ApiError(500, str(exc)) from None
+        except UsersFileError as exc:  # the operator's mistake: say where in the log only
+            log.error("%s", exc)
+            raise ApiError(503, "the server cannot check user tokens: its .stepwell/users.toml "
+                                "is invalid (its log says why)", code="misconfigured") from None
         if identity is None:
             raise ApiError(401, "unknown token: use the server's token or a user's token from "
                                 ".stepwell/users.toml", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip

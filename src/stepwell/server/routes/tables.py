@@ -133,7 +133,7 @@ async def append_rows(request: Request, name: str = TableName,
     try:
         ids = await ctx.ingest.add(name, data)
     except IngestError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise exc.api_error() from None
     return LoadResponse(table=name, rows=len(ids))
 
 
@@ -143,11 +143,15 @@ def parse_json_rows(body: bytes, where: str) -> list[dict]:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"{where}: the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, f"{where}: the JSON body is nested too deeply") from None
     rows = payload if isinstance(payload, list) else [payload]
     for index, row in enumerate(rows):
+        at = f" element {index}" if isinstance(payload, list) else ""
         if not isinstance(row, dict):
-            at = f" element {index}" if isinstance(payload, list) else ""
             raise ApiError(
                 422, f"{where}:{at} expected a JSON object (one row), got {type(row).__name__}"
             )
+        if not row:
+            raise ApiError(422, f"{where}:{at} an empty object is not a row; give it a field")
     return rows

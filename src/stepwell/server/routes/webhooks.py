@@ -52,10 +52,10 @@ def list_webhooks(ctx: ServerContext = Depends(get_ctx)) -> list[WebhookModel]:
 async def post_webhook(request: Request, name: str = Path(max_length=200),
                        ctx: ServerContext = Depends(get_ctx)) -> WebhookResponse:
     hook = next((h for h in ctx.app.webhooks if h.name == name), None)
+    _authorize(request, ctx, name, hook)  # before a 404 that names the app's webhooks
     if hook is None:
         known = ", ".join(h.name for h in ctx.app.webhooks) or "none"
         raise not_found(f"no webhook {name!r} (webhooks: {known})")
-    _authorize(request, ctx, hook)
     rows = parse_json_rows(await request.body(), f"webhook {name!r}")
     if hook.respond:
         return await _ingest_and_respond(ctx, hook, rows)
@@ -68,7 +68,7 @@ async def _ingest(ctx: ServerContext, hook: Any, rows: list[dict]) -> list[str]:
     try:
         return await ctx.ingest.add(hook.table, rows)
     except IngestError as exc:
-        raise ApiError(422, f"webhook {hook.name!r}: {exc}") from None
+        raise exc.api_error(f"webhook {hook.name!r}: ") from None
 
 
 async def _ingest_and_respond(ctx: ServerContext, hook: Any, rows: list[dict]) -> JSONResponse:
@@ -97,16 +97,15 @@ async def _ingest_and_respond(ctx: ServerContext, hook: Any, rows: list[dict]) -
     return JSONResponse(payload)
 
 
-def _authorize(request: Request, ctx: ServerContext, hook: object) -> None:
-    own = webhook_token(ctx, hook)
+def _authorize(request: Request, ctx: ServerContext, name: str, hook: object | None) -> None:
+    own = webhook_token(ctx, hook) if hook is not None else None
     if own is None and not ctx.auth_required:
         return
     given = bearer(request.scope["headers"])
     if not token_matches(given, own, ctx.tokens.read()):
         which = "its webhook token" if own else "the server's API token"
         raise ApiError(
-            401, f"webhook {getattr(hook, 'name', '?')!r} needs {which}: send "
-            f"`Authorization: Bearer <token>`",
+            401, f"webhook {name!r} needs {which}: send `Authorization: Bearer <token>`",
             headers={"WWW-Authenticate": "Bearer"},
         )
 
