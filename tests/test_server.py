@@ -652,14 +652,27 @@ def test_state_changes_wait_for_a_running_step(steps_app):
 
 # -- shutdown and restart --------------------------------------------------------------------------
 def test_sigterm_lets_short_runs_finish_and_cancels_the_rest(steps_app):
-    server = ServerProcess(steps_app, "--shutdown-timeout", "3")
+    server = ServerProcess(steps_app, "--shutdown-timeout", "6")
     with server.client() as client:
         stuck = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
         slow = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
         wait_for(lambda: all(client.get(f"/api/runs/{r}").json()["status"] == "running"
                              for r in (stuck, slow)), 30, what="both runs to start")
     started = time.monotonic()
-    assert server.stop(signal.SIGTERM) == 0
+    server.proc.send_signal(signal.SIGTERM)
+    # while it drains, the API still answers: reads and the CLI work, triggers get 503
+    with server.client() as client:
+        wait_for(lambda: client.get("/api/health").json()["status"] == "stopping", 10,
+                 what="the server to start draining")
+        refused = client.post("/api/runs", json={"step": "chatty"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        rows = client.post("/api/tables/out/rows", json=[{"step": "late"}])
+        assert rows.status_code == 503 and rows.headers["retry-after"] == "1"
+        assert client.get(f"/api/runs/{stuck}").json()["status"] == "running"
+    listed = cli("runs", str(steps_app))
+    assert listed.returncode == 0 and stuck in listed.stdout, listed.stderr
+    assert server.proc.wait(60) == 0  # the first signal did it all
+    server.stop()
     assert time.monotonic() - started < 30
     assert not (steps_app / ".stepwell" / "server.json").exists()
     assert "stepwell server stopped" in server.output()

@@ -45,6 +45,20 @@ def _start_rules(ctx: ServerContext) -> None:
         ctx.scheduler.add_commit_observer(lambda tables: [rules.notify(t) for t in tables])
 
 
+def drain(ctx: ServerContext) -> None:
+    """The first part of a graceful shutdown, run while HTTP still answers (reads and
+    cancels work; triggers and webhook rows get 503): refuse new triggers, end live
+    event streams, commit the webhook rows already queued, let running steps end
+    within ``shutdown_timeout``, then cancel the rest. A second call does nothing new."""
+    ctx.scheduler.stop_accepting()
+    ctx.hub.close()
+    ctx.ingest.close()
+    cancelled = ctx.scheduler.shutdown(ctx.settings.shutdown_timeout)
+    if cancelled:
+        log.warning("cancelled %d run(s) still running at shutdown: %s",
+                    len(cancelled), ", ".join(cancelled))
+
+
 def create_app(ctx: ServerContext) -> FastAPI:
     """The API over ``ctx``. Its lifespan starts the scheduler (and calls
     ``ctx.on_ready``) and, on shutdown, lets running steps finish or cancels them."""
@@ -59,15 +73,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
         try:
             yield
         finally:
-            ctx.scheduler.stop_accepting()
-            ctx.hub.close()
+            await asyncio.to_thread(drain, ctx)  # done already after a signal; not in tests
             if ctx.rules is not None:
                 await asyncio.to_thread(ctx.rules.stop_all)
-            await asyncio.to_thread(ctx.ingest.close)
-            cancelled = await asyncio.to_thread(ctx.scheduler.shutdown, ctx.settings.shutdown_timeout)
-            if cancelled:
-                log.warning("cancelled %d run(s) still running at shutdown: %s",
-                            len(cancelled), ", ".join(cancelled))
 
     from stepwell import __version__
 

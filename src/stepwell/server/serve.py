@@ -11,11 +11,13 @@ opening the store (DESIGN section 7a). It is written once the server accepts
 requests and removed when it exits; a file left by a process that is gone is
 stale and ignored (and removed by the next reader).
 
-SIGTERM or SIGINT: stop accepting triggers and close live event streams, let
-HTTP requests in flight finish, then give running steps
-``shutdown_timeout`` seconds to end before cancelling them (their work since
-the last commit point is rolled back). Queued runs stay queued in the store and
-run after the next start. A second SIGINT exits at once.
+SIGTERM or SIGINT: while the API still answers (runs, logs, tables, cancels;
+503 for new triggers and webhook rows), stop accepting triggers, close live
+event streams, give running steps ``shutdown_timeout`` seconds to end and cancel
+the rest (their work since the last commit point is rolled back); then stop
+listening and let HTTP requests in flight finish. Queued runs stay queued in the
+store and run after the next start. A second signal stops listening at once (a
+second SIGINT exits at once).
 """
 
 from __future__ import annotations
@@ -58,12 +60,13 @@ def _client_host(host: str) -> str:
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn that tells stepwell when an exit is requested, and exits normally
-    after a signal instead of re-raising it."""
+    """uvicorn that drains stepwell (``on_exit``) before it stops listening, and exits
+    normally after a signal instead of re-raising it."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Any):
         super().__init__(config)
         self._on_exit = on_exit
+        self._draining = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -79,10 +82,19 @@ class _Uvicorn(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
-        self.should_exit = True
-        self._on_exit()
+        if self._draining:  # a second signal: stop listening now
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._draining = True
+        threading.Thread(target=self._drain_then_exit, name="stepwell-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        try:
+            self._on_exit()
+        finally:
+            self.should_exit = True
 
 
 class Serving:
@@ -234,8 +246,9 @@ class Serving:
 
     def _exit_requested(self) -> None:
         if self.ctx is not None:
-            self.ctx.scheduler.stop_accepting()
-            self.ctx.hub.close()
+            from stepwell.server.app import drain
+
+            drain(self.ctx)
 
     def _cleanup(self) -> None:
         try:
