@@ -604,6 +604,21 @@ def test_api_resources(pipeline):
             "table": "messages", "order_by": ["patterns_id"], "table_version": 1,
             "value": ids[2], "last_id": None}).json()
         assert moved["stream_positions"][0]["value"] == ids[2]
+        # positions a run could not use are refused, and the position stays
+        position = {"table": "messages", "order_by": ["n"], "table_version": 1, "value": 2}
+        for change, problem in (
+            ({"table": "nope"}, "the table does not exist"),
+            ({"order_by": ["missing"]}, "order_by needs columns of the table"),
+            ({"table_version": 9}, "table_version 9 does not exist"),
+            ({"value": "not a number"}, "does not compare with column 'n'"),
+        ):
+            refused = client.put("/api/steps/enrich/positions", json={**position, **change})
+            assert refused.status_code == 422, change
+            assert problem in refused.json()["error"]["message"], refused.json()
+        assert client.put("/api/steps/enrich/positions", json=position).status_code == 200
+        nan = client.patch("/api/steps/enrich/state", content=b'{"values": {"k": NaN}}',
+                           headers={"Content-Type": "application/json"})
+        assert nan.status_code == 422 and "NaN" in nan.json()["error"]["message"]
         reset = client.delete("/api/steps/enrich/state").json()
         assert reset["state"] == {} and reset["stream_positions"] == []
         assert client.get("/api/steps/enrich/partitions").json() == {"step": "enrich", "partitions": []}

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Path
 
-from stepwell.engine.state_admin import change_state, describe_state
+from stepwell.engine.state_admin import StateChangeError, change_state, describe_state, set_position
 from stepwell.server.context import ServerContext, get_ctx
 from stepwell.server.errors import ApiError
 from stepwell.server.models import (
@@ -156,7 +156,10 @@ def get_state(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> St
 def patch_state(change: StateChange, name: str = StepName,
                 ctx: ServerContext = Depends(get_ctx)) -> StepState:
     _idle(ctx, name)
-    change_state(ctx.store, name, reset=change.reset, assignments=[], values=change.values)
+    try:
+        change_state(ctx.store, name, reset=change.reset, assignments=[], values=change.values)
+    except StateChangeError as exc:
+        raise ApiError(422, str(exc)) from None
     return _state(ctx, name)
 
 
@@ -173,14 +176,13 @@ def reset_state(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> 
 def put_position(position: PositionModel, name: str = StepName,
                  ctx: ServerContext = Depends(get_ctx)) -> StepState:
     _idle(ctx, name)
-    if not position.order_by:
-        raise ApiError(422, "order_by names no column; give e.g. [\"patterns_id\"]")
-    with ctx.store.transaction() as tx:
-        tx.set_position(
-            StreamPosition(name, position.table, tuple(position.order_by), position.table_version,
-                           position.value, position.last_id)
-        )
-        tx.commit()
+    try:
+        set_position(ctx.store, StreamPosition(
+            name, position.table, tuple(position.order_by), position.table_version,
+            position.value, position.last_id,
+        ))  # fmt: skip
+    except StateChangeError as exc:
+        raise ApiError(422, str(exc)) from None
     return _state(ctx, name)
 
 
