@@ -781,6 +781,13 @@ def test_runs(store: Store) -> None:
     assert [r.id for r in store.list_runs()] == ["01c", "01b", "01a"]
     assert [r.id for r in store.list_runs(step="load")] == ["01c", "01a"]
     assert [r.id for r in store.list_runs(limit=1)] == ["01c"]
+    # newest created first, whether or not a run ever started (a run cancelled while
+    # queued has no start and must not stay on top)
+    store.create_run(RunRecord(id="01d", step="load", status="cancelled", started_at=None))
+    store.create_run(
+        RunRecord(id="01e", step="load", status="running", started_at=t0 + timedelta(seconds=3))
+    )
+    assert [r.id for r in store.list_runs(step="load")] == ["01e", "01d", "01c", "01a"]
     with pytest.raises(StoreError, match="unknown run fields \\['colour'\\]"):
         store.update_run("01a", colour="red")
     with pytest.raises(StoreError, match="no run with id 'nope'"):

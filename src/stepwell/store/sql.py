@@ -405,7 +405,7 @@ def _select_runs(
     collate = session.dialect.text_collation
     sql = (
         f"SELECT {columns} FROM {META}.runs {where} "
-        f"ORDER BY started_at DESC NULLS FIRST, id{collate} DESC"
+        f"ORDER BY id{collate} DESC"  # ULIDs: newest created first (queued runs too)
     )
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
