@@ -73,7 +73,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         try:
             yield
         finally:
-            await asyncio.to_thread(drain, ctx)  # done already after a signal; not in tests
+            await asyncio.to_thread(drain, ctx)  # (done already when a signal began the shutdown)
             if ctx.rules is not None:
                 await asyncio.to_thread(ctx.rules.stop_all)
 
