@@ -19,18 +19,20 @@ import typer
 from stepwell.cli_common import AppArg, CliError, SandboxOpt, StoreOpt
 from stepwell.cli_common import use_sandbox as _use_sandbox
 
+#: What each option's JSON looks like, for the error messages.
+_EXAMPLES = {"--params": '{"user_id": 7}', "--user": '{"id": "ann", "roles": ["admin"]}'}
+
 
 def _parse(option: str, text: str | None) -> Any:
     if text is None:
         return None
+    example = f"(e.g. {option} '{_EXAMPLES[option]}')"
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise _failure(f"{option} is not valid JSON: {exc} (e.g. {option} "
-                       f"'{{\"user_id\": 7}}')") from None  # fmt: skip
+        raise _failure(f"{option} is not valid JSON: {exc} {example}") from None
     if not isinstance(value, dict):
-        raise _failure(f"{option} must be a JSON object, got {type(value).__name__} "
-                       f"(e.g. {option} '{{\"user_id\": 7}}')")  # fmt: skip
+        raise _failure(f"{option} must be a JSON object, got {type(value).__name__} {example}")
     return value
 
 
