@@ -8,6 +8,7 @@ A ``respond: true`` webhook stores its request as a row with a
 from __future__ import annotations
 
 import threading
+import time
 
 import pyarrow as pa
 import pytest
@@ -30,6 +31,10 @@ APP = {
             table: unheard
             respond: true
             respond_timeout: 0.5s
+          - name: fragile
+            table: fragile_questions
+            respond: true
+            respond_timeout: 60s
         steps:
           - name: answer
             node: answer.py
@@ -37,6 +42,17 @@ APP = {
             trigger: upstream
           - name: unserialisable
             node: bad.py
+          - name: fragile
+            node: fragile.py
+            inputs: {questions: fragile_questions}
+            trigger: upstream
+    """,
+    "fragile.py": """
+        from patterns import Table, respond_to_request
+        for record in Table("questions").as_stream().consume_records():
+            if record["q"] == "boom":
+                raise ValueError("cannot answer " + record["q"])
+            respond_to_request(record["patterns_request_key"], {"ok": record["q"]})
     """,
     "bad.py": """
         from patterns import respond_to_request
@@ -103,6 +119,22 @@ def test_bad_respond_requests_and_unanswered_ones_lose_nothing(tmp_path):
         (row,) = table_rows(client, "unheard")
         assert row["q"] == "anyone?" and row["patterns_request_key"] in error["message"]
         assert len(server.ctx.hub.responses) == 0  # nothing left waiting
+
+
+def test_a_run_failing_with_the_request_in_hand_answers_502_at_once(tmp_path):
+    app = write_app(tmp_path / "ask", APP)
+    with ThreadServer(app) as server, server.client() as client:
+        assert client.post("/api/webhooks/fragile", json={"q": "fine"}).json() == {"ok": "fine"}
+        began = time.monotonic()
+        failed = client.post("/api/webhooks/fragile", json={"q": "boom"})
+        assert time.monotonic() - began < 30  # not the 60 s respond_timeout
+        assert failed.status_code == 502, failed.text
+        error = failed.json()["error"]
+        assert error["code"] == "step_failed"
+        assert "ValueError: cannot answer boom" in error["message"]
+        (row,) = [r for r in table_rows(client, "fragile_questions") if r["q"] == "boom"]
+        assert row["patterns_request_key"] in error["message"]  # the request is kept
+        assert len(server.ctx.hub.responses) == 0
 
 
 def test_respond_outside_the_server_returns_false_and_says_so(tmp_path):

@@ -37,6 +37,11 @@ RECORD_AFTER = 0.2
 _AFTER_WRITE_ERROR_OPS = frozenset({"done", "log", "rollback"})
 
 
+class RequestFailed(Exception):
+    """The answer to a respond webhook's request when the run handling its row failed
+    before answering (the message is the run's error, secrets masked)."""
+
+
 @dataclass
 class DeclaredSchema:
     """A Common Model schema from the app file, as column types and keys."""
@@ -375,12 +380,13 @@ class WorkerSession:
         return {}
 
     def op_respond(self, message: dict, _body: bytes) -> dict:
-        """``respond_to_request``: answer the HTTP request waiting for ``key``."""
+        """``respond_to_request``: answer the HTTP request waiting for ``key`` (with
+        ``failed``: the run is failing with the request's row in hand)."""
         key = str(message.get("key") or "")
-        delivered = bool(
-            key and self.on_respond is not None and self.on_respond(key, message.get("payload"))
-        )
-        if not delivered:
+        failed = message.get("failed")
+        payload = RequestFailed(self.redact(str(failed))) if failed else message.get("payload")
+        delivered = bool(key and self.on_respond is not None and self.on_respond(key, payload))
+        if not delivered and not failed:
             self.log.add("warn", [
                 f"[stepwell] respond_to_request({key!r}): no request is waiting for this key "
                 "(it timed out or was answered already, or the app is not running under "

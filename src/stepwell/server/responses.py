@@ -4,7 +4,9 @@ A webhook with ``respond: true`` stores its request as a row carrying a fresh
 ``patterns_request_key`` and keeps the request open. A step that processes
 the row answers with ``respond_to_request(key, payload)``; the payload becomes
 the HTTP response. The answer goes out when the step calls it (it does not
-wait for the run to commit), and only the first answer for a key counts.
+wait for the run to commit), and only the first answer for a key counts. A run
+that fails while the request's row is in hand answers it with the error
+(:class:`~stepwell.engine.runner.RequestFailed`, 502) instead of a timeout.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import asyncio
 import threading
 from typing import Any
 
-#: Column of a respond webhook's rows that names the request to answer.
-REQUEST_KEY_COLUMN = "patterns_request_key"
+from stepwell.engine.worker_session import RequestFailed
+from stepwell.runtimes.node.api import REQUEST_KEY_COLUMN
+
+__all__ = ["REQUEST_KEY_COLUMN", "PendingResponses", "RequestFailed"]
 
 
 class PendingResponses:
@@ -39,7 +43,8 @@ class PendingResponses:
             self._waiting.pop(key, None)
 
     def deliver(self, key: str, payload: Any) -> bool:
-        """Answer request ``key``; False when no request waits for it (any more)."""
+        """Answer request ``key`` (with ``payload``, or with the error when it is a
+        ``RequestFailed``); False when no request waits for it (any more)."""
         with self._lock:
             waiting = self._waiting.pop(key, None)
         if waiting is None:
@@ -47,7 +52,11 @@ class PendingResponses:
         loop, future = waiting
 
         def resolve() -> None:
-            if not future.done():
+            if future.done():
+                return
+            if isinstance(payload, RequestFailed):
+                future.set_exception(payload)
+            else:
                 future.set_result(payload)
 
         try:

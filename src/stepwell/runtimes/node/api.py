@@ -395,6 +395,7 @@ class Stream:
         # The last yielded row is (batch, index): the position is only built when
         # asked for, so the per-row cost of the stream loop stays one store.
         self._batch: tuple[int, list, list | None] | None = None
+        self._rows: list[dict[str, Any]] = []
         self._index = -1
         self._generation = 0
         session.streams.append(self)
@@ -413,6 +414,12 @@ class Stream:
             return None
         version, values, ids = self._batch
         return (version, values[self._index], ids[self._index] if ids else None)
+
+    def current_record(self) -> dict[str, Any] | None:
+        """The row last yielded (None before the first and after a rollback)."""
+        if self._batch is None or self._index < 0:
+            return None
+        return self._rows[self._index]
 
     def _forget_current(self) -> None:
         self._batch = None
@@ -466,6 +473,7 @@ class Stream:
                 batch.column(first).to_pylist(),
                 batch.column(ID_COLUMN).to_pylist() if has_tie else None,
             )
+            self._rows = rows
             for index, row in enumerate(rows):
                 if generation != self._generation:
                     return
@@ -586,6 +594,10 @@ class State:
             "trigger_downstream": trigger_downstream,
             "wait_atleast_seconds": wait_atleast_seconds,
         }
+
+
+#: Column of a respond webhook's rows that names the request to answer.
+REQUEST_KEY_COLUMN = "patterns_request_key"
 
 
 def respond_to_request(request_key: str, payload: Any) -> bool:

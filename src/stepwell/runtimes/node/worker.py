@@ -12,6 +12,7 @@ from stepwell.runtimes.node import api
 from stepwell.runtimes.node.session import NodeSession
 from stepwell.runtimes.node.shipped_code import ShippedCodeLoader, use_shipped_code
 from stepwell.sandbox.client import HostLink
+from stepwell.sandbox.worker import error_summary
 
 #: Synthetic package the app folder is mounted as, so ``from . import common`` works.
 APP_PACKAGE = "stepwell_app"
@@ -104,7 +105,25 @@ def run(link: HostLink, start: dict[str, Any]) -> None:
         exec(code, module.__dict__)
     except SystemExit as exc:
         if exc.code not in (None, 0):
+            _answer_requests_in_hand(session, exc, start)
             raise
+    except BaseException as exc:
+        _answer_requests_in_hand(session, exc, start)
+        raise
     sys.stdout.flush()
     sys.stderr.flush()
     session.finish()
+
+
+def _answer_requests_in_hand(session: NodeSession, exc: BaseException, start: dict[str, Any]) -> None:
+    """The run fails with a respond webhook's row in hand: its client gets the error
+    now (the host answers 502) instead of waiting for its timeout."""
+    error = error_summary(exc, start.get("app_root"))
+    for stream in session.streams:
+        record = stream.current_record()
+        key = record.get(api.REQUEST_KEY_COLUMN) if record else None
+        if isinstance(key, str) and key:
+            try:
+                session.link.call("respond", key=key, failed=error)
+            except Exception:  # the failure is reported anyway; the request times out
+                pass

@@ -18,7 +18,7 @@ from stepwell.server.context import ServerContext, get_ctx
 from stepwell.server.errors import ApiError, not_found
 from stepwell.server.ingest import IngestError
 from stepwell.server.models import WebhookModel, WebhookResponse
-from stepwell.server.responses import REQUEST_KEY_COLUMN
+from stepwell.server.responses import REQUEST_KEY_COLUMN, RequestFailed
 from stepwell.server.routes.app_info import webhook_models
 from stepwell.server.routes.tables import parse_json_rows
 from stepwell.store import ids
@@ -42,9 +42,11 @@ def list_webhooks(ctx: ServerContext = Depends(get_ctx)) -> list[WebhookModel]:
         "with its own token needs `Authorization: Bearer <webhook token>` (the server "
         "token works too). A `respond: true` webhook takes one object, stores it with a "
         "`patterns_request_key` and answers 200 with the JSON a step passes to "
-        "`respond_to_request(key, payload)`, or 504 after its `respond_timeout`."
+        "`respond_to_request(key, payload)`, 502 when the run handling the row fails "
+        "first, or 504 after its `respond_timeout`."
     ),
     responses={200: {"description": "The step's answer (respond webhooks)"},
+               502: {"description": "The step failed before answering (respond webhooks)"},
                504: {"description": "No step answered in time (respond webhooks)"}},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}]}}}}},
@@ -85,6 +87,12 @@ async def _ingest_and_respond(ctx: ServerContext, hook: Any, rows: list[dict]) -
         (row_id,) = await _ingest(ctx, hook, [{**rows[0], REQUEST_KEY_COLUMN: key}])
         try:
             payload = await asyncio.wait_for(answer, hook.respond_timeout)
+        except RequestFailed as exc:
+            raise ApiError(
+                502, f"{where}: the step handling the request failed before answering: {exc} "
+                f"(the request is stored as row {row_id} with {REQUEST_KEY_COLUMN} {key})",
+                code="step_failed",
+            ) from None
         except TimeoutError:
             raise ApiError(
                 504, f"{where}: no step answered within {hook.respond_timeout:g}s (a step "
