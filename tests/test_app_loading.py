@@ -18,6 +18,7 @@ from stepwell.app import (
     parse_duration,
     parse_memory,
     resolve,
+    scan_node_tables,
     scan_sql_tables,
 )
 
@@ -943,6 +944,49 @@ def test_cycle_is_reported_with_its_steps(tmp_path: Path) -> None:
         f"{tmp_path / 'stepwell.yml'}:2: steps[0]: steps form a cycle:"
         " first -> second -> third -> first ("
     )
+
+
+def test_node_ports_default_to_the_tables_its_code_names() -> None:
+    source = textwrap.dedent("""
+        import patterns
+        from patterns import Table
+        events = Table("events")
+        counts = patterns.Table("counts", mode="w")
+        log = Table("log", "w")
+        again = Table("log")  # read and written: an output
+        mapped = Table("port")
+        dynamic = Table(f"t_{1}")
+        not_a_table = print("x")
+    """)
+    reads, writes = scan_node_tables(source, inputs={"port": "real_table"})
+    assert reads == ["events", "real_table"] and writes == ["counts", "log"]
+    assert scan_node_tables("def broken(:\n") == ([], [])
+
+
+def test_steps_are_ordered_and_cycles_found_by_the_tables_code_names(tmp_path: Path) -> None:
+    reader = "from patterns import Table\nfor r in Table('src').as_stream().consume_records():\n    Table('dst', 'w').append(r)\n"
+    writer = "from patterns import Table\nTable('src', 'w').append({'n': 1})\n"
+    app_with(tmp_path, """
+        steps:
+          - name: reader
+            node: r.py
+            trigger: upstream
+          - name: writer
+            node: w.py
+        """, r_dot_py=reader, w_dot_py=writer)
+    app = load_app(tmp_path)
+    assert app.step("reader").input_tables() == ["src"]
+    assert app.step("reader").output_tables() == ["dst"]
+    assert app.upstream_edges()["reader"] == ["writer"]
+    # a cycle made only in code is found too
+    app_with(tmp_path, """
+        steps:
+          - name: one
+            node: r.py
+          - name: two
+            node: back.py
+        """, back_dot_py="from patterns import Table\nTable('dst')\nTable('src', 'w')\n")
+    assert "steps form a cycle: one -> two -> one" in str(load_error(tmp_path))
 
 
 def test_step_lookup_lists_known_steps(tmp_path: Path) -> None:

@@ -42,6 +42,18 @@ def test_a_new_app_runs_twice(tmp_path, style):
         assert len(_rows(app, "file_rows")) == 3  # the unchanged file was not read again
 
 
+def test_a_new_node_app_runs_its_upstream_step_under_the_server(tmp_path):
+    """count_events declares no inputs: its code's Table("events") makes it a reader
+    of what ingest writes, so it runs after ingest (and is triggered by it)."""
+    app = tmp_path / "node"
+    _ok(cli("init", str(app)))
+    with ThreadServer(app) as server, server.client() as client:
+        assert client.post("/api/runs", json={"step": "ingest"}).status_code == 202
+        counts = wait_for(lambda: table_rows(client, "event_counts"), 60,
+                          what="count_events to run after ingest")
+    assert [c["new_events"] for c in counts] == [10]
+
+
 def test_a_new_action_app_answers(tmp_path):
     app = tmp_path / "act"
     _ok(cli("init", str(app), "--style", "action"))

@@ -5,7 +5,13 @@
 >>> [step.name for step in app.upstream_order()]   # doctest: +SKIP
 """
 
-from stepwell.app.loader import APP_FILE_NAMES, SqlTables, load_app, scan_sql_tables
+from stepwell.app.loader import (
+    APP_FILE_NAMES,
+    SqlTables,
+    load_app,
+    scan_node_tables,
+    scan_sql_tables,
+)
 from stepwell.app.models import (
     LOGICAL_TYPES,
     ActionSpec,
@@ -50,5 +56,6 @@ __all__ = [
     "parse_duration",
     "parse_memory",
     "resolve",
+    "scan_node_tables",
     "scan_sql_tables",
 ]

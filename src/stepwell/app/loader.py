@@ -20,6 +20,7 @@ raises :class:`~stepwell.app.models.AppError` whose message is one line::
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 import types
@@ -508,6 +509,42 @@ def _position(node: Any) -> int:
     return start if isinstance(start, int) else 1 << 30
 
 
+def scan_node_tables(
+    source: str,
+    inputs: Mapping[str, str] | None = None,
+    outputs: Mapping[str, str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """The tables a node's code names with ``Table("name")`` (read) and
+    ``Table("name", "w")`` (written): ports are table names unless the step maps
+    them (``inputs``/``outputs``). Names that are not literal strings are not
+    known before the node runs; a file that does not parse names none."""
+    inputs = inputs or {}
+    outputs = outputs or {}
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):  # the run reports it, with its line
+        return [], []
+    reads: list[str] = []
+    writes: list[str] = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and node.args):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        port = node.args[0]
+        if name != "Table" or not (isinstance(port, ast.Constant) and isinstance(port.value, str)):
+            continue
+        mode_arg = node.args[1] if len(node.args) > 1 else next(
+            (k.value for k in node.keywords if k.arg == "mode"), None)  # fmt: skip
+        mode = mode_arg.value if isinstance(mode_arg, ast.Constant) else "r"
+        if isinstance(mode, str) and mode.lower().startswith("w"):
+            writes.append(outputs.get(port.value, port.value))
+        else:
+            reads.append(inputs.get(port.value, port.value))
+    writes = list(dict.fromkeys(writes))
+    return [t for t in dict.fromkeys(reads) if t not in writes], writes
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -870,6 +907,18 @@ def _finish(doc: _Doc, root: Path, app_file: Path, fmt: str, parts: _Parts) -> A
                 f"known steps: {', '.join(known_steps)}",
             )
 
+    # Tables that nodes' code names (ports default to table names).
+    for step, _, _ in parts.steps:
+        if step.kind != "node":
+            continue
+        try:
+            source = (root / step.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):  # the run reports it
+            continue
+        reads, writes = scan_node_tables(source, step.inputs, step.outputs)
+        step._code_reads = [t for t in reads if t not in step.output_tables()]
+        step._code_writes = writes
+
     # Tables read by SQL steps.
     for step, path, file_key in parts.steps:
         if step.kind != "sql":
@@ -887,8 +936,8 @@ def _finish(doc: _Doc, root: Path, app_file: Path, fmt: str, parts: _Parts) -> A
                 path + (file_key,),
                 f"could not parse {step.file} as SQL; its tables were found by a simple scan",
             )
-        step._sql_reads = [t for t in found.reads if t not in step.output_tables()]
-        step._sql_writes = found.writes
+        step._code_reads = [t for t in found.reads if t not in step.output_tables()]
+        step._code_writes = found.writes
 
     # Patterns: a function without a trigger runs when its inputs change.
     for step, _, _ in parts.steps:

@@ -608,8 +608,9 @@ class StepSpec(_Model):
     parser: Literal["csv", "jsonl", "parquet"] | None = None
     parallelism: PositiveInt | None = None
 
-    _sql_reads: list[str] = PrivateAttr(default_factory=list)
-    _sql_writes: list[str] = PrivateAttr(default_factory=list)
+    # tables the step's code names (a SQL step's query, a node's Table() calls)
+    _code_reads: list[str] = PrivateAttr(default_factory=list)
+    _code_writes: list[str] = PrivateAttr(default_factory=list)
 
     STYLE_KEYS: ClassVar[dict[str, tuple[StepKind, ...]]] = _STYLE_KEYS
 
@@ -742,11 +743,12 @@ class StepSpec(_Model):
     @property
     def sql_tables(self) -> list[str]:
         """Tables read by a SQL step's query (filled in by the loader)."""
-        return list(self._sql_reads)
+        return list(self._code_reads) if self.kind == "sql" else []
 
     def input_tables(self) -> list[str]:
-        """Tables this step reads: ``inputs``, ``input`` and, for SQL steps, the query's tables."""
-        tables = [*self.inputs.values(), *([self.input] if self.input else []), *self._sql_reads]
+        """Tables this step reads: ``inputs``, ``input`` and those its code names (a
+        SQL step's query, a node's ``Table("name")`` calls)."""
+        tables = [*self.inputs.values(), *([self.input] if self.input else []), *self._code_reads]
         return list(dict.fromkeys(tables))
 
     def output_tables(self) -> list[str]:
@@ -754,7 +756,7 @@ class StepSpec(_Model):
         tables = [
             *self.outputs.values(),
             *([self.output] if self.output else []),
-            *self._sql_writes,
+            *self._code_writes,
         ]
         return list(dict.fromkeys(tables))
 
@@ -889,7 +891,7 @@ class AppSpec(AppFile):
             names.extend(step.inputs.values())
             names.extend(step.outputs.values())
             names.extend(t for t in (step.input, step.output) if t)
-            names.extend(step._sql_writes)
+            names.extend(step._code_writes)
         names.extend(webhook.table for webhook in self.webhooks)
         return list(dict.fromkeys(names))
 
