@@ -78,4 +78,12 @@ def test_init_refuses_unknown_styles_and_existing_apps(tmp_path):
     assert all(style in unknown.stderr for style in STYLES)
     _ok(cli("init", str(tmp_path / "y")))
     again = cli("init", str(tmp_path / "y"))
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == 1 and "already has stepwell.yml" in again.stderr
+    # a user's file of the same name is never overwritten, nor a Patterns graph.yml shadowed
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "ingest.py").write_text("# my code\n")
+    (tmp_path / "z" / "graph.yml").write_text("title: mine\n")
+    refused = cli("init", str(tmp_path / "z"))
+    assert refused.returncode == 1 and "already has ingest.py, graph.yml" in refused.stderr
+    assert (tmp_path / "z" / "ingest.py").read_text() == "# my code\n"
+    assert not (tmp_path / "z" / "stepwell.yml").exists()

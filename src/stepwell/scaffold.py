@@ -221,8 +221,13 @@ def scaffold(directory: Path, style: str = "node") -> list[str]:
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; choose one of: {', '.join(STYLES)}")
     directory = Path(directory)
-    if (directory / "stepwell.yml").exists():
-        raise FileExistsError(f"{directory / 'stepwell.yml'} already exists; choose an empty folder")
+    # never overwrite: a file of the starter app, or another app file, already there
+    taken = [name for name in (*STYLES[style], "graph.yml") if (directory / name).exists()]
+    if taken:
+        raise FileExistsError(
+            f"{directory} already has {', '.join(taken)}; choose an empty folder "
+            "(stepwell init writes nothing over existing files)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in STYLES[style].items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
