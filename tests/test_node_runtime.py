@@ -1276,3 +1276,11 @@ def test_a_prepared_node_module_is_taken_over_by_its_run(tmp_path, monkeypatch):
     node_worker.run(link, start)
     assert builtins.stepwell_test_ran == 1 and loads == [] and node_worker._prepared is None
     assert [op for op, _ in link.sent] == ["done"]
+
+
+def test_an_int_parameter_refuses_a_fraction_instead_of_dropping_it():
+    from stepwell.runtimes.node.api import _coerce
+
+    assert _coerce("n", 3.0, int) == 3 and _coerce("n", "4", int) == 4
+    with pytest.raises(ValueError, match=r"parameter 'n': cannot use 3.7 as int \(not a whole number\)"):
+        _coerce("n", 3.7, int)

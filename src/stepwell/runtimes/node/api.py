@@ -674,8 +674,8 @@ def _coerce(name: str, value: Any, type_: Any) -> Any:
                     return list(json.loads(text))
                 return [part.strip() for part in text.split(",") if part.strip()]
             return list(value)
-        if type_ in (int, float, str):
-            return type_(value)
+        if type_ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")  # int() would drop the fraction
         return type_(value)
     except (TypeError, ValueError) as exc:
         type_name = getattr(type_, "__name__", type(type_).__name__)
