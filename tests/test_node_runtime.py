@@ -1284,3 +1284,16 @@ def test_an_int_parameter_refuses_a_fraction_instead_of_dropping_it():
     assert _coerce("n", 3.0, int) == 3 and _coerce("n", "4", int) == 4
     with pytest.raises(ValueError, match=r"parameter 'n': cannot use 3.7 as int \(not a whole number\)"):
         _coerce("n", 3.7, int)
+
+
+def test_a_succeeding_run_keeps_its_last_unfinished_line_and_the_log_limit_note(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - {name: short, node: short.py}\n  - {name: chatty, node: chatty.py}\n",
+        "short.py": "print('done', end='')\n",
+        "chatty.py": "for i in range(100_050):\n    print('line', i)\n",
+    })
+    short, chatty = run_app(app)
+    assert short.status.startswith("succeeded") and logs(app, short.id) == ["done"]
+    assert chatty.status.startswith("succeeded")
+    lines = logs(app, chatty.id)
+    assert len(lines) == 100_000 and "log limit reached" in lines[-1] and "51 more lines" in lines[-1]

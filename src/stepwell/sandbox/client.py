@@ -24,6 +24,8 @@ class HostLink:
         self.channel = channel
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        #: the run's captured stdout/stderr: what they hold goes out before ``done``
+        self.outputs: list[LogStream] = []
 
     def forked(self) -> bool:
         """True in a process the step forked: it shares the channel but owns no run."""
@@ -75,6 +77,8 @@ class HostLink:
             raise HostError(f"cannot {op!r} from a process forked by the step")
         if op == "done":  # the host starts the step's next runs with numpy and pandas loaded
             args.setdefault("imported_numpy", "numpy" in sys.modules)
+            for stream in self.outputs:  # (a last unfinished line, the log limit's note)
+                stream.close_out()
         with self._lock:
             self.channel.send({"op": op, **args}, body)
 
@@ -163,4 +167,5 @@ def capture_output(link: HostLink) -> tuple[LogStream, LogStream]:
     budget = _new_budget()
     out, err = LogStream(link, "info", budget=budget), LogStream(link, "error", budget=budget)
     sys.stdout, sys.stderr = out, err
+    link.outputs = [out, err]
     return out, err
