@@ -1003,3 +1003,39 @@ def test_partition_names_sort_in_byte_order(store: Store) -> None:
             tx.set_partition(PartitionRecord("conn", name, name, None))
         tx.commit()
     assert [p.name for p in store.get_partitions("conn")] == sorted(names, key=str.encode)
+
+
+def test_duckdb_errors_say_what_to_do(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from stepwell.store.duckdb import DuckDBStore
+
+    # over the memory budget: stepwell's setting is named, not DuckDB's SET advice
+    small = DuckDBStore(tmp_path / "small.duckdb", memory_limit="16MB")
+    try:
+        with pytest.raises(StoreError) as raised, small.transaction() as tx:
+            tx.append("big", pa.table({"blob": ["x" * (40 << 20)]}))
+        message = str(raised.value)
+        assert "Out of Memory Error" in message and "STEPWELL_DUCKDB_MEMORY" in message
+        assert "SET threads" not in message and "\n" not in message
+    finally:
+        small.close()
+    # another process holds the file: wait for it, or use PostgreSQL
+    path = tmp_path / "held.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "print('ready', flush=True); time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreError, match=r"another one has it .* wait for it to end"):
+            DuckDBStore(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    # not a DuckDB file
+    (tmp_path / "junk.duckdb").write_text("garbage " * 1000)
+    with pytest.raises(StoreError, match="move it away to start a new store"):
+        DuckDBStore(tmp_path / "junk.duckdb")

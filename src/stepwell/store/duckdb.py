@@ -50,6 +50,11 @@ DIALECT = Dialect(
     secondary_indexes=False,
     bootstrap_lock=None,
     concurrent_change_error="write-write conflict",
+    error_hints=(
+        ("Out of Memory Error", "(the embedded DuckDB store works within a memory budget, "
+         "STEPWELL_DUCKDB_MEMORY, default 512MB: raise it for the host process, or write "
+         "the data in smaller parts)"),
+    ),
 )
 
 
@@ -203,11 +208,21 @@ class DuckDBStore(SQLStore):
         try:
             self._con = duckdb.connect(self.path, config={"memory_limit": limit})
         except duckdb.Error as exc:
-            raise StoreError(
-                f"cannot open the DuckDB store {self.path}: {exc}. A DuckDB file can be open "
-                "read-write by one process only: stop the other process using it (e.g. "
-                "`stepwell serve`), or talk to it through its API"
-            ) from exc
+            if "lock" in str(exc).lower():
+                advice = (
+                    "A DuckDB file is open in one process at a time, and another one has it "
+                    "(a `stepwell run` still running, say): wait for it to end. Commands reach "
+                    "a running `stepwell serve` through its API by themselves; for several "
+                    "processes at once, use a PostgreSQL store (--store postgresql://...)"
+                )
+            elif "not a valid" in str(exc).lower() or "corrupt" in str(exc).lower():
+                advice = (
+                    "If the file is damaged, move it away to start a new store (it holds the "
+                    "app's tables, runs and state)"
+                )
+            else:
+                advice = ""
+            raise StoreError(f"cannot open the DuckDB store {self.path}: {exc}. {advice}".rstrip()) from exc
         self._cursor_lock = threading.Lock()
         self._idle: list[duckdb.DuckDBPyConnection] = []
         self._closing = False

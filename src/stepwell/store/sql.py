@@ -98,6 +98,9 @@ class Dialect:
     #: text of the error a transaction gets when another one changed the same table
     #: first and it cannot wait for it (None: writers wait, see ``table_shape_lock``)
     concurrent_change_error: str | None = None
+    #: (text of an error, what to add to its message): advice the backend's own
+    #: message does not give, or gives wrongly for stepwell's users
+    error_hints: tuple[tuple[str, str], ...] = ()
 
     def sql_type(self, logical: str) -> str:
         dec = sch.parse_decimal(logical)
@@ -620,7 +623,8 @@ class SQLTransaction(Transaction):
         marker = self._d.concurrent_change_error
         if marker and marker in str(exc):
             return ConcurrentChange(message + _CONCURRENT_CHANGE_HINT)
-        return StoreError(message)
+        hints = [hint for text, hint in self._d.error_hints if text in str(exc)]
+        return StoreError(" ".join([message.splitlines()[0] if hints else message, *hints]))
 
     def _create_table(self, s: Session, physical: str, columns: Mapping[str, str]) -> None:
         self._change_shapes()
