@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from apputil import cli, write_app
+from serverutil import ThreadServer
 
 
 def _ok(result):
@@ -193,3 +194,22 @@ def test_requirements_installed_once_and_reused(tmp_path):
     assert "reused" in logs[1]
     rows = json.loads(_ok(cli("table", str(app), "greetings", "--json", env=env)).stdout)
     assert [r["text"] for r in rows] == ["hello world", "hello world"]
+
+
+def test_table_json_is_strict_json_with_nested_values(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - {name: odd, node: odd.py}\n",
+        "odd.py": """
+            from patterns import Table
+            Table("odd", "w").append({"d": {"a": 1, "b": [1, 2]}, "l": [1, 2], "f": float("nan")})
+        """,
+    })
+    _ok(cli("run", str(app)))
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    (row,) = json.loads(_ok(cli("table", str(app), "odd", "--json")).stdout, parse_constant=refuse)
+    assert row["d"] == {"a": 1, "b": [1, 2]} and row["l"] == [1, 2] and row["f"] is None
+    with ThreadServer(app) as server, server.client() as client:  # the API says the same
+        assert client.get("/api/tables/odd/rows").json()["rows"][0]["d"] == {"a": 1, "b": [1, 2]}

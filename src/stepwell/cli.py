@@ -83,18 +83,10 @@ def _backend(app_path: str, store_url: str | None, *, warm_workers: bool = False
         yield spec, backend
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray)):
-        return value.hex()
-    if hasattr(value, "as_tuple"):  # Decimal
-        return str(value)
-    return str(value)
-
-
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, default=_jsonable, indent=2))
+    from stepwell.store.schema import jsonable
+
+    print(json.dumps(jsonable(data), indent=2))
 
 
 # -- init -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stepwell.store.base import LogLine, RunRecord, Store, TableInfo
+from stepwell.store.schema import to_pylist
 
 
 class Backend(Protocol):
@@ -48,7 +49,7 @@ class LocalBackend:
     def preview(self, name: str, limit: int) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for batch in self.store.scan(name, batch_rows=max(limit, 1)):
-            rows.extend(batch.to_pylist())
+            rows.extend(to_pylist(batch))  # (JSON columns as their values, not as text)
             if len(rows) >= limit:
                 break
         return rows[:limit]

@@ -9,37 +9,12 @@ strings, bytes as hex.
 from __future__ import annotations
 
 import datetime as dt
-import math
-from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from stepwell.store.base import LogLine, PartitionRecord, RunRecord, TableInfo, TableVersion
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with every leaf turned into a JSON type (see the module docstring)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).hex()
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    item = getattr(value, "item", None)  # numpy scalars
-    if callable(item):
-        return jsonable(item())
-    return str(value)
+from stepwell.store.schema import jsonable
 
 
 class _Model(BaseModel):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -535,6 +536,32 @@ def clean_result(table: pa.Table) -> pa.Table:
         fields.append(f)
         arrays.append(column)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every leaf a JSON type, for the API and the CLI's ``--json``:
+    datetimes and dates in ISO 8601, decimals as text, bytes as hex, NaN and
+    infinities as null."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item):
+        return jsonable(item())
+    return str(value)
 
 
 def to_pylist(data: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:

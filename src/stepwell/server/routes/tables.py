@@ -21,6 +21,7 @@ from stepwell.server.models import (
     jsonable,
 )
 from stepwell.store.base import ID_COLUMN, TableInfo
+from stepwell.store.schema import to_pylist
 
 router = APIRouter(prefix="/api", tags=["tables"])
 
@@ -66,7 +67,7 @@ def get_rows(
                 continue
             batch = batch.slice(skip)
             skip = 0
-            rows.extend(batch.slice(0, limit - len(rows)).to_pylist())
+            rows.extend(to_pylist(batch.slice(0, limit - len(rows))))  # JSON columns as values
             if len(rows) >= limit:
                 break
     return RowsPage(table=name, offset=offset, limit=limit, total=info.row_count, rows=jsonable(rows))
