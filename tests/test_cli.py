@@ -213,3 +213,50 @@ def test_table_json_is_strict_json_with_nested_values(tmp_path):
     assert row["d"] == {"a": 1, "b": [1, 2]} and row["l"] == [1, 2] and row["f"] is None
     with ThreadServer(app) as server, server.client() as client:  # the API says the same
         assert client.get("/api/tables/odd/rows").json()["rows"][0]["d"] == {"a": 1, "b": [1, 2]}
+
+
+def test_ctrl_c_cancels_the_run_in_progress_and_records_it(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": f"""
+            steps:
+              - name: slow
+                node: slow.py
+                parameters: {{port: {listener.getsockname()[1]}}}
+              - name: later
+                node: later.py
+        """,
+        "slow.py": """
+            import socket, time
+            from patterns import Parameter, Table
+            Table("out", "w").append({"n": 1})  # not committed: rolled back on cancel
+            socket.create_connection(("127.0.0.1", Parameter("port", type=int))).close()
+            time.sleep(60)
+        """,
+        "later.py": "print('should not run')\n",
+    })
+    env = {k: v for k, v in os.environ.items() if k != "STEPWELL_SANDBOX"}
+    proc = subprocess.Popen([sys.executable, "-m", "stepwell.cli", "run", str(app)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        listener.accept()[0].close()  # the step is running
+    finally:
+        listener.close()
+    began = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - began < 20
+    assert "interrupted: step 'slow' cancelled" in err and "later steps not run" in err
+    runs = json.loads(_ok(cli("runs", str(app), "--json")).stdout)
+    assert [(r["step"], r["status"]) for r in runs] == [("slow", "cancelled")]
+    assert "interrupted (Ctrl-C)" in runs[0]["error"]
+    assert cli("table", str(app), "out").returncode == 1  # nothing of it was kept

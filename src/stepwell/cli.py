@@ -129,6 +129,7 @@ def run(
         raise CliError(f"unknown executor {executor!r}; use --executor local or --executor ray")
     with _backend(app_path, store, warm_workers=True) as (spec, backend):
         # imported once the fork-server is starting: it warms up meanwhile
+        from stepwell.cli_backend import RunInterrupted
         from stepwell.cli_progress import RunProgress
         from stepwell.engine.app_run import select_steps
 
@@ -137,9 +138,19 @@ def run(
         gc.freeze()
         names = select_steps(spec, steps)
         console = _console()
+        interrupted: RunInterrupted | None = None
         with RunProgress(console, total_steps=len(names)) as progress:
-            runs = backend.run_steps(names, progress)
-        _report_failures(app_path, runs)
+            try:
+                runs = backend.run_steps(names, progress)
+            except RunInterrupted as stop:
+                interrupted, runs = stop, stop.runs
+    if interrupted is not None:
+        cancelled = [r for r in runs if r.status == "cancelled"]
+        what = (f"step {cancelled[-1].step!r} cancelled (run {cancelled[-1].id}), nothing since "
+                "its last commit point kept; " if cancelled else "")  # fmt: skip
+        print(f"interrupted: {what}later steps not run", file=sys.stderr)
+        raise typer.Exit(130)
+    _report_failures(app_path, runs)
 
 
 def _run_on_ray(app_path: str, steps: list[str] | None, store: str | None,

@@ -9,6 +9,8 @@ print the same output.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,10 +81,49 @@ class LocalBackend:
         return load_file(self.store, table, path)
 
     def run_steps(self, names: Sequence[str], listener: Any = None) -> list[RunRecord]:
+        """Raises :class:`RunInterrupted` after a Ctrl-C (see ``_interrupt_cancels``)."""
         from stepwell.engine.app_run import run_steps
         from stepwell.engine.runner import Runner
 
-        return run_steps(Runner(self.spec, self.store, listener=listener), names)
+        runner = Runner(self.spec, self.store, listener=listener)
+        with _interrupt_cancels(runner) as interrupted:
+            runs = run_steps(runner, names, stop=interrupted.is_set)
+        if interrupted.is_set():
+            raise RunInterrupted(runs)
+        return runs
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C stopped ``stepwell run``: ``runs`` are the runs made, the last one cancelled."""
+
+    def __init__(self, runs: list[RunRecord]):
+        super().__init__("interrupted")
+        self.runs = runs
+
+
+@contextmanager
+def _interrupt_cancels(runner: Any) -> Iterator[threading.Event]:
+    """While the block runs, Ctrl-C cancels the run in progress (its worker is
+    killed, its work since the last commit point rolled back and the run recorded
+    ``cancelled``) and sets the event, so that no later step starts. A second
+    Ctrl-C raises KeyboardInterrupt at once."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_interrupt(_signum: int, _frame: Any) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        for run_id in runner.active_runs():
+            runner.cancel(run_id, "cancelled: interrupted (Ctrl-C)")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class RemoteBackend:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stepwell.engine.runner import SUCCESS, Runner
@@ -36,19 +36,26 @@ def follow_up_delay(run: RunRecord) -> float | None:
     return min(float(request.get("wait_atleast_seconds") or 0), MAX_FOREGROUND_WAIT)
 
 
-def run_steps(runner: Runner, names: Sequence[str]) -> list[RunRecord]:
-    """Run each step once (plus the follow-up runs it requests), in order.
+def run_steps(
+    runner: Runner, names: Sequence[str], stop: Callable[[], bool] | None = None
+) -> list[RunRecord]:
+    """Run each step once (plus the follow-up runs it requests), in order, until
+    ``stop()`` says to start no more.
 
     A failed step does not stop independent later steps, but steps reading
     what a failed step writes still run on the data committed so far."""
     runs: list[RunRecord] = []
     try:
         for i, name in enumerate(names):
+            if stop is not None and stop():
+                break
             then = names[i + 1] if i + 1 < len(names) else None  # its worker is made meanwhile
             run = runner.run_step(name, then=then)
             runs.append(run)
             follow_ups = 0
             while (delay := follow_up_delay(run)) is not None and follow_ups < MAX_FOLLOW_UPS:
+                if stop is not None and stop():
+                    break
                 time.sleep(delay)
                 run = runner.run_step(name, trigger="request_new_run", then=then)
                 runs.append(run)
