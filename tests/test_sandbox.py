@@ -789,7 +789,7 @@ def test_a_worker_made_ahead_loads_its_node_but_runs_the_code_of_its_start(tmp_p
         runner.run_step("first", then="second")
         (app / "second.py").write_text("from patterns import Table\nTable('t', 'w').append({'step': 'second v3'})\n")
         assert runner.run_step("second").status == "succeeded"
-    assert broken.status == "failed" and "SyntaxError" in broken.error and "line 1" in broken.error
+    assert broken.status == "failed" and "SyntaxError" in broken.error and "(at second.py:1)" in broken.error
     assert [r["step"] for r in rows(app, "t")] == ["first", "second, v2", "first", "first", "second v3"]
 
 

@@ -40,9 +40,7 @@ def user_traceback(exc: BaseException, app_root: str | None = None) -> str:
     ]
     lines = ["Traceback (most recent call last):\n"]
     for frame in frames:
-        name = frame.filename
-        if app_root and name.startswith(app_root.rstrip("/") + "/"):
-            name = name[len(app_root.rstrip("/")) + 1 :]
+        name = _app_relative(frame.filename, app_root)
         lines.append(f'  File "{name}", line {frame.lineno}, in {frame.name}\n')
         if frame.line:
             lines.append(f"    {frame.line}\n")
@@ -56,15 +54,22 @@ def error_summary(exc: BaseException, app_root: str | None = None) -> str:
     tb: TracebackType | None = exc.__traceback__
     for frame in reversed(traceback.extract_tb(tb)):
         if not frame.filename.startswith(_OWN_ROOT) and not frame.filename.startswith("<"):
-            name = frame.filename
-            if app_root and name.startswith(app_root.rstrip("/") + "/"):
-                name = name[len(app_root.rstrip("/")) + 1 :]
-            where = f" (at {name}:{frame.lineno})"
+            where = f" (at {_app_relative(frame.filename, app_root)}:{frame.lineno})"
             break
     message = str(exc).strip()
     if isinstance(exc, SyntaxError) and exc.lineno:
-        message = f"{exc.msg} (line {exc.lineno})"
+        message = exc.msg  # where: the file and line of the code that does not parse
+        if exc.filename and not exc.filename.startswith("<"):
+            where = f" (at {_app_relative(exc.filename, app_root)}:{exc.lineno})"
+        else:
+            message += f" (line {exc.lineno})"
     return (f"{type(exc).__name__}: {message}" if message else type(exc).__name__) + where
+
+
+def _app_relative(filename: str, app_root: str | None) -> str:
+    """``filename`` relative to the app folder when it is inside it."""
+    prefix = (app_root or "").rstrip("/") + "/"
+    return filename[len(prefix):] if app_root and filename.startswith(prefix) else filename
 
 
 def _add_site_dirs(paths: list[str]) -> None:
