@@ -1297,3 +1297,11 @@ def test_a_succeeding_run_keeps_its_last_unfinished_line_and_the_log_limit_note(
     assert chatty.status.startswith("succeeded")
     lines = logs(app, chatty.id)
     assert len(lines) == 100_000 and "log limit reached" in lines[-1] and "51 more lines" in lines[-1]
+
+
+def test_an_integer_beyond_64_bits_is_named_as_such():
+    from stepwell.runtimes.node.records import RecordError, records_to_arrow
+
+    with pytest.raises(RecordError, match=r"row 1, field 'a': the integer 1180591620717411303424 "
+                                          r"is outside the 64-bit range"):
+        records_to_arrow([{"a": 1}, {"a": 2**70}], "t")

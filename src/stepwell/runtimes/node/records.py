@@ -40,6 +40,11 @@ def _column(name: str, values: list[Any], table: str, first_row: int) -> pa.Arra
         for index, value in enumerate(values):
             if value is None:
                 continue
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                raise RecordError(
+                    f"table {table!r}, row {first_row + index}, field {name!r}: the integer "
+                    f"{value} is outside the 64-bit range a column holds; store it as str or Decimal"
+                ) from None
             try:
                 pa.array([value])
             except Exception:
