@@ -260,3 +260,9 @@ def test_ctrl_c_cancels_the_run_in_progress_and_records_it(tmp_path):
     assert [(r["step"], r["status"]) for r in runs] == [("slow", "cancelled")]
     assert "interrupted (Ctrl-C)" in runs[0]["error"]
     assert cli("table", str(app), "out").returncode == 1  # nothing of it was kept
+
+
+def test_run_says_when_the_app_has_no_steps(tmp_path):
+    app = write_app(tmp_path / "app", {"stepwell.yml": "title: empty\n"})
+    result = _ok(cli("run", str(app)))
+    assert "nothing to run" in result.stderr and "declares no steps" in result.stderr

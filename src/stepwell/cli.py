@@ -137,6 +137,10 @@ def run(
         # again and again while the steps run
         gc.freeze()
         names = select_steps(spec, steps)
+        if not names:
+            print(f"nothing to run: {spec.file} declares no steps (add them under `steps:`)",
+                  file=sys.stderr)  # fmt: skip
+            return
         console = _console()
         interrupted: RunInterrupted | None = None
         with RunProgress(console, total_steps=len(names)) as progress:
