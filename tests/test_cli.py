@@ -266,3 +266,14 @@ def test_run_says_when_the_app_has_no_steps(tmp_path):
     app = write_app(tmp_path / "app", {"stepwell.yml": "title: empty\n"})
     result = _ok(cli("run", str(app)))
     assert "nothing to run" in result.stderr and "declares no steps" in result.stderr
+
+
+def test_load_errors_name_the_file(tmp_path):
+    app = write_app(tmp_path / "app", {"stepwell.yml": "title: loads\n"})
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{bad\n')
+    for name, problem in (("empty.csv", "Empty CSV file"), ("bad.jsonl", "JSON parse error")):
+        result = cli("load", str(app), "t", str(tmp_path / name))
+        assert result.returncode == 1
+        assert f"error: {tmp_path / name}: {problem}" in result.stderr
+    assert cli("table", str(app), "t").returncode == 1  # nothing was written

@@ -11,9 +11,20 @@ from stepwell.store.base import Store
 
 
 def read_file(path: Path) -> pa.Table:
-    """Read .csv, .jsonl/.ndjson, .json (an array of objects) or .parquet."""
+    """Read .csv, .jsonl/.ndjson, .json (an array of objects) or .parquet; a file
+    that cannot be read as its type raises ValueError naming it."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return _read(path)
+    except (pa.ArrowInvalid, UnicodeDecodeError, ValueError) as exc:
+        message = str(exc)
+        if message.startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {message}") from None
+
+
+def _read(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         from pyarrow import csv
