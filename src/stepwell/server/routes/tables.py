@@ -138,8 +138,9 @@ async def append_rows(request: Request, name: str = TableName,
     return LoadResponse(table=name, rows=len(ids))
 
 
-def parse_json_rows(body: bytes, where: str) -> list[dict]:
-    """A JSON object (one row) or array of objects (one row each), else 4xx."""
+def parse_json_rows(body: bytes, where: str, *, allow_empty: bool = False) -> list[dict]:
+    """A JSON object (one row) or array of objects (one row each), else 4xx. An empty
+    object is no row (``allow_empty``: it is, e.g. a request a step answers)."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -153,6 +154,6 @@ def parse_json_rows(body: bytes, where: str) -> list[dict]:
             raise ApiError(
                 422, f"{where}:{at} expected a JSON object (one row), got {type(row).__name__}"
             )
-        if not row:
+        if not row and not allow_empty:
             raise ApiError(422, f"{where}:{at} an empty object is not a row; give it a field")
     return rows

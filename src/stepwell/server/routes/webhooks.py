@@ -58,7 +58,7 @@ async def post_webhook(request: Request, name: str = Path(max_length=200),
     if hook is None:
         known = ", ".join(h.name for h in ctx.app.webhooks) or "none"
         raise not_found(f"no webhook {name!r} (webhooks: {known})")
-    rows = parse_json_rows(await request.body(), f"webhook {name!r}")
+    rows = parse_json_rows(await request.body(), f"webhook {name!r}", allow_empty=hook.respond)
     if hook.respond:
         return await _ingest_and_respond(ctx, hook, rows)
     row_ids = await _ingest(ctx, hook, rows)
