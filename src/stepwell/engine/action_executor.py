@@ -56,6 +56,7 @@ from stepwell.runtimes.action.pool import (
 )
 from stepwell.store import ids
 from stepwell.store.base import LogLine, RunRecord, Store
+from stepwell.store.schema import jsonable
 
 #: Time limit of a step without ``timeout:`` (seconds).
 DEFAULT_STEP_TIMEOUT = 30.0
@@ -128,23 +129,8 @@ class ActionResult:
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with JSON types only: datetimes/dates ISO 8601, Decimals as text,
-    bytes base64, non-finite floats None, tuples/sets lists."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode()
-    return str(value)
+    """``value`` with JSON types only (see ``jsonable``), bytes as base64."""
+    return jsonable(value, binary=lambda data: base64.b64encode(data).decode())
 
 
 def normalize_user(user: Any) -> dict[str, Any]:

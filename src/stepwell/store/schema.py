@@ -23,7 +23,7 @@ import base64
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -538,29 +538,29 @@ def clean_result(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` with every leaf a JSON type, for the API and the CLI's ``--json``:
-    datetimes and dates in ISO 8601, decimals as text, bytes as hex, NaN and
-    infinities as null."""
+def jsonable(value: Any, *, binary: Callable[[bytes], str] = bytes.hex) -> Any:
+    """``value`` with every leaf a JSON type, for the API, the CLI's ``--json`` and
+    action results: datetimes and dates in ISO 8601, decimals as text, bytes as
+    ``binary(bytes)`` (hex unless told), NaN and infinities as null."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, binary=binary) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, binary=binary) for v in value]
     if isinstance(value, (datetime, date, time)):
         return value.isoformat()
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).hex()
+        return binary(bytes(value))
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, timedelta):
         return value.total_seconds()
     item = getattr(value, "item", None)  # numpy scalars
     if callable(item):
-        return jsonable(item())
+        return jsonable(item(), binary=binary)
     return str(value)
 
 
