@@ -94,7 +94,7 @@ class LocalBackend:
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C stopped ``stepwell run``: ``runs`` are the runs made, the last one cancelled."""
+    """Ctrl-C stopped ``stepwell run``: ``runs`` are the runs made (the one in progress cancelled)."""
 
     def __init__(self, runs: list[RunRecord]):
         super().__init__("interrupted")

@@ -6,7 +6,7 @@ the row answers with ``respond_to_request(key, payload)``; the payload becomes
 the HTTP response. The answer goes out when the step calls it (it does not
 wait for the run to commit), and only the first answer for a key counts. A run
 that fails while the request's row is in hand answers it with the error
-(:class:`~stepwell.engine.runner.RequestFailed`, 502) instead of a timeout.
+(:class:`~stepwell.engine.worker_session.RequestFailed`, 502) instead of a timeout.
 """
 
 from __future__ import annotations
