@@ -208,6 +208,8 @@ def test_webhook_bad_bodies_give_json_errors_and_lose_nothing(pipeline):
         assert sorted(results) == [202] * 10 + [422]
         assert sorted(r["n"] for r in table_rows(client, "messages")) == list(range(1, 12))
         assert client.post("/api/webhooks/ingest", json=[]).json()["ids"] == []
+        nan = client.post("/api/webhooks/ingest", content=b'{"n": NaN}')
+        assert nan.status_code == 400 and "NaN is not a JSON value" in nan.json()["error"]["message"]
         deep = client.post("/api/webhooks/ingest", content=b"[" * 100_000 + b"]" * 100_000)
         assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
         archived = client.post("/api/tables/messages__v1/rows", json=[{"n": 19}])

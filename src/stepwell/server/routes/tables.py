@@ -142,8 +142,8 @@ def parse_json_rows(body: bytes, where: str, *, allow_empty: bool = False) -> li
     """A JSON object (one row) or array of objects (one row each), else 4xx. An empty
     object is no row (``allow_empty``: it is, e.g. a request a step answers)."""
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        payload = json.loads(body, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError) as exc:  # (JSONDecodeError is a ValueError)
         raise ApiError(400, f"{where}: the body is not JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, f"{where}: the JSON body is nested too deeply") from None
@@ -157,3 +157,7 @@ def parse_json_rows(body: bytes, where: str, *, allow_empty: bool = False) -> li
         if not row and not allow_empty:
             raise ApiError(422, f"{where}:{at} an empty object is not a row; give it a field")
     return rows
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value (send null or a number)")
