@@ -277,3 +277,15 @@ def test_load_errors_name_the_file(tmp_path):
         assert result.returncode == 1
         assert f"error: {tmp_path / name}: {problem}" in result.stderr
     assert cli("table", str(app), "t").returncode == 1  # nothing was written
+
+
+def test_verbose_works_after_the_command_too(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - {name: boom, node: boom.py}\n",
+        "boom.py": "def inner():\n    raise RuntimeError('deep')\ninner()\n",
+    })
+    for args in (("-v", "run", str(app)), ("run", str(app), "--verbose")):
+        result = cli(*args)
+        assert result.returncode == 1
+        assert "Traceback" in result.stderr and "in inner" in result.stderr, args
+    assert "Traceback" not in cli("run", str(app)).stderr

@@ -418,11 +418,23 @@ app.add_typer(plugin_app, name="plugin")
 app.add_typer(rule_app, name="rule")
 
 
+def _hoist_verbose(argv: list[str]) -> None:
+    """Take ``-v``/``--verbose`` given after the command (``stepwell run APP -v``)
+    as the global option it is (no command has an option of that name)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [i for i in range(2, end) if argv[i] in ("-v", "--verbose")]
+    for i in reversed(flags):
+        del argv[i]
+    if flags:
+        argv.insert(1, "--verbose")
+
+
 def main() -> None:
     """Console-script entry: one clear line on failure, tracebacks with --verbose."""
     # The host does no linear algebra; numpy's BLAS would start a thread per core
     # that spins for a while, taking CPU from the start-up (about 0.1 s of it).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _hoist_verbose(sys.argv)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
