@@ -289,3 +289,15 @@ def test_verbose_works_after_the_command_too(tmp_path):
         assert result.returncode == 1
         assert "Traceback" in result.stderr and "in inner" in result.stderr, args
     assert "Traceback" not in cli("run", str(app)).stderr
+
+
+def test_tables_names_at_most_30_columns_per_table(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - {name: wide, node: wide.py}\n",
+        "wide.py": "from patterns import Table\nTable('wide', 'w').append({f'c{i}': i for i in range(100)})\n",
+    })
+    _ok(cli("run", str(app)))
+    listed = _ok(cli("tables", str(app))).stdout
+    assert "c29 int" in listed and "c30 int" not in listed and "71 more (--json lists all)" in listed
+    (wide,) = json.loads(_ok(cli("tables", str(app), "--json")).stdout)
+    assert len(wide["columns"]) == 101  # with patterns_id

@@ -252,9 +252,15 @@ def tables(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt = N
 
     view = RichTable("table", "rows", "version", "columns")
     for t in infos:
-        view.add_row(t.name, str(t.row_count), str(t.version),
-                     ", ".join(f"{c.name} {c.type}" for c in t.columns))
+        shown = ", ".join(f"{c.name} {c.type}" for c in t.columns[:_COLUMNS_SHOWN])
+        if len(t.columns) > _COLUMNS_SHOWN:  # a wide table stays one readable row
+            shown += f", ... {len(t.columns) - _COLUMNS_SHOWN} more (--json lists all)"
+        view.add_row(t.name, str(t.row_count), str(t.version), shown)
     _console().print(view)
+
+
+#: Columns `stepwell tables` names per table (all of them with --json).
+_COLUMNS_SHOWN = 30
 
 
 # -- runs / logs --------------------------------------------------------------
