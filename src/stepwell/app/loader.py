@@ -915,9 +915,7 @@ def _finish(doc: _Doc, root: Path, app_file: Path, fmt: str, parts: _Parts) -> A
             source = (root / step.file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):  # the run reports it
             continue
-        reads, writes = scan_node_tables(source, step.inputs, step.outputs)
-        step._code_reads = [t for t in reads if t not in step.output_tables()]
-        step._code_writes = writes
+        step.set_code_tables(*scan_node_tables(source, step.inputs, step.outputs))
 
     # Tables read by SQL steps.
     for step, path, file_key in parts.steps:
@@ -936,8 +934,7 @@ def _finish(doc: _Doc, root: Path, app_file: Path, fmt: str, parts: _Parts) -> A
                 path + (file_key,),
                 f"could not parse {step.file} as SQL; its tables were found by a simple scan",
             )
-        step._code_reads = [t for t in found.reads if t not in step.output_tables()]
-        step._code_writes = found.writes
+        step.set_code_tables(found.reads, found.writes)
 
     # Patterns: a function without a trigger runs when its inputs change.
     for step, _, _ in parts.steps:

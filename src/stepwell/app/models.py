@@ -745,6 +745,12 @@ class StepSpec(_Model):
         """Tables read by a SQL step's query (filled in by the loader)."""
         return list(self._code_reads) if self.kind == "sql" else []
 
+    def set_code_tables(self, reads: list[str], writes: list[str]) -> None:
+        """Record the tables the step's code names (the loader scans it): reads that
+        are not outputs of the step count as inputs."""
+        self._code_reads = [t for t in reads if t not in self.output_tables()]
+        self._code_writes = writes
+
     def input_tables(self) -> list[str]:
         """Tables this step reads: ``inputs``, ``input`` and those its code names (a
         SQL step's query, a node's ``Table("name")`` calls)."""

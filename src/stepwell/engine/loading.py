@@ -17,7 +17,7 @@ def read_file(path: Path) -> pa.Table:
         raise FileNotFoundError(f"{path}: no such file")
     try:
         return _read(path)
-    except (pa.ArrowInvalid, UnicodeDecodeError, ValueError) as exc:
+    except ValueError as exc:  # (pyarrow's ArrowInvalid and UnicodeDecodeError are ValueErrors)
         message = str(exc)
         if message.startswith(str(path)):
             raise

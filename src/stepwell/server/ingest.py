@@ -167,14 +167,15 @@ class Ingest:
                 log.exception("dispatch after a commit to %r failed", table)
 
     def _commit_retrying(self, table: str, batch: list[_Item]) -> list[str]:
-        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 return self._commit(table, batch)
             except ConcurrentChange:
                 if attempt >= CONFLICT_ATTEMPTS:
                     raise
                 time.sleep(min(0.02 * attempt, 0.1))  # let the change that won finish
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def _commit(self, table: str, batch: list[_Item]) -> list[str]:
         parts: list[pa.Table] = []

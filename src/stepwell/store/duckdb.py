@@ -208,14 +208,15 @@ class DuckDBStore(SQLStore):
         try:
             self._con = duckdb.connect(self.path, config={"memory_limit": limit})
         except duckdb.Error as exc:
-            if "lock" in str(exc).lower():
+            text = str(exc).lower()
+            if "lock" in text:
                 advice = (
                     "A DuckDB file is open in one process at a time, and another one has it "
                     "(a `stepwell run` still running, say): wait for it to end. Commands reach "
                     "a running `stepwell serve` through its API by themselves; for several "
                     "processes at once, use a PostgreSQL store (--store postgresql://...)"
                 )
-            elif "not a valid" in str(exc).lower() or "corrupt" in str(exc).lower():
+            elif "not a valid" in text or "corrupt" in text:
                 advice = (
                     "If the file is damaged, move it away to start a new store (it holds the "
                     "app's tables, runs and state)"

@@ -143,7 +143,7 @@ def parse_json_rows(body: bytes, where: str, *, allow_empty: bool = False) -> li
     object is no row (``allow_empty``: it is, e.g. a request a step answers)."""
     try:
         payload = json.loads(body, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError) as exc:  # (JSONDecodeError is a ValueError)
+    except ValueError as exc:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         raise ApiError(400, f"{where}: the body is not JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, f"{where}: the JSON body is nested too deeply") from None
