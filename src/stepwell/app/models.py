@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NoReturn
 
-from croniter import croniter
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -259,13 +258,45 @@ def _parse_trigger(value: Any) -> str:
     text = " ".join(value.split())
     if text.lower() in ("manual", "upstream"):
         return text.lower()
+    # imported here: croniter runs `file` on the interpreter when imported (a
+    # subprocess every CLI start would pay), and only cron triggers need it
+    from croniter import croniter
+
     try:
         valid = croniter.is_valid(text)
     except Exception:  # croniter raises on some malformed inputs instead of returning False
         valid = False
     if not valid:
         fail(f"bad trigger {value!r}: not 'manual', 'upstream' or a valid cron expression", hint)
+    if problem := _cron_step_problem(text):
+        fail(f"bad trigger {value!r}: {problem}", hint)
     return text
+
+
+#: the first five cron fields: name, lowest value, highest value
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+                ("month", 1, 12), ("day of week", 0, 6))  # fmt: skip
+
+
+def _cron_step_problem(text: str) -> str | None:
+    """Why a ``/N`` step in ``text`` picks a single value (``*/99`` in the minute
+    field fires at minute 0 only, once an hour), or None. croniter accepts these."""
+    for field, (name, low, high) in zip(text.split(), _CRON_FIELDS, strict=False):
+        for part in field.split(","):
+            base, slash, step = part.partition("/")
+            if not slash or not step.isdigit():
+                continue
+            first, dash, last = base.partition("-")
+            if base == "*":
+                span_low, span_high = low, high
+            elif first.isdigit() and (not dash or last.isdigit()):
+                span_low, span_high = int(first), int(last) if dash else high
+            else:  # names (mon-fri/2): croniter's own rules
+                continue
+            if int(step) > span_high - span_low:
+                return (f"step /{step} in the {name} field covers no more than its first "
+                        f"value ({span_low}); steps must be smaller than the range they divide")  # fmt: skip
+    return None
 
 
 LOGICAL_TYPES: tuple[str, ...] = (
