@@ -95,6 +95,18 @@ def test_columns_in_any_order_land_in_their_own_columns(store: Store) -> None:
     ]
 
 
+def test_column_names_that_differ_only_in_case(store: Store) -> None:
+    if not store.dialect.case_insensitive:  # PostgreSQL: quoted names keep their case
+        write(store, "t", {"Name": ["a"], "name": ["b"]})
+        assert rows(store, "t") == [{"Name": "a", "name": "b"}]
+        return
+    with pytest.raises(StoreError, match="columns 'Name' and 'name' differ only in case"):
+        write(store, "t", {"Name": ["a"], "name": ["b"]})
+    write(store, "t", {"Name": ["a"]})
+    write(store, "t", {"name": ["b"]})  # DuckDB's names ignore case: the same column
+    assert rows(store, "t") == [{"Name": "a"}, {"Name": "b"}]
+
+
 def test_int_column_widens_to_float(store: Store) -> None:
     write(store, "t", {"v": [1, 2]})
     write(store, "t", {"v": [2.5]})
@@ -1039,3 +1051,13 @@ def test_duckdb_errors_say_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "junk.duckdb").write_text("garbage " * 1000)
     with pytest.raises(StoreError, match="move it away to start a new store"):
         DuckDBStore(tmp_path / "junk.duckdb")
+
+
+def test_missing_table_message_suggests_and_stays_short() -> None:
+    from stepwell.store.base import missing_table_message
+
+    assert missing_table_message("t", []) == "table 't' does not exist (there are no tables yet)"
+    names = [f"orders_{i:03d}" for i in range(500)]
+    message = missing_table_message("order_007", names)
+    assert message.startswith("table 'order_007' does not exist (did you mean 'orders_007'")
+    assert message.endswith(", ... (500 in all))") and "orders_020" not in message

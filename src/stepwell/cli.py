@@ -215,8 +215,10 @@ def table(
     with _backend(app_path, store) as (_spec, backend):
         info = backend.table_info(name)
         if info is None:
-            known = ", ".join(t.name for t in backend.list_tables()) or "none yet"
-            raise CliError(f"table {name!r} does not exist (tables: {known})")
+            from stepwell.store.base import missing_table_message
+
+            known = [t.name for t in backend.list_tables()]
+            raise CliError(missing_table_message(name, known))
         rows = backend.preview(name, limit)
     if as_json:
         _print_json(rows)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -77,6 +78,17 @@ class TableInfo:
     row_count: int | None
     version: int
     unique_on: list[str] | None = None
+
+
+def missing_table_message(name: str, known: Sequence[str], listed: int = 20) -> str:
+    """``table 'name' does not exist`` with the closest names and (some of) the rest."""
+    if not known:
+        return f"table {name!r} does not exist (there are no tables yet)"
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    more = f", ... ({len(names)} in all)" if len(names) > listed else ""
+    return f"table {name!r} does not exist ({hint}tables: {', '.join(names[:listed])}{more})"
 
 
 @dataclass

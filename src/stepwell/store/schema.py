@@ -368,6 +368,13 @@ class SchemaPlan:
     rename: dict[str, str] = field(default_factory=dict)
 
 
+def _case_clash(table: str, first: str, second: str) -> StoreError:
+    return StoreError(
+        f"table {table!r}: columns {first!r} and {second!r} differ only in case, and this "
+        "store's column names ignore case: rename one of them"
+    )
+
+
 def plan_columns(
     table: str,
     existing: Mapping[str, str] | None,
@@ -386,21 +393,21 @@ def plan_columns(
 
     if existing is None:
         columns: dict[str, str] = {}
+        spelled: dict[str, str] = {}
         for f in incoming:
-            if key(f.name) in {key(c) for c in columns}:
-                raise StoreError(f"table {table!r}: columns {f.name!r} differ only in case")
+            if (other := spelled.setdefault(key(f.name), f.name)) != f.name:
+                raise _case_clash(table, other, f.name)
             logical = logical_type(f)
             columns[f.name] = NULL_COLUMN_TYPE if logical == NULL else logical
         return SchemaPlan(columns=columns, create=True, add=list(columns.items()))
 
     plan = SchemaPlan(columns=dict(existing))
     lookup = {key(name): name for name in existing}
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for f in incoming:
         k = key(f.name)
-        if k in seen:
-            raise StoreError(f"table {table!r}: columns {f.name!r} differ only in case")
-        seen.add(k)
+        if (other := seen.setdefault(k, f.name)) != f.name:
+            raise _case_clash(table, other, f.name)
         logical = logical_type(f)
         if k not in lookup:
             new = NULL_COLUMN_TYPE if logical == NULL else logical

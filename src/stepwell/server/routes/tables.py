@@ -20,7 +20,7 @@ from stepwell.server.models import (
     TableVersionModel,
     jsonable,
 )
-from stepwell.store.base import ID_COLUMN, TableInfo
+from stepwell.store.base import ID_COLUMN, TableInfo, missing_table_message
 from stepwell.store.schema import to_pylist
 
 router = APIRouter(prefix="/api", tags=["tables"])
@@ -33,8 +33,8 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 def table_or_404(ctx: ServerContext, name: str) -> TableInfo:
     info = ctx.store.table_info(name)
     if info is None:
-        known = ", ".join(t.name for t in ctx.store.list_tables()) or "none yet"
-        raise not_found(f"table {name!r} does not exist (tables: {known})")
+        known = [t.name for t in ctx.store.list_tables()]
+        raise not_found(missing_table_message(name, known))
     return info
 
 
