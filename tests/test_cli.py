@@ -107,6 +107,19 @@ def test_load_every_file_type_as_one_committed_write(tmp_path):
     assert missing.returncode == 1 and "nope.csv" in missing.stderr
 
 
+def test_run_says_when_a_step_still_asks_for_more_runs(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: forever\n    node: forever.py\n",
+        "forever.py": "from patterns import State\nState().request_new_run()\n",
+    })
+    result = _ok(cli("run", str(app)))
+    assert "note: step 'forever' still asks for another run after 100 follow-up runs" in (
+        result.stderr
+    )
+    runs = json.loads(_ok(cli("runs", str(app), "--json", "--limit", "200")).stdout)
+    assert len(runs) == 101
+
+
 def test_unknown_table_run_and_step_are_clear(tmp_path):
     app = write_app(tmp_path / "app", {"stepwell.yml": "steps:\n  - name: a\n    node: a.py\n",
                                        "a.py": "pass\n"})

@@ -336,10 +336,60 @@ def test_rollback_rewind_seek_and_consume_with_rollback(tmp_path):
     store.close()
     failed = run_app(app, steps=["sink"])[0]
     assert failed.status == "failed" and "bad record 3" in failed.error
-    # the failure rolled back to the last commit point: rows 0..3 are not kept
-    assert rows(app, "log") == []
-    run_app(app, steps=["sink"])  # phase is still 1: rows 0..3 raise again
-    assert rows(app, "log") == []
+    # rows 0..2 were done: what they wrote is kept and they are not read again; the
+    # failing row's own writes and state change are dropped, and it comes again
+    done = [{"phase": 1, "n": n} for n in range(3)]
+    assert [{k: r[k] for k in ("phase", "n")} for r in rows(app, "log", order_by="n")] == done
+    again = run_app(app, steps=["sink"])[0]  # phase is still 1: row 3 raises again
+    assert again.status == "failed"
+    assert len(rows(app, "log")) == 3
+
+
+@pytest.mark.parametrize("row_also", ["counts in state", "truncates a table", "reads a second stream"])
+def test_consume_with_rollback_keeps_the_rows_done_before_the_failing_one(tmp_path, row_also):
+    """Each row done counts as committed; where the failing row already changed the
+    store (a truncate) or a second stream is read, the block goes back to the last
+    commit point instead, so nothing is half kept."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: source\n    node: source.py\n"
+                        "  - name: sink\n    node: sink.py\n",
+        "source.py": """
+            from patterns import Table
+            Table("nums", "w").append([{"n": i} for i in range(6)])
+            Table("other", "w").append([{"n": i} for i in range(2)])
+        """,
+        "sink.py": f"""
+            from patterns import State, Table
+            out, scratch, state = Table("out", "w"), Table("scratch", "w"), State()
+            mode = {row_also!r}
+            if mode == "reads a second stream":
+                list(Table("other").as_stream().consume_records())
+            with Table("nums").as_stream(order_by="n").consume_with_rollback() as records:
+                for r in records:
+                    out.append({{"n": r["n"]}})
+                    state.set_value("count", state.get_value("count", 0) + 1)
+                    if r["n"] == 3:
+                        if mode == "truncates a table":
+                            scratch.truncate()
+                        raise ValueError("bad record 3")
+        """,
+    })
+    run_app(app, steps=["source"])
+    failed = run_app(app, steps=["sink"])[0]
+    assert failed.status == "failed" and "bad record 3" in failed.error
+    written = sorted(r["n"] for r in rows(app, "out"))
+    from stepwell.store import open_store
+
+    store = open_store(None, app)
+    try:
+        state = store.get_state("sink")
+    finally:
+        store.close()
+    if row_also == "counts in state":
+        assert written == [0, 1, 2] and state == {"count": 3}
+        assert failed.rows_out == 3 and failed.rows_in > 0  # what its commit counted
+    else:  # back to the last commit point (the start of the run)
+        assert written == [] and state == {}
 
 
 def test_seek_and_rewind(tmp_path):
@@ -683,6 +733,8 @@ def test_common_model_schema_fixes_column_types_and_keys(tmp_path, store_url):
                 node: pay.py
               - name: loose
                 node: loose.py
+              - name: keyed
+                node: keyed.py
         """,
         "schemas/Payment.yml": """
             name: Payment
@@ -705,8 +757,16 @@ def test_common_model_schema_fixes_column_types_and_keys(tmp_path, store_url):
             Table("other", "w", schema="Payment").append({"payment_id": 7, "amount": 1.25})
             Table("bad", "w", schema="Nope").append({"a": 1})
         """,
+        "keyed.py": """
+            from patterns import Table
+            t = Table("keyed", "w", schema="Payment")  # its keys come from the schema
+            t.append({"payment_id": 7, "amount": 1.25})
+            t.upsert({"payment_id": 7, "amount": 2.5})
+        """,
     })
-    pay, loose = run_app(app, store_url)
+    pay, loose, keyed = run_app(app, store_url)
+    assert keyed.status == "succeeded", keyed.error
+    assert [str(r["amount"]) for r in rows(app, "keyed", store_url)] == ["2.50"]
     assert pay.status == "succeeded", pay.error
     (row,) = rows(app, "payments", store_url)
     assert row["payment_id"] == 1 and str(row["amount"]) == "12.50"
@@ -1305,3 +1365,51 @@ def test_an_integer_beyond_64_bits_is_named_as_such():
     with pytest.raises(RecordError, match=r"row 1, field 'a': the integer 1180591620717411303424 "
                                           r"is outside the 64-bit range"):
         records_to_arrow([{"a": 1}, {"a": 2**70}], "t")
+
+
+@pytest.mark.parametrize(
+    ("limit", "elapsed", "expected"),
+    [(60, 47.0, True), (60, 49.0, False), (3600, 3470.0, True), (3600, 3490.0, False)],
+)
+def test_should_continue_stops_at_the_later_of_80_percent_and_120_s_before(
+    monkeypatch, limit, elapsed, expected
+):
+    """As in Patterns: 'which ever is greater' of 80 % of the limit and 120 s before it."""
+    from types import SimpleNamespace
+
+    from stepwell.runtimes.node import api
+
+    fake = SimpleNamespace(time_limit=limit, elapsed=lambda: elapsed)
+    monkeypatch.setattr(api, "_session", fake)
+    assert api.State().should_continue() is expected
+
+
+def test_a_second_as_stream_continues_the_first_and_reset_restarts_it(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: gen\n    node: gen.py\n  - name: proc\n    node: proc.py\n",
+        "gen.py": """
+            from patterns import State, Table
+            state = State()
+            k = state.get_value("k", 0)
+            Table("src", "w").append([{"n": k * 3 + i} for i in range(3)])
+            state.set_value("k", k + 1)
+        """,
+        "proc.py": """
+            import os
+            from patterns import State, Table
+            src, out = Table("src"), Table("out", "w")
+            out.append([{"n": r["n"]} for r in src.as_stream().consume_records()])
+            again = Table("src").as_stream()  # e.g. a helper asks for the stream again
+            assert list(again.consume_records()) == []
+            if os.path.exists("reset-now"):
+                State().reset()  # the stream made above starts again
+                print("after reset", [r["n"] for r in again.consume_records()])
+        """,
+    })
+    for _ in range(3):
+        run_app(app, steps=["gen"])
+        assert run_app(app, steps=["proc"])[0].status == "succeeded"
+    assert sorted(r["n"] for r in rows(app, "out")) == list(range(9))
+    (app / "reset-now").write_text("")
+    run = run_app(app, steps=["proc"])[0]
+    assert run.status == "succeeded" and logs(app, run.id) == [f"after reset {list(range(9))}"]

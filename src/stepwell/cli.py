@@ -175,9 +175,15 @@ def _run_on_ray(app_path: str, steps: list[str] | None, store: str | None,
 
 
 def _report_failures(app_path: str, runs: list[Any]) -> None:
-    """One stderr line per failed run (and its traceback with --verbose); exit 1."""
+    """One stderr line per failed run (and its traceback with --verbose); exit 1.
+    A step still asking for more runs (``State.request_new_run``) is named too."""
+    from stepwell.engine.app_run import MAX_FOLLOW_UPS, still_asking
     from stepwell.engine.runner import SUCCESS
 
+    for step in still_asking(runs):
+        print(f"note: step {step!r} still asks for another run after {MAX_FOLLOW_UPS} "
+              "follow-up runs (as many as `stepwell run` makes): run it again, or let "
+              "`stepwell serve` keep running it", file=sys.stderr)  # fmt: skip
     failed = [r for r in runs if r.status not in SUCCESS]
     for r in failed:
         details = f" (details: stepwell logs {app_path} {r.id})" if r.id else ""

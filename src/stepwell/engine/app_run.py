@@ -36,6 +36,13 @@ def follow_up_delay(run: RunRecord) -> float | None:
     return min(float(request.get("wait_atleast_seconds") or 0), MAX_FOREGROUND_WAIT)
 
 
+def still_asking(runs: Sequence[RunRecord]) -> list[str]:
+    """Steps whose last run in ``runs`` asked for another run that was not made
+    (``MAX_FOLLOW_UPS`` reached, or the run was stopped)."""
+    last = {run.step: run for run in runs}
+    return [step for step, run in last.items() if follow_up_delay(run) is not None]
+
+
 def run_steps(
     runner: Runner, names: Sequence[str], stop: Callable[[], bool] | None = None
 ) -> list[RunRecord]:

@@ -413,6 +413,7 @@ class Runner:
                 "ended_at": _now(),
                 "error": redact(outcome.error),
                 "traceback": redact(outcome.traceback),
+                "rows_in": staged.committed_rows_in if staged else 0,
                 "rows_out": staged.committed_rows_out if staged else 0,
             }
             if staged is not None:

@@ -36,6 +36,8 @@ class StagedRun:
         self.step = step
         self.rows_out = 0  # rows written, including staged ones
         self.committed_rows_out = 0
+        #: rows read as of the last commit point (kept by the run's worker session)
+        self.committed_rows_in = 0
         self._unique_on = dict(unique_on or {})
         self._column_types = dict(column_types or {})
         self._tx: Transaction | None = None
@@ -122,7 +124,10 @@ class StagedRun:
         data = self.prepare(data, id_column=id_column, add_created=add_created, schema=declared)
         if mode == "upsert":
             if not unique_on:
-                raise ValueError(f"upsert into {table!r} needs unique_on columns")
+                raise ValueError(
+                    f"upsert into {table!r} needs unique_on columns: declare them for the "
+                    "table or its schema in the app file, or pass them to init(unique_on=[...])"
+                )
             written = self.tx().upsert(table, data, unique_on)
         elif mode == "append":
             written = self.tx().append(table, data, unique_on)

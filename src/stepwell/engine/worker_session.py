@@ -322,7 +322,7 @@ class WorkerSession:
     # -- commit points ---------------------------------------------------
     def op_commit(self, message: dict, _body: bytes) -> dict:
         self._commit(message)
-        self.committed_rows_in = self.rows_in
+        self.committed_rows_in = self.staged.committed_rows_in = self.rows_in
         return {}
 
     def _commit(self, message: dict, run_fields: dict[str, Any] | None = None) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from stepwell.runtimes.node.records import RecordError, records_to_arrow, to_records
-from stepwell.runtimes.node.session import NodeSession
+from stepwell.runtimes.node.session import NodeSession, SavePoint
 from stepwell.store.schema import is_json_field, to_pylist
 
 __all__ = [
@@ -142,6 +142,14 @@ class Table:
         return _shape(iter(self._session.read_sql(sql).to_batches()), as_format, chunksize)
 
     def as_stream(self, order_by: str | None = None, starting_value: Any = None) -> Stream:
+        """The table's stream in ``order_by`` order. A run has one stream per table
+        and order (as in Patterns): asking again returns it, where it is now, so no
+        second stream can commit an older position over the first one's progress."""
+        for stream in self._session.streams:
+            if stream.table.table_name == self.table_name and stream.order_by_field == (
+                order_by or ID_COLUMN
+            ):
+                return stream
         return Stream(self, order_by, starting_value)
 
     # -- writing ---------------------------------------------------------
@@ -201,7 +209,9 @@ class Table:
     def upsert(self, records: Any) -> None:
         """Insert or replace rows by the ``unique_on`` columns given to ``init``."""
         self._check_writable("upsert rows")
-        if not self._options["unique_on"]:
+        # a schema named in code (Table(..., schema="Order")) may declare them: the
+        # host knows the app's schemas and says so if it does not
+        if not self._options["unique_on"] and not isinstance(self._options["schema"], str):
             raise ValueError(
                 f"Table({self.port!r}).upsert needs unique_on: call "
                 f"Table({self.port!r}, 'w').init(unique_on=[...]) first"
@@ -218,7 +228,7 @@ class Table:
         self._check_writable("truncate it")
         self._buffer.clear()
         if self._connected:
-            self._session.link.call("truncate", table=self.table_name)
+            self._session.change("truncate", table=self.table_name)
 
     def reset(self) -> None:
         """Start a new empty version; earlier versions are kept."""
@@ -243,7 +253,7 @@ class Table:
         self._buffer.clear()
         version = 1
         if self._connected:
-            reply, _ = self._session.link.call("reset", table=self.table_name)
+            reply, _ = self._session.change("reset", table=self.table_name)
             version = int(reply.get("version") or 1)
         return TableVersion(self.table_name, version, None, 0)
 
@@ -253,7 +263,7 @@ class Table:
         number = version.version if isinstance(version, TableVersion) else int(version)
         self._send_buffer()
         if self._connected:
-            self._session.link.call("activate_version", table=self.table_name, version=number)
+            self._session.change("activate_version", table=self.table_name, version=number)
 
     def signal_create(self) -> None:
         """Kept for Patterns code: downstream steps hear of every commit anyway."""
@@ -508,16 +518,32 @@ class Stream:
         self._forget_current()
         self._generation += 1
 
+    def seek_position(self, position: tuple[int, Any, Any] | None) -> None:
+        """Continue right after ``position`` (as ``_current`` gave it)."""
+        self._base = position
+        self._forget_current()
+        self._generation += 1
+
     def _version_hint(self) -> int:
         info = self._session.table_info(self.table.table_name)
         return int(info.get("version", 1))
 
     @contextlib.contextmanager
     def consume_with_rollback(self) -> Iterator[Iterator[dict[str, Any]]]:
-        """Consume rows; if the block raises, roll back to the last commit point and
-        re-raise, so the failing row (and its writes) come again next run."""
+        """Consume rows; a row is done once the block asks for the next one. If the
+        block raises, what the rows before the failing one did is committed, the
+        failing row's own writes are dropped and it comes again next run (as if
+        each row were a commit point); then the error goes on.
+
+        Rows are committed in groups, not one by one: a failing row's writes are
+        dropped from the worker's buffers (a save point after each row). Where that
+        cannot be done (the row's writes already reached the host, or it used a
+        second stream), the block rolls back to the last commit point instead."""
+        session = self._session
+        saved: SavePoint | None = None
 
         def records() -> Iterator[dict[str, Any]]:
+            nonlocal saved
             since, last = 0, _now()
             for record in self.consume_records():
                 yield record
@@ -525,11 +551,13 @@ class Stream:
                 if since >= GROUP_COMMIT_ROWS or _now() - last > GROUP_COMMIT_SECONDS:
                     self.checkpoint()
                     since, last = 0, _now()
+                saved = session.save_point(self, saved)
 
         try:
             yield records()
         except BaseException:
-            self.rollback()
+            if saved is None or not session.commit_to(saved):
+                self.rollback()
             raise
 
 
@@ -556,6 +584,7 @@ class State:
 
     def set_value(self, key: str, value: Any) -> None:
         self._session.state[key] = _jsonable(value)
+        self._session.state_changes += 1
 
     def get_datetime(self, key: str, default: Any = None) -> dt.datetime | None:
         value = self._session.state.get(key, default)
@@ -564,16 +593,20 @@ class State:
         return value
 
     def reset(self) -> None:
-        """Clear all values and stream positions of this step (at the next commit)."""
+        """Clear all values and stream positions of this step (at the next commit);
+        streams already made start again from the first row."""
         self._session.state = {}
         self._session.state_reset = True
         self._session.committed_positions.clear()
+        for stream in self._session.streams:
+            stream.rewind()
 
     def should_continue(
         self, pct_of_limit: float | None = None, seconds_till_limit: float | None = None
     ) -> bool:
         """False once the run nears its time limit: by default at 80 % of it or
-        120 s before it, whichever comes first."""
+        120 s before it, whichever is later (as in Patterns: a 60 s limit stops at
+        48 s, a 1 h limit 120 s before its end)."""
         limit = self._session.time_limit
         if not limit:
             return True
@@ -584,7 +617,7 @@ class State:
             return elapsed < limit * pct
         if seconds_till_limit is not None and pct_of_limit is None:
             return elapsed < limit - seconds
-        return elapsed < min(limit * pct, limit - seconds)
+        return elapsed < max(limit * pct, limit - seconds)
 
     def request_new_run(
         self, trigger_downstream: bool = True, wait_atleast_seconds: float | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stepwell.sandbox.client import HostLink
@@ -20,6 +21,21 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from stepwell.runtimes.node.api import Stream, Table
+
+
+@dataclass
+class SavePoint:
+    """Where a run was after a stream's row was done (``Stream.consume_with_rollback``)."""
+
+    stream: Stream
+    position: tuple[int, Any, Any] | None
+    #: ``NodeSession.changes_sent`` then: the save point holds while it is unchanged
+    changes_sent: int
+    #: rows in each table's write buffer then
+    buffered: dict[int, int]
+    #: ``NodeSession.state_changes`` when ``state`` was copied, and the copy
+    state_changes: int
+    state: dict[str, Any]
 
 
 class NodeSession:
@@ -46,6 +62,11 @@ class NodeSession:
         self._committed_positions: dict[tuple[str, tuple[str, ...]], tuple[int, Any, Any]] = {}
         self.state_reset = False
         self.new_run_request: dict[str, Any] | None = None
+        #: changes sent to the host (writes shipped, truncates, commits, ...): a
+        #: save point taken before the last one cannot be gone back to in the worker
+        self.changes_sent = 0
+        #: calls that may have changed ``state`` (``State.set``/``set_value``/...)
+        self.state_changes = 0
 
     # -- the step's memory: State and stream positions ----------------------
     def _load_memory(self) -> None:
@@ -68,6 +89,7 @@ class NodeSession:
     @state.setter
     def state(self, value: dict[str, Any]) -> None:
         self._load_memory()
+        self.state_changes += 1
         self._state = value
 
     @property
@@ -82,7 +104,13 @@ class NodeSession:
         return self.inputs.get(port) or self.outputs.get(port) or port
 
     def write(self, table: str, data: pa.Table, **options: Any) -> None:
+        self.changes_sent += 1
         self.link.notify("write", data, table=table, **options)
+
+    def change(self, op: str, **fields: Any) -> tuple[dict[str, Any], bytes]:
+        """Ask the host to change a table (``truncate``, ``reset``, ...)."""
+        self.changes_sent += 1
+        return self.link.call(op, **fields)
 
     def scan(self, table: str, order_by: list[str] | None, after: Any, batch_rows: int = 50_000):
         """Yield (version, Arrow batch) pairs of a consistent snapshot of ``table``."""
@@ -101,6 +129,7 @@ class NodeSession:
         """Have the host check (and, for UPDATE/DELETE, run) ``Table.execute_sql``'s
         statement: its reply (kind, columns, rows changed) and the rows to write."""
         allowed = {name: t.table_name for name, t in self.tables.items()}
+        self.changes_sent += 1
         reply, body = self.link.call("table_sql", sql=sql, table=table, tables=allowed)
         return reply, decode_table(body) if body else None
 
@@ -135,8 +164,35 @@ class NodeSession:
 
     def commit(self) -> None:
         effects = self._effects()
+        self.changes_sent += 1
         self.link.call("commit", **effects)
         self._mark_committed(effects)
+
+    # -- save points (Stream.consume_with_rollback) ------------------------
+    def save_point(self, stream: Stream, last: SavePoint | None) -> SavePoint | None:
+        """Where the run is now that ``stream``'s current row is done; None when
+        going back to it could not be done here (another stream is in use)."""
+        if len(self.streams) > 1:
+            return None
+        state_changes, state = (last.state_changes, last.state) if last else (-1, {})
+        if state_changes != self.state_changes:  # copied only when it may have changed
+            state_changes, state = self.state_changes, copy.deepcopy(self.state)
+        return SavePoint(
+            stream, stream._current, self.changes_sent,
+            {id(t): len(t._buffer) for t in self.tables.values()}, state_changes, state,
+        )  # fmt: skip
+
+    def commit_to(self, point: SavePoint) -> bool:
+        """Drop what the run did after ``point`` and commit the rest; False (nothing
+        done) when part of it already reached the host."""
+        if point.changes_sent != self.changes_sent or len(self.streams) > 1:
+            return False
+        for table in self.tables.values():
+            del table._buffer[point.buffered.get(id(table), 0) :]
+        self._state = copy.deepcopy(point.state)
+        point.stream.seek_position(point.position)
+        self.commit()
+        return True
 
     def _mark_committed(self, effects: dict[str, Any]) -> None:
         if effects["positions"] is None:
