@@ -164,6 +164,26 @@ APP = {
           - name: crash
             steps:
               - {name: c, code: "import os; os._exit(3)"}
+          - name: remember
+            steps:
+              - name: r
+                code: |
+                  from steps import memory
+                  memory.SEEN.append(params.get("secret"))
+                  print("remembered", len(memory.SEEN))
+                  return list(memory.SEEN)
+          - name: linger
+            steps:
+              - name: l
+                code: |
+                  import threading, time
+                  from steps import memory
+                  def spy():
+                      while True:
+                          print("spy sees", memory.SEEN)
+                          time.sleep(0.02)
+                  threading.Thread(target=spy, daemon=True).start()
+                  return "started"
           - name: opaque
             steps:
               - {name: o, code: "return object()"}
@@ -180,6 +200,9 @@ APP = {
         from .helpers import tag
         print("loading user", uid)
         return {"id": uid, "roles": roles, "json": json.dumps({"uid": uid}), "tag": tag(uid)}
+    """,
+    "steps/memory.py": """
+        SEEN = []
     """,
     "steps/helpers.py": """
         def tag(value):
@@ -379,12 +402,22 @@ def test_template_inside_a_code_file_says_to_use_variables(served: Any) -> None:
     assert "`variables:`" in result["error"]
 
 
-def test_a_crashing_worker_is_replaced(served: Any) -> None:
+def test_a_crashing_invocation_ends_only_itself(served: Any) -> None:
     result = run(served, "crash")
     assert result["status"] == "failed"
-    assert "the worker running the step ended" in result["error"]
-    assert "exit code 3" in result["error"] or "exited with" in result["error"]
+    assert result["error"] == "step 'c': the step's process ended before it returned: exit code 3"
     assert run(served, "double", {"n": 2})["data"] == 4
+
+
+def test_nothing_an_invocation_leaves_behind_reaches_the_next(served: Any) -> None:
+    """Each invocation is a fresh fork of the warm worker: module globals it changes
+    and threads it starts end with it, whoever calls next."""
+    assert run(served, "linger", headers={"X-Stepwell-User": '{"id": "mallory"}'})["data"] == "started"
+    for _ in range(4):
+        alice = run(served, "remember", {"secret": "4111-1111"},
+                    headers={"X-Stepwell-User": '{"id": "alice"}'})  # fmt: skip
+        assert alice["data"] == ["4111-1111"]
+        assert logs_of(served, alice["run_id"]) == ["[r] remembered 1"]
 
 
 def test_secrets_are_redacted_from_logs_and_errors(served: Any) -> None:
@@ -756,3 +789,26 @@ def test_init_action_style(tmp_path: Path) -> None:
     done = cli("action", str(tmp_path / "app"), "greet", "--params", '{"name": "Ann"}')
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["data"]["message"] == "Hello, Ann!"
+
+
+def test_an_action_over_its_memory_limit_names_the_limit(tmp_path: Path) -> None:
+    app = write_app(tmp_path / "app", {"stepwell.yml": """
+        defaults: {memory: 256MiB}
+        actions:
+          - name: hog
+            steps:
+              - {name: h, code: "x = b'a' * (600 * 1024 ** 2)\\nreturn len(x)"}
+          - name: fine
+            steps:
+              - {name: f, code: "return 1"}
+    """})
+    result = cli("action", str(app), "hog")
+    assert result.returncode == 1
+    error = json.loads(result.stdout)["error"]
+    assert error.startswith("step 'h': memory limit 256MiB exceeded (MemoryError")
+    assert json.loads(_ok_stdout(cli("action", str(app), "fine")))["data"] == 1
+
+
+def _ok_stdout(result: Any) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout

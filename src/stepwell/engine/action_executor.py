@@ -321,8 +321,12 @@ class ActionExecutor:
             network=network if network is not None else mode != "strict",
         )
         sys_path = self._environment()
+        # the lean fork-server (no pandas): each invocation forks the worker, and a
+        # smaller process forks faster; what the app's actions import is imported
+        # by the worker itself (``warm_imports``), pandas included
         process = start_worker(self.app.root, limits=limits, read_paths=sys_path,
-                               hide_paths=_store_paths(self.store, self.app.root), mode=mode)  # fmt: skip
+                               hide_paths=_store_paths(self.store, self.app.root), mode=mode,
+                               pandas=False)  # fmt: skip
         start = {
             "op": "start",
             "entry": ENTRY,
@@ -578,8 +582,13 @@ class ActionExecutor:
             self.pool.release(worker)
         if result.get("status") == "ok":
             return result.get("data")
-        raise _StepFailed(str(result.get("error") or "the step failed"),
-                          traceback=result.get("traceback"))  # fmt: skip
+        error = str(result.get("error") or "the step failed")
+        memory = getattr(getattr(self.app, "defaults", None), "memory", None)
+        if result.get("memory_error") and memory:
+            from stepwell.sandbox.policy import format_bytes
+
+            error = f"memory limit {format_bytes(memory)} exceeded ({error})"
+        raise _StepFailed(error, traceback=result.get("traceback"))
 
     def _step_timeout(self, step: Any, limit: float, step_deadline: float, call: _Call) -> str:
         if step_deadline >= call.deadline - 1e-6 and call.deadline - time.monotonic() < limit:

@@ -31,6 +31,10 @@ class HostLink:
         """True in a process the step forked: it shares the channel but owns no run."""
         return os.getpid() != self._pid
 
+    def adopt(self) -> None:
+        """Make this process (a fork of the worker) the one that talks to the host."""
+        self._pid = os.getpid()
+
     def call(self, op: str, body: Any = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
         if self.forked():
             raise HostError(

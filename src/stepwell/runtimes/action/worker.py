@@ -1,4 +1,4 @@
-"""Worker side of action code steps: a warm loop serving many invocations.
+"""Worker side of action code steps: a warm parent that forks one process per invocation.
 
 The host starts the worker with a ``start`` frame naming :func:`serve`; the
 worker sets the app up once (its environment on ``sys.path``, the app folder
@@ -12,11 +12,13 @@ then asks for work. Frames, all from the worker (requests wait for a reply)::
                                           -> {"ok": true, "job": {...} | null}
 
 A job is ``{"source", "filename", "where", "package", "data", "error",
-"params", "user", "variables"}``; a ``null`` job ends the worker. Each
-invocation gets fresh globals (nothing it defines is seen by the next one);
-modules it imports stay imported, which is what keeps the worker warm.
-``print()`` output is sent to the host before the result, and is attributed
-to the invocation that printed it.
+"params", "user", "variables"}``; a ``null`` job ends the worker.
+
+The warm process never runs user code itself: each invocation is a fresh fork
+of it, which reads its job, answers and exits. So nothing an invocation does
+(module globals it changes, threads it leaves running, modules it imports) is
+seen by the next one, whoever calls it; the fork is made while the host is
+between invocations. ``print()`` output is sent to the host before the result.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import contextlib
+import gc
 import importlib
 import inspect
 import os
+import select
+import signal
 import sys
 import traceback
 import types
@@ -193,17 +199,131 @@ def serve(link: HostLink, start: dict[str, Any]) -> None:
     if app_root:
         _mount_app(Path(app_root))
     failed = _warm_up(list(start.get("warm_imports") or []))
-    cache = _CodeCache()
     _end_output()
-    reply, _ = link.call("ready", pid=os.getpid(), failed_imports=failed)
-    while True:
-        job = reply.get("job")
-        if not job:
-            return
-        result = run_job(job, cache, app_root)
-        _end_output()
+    gc.collect()
+    gc.freeze()  # invocations then copy fewer of this process's pages
+    _Invocations(link, app_root).serve(ready={"pid": os.getpid(), "failed_imports": failed})
+
+
+#: What an invocation's process tells the warm worker, on a pipe of its own.
+_TOOK, _ANSWERED, _STOP = b"T", b"A", b"S"
+
+
+class _Invocations:
+    """Forks of the warm worker, each serving one job.
+
+    A few are forked ahead and wait for the *turn*: one byte on a pipe they all
+    read, so exactly one takes it. That one reads its job from the channel,
+    answers, passes the turn on and exits; the warm worker forks a replacement
+    meanwhile. So a job never waits for a fork, and the warm process itself
+    never runs user code. When an invocation ends without answering, the warm
+    worker answers for it (an error naming how it ended) and passes the turn on."""
+
+    SPARES = 2
+
+    def __init__(self, link: HostLink, app_root: str):
+        self.link = link
+        self.app_root = app_root
+        self.turn_read, self.turn_write = os.pipe()
+        #: each invocation's pipe -> (its pid, what it said so far)
+        self.said: dict[int, tuple[int, bytes]] = {}
+
+    def serve(self, ready: dict[str, Any]) -> None:
+        for _ in range(self.SPARES):
+            self._fork()
+        self.link.notify("ready", **ready)  # its reply, the first job, is the first turn's
+        os.write(self.turn_write, b"t")
+        while True:
+            for fd in select.select(list(self.said), [], [])[0]:
+                if not self._heard(fd):
+                    return
+
+    def _heard(self, fd: int) -> bool:
+        """Take in what one invocation said; False when the host said to stop."""
+        pid, said = self.said[fd]
+        data = os.read(fd, 16)
+        if data:
+            self.said[fd] = (pid, said + data)
+            if _STOP in data:
+                self._stop()
+                return False
+            if _TOOK in data:  # one spare fewer: fork the next while this one works
+                self._fork()
+            return True
+        os.close(fd)
+        del self.said[fd]
         try:
-            reply, _ = link.call("result", **result)
-        except (TypeError, ValueError, OverflowError) as exc:  # the protocol cannot carry it
-            reply, _ = link.call("result", status="error", traceback=None,
-                                 error=f"the step's result cannot be passed on: {exc}")  # fmt: skip
+            _, status = os.waitpid(pid, 0)
+            ending = _ending(status)
+        except ChildProcessError:
+            ending = "it ended"
+        if _TOOK in said and _ANSWERED not in said:
+            self.link.notify("result", status="error", traceback=None, memory_error=False,
+                             error=f"the step's process ended before it returned: {ending}")  # fmt: skip
+            os.write(self.turn_write, b"t")
+        elif _TOOK not in said:  # a spare that died waiting
+            self._fork()
+        return True
+
+    def _fork(self) -> None:
+        said_read, said_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                os.close(said_read)
+                code = self._invocation(said_write)
+            finally:
+                os._exit(code)
+        os.close(said_write)
+        self.said[said_read] = (pid, b"")
+
+    def _invocation(self, said: int) -> int:
+        """In an invocation's process: wait for the turn, serve one job, pass the turn."""
+        if not os.read(self.turn_read, 1):
+            return 0
+        os.write(said, _TOOK)
+        self.link.adopt()
+        if not _serve_one(self.link, self.app_root):
+            os.write(said, _STOP)
+            return 0
+        os.write(said, _ANSWERED)
+        os.write(self.turn_write, b"t")
+        return 0
+
+    def _stop(self) -> None:
+        for fd, (pid, said) in self.said.items():
+            if _STOP not in said:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.close(fd)
+        for pid, _ in self.said.values():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.said.clear()
+
+
+def _serve_one(link: HostLink, app_root: str) -> bool:
+    """Read the job, run it, send its result; False when the host said to stop."""
+    message, _ = link.channel.recv()
+    job = message.get("job")
+    if not job:
+        return False
+    result = run_job(job, _CodeCache(), app_root)
+    _end_output()
+    try:
+        link.notify("result", **result)
+    except (TypeError, ValueError, OverflowError) as exc:  # the protocol cannot carry it
+        link.notify("result", status="error", traceback=None,
+                    error=f"the step's result cannot be passed on: {exc}")  # fmt: skip
+    return True
+
+
+def _ending(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return f"killed by signal {number} ({signal.Signals(number).name})"
+        except ValueError:
+            return f"killed by signal {number}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
