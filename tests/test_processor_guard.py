@@ -162,6 +162,17 @@ ATTEMPTS: dict[str, tuple[str, str]] = {
         "yaml.load(\"!!python/object/apply:os.remove ['/nonexistent']\", Loader=unsafe)",
         "python/... tags ('os.remove') are not allowed in a processor statement",
     ),
+    "deepdiff_extract_private_path": (
+        "import deepdiff\nimport warnings\n"
+        "sys = deepdiff.extract(warnings.catch_warnings(), 'root._module.sys')",
+        "attribute '_module' is not accessible in a processor statement",
+    ),
+    "deepdiff_delta_sets_private_attribute": (
+        "import deepdiff\nimport string\n"
+        "target = string.Template('x')\n"
+        "target = target + deepdiff.Delta({'attribute_added': {'root._secret': 5}}, raise_errors=True)",
+        "attribute '_secret' is not accessible in a processor statement",
+    ),
     "module_reinit": (
         "import json\njson.__init__('os')",
         "attribute '__init__' is not accessible",

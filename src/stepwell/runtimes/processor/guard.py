@@ -794,8 +794,30 @@ def harden_yaml() -> None:
     constructor.UnsafeConstructor.find_python_name = refuse  # type: ignore[method-assign]
 
 
+def harden_deepdiff() -> None:
+    """Make deepdiff's paths (``extract``, ``Delta``) refuse the attribute names a
+    statement may not use: they get and set attributes by user-given names, and
+    deepdiff itself refuses only dunders (``root._module.sys`` reached ``sys``)."""
+    if "deepdiff" in _hardened:
+        return
+    _hardened.add("deepdiff")
+    from deepdiff import delta, path
+
+    original = path.check_elem
+
+    def check_elem(elem: Any) -> None:
+        if isinstance(elem, str) and attribute_blocked(elem):
+            raise ValueError(f"{_refuse_attribute(elem)} (in a deepdiff path)")
+        original(elem)
+
+    path.check_elem = check_elem  # the getters look it up here,
+    delta.check_elem = check_elem  # and Delta's setters here
+
+
 #: Top-level package -> the function hardening it (run before its first view is made).
-_HARDENERS: dict[str, Callable[[], None]] = {"pandas": harden_pandas, "yaml": harden_yaml}
+_HARDENERS: dict[str, Callable[[], None]] = {
+    "pandas": harden_pandas, "yaml": harden_yaml, "deepdiff": harden_deepdiff,
+}  # fmt: skip
 
 
 # -- the audit hook -------------------------------------------------------------------------------
