@@ -156,6 +156,20 @@ def by_partition(app: Path, store_url: str | None = None, table: str = "out") ->
     return found
 
 
+def test_partitions_may_share_a_fingerprint(tmp_path):
+    """Two equal files have one content hash, files that arrive together one
+    timestamp: each partition is compared with its own last fingerprint."""
+    app = connector_app(tmp_path / "app", SOURCE_CONNECTOR)
+    set_source(app, {"a": ("same", 2), "b": ("same", 1)})
+    (first,) = run_app(app)
+    assert first.status == "succeeded", first.error
+    assert by_partition(app) == {"a": [(0, "same"), (1, "same")], "b": [(0, "same")]}
+    set_source(app, {"a": ("same", 2), "b": ("new", 1)})
+    (second,) = run_app(app)
+    assert second.info["partitions"]["changed"] == 1 and second.info["partitions"]["read"] == 1
+    assert by_partition(app)["b"] == [(0, "new")]
+
+
 def test_incremental_refresh_reads_only_new_and_changed_partitions(tmp_path, store_url):
     app = connector_app(tmp_path / "app", SOURCE_CONNECTOR, step="parallelism: 2")
     set_source(app, {"a": ("a1", 3), "b": ("b1", 2), "c": ("c1", 1)})
@@ -343,12 +357,6 @@ def _listing(body: str) -> str:
                      "{'name': 'p/a', 'fingerprint': 5}"), "",
             "object 'p/a' (under prefix 'p/'): 'fingerprint' must be a string, got int 5",
             id="fingerprint-not-a-string",
-        ),
-        pytest.param(
-            _listing("    yield {'name': 'a', 'fingerprint': 'same'}\n"
-                     "    yield {'name': 'b', 'fingerprint': 'same'}"), "",
-            "objects 'a' and 'b' have the same fingerprint 'same': fingerprints must be unique",
-            id="duplicate-fingerprint",
         ),
         pytest.param(
             _listing("    yield {'name': 'a', 'fingerprint': 'f1'}\n"

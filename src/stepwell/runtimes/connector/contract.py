@@ -153,12 +153,12 @@ def walk_listing(
     (depth first, in yield order), and yield the validated objects. A prefix whose
     fingerprint is ``skip[name]`` is not listed again (its subtree is unchanged).
 
-    Leaf names must be unique, and so must leaf fingerprints; a prefix listed
-    twice is a cycle. Every error names the object and where it was listed.
+    Leaf names must be unique (a fingerprint is compared only with the last one
+    of the same name); a prefix listed twice is a cycle. Every error names the
+    object and where it was listed.
     """
     skip = skip or {}
     leaf_where: dict[str, str] = {}
-    fingerprints: dict[str, str] = {}
     prefixes: set[str] = set()
     stack: list[tuple[Mapping[str, Any] | None, Iterator[Any]]] = [
         (None, _listing(list_objects, context, None))
@@ -197,15 +197,9 @@ def walk_listing(
                 "names identify partitions and must be unique"
             )
         assert fingerprint is not None
-        other = fingerprints.get(fingerprint)
-        if other is not None:
-            raise ConnectorError(
-                f"objects {other!r} and {name!r} have the same fingerprint {fingerprint!r}: "
-                "fingerprints must be unique per object (e.g. combine the name with a "
-                "modification time or a content hash)"
-            )
+        # two leaves may share a fingerprint (a content hash of two equal files, a
+        # timestamp of files that arrived together): each is compared with its own
         leaf_where[name] = where
-        fingerprints[fingerprint] = name
         yield Listed(dict(obj), parent.get("name") if parent is not None else None, "leaf")
 
 
