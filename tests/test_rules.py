@@ -298,6 +298,23 @@ def test_table_rule_exactly_once_across_restarts(env) -> None:
     assert positions and positions[0].table == "readings"
 
 
+def test_a_function_failing_on_one_event_drops_only_that_event(env) -> None:
+    root, store, engine = env
+    readings = _readings(5)
+    readings[2]["v"] = None  # scale(None, 10) raises in the plugin
+    append_rows(store, "readings", readings)
+    engine.create({"id": "scaled", "sql": "SELECT id, scale(v, 10) AS s FROM readings",
+                   "actions": [{"table": {"name": "scaled_out"}}]})
+    engine.start("scaled")
+    wait_for(lambda: engine.status("scaled")["records_out"] == 4)
+    engine.stop("scaled")
+    assert [r["id"] for r in rows_of(store, "scaled_out", "id")] == [0, 1, 3, 4]
+    status = engine.status("scaled")
+    assert status["errors"] == 1
+    assert status["last_error"].startswith("FunctionCallError: function 'scale' failed: TypeError")
+    assert '"id": 2' in status["last_error"] and status["last_error"].endswith("dropped)")
+
+
 def test_window_rule_exactly_once_after_restart(env) -> None:
     root, store, engine = env
     append_rows(store, "readings", _readings(6))  # windows [0,4) closes; [4,8) stays open

@@ -530,7 +530,7 @@ class RuleRuntime:
         emissions: list[tuple[list[dict[str, Any]], float]] = []
         if self._windower is None:
             if events:
-                rows = self._query(events, None)
+                rows = self._rows_of(events)
                 oldest = min(e.arrived for e in events)
                 emissions.extend(([row], oldest) for row in rows)
         else:
@@ -563,6 +563,34 @@ class RuleRuntime:
             self.metrics.latency(time.monotonic() - arrived)
             self.metrics.last_output_at = _now_iso()
         self._commit(bool(emissions))
+
+    def _rows_of(self, events: list[Event]) -> list[dict[str, Any]]:
+        """The rule's rows for ``events`` (no window). When the query fails (a
+        function raising on one row, say), each event is queried alone, so only
+        the events that fail are dropped, each counted as an error naming it."""
+        try:
+            return self._query(events, None)
+        except Exception as exc:  # noqa: BLE001 - told apart event by event below
+            if len(events) == 1:
+                self._drop(events[0], exc)
+                return []
+        rows: list[dict[str, Any]] = []
+        for event in events:
+            try:
+                rows.extend(self._query([event], None))
+            except Exception as exc:  # noqa: BLE001 - this event only
+                self._drop(event, exc)
+        return rows
+
+    def _drop(self, event: Event, exc: Exception) -> None:
+        text = str(exc)
+        # DuckDB wraps what a function raised: keep what the function said
+        _, found, inner = text.partition("exception occurred while executing the UDF: ")
+        shown = json.dumps(event.row, default=str)
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        self.metrics.error(f"{inner if found else f'{type(exc).__name__}: {text}'} "
+                           f"(event {shown} dropped)")  # fmt: skip
 
     def _query(self, events: list[Event], pane: Pane | None) -> list[dict[str, Any]]:
         assert self.compiled is not None
