@@ -489,7 +489,7 @@ def test_bad_requests(served: Any) -> None:
     assert not_object.status_code == 422
     broken = served.http.post("/api/actions/double/run", content=b"{bad json",
                               headers={"Content-Type": "application/json"})
-    assert broken.status_code == 422 and "JSON" in broken.json()["error"]["message"]
+    assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
     bad_user = served.http.post("/api/actions/whoami/run", json={},
                                 headers={"X-Stepwell-User": "not json"})
     assert bad_user.status_code == 422
@@ -812,3 +812,17 @@ def test_an_action_over_its_memory_limit_names_the_limit(tmp_path: Path) -> None
 def _ok_stdout(result: Any) -> str:
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def test_the_body_is_read_as_json_whatever_its_content_type(served: Any) -> None:
+    """`curl -d '{...}'` sends a form content type: the params are still JSON."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    ran = served.http.post("/api/actions/double/run", content=b'{"n": 21}', headers=form)
+    assert ran.status_code == 200 and ran.json()["data"] == 42
+    listed = served.http.post("/api/actions/double/run", content=b"[1, 2]", headers=form)
+    assert listed.status_code == 422
+    assert "the body must be a JSON object of its params, got list" in listed.text
+    broken = served.http.post("/api/actions/double/run", content=b"{nope", headers=form)
+    assert broken.status_code == 400 and "the body is not JSON" in broken.text
+    unknown = served.http.post("/api/actions/nope/run", content=b"{nope", headers=form)
+    assert unknown.status_code == 404 and "no action named 'nope'" in unknown.text

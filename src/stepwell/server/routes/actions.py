@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -30,6 +30,7 @@ from stepwell.engine.action_executor import (
 from stepwell.server.auth import bearer, token_matches
 from stepwell.server.context import ServerContext, get_ctx
 from stepwell.server.errors import ApiError
+from stepwell.server.routes.tables import parse_json
 from stepwell.server.users import OWNER, USERS_FILE, UserDirectory, UsersFileError
 
 log = logging.getLogger("stepwell.server")
@@ -168,16 +169,22 @@ def list_actions(request: Request, _user: dict = Depends(caller)) -> ActionList:
     ])  # fmt: skip
 
 
+async def _raw_body(request: Request) -> bytes:
+    return await request.body()
+
+
 @router.post(
     "/actions/{name}/run",
     response_model=ActionRunResponse,
     summary="Run an action with params (the body); the token identifies the caller",
     responses={200: {"description": "The action ran: it succeeded, or `error` says why not"}},
+    openapi_extra={"requestBody": {"description": "The action's params (a JSON object)",
+                                   "content": {"application/json": {"schema": {"type": "object"}}}}},
 )
 def run_action(
     request: Request,
     name: str = ActionName,
-    params: dict[str, Any] | None = Body(None, description="The action's params (a JSON object)"),
+    body: bytes = Depends(_raw_body),
     user: dict = Depends(caller),
 ) -> JSONResponse:
     service = _service(request)
@@ -185,7 +192,13 @@ def run_action(
     if trigger not in ("api", "cli", "ui"):
         trigger = "api"
     try:
-        result = service.executor.invoke(name, params or {}, user, trigger=trigger)
+        service.executor.action(name)
+        # read as JSON whatever the content type says (`curl -d` sends a form type)
+        params = parse_json(body, f"action {name!r}") if body.strip() else {}
+        if not isinstance(params, dict):
+            raise ApiError(422, f"action {name!r}: the body must be a JSON object of its "
+                                f"params, got {type(params).__name__}")  # fmt: skip
+        result = service.executor.invoke(name, params, user, trigger=trigger)
     except ActionNotFound as exc:
         raise ApiError(404, str(exc)) from None
     except InvalidInput as exc:

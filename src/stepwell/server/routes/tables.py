@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pyarrow as pa
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -138,15 +139,21 @@ async def append_rows(request: Request, name: str = TableName,
     return LoadResponse(table=name, rows=len(ids))
 
 
-def parse_json_rows(body: bytes, where: str, *, allow_empty: bool = False) -> list[dict]:
-    """A JSON object (one row) or array of objects (one row each), else 4xx. An empty
-    object is no row (``allow_empty``: it is, e.g. a request a step answers)."""
+def parse_json(body: bytes, where: str) -> Any:
+    """The JSON value of a request body, else 400 saying why (NaN and Infinity
+    included: they are not JSON)."""
     try:
-        payload = json.loads(body, parse_constant=_not_json)
+        return json.loads(body, parse_constant=_not_json)
     except ValueError as exc:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         raise ApiError(400, f"{where}: the body is not JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, f"{where}: the JSON body is nested too deeply") from None
+
+
+def parse_json_rows(body: bytes, where: str, *, allow_empty: bool = False) -> list[dict]:
+    """A JSON object (one row) or array of objects (one row each), else 4xx. An empty
+    object is no row (``allow_empty``: it is, e.g. a request a step answers)."""
+    payload = parse_json(body, where)
     rows = payload if isinstance(payload, list) else [payload]
     for index, row in enumerate(rows):
         at = f" element {index}" if isinstance(payload, list) else ""
