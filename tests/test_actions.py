@@ -633,7 +633,7 @@ def test_template_inside_inline_code_fails_to_load(tmp_path: Path) -> None:
     done = cli("action", str(root), "a")
     assert done.returncode == 1
     assert "stepwell.yml:5: actions[0].steps[0].code: {{ }} templates cannot be used inside code" in done.stderr
-    assert "line 2: {{ steps.load.data }} cannot be used inside Python code" in done.stderr
+    assert "line 2 of the code: {{ steps.load.data }} cannot be used inside Python code" in done.stderr
     assert "variables:" in done.stderr
 
 
@@ -826,3 +826,19 @@ def test_the_body_is_read_as_json_whatever_its_content_type(served: Any) -> None
     assert broken.status_code == 400 and "the body is not JSON" in broken.text
     unknown = served.http.post("/api/actions/nope/run", content=b"{nope", headers=form)
     assert unknown.status_code == 404 and "no action named 'nope'" in unknown.text
+
+
+def test_jinja_templates_in_code_that_imports_jinja2_are_left_alone(tmp_path: Path) -> None:
+    app = write_app(tmp_path / "app", {"stepwell.yml": """
+        actions:
+          - name: greet
+            steps:
+              - name: render
+                code: |
+                  from jinja2 import Template
+                  return Template("Hello {{ user.name }}, {{ params.n }}").render(
+                      user={"name": "ann"}, params=params)
+    """})
+    result = cli("action", str(app), "greet", "--params", '{"n": 3}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["data"] == "Hello ann, 3"

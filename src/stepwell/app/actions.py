@@ -214,7 +214,7 @@ class ActionStep(_ActionModel):
     def _check_code(self) -> None:
         from stepwell.runtimes.action.code import compile_step, template_problem
 
-        problem = template_problem(self.source)
+        problem = template_problem(self.source, of=" of the code")
         if problem is not None:
             _fail(f"{{{{ }}}} templates cannot be used inside code ({problem})",
                   "pass values in through `variables:`", "code")  # fmt: skip

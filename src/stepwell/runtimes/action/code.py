@@ -32,22 +32,28 @@ _TEMPLATE_IN_STRING = re.compile(
 )
 
 
+_IMPORTS_JINJA = re.compile(r"^\s*(from|import)\s+jinja2\b", re.MULTILINE)
+
+
 def template_in_code(source: str) -> tuple[int, str] | None:
     """``(line, text)`` of the first ``{{ ... }}`` meant as an action template in
     ``source``: written as code, or inside an ordinary string literal as a lookup
     of ``steps``/``params``/``user``/... (f-strings, where ``{{`` is an escaped
-    brace, and jinja templates over other names are fine). ``None`` if there is none."""
+    brace, and jinja templates over other names are fine; in code that imports
+    jinja2 every string is left alone: its templates may well use ``user`` or
+    ``params``). ``None`` if there is none."""
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     except (tokenize.TokenError, SyntaxError, IndentationError):
         return None
+    renders_jinja = _IMPORTS_JINJA.search(source) is not None
     previous: tokenize.TokenInfo | None = None
     for token in tokens:
         if token.type == tokenize.OP and token.string == "{" and previous is not None:
             if previous.type == tokenize.OP and previous.string == "{" and previous.end == token.start:
                 line = token.start[0]
                 return line, _snippet(source, line, token.start[1] - 1)
-        if token.type == tokenize.STRING:
+        if token.type == tokenize.STRING and not renders_jinja:
             prefix = re.match(r"[A-Za-z]*", token.string)
             if prefix is not None and "f" not in prefix.group(0).lower():
                 found = _TEMPLATE_IN_STRING.search(token.string)
@@ -64,8 +70,9 @@ def _snippet(source: str, line: int, column: int) -> str:
     return text[: end + 2] if end != -1 else text[:40]
 
 
-def template_problem(source: str) -> str | None:
-    """The message for a ``{{ }}`` template inside code, or ``None``."""
+def template_problem(source: str, of: str = "") -> str | None:
+    """The message for a ``{{ }}`` template inside code (``of`` follows its line
+    number: `` of the code`` for code written in the app file), or ``None``."""
     found = template_in_code(source)
     if found is None:
         return None
@@ -75,7 +82,7 @@ def template_problem(source: str) -> str | None:
     if not name.isidentifier() or name in BUILTIN_NAMES:
         name = "value"
     return (
-        f"line {line}: {text} cannot be used inside Python code; declare it under the "
+        f"line {line}{of}: {text} cannot be used inside Python code; declare it under the "
         f"step's `variables:` (e.g. `variables: {{{name}: \"{{{{ {inner} }}}}\"}}`) and use "
         f"`{name}` in the code"
     )
