@@ -1413,3 +1413,26 @@ def test_a_second_as_stream_continues_the_first_and_reset_restarts_it(tmp_path):
     (app / "reset-now").write_text("")
     run = run_app(app, steps=["proc"])[0]
     assert run.status == "succeeded" and logs(app, run.id) == [f"after reset {list(range(9))}"]
+
+
+def test_a_stream_refuses_rows_without_an_order_value(tmp_path):
+    """A null in the order_by column would be skipped once later rows are read: the
+    run fails naming the row, and nothing is consumed."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: gen\n    node: gen.py\n  - name: read\n    node: read.py\n",
+        "gen.py": """
+            from patterns import Table
+            Table("events", "w").append([{"n": 1, "ts": 10}, {"n": 2, "ts": None}, {"n": 3, "ts": 30}])
+        """,
+        "read.py": """
+            from patterns import Table
+            out = Table("seen", "w")
+            for r in Table("events").as_stream(order_by="ts").consume_records():
+                out.append({"n": r["n"]})
+        """,
+    })
+    gen, read = run_app(app)
+    assert gen.status == "succeeded" and read.status == "failed"
+    assert "cannot stream table 'events' by 'ts': the row with patterns_id '" in read.error
+    assert "has no value (null) in it" in read.error
+    assert rows(app, "seen") == []

@@ -475,6 +475,8 @@ class Stream:
                     f"cannot stream table {self.table.table_name!r} by {first!r}: no such "
                     f"column (columns: {', '.join(batch.schema.names)})"
                 )
+            if first != ID_COLUMN and batch.column(first).null_count:
+                raise ValueError(self._null_order_message(batch, first))
             rows = to_pylist(batch)
             if generation != self._generation:
                 return  # rolled back: stop delivering from a stale position
@@ -495,6 +497,17 @@ class Stream:
                     yield row
 
     __iter__ = consume_records
+
+    def _null_order_message(self, batch: Any, column: str) -> str:
+        index = batch.column(column).is_null().index(True).as_py()
+        which = (f"the row with {ID_COLUMN} {batch.column(ID_COLUMN)[index].as_py()!r}"
+                 if ID_COLUMN in batch.schema.names else "a row")  # fmt: skip
+        return (
+            f"cannot stream table {self.table.table_name!r} by {column!r}: {which} has no "
+            f"value (null) in it, and a stream orders by that value to know which rows "
+            f"it has read (a null row would be skipped once later rows are read); give "
+            f"every row a {column}, or stream by {ID_COLUMN} (as_stream() with no order_by)"
+        )
 
     def checkpoint(self) -> None:
         """A commit point: consumed rows and all writes so far become durable."""
