@@ -360,14 +360,16 @@ def test_rule_cli(tmp_path: Path) -> None:
     store.close()
     rule_file = tmp_path / "rule.json"
     rule_file.write_text(json.dumps({"id": "cli1", "sql": "SELECT id, revstr(grp) AS g FROM readings",
-                                     "actions": [{"table": {"name": "cli_out"}}]}))
+                                     "actions": [{"table": {"name": "cli_out"}}, {"log": {}}]}))
     result = runner.invoke(cli_app, ["rule", "create", str(root), str(rule_file)])
     assert result.exit_code == 0, result.output + str(result.exception)
     result = runner.invoke(cli_app, ["rule", "list", str(root), "--json"])
     assert json.loads(result.output)[0]["id"] == "cli1"
     result = runner.invoke(cli_app, ["rule", "start", str(root), "cli1", "--run-for", "1.5"])
     assert result.exit_code == 0, result.output + str(result.exception)
-    status = json.loads(result.output)
+    # the log action's rows (and what the plugin prints) go to stderr, as in eKuiper's log
+    assert "stepwell.rule.cli1 sink result for rule cli1: [{" in result.stderr
+    status = json.loads(result.stdout)
     assert status["records_in"] == 4 and status["records_out"] == 4 and status["errors"] == 0
     result = runner.invoke(cli_app, ["rule", "status", str(root), "cli1"])
     assert json.loads(result.output)["records_out"] == 4

@@ -35,7 +35,7 @@ def app_root(tmp_path: Path) -> Path:
 
 def _ok(result) -> str:
     assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
+    return result.stdout  # (stderr may carry plugin output)
 
 
 def test_plugin_and_rule_cli_through_the_running_server(app_root: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from stepwell.cli_common import AppArg, CliError, JsonOpt, SandboxOpt, StoreOpt
+from stepwell.cli_common import AppArg, CliError, JsonOpt, SandboxOpt, StoreOpt, show_plugin_output
 from stepwell.cli_common import use_sandbox as _use_sandbox
 
 app = typer.Typer(
@@ -387,6 +387,7 @@ def serve(
 ) -> None:
     """Run the scheduler, the workers and the HTTP API until SIGTERM / Ctrl-C."""
     _use_sandbox(sandbox)
+    show_plugin_output()
     import os
 
     from stepwell.server.context import ServerSettings

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
 
@@ -36,3 +38,31 @@ def use_sandbox(mode: str | None) -> None:
             os.environ[MODE_ENV] = sandbox_mode(mode)
         except ValueError as exc:
             raise CliError(str(exc)) from None
+
+
+def show_plugin_output() -> None:
+    """Print what plugins write (their ``print``, their SDK logger) and what rules'
+    ``log`` actions emit on stderr, as eKuiper puts both in its log; for the
+    commands that run rules (``serve``, ``rule start --run-for``)."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+    handler.set_name("stepwell-plugin-output")
+    for name in ("stepwell.plugin", "stepwell.rule"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if h.get_name() == handler.get_name()]:
+            logger.removeHandler(old)  # (a second command in one process, as in tests)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests swap it per command)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass

@@ -21,15 +21,11 @@ from typing import Annotated, Any
 
 import typer
 
+from stepwell.cli_common import AppArg, CliError, JsonOpt, StoreOpt, show_plugin_output
+
 plugin_app = typer.Typer(no_args_is_help=True, help="eKuiper portable plugins: install, list, remove.")
 rule_app = typer.Typer(no_args_is_help=True, help="eKuiper-style rules: create, list, start, stop, delete, status.")
 
-AppArg = Annotated[str, typer.Argument(help="App folder or app file")]
-StoreOpt = Annotated[
-    str | None,
-    typer.Option("--store", envvar="STEPWELL_STORE", help="Store URL (postgresql://...)"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
 RuleId = Annotated[str, typer.Argument(help="Rule id")]
 #: Seconds a running server gets to install a plugin (building its environment).
 INSTALL_TIMEOUT = 900.0
@@ -42,8 +38,6 @@ def _print(data: Any) -> None:
 
 
 def _fail(exc: Exception) -> None:
-    from stepwell.cli import CliError
-
     raise CliError(str(exc)) from None
 
 
@@ -242,6 +236,8 @@ def rule_start(
             return
         print(f"rule {rule_id} marked running (it runs with `stepwell serve`)")
         return
+    if run_here:
+        show_plugin_output()
     with _engine(app_path, store) as engine:
         _guard(lambda: engine.start(rule_id, run_here=run_here))
         if run_here:
