@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,22 @@ def test_ack_errors_and_send_single(env, tmp_path: Path) -> None:
     assert status["acks_ok"] == 4 and status["acks_error"] == 1
     assert status["errors"] == 1 and "bad row refused" in status["last_error"]
     assert sink_lines(out)[0] == {"id": 0, "k": "ok"}  # sendSingle: one object per row
+
+
+def test_a_sink_that_never_acknowledges_does_not_hold_the_stop(env, tmp_path: Path) -> None:
+    root, store, engine = env
+    out = tmp_path / "hung.txt"
+    engine.create({"id": "hung", "sql": "SELECT id FROM demo",
+                   "actions": [{"collect": {"requireAck": True, "sendSingle": True,
+                                            "path": str(out), "hang": True}}]})
+    engine.start("hung")
+    wait_for(lambda: out.exists() and sink_lines(out))  # the first row is in the sink
+    began = time.monotonic()
+    engine.stop("hung")
+    assert time.monotonic() - began < 8  # the loop used to wait out the 10 s join
+    status = engine.status("hung")
+    assert status["status"] == "stopped"
+    assert status["acks_error"] >= 1 and status["last_error"].startswith("sink 'collect': ")
 
 
 def test_low_rate_latency_under_100ms(env, tmp_path: Path) -> None:

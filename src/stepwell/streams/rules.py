@@ -209,6 +209,9 @@ class _Action:
     def emit(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    def interrupt(self) -> None:
+        """The rule is stopping: stop waiting on anything outside (before ``stop``)."""
+
     def stop(self) -> None:
         pass
 
@@ -240,6 +243,10 @@ class _SinkAction(_Action):
                 else:
                     metrics.acks_error += 1
                     metrics.error(f"sink {self.symbol!r}: {error}")
+
+    def interrupt(self) -> None:
+        if self.channel is not None:
+            self.channel.interrupt()
 
     def stop(self) -> None:
         if self.channel is not None:
@@ -408,6 +415,8 @@ class RuleRuntime:
         self._wake.set()
         with self._cond:
             self._cond.notify_all()
+        for action in self.actions:  # a sink that never acknowledges must not hold the loop
+            action.interrupt()
         for thread in self._threads:
             thread.join(10)
         for action in self.actions:
@@ -415,8 +424,8 @@ class RuleRuntime:
                 action.stop()
             except Exception as exc:  # noqa: BLE001 - stopping goes on
                 log.warning("rule %s: stopping %s: %s", self.rule.id, action.name, exc)
-        if self._con is not None:
-            self._con.close()
+        if self._con is not None and not any(t.is_alive() for t in self._threads):
+            self._con.close()  # (a loop still running keeps it: it ends with the process)
         self.status = "stopped"
         self._save_status(force=True)
 

@@ -48,9 +48,11 @@ class Collect(Sink):
 
     def __init__(self) -> None:
         self.path = ""
+        self.hang = False
 
     def configure(self, conf: dict) -> None:
         self.path = conf["path"]
+        self.hang = bool(conf.get("hang"))  # never acknowledge (stop tests)
 
     def open(self, ctx: Context) -> None:
         with open(self.path + ".opened", "a") as f:
@@ -59,6 +61,8 @@ class Collect(Sink):
     def collect(self, ctx: Context, data: Any) -> None:
         with open(self.path, "a") as f:
             f.write(data.decode() + "\n")
+        if self.hang:
+            time.sleep(3600)
         if b'"bad"' in data:
             ctx.ack_error("bad row refused")
         else:

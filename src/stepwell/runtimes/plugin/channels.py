@@ -175,6 +175,8 @@ class SinkChannel:
 
     def send(self, payload: bytes) -> str | None:
         """Push ``payload``; with requireAck return the ack's error text (None = ok)."""
+        if self._closing:  # (interrupted: what is still queued is not sent)
+            return "the sink is stopping; not sent"
         with self._lock:
             assert self._push is not None and self._ack is not None
             deadline = time.monotonic() + 10
@@ -207,6 +209,11 @@ class SinkChannel:
             if isinstance(ack, dict) and ack.get("error"):
                 return str(ack["error"])
             return None
+
+    def interrupt(self) -> None:
+        """Stop waiting for acks (the rule is stopping): a send waiting for one
+        returns at its next poll, saying the sink stopped before acknowledging."""
+        self._closing = True
 
     def _close_sockets(self) -> None:
         self._closing = True
