@@ -113,3 +113,27 @@ def test_rule_created_through_the_api_writes_its_table_rows(app_root: Path) -> N
         assert http.post("/api/rules/api1/stop").json() == {"id": "api1", "status": "stopped"}
         assert http.delete("/api/rules/api1").json() == {"id": "api1", "status": "deleted"}
         assert http.get("/api/rules").json() == {"rules": []}
+
+
+def test_reinstalling_a_plugin_restarts_its_processes_on_the_new_code(
+    app_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    source = tmp_path / "swtest"
+    shutil.copytree(PLUGIN_SRC, source)
+    with ThreadServer(app_root) as server, server.client() as http:
+        assert http.post("/api/plugins", json={"path": str(source)}).status_code == 200
+        response = http.post("/api/rules", json={
+            "id": "hot", "sql": "SELECT id, revstr(grp) AS g FROM readings",
+            "actions": [{"table": {"name": "hot_out"}}]})
+        assert response.status_code == 200, response.text
+        wait_for(lambda: len(table_rows(http, "hot_out")) == 4, what="the rule's first rows")
+        code = source / "swtest.py"
+        code.write_text(code.read_text().replace("str(args[0])[::-1]", "str(args[0]).upper()"))
+        assert http.post("/api/plugins", json={"path": str(source)}).status_code == 200
+        with ServerClient(server.url) as client:
+            client.load("readings", pa.Table.from_pylist(_readings(2, start=4)))
+        wait_for(lambda: len(table_rows(http, "hot_out")) == 6, what="rows after the reinstall")
+        later = sorted(r["g"] for r in table_rows(http, "hot_out") if r["id"] >= 4)
+        assert later == ["A", "B"]  # the new code (the old one returned "a", "b")

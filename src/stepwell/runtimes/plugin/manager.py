@@ -144,6 +144,21 @@ class PluginManager:
         channel.start()
         return channel
 
+    def reload_plugin(self, plugin_name: str) -> int:
+        """Restart the plugin's running processes on its installed code (after a
+        reinstall changed it): each starts again and replays the sources and sinks
+        it ran, as after a crash (eKuiper's hot update). Returns how many."""
+        with self._lock:
+            procs = [p for p in [self._primary.get(plugin_name)] if p]
+            procs += self._extra.get(plugin_name, [])
+        if procs:
+            plugin = get_plugin(self.app_root, plugin_name)
+            for proc in procs:
+                log.info("plugin %r: restarting pid %s on its new code", plugin_name, proc.pid)
+                proc.plugin = plugin
+                proc.kill()  # its watchdog starts it again
+        return len(procs)
+
     def stop_plugin(self, plugin_name: str) -> None:
         """Kill a plugin's processes (before removing it)."""
         with self._lock:

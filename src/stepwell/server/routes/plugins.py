@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stepwell.runtimes.plugin import (
     PluginError,
     PluginInstallError,
+    PluginManager,
     install_plugin,
     list_plugins,
     remove_plugin,
@@ -136,6 +137,10 @@ def _guard(call: Any) -> Any:
         raise ApiError(422, str(exc)) from None
 
 
+def _manager(ctx: ServerContext) -> PluginManager:
+    return ctx.rules.manager if ctx.rules is not None else shared_manager(ctx.app.root)
+
+
 def _functions_changed(ctx: ServerContext) -> None:
     if ctx.rules is not None:
         ctx.rules.__dict__.pop("_fn_cache", None)  # the engine caches function symbols
@@ -154,7 +159,11 @@ def get_plugins(ctx: ServerContext = Depends(get_ctx)) -> PluginList:
 
 @router.post("/plugins", response_model=PluginInfo, summary="Install a plugin from a path on the server")
 def post_plugin(body: PluginInstall, ctx: ServerContext = Depends(get_ctx)) -> PluginInfo:
+    before = {p.name: p.content_hash for p in list_plugins(ctx.app.root)}
     plugin = _guard(lambda: install_plugin(ctx.app.root, FilePath(body.path), force=body.force))
+    if before.get(plugin.name, plugin.content_hash) != plugin.content_hash or body.force:
+        # processes running the old code restart on the new one
+        _manager(ctx).reload_plugin(plugin.name)
     _functions_changed(ctx)
     return PluginInfo(**vars(plugin))
 
@@ -166,8 +175,7 @@ def delete_plugin(name: str = Path(description="Plugin name", max_length=200),
         get_plugin(ctx.app.root, name)
     except PluginInstallError as exc:
         raise ApiError(404, str(exc)) from None
-    manager = ctx.rules.manager if ctx.rules is not None else shared_manager(ctx.app.root)
-    manager.stop_plugin(name)
+    _manager(ctx).stop_plugin(name)
     removed = _guard(lambda: remove_plugin(ctx.app.root, name))
     _functions_changed(ctx)
     return RemovedPlugin(name=removed.name)
