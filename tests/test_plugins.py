@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -293,6 +294,26 @@ def test_plugin_function_in_sql_step(tmp_path: Path) -> None:
     finally:
         store.close()
     assert rows == [{"w": "abc", "r": "cba", "n3": 3}, {"w": "hello", "r": "olleh", "n3": 6}]
+
+
+def test_a_sql_step_calling_a_slow_function_ends_at_its_time_limit(tmp_path: Path) -> None:
+    from apputil import run_app
+
+    from stepwell.store import open_store
+
+    root = make_app(tmp_path / "app", extra="tables: [{name: words}]\nsteps:\n"
+                    "  - name: slow\n    sql: slow.sql\n    output: slow_out\n    timeout: 1s\n")
+    (root / "slow.sql").write_text("SELECT w, whoami(n) AS who FROM words")
+    install_plugin(root, PLUGIN_SRC)
+    store = open_store(None, root)
+    append_rows(store, "words", [{"w": "abc", "n": 30}])  # whoami(30) sleeps 30 s
+    store.close()
+    began = time.monotonic()
+    (run,) = run_app(root)
+    assert time.monotonic() - began < 20  # it used to wait for the call to end
+    assert run.status == "timed_out"
+    assert run.error.startswith("the step exceeded its time limit (timeout 1s): ")
+    assert "whoami" in run.error
 
 
 # -- CLI -------------------------------------------------------------------------------------------

@@ -499,9 +499,18 @@ class Runner:
         }
 
     def _run_sql(self, active: ActiveRun) -> Outcome:
-        rows = run_sql_step(
-            active.step, self.app.root, active.staged, self.store.dialect.name, self.app.table_names()
-        )
+        from stepwell.runtimes.plugin.channels import DeadlinePassed
+
+        limit = active.context.time_limit
+        try:
+            rows = run_sql_step(
+                active.step, self.app.root, active.staged, self.store.dialect.name,
+                self.app.table_names(), deadline=active.began + limit if limit else None,
+            )  # fmt: skip
+        except DeadlinePassed as exc:
+            active.staged.rollback()
+            return Outcome("timed_out", f"the step exceeded its time limit (timeout "
+                                        f"{_seconds(limit)}): {exc}")  # fmt: skip
         status = "succeeded" if rows else "succeeded_no_data"
         active.staged.commit(None, None, run_fields={"status": status, "ended_at": _now(), "rows_out": rows})
         return Outcome(status)

@@ -24,9 +24,11 @@ def sql_output(step) -> str:
     return step.name
 
 
-def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[str]) -> int:
+def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[str],
+                 deadline: float | None = None) -> int:  # fmt: skip
     """Run the step's query and stage its result as the new content of its output.
-    Returns the number of rows written (the caller commits)."""
+    Returns the number of rows written (the caller commits). A query calling plugin
+    functions ends by ``deadline`` (``time.monotonic()``) or raises ``DeadlinePassed``."""
     path = app_root / step.file
     sql = path.read_text()
     allowed = {name: name for name in tables}
@@ -35,7 +37,7 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
     checked = restrict_select(sql, allowed, dialect, where=str(step.file))
     from stepwell.runtimes.plugin.sqludf import query_with_plugin_functions
 
-    result = query_with_plugin_functions(checked, app_root, staged.store, dialect)
+    result = query_with_plugin_functions(checked, app_root, staged.store, dialect, deadline)
     if result is None:
         result = staged.query(checked)
     output = sql_output(step)

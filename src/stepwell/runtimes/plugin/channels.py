@@ -17,11 +17,12 @@ On stop the host closes its sockets first, then sends ``stop``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pynng
@@ -37,6 +38,25 @@ from stepwell.runtimes.plugin.process import (
 __all__ = ["FunctionCallError", "FunctionChannel", "SinkChannel", "SourceChannel", "meta"]
 
 log = logging.getLogger("stepwell.plugin")
+
+
+class DeadlinePassed(PluginError):
+    """A function call did not end before the deadline of the step making it."""
+
+
+_call_limits = threading.local()
+
+
+@contextlib.contextmanager
+def calls_end_by(deadline: float | None) -> Iterator[None]:
+    """Function calls this thread makes in the block end by ``deadline`` (a
+    ``time.monotonic()`` value: a step's time limit), or raise :class:`DeadlinePassed`."""
+    previous = getattr(_call_limits, "deadline", None)
+    _call_limits.deadline = deadline
+    try:
+        yield
+    finally:
+        _call_limits.deadline = previous
 
 
 class FunctionCallError(PluginError):
@@ -249,20 +269,30 @@ class FunctionChannel:
         process.command("start", ctrl, remember=self._key)
 
     def call(self, payload: bytes) -> bytes:
-        """One raw request/reply; retried once on a restarted process after a crash."""
+        """One raw request/reply; retried once on a restarted process after a crash.
+        Within ``calls_end_by`` it ends by that deadline."""
+        what = f"function {self.symbol!r} (plugin {self.process.plugin.name!r})"
+        deadline = getattr(_call_limits, "deadline", None)
         with self._lock:
             for attempt in range(2):
                 generation = self.process.generation
                 alive = lambda g=generation: self.process.alive() and self.process.generation == g  # noqa: E731
+                timeout = self.CALL_TIMEOUT
+                if deadline is not None:
+                    timeout = min(timeout, deadline - time.monotonic())
+                    if timeout <= 0:
+                        raise DeadlinePassed(f"{what}: the step's time limit passed")
                 try:
-                    return request_reply(
-                        self._sock, payload, alive, self.CALL_TIMEOUT,
-                        f"function {self.symbol!r} (plugin {self.process.plugin.name!r})",
-                    )
+                    return request_reply(self._sock, payload, alive, timeout, what)
                 except PluginCrashed:
                     if attempt:
                         raise
                     self._await_restart(generation)
+                except PluginError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise DeadlinePassed(f"{what}: still running when the step's time "
+                                             "limit passed") from None  # fmt: skip
+                    raise
             raise AssertionError("unreachable")
 
     def _await_restart(self, generation: int) -> None:

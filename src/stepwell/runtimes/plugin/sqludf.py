@@ -11,18 +11,26 @@ on DuckDB and PostgreSQL stores (PostgreSQL SQL is translated by sqlglot).
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from stepwell.runtimes.plugin.channels import DeadlinePassed, calls_end_by
 
 __all__ = ["query_with_plugin_functions"]
 
 _DIALECTS = {"postgresql": "postgres", "duckdb": "duckdb"}
 
 
-def query_with_plugin_functions(sql: str, app_root: Path, store: Any, dialect: str) -> pa.Table | None:
-    """Run ``sql`` with plugin UDFs, or return None when it calls no plugin function."""
+def query_with_plugin_functions(
+    sql: str, app_root: Path, store: Any, dialect: str, deadline: float | None = None
+) -> pa.Table | None:
+    """Run ``sql`` with plugin UDFs, or return None when it calls no plugin function.
+    By ``deadline`` (``time.monotonic()``) the query is interrupted, and raises
+    :class:`~stepwell.runtimes.plugin.channels.DeadlinePassed`."""
     from stepwell.runtimes.plugin.install import list_plugins
 
     symbols = {fn for plugin in list_plugins(app_root) for fn in plugin.functions}
@@ -65,9 +73,24 @@ def query_with_plugin_functions(sql: str, app_root: Path, store: Any, dialect: s
              for s in sites],
             {s.symbol: manager.function_pool(s.symbol) for s in sites},
         )
-        relation = con.sql(tree.sql(dialect="duckdb"))
-        names = relation.columns
-        rows = [dict(zip(names, row, strict=True)) for row in relation.fetchall()]
+        timer = None
+        if deadline is not None:  # (a function call checks the deadline itself)
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), con.interrupt)
+            timer.daemon = True
+            timer.start()
+        try:
+            with calls_end_by(deadline):
+                relation = con.sql(tree.sql(dialect="duckdb"))
+                names = relation.columns
+                fetched = relation.fetchall()
+        except Exception as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlinePassed(f"the query was still running: {exc}") from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        rows = [dict(zip(names, row, strict=True)) for row in fetched]
         if not rows:
             return pa.table({name: pa.array([], pa.string()) for name in names})
         return rows_to_arrow(rows)
