@@ -1436,3 +1436,53 @@ def test_a_stream_refuses_rows_without_an_order_value(tmp_path):
     assert "cannot stream table 'events' by 'ts': the row with patterns_id '" in read.error
     assert "has no value (null) in it" in read.error
     assert rows(app, "seen") == []
+
+
+def test_default_stream_order_comes_from_the_schema_field_roles(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            schemas:
+              - schema_file: schemas/Event.yml
+            tables:
+              - name: events
+                schema: Event
+            steps:
+              - name: gen
+                node: gen.py
+              - name: read
+                node: read.py
+              - name: plain
+                node: plain.py
+        """,
+        "schemas/Event.yml": """
+            name: Event
+            field_roles: {created_ordering: at}
+            fields:
+              at: {type: Integer}
+              what: {type: Text}
+        """,
+        "gen.py": """
+            from patterns import Table
+            events = Table("events", "w")
+            events.init(add_monotonic_id=None)
+            events.append([{"at": 3, "what": "c"}, {"at": 1, "what": "a"}, {"at": 2, "what": "b"}])
+            bare = Table("bare", "w")
+            bare.init(add_monotonic_id=None)
+            bare.append({"n": 1})
+        """,
+        "read.py": """
+            from patterns import Table
+            stream = Table("events").as_stream()  # no order named: the schema's role
+            print([r["what"] for r in stream.consume_records()], stream.order_by_field)
+        """,
+        "plain.py": """
+            from patterns import Table
+            list(Table("bare").as_stream().consume_records())
+        """,
+    })
+    gen, read, plain = run_app(app)
+    assert read.status == "succeeded", read.error
+    assert logs(app, read.id) == ["['a', 'b', 'c'] at"]
+    assert plain.status == "failed"
+    assert "cannot stream table 'bare' in its default order: it has no patterns_id column" in plain.error
+    assert "as_stream(order_by='<column>'), with one of its columns (n)" in plain.error

@@ -551,6 +551,17 @@ class CommonModelSchema(BaseModel):
         return self
 
     @property
+    def stream_order(self) -> str | None:
+        """The field streams of its tables go by when no order is named: the
+        ``strictly_monotonic_ordering`` role, else ``created_ordering``."""
+        for role in ("strictly_monotonic_ordering", "created_ordering"):
+            value = self.field_roles.get(role)
+            names = value if isinstance(value, list) else [value]
+            if names and isinstance(names[0], str):
+                return names[0]
+        return None
+
+    @property
     def logical_types(self) -> dict[str, str]:
         """Field name -> logical type (int, str, float, bool, date, datetime, decimal(p,s), json).
 

@@ -475,8 +475,18 @@ class Runner:
             result[definition.name] = DeclaredSchema(
                 {name: arrow_type(logical) for name, logical in definition.logical_types.items()},
                 list(definition.unique_on),
+                definition.stream_order,
             )
         return result
+
+    @functools.cached_property
+    def _table_orders(self) -> dict[str, str]:
+        """The default stream order of each declared table whose schema has one."""
+        return {
+            t.name: self._schemas[t.schema_name].order_by
+            for t in self.app.tables
+            if t.schema_name in self._schemas and self._schemas[t.schema_name].order_by
+        }
 
     @functools.cached_property
     def _table_keys(self) -> dict[str, list[str]]:
@@ -525,6 +535,7 @@ class Runner:
             sys_path=self._environment(active.log),
         )
         start["table_keys"] = self._table_keys
+        start["table_orders"] = self._table_orders
         start["code"] = self.bytecode.for_node(active.step.file)
         return self.run_worker(active, start)
 

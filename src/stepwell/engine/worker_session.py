@@ -48,6 +48,9 @@ class DeclaredSchema:
 
     types: dict[str, pa.DataType]
     unique_on: list[str] = field(default_factory=list)
+    #: the default stream order: its strictly_monotonic_ordering field, else its
+    #: created_ordering field (Patterns' field roles), else None
+    order_by: str | None = None
 
 
 @dataclass
@@ -213,6 +216,14 @@ class WorkerSession:
         after = message.get("after")
         if order_by:
             missing = [c for c in order_by if c not in {col.name for col in info.columns}]
+            if missing == [ID_COLUMN] and order_by == [ID_COLUMN]:  # the default order
+                raise ValueError(
+                    f"cannot stream table {table!r} in its default order: it has no "
+                    f"{ID_COLUMN} column (written with init(add_monotonic_id=...)); name "
+                    f"the order, as_stream(order_by='<column>'), with one of its columns "
+                    f"({', '.join(c.name for c in info.columns)}), or give its schema a "
+                    "strictly_monotonic_ordering or created_ordering field role"
+                )
             if missing:
                 raise ValueError(
                     f"cannot stream table {table!r} ordered by {', '.join(missing)}: no such "

@@ -145,6 +145,7 @@ class Table:
         """The table's stream in ``order_by`` order. A run has one stream per table
         and order (as in Patterns): asking again returns it, where it is now, so no
         second stream can commit an older position over the first one's progress."""
+        order_by = order_by or self._session.table_orders.get(self.table_name)
         for stream in self._session.streams:
             if stream.table.table_name == self.table_name and stream.order_by_field == (
                 order_by or ID_COLUMN

@@ -50,6 +50,8 @@ class NodeSession:
         self.parameters: dict[str, Any] = start.get("parameters", {})
         #: unique_on keys the app file declares per table (tables or schemas)
         self.table_keys: dict[str, list[str]] = start.get("table_keys") or {}
+        #: the default stream order of tables whose schema gives one (field roles)
+        self.table_orders: dict[str, str] = start.get("table_orders") or {}
         self.time_limit: float | None = start.get("time_limit")
         self.started = time.monotonic() - float(start.get("elapsed", 0.0))
         self.tables: dict[str, Table] = {}
