@@ -1171,3 +1171,19 @@ def test_loaded_step_secrets_resolve(full_app: Path) -> None:
         "ingestion_count": 100,
         "api_key": "xyz",
     }
+
+
+def test_a_node_reading_an_unknown_table_next_to_its_ports_is_warned(tmp_path: Path) -> None:
+    (tmp_path / "proc.py").write_text(
+        "from patterns import Table\nrows = Table('mesages').read()\nTable('out', 'w').append(rows)\n"
+    )
+    app_with(tmp_path, "tables: [{name: messages}]\nsteps:\n  - name: proc\n    node: proc.py\n"
+                       "    inputs: {messages: messages}\n")
+    app = load_app(tmp_path)
+    assert app.warnings == [
+        f"{tmp_path / 'stepwell.yml'}:4: steps[0].node: proc.py reads Table('mesages'), which is "
+        "not a port of the step nor a table of the app; did you mean 'messages'? (a table filled "
+        "by `stepwell load` belongs under `tables:`)"
+    ]
+    (tmp_path / "proc.py").write_text("from patterns import Table\nrows = Table('messages').read()\n")
+    assert load_app(tmp_path).warnings == []

@@ -968,7 +968,27 @@ def _finish(doc: _Doc, root: Path, app_file: Path, fmt: str, parts: _Parts) -> A
     for step, path, _ in parts.steps:
         app._locations[f"step:{step.name}"] = (format_key_path(path), doc.line(path))
     app.upstream_order()  # raises on cycles
+    _warn_unknown_reads(doc, parts, app.table_names())
+    app.warnings = list(doc.warnings)  # (the model took a copy)
     return app
+
+
+def _warn_unknown_reads(doc: _Doc, parts: _Parts, known: list[str]) -> None:
+    """Warn about a node that declares its ports yet reads a table by a name that
+    is neither one of them nor any table of the app: most likely a misspelling
+    (the read finds nothing, and the run succeeds without data)."""
+    for step, path, file_key in parts.steps:
+        if step.kind != "node" or not (step.inputs or step.outputs):
+            continue
+        for table in step.input_tables():
+            if table in known or table in step.inputs:
+                continue
+            close = difflib.get_close_matches(table, [*step.inputs, *known], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            doc.warn(path + (file_key,),
+                     f"{step.file} reads Table({table!r}), which is not a port of the step "
+                     f"nor a table of the app{hint} (a table filled by `stepwell load` "
+                     "belongs under `tables:`)")  # fmt: skip
 
 
 def _load_schema(path: Path, display: str) -> CommonModelSchema:
