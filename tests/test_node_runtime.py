@@ -1486,3 +1486,19 @@ def test_default_stream_order_comes_from_the_schema_field_roles(tmp_path):
     assert plain.status == "failed"
     assert "cannot stream table 'bare' in its default order: it has no patterns_id column" in plain.error
     assert "as_stream(order_by='<column>'), with one of its columns (n)" in plain.error
+
+
+def test_a_dataframe_column_of_mixed_shapes_is_stored_as_json(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: w\n    node: w.py\n",
+        "w.py": """
+            import pandas as pd
+            from patterns import Table
+            frame = pd.DataFrame({"n": [1, 2, 3], "d": [{"k": 1}, None, {"k": [1, 2]}]})
+            Table("shapes", "w").append(frame)
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "succeeded", run.error
+    got = {r["n"]: r["d"] for r in rows(app, "shapes")}
+    assert got[2] is None and json.loads(got[1]) == {"k": 1} and json.loads(got[3]) == {"k": [1, 2]}

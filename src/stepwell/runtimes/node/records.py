@@ -102,7 +102,12 @@ def to_records(data: Any) -> Iterable[dict[str, Any]] | pa.Table:
     if isinstance(data, pa.RecordBatch):
         return pa.Table.from_batches([data])
     if type(data).__name__ == "DataFrame" and hasattr(data, "to_dict"):
-        return pa.Table.from_pandas(data, preserve_index=False)
+        try:
+            return pa.Table.from_pandas(data, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            # a column Arrow cannot type as a whole (dicts and lists of mixed shapes,
+            # mixed types): row by row, as records go (mixed shapes become JSON)
+            return data.astype(object).where(data.notna(), None).to_dict("records")
     if isinstance(data, (list, tuple)) or hasattr(data, "__iter__"):
         return [dict(r) if isinstance(r, dict) else r for r in data]
     raise RecordError(
