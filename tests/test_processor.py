@@ -334,6 +334,25 @@ def test_output_schema_errors_name_row_field_and_types(tmp_path, statement, frag
     assert rows(app, "out") == []
 
 
+def test_row_mode_accepts_the_input_row_returned_with_its_fields_added(tmp_path):
+    """The common Integray statement: extend the row, return it."""
+    app = processor_app(
+        tmp_path,
+        'row = INPUT_DATA[0]\nrow["y"] = row["n"] * 2\nreturn [row]',
+    )
+    proc = by_step(run_app(app))["proc"]
+    assert proc.status == "succeeded", proc.error
+    assert [(r["n"], r["y"]) for r in rows(app, "out", order_by="n")] == [(0, 0), (1, 2), (2, 4)]
+    changed = processor_app(
+        tmp_path / "changed",
+        'row = INPUT_DATA[0]\nrow["y"] = 1\nrow["n"] = 99\nreturn [row]',
+    )
+    proc = by_step(run_app(changed))["proc"]
+    assert proc.status == "failed"
+    assert "output row 0 (input row 0): the input fields it returns (" in proc.error
+    assert "must come back unchanged" in proc.error and "n" in proc.error
+
+
 def test_row_mode_schema_error_names_output_and_input_row(tmp_path):
     app = processor_app(
         tmp_path,

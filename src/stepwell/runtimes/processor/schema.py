@@ -140,14 +140,23 @@ class OutputSchema:
         self._aware: dict[str, bool] = {}
 
     # -- objects -------------------------------------------------------------
-    def object_error(self, obj: Any, label: str) -> SchemaError:
-        """The error for a returned item that is not a valid object (slow path)."""
+    def object_error(self, obj: Any, label: str, inputs: Sequence[str] = ()) -> SchemaError:
+        """The error for a returned item that is not a valid object (slow path);
+        ``inputs``: the input columns (row mode, where returning them unchanged is fine)."""
         if not isinstance(obj, dict):
             return SchemaError(
                 f"{label}: expected an object (dict) with fields {', '.join(self.names)}, "
                 f"got {describe_value(obj)}"
             )
-        unknown = [key for key in obj if key not in self.name_set]
+        unknown = [key for key in obj if key not in self.name_set and key not in inputs]
+        if not unknown:  # only input fields besides the output ones: one came back changed
+            returned = [key for key in obj if key not in self.name_set]
+            return SchemaError(
+                f"{label}: the input fields it returns ({', '.join(returned)}) must come back "
+                f"unchanged: row mode keeps each input row as it is and adds the output_schema "
+                f"fields ({', '.join(self.names)}); add a field to `output_schema:` to replace "
+                f"its input value"
+            )
         return SchemaError(
             f"{label}: field {unknown[0]!r} is not in the output schema (fields: "
             f"{', '.join(self.names)}); add it to `output_schema:` or leave it out"

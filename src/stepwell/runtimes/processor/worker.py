@@ -190,7 +190,9 @@ async def row_loop(inputs, count, function, checkpoint, log, sleep, sink, failed
                     {stores}
                     keep(index)
                     continue
-            if type(obj) is not dict or not obj.keys() <= name_set:
+            if type(obj) is not dict:
+                return "object", index, obj
+            if not obj.keys() <= name_set and not (obj.keys() <= with_inputs and {unchanged}):
                 return "object", index, obj
             {slow_stores}
             keep(index)
@@ -224,10 +226,14 @@ def _compile_row_loop(inputs: list[str], names: tuple[str, ...]) -> Callable[...
         present=" and ".join(f"v{i} is not MISSING" for i in range(len(names))),
         stores=(indent + "    ").join(f"a{i}(v{i})" for i in range(len(names))),
         slow_stores="; ".join(f"a{i}(obj.get({name!r}))" for i, name in enumerate(names)),
+        # the input row returned with the output fields added: its other fields as they came
+        unchanged=" and ".join(f"same(obj.get({name!r}, c{j}), c{j})"
+                               for j, name in enumerate(inputs) if name not in names) or "True",
     )
     namespace: dict[str, Any] = {"MISSING": object(), "enumerate": enumerate, "type": type,
                                  "list": list, "dict": dict, "len": len, "zip": zip,
-                                 "range": range}
+                                 "range": range, "with_inputs": frozenset([*names, *inputs]),
+                                 "same": lambda a, b: a is b or a == b}
     exec(compile(source, "<stepwell row loop>", "exec"), namespace)  # noqa: S102 - our template
     return namespace["row_loop"]
 
@@ -504,7 +510,7 @@ class ProcessorRun:
             if kind == "result":
                 raise self._result_error(value, f" for input row {first_input + index}")
             label = f"output row {self.rows_built + len(out_index)} (input row {first_input + index})"
-            raise self.schema.object_error(value, label)
+            raise self.schema.object_error(value, label, inputs=names)
         self.executions += count
         return out_index, columns
 
