@@ -170,6 +170,21 @@ def test_partitions_may_share_a_fingerprint(tmp_path):
     assert by_partition(app)["b"] == [(0, "new")]
 
 
+def test_rows_with_their_own_partition_column_are_told_it_is_replaced(tmp_path):
+    code = SOURCE_CONNECTOR.replace(
+        'return pa.table({"i": list(range(n)), "fp": [metadata["fingerprint"]] * n})',
+        'return pa.table({"i": list(range(n)), "fp": [metadata["fingerprint"]] * n, '
+        '"_partition": ["mine"] * n})',
+    )
+    app = connector_app(tmp_path / "app", code)
+    set_source(app, {"a": ("a1", 1), "b": ("b1", 1)})
+    (run,) = run_app(app)
+    assert run.status == "succeeded", run.error
+    assert sorted(by_partition(app)) == ["a", "b"]
+    said = [line for line in logs(app, run.id) if "_partition column was replaced" in line]
+    assert len(said) == 1 and "return that value under another column name" in said[0]
+
+
 def test_incremental_refresh_reads_only_new_and_changed_partitions(tmp_path, store_url):
     app = connector_app(tmp_path / "app", SOURCE_CONNECTOR, step="parallelism: 2")
     set_source(app, {"a": ("a1", 3), "b": ("b1", 2), "c": ("c1", 1)})

@@ -379,6 +379,13 @@ class PartitionSession(WorkerSession):
             data = decode_table(body)
             column = pa.array([job.name] * data.num_rows, pa.string())
             if PARTITION_COLUMN in data.column_names:
+                if not self.refresh.said_partition_replaced:
+                    self.refresh.said_partition_replaced = True
+                    self.refresh.log.add("warn", [
+                        f"[stepwell] partition {job.name!r}: the rows' own {PARTITION_COLUMN} "
+                        f"column was replaced by the partition's name (stepwell keeps each row's "
+                        f"partition there); return that value under another column name"
+                    ])  # fmt: skip
                 index = data.column_names.index(PARTITION_COLUMN)
                 data = data.set_column(index, pa.field(PARTITION_COLUMN, pa.string()), column)
             else:
@@ -458,6 +465,8 @@ class Refresh:
         self._complete: queue.Queue[Job | None] = queue.Queue(maxsize=COMMIT_QUEUE)
         self._committer: threading.Thread | None = None
         self.stopping = False
+        #: the log said that rows came with their own _partition column
+        self.said_partition_replaced = False
         #: delete by ``_partition`` even for partitions without stored rows
         self.always_delete = False
         self.succeeded = 0
