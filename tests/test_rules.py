@@ -433,6 +433,25 @@ def test_stepwell_serve_starts_listed_plugins_and_rules(tmp_path: Path) -> None:
     assert "rules running: served" in serving.out.getvalue()
 
 
+def test_the_cli_knows_the_plugins_and_rules_the_app_file_lists(tmp_path: Path) -> None:
+    import shutil
+
+    root = make_app(tmp_path / "app", streams={
+        "readings": 'CREATE STREAM readings () WITH (TYPE="table", DATASOURCE="readings")'},
+        extra="plugins: [plugins/swtest]\nrules: [rules/copy.json]\n")
+    shutil.copytree(PLUGIN_SRC, root / "plugins" / "swtest")
+    (root / "rules").mkdir()
+    (root / "rules" / "copy.json").write_text(json.dumps(
+        {"id": "listed", "sql": "SELECT id, revstr(grp) AS g FROM readings",
+         "actions": [{"table": {"name": "listed_out"}}]}))
+    store = open_store(None, root)
+    append_rows(store, "readings", _readings(3))
+    store.close()
+    result = CliRunner().invoke(cli_app, ["rule", "start", str(root), "listed", "--run-for", "1.5"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert json.loads(result.stdout)["records_out"] == 3
+
+
 @pytest.mark.postgres
 def test_rules_and_sql_step_functions_on_postgres(tmp_path: Path, make_pg_database) -> None:
     from apputil import run_app

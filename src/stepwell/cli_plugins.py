@@ -147,6 +147,9 @@ def _engine(app_path: str, store_url: str | None):
         with _opened(app_path, store_url) as (spec, store):
             engine = RuleEngine.for_app(spec, store)
             try:
+                # the plugins and rules stepwell.yml lists exist here too, not only
+                # under `stepwell serve`
+                _guard(lambda: engine.register_listed(spec))
                 yield engine
             finally:
                 engine.stop_all()

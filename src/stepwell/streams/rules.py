@@ -907,6 +907,20 @@ class RuleEngine:
             runtime.lookup_changed(table)
 
     # -- whole app
+    def register_listed(self, app: Any) -> None:
+        """Install the plugins ``app``'s file lists and (re)create the rules it lists
+        (marked running, as `stepwell serve` starts them); unchanged ones are left be."""
+        self.manager.install_listed(list(app.plugins or []))
+        for relative in app.rules or []:
+            rule = load_rule_file(self.app_root / relative)
+            try:
+                existing = self._known(rule.id)
+                if existing.rule.to_json() == rule.to_json():
+                    continue
+            except RuleError:
+                pass
+            self.create(rule, replace=True, start=True)
+
     def start_all(self, app: Any = None, *, on_error: Callable[[str, Exception], None] | None = None) -> list[str]:
         """Install listed plugins, (re)create listed rules, start every rule marked running.
 
@@ -914,16 +928,7 @@ class RuleEngine:
         ``on_error`` (default: logged) and the others still start.
         """
         if app is not None:
-            self.manager.install_listed(list(app.plugins or []))
-            for relative in app.rules or []:
-                rule = load_rule_file(self.app_root / relative)
-                try:
-                    existing = self._known(rule.id)
-                    if existing.rule.to_json() == rule.to_json():
-                        continue
-                except RuleError:
-                    pass
-                self.create(rule, replace=True, start=True)
+            self.register_listed(app)
         started = []
         for rule_id in self._ids():
             try:
