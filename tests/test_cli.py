@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def test_run_says_when_a_step_still_asks_for_more_runs(tmp_path):
     assert "note: step 'forever' still asks for another run after 100 follow-up runs" in (
         result.stderr
     )
+    counts = re.findall(r"steps\s.*?(\d+)/(\d+)", result.stdout)
+    assert counts and all(c == ("1", "1") for c in counts)  # follow-up runs are not steps
     runs = json.loads(_ok(cli("runs", str(app), "--json", "--limit", "200")).stdout)
     assert len(runs) == 101
 

@@ -1502,3 +1502,14 @@ def test_a_dataframe_column_of_mixed_shapes_is_stored_as_json(tmp_path):
     assert run.status == "succeeded", run.error
     got = {r["n"]: r["d"] for r in rows(app, "shapes")}
     assert got[2] is None and json.loads(got[1]) == {"k": 1} and json.loads(got[3]) == {"k": [1, 2]}
+
+
+def test_a_huge_error_message_is_kept_short_in_the_run_record(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: loud\n    node: loud.py\n",
+        "loud.py": "raise ValueError('x' * 3_000_000)\n",
+    })
+    (run,) = run_app(app)
+    assert run.status == "failed" and len(run.error) < 2200
+    assert run.error.endswith("more characters; the whole text is in the run's traceback)")
+    assert "x" * 100_000 in run.traceback

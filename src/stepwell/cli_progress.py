@@ -38,6 +38,8 @@ class RunProgress:
         )
         self.overall = self._bar.add_task("[bold]steps", total=total_steps, detail="")
         self._tasks: dict[str, int] = {}
+        #: steps with a finished run (a step's follow-up runs do not count again)
+        self._steps_done: set[str] = set()
         self._last_draw = 0.0
         # connector runs: one transient line per partition being read
         self._parts: dict[tuple[str, str], int] = {}
@@ -109,4 +111,6 @@ class RunProgress:
                 completed=1,
                 detail=f"[{style}]{run.status}[/] {run.rows_in:,} in, {run.rows_out:,} out",
             )
-        self._bar.advance(self.overall)
+        if run.step not in self._steps_done:
+            self._steps_done.add(run.step)
+            self._bar.advance(self.overall)

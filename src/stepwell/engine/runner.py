@@ -411,7 +411,7 @@ class Runner:
             failure = {
                 "status": outcome.status,
                 "ended_at": _now(),
-                "error": redact(outcome.error),
+                "error": _capped(redact(outcome.error)),
                 "traceback": redact(outcome.traceback),
                 "rows_in": staged.committed_rows_in if staged else 0,
                 "rows_out": staged.committed_rows_out if staged else 0,
@@ -628,6 +628,19 @@ def _limit_outcome(outcome: Outcome, limits: WorkerLimits) -> Outcome:
             outcome.info,
         )
     return outcome
+
+
+#: Characters of a run's error kept in its record (the traceback keeps the whole text).
+MAX_ERROR_CHARS = 2000
+
+
+def _capped(error: str | None) -> str | None:
+    """An error message of at most ``MAX_ERROR_CHARS`` (a step may raise megabytes)."""
+    if error is None or len(error) <= MAX_ERROR_CHARS:
+        return error
+    more = len(error) - MAX_ERROR_CHARS
+    return (f"{error[:MAX_ERROR_CHARS]}... ({more:,} more characters; the whole text is "
+            "in the run's traceback)")  # fmt: skip
 
 
 def _seconds(value: float | None) -> str:
