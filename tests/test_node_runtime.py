@@ -1513,3 +1513,20 @@ def test_a_huge_error_message_is_kept_short_in_the_run_record(tmp_path):
     assert run.status == "failed" and len(run.error) < 2200
     assert run.error.endswith("more characters; the whole text is in the run's traceback)")
     assert "x" * 100_000 in run.traceback
+
+
+def test_read_sql_takes_jinja_names_and_says_when_a_table_is_missing(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: w\n    node: w.py\n  - name: r\n    node: r.py\n",
+        "w.py": "from patterns import Table\nTable('events', 'w').append([{'n': 1}, {'n': 2}])\n",
+        "r.py": """
+            from patterns import Table
+            events, later = Table("events"), Table("later")
+            print(events.read_sql("select count(*) as c from {{ events }}"))
+            later.read_sql("select * from later")
+        """,
+    })
+    w, r = run_app(app)
+    assert r.status == "failed"
+    assert logs(app, r.id)[0] == "[{'c': 2}]"  # the older docs' {{ table }} form
+    assert "read_sql: table 'later' does not exist yet (nothing has written it)" in r.error

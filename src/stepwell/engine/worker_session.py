@@ -276,7 +276,17 @@ class WorkerSession:
         sql = restrict_select(
             str(message["sql"]), allowed, self.store.dialect.name, where=f"read_sql in {self.staged.step}"
         )
-        return {}, self.staged.query(sql)
+        try:
+            return {}, self.staged.query(sql)
+        except Exception:
+            missing = [t for t in dict.fromkeys(allowed.values())
+                       if t in sql and self.store.table_info(t, count_rows=False) is None]  # fmt: skip
+            if missing:
+                raise ValueError(
+                    f"read_sql: table {missing[0]!r} does not exist yet (nothing has written "
+                    "it); check Table(...).exists first (read() gives no rows for it)"
+                ) from None
+            raise
 
     # -- writes ----------------------------------------------------------
     def op_table_sql(self, message: dict, _body: bytes) -> tuple[dict, Any]:

@@ -40,9 +40,13 @@ class SqlNotAllowed(ValueError):
     """The SQL is not a single SELECT over the tables this step may read."""
 
 
+#: ``{{ x }}``: how older Patterns docs name a node's table (a Jinja variable)
+_NAME_TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
 def expand_templates(sql: str) -> str:
-    """Replace ``{{ Table("x") }}`` with the plain table name ``x``."""
-    return _TABLE_TEMPLATE.sub(lambda m: m.group(1), sql)
+    """Replace ``{{ Table("x") }}`` and ``{{ x }}`` with the plain table name ``x``."""
+    return _NAME_TEMPLATE.sub(lambda m: m.group(1), _TABLE_TEMPLATE.sub(lambda m: m.group(1), sql))
 
 
 def template_tables(sql: str) -> list[str]:
