@@ -1530,3 +1530,19 @@ def test_read_sql_takes_jinja_names_and_says_when_a_table_is_missing(tmp_path):
     assert r.status == "failed"
     assert logs(app, r.id)[0] == "[{'c': 2}]"  # the older docs' {{ table }} form
     assert "read_sql: table 'later' does not exist yet (nothing has written it)" in r.error
+
+
+def test_an_exception_whose_str_fails_is_still_named(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: odd\n    node: odd.py\n",
+        "odd.py": """
+            class Odd(Exception):
+                def __str__(self):
+                    raise ValueError("str broke")
+            raise Odd()
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "failed"
+    assert run.error.startswith("Odd: (its message could not be made: ValueError in its __str__)")
+    assert "(at odd.py:4)" in run.error

@@ -56,7 +56,10 @@ def error_summary(exc: BaseException, app_root: str | None = None) -> str:
         if not frame.filename.startswith(_OWN_ROOT) and not frame.filename.startswith("<"):
             where = f" (at {_app_relative(frame.filename, app_root)}:{frame.lineno})"
             break
-    message = str(exc).strip()
+    try:
+        message = str(exc).strip()
+    except Exception as broken:  # noqa: BLE001 - the user's own __str__ failed
+        message = f"(its message could not be made: {type(broken).__name__} in its __str__)"
     if isinstance(exc, SyntaxError) and exc.lineno:
         message = exc.msg  # where: the file and line of the code that does not parse
         if exc.filename and not exc.filename.startswith("<"):
