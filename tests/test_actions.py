@@ -747,6 +747,7 @@ def test_templates_evaluate_to_values() -> None:
     ("{{ params.x + 1 }}", "add is not allowed"),
     ("{{ lipsum }}", "unknown name 'lipsum'"),
     ("{{ params.x", "bad template"),
+    ("{{ steps.load-user.data }}", r"write steps\['load-user'\] instead"),
 ])
 def test_templates_refuse_anything_executable(text: str, problem: str) -> None:
     with pytest.raises(templating.TemplateProblem, match=problem):

@@ -177,6 +177,12 @@ def _check_node(node: nodes.Node, text: str, names: Collection[str]) -> None:
             f"statements ({{% ... %}}) are not allowed {where}: use one {{{{ expression }}}}"
         )
     elif not isinstance(node, _PLAIN_NODES):
+        dashed = re.search(r"steps\.([A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)+)", text)
+        if isinstance(node, nodes.Sub) and dashed:  # a step name with '-' read as a minus
+            raise TemplateProblem(
+                f"{text!r}: a step name with '-' cannot follow a dot; write "
+                f"steps[{dashed.group(1)!r}] instead"
+            )
         raise TemplateProblem(
             f"{type(node).__name__.lower()} is not allowed {where}: templates hold lookups and "
             f"literals only; compute in the step's code instead"
