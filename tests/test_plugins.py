@@ -333,3 +333,18 @@ def test_plugin_cli(app_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0 and "removed plugin swtest" in result.output
     result = runner.invoke(cli_app, ["plugin", "list", str(app_dir)])
     assert "no plugins installed" in result.output
+
+
+def test_a_plugin_whose_code_uses_another_name_says_so(app_dir: Path, tmp_path: Path) -> None:
+    folder = copy_plugin(tmp_path / "src")
+    code = folder / "swtest.py"
+    code.write_text(code.read_text().replace('PluginConfig(\n        "swtest",', 'PluginConfig(\n        "otherplug",'))
+    assert '"otherplug"' in code.read_text()
+    install_plugin(app_dir, folder)
+    mgr = PluginManager(app_dir, processes=1)
+    try:
+        with pytest.raises(PluginError, match=r"its code calls PluginConfig\('otherplug', \.\.\.\) "
+                                              r"but the plugin is named 'swtest'"):
+            mgr.function_pool("revstr")
+    finally:
+        mgr.stop_all()

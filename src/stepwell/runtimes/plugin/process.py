@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -329,14 +330,25 @@ class PluginProcess:
                 if not self.alive():
                     raise PluginCrashed(
                         f"{what} exited with status {self._proc.poll() if self._proc else '?'} "
-                        f"before its handshake; its output: {self.tail()}"
+                        f"before its handshake{self._misnamed()}; its output: {self.tail()}"
                     ) from None
                 if time.monotonic() > deadline:
                     self._kill()
-                    raise PluginError(f"{what} sent no handshake in {HANDSHAKE_TIMEOUT:g}s") from None
+                    raise PluginError(f"{what} sent no handshake in {HANDSHAKE_TIMEOUT:g}s"
+                                      f"{self._misnamed()}") from None  # fmt: skip
                 continue
             if message[:1] == b"h":
                 return
+
+    def _misnamed(self) -> str:
+        """Why, when the plugin's code dialled another name's socket than ours."""
+        for line in self.output:
+            found = re.search(r"plugin_([\w.-]+?)\.ipc", line)
+            if found and found.group(1) != self.plugin.name:
+                return (f": its code calls PluginConfig({found.group(1)!r}, ...) but the plugin "
+                        f"is named {self.plugin.name!r} (its folder and manifest); the names "
+                        "must match")  # fmt: skip
+        return ""
 
     def tail(self, lines: int = 5) -> str:
         return " | ".join(list(self.output)[-lines:]) or "(nothing)"
