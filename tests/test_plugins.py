@@ -348,3 +348,9 @@ def test_a_plugin_whose_code_uses_another_name_says_so(app_dir: Path, tmp_path: 
             mgr.function_pool("revstr")
     finally:
         mgr.stop_all()
+
+
+def test_a_validate_that_returns_none_is_explained(manager: PluginManager) -> None:
+    problem = manager.function_pool("noval").validate([])
+    assert problem == ("validation failed: its validate() returned None; return '' to accept "
+                       "the arguments, or the reason to refuse them")

@@ -148,12 +148,26 @@ class Boom(Function):
         return False
 
 
+class NoVal(Function):
+    """A validate() left as `pass` (returns None), as plugin authors write it."""
+
+    def validate(self, args: list[Any]) -> str:
+        pass
+
+    def exec(self, args: list[Any], ctx: Context) -> Any:
+        return 1
+
+    def is_aggregate(self) -> bool:
+        return False
+
+
 if __name__ == "__main__":
     c = PluginConfig(
         "swtest",
         {"counter": lambda: Counter()},
         {"collect": lambda: Collect()},
         {"revstr": lambda: RevStr(), "scale": lambda: Scale(), "spread": lambda: Spread(),
-         "whoami": lambda: WhoAmI(), "tmpfiles": lambda: TmpFiles(), "boom": lambda: Boom()},
+         "whoami": lambda: WhoAmI(), "tmpfiles": lambda: TmpFiles(), "boom": lambda: Boom(),
+         "noval": lambda: NoVal()},
     )
     plugin.start(c)

@@ -149,7 +149,10 @@ class FunctionPool:
         if reply.get("state"):
             return None
         result = reply.get("result")
-        return "validation failed" if result is None else str(result)
+        if result is None:  # (the SDK accepts only "": a validate() that is just `pass`)
+            return ("validation failed: its validate() returned None; return '' to accept the "
+                    "arguments, or the reason to refuse them")  # fmt: skip
+        return str(result)
 
     def is_aggregate(self) -> bool:
         if self._is_aggregate is None:
