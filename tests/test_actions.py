@@ -365,6 +365,7 @@ def test_an_action_calling_itself_hits_the_depth_limit(served: Any) -> None:
     assert result["status"] == "failed"
     assert "actions nested more than 10 levels deep (forever > forever" in result["error"]
     assert "needs a way to stop" in result["error"]
+    assert result["error"].count("action 'forever'") <= 1  # not one prefix per level
 
 
 # -- limits and failures ----------------------------------------------------------------

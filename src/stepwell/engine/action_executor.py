@@ -64,6 +64,7 @@ DEFAULT_STEP_TIMEOUT = 30.0
 DEFAULT_ACTION_TIMEOUT = 90.0
 #: How deep actions may call actions (``action`` and ``loop`` steps).
 MAX_DEPTH = 10
+_TOO_DEEP = "actions nested more than"
 #: The caller when nobody is identified (local CLI, loopback server without a token).
 LOCAL_USER: dict[str, Any] = {"id": "local", "roles": []}
 #: Run record step names of actions are this prefix plus the action's name.
@@ -647,7 +648,7 @@ class ActionExecutor:
         if len(chain) >= self.max_depth:
             path = " > ".join([*chain, child.name])
             raise _StepFailed(
-                f"actions nested more than {self.max_depth} levels deep ({path}); an action "
+                f"{_TOO_DEEP} {self.max_depth} levels deep ({path}); an action "
                 f"that calls itself needs a way to stop"
             )
         return child
@@ -681,7 +682,10 @@ class ActionExecutor:
         outcome = self._run_action(child, {**defaults, **params}, call, (*chain, child.name),
                                    limit, label)  # fmt: skip
         if outcome.error is not None:
-            raise _StepFailed(f"action {child.name!r}: {_text(outcome.error)}", data=outcome.data,
+            text = _text(outcome.error)
+            if (at := text.find(_TOO_DEEP)) != -1:  # it names the chain: no prefix per level
+                raise _StepFailed(text[at:])
+            raise _StepFailed(f"action {child.name!r}: {text}", data=outcome.data,
                               timed_out=outcome.timed_out, traceback=outcome.traceback)  # fmt: skip
         return outcome.data
 
