@@ -646,7 +646,10 @@ def test_exit_descriptions_name_the_limit():
     assert describe_exit(signal.SIGKILL, cpu=2.0, cpu_used=3.0)[1].startswith("CPU time limit 2s")
     assert describe_exit(signal.SIGKILL) == ("killed", "the worker process was killed by SIGKILL")
     assert describe_exit(MEMORY_EXIT_CODE << 8, memory=256 * 1024**2) == ("killed", "memory limit 256MiB exceeded")
-    assert describe_exit(3 << 8, stderr_tail="boom")[1] == "the worker process exited with code 3: boom"
+    assert describe_exit(3 << 8, stderr_tail="boom")[1] == (
+        "the worker process exited with code 3 before the step finished (os._exit() in the step, "
+        "or a library ending the process?): nothing since its last commit point is kept: boom"
+    )
     assert sandbox_mode("STRICT") == "strict"
     with pytest.raises(ValueError):
         sandbox_mode("loose")
