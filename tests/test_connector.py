@@ -1276,3 +1276,23 @@ def test_unchanged_prefixes_are_not_listed_again(tmp_path, store_url):
     cli("state", str(app), "load", "--reset", *(["--store", store_url] if store_url else []))
     counts, listed = refresh()  # a reset forgets the prefixes too
     assert listed == {"/", "b/", "b/sub/"} and counts["new"] == 4 and values() == [2, 3, 4, 5]
+
+
+def test_infer_schema_taking_spark_starts_it_only_when_used():
+    from stepwell.runtimes.connector.contract import call_infer_schema
+
+    started = []
+
+    def make():
+        started.append(1)
+        return type("FakeSession", (), {"version": "3.5"})()
+
+    def struct_only(spark, context, metadata):
+        return {"zip": "str"}  # a StructType needs no session
+
+    assert call_infer_schema(struct_only, {}, make) == {"zip": "str"} and started == []
+
+    def uses_it(spark, context, metadata):
+        return {"v": spark.version}
+
+    assert call_infer_schema(uses_it, {}, make) == {"v": "3.5"} and started == [1]

@@ -246,10 +246,22 @@ def call_infer_schema(
         params = []
     names = [p.name for p in params]
     if names and names[0] == "spark":
-        args: list[Any] = [spark(), context, None][: len(names)]
+        args: list[Any] = [SparkOnUse(spark), context, None][: len(names)]
     else:
         args = [context, None, None][: len(names)]
     return infer(*args)
+
+
+class SparkOnUse:
+    """Stands in for the SparkSession until the code uses it: starting one takes
+    seconds, and an ``infer_schema(spark, ...)`` that returns a ``StructType``
+    never needs it."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make = make
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._make(), name)
 
 
 def to_arrow_schema(value: Any) -> Any:
