@@ -1226,10 +1226,14 @@ def test_unchanged_prefixes_are_not_listed_again(tmp_path, store_url):
     }  # fmt: skip
     app = connector_app(tmp_path / "app", TREE, step="parser: csv", files=files)
 
+    summaries: list[str] = []
+
     def refresh(expect_status: str = "succeeded") -> tuple[dict[str, int], set[str]]:
         (run,) = run_app(app, store_url)
         assert run.status == expect_status, run.error
-        listed = {m.split(" ", 1)[1] for m in logs(app, run.id, store_url) if m.startswith("listing ")}
+        lines = logs(app, run.id, store_url)
+        listed = {m.split(" ", 1)[1] for m in lines if m.startswith("listing ")}
+        summaries.extend(m for m in lines if " partitions: " in m)
         return run.info["partitions"], listed
 
     def values() -> list[int]:
@@ -1241,6 +1245,8 @@ def test_unchanged_prefixes_are_not_listed_again(tmp_path, store_url):
     counts, listed = refresh("succeeded_no_data")  # nothing changed: only the root is listed
     assert listed == {"/"}
     assert (counts["unchanged"], counts["removed"], counts["under_unchanged_prefixes"]) == (3, 0, 3)
+    assert summaries[-1].startswith("[stepwell] 3 partitions: 0 new, 0 changed, 3 unchanged (3 of "
+                                    "the unchanged under 2 unchanged prefixes, not listed again), 0 removed")
     assert sorted(partitions(app, "load", store_url)) == ["a/x.csv", "b/sub/z.csv", "b/y.csv"]
     assert values() == [1, 2, 3]
 

@@ -716,9 +716,10 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
         [
             *(f"[stepwell] {note}" for note in notes),
             f"[stepwell] {len(listing.leaves) + kept_leaves:,} partitions: {new:,} new, "
-            f"{changed:,} changed, {unchanged:,} unchanged, {len(removed):,} removed"
-            + (f" ({kept_leaves:,} of them under {len(skipped):,} unchanged "
+            f"{changed:,} changed, {unchanged:,} unchanged"
+            + (f" ({kept_leaves:,} of the unchanged under {len(skipped):,} unchanged "
                f"prefix{'es' if len(skipped) != 1 else ''}, not listed again)" if skipped else "")
+            + f", {len(removed):,} removed"
             + f"; read with {listing.read_function}"
             + (f" by {parallelism} worker{'s' if parallelism > 1 else ''}" if jobs else ""),
         ],
