@@ -403,24 +403,31 @@ def test_rule_cli(tmp_path: Path) -> None:
         store.close()
 
 
-def test_stepwell_serve_starts_listed_plugins_and_rules(tmp_path: Path) -> None:
-    import io
+def _app_listing_a_plugin_and_a_rule(root: Path, rule_id: str) -> Path:
+    """An app whose stepwell.yml lists the test plugin and a rule copying 3 readings."""
     import shutil
 
-    from stepwell.server.context import ServerSettings
-    from stepwell.server.serve import Serving
-
-    root = make_app(tmp_path / "app", streams={
+    root = make_app(root, streams={
         "readings": 'CREATE STREAM readings () WITH (TYPE="table", DATASOURCE="readings")'},
         extra="plugins: [plugins/swtest]\nrules: [rules/copy.json]\n")
     shutil.copytree(PLUGIN_SRC, root / "plugins" / "swtest")
     (root / "rules").mkdir()
     (root / "rules" / "copy.json").write_text(json.dumps(
-        {"id": "served", "sql": "SELECT id, revstr(grp) AS g FROM readings",
-         "actions": [{"table": {"name": "served_out"}}, {"log": {}}]}))
+        {"id": rule_id, "sql": "SELECT id, revstr(grp) AS g FROM readings",
+         "actions": [{"table": {"name": f"{rule_id}_out"}}, {"log": {}}]}))
     store = open_store(None, root)
     append_rows(store, "readings", _readings(3))
     store.close()
+    return root
+
+
+def test_stepwell_serve_starts_listed_plugins_and_rules(tmp_path: Path) -> None:
+    import io
+
+    from stepwell.server.context import ServerSettings
+    from stepwell.server.serve import Serving
+
+    root = _app_listing_a_plugin_and_a_rule(tmp_path / "app", "served")
     serving = Serving(str(root), settings=ServerSettings.from_env({}, host="127.0.0.1", port=0),
                       out=io.StringIO())
     serving.start_in_thread()
@@ -434,19 +441,7 @@ def test_stepwell_serve_starts_listed_plugins_and_rules(tmp_path: Path) -> None:
 
 
 def test_the_cli_knows_the_plugins_and_rules_the_app_file_lists(tmp_path: Path) -> None:
-    import shutil
-
-    root = make_app(tmp_path / "app", streams={
-        "readings": 'CREATE STREAM readings () WITH (TYPE="table", DATASOURCE="readings")'},
-        extra="plugins: [plugins/swtest]\nrules: [rules/copy.json]\n")
-    shutil.copytree(PLUGIN_SRC, root / "plugins" / "swtest")
-    (root / "rules").mkdir()
-    (root / "rules" / "copy.json").write_text(json.dumps(
-        {"id": "listed", "sql": "SELECT id, revstr(grp) AS g FROM readings",
-         "actions": [{"table": {"name": "listed_out"}}]}))
-    store = open_store(None, root)
-    append_rows(store, "readings", _readings(3))
-    store.close()
+    root = _app_listing_a_plugin_and_a_rule(tmp_path / "app", "listed")
     result = CliRunner().invoke(cli_app, ["rule", "start", str(root), "listed", "--run-for", "1.5"])
     assert result.exit_code == 0, result.output + str(result.exception)
     assert json.loads(result.stdout)["records_out"] == 3
