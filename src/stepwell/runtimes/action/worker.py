@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import collections
 import contextlib
 import gc
 import importlib
@@ -37,7 +36,6 @@ import sys
 import traceback
 import types
 from pathlib import Path
-from types import CodeType
 from typing import Any
 
 from stepwell.runtimes.action.code import (
@@ -48,40 +46,10 @@ from stepwell.runtimes.action.code import (
     to_wire,
 )
 from stepwell.sandbox.client import HostLink, LogStream
+from stepwell.sandbox.policy import signal_name
 
 #: Synthetic package the app folder is importable as (shared with node steps).
 APP_PACKAGE = "stepwell_app"
-#: Compiled step bodies kept per worker.
-_CACHE_SIZE = 256
-
-
-class _CodeCache:
-    """Compiled bodies by (filename, source, variables); compile errors are cached too."""
-
-    def __init__(self) -> None:
-        self._items: collections.OrderedDict[tuple, tuple[CodeType, bool] | SyntaxError] = (
-            collections.OrderedDict()
-        )
-
-    def get(self, source: str, filename: str, variables: tuple[str, ...],
-            first_line: int = 1) -> tuple[CodeType, bool]:  # fmt: skip
-        key = (filename, source, variables, first_line)
-        found = self._items.get(key)
-        if found is None:
-            try:
-                found = compile_step(source, filename, variables, first_line)
-            except SyntaxError as exc:
-                found = exc
-            self._items[key] = found
-            if len(self._items) > _CACHE_SIZE:
-                self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(key)
-        if isinstance(found, SyntaxError):
-            raise found
-        return found
-
-
 def _mount_app(app_root: Path) -> None:
     """Make the app folder importable: plain imports and the ``stepwell_app`` package."""
     if APP_PACKAGE not in sys.modules:
@@ -147,14 +115,14 @@ def _user_traceback(exc: BaseException, filename: str, where: str, app_root: str
     return "".join(lines)
 
 
-def run_job(job: dict[str, Any], cache: _CodeCache, app_root: str) -> dict[str, Any]:
+def run_job(job: dict[str, Any], app_root: str) -> dict[str, Any]:
     """Run one invocation; the ``result`` frame's fields."""
     filename = str(job["filename"])
     where = str(job.get("where") or filename)
     variables = dict(job.get("variables") or {})
     try:
-        code, is_async = cache.get(str(job["source"]), filename, tuple(variables),
-                                   int(job.get("first_line") or 1))
+        code, is_async = compile_step(str(job["source"]), filename, tuple(variables),
+                                      int(job.get("first_line") or 1))
     except SyntaxError as exc:
         return {"status": "error", "error": syntax_message(exc, where), "traceback": None}
     namespace: dict[str, Any] = {
@@ -309,7 +277,7 @@ def _serve_one(link: HostLink, app_root: str) -> bool:
     job = message.get("job")
     if not job:
         return False
-    result = run_job(job, _CodeCache(), app_root)
+    result = run_job(job, app_root)
     _end_output()
     try:
         link.notify("result", **result)
@@ -321,9 +289,5 @@ def _serve_one(link: HostLink, app_root: str) -> bool:
 
 def _ending(status: int) -> str:
     if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            return f"killed by signal {number} ({signal.Signals(number).name})"
-        except ValueError:
-            return f"killed by signal {number}"
+        return f"killed by {signal_name(os.WTERMSIG(status))}"
     return f"exit code {os.waitstatus_to_exitcode(status)}"
