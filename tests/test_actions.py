@@ -172,6 +172,21 @@ APP = {
                   memory.SEEN.append(params.get("secret"))
                   print("remembered", len(memory.SEEN))
                   return list(memory.SEEN)
+          - name: spawn
+            steps:
+              - name: s
+                code: |
+                  import subprocess
+                  return subprocess.Popen(['sleep', '30']).pid
+          - name: running
+            steps:
+              - name: r
+                code: |
+                  try:
+                      with open(f"/proc/{params['pid']}/stat") as f:
+                          return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+                  except FileNotFoundError:
+                      return False
           - name: linger
             steps:
               - name: l
@@ -408,6 +423,12 @@ def test_a_crashing_invocation_ends_only_itself(served: Any) -> None:
     assert result["status"] == "failed"
     assert result["error"] == "step 'c': the step's process ended before it returned: exit code 3"
     assert run(served, "double", {"n": 2})["data"] == 4
+
+
+def test_a_process_a_call_started_ends_with_the_call(served: Any) -> None:
+    pid = run(served, "spawn")["data"]
+    assert isinstance(pid, int)
+    assert run(served, "running", {"pid": pid})["data"] is False
 
 
 def test_nothing_an_invocation_leaves_behind_reaches_the_next(served: Any) -> None:

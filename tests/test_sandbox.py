@@ -648,7 +648,7 @@ def test_exit_descriptions_name_the_limit():
     assert describe_exit(MEMORY_EXIT_CODE << 8, memory=256 * 1024**2) == ("killed", "memory limit 256MiB exceeded")
     assert describe_exit(3 << 8, stderr_tail="boom")[1] == (
         "the worker process exited with code 3 before the step finished (os._exit() in the step, "
-        "or a library ending the process?): nothing since its last commit point is kept: boom"
+        "or a library ending the process?): boom"
     )
     assert sandbox_mode("STRICT") == "strict"
     with pytest.raises(ValueError):

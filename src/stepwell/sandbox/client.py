@@ -26,6 +26,8 @@ class HostLink:
         self._pid = os.getpid()
         #: the run's captured stdout/stderr: what they hold goes out before ``done``
         self.outputs: list[LogStream] = []
+        #: a ``last`` frame was sent: nothing more goes out
+        self._finished = False
 
     def forked(self) -> bool:
         """True in a process the step forked: it shares the channel but owns no run."""
@@ -74,7 +76,9 @@ class HostLink:
             if scan_id is not None:
                 self.call("scan_close", scan=scan_id)
 
-    def notify(self, op: str, body: Any = b"", **args: Any) -> None:
+    def notify(self, op: str, body: Any = b"", *, last: bool = False, **args: Any) -> None:
+        """Send a frame that gets no reply. ``last``: this process sends nothing after
+        it (what other threads try to send is dropped)."""
         if self.forked():
             if op == "log":  # its frames would interleave with the step's own
                 return
@@ -84,6 +88,9 @@ class HostLink:
             for stream in self.outputs:  # (a last unfinished line, the log limit's note)
                 stream.close_out()
         with self._lock:
+            if self._finished:
+                return
+            self._finished = last
             self.channel.send({"op": op, **args}, body)
 
 

@@ -158,5 +158,4 @@ def describe_exit(
     if code == MEMORY_EXIT_CODE and memory is not None:
         return "killed", f"memory limit {format_bytes(memory)} exceeded"
     return "killed", (f"the worker process exited with code {code} before the step finished "
-                      f"(os._exit() in the step, or a library ending the process?): nothing "
-                      f"since its last commit point is kept{tail}")  # fmt: skip
+                      f"(os._exit() in the step, or a library ending the process?){tail}")  # fmt: skip

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import contextlib
 import gc
 import importlib
@@ -35,6 +36,8 @@ import signal
 import sys
 import traceback
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ from stepwell.runtimes.action.code import (
     syntax_message,
     to_wire,
 )
+from stepwell.sandbox import linux
 from stepwell.sandbox.client import HostLink, LogStream
 from stepwell.sandbox.policy import signal_name
 
@@ -174,115 +178,165 @@ def serve(link: HostLink, start: dict[str, Any]) -> None:
 
 
 #: What an invocation's process tells the warm worker, on a pipe of its own.
-_TOOK, _ANSWERED, _STOP = b"T", b"A", b"S"
+_TOOK, _ANSWERING, _STOP = b"T", b"A", b"S"
+#: prctl(2): orphans of our children become ours (we reap them)
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass
+class _Spare:
+    """A fork of the warm worker waiting for its turn (one byte on ``go``)."""
+
+    pid: int
+    go: int  # write end: its turn
+    said: int  # read end: what it tells us
+    heard: bytes = b""
 
 
 class _Invocations:
     """Forks of the warm worker, each serving one job.
 
-    A few are forked ahead and wait for the *turn*: one byte on a pipe they all
-    read, so exactly one takes it. That one reads its job from the channel,
-    answers, passes the turn on and exits; the warm worker forks a replacement
-    meanwhile. So a job never waits for a fork, and the warm process itself
-    never runs user code. When an invocation ends without answering, the warm
-    worker answers for it (an error naming how it ended) and passes the turn on."""
+    Spares are forked ahead, each waiting on a pipe of its own; the warm worker
+    gives the next one its turn only once the one before has exited and its
+    process group (whatever it started) is killed. So one invocation at a time
+    talks to the host, nothing a call left running outlives it, and the warm
+    process itself never runs user code. An invocation says ``A`` just before
+    sending its result: one that ended without saying it sent none, and the warm
+    worker answers for it (an error naming how it ended)."""
 
     SPARES = 2
 
     def __init__(self, link: HostLink, app_root: str):
         self.link = link
         self.app_root = app_root
-        self.turn_read, self.turn_write = os.pipe()
-        #: each invocation's pipe -> (its pid, what it said so far)
-        self.said: dict[int, tuple[int, bytes]] = {}
+        self.spares: collections.deque[_Spare] = collections.deque()
+        with contextlib.suppress(OSError):  # (then orphans go to the namespace's init)
+            linux.prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
     def serve(self, ready: dict[str, Any]) -> None:
         for _ in range(self.SPARES):
-            self._fork()
+            self.spares.append(self._fork())
         self.link.notify("ready", **ready)  # its reply, the first job, is the first turn's
-        os.write(self.turn_write, b"t")
         while True:
-            for fd in select.select(list(self.said), [], [])[0]:
-                if not self._heard(fd):
-                    return
+            current = self.spares.popleft() if self.spares else self._fork()
+            try:
+                os.write(current.go, b"g")
+            except BrokenPipeError:  # a spare that died waiting
+                self._discard(current)
+                continue
+            os.close(current.go)
+            if not self._follow(current):
+                return
 
-    def _heard(self, fd: int) -> bool:
-        """Take in what one invocation said; False when the host said to stop."""
-        pid, said = self.said[fd]
-        data = os.read(fd, 16)
-        if data:
-            self.said[fd] = (pid, said + data)
-            if _STOP in data:
-                self._stop()
-                return False
-            if _TOOK in data:  # one spare fewer: fork the next while this one works
-                self._fork()
-            return True
-        os.close(fd)
-        del self.said[fd]
+    def _discard(self, spare: _Spare) -> None:
+        for fd in (spare.go, spare.said):
+            os.close(fd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(spare.pid, 0)
+
+    def _follow(self, current: _Spare) -> bool:
+        """Wait for ``current`` to end; False when the host said to stop. Its end is
+        its exit, not the end of its pipe: a process the step forked may hold that."""
         try:
-            _, status = os.waitpid(pid, 0)
-            ending = _ending(status)
-        except ChildProcessError:
-            ending = "it ended"
-        if _TOOK in said and _ANSWERED not in said:
+            pidfd: int | None = os.pidfd_open(current.pid)
+        except OSError:  # (no pidfds: look every 10 ms)
+            pidfd = None
+        said_open = True
+        while True:
+            watch = [fd for fd in (current.said if said_open else None, pidfd) if fd is not None]
+            ready = select.select(watch, [], [], None if pidfd is not None else 0.01)[0]
+            if current.said in ready:
+                data = os.read(current.said, 16)
+                if _TOOK in data and _TOOK not in current.heard:  # forked while it works
+                    with contextlib.suppress(OSError):  # (none now: made when needed)
+                        self.spares.append(self._fork())
+                current.heard += data
+                said_open = bool(data)
+                continue
+            pid, status = os.waitpid(current.pid, os.WNOHANG)
+            if pid:
+                break
+        with contextlib.suppress(OSError):
+            os.killpg(current.pid, signal.SIGKILL)  # what it started ends with it
+        if said_open:  # (what it said as it exited)
+            os.set_blocking(current.said, False)
+            with contextlib.suppress(OSError):
+                current.heard += os.read(current.said, 16)
+        os.close(current.said)
+        if pidfd is not None:
+            os.close(pidfd)
+        ending = _ending(status)
+        _reap_orphans()
+        if _STOP in current.heard:
+            self._stop()
+            return False
+        if _TOOK in current.heard and _ANSWERING not in current.heard:
             self.link.notify("result", status="error", traceback=None, memory_error=False,
                              error=f"the step's process ended before it returned: {ending}")  # fmt: skip
-            os.write(self.turn_write, b"t")
-        elif _TOOK not in said:  # a spare that died waiting
-            self._fork()
         return True
 
-    def _fork(self) -> None:
+    def _fork(self) -> _Spare:
+        go_read, go_write = os.pipe()
         said_read, said_write = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 70
             try:
+                os.setpgid(0, 0)
+                for spare in self.spares:  # the others' pipes are none of its business
+                    os.close(spare.go)
+                    os.close(spare.said)
+                os.close(go_write)
                 os.close(said_read)
-                code = self._invocation(said_write)
+                code = self._invocation(go_read, said_write)
             finally:
                 os._exit(code)
+        os.close(go_read)
         os.close(said_write)
-        self.said[said_read] = (pid, b"")
+        return _Spare(pid, go_write, said_read)
 
-    def _invocation(self, said: int) -> int:
-        """In an invocation's process: wait for the turn, serve one job, pass the turn."""
-        if not os.read(self.turn_read, 1):
+    def _invocation(self, go: int, said: int) -> int:
+        """In an invocation's process: wait for the turn, serve one job."""
+        if not os.read(go, 1):  # the warm worker is gone
             return 0
         os.write(said, _TOOK)
         self.link.adopt()
-        if not _serve_one(self.link, self.app_root):
+        if not _serve_one(self.link, self.app_root, lambda: os.write(said, _ANSWERING)):
             os.write(said, _STOP)
-            return 0
-        os.write(said, _ANSWERED)
-        os.write(self.turn_write, b"t")
         return 0
 
     def _stop(self) -> None:
-        for fd, (pid, said) in self.said.items():
-            if _STOP not in said:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            os.close(fd)
-        for pid, _ in self.said.values():
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self.said.clear()
+        for spare in self.spares:  # (each reads end-of-file and exits)
+            self._discard(spare)
+        self.spares.clear()
 
 
-def _serve_one(link: HostLink, app_root: str) -> bool:
-    """Read the job, run it, send its result; False when the host said to stop."""
+def _reap_orphans() -> None:
+    """Collect processes that ended (orphans of invocations come to us)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _serve_one(link: HostLink, app_root: str, answering: Callable[[], Any]) -> bool:
+    """Read the job, run it, send its result (``answering()`` first); False when
+    the host said to stop. Nothing this process sends after the result is sent:
+    a thread the step left running must not write on the channel."""
     message, _ = link.channel.recv()
     job = message.get("job")
     if not job:
         return False
     result = run_job(job, app_root)
     _end_output()
+    answering()
     try:
-        link.notify("result", **result)
+        link.notify("result", last=True, **result)
     except (TypeError, ValueError, OverflowError) as exc:  # the protocol cannot carry it
-        link.notify("result", status="error", traceback=None,
+        link.notify("result", last=True, status="error", traceback=None,
                     error=f"the step's result cannot be passed on: {exc}")  # fmt: skip
     return True
 
