@@ -1415,6 +1415,32 @@ def test_a_second_as_stream_continues_the_first_and_reset_restarts_it(tmp_path):
     assert run.status == "succeeded" and logs(app, run.id) == [f"after reset {list(range(9))}"]
 
 
+def test_a_null_order_value_behind_a_streams_position_is_warned(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: gen\n    node: gen.py\n  - name: read\n    node: read.py\n",
+        "gen.py": """
+            from patterns import State, Table
+            state = State()
+            second = state.get_value("ran", False)
+            rows = [{"n": 3, "ts": None}, {"n": 4, "ts": 40}] if second else [{"n": 1, "ts": 10}]
+            Table("events", "w").append(rows)
+            state.set_value("ran", True)
+        """,
+        "read.py": """
+            from patterns import Table
+            out = Table("seen", "w")
+            for r in Table("events").as_stream(order_by="ts").consume_records():
+                out.append({"n": r["n"]})
+        """,
+    })
+    run_app(app)
+    gen, read = run_app(app)
+    assert read.status == "succeeded"
+    assert sorted(r["n"] for r in rows(app, "seen")) == [1, 4]
+    assert any("table 'events': 1 row(s) have no ts (null); a stream ordered by ts has read past "
+               "them" in line for line in logs(app, read.id))
+
+
 def test_a_stream_refuses_rows_without_an_order_value(tmp_path):
     """A null in the order_by column would be skipped once later rows are read: the
     run fails naming the row, and nothing is consumed."""

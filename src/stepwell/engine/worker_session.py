@@ -29,6 +29,7 @@ from stepwell.sandbox.protocol import (
     decode_table,
 )
 from stepwell.store.base import ID_COLUMN, Store, active_positions
+from stepwell.store.sql import quote
 
 #: Seconds after which a run still in progress gets its ``running`` record (a
 #: shorter one is recorded once, with its end; see ``StagedRun.unrecorded``).
@@ -102,6 +103,8 @@ class WorkerSession:
         self._committed_positions: Any = None
         #: the worker's last frame said the run imported numpy (pandas imports it too)
         self.imported_numpy = False
+        #: (table, column) of streams whose null order values the log has been told of
+        self._null_orders_said: set[tuple[str, str]] = set()
 
     # -- the loop --------------------------------------------------------
     def serve(self, start: dict[str, Any]) -> Outcome:
@@ -229,6 +232,8 @@ class WorkerSession:
                     f"cannot stream table {table!r} ordered by {', '.join(missing)}: no such "
                     f"column (columns: {', '.join(c.name for c in info.columns)})"
                 )
+            if after and after[0] is not None and order_by[0] != ID_COLUMN:
+                self._warn_null_order(table, order_by[0])
         # Streams in patterns_id order stop below ids still in flight elsewhere, so a
         # late commit can never land behind this stream's position.
         batches = self.store.scan(
@@ -244,6 +249,23 @@ class WorkerSession:
         self._scans[scan_id] = _ScanAhead(batches)
         reply, batch = self._next_batch(scan_id)
         return {"scan": None if reply["done"] else scan_id, "version": info.version, **reply}, batch
+
+    def _warn_null_order(self, table: str, column: str) -> None:
+        """Say (once per run) that rows with no value in a stream's order column are
+        behind its position: null sorts first, so once it has read a value it never
+        reads them (a stream meeting one at its start refuses it)."""
+        if (table, column) in self._null_orders_said:
+            return
+        self._null_orders_said.add((table, column))
+        count = self.store.query(
+            f"SELECT count(*) AS n FROM {quote(table)} WHERE {quote(column)} IS NULL"
+        ).column(0)[0].as_py()
+        if count:
+            self.log.add("warn", [
+                f"[stepwell] table {table!r}: {count} row(s) have no {column} (null); a "
+                f"stream ordered by {column} has read past them and will not read them: give "
+                f"them a {column}, or stream by {ID_COLUMN}"
+            ])  # fmt: skip
 
     def op_scan_next(self, message: dict, _body: bytes) -> tuple[dict, bytes]:
         if message.get("scan") not in self._scans:
