@@ -1472,6 +1472,8 @@ def test_default_stream_order_comes_from_the_schema_field_roles(tmp_path):
             tables:
               - name: events
                 schema: Event
+              - name: logged
+                schema: Event
             steps:
               - name: gen
                 node: gen.py
@@ -1495,11 +1497,13 @@ def test_default_stream_order_comes_from_the_schema_field_roles(tmp_path):
             bare = Table("bare", "w")
             bare.init(add_monotonic_id=None)
             bare.append({"n": 1})
+            Table("logged", "w").append({"at": 1, "what": "x"})  # with patterns_id
         """,
         "read.py": """
             from patterns import Table
             stream = Table("events").as_stream()  # no order named: the schema's role
             print([r["what"] for r in stream.consume_records()], stream.order_by_field)
+            print(Table("logged").as_stream().order_by_field)  # its ids still go first
         """,
         "plain.py": """
             from patterns import Table
@@ -1508,7 +1512,7 @@ def test_default_stream_order_comes_from_the_schema_field_roles(tmp_path):
     })
     gen, read, plain = run_app(app)
     assert read.status == "succeeded", read.error
-    assert logs(app, read.id) == ["['a', 'b', 'c'] at"]
+    assert logs(app, read.id) == ["['a', 'b', 'c'] at", "patterns_id"]
     assert plain.status == "failed"
     assert "cannot stream table 'bare' in its default order: it has no patterns_id column" in plain.error
     assert "as_stream(order_by='<column>'), with one of its columns (n)" in plain.error

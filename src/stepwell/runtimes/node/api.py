@@ -145,13 +145,22 @@ class Table:
         """The table's stream in ``order_by`` order. A run has one stream per table
         and order (as in Patterns): asking again returns it, where it is now, so no
         second stream can commit an older position over the first one's progress."""
-        order_by = order_by or self._session.table_orders.get(self.table_name)
+        if not order_by and self.table_name in self._session.table_orders and not self._has_ids():
+            # no patterns_id to go by: the order its schema's field roles give
+            order_by = self._session.table_orders[self.table_name]
         for stream in self._session.streams:
             if stream.table.table_name == self.table_name and stream.order_by_field == (
                 order_by or ID_COLUMN
             ):
                 return stream
         return Stream(self, order_by, starting_value)
+
+    def _has_ids(self) -> bool:
+        """Whether the table has its ``patterns_id`` column (or does not exist yet)."""
+        if not self._connected:
+            return True
+        info = self._session.table_info(self.table_name, count=False)
+        return not info.get("exists") or ID_COLUMN in (info.get("columns") or {})
 
     # -- writing ---------------------------------------------------------
     def _check_writable(self, what: str) -> None:
@@ -394,7 +403,7 @@ class Stream:
         self.order_by_field = order_by or ID_COLUMN
         if self.order_by_field == ID_COLUMN:
             self.order_columns: tuple[str, ...] = (ID_COLUMN,)
-        elif self._has_ids():
+        elif table._has_ids():
             self.order_columns = (self.order_by_field, ID_COLUMN)  # ties broken by id
         else:  # written with add_monotonic_id=None: the order column alone, strictly after
             self.order_columns = (self.order_by_field,)
@@ -410,13 +419,6 @@ class Stream:
         self._index = -1
         self._generation = 0
         session.streams.append(self)
-
-    def _has_ids(self) -> bool:
-        """Whether the table has its ``patterns_id`` column (or does not exist yet)."""
-        if not self.table.is_connected:
-            return True
-        info = self._session.table_info(self.table.table_name, count=False)
-        return not info.get("exists") or ID_COLUMN in (info.get("columns") or {})
 
     # positions -----------------------------------------------------------
     @property
