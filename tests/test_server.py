@@ -723,6 +723,65 @@ def test_restart_runs_what_was_queued_once(steps_app, store_url):
         assert len(runs_of(client, "slow")) == 2
 
 
+def test_rows_committed_during_the_drain_are_read_after_the_restart(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: slow
+                node: slow.py
+              - name: reader
+                node: reader.py
+                trigger: upstream
+        """,
+        "slow.py": """
+            import time
+            from patterns import Table
+            time.sleep(1.5)
+            Table("out", "w").append({"n": 1})
+        """,
+        "reader.py": """
+            from patterns import Table
+            copied = Table("copied", "w")
+            for r in Table("out").as_stream().consume_records():
+                copied.append({"n": r["n"]})
+        """,
+    })
+    with ThreadServer(app, store_url=store_url, shutdown_timeout=30) as server, server.client() as client:
+        slow = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
+        wait_for(lambda: client.get(f"/api/runs/{slow}").json()["status"] == "running", 30,
+                 what="the slow run")
+    # slow committed while the server drained: its reader is queued for the next one
+    store = open_store(store_url, app)
+    try:
+        assert store.get_run(slow).status == "succeeded"
+        assert [r.status for r in store.list_runs(step="reader")] == ["queued"]
+    finally:
+        store.close()
+    with ThreadServer(app, store_url=store_url) as server, server.client() as client:
+        wait_for(lambda: [r["n"] for r in table_rows(client, "copied")] == [1], 60,
+                 what="the reader after the restart")
+
+
+def test_a_queued_follow_up_keeps_its_wait_across_a_restart(steps_app, store_url):
+    with ThreadServer(steps_app, store_url=store_url) as server, server.client() as client:
+        first = client.post("/api/runs", json={"step": "again"}).json()["run_id"]
+        wait_run(client, first)
+        follow = wait_for(lambda: [r for r in runs_of(client, "again") if r["status"] == "queued"],
+                          30, what="the queued follow-up")[0]
+    store = open_store(store_url, steps_app)
+    try:
+        not_before = store.get_run(follow["id"]).info["not_before"]
+        ended = store.get_run(first).ended_at.timestamp()
+        assert not_before >= ended + 1.4  # wait_atleast_seconds=1.5, kept in the record
+    finally:
+        store.close()
+    with ThreadServer(steps_app, store_url=store_url) as server, server.client() as client:
+        record = wait_run(client, follow["id"])
+        assert record["status"] in ("succeeded", "succeeded_no_data")
+        started = dt.datetime.fromisoformat(record["started_at"]).timestamp()
+        assert started >= not_before - 0.05  # not at once after the restart
+
+
 # -- the CLI while a server runs ----------------------------------------------------------------------
 def test_cli_goes_through_the_api_while_serving_with_the_same_output(tmp_path, pipeline):
     rows_file = tmp_path / "rows.json"

@@ -207,7 +207,10 @@ class Scheduler:
         now = self.clock()
         with self._cv:
             for run in self._adopted:
-                self._enqueue(run.step, run.trigger, run_id=run.id)
+                info = run.info or {}
+                wait = float(info.get("not_before") or 0.0) - self.clock()
+                self._enqueue(run.step, run.trigger, run_id=run.id, delay=wait)
+                self._slots[run.step].deferred |= set(info.get("deferred_tables") or [])
         book = self._read_bookkeeping()
         cron_book = book.get("cron", {})
         changed = False
@@ -406,7 +409,11 @@ class Scheduler:
         delay: float = 0.0,
         cron_tick: float | None = None,
         run_id: str | None = None,
+        deferred: set[str] | None = None,
     ) -> Ticket:
+        """Queue a run of ``step`` (or add to the one queued). Its record keeps what a
+        server taking it over needs: when it may start and, for a follow-up run, the
+        tables whose downstream dispatch waits for it (``deferred``)."""
         slot = self._slots[step]
         not_before = self.clock() + max(0.0, delay)
         pending = slot.pending
@@ -427,9 +434,15 @@ class Scheduler:
             return Ticket(pending.run_id, step, coalesced=True)
         if run_id is None:
             run_id = ids.new_id()
-            self.store.create_run(
-                RunRecord(id=run_id, step=step, status="queued", trigger=trigger, host_pid=os.getpid())
-            )
+            info: dict[str, Any] = {}
+            if delay > 0:
+                info["not_before"] = not_before
+            if deferred:
+                info["deferred_tables"] = sorted(deferred)
+            self.store.create_run(RunRecord(
+                id=run_id, step=step, status="queued", trigger=trigger, host_pid=os.getpid(),
+                info=info,
+            ))  # fmt: skip
         slot.pending = _Pending(run_id, trigger, not_before, cron_tick)
         self._arm(step, slot.pending)
         return Ticket(run_id, step, coalesced=False)
@@ -450,7 +463,8 @@ class Scheduler:
     def _maybe_start(self, step: str) -> None:
         slot = self._slots[step]
         pending = slot.pending
-        if self._stopping or slot.running is not None or pending is None:
+        # (draining: what is queued now stays queued, for the next server)
+        if self._stopping or not self._accepting or slot.running is not None or pending is None:
             return
         if pending.not_before > self.clock():
             return  # a timer is armed for it
@@ -513,13 +527,14 @@ class Scheduler:
                 slot.deferred = tables
             else:
                 slot.deferred = set()
-                if tables and self._accepting:
-                    for name in self.readers(tables, writer=step):
-                        self._enqueue(name, "upstream")
-                        self._maybe_start(name)
-            if ok and request and self._accepting:
+                # queued even while draining: a queued run is kept in the store, and
+                # the next server takes it over (the new rows are not left unread)
+                for name in self.readers(tables, writer=step) if tables else []:
+                    self._enqueue(name, "upstream")
+                    self._maybe_start(name)
+            if ok and request:
                 wait = float(request.get("wait_atleast_seconds") or 0.0)
-                self._enqueue(step, "request_new_run", delay=wait)
+                self._enqueue(step, "request_new_run", delay=wait, deferred=slot.deferred)
             self._maybe_start(step)
             self._cv.notify_all()
 
