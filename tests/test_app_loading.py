@@ -789,7 +789,7 @@ def test_after_must_name_a_step(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "trigger",
     ["'61 * * * *'", "'* * *'", "sometimes", "5", "'*/99 * * * *'", "'0 */24 * * *'",
-     "'5-10/6 * * * *'", "'0 0 1 */12 *'"],
+     "'5-10/6 * * * *'", "'0 0 1 */12 *'", "'* * * * * */60'", "'0 0 30 2 *'"],
 )
 def test_bad_cron(tmp_path: Path, trigger: str) -> None:
     app_with(tmp_path, f"steps:\n  - name: a\n    node: a.py\n    trigger: {trigger}\n")
@@ -803,7 +803,10 @@ def test_cron_steps_name_the_field_that_never_repeats(tmp_path: Path) -> None:
     assert "step /60 in the minute field covers no more than its first value (0)" in str(
         load_error(tmp_path)
     )
-    for fine in ("*/59 * * * *", "0 */12 * * *", "5-10/5 * * * *", "0 0 * * mon-fri"):
+    app_with(tmp_path, "steps:\n  - name: a\n    node: a.py\n    trigger: '0 0 30 2 *'\n")
+    assert "no date ever matches it, so it would never run" in str(load_error(tmp_path))
+    for fine in ("*/59 * * * *", "0 */12 * * *", "5-10/5 * * * *", "0 0 * * mon-fri",
+                 "* * * * * */10"):
         app_with(tmp_path, f"steps:\n  - name: a\n    node: a.py\n    trigger: '{fine}'\n")
         assert load_app(tmp_path).steps[0].trigger == fine
 

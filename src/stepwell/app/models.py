@@ -270,12 +270,16 @@ def _parse_trigger(value: Any) -> str:
         fail(f"bad trigger {value!r}: not 'manual', 'upstream' or a valid cron expression", hint)
     if problem := _cron_step_problem(text):
         fail(f"bad trigger {value!r}: {problem}", hint)
+    try:
+        croniter(text).get_next(float)
+    except Exception:  # croniter's CroniterBadDateError: no date matches (30 February)
+        fail(f"bad trigger {value!r}: no date ever matches it, so it would never run", hint)
     return text
 
 
-#: the first five cron fields: name, lowest value, highest value
+#: the cron fields: name, lowest value, highest value (croniter's sixth: seconds)
 _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
-                ("month", 1, 12), ("day of week", 0, 6))  # fmt: skip
+                ("month", 1, 12), ("day of week", 0, 6), ("seconds", 0, 59))  # fmt: skip
 
 
 def _cron_step_problem(text: str) -> str | None:
