@@ -459,7 +459,7 @@ def test_cancel_running_and_queued_runs(steps_app, store_url):
         assert ending[-1] == "event: end"
         record = wait_run(client, running, 30)
         assert time.monotonic() - started < 10
-        assert record["status"] == "cancelled" and "cancelled on request" in record["error"]
+        assert record["status"] == "cancelled" and record["error"] == "stopped on request"
         assert client.get(f"/api/runs/{queued}").json()["status"] == "cancelled"
         assert table_rows(client, "out") == []  # the uncommitted row was rolled back
         again = client.post(f"/api/runs/{running}/cancel")

@@ -117,7 +117,7 @@ def _interrupt_cancels(runner: Any) -> Iterator[threading.Event]:
             raise KeyboardInterrupt
         interrupted.set()
         for run_id in runner.active_runs():
-            runner.cancel(run_id, "cancelled: interrupted (Ctrl-C)")
+            runner.cancel(run_id, "interrupted (Ctrl-C)")
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:

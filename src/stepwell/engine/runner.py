@@ -222,7 +222,7 @@ class Runner:
         return [str(self._env.site_packages)] if self._env is not None else []
 
     # -- cancelling ----------------------------------------------------------
-    def cancel(self, run_id: str, reason: str = "cancelled on request") -> bool:
+    def cancel(self, run_id: str, reason: str = "stopped on request") -> bool:
         """Stop run ``run_id`` if it is in progress here: its worker is killed and the
         run ends ``cancelled`` with everything since its last commit point rolled
         back. Returns False when this runner has no such run in progress. A run

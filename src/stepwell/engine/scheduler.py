@@ -259,7 +259,7 @@ class Scheduler:
             cancelled = self._running_ids()
         for run_id in cancelled:
             self.runner.cancel(
-                run_id, f"cancelled: the server shut down and the run did not end within {timeout:g}s"
+                run_id, f"the server shut down and the run did not end within {timeout:g}s"
             )
         deadline = time.monotonic() + kill_grace
         with self._cv:
@@ -338,7 +338,7 @@ class Scheduler:
                     slot.pending = None
                     self.store.update_run(
                         run_id, status="cancelled", ended_at=_utc(self.clock()),
-                        error="cancelled on request before it started",
+                        error="taken off the queue on request before it started",
                     )
                     return "cancelled"
                 if slot.running == run_id:
