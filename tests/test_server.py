@@ -464,6 +464,10 @@ def test_cancel_running_and_queued_runs(steps_app, store_url):
         assert table_rows(client, "out") == []  # the uncommitted row was rolled back
         again = client.post(f"/api/runs/{running}/cancel")
         assert again.status_code == 409 and "already ended" in again.json()["error"]["message"]
+        by_status = client.get("/api/runs", params={"status": "cancelled"}).json()["runs"]
+        assert {r["id"] for r in by_status} == {running, queued}
+        bogus = client.get("/api/runs", params={"status": "bogus"})
+        assert bogus.status_code == 422 and "no run status 'bogus'" in bogus.text
         assert server.ctx.scheduler.wait_idle(10)
 
 
@@ -641,7 +645,7 @@ def test_api_resources(pipeline):
         loaded = client.post("/api/tables/extra/rows", json=[{"a": 1}, {"a": 2}])
         assert loaded.json() == {"table": "extra", "rows": 2}
         all_runs = client.get("/api/runs").json()["runs"]
-        assert all_runs and client.get("/api/runs", params={"status": "nope"}).json()["runs"] == []
+        assert all_runs and client.get("/api/runs", params={"status": "nope"}).status_code == 422
         assert client.get("/api/runs", params={"trigger": "upstream", "limit": 1}).json()["runs"]
         detail = client.get(f"/api/runs/{all_runs[0]['id']}").json()
         assert "traceback" in detail and "info" in detail

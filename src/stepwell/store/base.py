@@ -118,6 +118,11 @@ class RunRecord:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+#: Every status a run record can have (DESIGN.md, section 1).
+RUN_STATUSES = ("queued", "running", "succeeded", "succeeded_no_data", "succeeded_with_errors",
+                "failed", "timed_out", "cancelled", "killed")  # fmt: skip
+
+
 @dataclass
 class LogLine:
     run_id: str

@@ -22,7 +22,7 @@ from stepwell.server.models import (
     TriggerRequest,
     TriggerResponse,
 )
-from stepwell.store.base import LogLine, RunRecord
+from stepwell.store.base import RUN_STATUSES, LogLine, RunRecord
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -46,6 +46,8 @@ def list_runs(
     limit: int = Query(50, ge=1, le=1000),
     ctx: ServerContext = Depends(get_ctx),
 ) -> RunList:
+    if status is not None and status not in RUN_STATUSES:
+        raise ApiError(422, f"no run status {status!r}; statuses: {', '.join(RUN_STATUSES)}")
     filtered = status is not None or trigger is not None
     records = ctx.store.list_runs(step=step, limit=10_000 if filtered else limit)
     if status is not None:
