@@ -766,6 +766,20 @@ def test_rows_committed_during_the_drain_are_read_after_the_restart(tmp_path, st
                  what="the reader after the restart")
 
 
+def test_a_run_waiting_for_a_free_worker_can_be_cancelled(steps_app, store_url):
+    with ThreadServer(steps_app, store_url=store_url, workers=1) as server, server.client() as client:
+        busy = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
+        waiting = client.post("/api/runs", json={"step": "chatty"}).json()["run_id"]
+        wait_for(lambda: client.get(f"/api/runs/{busy}").json()["status"] == "running", 30,
+                 what="the first run")
+        stop = client.post(f"/api/runs/{waiting}/cancel")
+        assert stop.status_code in (200, 202) and stop.json()["status"] == "cancelled", stop.text
+        wait_run(client, busy)
+        assert server.ctx.scheduler.wait_idle(30)
+        record = client.get(f"/api/runs/{waiting}").json()
+        assert record["status"] == "cancelled" and record["started_at"] is None
+
+
 def test_a_queued_follow_up_keeps_its_wait_across_a_restart(steps_app, store_url):
     with ThreadServer(steps_app, store_url=store_url) as server, server.client() as client:
         first = client.post("/api/runs", json={"step": "again"}).json()["run_id"]

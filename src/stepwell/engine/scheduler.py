@@ -188,6 +188,8 @@ class Scheduler:
         self._accepting = True
         self._stopping = False
         self._started = False
+        #: runs cancelled while they waited for a free worker (``_execute`` skips them)
+        self._unstarted_cancels: set[str] = set()
         self._timer_thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="stepwell-run")
         self._commit_observers: list[Callable[[set[str]], None]] = []
@@ -345,7 +347,17 @@ class Scheduler:
                     break
             else:
                 return None
-        return "cancelling" if self.runner.cancel(run_id) else None
+        if self.runner.cancel(run_id):
+            return "cancelling"
+        with self._cv:  # handed to the pool, waiting for a free worker: it never starts
+            if any(slot.running == run_id for slot in self._slots.values()):
+                self._unstarted_cancels.add(run_id)
+                self.store.update_run(
+                    run_id, status="cancelled", ended_at=_utc(self.clock()),
+                    error="taken off the queue on request before it started",
+                )
+                return "cancelled"
+        return None
 
     # -- status --------------------------------------------------------------------
     def status(self, step: str) -> StepStatus:
@@ -500,6 +512,10 @@ class Scheduler:
         try:
             if self._stopping:
                 return  # stays queued for the next start
+            with self._cv:
+                if pending.run_id in self._unstarted_cancels:  # cancelled while it waited
+                    self._unstarted_cancels.discard(pending.run_id)
+                    return
             if pending.cron_tick is not None:
                 self._record_tick(step, pending.cron_tick)
             record = self.runner.run_step(step, pending.trigger, run_id=pending.run_id)
