@@ -157,3 +157,43 @@ def test_respond_outside_the_server_returns_false_and_says_so(tmp_path):
     assert bad.status == "failed"
     assert "respond_to_request's payload must be JSON-serialisable" in bad.error
     assert "bad.py:2" in bad.error
+
+
+def test_a_request_waiting_when_the_server_stops_gets_a_503_naming_its_row(tmp_path):
+    import httpx
+
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            webhooks:
+              - {name: ask, table: questions, respond: true, respond_timeout: 60s}
+            steps:
+              - name: answer
+                node: answer.py
+                inputs: {questions: questions}
+                trigger: upstream
+        """,
+        "answer.py": """
+            import time
+            from patterns import Table, respond_to_request
+            for record in Table("questions").as_stream().consume_records():
+                respond_to_request(record["patterns_request_key"], {"ok": record["q"]})
+            time.sleep(2)  # the next request's run waits in the queue meanwhile
+        """,
+    })
+    answers = []
+    with ThreadServer(app, shutdown_timeout=30) as server, server.client() as client:
+        assert client.post("/api/webhooks/ask", json={"q": 1}, timeout=60).json() == {"ok": 1}
+
+        def ask() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as own:
+                answers.append(own.post("/api/webhooks/ask", json={"q": 2}))
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        time.sleep(0.5)  # stored, its run queued behind the sleeping one: now stop
+    asker.join(30)
+    (response,) = answers
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "shutting_down"
+    assert "the server shut down before a step answered; the request is stored as row" in error["message"]

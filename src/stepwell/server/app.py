@@ -13,6 +13,7 @@ from stepwell.server import errors
 from stepwell.server.auth import WEBHOOK_PREFIX, BearerAuthMiddleware, LoopbackGuardMiddleware
 from stepwell.server.context import ServerContext
 from stepwell.server.limits import BodyLimitMiddleware
+from stepwell.server.responses import ServerStopping
 from stepwell.server.routes import ERROR_RESPONSES, ROUTERS, ui
 
 log = logging.getLogger("stepwell.server")
@@ -57,6 +58,8 @@ def drain(ctx: ServerContext) -> None:
     if cancelled:
         log.warning("cancelled %d run(s) still running at shutdown: %s",
                     len(cancelled), ", ".join(cancelled))
+    # requests still waiting for a step's answer get one before HTTP stops
+    ctx.hub.responses.fail_all(ServerStopping("the server is shutting down"))
 
 
 def create_app(ctx: ServerContext) -> FastAPI:

@@ -18,7 +18,11 @@ from typing import Any
 from stepwell.engine.worker_session import RequestFailed
 from stepwell.runtimes.node.api import REQUEST_KEY_COLUMN
 
-__all__ = ["REQUEST_KEY_COLUMN", "PendingResponses", "RequestFailed"]
+__all__ = ["REQUEST_KEY_COLUMN", "PendingResponses", "RequestFailed", "ServerStopping"]
+
+
+class ServerStopping(RequestFailed):
+    """The answer to requests still waiting when the server stops."""
 
 
 class PendingResponses:
@@ -64,6 +68,13 @@ class PendingResponses:
         except RuntimeError:  # the loop is closed: the server is stopping
             return False
         return True
+
+    def fail_all(self, error: ServerStopping) -> int:
+        """Answer every waiting request with ``error`` (the server is stopping and no
+        step will answer them now); how many were waiting."""
+        with self._lock:
+            keys = list(self._waiting)
+        return sum(self.deliver(key, error) for key in keys)
 
     def __len__(self) -> int:
         with self._lock:

@@ -18,7 +18,7 @@ from stepwell.server.context import ServerContext, get_ctx
 from stepwell.server.errors import ApiError, not_found
 from stepwell.server.ingest import IngestError
 from stepwell.server.models import WebhookModel, WebhookResponse
-from stepwell.server.responses import REQUEST_KEY_COLUMN, RequestFailed
+from stepwell.server.responses import REQUEST_KEY_COLUMN, RequestFailed, ServerStopping
 from stepwell.server.routes.app_info import webhook_models
 from stepwell.server.routes.tables import parse_json_rows
 from stepwell.store import ids
@@ -87,6 +87,13 @@ async def _ingest_and_respond(ctx: ServerContext, hook: Any, rows: list[dict]) -
         (row_id,) = await _ingest(ctx, hook, [{**rows[0], REQUEST_KEY_COLUMN: key}])
         try:
             payload = await asyncio.wait_for(answer, hook.respond_timeout)
+        except ServerStopping:
+            raise ApiError(
+                503, f"{where}: the server shut down before a step answered; the request is "
+                f"stored as row {row_id} with {REQUEST_KEY_COLUMN} {key} (read after the "
+                f"restart, with nobody to answer): send it again later",
+                code="shutting_down",
+            ) from None
         except RequestFailed as exc:
             raise ApiError(
                 502, f"{where}: the step handling the request failed before answering: {exc} "
