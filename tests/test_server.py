@@ -766,6 +766,14 @@ def test_rows_committed_during_the_drain_are_read_after_the_restart(tmp_path, st
                  what="the reader after the restart")
 
 
+def test_a_declared_table_nothing_wrote_yet_says_so(steps_app):
+    with ThreadServer(steps_app) as server, server.client() as client:
+        response = client.get("/api/tables/out")
+        assert response.status_code == 404
+        assert response.json()["error"]["message"].startswith(
+            "table 'out' has no rows yet: the app names it")
+
+
 def test_a_run_waiting_for_a_free_worker_can_be_cancelled(steps_app, store_url):
     with ThreadServer(steps_app, store_url=store_url, workers=1) as server, server.client() as client:
         busy = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]

@@ -34,6 +34,9 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 def table_or_404(ctx: ServerContext, name: str) -> TableInfo:
     info = ctx.store.table_info(name)
     if info is None:
+        if name in ctx.app.table_names():
+            raise not_found(f"table {name!r} has no rows yet: the app names it, and it is "
+                            "made by the first commit of a step or webhook writing it")  # fmt: skip
         known = [t.name for t in ctx.store.list_tables()]
         raise not_found(missing_table_message(name, known))
     return info
