@@ -210,7 +210,7 @@ class Scheduler:
         with self._cv:
             for run in self._adopted:
                 info = run.info or {}
-                wait = float(info.get("not_before") or 0.0) - self.clock()
+                wait = float(info.get("not_before") or 0.0) - now
                 self._enqueue(run.step, run.trigger, run_id=run.id, delay=wait)
                 self._slots[run.step].deferred |= set(info.get("deferred_tables") or [])
         book = self._read_bookkeeping()
@@ -338,10 +338,7 @@ class Scheduler:
             for slot in self._slots.values():
                 if slot.pending is not None and slot.pending.run_id == run_id:
                     slot.pending = None
-                    self.store.update_run(
-                        run_id, status="cancelled", ended_at=_utc(self.clock()),
-                        error="taken off the queue on request before it started",
-                    )
+                    self._take_off_queue(run_id)
                     return "cancelled"
                 if slot.running == run_id:
                     break
@@ -352,12 +349,15 @@ class Scheduler:
         with self._cv:  # handed to the pool, waiting for a free worker: it never starts
             if any(slot.running == run_id for slot in self._slots.values()):
                 self._unstarted_cancels.add(run_id)
-                self.store.update_run(
-                    run_id, status="cancelled", ended_at=_utc(self.clock()),
-                    error="taken off the queue on request before it started",
-                )
+                self._take_off_queue(run_id)
                 return "cancelled"
         return None
+
+    def _take_off_queue(self, run_id: str) -> None:
+        self.store.update_run(
+            run_id, status="cancelled", ended_at=_utc(self.clock()),
+            error="taken off the queue on request before it started",
+        )
 
     # -- status --------------------------------------------------------------------
     def status(self, step: str) -> StepStatus:

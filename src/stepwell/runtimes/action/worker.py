@@ -81,15 +81,19 @@ def _streams() -> list[LogStream]:
 
 
 def _end_output() -> None:
-    """Send what the invocation printed, and give the next one a fresh log budget."""
-    streams = _streams()
-    for stream in streams:
+    """Send what was printed so far."""
+    for stream in _streams():
         stream.close_out()
+
+
+def _fresh_log_budget() -> None:
+    """What the warm-up printed does not count against the invocations' log limit
+    (each is a fork of this process, with this budget)."""
+    streams = _streams()
     if streams:
-        budget = streams[0].budget
         from stepwell.sandbox.client import MAX_LOG_CHARS, MAX_LOG_LINES
 
-        budget.update(lines=MAX_LOG_LINES - 1, chars=MAX_LOG_CHARS - 1000, dropped=0)
+        streams[0].budget.update(lines=MAX_LOG_LINES - 1, chars=MAX_LOG_CHARS - 1000, dropped=0)
 
 
 def _location(exc: BaseException, filename: str, where: str, app_root: str) -> str:
@@ -172,6 +176,7 @@ def serve(link: HostLink, start: dict[str, Any]) -> None:
         _mount_app(Path(app_root))
     failed = _warm_up(list(start.get("warm_imports") or []))
     _end_output()
+    _fresh_log_budget()
     gc.collect()
     gc.freeze()  # invocations then copy fewer of this process's pages
     _Invocations(link, app_root).serve(ready={"pid": os.getpid(), "failed_imports": failed})
