@@ -780,6 +780,11 @@ def test_a_run_waiting_for_a_free_worker_can_be_cancelled(steps_app, store_url):
         waiting = client.post("/api/runs", json={"step": "chatty"}).json()["run_id"]
         wait_for(lambda: client.get(f"/api/runs/{busy}").json()["status"] == "running", 30,
                  what="the first run")
+        # the API shows it queued (not running) while it waits for the worker
+        step = client.get("/api/steps/chatty").json()
+        assert step["running_run"] is None and step["queued_run"] == waiting, step
+        health = client.get("/api/health").json()
+        assert (health["running"], health["queued"]) == (1, 1), health
         stop = client.post(f"/api/runs/{waiting}/cancel")
         assert stop.status_code in (200, 202) and stop.json()["status"] == "cancelled", stop.text
         wait_run(client, busy)

@@ -104,7 +104,10 @@ class _Pending:
 
 @dataclass
 class _Slot:
+    #: the run handed to the pool (it may still wait there for a free worker)
     running: str | None = None
+    #: True once a pool thread has started ``running`` (until then the API shows it queued)
+    started: bool = False
     pending: _Pending | None = None
     #: tables the running run committed rows to, not yet dispatched downstream
     committed: set[str] = field(default_factory=set)
@@ -364,10 +367,11 @@ class Scheduler:
         with self._cv:
             slot = self._slots[step]
             pending = slot.pending
+            waiting = slot.running if slot.running and not slot.started else None
             return StepStatus(
-                running_run=slot.running,
-                queued_run=pending.run_id if pending else None,
-                queued_not_before=_utc(pending.not_before) if pending else None,
+                running_run=slot.running if slot.started else None,
+                queued_run=waiting or (pending.run_id if pending else None),
+                queued_not_before=_utc(pending.not_before) if pending and not waiting else None,
                 next_tick=_utc(slot.next_tick) if slot.next_tick is not None else None,
             )
 
@@ -394,8 +398,9 @@ class Scheduler:
     def counts(self) -> tuple[int, int]:
         """(running, queued) runs."""
         with self._cv:
-            running = sum(1 for s in self._slots.values() if s.running)
+            running = sum(1 for s in self._slots.values() if s.running and s.started)
             queued = sum(1 for s in self._slots.values() if s.pending)
+            queued += sum(1 for s in self._slots.values() if s.running and not s.started)
             return running, queued
 
     def wait_idle(self, timeout: float) -> bool:
@@ -516,6 +521,7 @@ class Scheduler:
                 if pending.run_id in self._unstarted_cancels:  # cancelled while it waited
                     self._unstarted_cancels.discard(pending.run_id)
                     return
+                self._slots[step].started = True
             if pending.cron_tick is not None:
                 self._record_tick(step, pending.cron_tick)
             record = self.runner.run_step(step, pending.trigger, run_id=pending.run_id)
@@ -535,6 +541,7 @@ class Scheduler:
         with self._cv:
             slot = self._slots[step]
             slot.running = None
+            slot.started = False
             request = (record.info or {}).get("request_new_run") if record else None
             ok = record is not None and record.status in SUCCESS
             tables = slot.committed | slot.deferred
