@@ -708,6 +708,28 @@ def test_sigterm_lets_short_runs_finish_and_cancels_the_rest(steps_app):
         store.close()
 
 
+def test_a_second_sigterm_cancels_running_steps_at_once(steps_app):
+    server = ServerProcess(steps_app, "--shutdown-timeout", "120")
+    with server.client() as client:
+        stuck = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
+        wait_for(lambda: client.get(f"/api/runs/{stuck}").json()["status"] == "running", 30,
+                 what="the run to start")
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: client.get("/api/health").json()["status"] == "stopping", 10,
+                 what="the server to start draining")
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    server.stop()
+    assert time.monotonic() - started < 30  # not the 120 s shutdown timeout
+    store = open_store(None, steps_app)
+    try:
+        record = store.get_run(stuck)
+        assert record.status == "cancelled" and "told to stop again" in record.error, record
+    finally:
+        store.close()
+
+
 def test_restart_runs_what_was_queued_once(steps_app, store_url):
     with ThreadServer(steps_app, store_url=store_url, shutdown_timeout=30) as server, server.client() as client:
         first = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]

@@ -190,6 +190,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._accepting = True
         self._stopping = False
+        #: set by ``hurry``: ``shutdown`` cancels running runs without waiting longer
+        self._hurried = False
         self._started = False
         #: runs cancelled while they waited for a free worker (``_execute`` skips them)
         self._unstarted_cancels: set[str] = set()
@@ -259,19 +261,29 @@ class Scheduler:
             self._timer_thread.join(timeout=5)
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cv:
-            while self._running_ids() and time.monotonic() < deadline:
+            while self._running_ids() and time.monotonic() < deadline and not self._hurried:
                 self._cv.wait(timeout=max(0.01, deadline - time.monotonic()))
             cancelled = self._running_ids()
-        for run_id in cancelled:
-            self.runner.cancel(
-                run_id, f"the server shut down and the run did not end within {timeout:g}s"
+            reason = (
+                "the server was told to stop again before the run ended"
+                if self._hurried
+                else f"the server shut down and the run did not end within {timeout:g}s"
             )
+        for run_id in cancelled:
+            self.runner.cancel(run_id, reason)
         deadline = time.monotonic() + kill_grace
         with self._cv:
             while self._running_ids() and time.monotonic() < deadline:
                 self._cv.wait(timeout=max(0.01, deadline - time.monotonic()))
         self._pool.shutdown(wait=not self._running_ids(), cancel_futures=True)
         return cancelled
+
+    def hurry(self) -> None:
+        """Cut ``shutdown``'s wait for running steps short: they are cancelled now
+        (a second SIGTERM or Ctrl-C)."""
+        with self._cv:
+            self._hurried = True
+            self._cv.notify_all()
 
     @property
     def accepting(self) -> bool:

@@ -16,8 +16,8 @@ SIGTERM or SIGINT: while the API still answers (runs, logs, tables, cancels;
 event streams, give running steps ``shutdown_timeout`` seconds to end and cancel
 the rest (their work since the last commit point is rolled back); then stop
 listening and let HTTP requests in flight finish. Queued runs stay queued in the
-store and run after the next start. A second signal stops listening at once (a
-second SIGINT exits at once).
+store and run after the next start. A second signal cancels the running steps at
+once (no more waiting) and stops listening (a third SIGINT exits at once).
 """
 
 from __future__ import annotations
@@ -61,11 +61,13 @@ def _client_host(host: str) -> str:
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn that drains stepwell (``on_exit``) before it stops listening, and exits
-    normally after a signal instead of re-raising it."""
+    normally after a signal instead of re-raising it. A second signal calls
+    ``on_hurry`` (running steps are cancelled instead of waited for)."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Any):
+    def __init__(self, config: uvicorn.Config, on_exit: Any, on_hurry: Any):
         super().__init__(config)
         self._on_exit = on_exit
+        self._on_hurry = on_hurry
         self._draining = False
 
     @contextlib.contextmanager
@@ -82,10 +84,11 @@ class _Uvicorn(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self._draining:  # a second signal: stop listening now
+        if self._draining:  # a second signal: cancel running steps, stop listening now
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
+            threading.Thread(target=self._on_hurry, name="stepwell-hurry", daemon=True).start()
             return
         self._draining = True
         threading.Thread(target=self._drain_then_exit, name="stepwell-drain", daemon=True).start()
@@ -190,7 +193,7 @@ class Serving:
             timeout_graceful_shutdown=HTTP_GRACE_SECONDS,
             server_header=False,
         )
-        self.server = _Uvicorn(config, on_exit=self._exit_requested)
+        self.server = _Uvicorn(config, on_exit=self._exit_requested, on_hurry=self._hurry)
         self._say(f"stepwell serving {self.spec.title or self.spec.root.name} at {self.url} "
                   f"(API docs: {self.url}/docs)")
         if created:
@@ -249,6 +252,10 @@ class Serving:
             from stepwell.server.app import drain
 
             drain(self.ctx)
+
+    def _hurry(self) -> None:
+        if self.ctx is not None:
+            self.ctx.scheduler.hurry()
 
     def _cleanup(self) -> None:
         try:
