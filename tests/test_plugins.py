@@ -306,7 +306,9 @@ def test_a_sql_step_calling_a_slow_function_ends_at_its_time_limit(tmp_path: Pat
     (root / "slow.sql").write_text("SELECT w, whoami(n) AS who FROM words")
     install_plugin(root, PLUGIN_SRC)
     store = open_store(None, root)
-    append_rows(store, "words", [{"w": "abc", "n": 30}])  # whoami(30) sleeps 30 s
+    # whoami(30) sleeps 30 s; with two rows the calls are made on the function pool's
+    # threads, not on the one running the query
+    append_rows(store, "words", [{"w": "abc", "n": 30}, {"w": "def", "n": 30}])
     store.close()
     began = time.monotonic()
     (run,) = run_app(root)

@@ -326,6 +326,8 @@ def test_a_function_failing_on_one_event_drops_only_that_event(env) -> None:
     wait_for(lambda: engine.status("scaled")["records_out"] == 4)
     engine.stop("scaled")
     assert [r["id"] for r in rows_of(store, "scaled_out", "id")] == [0, 1, 3, 4]
+    # each event's call was made once (the events queried again reuse the replies)
+    assert engine.manager.function_pool("scale").calls == 5
     status = engine.status("scaled")
     assert status["errors"] == 1
     assert status["last_error"].startswith("FunctionCallError: function 'scale' failed: TypeError")

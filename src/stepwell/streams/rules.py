@@ -38,7 +38,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from stepwell.runtimes.plugin.functions import UdfSite, context_json, json_default, register_udfs
+from stepwell.runtimes.plugin.functions import (
+    CallReplay,
+    UdfSite,
+    context_json,
+    json_default,
+    register_udfs,
+)
 from stepwell.runtimes.plugin.manager import PluginManager, shared_manager
 from stepwell.store.base import Store
 from stepwell.store.sql import quote
@@ -322,6 +328,8 @@ class RuleRuntime:
         self._source: Any = None
         self._seq = 0
         self._con: Any = None
+        #: replies of a failed batch, reused when its events are queried one by one
+        self._replay = CallReplay()
         self._windower: Windower | None = None
         self._declared = {name: _ARROW_TYPES[t] for name, t in stream.fields if t in _ARROW_TYPES}
         self._positions: collections.deque[tuple[int, Any]] = collections.deque()
@@ -345,7 +353,7 @@ class RuleRuntime:
         sites = [UdfSite(s.udf_name, s.symbol, s.arity, s.aggregate,
                          context_json(self.rule.id, "project", s.func_id))
                  for s in self.compiled.functions]
-        register_udfs(self._con, sites, pools)
+        register_udfs(self._con, sites, pools, self._replay)
         state = self.store.get_state(state_key(self.rule.id))
         if self.compiled.window is not None:
             self._windower = make_windower(self.compiled.window, state.get("window"))
@@ -576,20 +584,26 @@ class RuleRuntime:
     def _rows_of(self, events: list[Event]) -> list[dict[str, Any]]:
         """The rule's rows for ``events`` (no window). When the query fails (a
         function raising on one row, say), each event is queried alone, so only
-        the events that fail are dropped, each counted as an error naming it."""
+        the events that fail are dropped, each counted as an error naming it.
+        Functions are not called twice for an event: the calls the failed query made
+        are answered again from the replies kept (``CallReplay``)."""
+        self._replay.record()
         try:
             return self._query(events, None)
         except Exception as exc:  # noqa: BLE001 - told apart event by event below
             if len(events) == 1:
                 self._drop(events[0], exc)
                 return []
-        rows: list[dict[str, Any]] = []
-        for event in events:
-            try:
-                rows.extend(self._query([event], None))
-            except Exception as exc:  # noqa: BLE001 - this event only
-                self._drop(event, exc)
-        return rows
+            self._replay.replay()
+            rows: list[dict[str, Any]] = []
+            for event in events:
+                try:
+                    rows.extend(self._query([event], None))
+                except Exception as exc:  # noqa: BLE001 - this event only
+                    self._drop(event, exc)
+            return rows
+        finally:
+            self._replay.clear()
 
     def _drop(self, event: Event, exc: Exception) -> None:
         text = str(exc)

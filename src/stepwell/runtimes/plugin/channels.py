@@ -17,12 +17,11 @@ On stop the host closes its sockets first, then sends ``stop``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pynng
@@ -42,21 +41,6 @@ log = logging.getLogger("stepwell.plugin")
 
 class DeadlinePassed(PluginError):
     """A function call did not end before the deadline of the step making it."""
-
-
-_call_limits = threading.local()
-
-
-@contextlib.contextmanager
-def calls_end_by(deadline: float | None) -> Iterator[None]:
-    """Function calls this thread makes in the block end by ``deadline`` (a
-    ``time.monotonic()`` value: a step's time limit), or raise :class:`DeadlinePassed`."""
-    previous = getattr(_call_limits, "deadline", None)
-    _call_limits.deadline = deadline
-    try:
-        yield
-    finally:
-        _call_limits.deadline = previous
 
 
 class FunctionCallError(PluginError):
@@ -268,11 +252,11 @@ class FunctionChannel:
         ctrl = control_arg(symbol, "func", meta("", "", 0))
         process.command("start", ctrl, remember=self._key)
 
-    def call(self, payload: bytes) -> bytes:
+    def call(self, payload: bytes, deadline: float | None = None) -> bytes:
         """One raw request/reply; retried once on a restarted process after a crash.
-        Within ``calls_end_by`` it ends by that deadline."""
+        Ends by ``deadline`` (a ``time.monotonic()`` value: a step's time limit), or
+        raises :class:`DeadlinePassed`."""
         what = f"function {self.symbol!r} (plugin {self.process.plugin.name!r})"
-        deadline = getattr(_call_limits, "deadline", None)
         with self._lock:
             for attempt in range(2):
                 generation = self.process.generation

@@ -17,6 +17,7 @@ values per argument: the call site becomes ``sw_fn_<n>(to_json(list(a)), ...)``.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import threading
@@ -26,7 +27,7 @@ from typing import Any
 
 from stepwell.runtimes.plugin.channels import FunctionChannel, decode_reply
 
-__all__ = ["FunctionPool", "UdfSite", "context_json", "json_default", "make_udf", "register_udfs"]
+__all__ = ["CallReplay", "FunctionPool", "UdfSite", "context_json", "json_default", "make_udf", "register_udfs"]
 
 
 def json_default(value: Any) -> Any:
@@ -45,8 +46,9 @@ def json_default(value: Any) -> Any:
 class _Batch:
     """Requests shared out between the pool's channel threads."""
 
-    def __init__(self, requests: Sequence[bytes]) -> None:
+    def __init__(self, requests: Sequence[bytes], deadline: float | None) -> None:
         self.requests = requests
+        self.deadline = deadline
         self.replies: list[bytes | BaseException | None] = [None] * len(requests)
         self.next = itertools.count()
         self.remaining = len(requests)
@@ -97,7 +99,7 @@ class FunctionPool:
                 if i >= total:
                     break
                 try:
-                    replies[i] = channel.call(requests[i])
+                    replies[i] = channel.call(requests[i], batch.deadline)
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     replies[i] = exc
                 finished += 1
@@ -107,11 +109,12 @@ class FunctionPool:
                     if batch.remaining == 0:
                         batch.done.set()
 
-    def call_raw(self, requests: Sequence[bytes]) -> list[bytes]:
-        """Send every request, spread over all channels; replies in request order."""
+    def call_raw(self, requests: Sequence[bytes], deadline: float | None = None) -> list[bytes]:
+        """Send every request, spread over all channels; replies in request order.
+        Each call ends by ``deadline`` (``time.monotonic()``), if given."""
         if len(requests) == 1:  # no hand-off for a lone call
-            return [self.channels[0].call(requests[0])]
-        batch = _Batch(requests)
+            return [self.channels[0].call(requests[0], deadline)]
+        batch = _Batch(requests, deadline)
         with self._cond:
             for queue in self._queues:
                 queue.append(batch)
@@ -125,8 +128,13 @@ class FunctionPool:
             out.append(reply)
         return out
 
-    def exec_many(self, rows: Sequence[Sequence[Any]], context: str) -> list[Any]:
-        """``Exec`` for each argument list in ``rows``; raises on the first failed call."""
+    def exec_many(
+        self, rows: Sequence[Sequence[Any]], context: str, replay: CallReplay | None = None,
+        deadline: float | None = None,
+    ) -> list[Any]:
+        """``Exec`` for each argument list in ``rows``; raises on the first failed call
+        (every call is made first). ``replay`` keeps or reuses the replies; calls end
+        by ``deadline`` (see ``call_raw``)."""
         tail = json.dumps(context)
         requests = [
             b'{"func": "Exec", "arg": '
@@ -135,9 +143,14 @@ class FunctionPool:
             + b"}"
             for args in rows
         ]
-        replies = self.call_raw(requests)
-        self.calls += len(replies)
+        replies = (replay.call(self, requests) if replay is not None
+                   else self._counted(requests, deadline))
         return [decode_reply(reply, self.symbol) for reply in replies]
+
+    def _counted(self, requests: Sequence[bytes], deadline: float | None = None) -> list[bytes]:
+        replies = self.call_raw(requests, deadline)
+        self.calls += len(replies)
+        return replies
 
     def exec(self, args: Sequence[Any], context: str) -> Any:
         return self.exec_many([args], context)[0]
@@ -172,6 +185,55 @@ class FunctionPool:
             channel.close()
 
 
+class CallReplay:
+    """The plugin's replies to a query that may fail, for running it again event by
+    event: each event's calls are then answered from what the plugin already said,
+    so a function runs once per event even though the query ran twice (a function
+    with side effects, a counter say, sees each event once). Between ``record`` and
+    ``clear`` replies are kept; after ``replay`` calls are answered from them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._made: list[tuple[str, Sequence[bytes], list[bytes]]] | None = None
+        self._kept: dict[tuple[str, bytes], collections.deque[bytes]] | None = None
+
+    def call(self, pool: FunctionPool, requests: Sequence[bytes]) -> list[bytes]:
+        """The replies to ``requests``: kept ones while replaying, else the plugin's."""
+        if self._kept is None:
+            replies = pool._counted(requests)
+            if self._made is not None:
+                with self._lock:
+                    self._made.append((pool.symbol, requests, replies))
+            return replies
+        with self._lock:
+            out: list[bytes | None] = []
+            for request in requests:
+                kept = self._kept.get((pool.symbol, request))
+                out.append(kept.popleft() if kept else None)
+        missing = [request for request, reply in zip(requests, out, strict=True) if reply is None]
+        fresh = iter(pool._counted(missing) if missing else [])
+        return [reply if reply is not None else next(fresh) for reply in out]
+
+    def record(self) -> None:
+        """Keep the replies from now on."""
+        with self._lock:
+            self._made, self._kept = [], None
+
+    def replay(self) -> None:
+        """Answer calls from the replies kept since ``record`` (each used once)."""
+        with self._lock:
+            self._kept = collections.defaultdict(collections.deque)
+            for symbol, requests, replies in self._made or []:
+                for request, reply in zip(requests, replies, strict=True):
+                    self._kept[(symbol, request)].append(reply)
+            self._made = None
+
+    def clear(self) -> None:
+        """Forget every reply; calls go to the plugin again, nothing is kept."""
+        with self._lock:
+            self._made = self._kept = None
+
+
 @dataclass
 class UdfSite:
     """One call site of a plugin function in a query."""
@@ -183,8 +245,13 @@ class UdfSite:
     context: str  # JSON string of {"ruleId", "opId", "instanceId", "funcId"}
 
 
-def make_udf(pool: FunctionPool, site: UdfSite) -> Any:
-    """A DuckDB Arrow UDF for ``site``: JSON text in, JSON text out, per 2048-row chunk."""
+def make_udf(
+    pool: FunctionPool, site: UdfSite, replay: CallReplay | None = None,
+    deadline: float | None = None,
+) -> Any:
+    """A DuckDB Arrow UDF for ``site``: JSON text in, JSON text out, per 2048-row chunk.
+    Its calls end by ``deadline`` (DuckDB may run it on any of its threads, so the
+    deadline goes with the function, not with the thread that ran the query)."""
     import pyarrow as pa
 
     loads = json.loads
@@ -195,7 +262,7 @@ def make_udf(pool: FunctionPool, site: UdfSite) -> Any:
             args: list[list[Any]] = [[] for _ in values[0]]
         else:
             args = [[None if v is None else loads(v) for v in row] for row in zip(*values, strict=True)]
-        results = pool.exec_many(args, site.context)
+        results = pool.exec_many(args, site.context, replay, deadline)
         return pa.array(
             [None if r is None else json.dumps(r, default=json_default) for r in results],
             pa.string(),
@@ -206,13 +273,16 @@ def make_udf(pool: FunctionPool, site: UdfSite) -> Any:
     return eval(f"lambda {names}: udf({names})", {"udf": udf})  # noqa: S307 - fixed template
 
 
-def register_udfs(con: Any, sites: Sequence[UdfSite], pools: dict[str, FunctionPool]) -> None:
-    """Register one DuckDB function per call site on connection ``con``."""
+def register_udfs(
+    con: Any, sites: Sequence[UdfSite], pools: dict[str, FunctionPool],
+    replay: CallReplay | None = None, deadline: float | None = None,
+) -> None:
+    """Register one DuckDB function per call site on connection ``con`` (see ``make_udf``)."""
     for site in sites:
         params = ["VARCHAR"] * max(site.arity, 1)
         con.create_function(
             site.udf_name,
-            make_udf(pools[site.symbol], site),
+            make_udf(pools[site.symbol], site, replay, deadline),
             params,
             "VARCHAR",
             type="arrow",

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from stepwell.runtimes.plugin.channels import DeadlinePassed, calls_end_by
+from stepwell.runtimes.plugin.channels import DeadlinePassed
 
 __all__ = ["query_with_plugin_functions"]
 
@@ -72,17 +72,17 @@ def query_with_plugin_functions(
             [UdfSite(s.udf_name, s.symbol, s.arity, s.aggregate, context_json("sql", "step", s.func_id))
              for s in sites],
             {s.symbol: manager.function_pool(s.symbol) for s in sites},
+            deadline=deadline,
         )
         timer = None
-        if deadline is not None:  # (a function call checks the deadline itself)
+        if deadline is not None:  # (a function call ends by the deadline itself)
             timer = threading.Timer(max(0.0, deadline - time.monotonic()), con.interrupt)
             timer.daemon = True
             timer.start()
         try:
-            with calls_end_by(deadline):
-                relation = con.sql(tree.sql(dialect="duckdb"))
-                names = relation.columns
-                fetched = relation.fetchall()
+            relation = con.sql(tree.sql(dialect="duckdb"))
+            names = relation.columns
+            fetched = relation.fetchall()
         except Exception as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlinePassed(f"the query was still running: {exc}") from None
