@@ -138,6 +138,8 @@ APP = {
               - name: use
                 code: |
                   print("token is", token)
+                  for i in range(0, len(token), 3):
+                      print(token[i:i + 3])  # in pieces, one line each
                   raise ValueError("failed with " + token)
                 variables: {token: "${{ secrets.api_token }}"}
           - name: whoami
@@ -450,6 +452,9 @@ def test_secrets_are_redacted_from_logs_and_errors(served: Any) -> None:
     lines = logs_of(served, result["run_id"])
     assert "[use] token is ***" in lines
     assert all(SECRET not in line for line in lines)
+    pieces = [line for line in lines if "token is" not in line and "failed" not in line]
+    assert pieces and all(line.startswith("[use] ***") for line in pieces), pieces
+    assert not any(SECRET[3:6] in line for line in lines)
     assert SECRET not in json.dumps(record_of(served, result["run_id"]))
 
 

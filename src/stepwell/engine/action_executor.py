@@ -182,9 +182,9 @@ class _CallLog:
         self._lock = threading.Lock()
         self.notes_seen: set[str] = set()
 
-    def add(self, level: str, lines: Iterable[str]) -> None:
+    def add(self, level: str, lines: Iterable[str], prefix: str = "") -> None:
         with self._lock:
-            self._log.add(level, lines)
+            self._log.add(level, lines, prefix)
 
     def note(self, lines: Iterable[str]) -> None:
         with self._lock:
@@ -570,7 +570,7 @@ class ActionExecutor:
         tag = f"[{prefix}] "
         try:
             result = worker.invoke(
-                job, step_deadline, lambda level, lines: call.log.add(level, [tag + x for x in lines])
+                job, step_deadline, lambda level, lines: call.log.add(level, lines, tag)
             )
         except StepTimedOut:
             raise _StepFailed(self._step_timeout(step, limit, step_deadline, call),

@@ -139,14 +139,18 @@ class RunLog:
         self.on_line = on_line
         self.flush_seconds = flush_seconds
         self._pending: list[LogLine] = []
-        #: (level, text, time) of lines not yet released: they may end in part of a secret
-        self._held: list[tuple[str, str, dt.datetime]] = []
+        #: (level, text, time, prefix) of lines not yet released: they may end in part
+        #: of a secret
+        self._held: list[tuple[str, str, dt.datetime, str]] = []
         self._seq = 0
         self._chars = 0
         self._dropped = 0
         self._last_flush = time.monotonic()
 
-    def add(self, level: str, lines: Iterable[str]) -> None:
+    def add(self, level: str, lines: Iterable[str], prefix: str = "") -> None:
+        """Add output lines. ``prefix`` (e.g. an action step's ``[name] ``) is put in
+        front of each line after redaction, so it never splits a secret printed in
+        pieces over several lines."""
         now = dt.datetime.now(dt.UTC)
         for raw in lines:
             if self._seq + len(self._held) >= MAX_LINES or self._chars >= MAX_CHARS:
@@ -154,7 +158,7 @@ class RunLog:
                 continue
             text = str(raw)
             self._chars += min(len(text), MAX_LINE_CHARS)
-            self._held.append((str(level), text, now))
+            self._held.append((str(level), text, now, prefix))
         self._release(final=False)
         if time.monotonic() - self._last_flush > self.flush_seconds:
             self._write()
@@ -163,8 +167,9 @@ class RunLog:
         """Redact the held lines as one stream and pass on those that are safe."""
         if not self._held:
             return
-        masked, count = self.redact.mask_lines([text for _, text, _ in self._held], final)
-        for (level, _, when), text in zip(self._held[:count], masked[:count], strict=True):
+        masked, count = self.redact.mask_lines([text for _, text, _, _ in self._held], final)
+        for (level, _, when, prefix), text in zip(self._held[:count], masked[:count], strict=True):
+            text = prefix + text
             if len(text) > MAX_LINE_CHARS:
                 text = text[:MAX_LINE_CHARS] + f"... [{len(text) - MAX_LINE_CHARS} more characters]"
             line = LogLine(self.run_id, self._seq, when, level, text)
