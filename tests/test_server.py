@@ -653,6 +653,14 @@ def test_api_resources(pipeline):
         assert logs[-1]["message"] == "enriched 5"
         bad = client.get("/api/runs", params={"limit": 0})
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid"
+        # JSON sent as `curl -d` sends it (a form type, or no type) is read as JSON
+        for headers in ({"content-type": "application/x-www-form-urlencoded"}, {}):
+            plain = client.post("/api/runs", content=b'{"step": "enrich"}', headers=headers)
+            assert plain.status_code == 202 and plain.json()["step"] == "enrich", plain.text
+        assert server.ctx.scheduler.wait_idle(30)
+        not_json = client.post("/api/runs", content=b"step=enrich",
+                               headers={"content-type": "application/x-www-form-urlencoded"})
+        assert not_json.status_code == 422 and not_json.json()["error"]["code"] == "invalid"
         assert client.get("/api/nothing").json()["error"]["code"] == "not_found"
         health = client.get("/api/health").json()
         assert health["status"] == "ok" and health["store"] == "duckdb"

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from stepwell.server import errors
 from stepwell.server.auth import WEBHOOK_PREFIX, BearerAuthMiddleware, LoopbackGuardMiddleware
+from stepwell.server.content import JsonByDefaultMiddleware
 from stepwell.server.context import ServerContext
 from stepwell.server.limits import BodyLimitMiddleware
 from stepwell.server.responses import ServerStopping
@@ -104,7 +105,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
             return settings.max_upload_bytes
         return settings.max_body_bytes
 
-    # outermost first: auth before anything reads the body
+    # the last added runs first: auth before anything reads the body
+    api.add_middleware(JsonByDefaultMiddleware)
     api.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     api.add_middleware(BearerAuthMiddleware, tokens=ctx.tokens, required=ctx.auth_required)
     if not ctx.auth_required:
