@@ -886,6 +886,33 @@ def test_cli_goes_through_the_api_while_serving_with_the_same_output(tmp_path, p
     assert len(json.loads(local[("table", app, "enriched", "--json")].stdout)) == 2
 
 
+def test_ctrl_c_on_cli_run_cancels_the_run_on_the_server(steps_app):
+    import subprocess
+    import sys
+
+    with ServerProcess(steps_app) as server, server.client() as client:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stepwell.cli", "run", str(steps_app), "stuck", "chatty"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            def running() -> str | None:
+                runs = client.get("/api/runs", params={"step": "stuck"}).json()["runs"]
+                return runs[0]["id"] if runs and runs[0]["status"] == "running" else None
+
+            wait_for(running, 60, what="the run to start on the server")
+            run_id = running()
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, err
+        assert f"step 'stuck' cancelled (run {run_id})" in err and "later steps not run" in err
+        assert client.get(f"/api/runs/{run_id}").json()["status"] == "cancelled"
+        (chatty,) = client.get("/api/runs", params={"step": "chatty"}).json()["runs"]
+        assert chatty["status"] == "succeeded_no_data"  # it came first (app order)
+
+
 def test_cli_run_reports_failures_through_the_api(tmp_path):
     app = write_app(tmp_path / "fails", {
         "stepwell.yml": """

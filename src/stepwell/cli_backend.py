@@ -140,6 +140,26 @@ class RemoteBackend:
 
         return self.client.load(table, read_file(Path(path)))
 
+    def run_steps(self, names: Sequence[str], listener: Any = None) -> list[RunRecord]:
+        """Trigger each step on the server and follow its run. A Ctrl-C cancels the
+        run in progress there (as without a server) and raises :class:`RunInterrupted`
+        once it has ended; a second Ctrl-C leaves at once."""
+        from stepwell.server.client import ApiError
+
+        runs: list[RunRecord] = []
+        for name in names:
+            run_id = self.client.trigger(name).run_id
+            try:
+                runs.append(self.client.wait(run_id, listener))
+            except KeyboardInterrupt:
+                try:
+                    self.client.cancel(run_id)
+                except ApiError:
+                    pass  # it ended meanwhile: its record says how
+                runs.append(self.client.wait(run_id, listener))
+                raise RunInterrupted(runs) from None
+        return runs
+
 
 def find_server(app_root: Path, store_url: str | None) -> Any | None:
     """A client for the server running for this app on this store, if there is one."""
