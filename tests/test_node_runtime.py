@@ -648,6 +648,27 @@ def test_json_values_nested_records(tmp_path, store_url):
     assert str(got[1]["price"]) in ("2.25", "2.250")
 
 
+def test_a_value_nested_too_deeply_is_refused_naming_row_and_field(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: n\n    node: n.py\n    memory: 1GiB\n",
+        "n.py": """
+            from patterns import Table
+            def nest(levels):
+                value = 1
+                for _ in range(levels):
+                    value = {"k": value}
+                return value
+            t = Table("docs", "w")
+            t.append({"id": 1, "doc": nest(100)})  # as deep as a value may be
+            t.append({"id": 2, "doc": nest(5000)})
+        """,
+    })
+    run = run_app(app)[0]
+    assert run.status == "failed"
+    assert run.error.startswith("RecordError: table 'docs', row 1, field 'doc': the value is "
+                                "nested more than 100 levels deep"), run.error
+
+
 def test_killed_worker_and_timeout(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": """

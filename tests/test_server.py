@@ -212,6 +212,11 @@ def test_webhook_bad_bodies_give_json_errors_and_lose_nothing(pipeline):
         assert nan.status_code == 400 and "NaN is not a JSON value" in nan.json()["error"]["message"]
         deep = client.post("/api/webhooks/ingest", content=b"[" * 100_000 + b"]" * 100_000)
         assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+        nested: object = 1
+        for _ in range(150):
+            nested = {"k": nested}
+        refused = client.post("/api/webhooks/ingest", json={"n": 21, "doc": nested})
+        assert refused.status_code == 422 and "more than 100 levels" in refused.text, refused.text
         archived = client.post("/api/tables/messages__v1/rows", json=[{"n": 19}])
         assert archived.status_code == 422 and "earlier versions" in archived.json()["error"]["message"]
         assert client.get("/api/tables/messages__v1").status_code == 422

@@ -44,6 +44,28 @@ NULL_COLUMN_TYPE = "str"
 #: Largest decimal precision both backends store exactly.
 MAX_DECIMAL_PRECISION = 38
 
+#: Levels of dicts and lists a stored JSON value may have (deeper ones are refused
+#: when written: Arrow's type inference and every reader recurse per level)
+MAX_NESTING = 100
+
+
+def nested_too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """True when ``value`` has more than ``limit`` levels of dicts and lists
+    (walked without recursion, so any depth is safe to check)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+    return False
+
 _DECIMAL = re.compile(r"decimal\((\d+),\s*(\d+)\)\Z")
 _JSON_SCALARS = frozenset({"int", "float", "str", "bool"})
 

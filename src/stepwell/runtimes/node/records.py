@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,14 @@ def _column(name: str, values: list[Any], table: str, first_row: int) -> pa.Arra
     """Convert one column; nested values become JSON text, conflicts raise RecordError."""
     sample = next((v for v in values if v is not None), None)
     if isinstance(sample, (dict, list, tuple)):
+        from stepwell.store.schema import MAX_NESTING, nested_too_deep
+
+        for index, value in enumerate(values):
+            if nested_too_deep(value):
+                raise RecordError(
+                    f"table {table!r}, row {first_row + index}, field {name!r}: the value is "
+                    f"nested more than {MAX_NESTING} levels deep; flatten it or store it as text"
+                )
         texts = [None if v is None else json.dumps(v, default=_json_default) for v in values]
         return pa.array(texts, pa.string()), True
     try:
@@ -73,8 +82,12 @@ def records_to_arrow(records: list[dict[str, Any]], table: str, first_row: int =
                 f"got {type(record).__name__} {record!r:.60}"
             )
     first = records[0].keys() if records else {}.keys()
-    # from_pylist takes its columns from the first record: only when no later one has more
-    if all(record.keys() <= first for record in records):
+    value_types = set(map(type, itertools.chain.from_iterable(map(dict.values, records))))
+    # from_pylist takes its columns from the first record: only when no later one has
+    # more, and no value is a dict or list (those become JSON text below; Arrow would
+    # infer a struct type per level of nesting first, at a cost that explodes with depth)
+    flat = not any(issubclass(t, (dict, list, tuple)) for t in value_types)
+    if flat and all(record.keys() <= first for record in records):
         try:
             result = pa.Table.from_pylist(records)
             if not any(pa.types.is_nested(f.type) for f in result.schema):

@@ -22,7 +22,7 @@ from stepwell.server.models import (
     jsonable,
 )
 from stepwell.store.base import ID_COLUMN, TableInfo, missing_table_message
-from stepwell.store.schema import to_pylist
+from stepwell.store.schema import MAX_NESTING, nested_too_deep, to_pylist
 
 router = APIRouter(prefix="/api", tags=["tables"])
 
@@ -166,6 +166,9 @@ def parse_json_rows(body: bytes, where: str, *, allow_empty: bool = False) -> li
             )
         if not row and not allow_empty:
             raise ApiError(422, f"{where}:{at} an empty object is not a row; give it a field")
+        if nested_too_deep(row, MAX_NESTING + 1):  # (the row itself is one level)
+            raise ApiError(422, f"{where}:{at} a value is nested more than {MAX_NESTING} "
+                                "levels deep; flatten it or send it as text")  # fmt: skip
     return rows
 
 
