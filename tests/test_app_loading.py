@@ -935,6 +935,29 @@ def test_upstream_order(tmp_path: Path) -> None:
     assert app.downstream("clean") == ["report", "post"]
 
 
+def test_a_sql_step_may_not_replace_a_table_others_write(tmp_path: Path) -> None:
+    app_with(
+        tmp_path,
+        """
+        webhooks: [{name: hook, table: shared}]
+        steps:
+          - name: a
+            node: a.py
+          - name: c
+            sql: c.sql
+            output: shared
+        """,
+        a_dot_py='from patterns import Table\nTable("shared", "w").append({"x": 1})\n',
+        c_dot_sql="select 3 as y\n",
+    )
+    error = load_error(tmp_path)
+    assert str(error).startswith(
+        f"{tmp_path / 'stepwell.yml'}:5: steps[1]: SQL step 'c' replaces all rows of table "
+        "'shared' on each run, but 'a', webhook hook also write it: those rows would be lost"
+    ), str(error)
+    assert "output: <name>" in str(error)
+
+
 def test_cycle_is_reported_with_its_steps(tmp_path: Path) -> None:
     app_with(
         tmp_path,

@@ -968,9 +968,29 @@ def _finish(doc: _Doc, root: Path, app_file: Path, fmt: str, parts: _Parts) -> A
     for step, path, _ in parts.steps:
         app._locations[f"step:{step.name}"] = (format_key_path(path), doc.line(path))
     app.upstream_order()  # raises on cycles
+    _check_sql_outputs(doc, parts, app.writers())
     _warn_unknown_reads(doc, parts, app.table_names())
     app.warnings = list(doc.warnings)  # (the model took a copy)
     return app
+
+
+def _check_sql_outputs(doc: _Doc, parts: _Parts, writers: dict[str, list[str]]) -> None:
+    """A SQL step replaces its output table's rows on each run: no other step or
+    webhook may write that table (their rows would silently vanish)."""
+    for step, path, _ in parts.steps:
+        if step.kind != "sql":
+            continue
+        table = step.sql_output()
+        others = [w.replace("webhook:", "webhook ") for w in writers.get(table, []) if w != step.name]
+        if others:
+            names = ", ".join(repr(o) if not o.startswith("webhook ") else o for o in others)
+            raise doc.error(
+                path,
+                f"SQL step {step.name!r} replaces all rows of table {table!r} on each run, "
+                f"but {names} also write{'s' if len(others) == 1 else ''} it: those rows "
+                "would be lost",
+                "give the SQL step a table of its own (`output: <name>`)",
+            )
 
 
 def _warn_unknown_reads(doc: _Doc, parts: _Parts, known: list[str]) -> None:

@@ -804,13 +804,23 @@ class StepSpec(_Model):
         return list(dict.fromkeys(tables))
 
     def output_tables(self) -> list[str]:
-        """Tables this step writes: ``outputs`` and ``output``."""
+        """Tables this step writes: ``outputs`` and ``output`` (a SQL step: the table
+        its result replaces)."""
         tables = [
             *self.outputs.values(),
             *([self.output] if self.output else []),
+            *([self.sql_output()] if self.kind == "sql" else []),
             *self._code_writes,
         ]
         return list(dict.fromkeys(tables))
+
+    def sql_output(self) -> str:
+        """The table a SQL step's result replaces on each run: ``output:``, else its
+        only declared output, else a table named after the step."""
+        if self.output:
+            return self.output
+        outputs = list(self.outputs.values())
+        return outputs[0] if len(outputs) == 1 else self.name
 
 
 _EXAMPLE_FILES: dict[str, str] = {

@@ -14,16 +14,6 @@ from stepwell.runtimes.sqlcheck import restrict_select, template_tables
 from stepwell.store.base import ID_COLUMN
 
 
-def sql_output(step) -> str:
-    """The table a SQL step writes: ``output:``, else its only declared output."""
-    if getattr(step, "output", None):
-        return step.output
-    outputs = list((step.outputs or {}).values())
-    if len(outputs) == 1:
-        return outputs[0]
-    return step.name
-
-
 def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[str],
                  deadline: float | None = None) -> int:  # fmt: skip
     """Run the step's query and stage its result as the new content of its output.
@@ -40,7 +30,7 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
     result = query_with_plugin_functions(checked, app_root, staged.store, dialect, deadline)
     if result is None:
         result = staged.query(checked)
-    output = sql_output(step)
+    output = step.sql_output()
     if staged.store.table_info(output, count_rows=False) is not None:
         staged.truncate(output)
     # Rows get a patterns_id (larger than any earlier run's), so a stream over the

@@ -75,8 +75,10 @@ def query_with_plugin_functions(
             deadline=deadline,
         )
         timer = None
-        if deadline is not None:  # (a function call ends by the deadline itself)
-            timer = threading.Timer(max(0.0, deadline - time.monotonic()), con.interrupt)
+        if deadline is not None:
+            # a function call ends by the deadline itself (its error names it); the
+            # interrupt, a moment later, ends whatever else the query is doing
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()) + 0.5, con.interrupt)
             timer.daemon = True
             timer.start()
         try:
