@@ -692,6 +692,8 @@ def test_killed_worker_and_timeout(tmp_path):
             import time
             from patterns import Table
             Table("s", "w").append({"a": 1})
+            print("first")
+            print("sleeping now")  # right after another line: sent by the log's thread
             time.sleep(30)
         """,
         "graceful.py": """
@@ -708,6 +710,8 @@ def test_killed_worker_and_timeout(tmp_path):
     suicide, slow, graceful = run_app(app)
     assert suicide.status == "killed" and "SIGKILL" in suicide.error
     assert slow.status == "timed_out" and "timeout 1s" in slow.error
+    # what it printed just before it hung reached the log before it was killed
+    assert logs(app, slow.id) == ["first", "sleeping now"]
     assert graceful.status == "succeeded", graceful.error
     assert rows(app, "k") == [] and rows(app, "s") == []
     assert 5 < rows(app, "g")[0]["loops"] < 40

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,6 +97,8 @@ class HostLink:
 
 #: What one run may send to its log; past that lines are counted, not sent.
 MAX_LOG_LINES = 100_000
+#: Seconds a written line may wait to go out with the next ones.
+FLUSH_SECONDS = 0.2
 MAX_LOG_CHARS = 20_000_000
 MAX_LINE_CHARS = 10_000
 
@@ -104,7 +107,10 @@ class LogStream(io.TextIOBase):
     """A text stream that forwards complete lines to the host's run log.
 
     Lines are batched briefly so a chatty ``print`` loop does not pay one
-    frame per line; whatever is pending goes out on ``flush`` and at exit.
+    frame per line: a line goes out at once after a quiet moment, otherwise with
+    the next ones, and at the latest ``FLUSH_SECONDS`` later (a thread sends it
+    even when the step writes nothing more: the line before a hang or a long
+    sleep is the one a user needs). ``flush`` and the run's end send the rest.
     Over-long lines are cut here, and once the run's log budget is spent the
     rest is only counted, so a flood of output costs the host nothing.
     """
@@ -118,7 +124,12 @@ class LogStream(io.TextIOBase):
         self.budget = budget if budget is not None else _new_budget()
         self._partial = ""
         self._pending: list[str] = []
-        self._last_send = time.monotonic()
+        self._last_send = 0.0  # the first line goes out at once
+        self._lock = threading.Lock()
+        #: the process whose thread sends pending lines late (threads do not survive a fork)
+        self._flusher_pid: int | None = None
+        self._wake = threading.Event()
+        _STREAMS.add(self)
 
     def writable(self) -> bool:
         return True
@@ -131,10 +142,31 @@ class LogStream(io.TextIOBase):
         if len(self._partial) > MAX_LINE_CHARS * 2:  # a line without end: keep its head
             self._partial = self._partial[: MAX_LINE_CHARS + 1]
         if lines:
-            self._keep(lines)
-            if len(self._pending) >= self.max_pending or time.monotonic() - self._last_send > 0.2:
-                self.flush()
+            with self._lock:
+                self._keep(lines)
+                due = (len(self._pending) >= self.max_pending
+                       or time.monotonic() - self._last_send > FLUSH_SECONDS)  # fmt: skip
+                if due:
+                    self._send()
+            if not due:
+                self._flush_later()
         return len(text)
+
+    def _flush_later(self) -> None:
+        if self._flusher_pid != os.getpid():
+            self._flusher_pid = os.getpid()
+            threading.Thread(target=self._flush_loop, name="stepwell-log", daemon=True).start()
+        self._wake.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(FLUSH_SECONDS)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # the channel is gone: the run is over
+                return
 
     def _keep(self, lines: list[str]) -> None:
         budget = self.budget
@@ -149,23 +181,36 @@ class LogStream(io.TextIOBase):
             self._pending.append(line)
 
     def flush(self) -> None:
+        with self._lock:
+            self._send()
+
+    def _send(self) -> None:
         if self._pending:
             lines, self._pending = self._pending, []
             self.link.notify("log", level=self.level, lines=lines)
             self._last_send = time.monotonic()
 
     def close_out(self) -> None:
-        if self._partial:
-            self._keep([self._partial])
-            self._partial = ""
-        budget = self.budget
-        if budget["dropped"]:
-            self._pending.append(
-                f"[stepwell] log limit reached ({MAX_LOG_LINES} lines or {MAX_LOG_CHARS} "
-                f"characters): {budget['dropped']} more lines were not kept"
-            )
-            budget["dropped"] = 0
-        self.flush()
+        with self._lock:
+            if self._partial:
+                self._keep([self._partial])
+                self._partial = ""
+            budget = self.budget
+            if budget["dropped"]:
+                self._pending.append(
+                    f"[stepwell] log limit reached ({MAX_LOG_LINES} lines or {MAX_LOG_CHARS} "
+                    f"characters): {budget['dropped']} more lines were not kept"
+                )
+                budget["dropped"] = 0
+            self._send()
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # (the fork may have caught another thread holding it)
+        self._wake = threading.Event()
+
+
+_STREAMS: weakref.WeakSet[LogStream] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [stream._after_fork() for stream in list(_STREAMS)])
 
 
 def _new_budget() -> dict[str, int]:

@@ -168,7 +168,10 @@ def _base_read_paths() -> list[str]:
 
 #: Modules of the default preloads (both fork-servers) that register Python fork
 #: hooks (``os.register_at_fork``; tests/test_sandbox.py keeps this list true)
-FORK_HOOK_MODULES = ("threading", "logging", "random", "concurrent.futures.thread")
+#: (stepwell.sandbox.client: the run log streams renew their locks, like logging does)
+FORK_HOOK_MODULES = (
+    "threading", "logging", "random", "concurrent.futures.thread", "stepwell.sandbox.client",
+)
 
 
 def python_fork_hooks_needed(extra_preloads: list[str]) -> str | None:
