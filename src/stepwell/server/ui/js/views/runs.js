@@ -86,12 +86,22 @@ export async function runView(page, runId) {
     }
     fill(details, extra);
   };
+  // Lines are added once per animation frame, in one go: measuring the scroll
+  // position per line forced a layout per line (a 20,000-line log took minutes).
+  let pending = [];
+  const addLines = () => {
+    const follow = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    const batch = document.createDocumentFragment();
+    for (const line of pending) batch.append(logLine(line));
+    log.append(batch);
+    pending = [];
+    if (follow) log.scrollTop = log.scrollHeight;
+  };
   const addLine = (line) => {
     if (seen.has(line.seq)) return;
     seen.add(line.seq);
-    const follow = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-    log.append(logLine(line));
-    if (follow) log.scrollTop = log.scrollHeight;
+    if (!pending.length) requestAnimationFrame(addLines);
+    pending.push(line);
   };
 
   cancel.addEventListener("click", () => page.guard(async () => {
