@@ -649,9 +649,19 @@ def test_api_resources(pipeline):
 
         loaded = client.post("/api/tables/extra/rows", json=[{"a": 1}, {"a": 2}])
         assert loaded.json() == {"table": "extra", "rows": 2}
+        client.post("/api/runs", json={"step": "enrich"})
+        assert server.ctx.scheduler.wait_idle(30)
         all_runs = client.get("/api/runs").json()["runs"]
         assert all_runs and client.get("/api/runs", params={"status": "nope"}).status_code == 422
         assert client.get("/api/runs", params={"trigger": "upstream", "limit": 1}).json()["runs"]
+        # paging: each page starts below the last id of the one before
+        assert len(all_runs) == 2, all_runs
+        first, second = (client.get("/api/runs", params={"limit": 1, **extra}).json()["runs"]
+                         for extra in ({}, {"before": all_runs[0]["id"]}))  # fmt: skip
+        assert [first[0]["id"], second[0]["id"]] == [r["id"] for r in all_runs[:2]]
+        step = client.get("/api/steps/enrich").json()
+        assert step["last_run"]["id"] == client.get(
+            "/api/runs", params={"step": "enrich", "limit": 1}).json()["runs"][0]["id"]
         detail = client.get(f"/api/runs/{all_runs[0]['id']}").json()
         assert "traceback" in detail and "info" in detail
         logs = client.get(f"/api/runs/{all_runs[-1]['id']}/logs").json()["lines"]

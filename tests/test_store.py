@@ -793,6 +793,11 @@ def test_runs(store: Store) -> None:
     assert [r.id for r in store.list_runs()] == ["01c", "01b", "01a"]
     assert [r.id for r in store.list_runs(step="load")] == ["01c", "01a"]
     assert [r.id for r in store.list_runs(limit=1)] == ["01c"]
+    # filters and paging run in the store (not over a recent window)
+    assert [r.id for r in store.list_runs(statuses=["running", "queued"])] == ["01c", "01b"]
+    assert [r.id for r in store.list_runs(step="load", statuses=["failed"])] == ["01a"]
+    assert store.list_runs(statuses=[]) == [] and store.list_runs(trigger="cron") == []
+    assert [r.id for r in store.list_runs(trigger="manual", before="01c", limit=None)] == ["01b", "01a"]
     # newest created first, whether or not a run ever started (a run cancelled while
     # queued has no start and must not stay on top)
     store.create_run(RunRecord(id="01d", step="load", status="cancelled", started_at=None))

@@ -213,6 +213,12 @@ def test_run_button_then_log_runs_list_table_rows_and_state_reset(served, ui: Br
     expect(row.locator(".status")).to_have_text("succeeded")
     expect(row.locator('td[data-col="Step"]')).to_have_text("produce")
     expect(row.locator('td[data-col="Rows out"]')).to_have_text("2")
+    page.locator("#runs-status").select_option("failed")  # filtered in the store
+    expect(page.locator("table.runs")).to_have_count(0)
+    expect(page.get_by_text("No runs yet.")).to_be_visible()
+    page.locator("#runs-status").select_option("succeeded")
+    expect(row).to_be_visible()
+    expect(page.locator("#runs-older")).to_be_disabled()  # fewer than a page
 
     page.goto(f"{served.url}/ui/#/tables/items")
     expect(page.locator("table.columns")).to_contain_text("label")

@@ -111,9 +111,7 @@ def recover_orphans(store: Store) -> list[str]:
     Their uncommitted effects were never committed, so only the record needs
     fixing. Returns the ids it closed."""
     closed = []
-    for run in store.list_runs(limit=10_000):
-        if run.status not in ("running", "queued"):
-            continue
+    for run in store.list_runs(limit=None, statuses=("running", "queued")):
         if run.host_pid and run.host_pid != os.getpid() and _alive(run.host_pid):
             continue
         if run.host_pid == os.getpid():

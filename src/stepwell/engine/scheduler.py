@@ -601,8 +601,8 @@ class Scheduler:
         runner's orphan recovery would close them)."""
         known = {step.name for step in self.app.steps}
         adopted = []
-        for run in reversed(self.store.list_runs(limit=10_000)):
-            if run.status != "queued" or run.started_at is not None:
+        for run in reversed(self.store.list_runs(limit=None, statuses=("queued",))):
+            if run.started_at is not None:
                 continue
             if run.host_pid and run.host_pid != os.getpid() and _alive(run.host_pid):
                 continue  # another live server owns it

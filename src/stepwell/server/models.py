@@ -250,6 +250,7 @@ class StepModel(_Model):
     secrets: list[str] = Field(description="Names of the secrets the step uses (never values)")
     running_run: str | None = None
     queued_run: str | None = None
+    last_run: RunSummary | None = Field(default=None, description="The step's newest run")
     next_tick: dt.datetime | None = Field(default=None, description="Next cron tick (UTC)")
 
 

@@ -338,8 +338,13 @@ class Store(abc.ABC):
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
     @abc.abstractmethod
-    def list_runs(self, step: str | None = None, limit: int = 100) -> list[RunRecord]:
-        """Newest first."""
+    def list_runs(
+        self, step: str | None = None, limit: int | None = 100, *,
+        statuses: Sequence[str] | None = None, trigger: str | None = None,
+        before: str | None = None,
+    ) -> list[RunRecord]:
+        """Runs, newest first (at most ``limit``; None: all), of ``step``, with one of
+        ``statuses``, started by ``trigger``, created before run ``before`` (paging)."""
 
     @abc.abstractmethod
     def append_logs(self, lines: Sequence[LogLine]) -> None: ...

@@ -1096,11 +1096,27 @@ class SQLStore(Store):
             runs = _select_runs(s, "WHERE id = ?", [run_id], None)
         return runs[0] if runs else None
 
-    def list_runs(self, step: str | None = None, limit: int = 100) -> list[RunRecord]:
+    def list_runs(
+        self, step: str | None = None, limit: int | None = 100, *,
+        statuses: Sequence[str] | None = None, trigger: str | None = None,
+        before: str | None = None,
+    ) -> list[RunRecord]:
+        conditions, params = [], []
+        if step is not None:
+            conditions.append("step = ?")
+            params.append(step)
+        if statuses is not None:
+            conditions.append(f"status IN ({', '.join('?' * len(statuses))})" if statuses else "FALSE")
+            params.extend(statuses)
+        if trigger is not None:
+            conditions.append('"trigger" = ?')
+            params.append(trigger)
         with self._autocommit(read_only=True, single=True) as s:
-            if step is None:
-                return _select_runs(s, "", [], limit)
-            return _select_runs(s, "WHERE step = ?", [step], limit)
+            if before is not None:
+                conditions.append(f"id{s.dialect.text_collation} < ?")
+                params.append(before)
+            where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+            return _select_runs(s, where, params, limit)
 
     def append_logs(self, lines: Sequence[LogLine]) -> None:
         if not lines:

@@ -17,6 +17,7 @@ from stepwell.server.models import (
     PartitionList,
     PartitionModel,
     PositionModel,
+    RunSummary,
     StateChange,
     StepList,
     StepModel,
@@ -40,6 +41,7 @@ def store_label(url: str) -> str:
 
 def step_model(ctx: ServerContext, step: Any) -> StepModel:
     status = ctx.scheduler.status(step.name)
+    last = ctx.store.list_runs(step=step.name, limit=1)
     return StepModel(
         name=step.name,
         kind=step.kind,
@@ -53,6 +55,7 @@ def step_model(ctx: ServerContext, step: Any) -> StepModel:
         secrets=list(step.secrets),
         running_run=status.running_run,
         queued_run=status.queued_run,
+        last_run=RunSummary.of(last[0]) if last else None,
         next_tick=status.next_tick,
     )
 

@@ -43,18 +43,18 @@ def list_runs(
     step: str | None = Query(None, description="Only this step's runs", max_length=200),
     status: str | None = Query(None, description="Only runs with this status", max_length=40),
     trigger: str | None = Query(None, description="Only runs started by this trigger", max_length=40),
+    before: str | None = Query(None, description="Only runs older than this run id (the next "
+                               "page: the last id of this one)", max_length=64),
     limit: int = Query(50, ge=1, le=1000),
     ctx: ServerContext = Depends(get_ctx),
 ) -> RunList:
     if status is not None and status not in RUN_STATUSES:
         raise ApiError(422, f"no run status {status!r}; statuses: {', '.join(RUN_STATUSES)}")
-    filtered = status is not None or trigger is not None
-    records = ctx.store.list_runs(step=step, limit=10_000 if filtered else limit)
-    if status is not None:
-        records = [r for r in records if r.status == status]
-    if trigger is not None:
-        records = [r for r in records if r.trigger == trigger]
-    return RunList(runs=[RunSummary.of(r) for r in records[:limit]])
+    records = ctx.store.list_runs(
+        step=step, limit=limit, statuses=None if status is None else [status], trigger=trigger,
+        before=before,
+    )
+    return RunList(runs=[RunSummary.of(r) for r in records])
 
 
 @router.post("/runs", response_model=TriggerResponse, status_code=202,

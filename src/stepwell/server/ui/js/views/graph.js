@@ -32,8 +32,8 @@ export async function graphView(page) {
     list,
   );
   await page.every(2000, async () => {
-    const [current, latest] = await Promise.all([
-      api("/api/steps", { signal: page.signal }), latestRuns(page.signal)]);
+    const current = await api("/api/steps", { signal: page.signal });
+    const latest = latestRuns(current.steps);
     colour(picture, current.steps, latest);
     fill(list, stepsTable(page, current.steps, latest));
   });

@@ -7,15 +7,36 @@ import {
   statusBadge,
 } from "../dom.js";
 
-/** #/runs */
+const PAGE = 100;
+
+/** #/runs: newest first, filtered by status, a page of 100 at a time. */
 export async function runsView(page) {
   const holder = h("div");
-  page.root.append(h("h1", {}, "Runs"), h("p", { class: "hint" }, "Newest first; refreshed every 2 s."),
+  const status = h("select", { id: "runs-status" }, h("option", { value: "" }, "any status"),
+    ...[...["queued", "running"], ...FINISHED].map((s) => h("option", { value: s }, s)));
+  const newer = h("button", { type: "button", id: "runs-newest", hidden: true }, "Newest runs");
+  const older = h("button", { type: "button", id: "runs-older" }, "Older runs");
+  let before = null; // the page shown: runs older than this run id (null: the newest)
+  let shown = [];
+  const refresh = async () => {
+    const query = { limit: PAGE, status: status.value || null, before };
+    ({ runs: shown } = await api(withQuery("/api/runs", query), { signal: page.signal }));
+    fill(holder, runsTable(shown));
+    older.disabled = shown.length < PAGE;
+    newer.hidden = before === null;
+  };
+  const show = (from) => {
+    before = from;
+    page.guard(refresh);
+  };
+  status.addEventListener("change", () => show(null));
+  newer.addEventListener("click", () => show(null));
+  older.addEventListener("click", () => shown.length && show(shown[shown.length - 1].id));
+  page.root.append(h("h1", {}, "Runs"),
+    h("p", { class: "hint" }, "Newest first; refreshed every 2 s."),
+    h("p", { class: "pager" }, h("label", {}, "Status ", status), newer, older),
     holder);
-  await page.every(2000, async () => {
-    const { runs } = await api(withQuery("/api/runs", { limit: 100 }), { signal: page.signal });
-    fill(holder, runsTable(runs));
-  });
+  await page.every(2000, refresh);
 }
 
 /** A table of runs; ``withStep: false`` leaves out the step (runs of one step). */

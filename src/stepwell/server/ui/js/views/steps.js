@@ -9,12 +9,9 @@ import {
 } from "../dom.js";
 import { runsTable } from "./runs.js";
 
-/** The newest run of each step: Map(step name -> run). */
-export async function latestRuns(signal) {
-  const { runs } = await api(withQuery("/api/runs", { limit: 200 }), { signal });
-  const latest = new Map();
-  for (const run of runs) if (!latest.has(run.step)) latest.set(run.step, run);
-  return latest;
+/** The newest run of each step (`last_run` of GET /api/steps): Map(step name -> run). */
+export function latestRuns(steps) {
+  return new Map(steps.filter((s) => s.last_run).map((s) => [s.name, s.last_run]));
 }
 
 /** Trigger a run of `step` (POST /api/runs) and open the run's page. */
@@ -57,9 +54,8 @@ export async function stepsView(page) {
   const holder = h("div");
   page.root.append(holder);
   await page.every(2000, async () => {
-    const [{ steps }, latest] = await Promise.all([
-      api("/api/steps", { signal: page.signal }), latestRuns(page.signal)]);
-    fill(holder, stepsTable(page, steps, latest));
+    const { steps } = await api("/api/steps", { signal: page.signal });
+    fill(holder, stepsTable(page, steps, latestRuns(steps)));
   });
 }
 
