@@ -151,15 +151,22 @@ def test_failing_node_leaves_nothing_after_last_commit_point(tmp_path, store_url
                 if record["i"] == 3:
                     stream.checkpoint()
                 if record["i"] == 6:
-                    raise RuntimeError("boom at six")
+                    try:
+                        {}["config"]
+                    except KeyError as exc:
+                        raise RuntimeError("boom at six") from exc
         """,
     })
     runs = run_app(app, store_url)
     failed = runs[1]
     assert failed.status == "failed"
     assert "RuntimeError: boom at six" in failed.error
-    assert "copy.py:12" in failed.error
-    assert 'File "copy.py", line 12' in failed.traceback
+    assert "copy.py:15" in failed.error
+    assert 'File "copy.py", line 15' in failed.traceback
+    # the cause comes first, as Python prints it
+    cause, _, effect = failed.traceback.partition("The above exception was the direct cause")
+    assert 'File "copy.py", line 13' in cause and "KeyError: 'config'" in cause
+    assert "RuntimeError: boom at six" in effect
     assert "stepwell" not in failed.traceback.replace("stepwell.yml", "")
     assert [r["i"] for r in rows(app, "dst", store_url, order_by="i")] == [0, 1, 2, 3]
     # the next run continues from the commit point: 4..9 once, nothing twice

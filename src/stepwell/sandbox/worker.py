@@ -32,19 +32,37 @@ _OWN_ROOT = str(Path(__file__).resolve().parents[1])
 
 def user_traceback(exc: BaseException, app_root: str | None = None) -> str:
     """Format ``exc`` keeping only frames of user code (not stepwell, not the stdlib
-    plumbing that ran it), so the error points at the user's file and line."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith(_OWN_ROOT) and not frame.filename.startswith("<frozen")
-    ]
-    lines = ["Traceback (most recent call last):\n"]
-    for frame in frames:
-        name = _app_relative(frame.filename, app_root)
-        lines.append(f'  File "{name}", line {frame.lineno}, in {frame.name}\n')
-        if frame.line:
-            lines.append(f"    {frame.line}\n")
-    lines.extend(traceback.format_exception_only(type(exc), exc))
+    plumbing that ran it), so the error points at the user's file and line. Its
+    causes (``raise ... from``) and the exceptions it was raised while handling come
+    first, as Python prints them."""
+    chain: list[tuple[BaseException, str | None]] = []
+    seen: set[int] = set()
+    link: tuple[BaseException, str | None] | None = (exc, None)
+    while link is not None and id(link[0]) not in seen and len(chain) < 20:
+        current, joint = link
+        seen.add(id(current))
+        chain.append((current, joint))
+        if current.__cause__ is not None:
+            link = (current.__cause__, "The above exception was the direct cause of the "
+                                       "following exception:")  # fmt: skip
+        elif current.__context__ is not None and not current.__suppress_context__:
+            link = (current.__context__, "During handling of the above exception, another "
+                                         "exception occurred:")  # fmt: skip
+        else:
+            link = None
+    lines: list[str] = []
+    for current, joint in reversed(chain):
+        lines.append("Traceback (most recent call last):\n")
+        for frame in traceback.extract_tb(current.__traceback__):
+            if frame.filename.startswith(_OWN_ROOT) or frame.filename.startswith("<frozen"):
+                continue
+            name = _app_relative(frame.filename, app_root)
+            lines.append(f'  File "{name}", line {frame.lineno}, in {frame.name}\n')
+            if frame.line:
+                lines.append(f"    {frame.line}\n")
+        lines.extend(traceback.format_exception_only(type(current), current))
+        if joint is not None:
+            lines.append(f"\n{joint}\n\n")
     return "".join(lines)
 
 
