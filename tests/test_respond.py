@@ -42,6 +42,8 @@ APP = {
             trigger: upstream
           - name: unserialisable
             node: bad.py
+          - name: not_a_number
+            node: nan.py
           - name: fragile
             node: fragile.py
             inputs: {questions: fragile_questions}
@@ -57,6 +59,11 @@ APP = {
     "bad.py": """
         from patterns import respond_to_request
         respond_to_request("some-key", {"when": object()})
+    """,
+    "nan.py": """
+        import math
+        from patterns import respond_to_request
+        respond_to_request("some-key", {"v": math.nan})
     """,
     "answer.py": """
         from patterns import Table, respond_to_request
@@ -157,6 +164,9 @@ def test_respond_outside_the_server_returns_false_and_says_so(tmp_path):
     assert bad.status == "failed"
     assert "respond_to_request's payload must be JSON-serialisable" in bad.error
     assert "bad.py:2" in bad.error
+    (nan,) = run_app(app, steps=["not_a_number"])
+    assert nan.status == "failed" and "NaN or infinity; use None" in nan.error, nan.error
+    assert "nan.py:3" in nan.error
 
 
 def test_a_request_waiting_when_the_server_stops_gets_a_503_naming_its_row(tmp_path):

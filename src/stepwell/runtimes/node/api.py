@@ -666,10 +666,13 @@ def respond_to_request(request_key: str, payload: Any) -> bool:
 def _jsonable(value: Any, what: str = "State values") -> Any:
     """``value`` after a JSON round trip; rejects what would not survive one, early."""
     try:
-        json.dumps(value, default=_state_default)
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(value, default=_state_default, allow_nan=False)
+    except ValueError as exc:  # NaN and infinities: JSON has no such numbers
+        raise TypeError(f"{what} must be JSON-serialisable: {exc} (NaN or infinity; use None "
+                        "or a string instead)") from None  # fmt: skip
+    except TypeError as exc:
         raise TypeError(f"{what} must be JSON-serialisable: {exc}") from None
-    return json.loads(json.dumps(value, default=_state_default))
+    return json.loads(text)
 
 
 def _state_default(value: Any) -> Any:
