@@ -1090,14 +1090,23 @@ def test_parse_duration(text: object, seconds: float) -> None:
         ("100MB", 100 * 1000**2),
         ("1G", 1024**3),
         ("1.5 GiB", int(1.5 * 1024**3)),
-        ("64k", 64 * 1024),
+        ("1024k", 1024**2),
         ("2gb", 2 * 1000**3),
-        (4096, 4096),
-        ("4096", 4096),
+        (2**30, 2**30),
+        ("1048576", 1024**2),
     ],
 )
 def test_parse_memory(text: object, size: int) -> None:
     assert parse_memory(text) == size
+
+
+def test_a_memory_limit_too_small_to_start_a_worker(tmp_path: Path) -> None:
+    app_with(tmp_path, "steps:\n  - name: a\n    node: a.py\n    memory: 512\n")
+    error = load_error(tmp_path)
+    assert str(error).startswith(
+        f"{tmp_path / 'stepwell.yml'}:4: steps[0].memory: memory size 512 is below the 1MiB "
+        'a worker needs; did you mean "512MiB"? (write bytes'
+    ), str(error)
 
 
 def test_logical_type_aliases() -> None:

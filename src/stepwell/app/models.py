@@ -222,6 +222,8 @@ _MEMORY_UNITS: dict[str, int] = {
     "tb": 1000**4,
 }
 _MEMORY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+#: The smallest memory limit (bytes) a worker can start with.
+MIN_MEMORY = 1024**2
 _MEMORY_HINT = 'write bytes as a number, or a size such as "512MiB", "1GiB", "100MB" or "1G"'
 
 
@@ -244,8 +246,9 @@ def parse_memory(value: Any) -> int:
         size = float(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
     else:
         fail(f"bad memory size {value!r}", _MEMORY_HINT)
-    if size < 1:
-        fail(f"bad memory size {value!r}: it must be at least one byte", _MEMORY_HINT)
+    if size < MIN_MEMORY:  # a worker cannot start in less (plain numbers are bytes)
+        guess = f'; did you mean "{value}MiB"?' if isinstance(value, int | float) else ""
+        fail(f"memory size {value!r} is below the 1MiB a worker needs{guess}", _MEMORY_HINT)
     return int(size)
 
 
