@@ -715,7 +715,7 @@ def test_killed_worker_and_timeout(tmp_path):
         """,
     })
     suicide, slow, graceful = run_app(app)
-    assert suicide.status == "killed" and "SIGKILL" in suicide.error
+    assert suicide.status == "killed" and "SIGKILL, not by a stepwell limit" in suicide.error
     assert slow.status == "timed_out" and "timeout 1s" in slow.error
     # what it printed just before it hung reached the log before it was killed
     assert logs(app, slow.id) == ["first", "sleeping now"]

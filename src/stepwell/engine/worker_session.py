@@ -153,7 +153,7 @@ class WorkerSession:
             exit_outcome = getattr(self.worker, "exit_outcome", None)
             if exit_outcome is not None:  # names the limit that killed it, if any
                 status, reason = exit_outcome()
-                return Outcome(status, self.redact(self._with_limit_note(reason)))
+                return Outcome(status, self.redact(self._with_kill_note(reason)))
             return Outcome("killed", self._death_reason())
         except ProtocolError as exc:
             self.worker.kill()
@@ -176,11 +176,14 @@ class WorkerSession:
             self.staged.record()
 
     def _death_reason(self) -> str:
-        return self._with_limit_note(self.worker.exit_description())
+        return self._with_kill_note(self.worker.exit_description())
 
-    def _with_limit_note(self, description: str) -> str:
-        if "SIGKILL" in description and "limit" not in description and self.limit_note:
-            description += f" (a resource limit may have been exceeded{self.limit_note})"
+    def _with_kill_note(self, description: str) -> str:
+        # stepwell's own limits are named where they end a run (the time limit by the
+        # host, CPU time and memory by the kernel's signals): not this one
+        if "SIGKILL" in description and "limit" not in description:
+            description += (", not by a stepwell limit (the system's out-of-memory killer: "
+                            "see `dmesg`; another process; or the step itself)")  # fmt: skip
         return description
 
     def _dispatch(self, op: Any, message: dict, body: bytes) -> tuple[dict, bytes]:
