@@ -367,19 +367,23 @@ class WorkerSession:
 
     # -- commit points ---------------------------------------------------
     def op_commit(self, message: dict, _body: bytes) -> dict:
-        self._commit(message)
+        self._commit(message, counts=True)
         self.committed_rows_in = self.staged.committed_rows_in = self.rows_in
         return {}
 
-    def _commit(self, message: dict, run_fields: dict[str, Any] | None = None) -> None:
+    def _commit(
+        self, message: dict, run_fields: dict[str, Any] | None = None, counts: bool = False
+    ) -> None:
         """Commit the staged effects with the worker's positions and state; those
-        are written only when they changed (most runs of a step leave them be)."""
+        are written only when they changed (most runs of a step leave them be).
+        ``counts``: the run record's row counts so far go in with what they count
+        (a run whose host dies later still shows the rows it kept)."""
         positions, state = message.get("positions"), message.get("state")
-        self.staged.commit(
-            None if positions == self._committed_positions else positions,
-            None if state == self._committed_state else state,
-            run_fields=run_fields,
-        )
+        new_positions = None if positions == self._committed_positions else positions
+        new_state = None if state == self._committed_state else state
+        if counts and (self.staged.open or new_positions is not None or new_state is not None):
+            run_fields = {"rows_in": self.rows_in, "rows_out": self.staged.rows_out}
+        self.staged.commit(new_positions, new_state, run_fields=run_fields)
         if positions is not None:
             self._committed_positions = positions
         if state is not None:
