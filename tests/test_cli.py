@@ -288,10 +288,18 @@ def test_load_errors_name_the_file(tmp_path):
     app = write_app(tmp_path / "app", {"stepwell.yml": "title: loads\n"})
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{bad\n')
-    for name, problem in (("empty.csv", "Empty CSV file"), ("bad.jsonl", "JSON parse error")):
+    (tmp_path / "latin1.csv").write_bytes("a\nok\n\u00e9t\u00e9\n".encode("latin-1"))
+    (tmp_path / "header.csv").write_bytes(b"\xff\xfe,a\n1,2\n")
+    for name, problem in (
+        ("empty.csv", "Empty CSV file"),
+        ("bad.jsonl", "JSON parse error"),
+        ("latin1.csv", "line 3 is not UTF-8 text (invalid continuation byte at byte 0); "
+                       "convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 latin1.csv"),
+        ("header.csv", "line 1 is not UTF-8 text"),
+    ):
         result = cli("load", str(app), "t", str(tmp_path / name))
         assert result.returncode == 1
-        assert f"error: {tmp_path / name}: {problem}" in result.stderr
+        assert f"error: {tmp_path / name}: {problem}" in result.stderr, result.stderr
     assert cli("table", str(app), "t").returncode == 1  # nothing was written
 
 

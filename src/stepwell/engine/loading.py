@@ -29,7 +29,15 @@ def _read(path: Path) -> pa.Table:
     if suffix == ".csv":
         from pyarrow import csv
 
-        return csv.read_csv(path)
+        data = csv.read_csv(path)
+        try:
+            data.column_names  # noqa: B018 - the header is decoded here
+        except UnicodeDecodeError:
+            _refuse_non_utf8(path)
+            raise
+        if any(pa.types.is_binary(field.type) for field in data.schema):
+            _refuse_non_utf8(path)  # Arrow keeps text it cannot decode as bytes
+        return data
     if suffix in (".jsonl", ".ndjson"):
         from pyarrow import json as pa_json
 
@@ -50,6 +58,20 @@ def _read(path: Path) -> pa.Table:
 
         return pq.read_table(path)
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl, .json or .parquet)")
+
+
+def _refuse_non_utf8(path: Path) -> None:
+    """Raise naming the first line of ``path`` that is not UTF-8 (if there is one)."""
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path}: line {number} is not UTF-8 text ({exc.reason} at byte "
+                    f"{exc.start}); convert the file to UTF-8 first, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`"
+                ) from None
 
 
 def load_file(store: Store, table: str, path: Path) -> int:
