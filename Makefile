@@ -31,5 +31,10 @@ lint: setup
 bench: setup
 	$(UV) run python benchmarks/node_bulk.py
 	$(UV) run python benchmarks/node_stream.py
+	$(UV) run python benchmarks/processor_rows.py
+	$(UV) run python benchmarks/processor_runs.py
 	$(UV) run python benchmarks/connector_refresh.py
 	$(UV) run python benchmarks/webhook_load.py
+	$(UV) run python benchmarks/action_latency.py
+	$(UV) run python benchmarks/plugin_calls.py
+	$(UV) run --extra bench python benchmarks/step_overhead.py

@@ -303,6 +303,20 @@ def test_load_errors_name_the_file(tmp_path):
     assert cli("table", str(app), "t").returncode == 1  # nothing was written
 
 
+def test_the_details_hint_of_a_failure_names_the_store_it_used(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - {name: boom, node: boom.py}\n",
+        "boom.py": "raise ValueError('x')\n",
+    })
+    url = f"duckdb://{tmp_path / 'elsewhere.duckdb'}"
+    failed = cli("run", str(app), "--store", url)
+    assert failed.returncode == 1
+    hint = failed.stderr.split("(details: ", 1)[1].split(")")[0]
+    assert hint.startswith("stepwell logs ") and hint.endswith(f" --store {url}"), hint
+    logs = cli(*hint.split()[1:])
+    assert logs.returncode == 0 and "ValueError: x" in logs.stdout + logs.stderr, logs.stderr
+
+
 def test_verbose_works_after_the_command_too(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - {name: boom, node: boom.py}\n",

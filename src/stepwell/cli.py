@@ -154,7 +154,7 @@ def run(
                 "its last commit point kept; " if cancelled else "")  # fmt: skip
         print(f"interrupted: {what}later steps not run", file=sys.stderr)
         raise typer.Exit(130)
-    _report_failures(app_path, runs)
+    _report_failures(app_path, runs, store)
 
 
 def _run_on_ray(app_path: str, steps: list[str] | None, store: str | None,
@@ -171,10 +171,10 @@ def _run_on_ray(app_path: str, steps: list[str] | None, store: str | None,
                                     listener=progress, sandbox=sandbox)  # fmt: skip
         except RayExecutorError as exc:
             raise CliError(str(exc)) from None
-    _report_failures(app_path, runs)
+    _report_failures(app_path, runs, store)
 
 
-def _report_failures(app_path: str, runs: list[Any]) -> None:
+def _report_failures(app_path: str, runs: list[Any], store: str | None) -> None:
     """One stderr line per failed run (and its traceback with --verbose); exit 1.
     A step still asking for more runs (``State.request_new_run``) is named too."""
     from stepwell.engine.app_run import MAX_FOLLOW_UPS, still_asking
@@ -185,8 +185,13 @@ def _report_failures(app_path: str, runs: list[Any]) -> None:
               "follow-up runs (as many as `stepwell run` makes): run it again, or let "
               "`stepwell serve` keep running it", file=sys.stderr)  # fmt: skip
     failed = [r for r in runs if r.status not in SUCCESS]
+    where = ""
+    if store:  # (a password is not repeated)
+        from stepwell.store.postgres import redact
+
+        where = f" --store {redact(store)}"
     for r in failed:
-        details = f" (details: stepwell logs {app_path} {r.id})" if r.id else ""
+        details = f" (details: stepwell logs {app_path} {r.id}{where})" if r.id else ""
         print(f"error: step {r.step!r} {r.status}: {r.error}{details}", file=sys.stderr)
         if _verbose and r.traceback:
             print(r.traceback, file=sys.stderr)
