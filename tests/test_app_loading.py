@@ -638,6 +638,15 @@ def test_bad_duration(tmp_path: Path, value: str, problem: str) -> None:
     )
 
 
+def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    app_with(tmp_path, "\n".join(lines) + "\n")  # 9**9 values once expanded
+    error = load_error(tmp_path)
+    assert "the file expands to more than 200,000 values" in str(error), str(error)
+
+
 def test_bad_default_memory(tmp_path: Path) -> None:
     app_with(tmp_path, "title: x\ndefaults:\n  timeout: 1h\n  memory: lots\n")
     error = load_error(tmp_path)

@@ -151,6 +151,10 @@ def _yaml_error(exc: yaml.YAMLError, file: str) -> AppError:
     return AppError(text, file=file, line=line, hint=hint)
 
 
+#: Values (scalars, lists and mappings) an app file may expand to, aliases included.
+MAX_YAML_VALUES = 200_000
+
+
 def _parse_yaml(text: str, file: str) -> _Doc:
     """Parse ``text`` into data and a key-path -> line map; duplicate keys are errors."""
     try:
@@ -162,10 +166,18 @@ def _parse_yaml(text: str, file: str) -> _Doc:
         return doc
     constructor = yaml.constructor.SafeConstructor()
     doc.lines[()] = root.start_mark.line + 1
+    built = 0
 
     def build(node: yaml.Node, path: KeyPath, active: frozenset[int]) -> Any:
+        nonlocal built
         if id(node) in active:
             raise doc.error(path, "a YAML alias refers to itself", "remove the recursive alias")
+        built += 1
+        if built > MAX_YAML_VALUES:  # aliases of aliases grow exponentially ("billion laughs")
+            raise doc.error(
+                path[:1], f"the file expands to more than {MAX_YAML_VALUES:,} values",
+                "repeat less through YAML aliases (`*name`)",
+            )
         if isinstance(node, yaml.ScalarNode):
             try:
                 return constructor.construct_object(node, deep=True)
