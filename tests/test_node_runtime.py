@@ -1583,14 +1583,18 @@ def test_read_sql_takes_jinja_names_and_says_when_a_table_is_missing(tmp_path):
         "w.py": "from patterns import Table\nTable('events', 'w').append([{'n': 1}, {'n': 2}])\n",
         "r.py": """
             from patterns import Table
-            events, later = Table("events"), Table("later")
+            events, later, o = Table("events"), Table("later"), Table("o", "w")
             print(events.read_sql("select count(*) as c from {{ events }}"))
+            try:  # an error of the query itself, not blamed on a table it does not read
+                events.read_sql("select nope from events")
+            except Exception as exc:
+                print(type(exc).__name__, "nope" in str(exc), "'o'" in str(exc))
             later.read_sql("select * from later")
         """,
     })
     w, r = run_app(app)
     assert r.status == "failed"
-    assert logs(app, r.id)[0] == "[{'c': 2}]"  # the older docs' {{ table }} form
+    assert logs(app, r.id)[:2] == ["[{'c': 2}]", "HostError True False"]  # {{ table }}: older docs
     assert "read_sql: table 'later' does not exist yet (nothing has written it)" in r.error
 
 

@@ -304,8 +304,9 @@ class WorkerSession:
         try:
             return {}, self.staged.query(sql)
         except Exception:
-            missing = [t for t in dict.fromkeys(allowed.values())
-                       if t in sql and self.store.table_info(t, count_rows=False) is None]  # fmt: skip
+            # (the checked query names each table it reads as a quoted identifier)
+            named = [t for t in dict.fromkeys(allowed.values()) if '"' + t.replace('"', '""') + '"' in sql]
+            missing = [t for t in named if self.store.table_info(t, count_rows=False) is None]
             if missing:
                 raise ValueError(
                     f"read_sql: table {missing[0]!r} does not exist yet (nothing has written "
