@@ -339,6 +339,19 @@ def test_upsert_needs_its_key_columns(store: Store) -> None:
         tx.upsert("t", pa.table({"v": [1]}), ["id"])
 
 
+def test_text_with_nul_is_kept_or_refused_naming_its_row(store: Store) -> None:
+    data = {"id": [1, 2], "s": ["ok", "a\x00b"]}
+    if store.dialect.name.lower() == "duckdb":
+        write(store, "t", data)
+        assert rows(store, "t", ["id"])[1]["s"] == "a\x00b"
+        return
+    with pytest.raises(StoreError) as refused:
+        write(store, "t", data)
+    assert str(refused.value).startswith(
+        """table "t", column 's', row 1: PostgreSQL text cannot hold the NUL character"""
+    ), str(refused.value)
+
+
 def test_append_records_unique_on(store: Store) -> None:
     write(store, "t", {"id": [1]}, unique_on=["id"])
     info = store.table_info("t")

@@ -77,6 +77,23 @@ _CSV_OPTIONS = pacsv.WriteOptions(include_header=False, quoting_style="all_valid
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
+def _refuse_nul(target: str, data: pa.Table) -> None:
+    """Raise naming the first text value holding NUL, which PostgreSQL text cannot."""
+    import pyarrow.compute as pc
+
+    for name in data.column_names:
+        column = data.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            continue
+        found = pc.index(pc.match_substring(column, "\x00"), True).as_py()
+        if found >= 0:
+            raise StoreError(
+                f"table {target.split('.')[-1]}, column {name!r}, row {found}: PostgreSQL text "
+                "cannot hold the NUL character (\\x00); remove it (text.replace('\\x00', '')) "
+                "or store the value as bytes"
+            )
+
+
 def redact(url: str) -> str:
     """``url`` with its password replaced by ``***``."""
     return _PASSWORD.sub(r"\1***@", url)
@@ -258,14 +275,18 @@ class PostgresSession(Session):
     def insert_arrow(self, target: str, data: pa.Table, *, every_column: bool = False) -> int:
         data = _csv_ready(data)
         columns = ", ".join(quote(c) for c in data.column_names)
-        with (
-            self.conn.cursor() as cur,
-            cur.copy(f"COPY {target} ({columns}) FROM STDIN (FORMAT csv)") as copy,
-        ):
-            for batch in data.to_batches(max_chunksize=COPY_CHUNK_ROWS):
-                buffer = io.BytesIO()
-                pacsv.write_csv(batch, buffer, _CSV_OPTIONS)
-                copy.write(buffer.getbuffer())
+        try:
+            with (
+                self.conn.cursor() as cur,
+                cur.copy(f"COPY {target} ({columns}) FROM STDIN (FORMAT csv)") as copy,
+            ):
+                for batch in data.to_batches(max_chunksize=COPY_CHUNK_ROWS):
+                    buffer = io.BytesIO()
+                    pacsv.write_csv(batch, buffer, _CSV_OPTIONS)
+                    copy.write(buffer.getbuffer())
+        except psycopg.errors.CharacterNotInRepertoire:
+            _refuse_nul(target, data)
+            raise
         return data.num_rows
 
     def stage(self, data: pa.Table) -> str:
