@@ -592,7 +592,8 @@ def test_api_resources(pipeline):
         step = client.get("/api/steps/enrich").json()
         assert step["inputs"] == ["messages"] and step["trigger"] == "upstream"
         missing = client.get("/api/steps/nope")
-        assert missing.status_code == 404 and "no step named 'nope'" in missing.json()["error"]["message"]
+        assert missing.status_code == 404
+        assert missing.json()["error"]["message"] == "no step named 'nope' (known steps: enrich)"
 
         ids = client.post("/api/webhooks/ingest", json=[{"n": i} for i in range(5)]).json()["ids"]
         assert server.ctx.scheduler.wait_idle(30)

@@ -79,7 +79,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(AppError)
     async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
-        return error_response(404, str(exc))
+        # a lookup the app cannot answer (no such step...): not a problem of its file,
+        # so without the file, line and key the message would carry for the CLI
+        return error_response(404, exc.problem + (f" ({exc.hint})" if exc.hint else ""))
 
     @app.exception_handler(StoreError)
     async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:
