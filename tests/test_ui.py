@@ -302,12 +302,13 @@ def test_action_form_shows_the_json_result_or_the_error(served, ui: Browser) -> 
 
 
 def test_api_errors_show_in_the_banner(served, ui: Browser) -> None:
-    page = ui.open(f"{served.url}/ui/#/tables/nope")
+    page = ui.open(f"{served.url}/ui/#/tables/nope")  # said on the page, nothing to reset
+    expect(page.locator("#no-table")).to_contain_text("table 'nope' does not exist")
+    expect(page.locator("#reset-table")).to_be_hidden()
+    page.goto(f"{served.url}/ui/#/runs/nosuchrun")
     banner = page.locator("#banner")
     expect(banner).to_be_visible()
     expect(banner).to_contain_text("not_found")
-    expect(banner).to_contain_text("table 'nope' does not exist")
-    page.goto(f"{served.url}/ui/#/runs/nosuchrun")
     expect(banner).to_contain_text("no run 'nosuchrun'")
     page.get_by_role("button", name="Dismiss").click()
     expect(banner).to_be_hidden()

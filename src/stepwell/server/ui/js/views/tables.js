@@ -45,8 +45,21 @@ export async function tableView(page, name) {
   let offset = 0;
   let info = null;
   const load = async () => {
-    const [table, chunk, list] = await Promise.all([
-      api(path, { signal: page.signal }),
+    let table;
+    try {
+      table = await api(path, { signal: page.signal });
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      // a table the app declares but nothing has written yet, or no table at all:
+      // the answer says which; there is nothing to page through or reset
+      reset.hidden = true;
+      fill(about, h("p", { class: "empty", id: "no-table" }, error.message));
+      fill(pager);
+      fill(rows);
+      fill(versions);
+      return;
+    }
+    const [chunk, list] = await Promise.all([
       api(withQuery(`${path}/rows`, { limit: PAGE_ROWS, offset }), { signal: page.signal }),
       api(`${path}/versions`, { signal: page.signal }),
     ]);
