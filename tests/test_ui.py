@@ -399,3 +399,12 @@ def test_only_the_ui_files_are_public(guarded) -> None:
     with guarded.client(guarded.token) as authed:
         paths = authed.get("/openapi.json").json()["paths"]
         assert not [p for p in paths if p == "/" or p.startswith("/ui")]
+
+
+def test_the_api_docs_work_without_internet(served, ui: Browser) -> None:
+    """/docs loads Swagger UI from this server (the browser here has no network)."""
+    page = ui.open(f"{served.url}/docs")
+    expect(page.locator(".swagger-ui .opblock-summary-path").first).to_be_visible(timeout=20_000)
+    expect(page.locator(".swagger-ui")).to_contain_text("/api/runs")
+    with served.client() as client:
+        assert client.get("/redoc").status_code == 404  # (it would need a CDN)

@@ -15,7 +15,7 @@ from stepwell.server.content import JsonByDefaultMiddleware
 from stepwell.server.context import ServerContext
 from stepwell.server.limits import BodyLimitMiddleware
 from stepwell.server.responses import ServerStopping
-from stepwell.server.routes import ERROR_RESPONSES, ROUTERS, ui
+from stepwell.server.routes import ERROR_RESPONSES, ROUTERS, docs, ui
 
 log = logging.getLogger("stepwell.server")
 
@@ -89,12 +89,15 @@ def create_app(ctx: ServerContext) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
+        docs_url=None,  # served from local files (docs.install): FastAPI's uses a CDN
+        redoc_url=None,
     )
     api.state.ctx = ctx
     errors.install(api)
     for router in ROUTERS:
         api.include_router(router)
     ui.install(api)  # the web UI at /ui/ (static files, not in the OpenAPI spec)
+    docs.install(api)
 
     settings = ctx.settings
 
