@@ -210,7 +210,7 @@ def load(
     """Append a file's rows to a table as one committed write."""
     with _backend(app_path, store) as (_spec, backend):
         rows = backend.load(table, file)
-    _console().print(f"Loaded {rows} rows into [bold]{table}[/].")
+    _console().print(f"Loaded {rows} row{'' if rows == 1 else 's'} into [bold]{table}[/].")
 
 
 # -- table / tables -----------------------------------------------------------
@@ -385,7 +385,7 @@ def serve(
     store: StoreOpt = None,
     workers: Annotated[int | None, typer.Option(help="Steps running at once", min=1)] = None,
     shutdown_timeout: Annotated[
-        float | None, typer.Option(help="Seconds running steps get on SIGTERM before cancel", min=0)
+        float | None, typer.Option(help="Seconds running steps get on SIGTERM before cancel (default 30)", min=0)
     ] = None,
     rotate_token: Annotated[bool, typer.Option("--rotate-token", help="Make a new API token first")] = False,
     sandbox: SandboxOpt = None,

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-AppArg = Annotated[str, typer.Argument(help="App folder or app file (default: current dir)")]
+AppArg = Annotated[str, typer.Argument(help="App folder or app file")]
 StoreOpt = Annotated[
     str | None,
     typer.Option("--store", envvar="STEPWELL_STORE", help="Store URL (postgresql://...)"),

@@ -819,7 +819,7 @@ class RuleEngine:
         with self._lock:
             ids = self._ids()
             if rule.id in ids and not replace:
-                raise RuleError(f"rule {rule.id!r} already exists; delete it first or update it")
+                raise RuleError(f"rule {rule.id!r} already exists; delete it first, or replace it (`stepwell rule create --replace`, or `?replace=true` in the API)")
             self.compile(rule)
             desired = "running" if (start if start is not None else triggered) else "stopped"
             if rule.id in self.running:
