@@ -177,6 +177,8 @@ class PluginManager:
             pools, self._pools = list(self._pools.values()), {}
             procs = self.all_processes()
             self._primary, self._extra = {}, {}
+        for proc in procs:  # what they print from now on is their SDK seeing sockets close
+            proc.quiet()
         for pool in pools:
             pool.close()
         for proc in procs:

@@ -318,7 +318,9 @@ class PluginProcess:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 self.output.append(line)
-                plugin_log.info("[pid %s] %s", proc.pid, line)
+                # once stopping, the SDK complains of the sockets closing: not news
+                level = logging.DEBUG if self._stopping else logging.INFO
+                plugin_log.log(level, "[pid %s] %s", proc.pid, line)
 
     def _await_handshake(self) -> None:
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
@@ -439,6 +441,10 @@ class PluginProcess:
                 self._proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+
+    def quiet(self) -> None:
+        """From now on its output is logged at debug level (it is being stopped)."""
+        self._stopping = True
 
     def stop(self) -> None:
         """Kill the process (as eKuiper does) and release the private folder."""
