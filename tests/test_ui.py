@@ -62,6 +62,7 @@ APP = {
         state = State()
         state.set_value("marker", "state-value-42")
         state.set_value("html", {PAYLOAD!r})
+        state.set_value("essay", "word " * 700)
         print("produced 2 items, hello from the log", flush=True)
         print({PAYLOAD!r}, flush=True)
     """,
@@ -229,6 +230,11 @@ def test_run_button_then_log_runs_list_table_rows_and_state_reset(served, ui: Br
     page.goto(f"{served.url}/ui/#/steps/produce")
     marker = page.locator('#step-state tr[data-key="marker"]')
     expect(marker).to_contain_text("state-value-42")
+    essay = page.locator('#step-state tr[data-key="essay"] details.long')  # folded
+    expect(essay.locator("summary")).to_contain_text("(3,500 characters)")
+    expect(essay.locator(".full")).to_be_hidden()
+    essay.locator("summary").click()
+    expect(essay.locator(".full")).to_be_visible()
     page.locator("#reset-state").click()
     expect(page.locator("#step-state")).to_contain_text("No state.")
     expect(marker).to_have_count(0)

@@ -50,11 +50,17 @@ export function valueText(value) {
   return String(value);
 }
 
-/** A value as a cell's content (null dimmed). */
+/** Characters of a value shown before it is folded (the rest opens on a click). */
+const SHOWN_CHARS = 200;
+
+/** A value as a cell's content (null dimmed, long text folded). */
 export function valueNode(value) {
-  return value === null || value === undefined
-    ? h("span", { class: "null" }, "null")
-    : valueText(value);
+  if (value === null || value === undefined) return h("span", { class: "null" }, "null");
+  const text = valueText(value);
+  if (text.length <= SHOWN_CHARS * 1.5) return text;
+  return h("details", { class: "long" },
+    h("summary", {}, `${text.slice(0, SHOWN_CHARS)}… (${text.length.toLocaleString()} characters)`),
+    h("div", { class: "full" }, text));
 }
 
 /** A JSON value, pretty-printed in a <pre>. */
