@@ -414,3 +414,19 @@ def test_the_api_docs_work_without_internet(served, ui: Browser) -> None:
     expect(page.locator(".swagger-ui")).to_contain_text("/api/runs")
     with served.client() as client:
         assert client.get("/redoc").status_code == 404  # (it would need a CDN)
+
+
+def test_a_big_table_pages_to_its_last_rows_and_back(served, ui: Browser) -> None:
+    with served.client() as client:
+        loaded = client.post("/api/tables/pages/rows", json=[{"n": i} for i in range(120)])
+        assert loaded.status_code == 200, loaded.text
+    page = ui.open(f"{served.url}/ui/#/tables/pages")
+    pager = page.locator("p.pager")
+    expect(pager).to_contain_text("rows 1–50 of 120")
+    page.get_by_role("button", name="Last »").click()
+    expect(pager).to_contain_text("rows 101–120 of 120")
+    expect(page.locator("#rows tbody tr")).to_have_count(20)
+    page.get_by_role("button", name="‹ Previous").click()
+    expect(pager).to_contain_text("rows 51–100 of 120")
+    page.get_by_role("button", name="« First").click()
+    expect(pager).to_contain_text("rows 1–50 of 120")

@@ -74,12 +74,17 @@ export async function tableView(page, name) {
     ], Object.entries(table.columns), { empty: "No columns.", attrs: { class: "data columns" } })));
     fill(rows, rowsTable(info, chunk.rows));
     const last = Math.min(chunk.total, offset + chunk.rows.length);
+    const go = (to) => () => { offset = to; page.guard(load); };
+    const lastPage = Math.max(0, Math.floor((chunk.total - 1) / PAGE_ROWS) * PAGE_ROWS);
     fill(pager,
+      h("button", { type: "button", disabled: offset === 0, onclick: go(0) }, "« First"),
       h("button", { type: "button", disabled: offset === 0,
-        onclick: () => { offset = Math.max(0, offset - PAGE_ROWS); page.guard(load); } }, "‹ Previous"),
+        onclick: go(Math.max(0, offset - PAGE_ROWS)) }, "‹ Previous"),
       ` rows ${chunk.total ? offset + 1 : 0}–${last} of ${chunk.total} `,
       h("button", { type: "button", disabled: last >= chunk.total,
-        onclick: () => { offset += PAGE_ROWS; page.guard(load); } }, "Next ›"));
+        onclick: go(offset + PAGE_ROWS) }, "Next ›"),
+      h("button", { type: "button", disabled: last >= chunk.total, onclick: go(lastPage) },
+        "Last »"));
     fill(versions, dataTable([
       ["Version", (v) => v.version],
       ["Rows", (v) => v.row_count],
