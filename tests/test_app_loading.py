@@ -647,6 +647,14 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
     assert "the file expands to more than 200,000 values" in str(error), str(error)
 
 
+def test_a_decimal_type_split_by_yaml_flow_style_says_to_quote_it(tmp_path: Path) -> None:
+    app_with(tmp_path, "schemas:\n  - schema_file: order.yml\n", order_dot_yml=(
+        "name: Order\nfields:\n  amount: {type: Decimal(12,2)}\n"))
+    error = load_error(tmp_path)
+    assert "unknown field type 'Decimal(12'" in str(error)
+    assert "quote it, as in {type: 'Decimal(12,2)'}" in str(error), str(error)
+
+
 def test_bad_default_memory(tmp_path: Path) -> None:
     app_with(tmp_path, "title: x\ndefaults:\n  timeout: 1h\n  memory: lots\n")
     error = load_error(tmp_path)

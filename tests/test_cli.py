@@ -288,11 +288,13 @@ def test_load_errors_name_the_file(tmp_path):
     app = write_app(tmp_path / "app", {"stepwell.yml": "title: loads\n"})
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{bad\n')
+    (tmp_path / "mixed.json").write_text('[{"a": 1}, {"a": "x"}]')
     (tmp_path / "latin1.csv").write_bytes("a\nok\n\u00e9t\u00e9\n".encode("latin-1"))
     (tmp_path / "header.csv").write_bytes(b"\xff\xfe,a\n1,2\n")
     for name, problem in (
         ("empty.csv", "Empty CSV file"),
-        ("bad.jsonl", "JSON parse error"),
+        ("bad.jsonl", "JSON parse error: Missing a name for object member. on line 2"),
+        ("mixed.json", "file 'mixed.json', row 1, field 'a': got str 'x' but earlier rows have int"),
         ("latin1.csv", "line 3 is not UTF-8 text (invalid continuation byte at byte 0); "
                        "convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 latin1.csv"),
         ("header.csv", "line 1 is not UTF-8 text"),

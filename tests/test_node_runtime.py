@@ -676,6 +676,25 @@ def test_a_value_nested_too_deeply_is_refused_naming_row_and_field(tmp_path):
                                 "nested more than 100 levels deep"), run.error
 
 
+@pytest.mark.parametrize(("value", "problem"), [
+    ('Decimal("NaN")', "Decimal NaN is not a number a column can hold; write None, or a float"),
+    ('"a\\udcffb"', "the text is not valid Unicode (surrogates not allowed at position 1"),
+])
+def test_values_of_a_storable_type_that_cannot_be_stored(tmp_path, value, problem):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: n\n    node: n.py\n",
+        "n.py": f"""
+            from decimal import Decimal
+            from patterns import Table
+            Table("t", "w").append([{{"v": Decimal("1.5") if {value!r}.startswith("Dec") else "ok"}},
+                                    {{"v": {value}}}])
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "failed"
+    assert run.error.startswith(f"RecordError: table 't', row 1, field 'v': {problem}"), run.error
+
+
 def test_killed_worker_and_timeout(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": """

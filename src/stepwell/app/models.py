@@ -499,11 +499,10 @@ class SchemaField(BaseModel):
     def _resolve(self) -> SchemaField:
         resolved = logical_type(self.type)
         if resolved is None:
-            fail(
-                f"unknown field type {self.type!r}",
-                "use Integer, Text, Float, Boolean, Date, DateTime, Decimal(p,s) or Json",
-                "type",
-            )
+            hint = "use Integer, Text, Float, Boolean, Date, DateTime, Decimal(p,s) or Json"
+            if "(" in self.type and ")" not in self.type:  # {type: Decimal(12,2)}: YAML split it
+                hint = "quote it, as in {type: 'Decimal(12,2)'}: in YAML's {...} a comma ends the value"
+            fail(f"unknown field type {self.type!r}", hint, "type")
         if resolved == "decimal":
             resolved = "decimal(18,3)"
         self.logical = resolved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +20,8 @@ def read_file(path: Path) -> pa.Table:
         return _read(path)
     except ValueError as exc:  # (pyarrow's ArrowInvalid and UnicodeDecodeError are ValueErrors)
         message = str(exc)
+        if path.suffix.lower() in (".jsonl", ".ndjson"):  # Arrow counts lines from 0
+            message = re.sub(r"in row (\d+)$", lambda m: f"on line {int(m.group(1)) + 1}", message)
         if message.startswith(str(path)):
             raise
         raise ValueError(f"{path}: {message}") from None
@@ -52,7 +55,7 @@ def _read(path: Path) -> pa.Table:
             data = [data]
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON object or an array of objects")
-        return records_to_arrow(data, path.name)
+        return records_to_arrow(data, path.stem, source=f"file {path.name!r}")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
@@ -28,8 +29,9 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _column(name: str, values: list[Any], table: str, first_row: int) -> pa.Array | tuple:
-    """Convert one column; nested values become JSON text, conflicts raise RecordError."""
+def _column(name: str, values: list[Any], where: str, first_row: int) -> pa.Array | tuple:
+    """Convert one column; nested values become JSON text, conflicts raise RecordError
+    (``where`` names the table, or the file, in messages)."""
     sample = next((v for v in values if v is not None), None)
     if isinstance(sample, (dict, list, tuple)):
         from stepwell.store.schema import MAX_NESTING, nested_too_deep
@@ -37,28 +39,33 @@ def _column(name: str, values: list[Any], table: str, first_row: int) -> pa.Arra
         for index, value in enumerate(values):
             if nested_too_deep(value):
                 raise RecordError(
-                    f"table {table!r}, row {first_row + index}, field {name!r}: the value is "
+                    f"{where}, row {first_row + index}, field {name!r}: the value is "
                     f"nested more than {MAX_NESTING} levels deep; flatten it or store it as text"
                 )
         texts = [None if v is None else json.dumps(v, default=_json_default) for v in values]
         return pa.array(texts, pa.string()), True
     try:
         return pa.array(values), False
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, UnicodeError) as exc:
         first_type = type(sample)
         for index, value in enumerate(values):
             if value is None:
                 continue
             if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
                 raise RecordError(
-                    f"table {table!r}, row {first_row + index}, field {name!r}: the integer "
+                    f"{where}, row {first_row + index}, field {name!r}: the integer "
                     f"{value} is outside the 64-bit range a column holds; store it as str or Decimal"
+                ) from None
+            problem = _unstorable(value)
+            if problem:
+                raise RecordError(
+                    f"{where}, row {first_row + index}, field {name!r}: {problem}"
                 ) from None
             try:
                 pa.array([value])
             except Exception:
                 raise RecordError(
-                    f"table {table!r}, row {first_row + index}, field {name!r}: a value of "
+                    f"{where}, row {first_row + index}, field {name!r}: a value of "
                     f"type {type(value).__name__} cannot be stored; convert it to str, int, "
                     f"float, bool, datetime, date, Decimal, dict or list"
                 ) from None
@@ -66,19 +73,37 @@ def _column(name: str, values: list[Any], table: str, first_row: int) -> pa.Arra
                 isinstance(value, (int, float)) and isinstance(sample, (int, float))
             ):
                 raise RecordError(
-                    f"table {table!r}, row {first_row + index}, field {name!r}: got "
+                    f"{where}, row {first_row + index}, field {name!r}: got "
                     f"{type(value).__name__} {value!r:.60} but earlier rows have "
                     f"{first_type.__name__}; write one type per field"
                 ) from None
-        raise RecordError(f"table {table!r}, field {name!r}: {exc}") from None
+        raise RecordError(f"{where}, field {name!r}: {exc}") from None
 
 
-def records_to_arrow(records: list[dict[str, Any]], table: str, first_row: int = 0) -> pa.Table:
-    """Build an Arrow table from dict records (missing keys become NULL)."""
+def _unstorable(value: Any) -> str | None:
+    """Why a value of a storable type still cannot be stored, if it cannot."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"the text is not valid Unicode ({exc.reason} at position {exc.start}, e.g. "
+                    "bytes decoded with errors='surrogateescape'); clean it first, e.g. "
+                    "text.encode('utf-8', 'replace').decode()")  # fmt: skip
+    if isinstance(value, Decimal) and not value.is_finite():
+        return f"Decimal {value} is not a number a column can hold; write None, or a float"
+    return None
+
+
+def records_to_arrow(
+    records: list[dict[str, Any]], table: str, first_row: int = 0, *, source: str | None = None
+) -> pa.Table:
+    """Build an Arrow table from dict records (missing keys become NULL). Errors name
+    ``table``, or ``source`` (e.g. the file the records come from) when given."""
+    where = source or f"table {table!r}"
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise RecordError(
-                f"table {table!r}, row {first_row + index}: expected a dict (one record), "
+                f"{where}, row {first_row + index}: expected a dict (one record), "
                 f"got {type(record).__name__} {record!r:.60}"
             )
     first = records[0].keys() if records else {}.keys()
@@ -92,14 +117,14 @@ def records_to_arrow(records: list[dict[str, Any]], table: str, first_row: int =
             result = pa.Table.from_pylist(records)
             if not any(pa.types.is_nested(f.type) for f in result.schema):
                 return result
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
-            pass
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, UnicodeError):
+            pass  # told apart column by column below
     names: dict[str, None] = {}
     for record in records:
         names.update(dict.fromkeys(record))
     arrays, fields = [], []
     for name in names:
-        array, is_json = _column(name, [r.get(name) for r in records], table, first_row)
+        array, is_json = _column(name, [r.get(name) for r in records], where, first_row)
         arrays.append(array)
         fields.append(pa.field(str(name), array.type, metadata=JSON_META if is_json else None))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
