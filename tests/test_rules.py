@@ -384,6 +384,8 @@ def test_rule_cli(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output + str(result.exception)
     result = runner.invoke(cli_app, ["rule", "list", str(root), "--json"])
     assert json.loads(result.output)[0]["id"] == "cli1"
+    listed = runner.invoke(cli_app, ["rule", "list", str(root)]).output  # no server: not running
+    assert "cli1                 enabled" in listed and "start with `stepwell serve`" in listed
     result = runner.invoke(cli_app, ["rule", "start", str(root), "cli1", "--run-for", "1.5"])
     assert result.exit_code == 0, result.output + str(result.exception)
     # the log action's rows (and what the plugin prints) go to stderr, as in eKuiper's log

@@ -198,9 +198,10 @@ def rule_list(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt 
     _, client = _server(app_path, store)
     if client is not None:
         rules = _call(client, "GET", "/api/rules")["rules"]
-    else:
+    else:  # no server: nothing runs; a rule set to run is `enabled` (it runs under serve)
         with _engine(app_path, store) as engine:
-            rules = engine.list()
+            rules = [{**r, "status": "enabled" if r["status"] == "running" else r["status"]}
+                     for r in engine.list()]  # fmt: skip
     if as_json:
         _print(rules)
         return
@@ -208,6 +209,8 @@ def rule_list(app_path: AppArg = ".", as_json: JsonOpt = False, store: StoreOpt 
         print("no rules")
     for r in rules:
         print(f"{r['id']:20} {r['status']:10} {r['sql']}")
+    if client is None and any(r["status"] == "enabled" for r in rules):
+        print("(no server runs for this app: enabled rules start with `stepwell serve`)")
 
 
 def _wait(run_for: float | None) -> None:
