@@ -695,6 +695,52 @@ def test_values_of_a_storable_type_that_cannot_be_stored(tmp_path, value, proble
     assert run.error.startswith(f"RecordError: table 't', row 1, field 'v': {problem}"), run.error
 
 
+def test_printing_from_a_signal_handler_or_del_while_printing(tmp_path):
+    """A print that starts inside another print (a signal handler, a __del__ run by
+    the garbage collector) neither deadlocks nor loses or repeats a line; nor do
+    threads printing at once."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: p\n    node: p.py\n    timeout: 30s\n",
+        "p.py": """
+            import signal, threading
+
+            class Cycle:
+                def __init__(self):
+                    self.me = self
+                def __del__(self):
+                    print("collected")
+
+            signal.signal(signal.SIGALRM, lambda *_: print("alarm"))
+            signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+            for i in range(3000):
+                Cycle()
+                print(f"main {i}")
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+            def chatter(t):
+                for i in range(500):
+                    print(f"thread {t} {i}")
+
+            threads = [threading.Thread(target=chatter, args=(t,)) for t in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            print("END")
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "succeeded_no_data", run.error
+    lines = logs(app, run.id)
+    assert lines[-1] == "END"
+    # (a handler may print between print()'s text and its newline, as on a terminal:
+    # "main 7alarm"; each line is there once, in order)
+    text = "\n".join(lines)
+    assert [int(i) for i in re.findall(r"main (\d+)", text)] == list(range(3000))
+    threaded = re.findall(r"thread \d+ \d+", text)
+    assert sorted(threaded) == sorted(f"thread {t} {i}" for t in range(8) for i in range(500))
+
+
 def test_killed_worker_and_timeout(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": """

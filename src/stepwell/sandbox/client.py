@@ -23,7 +23,8 @@ class HostLink:
 
     def __init__(self, channel: Channel):
         self.channel = channel
-        self._lock = threading.Lock()
+        # (reentrant only so that ``busy_here`` can ask whether this thread holds it)
+        self._lock = threading.RLock()
         self._pid = os.getpid()
         #: the run's captured stdout/stderr: what they hold goes out before ``done``
         self.outputs: list[LogStream] = []
@@ -94,6 +95,12 @@ class HostLink:
             self._finished = last
             self.channel.send({"op": op, **args}, body)
 
+    def busy_here(self) -> bool:
+        """True while this thread is in the middle of a request or frame: what a signal
+        handler or a ``__del__`` prints then must wait (a frame inside a frame would
+        garble both)."""
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
 
 #: What one run may send to its log; past that lines are counted, not sent.
 MAX_LOG_LINES = 100_000
@@ -124,11 +131,17 @@ class LogStream(io.TextIOBase):
         self.budget = budget if budget is not None else _new_budget()
         self._partial = ""
         self._pending: list[str] = []
+        #: text written by a print that began inside one of ours (see ``write``)
+        self._interrupted: list[str] = []
         self._last_send = 0.0  # the first line goes out at once
-        self._lock = threading.Lock()
+        # Two locks, so that no thread waits for the host link while holding what a
+        # print needs: ``_lock`` guards the buffers only (reentrant: a signal handler
+        # or a __del__ may print while a print is under way); ``_send_lock`` keeps
+        # batches in order (a batch is taken and sent under it).
+        self._lock = threading.RLock()
+        self._send_lock = threading.RLock()
         #: the process whose thread sends pending lines late (threads do not survive a fork)
         self._flusher_pid: int | None = None
-        self._wake = threading.Event()
         _STREAMS.add(self)
 
     def writable(self) -> bool:
@@ -137,36 +150,52 @@ class LogStream(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        data = self._partial + text
-        *lines, self._partial = data.split("\n")
-        if len(self._partial) > MAX_LINE_CHARS * 2:  # a line without end: keep its head
-            self._partial = self._partial[: MAX_LINE_CHARS + 1]
-        if lines:
-            with self._lock:
-                self._keep(lines)
-                due = (len(self._pending) >= self.max_pending
-                       or time.monotonic() - self._last_send > FLUSH_SECONDS)  # fmt: skip
-                if due:
-                    self._send()
-            if not due:
-                self._flush_later()
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            # a print inside one of ours (a signal handler's, a __del__'s): its text
+            # follows what ours is writing (as on a terminal), taken in once ours is done
+            self._interrupted.append(text)
+            return len(text)
+        with self._lock:  # (threads print at once; the flusher sends meanwhile)
+            self._take(text)
+            if not self._pending:
+                return len(text)
+            due = (len(self._pending) >= self.max_pending
+                   or time.monotonic() - self._last_send > FLUSH_SECONDS)  # fmt: skip
+        if due:
+            self.flush()
+        if self._pending or self._interrupted:  # (also when a frame under way held it back)
+            self._flush_later()
         return len(text)
 
+    def _take(self, text: str) -> None:
+        """Add ``text`` to the line in progress and keep the lines it completes (under
+        ``_lock``), then what prints interrupting this one wrote meanwhile."""
+        while True:
+            data = self._partial + text
+            *lines, self._partial = data.split("\n")
+            if len(self._partial) > MAX_LINE_CHARS * 2:  # a line without end: keep its head
+                self._partial = self._partial[: MAX_LINE_CHARS + 1]
+            if lines:
+                self._keep(lines)
+            if not self._interrupted:
+                return
+            text = self._interrupted.pop(0)
+
     def _flush_later(self) -> None:
+        # a thread that looks every FLUSH_SECONDS (no event to set: a print may come
+        # from a signal handler, where taking the lock of an Event could deadlock)
         if self._flusher_pid != os.getpid():
             self._flusher_pid = os.getpid()
             threading.Thread(target=self._flush_loop, name="stepwell-log", daemon=True).start()
-        self._wake.set()
 
     def _flush_loop(self) -> None:
         while True:
-            self._wake.wait()
             time.sleep(FLUSH_SECONDS)
-            self._wake.clear()
-            try:
-                self.flush()
-            except Exception:  # the channel is gone: the run is over
-                return
+            if self._pending or self._interrupted:
+                try:
+                    self.flush()
+                except Exception:  # the channel is gone: the run is over
+                    return
 
     def _keep(self, lines: list[str]) -> None:
         budget = self.budget
@@ -181,17 +210,23 @@ class LogStream(io.TextIOBase):
             self._pending.append(line)
 
     def flush(self) -> None:
-        with self._lock:
-            self._send()
-
-    def _send(self) -> None:
-        if self._pending:
-            lines, self._pending = self._pending, []
-            self.link.notify("log", level=self.level, lines=lines)
-            self._last_send = time.monotonic()
+        """Send the pending lines, unless this thread is in the middle of a frame or of
+        a print (a signal handler's or a ``__del__``'s print): then the flusher thread
+        sends them in a moment."""
+        if self.link.busy_here() or self._lock._is_owned() or self._send_lock._is_owned():  # type: ignore[attr-defined]
+            return
+        with self._send_lock:
+            with self._lock:
+                if self._interrupted:
+                    self._take("")
+                lines, self._pending = self._pending, []
+            if lines:
+                self.link.notify("log", level=self.level, lines=lines)
+                self._last_send = time.monotonic()
 
     def close_out(self) -> None:
         with self._lock:
+            self._take("")
             if self._partial:
                 self._keep([self._partial])
                 self._partial = ""
@@ -202,11 +237,11 @@ class LogStream(io.TextIOBase):
                     f"characters): {budget['dropped']} more lines were not kept"
                 )
                 budget["dropped"] = 0
-            self._send()
+        self.flush()
 
     def _after_fork(self) -> None:
-        self._lock = threading.Lock()  # (the fork may have caught another thread holding it)
-        self._wake = threading.Event()
+        # (the fork may have caught another thread holding them)
+        self._lock, self._send_lock = threading.RLock(), threading.RLock()
 
 
 _STREAMS: weakref.WeakSet[LogStream] = weakref.WeakSet()
