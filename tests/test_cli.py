@@ -289,6 +289,7 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{bad\n')
     (tmp_path / "mixed.json").write_text('[{"a": 1}, {"a": "x"}]')
+    (tmp_path / "deep.jsonl").write_text('{"v": ' + '{"a": ' * 150 + "1" + "}" * 151 + "\n")
     (tmp_path / "latin1.csv").write_bytes("a\nok\n\u00e9t\u00e9\n".encode("latin-1"))
     (tmp_path / "header.csv").write_bytes(b"\xff\xfe,a\n1,2\n")
     for name, problem in (
@@ -298,6 +299,7 @@ def test_load_errors_name_the_file(tmp_path):
         ("latin1.csv", "line 3 is not UTF-8 text (invalid continuation byte at byte 0); "
                        "convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 latin1.csv"),
         ("header.csv", "line 1 is not UTF-8 text"),
+        ("deep.jsonl", "field 'v' is nested more than 100 levels deep; flatten it first"),
     ):
         result = cli("load", str(app), "t", str(tmp_path / name))
         assert result.returncode == 1

@@ -44,7 +44,14 @@ def _read(path: Path) -> pa.Table:
     if suffix in (".jsonl", ".ndjson"):
         from pyarrow import json as pa_json
 
-        return pa_json.read_json(path)
+        from stepwell.store.schema import MAX_NESTING
+
+        data = pa_json.read_json(path)
+        for field in data.schema:
+            if _levels(field.type) > MAX_NESTING:
+                raise ValueError(f"{path}: field {field.name!r} is nested more than "
+                                 f"{MAX_NESTING} levels deep; flatten it first")  # fmt: skip
+        return data
     if suffix == ".json":
         import json
 
@@ -61,6 +68,16 @@ def _read(path: Path) -> pa.Table:
 
         return pq.read_table(path)
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .jsonl, .json or .parquet)")
+
+
+def _levels(data_type: pa.DataType) -> int:
+    """Levels of structs and lists in ``data_type`` (0 for a plain value)."""
+    deepest, todo = 0, [(data_type, 0)]
+    while todo:
+        current, depth = todo.pop()
+        deepest = max(deepest, depth)
+        todo.extend((current.field(i).type, depth + 1) for i in range(current.num_fields))
+    return deepest
 
 
 def _refuse_non_utf8(path: Path) -> None:
