@@ -929,6 +929,32 @@ def test_ctrl_c_on_cli_run_cancels_the_run_on_the_server(steps_app):
         assert chatty["status"] == "succeeded_no_data"  # it came first (app order)
 
 
+def test_ctrl_c_leaves_a_run_that_another_trigger_queued_too(steps_app):
+    import subprocess
+    import sys
+
+    with ServerProcess(steps_app, "--workers", "1") as server, server.client() as client:
+        busy = client.post("/api/runs", json={"step": "stuck"}).json()["run_id"]
+        client.post("/api/runs", json={"step": "chatty"})  # handed on, waits for the worker
+        queued = client.post("/api/runs", json={"step": "chatty"}).json()["run_id"]  # queued
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stepwell.cli", "run", str(steps_app), "chatty"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(3)  # it triggers chatty (merged into the queued run) and follows it
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, err
+        assert f"run {queued} of step 'chatty' was queued by another trigger too" in err, err
+        assert client.get(f"/api/runs/{queued}").json()["status"] == "queued"
+        client.post(f"/api/runs/{busy}/cancel")
+        wait_run(client, queued)
+        assert client.get(f"/api/runs/{queued}").json()["status"] == "succeeded_no_data"
+
+
 def test_cli_run_reports_failures_through_the_api(tmp_path):
     app = write_app(tmp_path / "fails", {
         "stepwell.yml": """

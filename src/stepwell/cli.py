@@ -150,8 +150,12 @@ def run(
                 interrupted, runs = stop, stop.runs
     if interrupted is not None:
         cancelled = [r for r in runs if r.status == "cancelled"]
-        what = (f"step {cancelled[-1].step!r} cancelled (run {cancelled[-1].id}), nothing since "
-                "its last commit point kept; " if cancelled else "")  # fmt: skip
+        what = interrupted.note
+        if cancelled and cancelled[-1].started_at is None:
+            what = f"step {cancelled[-1].step!r}'s queued run {cancelled[-1].id} cancelled; "
+        elif cancelled:
+            what = (f"step {cancelled[-1].step!r} cancelled (run {cancelled[-1].id}), nothing "
+                    "since its last commit point kept; ")  # fmt: skip
         print(f"interrupted: {what}later steps not run", file=sys.stderr)
         raise typer.Exit(130)
     _report_failures(app_path, runs, store)

@@ -96,9 +96,11 @@ class LocalBackend:
 class RunInterrupted(Exception):
     """Ctrl-C stopped ``stepwell run``: ``runs`` are the runs made (the one in progress cancelled)."""
 
-    def __init__(self, runs: list[RunRecord]):
+    def __init__(self, runs: list[RunRecord], note: str = ""):
         super().__init__("interrupted")
         self.runs = runs
+        #: what happened to the run in progress, when it was not cancelled
+        self.note = note
 
 
 @contextmanager
@@ -148,15 +150,18 @@ class RemoteBackend:
 
         runs: list[RunRecord] = []
         for name in names:
-            run_id = self.client.trigger(name).run_id
+            ticket = self.client.trigger(name)
             try:
-                runs.append(self.client.wait(run_id, listener))
+                runs.append(self.client.wait(ticket.run_id, listener))
             except KeyboardInterrupt:
+                if ticket.coalesced:  # someone else's queued run, merged with ours: theirs too
+                    raise RunInterrupted(runs, f"run {ticket.run_id} of step {name!r} was "
+                                               "queued by another trigger too, so it goes on; ") from None  # fmt: skip
                 try:
-                    self.client.cancel(run_id)
+                    self.client.cancel(ticket.run_id)
                 except ApiError:
                     pass  # it ended meanwhile: its record says how
-                runs.append(self.client.wait(run_id, listener))
+                runs.append(self.client.wait(ticket.run_id, listener))
                 raise RunInterrupted(runs) from None
         return runs
 
