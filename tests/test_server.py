@@ -833,10 +833,15 @@ def test_a_run_waiting_for_a_free_worker_can_be_cancelled(steps_app, store_url):
         assert (health["running"], health["queued"]) == (1, 1), health
         stop = client.post(f"/api/runs/{waiting}/cancel")
         assert stop.status_code in (200, 202) and stop.json()["status"] == "cancelled", stop.text
+        # gone from the step's status at once; a new trigger is the step's queued run
+        assert client.get("/api/steps/chatty").json()["queued_run"] is None
+        again = client.post("/api/runs", json={"step": "chatty"}).json()["run_id"]
+        assert client.get("/api/steps/chatty").json()["queued_run"] == again
         wait_run(client, busy)
         assert server.ctx.scheduler.wait_idle(30)
         record = client.get(f"/api/runs/{waiting}").json()
         assert record["status"] == "cancelled" and record["started_at"] is None
+        assert client.get(f"/api/runs/{again}").json()["status"] == "succeeded_no_data"
 
 
 def test_a_queued_follow_up_keeps_its_wait_across_a_restart(steps_app, store_url):

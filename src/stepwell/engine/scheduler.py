@@ -362,7 +362,7 @@ class Scheduler:
         if self.runner.cancel(run_id):
             return "cancelling"
         with self._cv:  # handed to the pool, waiting for a free worker: it never starts
-            if any(slot.running == run_id for slot in self._slots.values()):
+            if any(self._waiting(slot) == run_id for slot in self._slots.values()):
                 self._unstarted_cancels.add(run_id)
                 self._take_off_queue(run_id)
                 return "cancelled"
@@ -379,7 +379,7 @@ class Scheduler:
         with self._cv:
             slot = self._slots[step]
             pending = slot.pending
-            waiting = slot.running if slot.running and not slot.started else None
+            waiting = self._waiting(slot)
             return StepStatus(
                 running_run=slot.running if slot.started else None,
                 queued_run=waiting or (pending.run_id if pending else None),
@@ -412,7 +412,7 @@ class Scheduler:
         with self._cv:
             running = sum(1 for s in self._slots.values() if s.running and s.started)
             queued = sum(1 for s in self._slots.values() if s.pending)
-            queued += sum(1 for s in self._slots.values() if s.running and not s.started)
+            queued += sum(1 for s in self._slots.values() if self._waiting(s))
             return running, queued
 
     def wait_idle(self, timeout: float) -> bool:
@@ -428,7 +428,14 @@ class Scheduler:
 
     # -- internals (called with self._cv held unless said otherwise) ---------------------
     def _running_ids(self) -> list[str]:
-        return [s.running for s in self._slots.values() if s.running]
+        """Runs started by a pool thread and not finished (not those still waiting)."""
+        return [s.running for s in self._slots.values() if s.running and s.started]
+
+    def _waiting(self, slot: _Slot) -> str | None:
+        """The run handed to the pool that waits there for a free worker (not cancelled)."""
+        if slot.running and not slot.started and slot.running not in self._unstarted_cancels:
+            return slot.running
+        return None
 
     def _enqueue(
         self,
@@ -527,13 +534,13 @@ class Scheduler:
         """Run one pending run (on a pool thread)."""
         record: RunRecord | None = None
         try:
-            if self._stopping:
-                return  # stays queued for the next start
             with self._cv:
+                if self._stopping:
+                    return  # stays queued for the next start
                 if pending.run_id in self._unstarted_cancels:  # cancelled while it waited
                     self._unstarted_cancels.discard(pending.run_id)
                     return
-                self._slots[step].started = True
+                self._slots[step].started = True  # (shutdown waits for it from now on)
             if pending.cron_tick is not None:
                 self._record_tick(step, pending.cron_tick)
             record = self.runner.run_step(step, pending.trigger, run_id=pending.run_id)
