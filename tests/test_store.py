@@ -348,8 +348,14 @@ def test_text_with_nul_is_kept_or_refused_naming_its_row(store: Store) -> None:
     with pytest.raises(StoreError) as refused:
         write(store, "t", data)
     assert str(refused.value).startswith(
-        """table "t", column 's', row 1: PostgreSQL text cannot hold the NUL character"""
+        "table 't', column 's' (row 1 of this write): PostgreSQL text cannot hold the NUL "
+        "character"
     ), str(refused.value)
+    as_json = pa.table({"doc": pa.array(['{"a": 1}', '{"a": "x\\u0000y"}'])}).cast(
+        pa.schema([pa.field("doc", pa.string(), metadata=JSON_METADATA)]))
+    with pytest.raises(StoreError, match=r"column 'doc' \(row 1 of this write\): PostgreSQL"):
+        with store.transaction() as tx:
+            tx.append("j", as_json)
 
 
 def test_append_records_unique_on(store: Store) -> None:

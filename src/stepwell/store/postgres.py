@@ -78,19 +78,24 @@ _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
 def _refuse_nul(target: str, data: pa.Table) -> None:
-    """Raise naming the first text value holding NUL, which PostgreSQL text cannot."""
+    """Raise naming the first text value holding NUL, which PostgreSQL text and JSON
+    cannot (in JSON it is the escape ``\\u0000``)."""
     import pyarrow.compute as pc
 
-    for name in data.column_names:
-        column = data.column(name)
-        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+    table = target.split(".")[-1].strip('"')
+    for field in data.schema:
+        if not pa.types.is_string(field.type) and not pa.types.is_large_string(field.type):
             continue
-        found = pc.index(pc.match_substring(column, "\x00"), True).as_py()
-        if found >= 0:
+        column = data.column(field.name)
+        found = pc.match_substring(column, "\x00")
+        if sch.is_json_field(field):
+            found = pc.or_(found, pc.match_substring(column, "\\u0000"))
+        row = pc.index(found, True).as_py()
+        if row >= 0:
             raise StoreError(
-                f"table {target.split('.')[-1]}, column {name!r}, row {found}: PostgreSQL text "
-                "cannot hold the NUL character (\\x00); remove it (text.replace('\\x00', '')) "
-                "or store the value as bytes"
+                f"table {table!r}, column {field.name!r} (row {row} of this write): PostgreSQL "
+                "text cannot hold the NUL character (\\x00); remove it "
+                "(text.replace('\\x00', '')) or store the value as bytes"
             )
 
 
@@ -284,7 +289,7 @@ class PostgresSession(Session):
                     buffer = io.BytesIO()
                     pacsv.write_csv(batch, buffer, _CSV_OPTIONS)
                     copy.write(buffer.getbuffer())
-        except psycopg.errors.CharacterNotInRepertoire:
+        except (psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter):
             _refuse_nul(target, data)
             raise
         return data.num_rows
