@@ -291,7 +291,8 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "mixed.json").write_text('[{"a": 1}, {"a": "x"}]')
     (tmp_path / "deep.jsonl").write_text('{"v": ' + '{"a": ' * 150 + "1" + "}" * 151 + "\n")
     (tmp_path / "latin1.csv").write_bytes("a\nok\n\u00e9t\u00e9\n".encode("latin-1"))
-    (tmp_path / "header.csv").write_bytes(b"\xff\xfe,a\n1,2\n")
+    (tmp_path / "header.csv").write_bytes(b"a\xff,b\n1,2\n")
+    (tmp_path / "utf16.csv").write_bytes("a,b\n1,2\n".encode("utf-16"))
     for name, problem in (
         ("empty.csv", "Empty CSV file"),
         ("bad.jsonl", "JSON parse error: Missing a name for object member. on line 2"),
@@ -299,6 +300,7 @@ def test_load_errors_name_the_file(tmp_path):
         ("latin1.csv", "line 3 is not UTF-8 text (invalid continuation byte at byte 0); "
                        "convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 latin1.csv"),
         ("header.csv", "line 1 is not UTF-8 text"),
+        ("utf16.csv", "the file is UTF-16 text; save it as UTF-8"),
         ("deep.jsonl", "field 'v' is nested more than 100 levels deep; flatten it first"),
     ):
         result = cli("load", str(app), "t", str(tmp_path / name))

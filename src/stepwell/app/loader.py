@@ -176,7 +176,7 @@ def _parse_yaml(text: str, file: str) -> _Doc:
         if built > MAX_YAML_VALUES:  # aliases of aliases grow exponentially ("billion laughs")
             raise doc.error(
                 path[:1], f"the file expands to more than {MAX_YAML_VALUES:,} values",
-                "repeat less through YAML aliases (`*name`)",
+                "keep data out of the app file, and repeat less through YAML aliases (`*name`)",
             )
         if isinstance(node, yaml.ScalarNode):
             try:

@@ -247,7 +247,7 @@ def parse_memory(value: Any) -> int:
     else:
         fail(f"bad memory size {value!r}", _MEMORY_HINT)
     if size < MIN_MEMORY:  # a worker cannot start in less (plain numbers are bytes)
-        guess = f'; did you mean "{value}MiB"?' if isinstance(value, int | float) else ""
+        guess = f'; did you mean "{value}MiB"?' if isinstance(value, int | float) and value >= 1 else ""
         fail(f"memory size {value!r} is below the 1MiB a worker needs{guess}", _MEMORY_HINT)
     return int(size)
 

@@ -32,6 +32,10 @@ def _read(path: Path) -> pa.Table:
     if suffix == ".csv":
         from pyarrow import csv
 
+        with path.open("rb") as head:
+            if head.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # what "Unicode text" exports are
+                raise ValueError(f"{path}: the file is UTF-16 text; save it as UTF-8 (CSV UTF-8) "
+                                 f"or convert it: `iconv -f utf-16 -t utf-8 {path.name}`")  # fmt: skip
         data = csv.read_csv(path)
         try:
             data.column_names  # noqa: B018 - the header is decoded here
