@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun
-from stepwell.runtimes.sqlcheck import restrict_select, table_statement
+from stepwell.runtimes.sqlcheck import restrict_select, table_statement, tables_read
 from stepwell.sandbox.launcher import WorkerProcess
 from stepwell.sandbox.protocol import (
     NOTIFY_OPS,
@@ -304,9 +304,9 @@ class WorkerSession:
         try:
             return {}, self.staged.query(sql)
         except Exception:
-            # (the checked query names each table it reads as a quoted identifier)
-            named = [t for t in dict.fromkeys(allowed.values()) if '"' + t.replace('"', '""') + '"' in sql]
-            missing = [t for t in named if self.store.table_info(t, count_rows=False) is None]
+            read = tables_read(sql, self.store.dialect.name)
+            missing = [t for t in dict.fromkeys(allowed.values())
+                       if t in read and self.store.table_info(t, count_rows=False) is None]  # fmt: skip
             if missing:
                 raise ValueError(
                     f"read_sql: table {missing[0]!r} does not exist yet (nothing has written "

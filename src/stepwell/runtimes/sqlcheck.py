@@ -82,6 +82,16 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
     return _restrict_tables(tree, allowed, dialect, where)
 
 
+def tables_read(sql: str, dialect: str) -> set[str]:
+    """Names of the tables a (checked) query reads, CTEs left out."""
+    import sqlglot
+    from sqlglot import exp
+
+    tree = sqlglot.parse_one(sql, read=_SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower()))
+    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+    return {table.name for table in tree.find_all(exp.Table)} - ctes
+
+
 def _restrict_tables(tree: Any, allowed: Mapping[str, str], dialect: str, where: str) -> str:
     """``tree`` as SQL with the names in ``allowed`` pointing at their tables; refuses
     other tables, table functions and functions that reach outside them."""
