@@ -128,6 +128,20 @@ def _interrupt_cancels(runner: Any) -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the block, also in a process started with
+    SIGINT ignored (as a shell's background jobs are), like ``_interrupt_cancels``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class RemoteBackend:
     """A running server's API (see :class:`stepwell.server.client.ServerClient`)."""
 
@@ -146,6 +160,10 @@ class RemoteBackend:
         """Trigger each step on the server and follow its run. A Ctrl-C cancels the
         run in progress there (as without a server) and raises :class:`RunInterrupted`
         once it has ended; a second Ctrl-C leaves at once."""
+        with _ctrl_c_raises():
+            return self._run_steps(names, listener)
+
+    def _run_steps(self, names: Sequence[str], listener: Any) -> list[RunRecord]:
         from stepwell.server.client import ApiError
 
         runs: list[RunRecord] = []
