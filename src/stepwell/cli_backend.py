@@ -104,15 +104,27 @@ class RunInterrupted(Exception):
 
 
 @contextmanager
+def _on_ctrl_c(handler: Any) -> Iterator[None]:
+    """Handle SIGINT with ``handler`` while the block runs (in the main thread: only
+    it gets signals), also in a process started with SIGINT ignored, as a shell's
+    background jobs are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def _interrupt_cancels(runner: Any) -> Iterator[threading.Event]:
     """While the block runs, Ctrl-C cancels the run in progress (its worker is
     killed, its work since the last commit point rolled back and the run recorded
     ``cancelled``) and sets the event, so that no later step starts. A second
     Ctrl-C raises KeyboardInterrupt at once."""
     interrupted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
-        return
 
     def on_interrupt(_signum: int, _frame: Any) -> None:
         if interrupted.is_set():
@@ -121,25 +133,8 @@ def _interrupt_cancels(runner: Any) -> Iterator[threading.Event]:
         for run_id in runner.active_runs():
             runner.cancel(run_id, "interrupted (Ctrl-C)")
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
+    with _on_ctrl_c(on_interrupt):
         yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
-def _ctrl_c_raises() -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt in the block, also in a process started with
-    SIGINT ignored (as a shell's background jobs are), like ``_interrupt_cancels``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class RemoteBackend:
@@ -160,7 +155,7 @@ class RemoteBackend:
         """Trigger each step on the server and follow its run. A Ctrl-C cancels the
         run in progress there (as without a server) and raises :class:`RunInterrupted`
         once it has ended; a second Ctrl-C leaves at once."""
-        with _ctrl_c_raises():
+        with _on_ctrl_c(signal.default_int_handler):  # Ctrl-C raises KeyboardInterrupt
             return self._run_steps(names, listener)
 
     def _run_steps(self, names: Sequence[str], listener: Any) -> list[RunRecord]:

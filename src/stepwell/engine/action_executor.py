@@ -756,11 +756,11 @@ def bind_sql(sql: str, values: Mapping[str, Any], dialect: str, where: str) -> s
     import sqlglot
     from sqlglot import exp
 
-    from stepwell.runtimes.sqlcheck import SqlNotAllowed, expand_templates
+    from stepwell.runtimes.sqlcheck import SqlNotAllowed, expand_templates, sqlglot_dialect
 
     if not values and ":" not in sql and "$" not in sql:
         return sql
-    read = {"postgresql": "postgres"}.get(dialect.lower(), dialect.lower())
+    read = sqlglot_dialect(dialect)
     try:
         tree = sqlglot.parse_one(expand_templates(sql).strip().rstrip(";"), read=read)
     except sqlglot.errors.ParseError as exc:

@@ -20,6 +20,11 @@ _TABLE_TEMPLATE = re.compile(
 _SQLGLOT_DIALECTS = {"postgresql": "postgres", "duckdb": "duckdb"}
 
 
+def sqlglot_dialect(store_dialect: str) -> str:
+    """sqlglot's name for a store's SQL dialect (``PostgreSQL`` -> ``postgres``)."""
+    return _SQLGLOT_DIALECTS.get(store_dialect.lower(), store_dialect.lower())
+
+
 #: Functions that read files, settings, the environment or other databases.
 _DENIED_FUNCTION_PREFIXES = (
     "read_", "glob", "query", "getenv", "current_setting", "set_config", "pg_", "lo_",
@@ -73,7 +78,7 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
     those tables. ``where`` names the step or file for error messages."""
     from sqlglot import exp
 
-    dialect = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
+    dialect = sqlglot_dialect(dialect)
     tree = _one_statement(sql, dialect, where, "one SELECT statement")
     if not isinstance(tree, (exp.Select, exp.Union, exp.Intersect, exp.Except)):
         raise SqlNotAllowed(
@@ -85,9 +90,14 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
 def tables_read(sql: str, dialect: str) -> set[str]:
     """Names of the tables a (checked) query reads, CTEs left out."""
     import sqlglot
+
+    return tables_of(sqlglot.parse_one(sql, read=sqlglot_dialect(dialect)))
+
+
+def tables_of(tree: Any) -> set[str]:
+    """Names of the tables a parsed query reads, CTEs left out."""
     from sqlglot import exp
 
-    tree = sqlglot.parse_one(sql, read=_SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower()))
     ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
     return {table.name for table in tree.find_all(exp.Table)} - ctes
 
@@ -153,7 +163,7 @@ def table_statement(
     tables in ``allowed`` (alias -> table); ``table`` is the one it may change."""
     from sqlglot import exp
 
-    glot = _SQLGLOT_DIALECTS.get(dialect.lower(), dialect.lower())
+    glot = sqlglot_dialect(dialect)
     usage = (f"use INSERT INTO {table} [(columns)] SELECT ... | VALUES ..., CREATE [OR "
              f"REPLACE] TABLE {table} AS SELECT ..., UPDATE {table} SET ... [WHERE ...] or "
              f"DELETE FROM {table} [WHERE ...]")  # fmt: skip

@@ -157,10 +157,10 @@ class LogStream(io.TextIOBase):
             return len(text)
         with self._lock:  # (threads print at once; the flusher sends meanwhile)
             self._take(text)
-            if not self._pending:
-                return len(text)
-            due = (len(self._pending) >= self.max_pending
-                   or time.monotonic() - self._last_send > FLUSH_SECONDS)  # fmt: skip
+            due = bool(self._pending) and (
+                len(self._pending) >= self.max_pending
+                or time.monotonic() - self._last_send > FLUSH_SECONDS
+            )
         if due:
             self.flush()
         if self._pending or self._interrupted:  # (also when a frame under way held it back)

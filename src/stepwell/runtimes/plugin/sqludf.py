@@ -22,9 +22,6 @@ from stepwell.runtimes.plugin.channels import DeadlinePassed
 
 __all__ = ["query_with_plugin_functions"]
 
-_DIALECTS = {"postgresql": "postgres", "duckdb": "duckdb"}
-
-
 def query_with_plugin_functions(
     sql: str, app_root: Path, store: Any, dialect: str, deadline: float | None = None
 ) -> pa.Table | None:
@@ -42,10 +39,11 @@ def query_with_plugin_functions(
 
     from stepwell.runtimes.plugin.functions import UdfSite, context_json, register_udfs
     from stepwell.runtimes.plugin.manager import shared_manager
+    from stepwell.runtimes.sqlcheck import sqlglot_dialect, tables_of
     from stepwell.streams.parser import _func_name, rewrite_plugin_calls
     from stepwell.streams.rules import rows_to_arrow
 
-    read = _DIALECTS.get(dialect.lower(), dialect.lower())
+    read = sqlglot_dialect(dialect)
     tree = sqlglot.parse_one(sql, read=read)
     if not any(_func_name(n) in symbols for n in tree.find_all(exp.Func)):
         return None
@@ -58,12 +56,10 @@ def query_with_plugin_functions(
         problem = manager.function_pool(site.symbol).validate(site.arg_nodes)
         if problem is not None:
             raise ValueError(f"function {site.symbol}(): {problem}")
-    tables = {t.name for t in tree.find_all(exp.Table)}
-    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET TimeZone = 'UTC'")
-        for name in sorted(tables - ctes):
+        for name in sorted(tables_of(tree)):
             batches = list(store.scan(name))
             data = pa.Table.from_batches(batches) if batches else _empty(store, name)
             con.register(name, data)
