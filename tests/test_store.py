@@ -824,6 +824,9 @@ def test_runs(store: Store) -> None:
         RunRecord(id="01e", step="load", status="running", started_at=t0 + timedelta(seconds=3))
     )
     assert [r.id for r in store.list_runs(step="load")] == ["01e", "01d", "01c", "01a"]
+    latest = store.latest_runs(["load", "enrich", "never"])
+    assert {step: run.id for step, run in latest.items()} == {"load": "01e", "enrich": "01b"}
+    assert latest["load"] == store.get_run("01e") and store.latest_runs([]) == {}
     with pytest.raises(StoreError, match="unknown run fields \\['colour'\\]"):
         store.update_run("01a", colour="red")
     with pytest.raises(StoreError, match="no run with id 'nope'"):

@@ -346,6 +346,14 @@ class Store(abc.ABC):
         """Runs, newest first (at most ``limit``; None: all), of ``step``, with one of
         ``statuses``, started by ``trigger``, created before run ``before`` (paging)."""
 
+    def latest_runs(self, steps: Sequence[str]) -> dict[str, RunRecord]:
+        """The newest run of each of ``steps`` that has one, by step name."""
+        latest = {}
+        for step in steps:
+            if runs := self.list_runs(step=step, limit=1):
+                latest[step] = runs[0]
+        return latest
+
     @abc.abstractmethod
     def append_logs(self, lines: Sequence[LogLine]) -> None: ...
 

@@ -1118,6 +1118,17 @@ class SQLStore(Store):
             where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
             return _select_runs(s, where, params, limit)
 
+    def latest_runs(self, steps: Sequence[str]) -> dict[str, RunRecord]:
+        if not steps:
+            return {}
+        with self._autocommit(read_only=True, single=True) as s:
+            collate = s.dialect.text_collation
+            where = (
+                f"WHERE (step, id) IN (SELECT step, max(id{collate}) FROM {META}.runs "
+                f"WHERE step IN ({', '.join('?' * len(steps))}) GROUP BY step)"
+            )
+            return {run.step: run for run in _select_runs(s, where, list(steps), None)}
+
     def append_logs(self, lines: Sequence[LogLine]) -> None:
         if not lines:
             return

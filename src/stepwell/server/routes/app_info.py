@@ -39,9 +39,14 @@ def store_label(url: str) -> str:
     return redact(url)
 
 
-def step_model(ctx: ServerContext, step: Any) -> StepModel:
+def step_models(ctx: ServerContext, steps: list[Any]) -> list[StepModel]:
+    """``steps`` as the API shows them, with their newest runs (one store query)."""
+    latest = ctx.store.latest_runs([step.name for step in steps])
+    return [step_model(ctx, step, latest.get(step.name)) for step in steps]
+
+
+def step_model(ctx: ServerContext, step: Any, last: Any) -> StepModel:
     status = ctx.scheduler.status(step.name)
-    last = ctx.store.list_runs(step=step.name, limit=1)
     return StepModel(
         name=step.name,
         kind=step.kind,
@@ -55,7 +60,7 @@ def step_model(ctx: ServerContext, step: Any) -> StepModel:
         secrets=list(step.secrets),
         running_run=status.running_run,
         queued_run=status.queued_run,
-        last_run=RunSummary.of(last[0]) if last else None,
+        last_run=RunSummary.of(last) if last else None,
         next_tick=status.next_tick,
     )
 
@@ -102,7 +107,7 @@ def get_app(ctx: ServerContext = Depends(get_ctx)) -> AppModel:
         file=str(app.file),
         format=app.format,
         store=store_label(ctx.store.url),
-        steps=[step_model(ctx, s) for s in app.steps],
+        steps=step_models(ctx, app.steps),
         tables=app.table_names(),
         webhooks=webhook_models(app),
         graph=graph(app),
@@ -116,12 +121,12 @@ def get_graph(ctx: ServerContext = Depends(get_ctx)) -> Graph:
 
 @router.get("/steps", response_model=StepList, summary="Steps with their triggers and status")
 def list_steps(ctx: ServerContext = Depends(get_ctx)) -> StepList:
-    return StepList(steps=[step_model(ctx, s) for s in ctx.app.steps])
+    return StepList(steps=step_models(ctx, ctx.app.steps))
 
 
 @router.get("/steps/{name}", response_model=StepModel, summary="One step")
 def get_step(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> StepModel:
-    return step_model(ctx, ctx.app.step(name))
+    return step_models(ctx, [ctx.app.step(name)])[0]
 
 
 def _state(ctx: ServerContext, name: str) -> StepState:
