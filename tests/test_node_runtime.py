@@ -571,6 +571,28 @@ def test_parameters_types_defaults_and_secrets(tmp_path):
     assert not any("sk-very-secret-123" in line for line in lines)
 
 
+def test_a_parameter_the_code_never_reads_is_warned_about(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: p
+                node: p.py
+                parameters: {limt: 3, used: 1}
+        """,
+        "p.py": """
+            from patterns import Parameter
+            print("limit", Parameter("limit", type=int, default=5), Parameter("used"))
+        """,
+    })
+    run = run_app(app)[0]
+    assert run.status == "succeeded_no_data", run.error
+    lines = logs(app, run.id)
+    assert "limit 5 1" in lines
+    (warning,) = [line for line in lines if "never read" in line]
+    assert "parameter 'limt' is set for step 'p'" in warning
+    assert "the code read 'limit'" in warning
+
+
 def test_missing_parameter_and_missing_secret_are_clear(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": """

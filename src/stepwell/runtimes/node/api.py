@@ -744,7 +744,9 @@ def Parameter(  # noqa: N802 - the Patterns API spells it as a class
     default: Any = MISSING,
 ) -> Any:
     """The value of a step parameter, converted to ``type``."""
-    parameters = _current().parameters
+    session = _current()
+    session.parameters_read.add(name)
+    parameters = session.parameters
     if name in parameters:
         return _coerce(name, parameters[name], type)
     if default is MISSING:

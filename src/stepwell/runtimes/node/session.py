@@ -10,6 +10,7 @@ commits them in one transaction.
 from __future__ import annotations
 
 import copy
+import difflib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,8 @@ class NodeSession:
         self.inputs: dict[str, str] = ports.get("inputs", {})
         self.outputs: dict[str, str] = ports.get("outputs", {})
         self.parameters: dict[str, Any] = start.get("parameters", {})
+        #: names the code asked for with ``Parameter(...)``
+        self.parameters_read: set[str] = set()
         #: unique_on keys the app file declares per table (tables or schemas)
         self.table_keys: dict[str, list[str]] = start.get("table_keys") or {}
         #: the default stream order of tables whose schema gives one (field roles)
@@ -221,8 +224,25 @@ class NodeSession:
 
     def finish(self) -> None:
         """The final commit point: the host commits and closes the run."""
+        self._warn_unread_parameters()
         effects = self._effects()
         self.link.notify("done", status="ok", request_new_run=self.new_run_request, **effects)
+
+    def _warn_unread_parameters(self) -> None:
+        """A parameter set in the app file that the code never asked for is most
+        likely misspelt on one side (the code then got its default)."""
+        unread = sorted(set(self.parameters) - self.parameters_read)
+        if not unread:
+            return
+        lines = []
+        for name in unread:
+            line = (f"[stepwell] parameter {name!r} is set for step {self.step!r} in the app "
+                    f"file, but this run never read it with Parameter({name!r})")  # fmt: skip
+            close = difflib.get_close_matches(name, self.parameters_read, n=1)
+            if close:
+                line += f"; the code read {close[0]!r}: is one of the two names misspelt?"
+            lines.append(line)
+        self.link.notify("log", level="warn", lines=lines)
 
     # -- limits ----------------------------------------------------------
     def elapsed(self) -> float:
