@@ -119,6 +119,14 @@ ATTEMPTS: dict[str, tuple[str, str]] = {
         "attribute '_sink' is not accessible",
     ),
     "relative_import": ("from . import proc", "relative imports are not allowed"),
+    "interpreter_helper_by_name": (
+        "import _strptime",
+        "private modules cannot be imported ('_strptime')",
+    ),
+    "numpy_internals_by_name": (
+        "import numpy._core._methods",
+        "private modules cannot be imported ('numpy._core._methods')",
+    ),
     "numpy_ctypeslib": (
         "import numpy\nlib = numpy.ctypeslib.load_library",
         "module 'numpy.ctypeslib' is not available in processor statements",
@@ -250,6 +258,10 @@ def test_module_views_keep_working_code_working(tmp_path):
                 total = int(frame.query("a > 1").agg("sum")["b"]) + int(frame.eval("a + b").sum())
                 grouped = frame.groupby("a").agg("max").shape[0]
                 values = np.random.default_rng(1).integers(0, 10, 3)
+                # C code of allowed modules importing its own helpers on first use
+                total += int(np.arange(3).sum()) + int(np.array([1.0, 3.0]).mean())
+                total += datetime.datetime.strptime("2020-01-02", "%Y-%m-%d").day
+                total += time.strptime("2020", "%Y").tm_year
                 try:
                     json.nothing
                 except AttributeError as exc:

@@ -48,6 +48,7 @@ import _string  # the C helpers behind str.format's field parsing
 import ast
 import builtins
 import importlib
+import opcode
 import sys
 import types
 from collections.abc import Callable, Iterable
@@ -152,6 +153,12 @@ HIDDEN_ATTRIBUTES: dict[str, dict[str, str]] = {
 _FORMAT_METHODS = frozenset({"format", "format_map"})
 _FORMAT_HELPER = "__stepwell_format_attr__"
 _MISSING: Any = object()
+
+_IMPORT_NAME = opcode.opmap["IMPORT_NAME"]
+
+#: Modules the interpreter's own C code imports on first use of an allowed feature
+#: (``datetime.strptime`` and ``time.strptime`` need ``_strptime``).
+_INTERPRETER_HELPERS = frozenset({"_strptime"})
 
 
 def attribute_blocked(name: str) -> bool:
@@ -519,11 +526,29 @@ class ImportGuard:
         if hit is not None:
             return hit
         caller = sys._getframe(1)
+        if self._implicit(caller, name, level):
+            return builtins.__import__(name, globals, locals, fromlist, level)
         self._where = f"line {caller.f_lineno}: " if caller.f_code.co_filename != __file__ else ""
         result = self._import(name, tuple(fromlist or ()), level)
         if key is not None:
             self._imports[key] = result
         return result
+
+    def _implicit(self, caller: types.FrameType, name: Any, level: int) -> bool:
+        """Whether this is an import that C code called by the statement makes for its
+        own use (numpy loads ``numpy._core._methods`` on an array's first ``.sum()``,
+        ``datetime.strptime`` loads ``_strptime``): C code looks ``__import__`` up in
+        the statement's builtins, so it comes here, though no import statement of the
+        user's asked for it. Allowed for submodules of allowed packages and the
+        interpreter's helpers; the module goes back to that C code, not to the user."""
+        if level or not isinstance(name, str) or caller.f_code.co_filename == __file__:
+            return False
+        if caller.f_code.co_code[caller.f_lasti] == _IMPORT_NAME:
+            return False  # an import statement of the user's
+        top = name.partition(".")[0]
+        return name in _INTERPRETER_HELPERS or (
+            "." in name and top in sys.modules and any(a.partition(".")[0] == top for a in self.allowed)
+        )
 
     def _line(self) -> str:
         """Where the failing import is in the statement (set on each uncached import)."""
