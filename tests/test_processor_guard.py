@@ -114,6 +114,14 @@ ATTEMPTS: dict[str, tuple[str, str]] = {
         "import json\njson.dumps = print",
         "module 'json' is read-only",
     ),
+    "openai_other_attribute": (
+        "import openai\nopenai.requestssession = print",
+        "module 'openai' is read-only in a processor statement except for its settings api_base",
+    ),
+    "openai_setting_not_plain": (
+        "import openai\nopenai.api_key = print",
+        "openai.api_key takes a str, number, bool, None or a dict of those",
+    ),
     "log_internals": (
         "sink = getattr(log, '_sink')",
         "attribute '_sink' is not accessible",
@@ -258,6 +266,10 @@ def test_module_views_keep_working_code_working(tmp_path):
                 total = int(frame.query("a > 1").agg("sum")["b"]) + int(frame.eval("a + b").sum())
                 grouped = frame.groupby("a").agg("max").shape[0]
                 values = np.random.default_rng(1).integers(0, 10, 3)
+                import openai
+                openai.api_key = "sk-test"  # how openai 0.28 is configured
+                openai.proxy = {"https": "http://proxy.invalid:3128"}
+                total += len(openai.api_key) - 7
                 # C code of allowed modules importing its own helpers on first use
                 total += int(np.arange(3).sum()) + int(np.array([1.0, 3.0]).mean())
                 total += datetime.datetime.strptime("2020-01-02", "%Y-%m-%d").day

@@ -486,6 +486,15 @@ def _io_open() -> Callable[..., Any]:
 
 
 #: Module attributes replaced by a safer equivalent: factories, called once per worker.
+#: Module attributes a statement may set: the settings a library is configured by
+#: (openai 0.28 takes its key and endpoint as module attributes), plain values only.
+SETTABLE_ATTRIBUTES: dict[str, frozenset[str]] = {
+    "openai": frozenset({
+        "api_key", "organization", "api_base", "api_type", "api_version", "proxy",
+        "verify_ssl_certs", "debug",
+    }),
+}  # fmt: skip
+
 REPLACED_ATTRIBUTES: dict[str, dict[str, Callable[[], Any]]] = {
     "string": {"Formatter": _safe_formatter_class},
     "io": {"open": _io_open},
@@ -652,6 +661,14 @@ class ImportGuard:
         return self._replacements[key]
 
 
+def _plain_setting(value: Any) -> bool:
+    if value is None or type(value) in (str, int, float, bool):
+        return True
+    return type(value) is dict and all(
+        type(k) is str and _plain_setting(v) and not isinstance(v, dict) for k, v in value.items()
+    )
+
+
 def _make_view(guard: ImportGuard, module: types.ModuleType, kind: str) -> Any:
     name = module.__name__
     hidden = HIDDEN_ATTRIBUTES.get(name, {})
@@ -695,7 +712,15 @@ def _make_view(guard: ImportGuard, module: types.ModuleType, kind: str) -> Any:
             return resolve(attr)
 
         def __setattr__(self, attr: str, value: Any) -> None:
-            raise AttributeError(f"module {name!r} is read-only in a processor statement")
+            settable = SETTABLE_ATTRIBUTES.get(name, frozenset())
+            if attr not in settable:
+                hint = f" except for its settings {', '.join(sorted(settable))}" if settable else ""
+                raise AttributeError(f"module {name!r} is read-only in a processor statement{hint}")
+            if not _plain_setting(value):
+                raise TypeError(f"{name}.{attr} takes a str, number, bool, None or a dict of "
+                                f"those, not {type(value).__name__}")  # fmt: skip
+            setattr(module, attr, value)
+            cache.pop(attr, None)
 
         def __delattr__(self, attr: str) -> None:
             raise AttributeError(f"module {name!r} is read-only in a processor statement")
