@@ -334,6 +334,16 @@ def test_output_schema_errors_name_row_field_and_types(tmp_path, statement, frag
     assert rows(app, "out") == []
 
 
+@pytest.mark.parametrize("depth", [150, 3000])
+def test_json_nested_too_deep_is_refused_naming_row_and_field(tmp_path, depth):
+    statement = f"v = 1\nfor _ in range({depth}):\n    v = [v]\nreturn [{{'y': 1}}, {{'y': v}}]"
+    app = processor_app(tmp_path, statement, mode="bulk", schema="{y: json}")
+    proc = by_step(run_app(app))["proc"]
+    assert proc.status == "failed"
+    assert "output row 1, field 'y'" in proc.error and "nested more than 100 levels" in proc.error
+    assert rows(app, "out") == []
+
+
 def test_row_mode_accepts_the_input_row_returned_with_its_fields_added(tmp_path):
     """The common Integray statement: extend the row, return it."""
     app = processor_app(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import reprlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 
 from stepwell.runtimes.node.records import JSON_META, RecordError
+from stepwell.store.schema import MAX_NESTING, nested_too_deep
 
 __all__ = ["DEFAULT_DECIMAL", "OutputSchema", "SchemaField", "SchemaError", "describe_value"]
 
@@ -66,9 +68,17 @@ class _Mismatch(Exception):
         self.note = note
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
+
+
 def describe_value(value: Any) -> str:
-    """``<type name> <short repr>`` for error messages."""
-    text = repr(value)
+    """``<type name> <short repr>`` for error messages (bounded: the value may be
+    huge, nested thousands deep, or have a broken ``__repr__``)."""
+    try:
+        text = _SHORT_REPR.repr(value)
+    except Exception:  # noqa: BLE001 - the user's own __repr__ failed
+        text = "(its repr failed)"
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
@@ -295,10 +305,16 @@ class OutputSchema:
         if base == "decimal":
             return self._decimal(field, value, np, is_np)
         if base == "json":
+            too_deep = f"it is nested more than {MAX_NESTING} levels deep; flatten it or store it as text"
             try:
-                return json.dumps(value, default=_json_default, allow_nan=False, ensure_ascii=False)
+                text = json.dumps(value, default=_json_default, allow_nan=False, ensure_ascii=False)
             except (TypeError, ValueError) as exc:
                 raise _Mismatch(f"it cannot be stored as JSON: {exc}") from None
+            except RecursionError:
+                raise _Mismatch(too_deep) from None
+            if nested_too_deep(value):  # readers could not show it
+                raise _Mismatch(too_deep)
+            return text
         raise _Mismatch(f"unknown type {field.logical!r}")
 
     @staticmethod
