@@ -1058,6 +1058,24 @@ def test_duckdb_errors_say_what_to_do(tmp_path: Path) -> None:
         message = str(raised.value)
         assert "Out of Memory Error" in message and "STEPWELL_DUCKDB_MEMORY" in message
         assert "SET threads" not in message and "\n" not in message
+        # at commit, and when reading back a table written under a bigger budget
+        with pytest.raises(StoreError, match="commit failed.*STEPWELL_DUCKDB_MEMORY=4GB"):
+            with small.transaction() as tx:
+                for _ in range(4):
+                    tx.append("many", pa.table({"blob": ["x" * (5 << 20)]}))
+                tx.commit()
+    finally:
+        small.close()
+    roomy = DuckDBStore(tmp_path / "read.duckdb", memory_limit="256MB")
+    with roomy.transaction() as tx:
+        for _ in range(8):
+            tx.append("big", pa.table({"blob": ["x" * (8 << 20)]}))
+        tx.commit()
+    roomy.close()
+    small = DuckDBStore(tmp_path / "read.duckdb", memory_limit="24MB")
+    try:
+        with pytest.raises(StoreError, match="scan of table 'big'.*STEPWELL_DUCKDB_MEMORY"):
+            list(small.scan("big"))
     finally:
         small.close()
     # another process holds the file: wait for it, or use PostgreSQL

@@ -50,10 +50,11 @@ DIALECT = Dialect(
     secondary_indexes=False,
     bootstrap_lock=None,
     concurrent_change_error="write-write conflict",
-    error_hints=(
-        ("Out of Memory Error", "(the embedded DuckDB store works within a memory budget, "
-         "STEPWELL_DUCKDB_MEMORY, default 512MB: raise it for the host process, or write "
-         "the data in smaller parts)"),
+    error_hints=tuple(
+        (text, "(the embedded DuckDB store works within a memory budget, "
+         "STEPWELL_DUCKDB_MEMORY, default 512MB: raise it for the host process, e.g. "
+         "STEPWELL_DUCKDB_MEMORY=4GB, or write the data in smaller parts)")
+        for text in ("Out of Memory Error", "failed to pin block", "could not allocate block")
     ),
 )
 

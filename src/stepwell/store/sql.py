@@ -401,6 +401,13 @@ def _run_params(key: str, value: Any) -> Any:
     return value
 
 
+def hinted_error(d: Dialect, message: str, exc: BaseException) -> StoreError:
+    """``message`` as a StoreError, with what to do when the dialect knows (its
+    ``error_hints``; the hint then replaces the database's lines of detail)."""
+    hints = list(dict.fromkeys(hint for text, hint in d.error_hints if text in str(exc)))
+    return StoreError(" ".join([message.splitlines()[0] if hints else message, *hints]))
+
+
 def _select_runs(
     session: Session, where: str, params: Sequence[Any], limit: int | None
 ) -> list[RunRecord]:
@@ -623,8 +630,7 @@ class SQLTransaction(Transaction):
         marker = self._d.concurrent_change_error
         if marker and marker in str(exc):
             return ConcurrentChange(message + _CONCURRENT_CHANGE_HINT)
-        hints = [hint for text, hint in self._d.error_hints if text in str(exc)]
-        return StoreError(" ".join([message.splitlines()[0] if hints else message, *hints]))
+        return hinted_error(self._d, message, exc)
 
     def _create_table(self, s: Session, physical: str, columns: Mapping[str, str]) -> None:
         self._change_shapes()
@@ -978,7 +984,7 @@ class SQLStore(Store):
         except StoreError:
             raise
         except s.errors as exc:
-            raise StoreError(str(exc)) from exc
+            raise hinted_error(self.dialect, str(exc), exc) from exc
         finally:
             s.close()
 
@@ -1035,7 +1041,7 @@ class SQLStore(Store):
                 )
                 yield from s.stream(sql, params, result_schema, batch_rows)
             except s.errors as exc:
-                raise StoreError(f"scan of table {name!r}: {exc}") from exc
+                raise hinted_error(self.dialect, f"scan of table {name!r}: {exc}", exc) from exc
             finally:
                 with contextlib.suppress(*s.errors):
                     s.rollback()
