@@ -640,6 +640,16 @@ def test_redactor_variants_and_lines():
     assert masked == ["ok", 'pa"s'] and release == 1
 
 
+def test_redactor_masks_pieces_of_a_secret_on_one_line_and_in_any_case():
+    key = "SuperSecretValue123XYZ"
+    redact = Redactor([key])
+    assert redact(f"bad key {key[:8]} / {key[8:]}") == "bad key *** / ***"
+    assert redact(f"{key.lower()} and {key[1:]} and {key.upper()}") == "*** and *** and ***"
+    assert redact(f"ends {key[-9:]}, short {key[:7]}") == f"ends ***, short {key[:7]}"
+    assert redact("x\n" + key[:4] + "\n" + key[4:] + "\ny") == "x\n***\n***\ny"
+    assert redact("nothing secret here") == "nothing secret here"
+
+
 def test_exit_descriptions_name_the_limit():
     assert format_bytes(256 * 1024**2) == "256MiB" and format_bytes(1024**3) == "1GiB"
     assert describe_exit(signal.SIGXCPU, cpu=2.0) == ("timed_out", "CPU time limit 2s exceeded (killed by SIGXCPU)")

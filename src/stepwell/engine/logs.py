@@ -15,6 +15,9 @@ MAX_LINES = 100_000
 MAX_CHARS = 20_000_000
 MAX_LINE_CHARS = 10_000
 REDACTED = "***"
+#: Pieces of a secret this long or longer are masked wherever they show up, in any
+#: letter case (a secret printed in parts on one line, or sliced, or lowercased).
+FRAGMENT_CHARS = 8
 
 
 def secret_strings(value: Any) -> list[str]:
@@ -35,8 +38,10 @@ class Redactor:
     A secret is found whole, escaped as ``repr``/JSON would print it, and also
     when it is broken across lines (printed piece by piece, or wrapped): line
     breaks inside an occurrence are ignored when matching, and every piece is
-    masked. ``RunLog`` feeds it the run's whole output as one stream, holding
-    back the last lines while they might still be the start of a secret."""
+    masked. Any run of ``FRAGMENT_CHARS`` or more characters of a secret is
+    masked too, in any letter case. ``RunLog`` feeds it the run's whole output as
+    one stream, holding back the last lines while they might still be the start
+    of a secret."""
 
     def __init__(self, secrets: Iterable[str]):
         self.values = secrets
@@ -56,11 +61,18 @@ class Redactor:
             needles.add(json.dumps(value)[1:-1])
         self._needles = sorted((n for n in needles if len(n) >= 4), key=len, reverse=True)
         self._starts = {n[0] for n in self._needles}
+        fragments = {
+            value[at : at + FRAGMENT_CHARS].lower()
+            for value in self._values
+            if len(value) > FRAGMENT_CHARS
+            for at in range(len(value) - FRAGMENT_CHARS + 1)
+        }
+        self._fragments = sorted(fragments)
 
     def __call__(self, text: str | None) -> str | None:
         if not text or not self._needles:
             return text
-        if "\n" not in text:
+        if "\n" not in text and not self._fragments:
             for needle in self._needles:
                 if needle in text:
                     text = text.replace(needle, REDACTED)
@@ -82,6 +94,14 @@ class Redactor:
             while at != -1:
                 hidden[at : at + len(needle)] = b"\x01" * len(needle)
                 at = joined.find(needle, at + 1)
+        folded = joined.lower()
+        if len(folded) != len(joined):  # (a few letters lower to two characters)
+            folded = joined
+        for fragment in self._fragments:  # overlapping finds: their union is masked
+            at = folded.find(fragment)
+            while at != -1:
+                hidden[at : at + FRAGMENT_CHARS] = b"\x01" * FRAGMENT_CHARS
+                at = folded.find(fragment, at + 1)
         release = len(lines)
         if not final:
             hold_at = self._partial_start(joined)
@@ -92,14 +112,14 @@ class Redactor:
                         release = index
                         break
                     offset += len(line)
-        if not any(hidden):
+        if 1 not in hidden:  # (C speed; any() would walk it in Python)
             return list(lines), release
         masked = []
         offset = 0
         for line in lines:
             marks = hidden[offset : offset + len(line)]
             offset += len(line)
-            if not any(marks):
+            if 1 not in marks:
                 masked.append(line)
                 continue
             parts, previous = [], 0
