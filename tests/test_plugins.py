@@ -26,7 +26,7 @@ from stepwell.runtimes.plugin import (
     list_plugins,
     remove_plugin,
 )
-from stepwell.runtimes.plugin.channels import FunctionCallError, meta
+from stepwell.runtimes.plugin.channels import FunctionCallError, SinkRefused, meta
 from stepwell.runtimes.plugin.manifest import ManifestError, parse_manifest
 from stepwell.runtimes.plugin.process import namespaces_available
 
@@ -242,9 +242,10 @@ def test_source_errors_are_reported(manager: PluginManager) -> None:
 def test_sink_require_ack_and_stop(manager: PluginManager, tmp_path: Path) -> None:
     out = tmp_path / "sink.txt"
     sink = manager.sink("collect", meta("rule1", "collect_0"), {"requireAck": True, "path": str(out)})
-    assert sink.send(b'{"a":1}') is None
-    assert sink.send(b'{"a":"bad"}') == "bad row refused"
-    assert sink.send(b'[{"a":1},{"a":2}]') is None
+    sink.send(b'{"a":1}')
+    with pytest.raises(SinkRefused, match="refused: bad row refused"):
+        sink.send(b'{"a":"bad"}')
+    sink.send(b'[{"a":1},{"a":2}]')
     sink.stop()
     wait_for(lambda: Path(str(out) + ".closed").exists())
     assert sink_lines(out) == [{"a": 1}, {"a": "bad"}, [{"a": 1}, {"a": 2}]]
@@ -256,7 +257,7 @@ def test_sink_without_ack_is_drained(manager: PluginManager, tmp_path: Path) -> 
     out = tmp_path / "many.txt"
     sink = manager.sink("collect", meta("rule3", "collect_0"), {"path": str(out)})
     for i in range(600):
-        assert sink.send(json.dumps({"i": i}).encode()) is None
+        sink.send(json.dumps({"i": i}).encode())
     wait_for(lambda: len(sink_lines(out)) == 600)
     sink.stop()
 

@@ -82,6 +82,10 @@ class RuleNotFound(RuleError):
     """No rule has the id asked for."""
 
 
+class _Undelivered(Exception):
+    """A batch's results did not reach a sink: nothing of the batch is committed."""
+
+
 def def_key(rule_id: str) -> str:
     return f"rule-def:{rule_id}"
 
@@ -238,17 +242,22 @@ class _SinkAction(_Action):
         )
 
     def emit(self, rows: list[dict[str, Any]]) -> None:
+        from stepwell.runtimes.plugin.channels import SinkFailed, SinkInterrupted
+
         payloads = rows if self.send_single else [rows]
         metrics = self.runtime.metrics
         for payload in payloads:
             data = json.dumps(payload, default=json_default, separators=(",", ":")).encode()
-            error = self.channel.send(data)
+            try:
+                self.channel.send(data)
+            except SinkInterrupted as exc:
+                raise _Undelivered(f"{self.channel.what}: {exc}") from None
+            except SinkFailed as exc:
+                metrics.acks_error += 1
+                metrics.error(f"sink {self.symbol!r}: {exc}")
+                continue
             if self.channel.require_ack:
-                if error is None:
-                    metrics.acks_ok += 1
-                else:
-                    metrics.acks_error += 1
-                    metrics.error(f"sink {self.symbol!r}: {error}")
+                metrics.acks_ok += 1
 
     def interrupt(self) -> None:
         if self.channel is not None:
@@ -338,6 +347,9 @@ class RuleRuntime:
         self._read_after: str | None = None
         self._last_status_save = 0.0
         self._wake = threading.Event()
+        #: how long a stop waits for the batch in flight to reach the sinks
+        self.stop_timeout = float(options.get("stopTimeoutMs", 5000)) / 1000
+        self._stopped = False
 
     # -- lifecycle
     def start(self) -> None:
@@ -415,16 +427,26 @@ class RuleRuntime:
             self._source = None
 
     def stop(self) -> None:
-        """Stop the input, finish the loop (final commit), stop the sinks."""
-        if self.status != "running":
+        """Stop the input, let the loop deliver and commit the batch it holds (a
+        plugin source's queued events too), then stop the sinks.
+
+        A sink that does not take or acknowledge the batch within ``stopTimeoutMs``
+        is interrupted: that batch is then not committed (a table stream reads
+        it again at the next start) and the rule's errors say so."""
+        if self._stopped:
             return
+        self._stopped = True
         self._stop_input()
         self._stopping.set()
         self._wake.set()
         with self._cond:
             self._cond.notify_all()
-        for action in self.actions:  # a sink that never acknowledges must not hold the loop
-            action.interrupt()
+        loop = self._threads[0] if self._threads else None
+        if loop is not None:
+            loop.join(self.stop_timeout)
+            if loop.is_alive():  # a sink that never acknowledges must not hold the stop
+                for action in self.actions:
+                    action.interrupt()
         for thread in self._threads:
             thread.join(10)
         for action in self.actions:
@@ -434,7 +456,8 @@ class RuleRuntime:
                 log.warning("rule %s: stopping %s: %s", self.rule.id, action.name, exc)
         if self._con is not None and not any(t.is_alive() for t in self._threads):
             self._con.close()  # (a loop still running keeps it: it ends with the process)
-        self.status = "stopped"
+        if self.status == "running":
+            self.status = "stopped"
         self._save_status(force=True)
 
     # -- input
@@ -520,17 +543,32 @@ class RuleRuntime:
 
     def _loop(self) -> None:
         while True:
-            stopping = self._stopping.is_set()
+            if self._stopping.is_set() and (self.stream.is_table or not self._queue):
+                # (a table's rows not taken yet are read again from the committed position)
+                return
             events = self._take()
             try:
                 self._process(events)
+            except _Undelivered as exc:
+                self._abandon(events, str(exc))
+                return
             except Exception as exc:  # noqa: BLE001 - the rule keeps running
                 log.exception("rule %s: processing failed", self.rule.id)
                 self.metrics.error(f"{type(exc).__name__}: {exc}")
                 self._discard_pending()
             self._save_status()
-            if stopping and not self._queue:
-                return
+
+    def _abandon(self, events: list[Event], reason: str) -> None:
+        """The batch's results did not all reach the sinks: commit none of it."""
+        self._discard_pending()
+        if self.stream.is_table:
+            fate = ("nothing of them was committed: the rule reads them again when it "
+                    "starts (a sink may get some results twice)")  # fmt: skip
+        else:
+            fate = (f"they are lost, with {len(self._queue)} queued events (plugin source "
+                    f"{self.stream.type!r} cannot send them again)")  # fmt: skip
+        self.metrics.error(f"rule {self.rule.id!r} stopped before the results of {len(events)} "
+                           f"events were delivered ({reason}); {fate}")
 
     def _discard_pending(self) -> None:
         for action in self.actions:
@@ -538,48 +576,58 @@ class RuleRuntime:
                 action.pending.clear()
 
     def _process(self, events: list[Event]) -> None:
-        assert self.compiled is not None
+        """Query ``events`` (cut into window panes first), deliver the results to
+        every action, and commit; results count as out once committed."""
         if events:
             self.metrics.records_in += len(events)
             self.metrics.batches += 1
             for event in events:
                 self._positions.append((event.seq, event.position))
+        emissions = self._emissions(events)
+        for rows, _arrived in emissions:
+            for action in self.actions:
+                try:
+                    action.emit(rows)
+                except _Undelivered:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one failing sink does not stop the rule
+                    self.metrics.error(f"action {action.name!r}: {exc}")
+        self._commit(bool(emissions))
+        for rows, arrived in emissions:
+            self.metrics.records_out += len(rows)
+            self.metrics.latency(time.monotonic() - arrived)
+            self.metrics.last_output_at = _now_iso()
+
+    def _emissions(self, events: list[Event]) -> list[tuple[list[dict[str, Any]], float]]:
+        """The result rows to emit for ``events``, each with when its oldest event arrived."""
+        assert self.compiled is not None
         emissions: list[tuple[list[dict[str, Any]], float]] = []
         if self._windower is None:
             if events:
                 rows = self._rows_of(events)
                 oldest = min(e.arrived for e in events)
                 emissions.extend(([row], oldest) for row in rows)
-        else:
-            panes: list[Pane] = []
-            for event in events:
-                panes.extend(self._windower.add(event))
-            if self.compiled.window and self.compiled.window.kind != "count":
-                if self.event_time:
-                    if events:
-                        watermark = max(e.ts for e in events) - self.late_tolerance
-                        self._watermark = max(getattr(self, "_watermark", watermark), watermark)
-                    if hasattr(self, "_watermark"):
-                        panes.extend(self._windower.advance(self._watermark))
-                else:
-                    panes.extend(self._windower.advance(int(time.time() * 1000)))
-            self.metrics.late_events = self._windower.late
-            for pane in panes:
-                if not pane.events:
-                    continue
-                rows = self._query(pane.events, pane)
-                if rows:
-                    emissions.append((rows, max(e.arrived for e in pane.events)))
-        for rows, arrived in emissions:
-            for action in self.actions:
-                try:
-                    action.emit(rows)
-                except Exception as exc:  # noqa: BLE001 - one failing sink does not stop the rule
-                    self.metrics.error(f"action {action.name!r}: {exc}")
-            self.metrics.records_out += len(rows)
-            self.metrics.latency(time.monotonic() - arrived)
-            self.metrics.last_output_at = _now_iso()
-        self._commit(bool(emissions))
+            return emissions
+        panes: list[Pane] = []
+        for event in events:
+            panes.extend(self._windower.add(event))
+        if self.compiled.window and self.compiled.window.kind != "count":
+            if self.event_time:
+                if events:
+                    watermark = max(e.ts for e in events) - self.late_tolerance
+                    self._watermark = max(getattr(self, "_watermark", watermark), watermark)
+                if hasattr(self, "_watermark"):
+                    panes.extend(self._windower.advance(self._watermark))
+            else:
+                panes.extend(self._windower.advance(int(time.time() * 1000)))
+        self.metrics.late_events = self._windower.late
+        for pane in panes:
+            if not pane.events:
+                continue
+            rows = self._query(pane.events, pane)
+            if rows:
+                emissions.append((rows, max(e.arrived for e in pane.events)))
+        return emissions
 
     def _rows_of(self, events: list[Event]) -> list[dict[str, Any]]:
         """The rule's rows for ``events`` (no window). When the query fails (a

@@ -34,7 +34,16 @@ from stepwell.runtimes.plugin.process import (
     request_reply,
 )
 
-__all__ = ["FunctionCallError", "FunctionChannel", "SinkChannel", "SourceChannel", "meta"]
+__all__ = [
+    "FunctionCallError",
+    "FunctionChannel",
+    "SinkChannel",
+    "SinkFailed",
+    "SinkInterrupted",
+    "SinkRefused",
+    "SourceChannel",
+    "meta",
+]
 
 log = logging.getLogger("stepwell.plugin")
 
@@ -139,10 +148,24 @@ class SourceChannel:
             self.process.forget(self._key)
 
 
+class SinkFailed(PluginError):
+    """A payload did not reach a sink, or the sink did not acknowledge it."""
+
+
+class SinkRefused(SinkFailed):
+    """The sink acknowledged a payload with an error (``ctx.ack_error``)."""
+
+
+class SinkInterrupted(SinkFailed):
+    """The rule is stopping (:meth:`SinkChannel.interrupt`): the payload was not
+    sent, or its ack was not awaited."""
+
+
 class SinkChannel:
     """A running sink symbol: :meth:`send` pushes one payload (and awaits its ack)."""
 
     ACK_TIMEOUT = 30.0
+    PUSH_TIMEOUT = 10.0
 
     def __init__(self, process: PluginProcess, symbol: str, m: dict[str, Any],
                  config: dict[str, Any]) -> None:
@@ -154,6 +177,10 @@ class SinkChannel:
         self._closing = False
         self._lock = threading.Lock()
 
+    @property
+    def what(self) -> str:
+        return f"sink {self.symbol!r} (plugin {self.process.plugin.name!r})"
+
     def start(self) -> None:
         self._ack = _socket(pynng.Pull0, 500)
         self._ack.listen(self.process.url(f"{_stem(self.meta)}_ack.ipc"))
@@ -161,6 +188,7 @@ class SinkChannel:
         try:
             self.process.command("start", ctrl, remember=self._key)
             self._push = _socket(pynng.Push0, 500)
+            self._push.send_timeout = 500  # (polls for interrupt() while the sink is full)
             self._push.dial(self.process.url(f"{_stem(self.meta)}.ipc"), block=True)
         except BaseException:
             self._close_sockets()
@@ -177,46 +205,53 @@ class SinkChannel:
             except pynng.NNGException:
                 return
 
-    def send(self, payload: bytes) -> str | None:
-        """Push ``payload``; with requireAck return the ack's error text (None = ok)."""
-        if self._closing:  # (interrupted: what is still queued is not sent)
-            return "the sink is stopping; not sent"
+    def send(self, payload: bytes) -> None:
+        """Push ``payload`` and, with requireAck, wait for its ack.
+
+        Raises :class:`SinkRefused` (an error ack), :class:`SinkInterrupted` (the
+        rule is stopping) or :class:`SinkFailed` (not taken or not acknowledged)."""
         with self._lock:
-            assert self._push is not None and self._ack is not None
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    self._push.send(payload)
-                    break
-                except pynng.Timeout:
-                    if self._closing or time.monotonic() > deadline:
-                        raise PluginError(
-                            f"sink {self.symbol!r} did not take data in time "
-                            f"(plugin {self.process.plugin.name!r})"
-                        ) from None
-            if not self.require_ack:
-                return None
-            deadline = time.monotonic() + self.ACK_TIMEOUT
-            while True:
-                try:
-                    raw = self._ack.recv()
-                    break
-                except pynng.Timeout:
-                    if self._closing:
-                        return "sink stopped before acknowledging"
-                    if time.monotonic() > deadline:
-                        return f"no ack from sink {self.symbol!r} in {self.ACK_TIMEOUT:g}s"
+            if self._closing:
+                raise SinkInterrupted("the rule is stopping; not sent")
+            self._push_payload(payload)
+            if self.require_ack:
+                self._await_ack()
+
+    def _push_payload(self, payload: bytes) -> None:
+        assert self._push is not None
+        deadline = time.monotonic() + self.PUSH_TIMEOUT
+        while True:
             try:
-                ack = json.loads(raw)
-            except ValueError:
-                return f"invalid ack {raw[:80]!r}"
-            if isinstance(ack, dict) and ack.get("error"):
-                return str(ack["error"])
-            return None
+                self._push.send(payload)
+                return
+            except pynng.Timeout:
+                if self._closing:
+                    raise SinkInterrupted("the rule is stopping; not sent") from None
+                if time.monotonic() > deadline:
+                    raise SinkFailed(f"did not take the payload in {self.PUSH_TIMEOUT:g}s") from None
+
+    def _await_ack(self) -> None:
+        assert self._ack is not None
+        deadline = time.monotonic() + self.ACK_TIMEOUT
+        while True:
+            try:
+                raw = self._ack.recv()
+                break
+            except pynng.Timeout:
+                if self._closing:
+                    raise SinkInterrupted("the rule stopped before the sink acknowledged") from None
+                if time.monotonic() > deadline:
+                    raise SinkFailed(f"no ack in {self.ACK_TIMEOUT:g}s") from None
+        try:
+            ack = json.loads(raw)
+        except ValueError:
+            raise SinkFailed(f"invalid ack {raw[:80]!r}") from None
+        if isinstance(ack, dict) and ack.get("error"):
+            raise SinkRefused(f"refused: {ack['error']}")
 
     def interrupt(self) -> None:
-        """Stop waiting for acks (the rule is stopping): a send waiting for one
-        returns at its next poll, saying the sink stopped before acknowledging."""
+        """Stop waiting (the rule is stopping): a send in progress raises
+        :class:`SinkInterrupted` at its next poll, and later ones at once."""
         self._closing = True
 
     def _close_sockets(self) -> None:
