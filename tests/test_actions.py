@@ -160,9 +160,11 @@ APP = {
               - name: t
                 code: |
                   import datetime, decimal
+                  import pandas as pd
+                  frame = pd.DataFrame({"t": [pd.Timestamp("2024-01-01"), None], "v": [1, 2]})
                   return {"when": datetime.datetime(2024, 1, 2, 3, 4, 5),
                           "amount": decimal.Decimal("1.50"), "nan": float("nan"),
-                          "pair": (1, 2), "raw": b"hi"}
+                          "pair": (1, 2), "raw": b"hi", "nat": pd.NaT, "frame": frame}
           - name: crash
             steps:
               - {name: c, code: "import os; os._exit(3)"}
@@ -464,7 +466,8 @@ def test_secrets_are_redacted_from_logs_and_errors(served: Any) -> None:
 def test_results_are_plain_json(served: Any) -> None:
     data = run(served, "typed")["data"]
     assert data == {"when": "2024-01-02T03:04:05", "amount": "1.50", "nan": None,
-                    "pair": [1, 2], "raw": "aGk="}
+                    "pair": [1, 2], "raw": "aGk=", "nat": None,
+                    "frame": [{"t": "2024-01-01T00:00:00", "v": 1}, {"t": None, "v": 2}]}
     opaque = run(served, "opaque")
     assert opaque["status"] == "failed"
     assert "the step's result cannot be passed on: a value of type object" in opaque["error"]

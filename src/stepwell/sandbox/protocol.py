@@ -56,6 +56,8 @@ class PeerGone(ProtocolError):
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, _dt.datetime):
+        if obj != obj:  # pandas' NaT: a datetime subclass meaning "no time"
+            return None
         return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
     if isinstance(obj, _dt.date):
         return msgpack.ExtType(_EXT_DATE, obj.isoformat().encode())
