@@ -873,3 +873,73 @@ def test_jinja_templates_in_code_that_imports_jinja2_are_left_alone(tmp_path: Pa
     result = cli("action", str(app), "greet", "--params", '{"n": 3}')
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["data"] == "Hello ann, 3"
+
+
+# -- the worker pool under pressure ------------------------------------------------------
+
+
+@pytest.fixture
+def one_worker(tmp_path: Path) -> Any:
+    """An executor whose pool has a single worker (kept warm)."""
+    from stepwell.engine.action_executor import ActionExecutor
+    from stepwell.store import open_store
+
+    root = write_app(tmp_path / "app", {"stepwell.yml": """
+        actions:
+          - name: nap
+            timeout: 3s
+            steps:
+              - name: s
+                timeout: 1s
+                code: |
+                  import time
+                  time.sleep(float(params.get("t", 0.6)))
+                  return "rested"
+          - name: quick
+            timeout: 1s
+            steps:
+              - {name: q, timeout: 1s, code: "import time; time.sleep(0.7); return 'q'"}
+    """})
+    app = load_app(root)
+    store = open_store(None, app.root)
+    executor = ActionExecutor(app, store, environ={**os.environ, "STEPWELL_ACTION_WORKERS": "1",
+                                                  "STEPWELL_ACTION_WARM": "1"})
+    try:
+        yield executor
+    finally:
+        executor.close()
+        store.close()
+
+
+def _invoke_together(executor: Any, name: str, count: int) -> list[Any]:
+    results: list[Any] = [None] * count
+
+    def call(index: int) -> None:
+        results[index] = executor.invoke(name, {}, {"id": "t", "roles": []})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_waiting_for_a_free_worker_does_not_count_against_the_step_limit(one_worker: Any) -> None:
+    # three 0.6 s calls on one worker: the last waits 1.2 s, more than its step's 1 s
+    results = _invoke_together(one_worker, "nap", 3)
+    assert [r.status for r in results] == ["succeeded"] * 3, [r.error for r in results]
+    # the action's own limit does count the wait, and says that it was a wait
+    late = [r for r in _invoke_together(one_worker, "quick", 2) if r.status != "succeeded"]
+    assert [r.status for r in late] == ["timed_out"]
+    assert "action 'quick' exceeded its time limit (1s): step 'q' waited" in late[0].error
+    assert "for a free worker (all 1 were busy; STEPWELL_ACTION_WORKERS" in late[0].error
+
+
+def test_a_dead_idle_worker_is_replaced_not_handed_a_call(one_worker: Any) -> None:
+    assert one_worker.invoke("nap", {"t": 0}, {"id": "t", "roles": []}).status == "succeeded"
+    (idle,) = wait_for(lambda: list(one_worker.pool._idle), 10, what="an idle worker")
+    idle.process.kill()
+    time.sleep(0.2)
+    result = one_worker.invoke("nap", {"t": 0}, {"id": "t", "roles": []})
+    assert result.status == "succeeded", result.error

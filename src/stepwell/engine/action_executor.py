@@ -446,7 +446,7 @@ class ActionExecutor:
             value: Any = None
             try:
                 if time.monotonic() >= deadline:
-                    raise _StepFailed(self._action_timeout(call, chain), timed_out=True)
+                    raise _StepFailed(self._action_timeout(call), timed_out=True)
                 value = self._run_step(action, step, context, call, chain, deadline, prefix)
             except _StepFailed as exc:
                 failure = exc
@@ -464,7 +464,7 @@ class ActionExecutor:
                 data, error = value, None
                 continue
             if time.monotonic() >= call.deadline and not failure.timed_out:
-                return _Outcome(None, self._action_timeout(call, chain), steps, True,
+                return _Outcome(None, self._action_timeout(call), steps, True,
                                 failure.traceback)  # fmt: skip
             if time.monotonic() >= call.deadline or not step.allow_failure:
                 return _Outcome(None, _about(step.name, step_error), steps, failure.timed_out,
@@ -474,7 +474,7 @@ class ActionExecutor:
             return _Outcome(None, _about(steps[-1].name, error), steps)
         return _Outcome(data, None, steps)
 
-    def _action_timeout(self, call: _Call, chain: tuple[str, ...]) -> str:
+    def _action_timeout(self, call: _Call) -> str:
         return f"action {call.action!r} exceeded its time limit ({call.timeout:g}s)"
 
     def _run_step(self, action: Any, step: Any, context: dict[str, Any], call: _Call,
@@ -551,20 +551,21 @@ class ActionExecutor:
         source = self._source(action, step)
         variables = self._variables(step, context)
         limit = step.timeout or DEFAULT_STEP_TIMEOUT
-        step_deadline = min(deadline, time.monotonic() + limit)
         job = {
             "source": source.source, "filename": source.filename, "where": source.where,
             "first_line": source.first_line, "package": source.package, "file": source.file,
             "data": context["data"], "error": context["error"], "params": context["params"],
             "user": context["user"], "variables": variables,
         }  # fmt: skip
-        try:
-            worker = self.pool.acquire(step_deadline)
+        waiting_since = time.monotonic()
+        try:  # waiting for a free worker is not the step's time: only the action's
+            worker = self.pool.acquire(deadline)
         except TimeoutError:
-            raise _StepFailed(self._step_timeout(step, limit, step_deadline, call),
-                              timed_out=True) from None  # fmt: skip
+            raise _StepFailed(self._waited_out(call, step, waiting_since), timed_out=True) from None
         except WorkerFailed as exc:
             raise _StepFailed(str(exc)) from None
+        waited = time.monotonic() - waiting_since
+        step_deadline = min(deadline, time.monotonic() + limit)
         if worker.notes:
             call.log.note(worker.notes)
         tag = f"[{prefix}] "
@@ -573,8 +574,10 @@ class ActionExecutor:
                 job, step_deadline, lambda level, lines: call.log.add(level, lines, tag)
             )
         except StepTimedOut:
-            raise _StepFailed(self._step_timeout(step, limit, step_deadline, call),
-                              timed_out=True) from None  # fmt: skip
+            error = self._step_timeout(step, limit, step_deadline, call)
+            if error.startswith("action") and waited >= 0.1:
+                error = self._waited_out(call, step, waiting_since, waited)
+            raise _StepFailed(error, timed_out=True) from None
         except WorkerFailed as exc:
             raise _StepFailed(call.redact(str(exc))) from None
         except (TypeError, ValueError, OverflowError) as exc:  # inputs msgpack cannot carry
@@ -590,6 +593,13 @@ class ActionExecutor:
 
             error = f"memory limit {format_bytes(memory)} exceeded ({error})"
         raise _StepFailed(error, traceback=result.get("traceback"))
+
+    def _waited_out(self, call: _Call, step: Any, since: float, waited: float | None = None) -> str:
+        """The action's time ran out, much of it spent waiting for a worker."""
+        waited = time.monotonic() - since if waited is None else waited
+        return (f"{self._action_timeout(call)}: step {step.name!r} waited {waited:.1f}s for a "
+                f"free worker (all {self.pool.max_workers} were busy; STEPWELL_ACTION_WORKERS "
+                f"allows more)")  # fmt: skip
 
     def _step_timeout(self, step: Any, limit: float, step_deadline: float, call: _Call) -> str:
         if step_deadline >= call.deadline - 1e-6 and call.deadline - time.monotonic() < limit:

@@ -17,6 +17,7 @@ background so requests rarely wait for a start.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -114,6 +115,17 @@ class WarmWorker:
                 raise WorkerFailed(f"the worker running the step ended: {reason}") from None
             self.process.kill()
             raise WorkerFailed(f"the worker broke the wire protocol: {exc}") from None
+
+    def alive(self) -> bool:
+        """Whether an idle worker is still there: one waiting for a job sends
+        nothing, so anything to read on its channel (end-of-file, above all) means
+        it died meanwhile (killed, or its fork-server gone)."""
+        poller = select.poll()
+        try:
+            poller.register(self.process.channel.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        except (OSError, ValueError):  # (a closed socket)
+            return False
+        return not poller.poll(0)
 
     def stop(self) -> None:
         """Ask the worker to exit, then release the process."""
@@ -214,10 +226,10 @@ class WorkerPool:
                     raise WorkerFailed("the action worker pool is closed (the server is stopping)")
                 while self._idle:
                     worker = self._idle.pop()
-                    if self._fresh(worker):
+                    if self._fresh(worker) and worker.alive():
                         self._cond.notify_all()  # the filler may start a replacement
                         return worker
-                    self._count -= 1  # spent: retired, and the filler may replace it
+                    self._count -= 1  # spent or dead: retired, and the filler may replace it
                     self._cond.notify_all()
                     threading.Thread(target=worker.stop, daemon=True).start()
                 if self._count < self.max_workers:
