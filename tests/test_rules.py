@@ -528,3 +528,49 @@ def test_a_batch_a_sink_never_acknowledged_is_not_committed(env, tmp_path: Path)
     engine.stop("unacked")
     assert [r["id"] for r in rows_of(store, "unacked_out", "id")] == [0, 1, 2]
     assert [row["id"] for row in sink_lines(out)] == [0, 0, 1, 2]  # at least once
+
+
+def test_a_function_failing_on_one_event_of_a_window_drops_only_that_event(env) -> None:
+    root, store, engine = env
+    readings = _readings(20)
+    readings[13]["v"] = None  # scale(None, 10) raises in the plugin
+    append_rows(store, "readings", readings)
+    engine.create({"id": "winfail", "sql": "SELECT sum(scale(v, 10)) AS s, count(*) AS c "
+                   "FROM readings GROUP BY COUNTWINDOW(5)",
+                   "actions": [{"table": {"name": "winfail_out"}}]})
+    engine.start("winfail")
+    wait_for(lambda: engine.status("winfail")["records_out"] == 4)
+    engine.stop("winfail")
+    # the third window lost event 13 only; the other windows are whole
+    assert [(r["s"], r["c"]) for r in rows_of(store, "winfail_out")] == [
+        (100, 5), (350, 5), (470, 4), (850, 5)]
+    assert engine.manager.function_pool("scale").calls == 20  # each event's call made once
+    status = engine.status("winfail")
+    assert status["errors"] == 1 and status["status"] == "stopped"
+    assert "function 'scale' failed: TypeError" in status["last_error"]
+    assert '"id": 13' in status["last_error"] and status["last_error"].endswith("dropped)")
+    # the position is committed past all 20 events: a restart emits nothing again
+    engine.start("winfail")
+    time.sleep(0.5)
+    engine.stop("winfail")
+    assert len(rows_of(store, "winfail_out")) == 4
+
+
+def test_a_batch_that_cannot_be_processed_fails_the_rule_without_committing(env) -> None:
+    root, store, engine = env
+    engine.add_stream(parse_stream('CREATE TABLE names () WITH (TYPE="table", DATASOURCE="names")'))
+    append_rows(store, "readings", _readings(3))
+    engine.create({"id": "nolookup", "sql": "SELECT r.id, n.label FROM readings AS r "
+                   "LEFT JOIN names AS n ON r.grp = n.code",
+                   "actions": [{"table": {"name": "nolookup_out"}}]})
+    engine.start("nolookup")  # its lookup table does not exist yet
+    status = wait_for(lambda: (s := engine.status("nolookup"))["status"] == "failed" and s)
+    assert "table 'names' does not exist yet" in status["last_error"]
+    assert "nothing of them was committed" in status["last_error"]
+    assert status["records_out"] == 0 and status["errors"] == 1
+    append_rows(store, "names", [{"code": "a", "label": "alpha"}])
+    engine.start("nolookup")  # a failed rule starts afresh, from its committed position
+    wait_for(lambda: engine.status("nolookup")["records_out"] == 3)
+    engine.stop("nolookup")
+    assert [(r["id"], r["label"]) for r in rows_of(store, "nolookup_out", "id")] == [
+        (0, "alpha"), (1, None), (2, "alpha")]

@@ -171,6 +171,13 @@ def _to_ms(value: Any) -> int | None:
     return None
 
 
+def _what_failed(exc: Exception) -> str:
+    """What a failed query says (DuckDB wraps what a function raised: keep that)."""
+    text = str(exc)
+    _, found, inner = text.partition("exception occurred while executing the UDF: ")
+    return inner if found else f"{type(exc).__name__}: {text}"
+
+
 # -- metrics -------------------------------------------------------------------------------
 
 
@@ -422,9 +429,9 @@ class RuleRuntime:
         )
 
     def _stop_input(self) -> None:
-        if self._source is not None:
-            self._source.stop()
-            self._source = None
+        source, self._source = self._source, None  # (the loop may stop it too, on failure)
+        if source is not None:
+            source.stop()
 
     def stop(self) -> None:
         """Stop the input, let the loop deliver and commit the batch it holds (a
@@ -552,23 +559,39 @@ class RuleRuntime:
             except _Undelivered as exc:
                 self._abandon(events, str(exc))
                 return
-            except Exception as exc:  # noqa: BLE001 - the rule keeps running
+            except Exception as exc:  # noqa: BLE001 - reported in the rule's status
                 log.exception("rule %s: processing failed", self.rule.id)
-                self.metrics.error(f"{type(exc).__name__}: {exc}")
-                self._discard_pending()
+                self._fail(events, f"{type(exc).__name__}: {exc}")
+                return
             self._save_status()
 
-    def _abandon(self, events: list[Event], reason: str) -> None:
-        """The batch's results did not all reach the sinks: commit none of it."""
-        self._discard_pending()
+    def _fate(self) -> str:
+        """What becomes of results that were not committed."""
         if self.stream.is_table:
-            fate = ("nothing of them was committed: the rule reads them again when it "
+            return ("nothing of them was committed: the rule reads them again when it "
                     "starts (a sink may get some results twice)")  # fmt: skip
-        else:
-            fate = (f"they are lost, with {len(self._queue)} queued events (plugin source "
-                    f"{self.stream.type!r} cannot send them again)")  # fmt: skip
+        return (f"they are lost, with {len(self._queue)} queued events (plugin source "
+                f"{self.stream.type!r} cannot send them again)")  # fmt: skip
+
+    def _abandon(self, events: list[Event], reason: str) -> None:
+        """The rule is stopping and the batch's results did not all reach the sinks:
+        commit none of it."""
+        self._discard_pending()
         self.metrics.error(f"rule {self.rule.id!r} stopped before the results of {len(events)} "
-                           f"events were delivered ({reason}); {fate}")
+                           f"events were delivered ({reason}); {self._fate()}")
+
+    def _fail(self, events: list[Event], reason: str) -> None:
+        """Processing a batch failed: commit none of it, stop the input and show the
+        rule as failed (rather than going on past events it did not deliver)."""
+        self._discard_pending()
+        self.status = "failed"
+        self._stopping.set()
+        self._stop_input()
+        self.metrics.error(
+            f"rule {self.rule.id!r} failed on a batch of {len(events)} events and stopped: "
+            f"{reason}; {self._fate()}. Fix the cause, then start the rule again "
+            f"(`stepwell rule start APP {self.rule.id}`)")
+        self._save_status(force=True)
 
     def _discard_pending(self) -> None:
         for action in self.actions:
@@ -602,6 +625,10 @@ class RuleRuntime:
         """The result rows to emit for ``events``, each with when its oldest event arrived."""
         assert self.compiled is not None
         emissions: list[tuple[list[dict[str, Any]], float]] = []
+        # (outside the event-by-event fallback: a missing lookup table fails the
+        # batch, it does not drop each event)
+        for relation, lookup in self._lookups.items():
+            self._con.register(relation, self._lookup_rows(lookup))
         if self._windower is None:
             if events:
                 rows = self._rows_of(events)
@@ -624,44 +651,64 @@ class RuleRuntime:
         for pane in panes:
             if not pane.events:
                 continue
-            rows = self._query(pane.events, pane)
+            rows = self._rows_of(pane.events, pane)
             if rows:
                 emissions.append((rows, max(e.arrived for e in pane.events)))
         return emissions
 
-    def _rows_of(self, events: list[Event]) -> list[dict[str, Any]]:
-        """The rule's rows for ``events`` (no window). When the query fails (a
-        function raising on one row, say), each event is queried alone, so only
-        the events that fail are dropped, each counted as an error naming it.
-        Functions are not called twice for an event: the calls the failed query made
-        are answered again from the replies kept (``CallReplay``)."""
+    def _rows_of(self, events: list[Event], pane: Pane | None = None) -> list[dict[str, Any]]:
+        """The rule's rows for ``events`` (of window ``pane``, if any). When the query
+        fails (a function raising on one event, say), each event is queried alone to
+        find the ones that fail; only those are dropped, each counted as an error
+        naming it, and a window is then queried again without them. Functions are
+        not called twice for an event: the calls of the failed query are answered
+        again from the replies kept (``CallReplay``)."""
         self._replay.record()
         try:
-            return self._query(events, None)
+            return self._query(events, pane)
         except Exception as exc:  # noqa: BLE001 - told apart event by event below
             if len(events) == 1:
                 self._drop(events[0], exc)
                 return []
             self._replay.replay()
-            rows: list[dict[str, Any]] = []
-            for event in events:
-                try:
-                    rows.extend(self._query([event], None))
-                except Exception as exc:  # noqa: BLE001 - this event only
-                    self._drop(event, exc)
-            return rows
+            kept, rows = self._query_one_by_one(events, pane)
+            if pane is None or not kept:
+                return rows
+            self._replay.replay()
+            try:
+                return self._query(kept, pane)
+            except Exception as exc:  # noqa: BLE001 - fails on the group as a whole
+                self._drop_window(pane, kept, exc)
+                return []
         finally:
             self._replay.clear()
 
+    def _query_one_by_one(self, events: list[Event], pane: Pane | None
+                          ) -> tuple[list[Event], list[dict[str, Any]]]:
+        """Query each event alone: the events that succeed and their rows (the ones
+        that fail are dropped)."""
+        kept: list[Event] = []
+        rows: list[dict[str, Any]] = []
+        for event in events:
+            try:
+                rows.extend(self._query([event], pane))
+            except Exception as exc:  # noqa: BLE001 - this event only
+                self._drop(event, exc)
+                continue
+            kept.append(event)
+        return kept, rows
+
+    def _drop_window(self, pane: Pane, events: list[Event], exc: Exception) -> None:
+        bounds = (f"window [{pane.start}, {pane.end})" if pane.start is not None
+                  else "count window")  # fmt: skip
+        self.metrics.error(f"{_what_failed(exc)} ({bounds} of {len(events)} events dropped: "
+                           "the query failed on the window as a whole)")
+
     def _drop(self, event: Event, exc: Exception) -> None:
-        text = str(exc)
-        # DuckDB wraps what a function raised: keep what the function said
-        _, found, inner = text.partition("exception occurred while executing the UDF: ")
         shown = json.dumps(event.row, default=str)
         if len(shown) > 200:
             shown = shown[:200] + "..."
-        self.metrics.error(f"{inner if found else f'{type(exc).__name__}: {text}'} "
-                           f"(event {shown} dropped)")  # fmt: skip
+        self.metrics.error(f"{_what_failed(exc)} (event {shown} dropped)")
 
     def _query(self, events: list[Event], pane: Pane | None) -> list[dict[str, Any]]:
         assert self.compiled is not None
@@ -670,8 +717,6 @@ class RuleRuntime:
         table = rows_to_arrow(rows, self._declared, self.compiled.columns)
         con = self._con
         con.register(EVENTS_TABLE, table)
-        for relation, lookup in self._lookups.items():
-            con.register(relation, self._lookup_rows(lookup))
         try:
             if pane is not None and self.compiled.uses_window_bounds:
                 con.register(WINDOW_TABLE, pa.table({"ws": [pane.start], "we": [pane.end]}))
@@ -909,6 +954,9 @@ class RuleEngine:
             known = self._known(rule_id)
             self._set({def_key(rule_id): {"definition": known.rule.to_json(), "desired": "running",
                                           "created_at": known.created_at}})
+            failed = self.running.get(rule_id)
+            if failed is not None and failed.status == "failed":  # start it afresh
+                self.running.pop(rule_id).stop()
             if run_here and rule_id not in self.running:
                 self._launch(known.rule)
 

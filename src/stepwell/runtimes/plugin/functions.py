@@ -186,11 +186,12 @@ class FunctionPool:
 
 
 class CallReplay:
-    """The plugin's replies to a query that may fail, for running it again event by
-    event: each event's calls are then answered from what the plugin already said,
-    so a function runs once per event even though the query ran twice (a function
-    with side effects, a counter say, sees each event once). Between ``record`` and
-    ``clear`` replies are kept; after ``replay`` calls are answered from them."""
+    """The plugin's replies to a query that may fail, for running it again on parts
+    of its events: their calls are then answered from what the plugin already said,
+    so a function runs once per event even though the query ran several times (a
+    function with side effects, a counter say, sees each event once). Between
+    ``record`` and ``clear`` replies are kept; after ``replay`` calls are answered
+    from them, and the answers are kept again for the next ``replay``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -201,18 +202,19 @@ class CallReplay:
         """The replies to ``requests``: kept ones while replaying, else the plugin's."""
         if self._kept is None:
             replies = pool._counted(requests)
-            if self._made is not None:
-                with self._lock:
-                    self._made.append((pool.symbol, requests, replies))
-            return replies
+        else:
+            with self._lock:
+                out: list[bytes | None] = []
+                for request in requests:
+                    kept = self._kept.get((pool.symbol, request))
+                    out.append(kept.popleft() if kept else None)
+            missing = [request for request, reply in zip(requests, out, strict=True) if reply is None]
+            fresh = iter(pool._counted(missing) if missing else [])
+            replies = [reply if reply is not None else next(fresh) for reply in out]
         with self._lock:
-            out: list[bytes | None] = []
-            for request in requests:
-                kept = self._kept.get((pool.symbol, request))
-                out.append(kept.popleft() if kept else None)
-        missing = [request for request, reply in zip(requests, out, strict=True) if reply is None]
-        fresh = iter(pool._counted(missing) if missing else [])
-        return [reply if reply is not None else next(fresh) for reply in out]
+            if self._made is not None:
+                self._made.append((pool.symbol, requests, replies))
+        return replies
 
     def record(self) -> None:
         """Keep the replies from now on."""
@@ -220,13 +222,14 @@ class CallReplay:
             self._made, self._kept = [], None
 
     def replay(self) -> None:
-        """Answer calls from the replies kept since ``record`` (each used once)."""
+        """Answer calls from the replies kept since ``record`` or the last ``replay``
+        (each used once), keeping these answers for the next ``replay``."""
         with self._lock:
             self._kept = collections.defaultdict(collections.deque)
             for symbol, requests, replies in self._made or []:
                 for request, reply in zip(requests, replies, strict=True):
                     self._kept[(symbol, request)].append(reply)
-            self._made = None
+            self._made = []
 
     def clear(self) -> None:
         """Forget every reply; calls go to the plugin again, nothing is kept."""
