@@ -680,6 +680,28 @@ def test_a_failing_partition_fails_the_run_and_keeps_committed_partitions(tmp_pa
     assert {n: len(v) for n, v in by_partition(app).items()} == {"a": 3, "b": 3, "c": 3, "d": 3}
 
 
+def test_fields_of_json_credentials_are_masked_in_errors_and_logs(tmp_path):
+    """Ascend hands credentials over as a string, usually JSON: a field of it
+    printed or raised is a secret too."""
+    app = connector_app(tmp_path / "app", dedent("""
+        import json
+        def context(credentials):
+            return json.loads(credentials)
+        def list_objects(context, metadata):
+            yield {"name": "only", "fingerprint": "v1", "is_prefix": False}
+        def read_pandas_dataframe(context, metadata):
+            print("using", context["token"], "on", context["region"])
+            raise RuntimeError("upstream 503, token=" + context["token"])
+    """), step='credentials: "${{ secrets.cf }}"')
+    token = "tok-SECRET-1234567"
+    credentials = json.dumps({"token": token, "region": "eu", "fail": True})
+    (run,) = run_app(app, environ={**os.environ, "STEPWELL_SECRET_CF": credentials})
+    assert run.status == "failed"
+    assert "token=***" in run.error and token not in run.traceback
+    assert "using *** on eu" in logs(app, run.id)
+    assert token not in partitions(app, "load")["only"].error
+
+
 def test_the_step_time_limit_covers_the_whole_refresh(tmp_path):
     app = connector_app(tmp_path / "app", SOURCE_CONNECTOR, step="parallelism: 2\ntimeout: 3s")
     set_source(app, {"fast": ("f1", 1), "slow1": ("s1", 1), "slow2": ("s2", 1)})

@@ -22,14 +22,23 @@ FRAGMENT_CHARS = 8
 
 def secret_strings(value: Any) -> list[str]:
     """Every text inside a resolved secret (a string, or a connection's values),
-    for the ``Redactor``."""
+    for the ``Redactor``. A string holding a JSON object or array (a connector's
+    credentials, say) gives its values too: code parses it and prints a field."""
     if isinstance(value, str):
+        if value.lstrip()[:1] in ("{", "["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                return [value]
+            if isinstance(parsed, (dict, list)):
+                return [value, *secret_strings(parsed)]
         return [value]
     if isinstance(value, Mapping):
         return [s for v in value.values() for s in secret_strings(v)]
     if isinstance(value, (list, tuple)):
         return [s for v in value for s in secret_strings(v)]
-    return [str(value)] if value is not None else []
+    # (a flag is no secret: masking "True" would hide every True in the log)
+    return [str(value)] if value is not None and not isinstance(value, bool) else []
 
 
 class Redactor:
