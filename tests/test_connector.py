@@ -693,7 +693,7 @@ def test_fields_of_json_credentials_are_masked_in_errors_and_logs(tmp_path):
             print("using", context["token"], "on", context["region"])
             raise RuntimeError("upstream 503, token=" + context["token"])
     """), step='credentials: "${{ secrets.cf }}"')
-    token = "tok-SECRET-1234567"
+    token = "Zq93xw"  # shorter than a masked piece of the whole string
     credentials = json.dumps({"token": token, "region": "eu", "fail": True})
     (run,) = run_app(app, environ={**os.environ, "STEPWELL_SECRET_CF": credentials})
     assert run.status == "failed"

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from stepwell.engine.logs import Redactor, RunLog
+from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.engine.staging import StagedRun
 from stepwell.engine.worker_session import Outcome, WorkerSession
 from stepwell.runtimes.connector.contract import MAX_DEPTH, READ_FUNCTIONS
@@ -106,16 +106,6 @@ def worker_options(runner: Runner, active: ActiveRun, sys_path: list[str]) -> di
         "hide_paths": runner._store_paths,
         "mode": runner.sandbox,
     }
-
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list | tuple):
-        return [s for v in value for s in _strings(v)]
-    return [] if value is None else [str(value)]
 
 
 # -- small thread-safe helpers ------------------------------------------------------
@@ -631,7 +621,7 @@ def run_connector(runner: Runner, active: ActiveRun) -> Outcome:
     credentials = None
     if step.credentials is not None:
         credentials = secrets.resolve(step.credentials, app_root, runner.environ, step=step.name)
-        active.redact.values = Redactor([*active.redact.values, *_strings(credentials)]).values
+        active.redact.values = Redactor([*active.redact.values, *secret_strings(credentials)]).values
     requirements = getattr(runner.app, "requirements_file", None)
     sys_path = runner._environment(active.log)
     hashed = code_hash(app_root, step, requirements)
