@@ -182,12 +182,12 @@ class ServerClient:
 
     # -- state ------------------------------------------------------------------------
     def describe_state(self, step: str) -> dict[str, Any]:
-        return StepState.model_validate(self.get_json(f"/api/steps/{step}/state")).model_dump()
+        return _state_dict(self.get_json(f"/api/steps/{step}/state"))
 
     def change_state(self, step: str, *, reset: bool, values: dict[str, Any]) -> dict[str, Any]:
         response = self.request("PATCH", f"/api/steps/{step}/state",
                                 json={"reset": reset, "values": values})
-        return StepState.model_validate(response.json()).model_dump()
+        return _state_dict(response.json())
 
 
 def _error(response: httpx.Response) -> ApiError:
@@ -197,3 +197,12 @@ def _error(response: httpx.Response) -> ApiError:
     except (ValueError, KeyError, TypeError):
         text = response.text.strip()[:300] or response.reason_phrase
         return ApiError(f"the server answered {response.status_code}: {text}", response.status_code)
+
+
+def _state_dict(body: Any) -> dict[str, Any]:
+    """A step's state as ``describe_state`` gives it locally (partitions only for
+    connectors)."""
+    described = StepState.model_validate(body).model_dump()
+    if described["partitions"] is None:
+        del described["partitions"]
+    return described

@@ -204,6 +204,9 @@ class StepState(_Model):
     step: str
     state: dict[str, Any]
     stream_positions: list[PositionModel]
+    partitions: list[PartitionModel] | None = Field(
+        default=None, description="A connector step's partitions (absent for other steps)"
+    )
 
 
 class StateChange(_Model):

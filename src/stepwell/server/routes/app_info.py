@@ -130,10 +130,7 @@ def get_step(name: str = StepName, ctx: ServerContext = Depends(get_ctx)) -> Ste
 
 
 def _state(ctx: ServerContext, name: str) -> StepState:
-    described = describe_state(ctx.store, name)
-    # a connector's partitions have their own endpoint (GET /api/steps/{name}/partitions)
-    described.pop("partitions", None)
-    return StepState.model_validate(jsonable(described))
+    return StepState.model_validate(jsonable(describe_state(ctx.store, name)))
 
 
 def _idle(ctx: ServerContext, name: str) -> None:
