@@ -348,6 +348,56 @@ def test_missed_cron_ticks_run_once_after_restart(tmp_path, store_url):
     assert now - 3600 < last <= now and int(last) % 3600 == 0  # the latest missed tick
 
 
+def test_rows_of_a_run_killed_with_its_host_reach_their_readers_after_restart(tmp_path, store_url):
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from stepwell.store.base import RunRecord
+
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: writer
+                node: writer.py
+                outputs: {ticks: ticks}
+              - name: reader
+                node: reader.py
+                trigger: upstream
+                inputs: {ticks: ticks}
+                outputs: {copied: copied}
+        """,
+        "writer.py": "from patterns import Table\nTable('ticks', 'w').append({'n': 0})\n",
+        "reader.py": """
+            from patterns import Table
+            out = Table("copied", "w")
+            for row in Table("ticks").as_stream(order_by="n"):
+                out.append({"n": row["n"]})
+        """,
+    })
+    # what a server killed mid-run leaves: rows committed at a commit point, the run
+    # still `running` under a process that is gone
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    store = open_store(store_url, app)
+    try:
+        store.create_run(RunRecord(id="01killed", step="writer", status="running",
+                                   started_at=dt.datetime.now(dt.UTC), rows_out=3,
+                                   host_pid=int(gone.stdout)))  # fmt: skip
+        with store.transaction() as tx:
+            tx.append("ticks", pa.table({"n": [1, 2, 3]}))
+            tx.commit()
+    finally:
+        store.close()
+    with ThreadServer(app, store_url=store_url) as server, server.client() as client:
+        runs = wait_for(lambda: runs_of(client, "reader"), 30, what="the reader's run")
+        ended = wait_run(client, runs[0]["id"])
+        assert ended["status"] == "succeeded", ended["error"]
+        assert sorted(r["n"] for r in table_rows(client, "copied")) == [1, 2, 3]
+        assert client.get("/api/runs/01killed").json()["status"] == "killed"
+
+
 def test_triggers_coalesce_and_a_step_never_runs_twice_at_once(steps_app):
     with ThreadServer(steps_app) as server, server.client() as client:
         tickets = [client.post("/api/runs", json={"step": "slow"}).json() for _ in range(5)]

@@ -177,8 +177,10 @@ class Runner:
         #: workers made ahead for steps about to run (``run_step(..., then=...)``), by
         #: step name, with what they were made for
         self._prepared: dict[str, tuple[tuple, Any]] = {}
+        #: ids of the runs of gone host processes this runner closed when it started
+        self.recovered: list[str] = []
         if recover:  # (a Ray task must not: other hosts' pids mean nothing on its node)
-            recover_orphans(store)
+            self.recovered = recover_orphans(store)
 
     # -- preparation -----------------------------------------------------
     def _context(self, step: Any) -> StepContext:

@@ -240,6 +240,7 @@ class Scheduler:
             book["cron"] = cron_book
             self._write_bookkeeping(book)
         self._resume_requested_runs(now)
+        self._resume_readers_of_killed_runs()
         self._timer_thread = threading.Thread(target=self._timer_loop, name="stepwell-timer", daemon=True)
         self._timer_thread.start()
         with self._cv:
@@ -602,6 +603,18 @@ class Scheduler:
             ended = _epoch(last.ended_at) if last.ended_at else now
             with self._cv:
                 self._enqueue(step.name, "request_new_run", delay=max(0.0, ended + wait - now))
+
+    def _resume_readers_of_killed_runs(self) -> None:
+        """A run whose host died had its readers' runs still to come: queue them if
+        it committed rows before it died (they would wait for the next commit)."""
+        steps = {step.name: step for step in self.app.steps}
+        for run_id in getattr(self.runner, "recovered", []):
+            run = self.store.get_run(run_id)
+            if run is None or run.status != "killed" or not run.rows_out or run.step not in steps:
+                continue
+            with self._cv:
+                for name in self.readers(steps[run.step].output_tables(), writer=run.step):
+                    self._enqueue(name, "upstream")
 
     def _adopt_queued_runs(self) -> list[RunRecord]:
         """Take over runs left ``queued`` by a server that is gone (before the
