@@ -83,7 +83,20 @@ class RuleNotFound(RuleError):
 
 
 class _Undelivered(Exception):
-    """A batch's results did not reach a sink: nothing of the batch is committed."""
+    """The rule stopped before a batch's results reached a sink: nothing of the
+    batch is committed."""
+
+
+class _DeliveryFailed(_Undelivered):
+    """A sink failed on a batch's results after its retries: the rule fails and
+    nothing of the batch is committed."""
+
+
+def _shown(payload: Any, limit: int = 120) -> str:
+    """A payload or event for an error message, cut to ``limit`` characters."""
+    text = payload.decode(errors="replace") if isinstance(payload, bytes) else json.dumps(
+        payload, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def def_key(rule_id: str) -> str:
@@ -239,6 +252,9 @@ class _SinkAction(_Action):
         self.name = symbol
         self.op_id = f"{symbol}_{index}"
         self.send_single = bool(props.get("sendSingle", False))
+        #: eKuiper's sink properties for failed deliveries
+        self.retry_count = max(int(props.get("retryCount", 3)), 0)
+        self.retry_interval = max(float(props.get("retryInterval", 1000)), 0) / 1000
         self.channel: Any = None
 
     def start(self) -> None:
@@ -249,22 +265,52 @@ class _SinkAction(_Action):
         )
 
     def emit(self, rows: list[dict[str, Any]]) -> None:
-        from stepwell.runtimes.plugin.channels import SinkFailed, SinkInterrupted
-
         payloads = rows if self.send_single else [rows]
-        metrics = self.runtime.metrics
         for payload in payloads:
-            data = json.dumps(payload, default=json_default, separators=(",", ":")).encode()
+            self._deliver(json.dumps(payload, default=json_default, separators=(",", ":")).encode())
+
+    def _deliver(self, data: bytes) -> None:
+        """Send one payload; a failed delivery is retried ``retryCount`` times,
+        ``retryInterval`` ms apart (a sink its plugin closed is started again first).
+        Raises :class:`_DeliveryFailed` when it still fails, :class:`_Undelivered`
+        when the rule stops meanwhile."""
+        from stepwell.runtimes.plugin.channels import SinkFailed, SinkInterrupted, SinkRefused
+
+        metrics, what = self.runtime.metrics, self.channel.what
+        for attempt in range(1, self.retry_count + 2):
             try:
                 self.channel.send(data)
             except SinkInterrupted as exc:
-                raise _Undelivered(f"{self.channel.what}: {exc}") from None
+                raise _Undelivered(f"{what}: {exc}") from None
             except SinkFailed as exc:
-                metrics.acks_error += 1
-                metrics.error(f"sink {self.symbol!r}: {exc}")
+                if self.channel.require_ack or isinstance(exc, SinkRefused):
+                    metrics.acks_error += 1
+                if attempt > self.retry_count:
+                    raise _DeliveryFailed(f"{what} failed {attempt} times on a payload "
+                                          f"({_shown(data)}), last: {exc}") from None
+                metrics.error(f"{what}: {exc}; retry {attempt} of {self.retry_count} in "
+                              f"{self.retry_interval:g}s ({_shown(data)})")
+                self._recover(exc)
                 continue
             if self.channel.require_ack:
                 metrics.acks_ok += 1
+            return
+
+    def _recover(self, exc: Exception) -> None:
+        """Wait ``retryInterval`` and make the sink take payloads again."""
+        from stepwell.runtimes.plugin.channels import SinkFailed, SinkInterrupted, SinkRefused
+
+        if self.runtime._stopping.wait(self.retry_interval):
+            raise _Undelivered(f"{self.channel.what}: the rule stopped while retrying: {exc}")
+        if isinstance(exc, SinkRefused):
+            return  # (the sink runs: it refused this payload)
+        try:
+            done = self.channel.recover()
+        except SinkInterrupted as again:
+            raise _Undelivered(f"{self.channel.what}: {again}") from None
+        except SinkFailed as again:
+            raise _DeliveryFailed(f"{self.channel.what}: {again} after: {exc}") from None
+        log.info("rule %s: %s %s", self.runtime.rule.id, self.channel.what, done)
 
     def interrupt(self) -> None:
         if self.channel is not None:
@@ -556,6 +602,9 @@ class RuleRuntime:
             events = self._take()
             try:
                 self._process(events)
+            except _DeliveryFailed as exc:
+                self._fail(events, str(exc))
+                return
             except _Undelivered as exc:
                 self._abandon(events, str(exc))
                 return
@@ -705,10 +754,7 @@ class RuleRuntime:
                            "the query failed on the window as a whole)")
 
     def _drop(self, event: Event, exc: Exception) -> None:
-        shown = json.dumps(event.row, default=str)
-        if len(shown) > 200:
-            shown = shown[:200] + "..."
-        self.metrics.error(f"{_what_failed(exc)} (event {shown} dropped)")
+        self.metrics.error(f"{_what_failed(exc)} (event {_shown(event.row, 200)} dropped)")
 
     def _query(self, events: list[Event], pane: Pane | None) -> list[dict[str, Any]]:
         assert self.compiled is not None

@@ -44,15 +44,34 @@ class Counter(Source):
 
 
 class Collect(Sink):
-    """Appends every payload to the file ``path``; acks each one (errors for "bad" rows)."""
+    """Appends every payload to the file ``path``; acks each one (errors for "bad" rows).
+
+    ``fail: {"on": "<text>", "how": "raise" | "exit", "times": n}`` makes ``collect``
+    raise (the SDK then closes the sink) or the process exit, before acknowledging,
+    for the first ``n`` payloads containing the text (counted in ``path.failed``)."""
 
     def __init__(self) -> None:
         self.path = ""
         self.hang = False
+        self.fail: dict = {}
 
     def configure(self, conf: dict) -> None:
         self.path = conf["path"]
         self.hang = bool(conf.get("hang"))  # never acknowledge (stop tests)
+        self.fail = conf.get("fail") or {}
+
+    def _maybe_fail(self, data: bytes) -> None:
+        if not self.fail or self.fail["on"].encode() not in data:
+            return
+        marks = self.path + ".failed"
+        failed = len(open(marks).read().splitlines()) if os.path.exists(marks) else 0
+        if failed >= int(self.fail.get("times", 1)):
+            return
+        with open(marks, "a") as f:
+            f.write(data.decode() + "\n")
+        if self.fail.get("how") == "exit":
+            os._exit(9)
+        raise RuntimeError(f"collect cannot take {data.decode()}")
 
     def open(self, ctx: Context) -> None:
         with open(self.path + ".opened", "a") as f:
@@ -61,6 +80,7 @@ class Collect(Sink):
     def collect(self, ctx: Context, data: Any) -> None:
         with open(self.path, "a") as f:
             f.write(data.decode() + "\n")
+        self._maybe_fail(data)
         if self.hang:
             time.sleep(3600)
         if b'"bad"' in data:

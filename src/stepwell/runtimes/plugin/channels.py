@@ -176,6 +176,9 @@ class SinkChannel:
         self._push: pynng.Socket | None = None
         self._closing = False
         self._lock = threading.Lock()
+        #: connections to the sink's socket lost so far (a payload pushed before a loss
+        #: will not be acknowledged, even when a restarted sink is connected again)
+        self._pipes_lost = 0
 
     @property
     def what(self) -> str:
@@ -189,12 +192,17 @@ class SinkChannel:
             self.process.command("start", ctrl, remember=self._key)
             self._push = _socket(pynng.Push0, 500)
             self._push.send_timeout = 500  # (polls for interrupt() while the sink is full)
+            self._push.reconnect_time_min, self._push.reconnect_time_max = 20, 200
+            self._push.add_post_pipe_remove_cb(self._on_pipe_lost)
             self._push.dial(self.process.url(f"{_stem(self.meta)}.ipc"), block=True)
         except BaseException:
             self._close_sockets()
             raise
         if not self.require_ack:
             threading.Thread(target=self._drain, name=f"sink-ack-{self._key}", daemon=True).start()
+
+    def _on_pipe_lost(self, _pipe: Any) -> None:
+        self._pipes_lost += 1
 
     def _drain(self) -> None:
         while not self._closing:
@@ -209,28 +217,55 @@ class SinkChannel:
         """Push ``payload`` and, with requireAck, wait for its ack.
 
         Raises :class:`SinkRefused` (an error ack), :class:`SinkInterrupted` (the
-        rule is stopping) or :class:`SinkFailed` (not taken or not acknowledged)."""
+        rule is stopping) or :class:`SinkFailed` (not taken or not acknowledged;
+        :meth:`recover` then makes the sink take payloads again)."""
         with self._lock:
-            if self._closing:
-                raise SinkInterrupted("the rule is stopping; not sent")
-            self._push_payload(payload)
-            if self.require_ack:
-                self._await_ack()
+            self._check_interrupted("not sent")
+            try:
+                lost, generation = self._pipes_lost, self.process.generation
+                self._push_payload(payload)
+                if self.require_ack:
+                    self._await_ack(lost, generation)
+            except pynng.NNGException as exc:
+                self._check_interrupted("not sent")
+                raise SinkFailed(f"sending failed: {exc}") from None
+
+    def _check_interrupted(self, what: str) -> None:
+        if self._closing:
+            raise SinkInterrupted(f"the rule is stopping; {what}")
+
+    def connected(self) -> bool:
+        """Whether the sink's socket in the plugin is there (the SDK closes it when
+        the sink's collect raises, and it goes with a dead process)."""
+        return self._push is not None and bool(self._push.pipes)
 
     def _push_payload(self, payload: bytes) -> None:
         assert self._push is not None
         deadline = time.monotonic() + self.PUSH_TIMEOUT
+        generation = self.process.generation
+        gone_since: float | None = None
         while True:
             try:
                 self._push.send(payload)
                 return
             except pynng.Timeout:
-                if self._closing:
-                    raise SinkInterrupted("the rule is stopping; not sent") from None
-                if time.monotonic() > deadline:
+                self._check_interrupted("not sent")
+                now = time.monotonic()
+                if self.connected():
+                    gone_since = None
+                elif gone_since is None:
+                    gone_since = now
+                elif now - gone_since > 1.0:  # rather than waiting out PUSH_TIMEOUT
+                    raise SinkFailed(self._gone("is not running", generation)) from None
+                if now > deadline:
                     raise SinkFailed(f"did not take the payload in {self.PUSH_TIMEOUT:g}s") from None
 
-    def _await_ack(self) -> None:
+    def _gone(self, what: str, generation: int) -> str:
+        if not self.process.alive() or self.process.generation != generation:
+            return f"{what}: its plugin process exited (it is restarted)"
+        return f"{what}: the plugin closed it (the SDK does when the sink's collect raises)"
+
+    def _await_ack(self, lost: int, generation: int) -> None:
         assert self._ack is not None
         deadline = time.monotonic() + self.ACK_TIMEOUT
         while True:
@@ -238,8 +273,9 @@ class SinkChannel:
                 raw = self._ack.recv()
                 break
             except pynng.Timeout:
-                if self._closing:
-                    raise SinkInterrupted("the rule stopped before the sink acknowledged") from None
+                self._check_interrupted("the ack was not awaited")
+                if not self.connected() or self._pipes_lost != lost:
+                    raise SinkFailed(self._gone("closed before acknowledging", generation)) from None
                 if time.monotonic() > deadline:
                     raise SinkFailed(f"no ack in {self.ACK_TIMEOUT:g}s") from None
         try:
@@ -248,6 +284,55 @@ class SinkChannel:
             raise SinkFailed(f"invalid ack {raw[:80]!r}") from None
         if isinstance(ack, dict) and ack.get("error"):
             raise SinkRefused(f"refused: {ack['error']}")
+
+    def recover(self, timeout: float = 15.0) -> str:
+        """After a :class:`SinkFailed`: make the sink take payloads again. A crashed
+        plugin process is restarted by its watchdog, which starts the sink again;
+        a sink the SDK closed (or that stopped answering) is stopped and started
+        again here. Acks of earlier payloads still on the way are discarded.
+        Returns what was done; raises :class:`SinkFailed` when it does not come back."""
+        deadline = time.monotonic() + timeout
+        action = "reconnected"
+        while True:
+            self._check_interrupted("not restarted")
+            if self.process.ready() and self._wait_connected(1.0):
+                break
+            if time.monotonic() > deadline:
+                raise SinkFailed(f"did not come back in {timeout:g}s")
+            if self.process.ready():  # the process runs, the sink does not: start it again
+                self._restart_symbol()
+                action = "started again"
+            else:  # (its watchdog restarts the process, which starts the sink again)
+                time.sleep(0.05)
+        self._discard_acks()
+        return action
+
+    def _wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.connected():
+            if time.monotonic() > deadline or self._closing:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _restart_symbol(self) -> None:
+        ctrl = control_arg(self.symbol, "sink", self.meta, self.config)
+        try:
+            self.process.command("stop", control_arg(self.symbol, "sink", self.meta),
+                                 forget=self._key)
+        except PluginError as exc:
+            log.info("%s: stop before restart: %s", self.what, exc)
+        self.process.command("start", ctrl, remember=self._key)
+        log.warning("%s was closed by its plugin; started it again", self.what)
+
+    def _discard_acks(self) -> None:
+        if not self.require_ack or self._ack is None:
+            return
+        while True:
+            try:
+                self._ack.recv(block=False)
+            except pynng.NNGException:
+                return
 
     def interrupt(self) -> None:
         """Stop waiting (the rule is stopping): a send in progress raises

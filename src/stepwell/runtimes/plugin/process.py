@@ -279,6 +279,10 @@ class PluginProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def ready(self) -> bool:
+        """Running and done replaying its symbols (not dead nor restarting)."""
+        return self._ready.is_set() and self.alive()
+
     # -- lifecycle
     def start(self) -> None:
         """Spawn the process and wait for its handshake."""
