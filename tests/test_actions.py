@@ -123,6 +123,16 @@ APP = {
                   time.sleep(params.get("seconds", 5))
                   return "woke"
                 timeout: 1s
+          - name: long_then_more
+            steps:
+              - name: nap
+                code: |
+                  import time
+                  print("napping")
+                  time.sleep(30)
+                timeout: 60s
+                allow_failure: true
+              - {name: more, code: "print('more ran'); return 2"}
           - name: slow_action
             timeout: 1s
             steps:
@@ -399,6 +409,31 @@ def test_step_timeout_kills_the_worker_and_the_pool_recovers(served: Any) -> Non
     assert result["steps"][0]["error"] == "step 'sleep' exceeded its time limit (1s)"
     assert run(served, "slow", {"seconds": 0})["data"] == "woke"
     assert record_of(served, result["run_id"])["status"] == "timed_out"
+
+
+def test_a_running_action_can_be_cancelled(served: Any) -> None:
+    outcome: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: outcome.update(run(served, "long_then_more")))
+    began = time.monotonic()
+    caller.start()
+
+    def running() -> str | None:
+        runs = served.http.get("/api/runs", params={"step": "action:long_then_more",
+                                                    "status": "running"}).json()["runs"]  # fmt: skip
+        return runs[0]["id"] if runs else None
+
+    run_id = wait_for(running, 10, what="the action's run")
+    wait_for(lambda: "[nap] napping" in [line["message"] for line in  # its code is running
+             served.http.get(f"/api/runs/{run_id}/logs").json()["lines"]], 10, what="the nap")  # fmt: skip
+    cancelled = served.http.post(f"/api/runs/{run_id}/cancel")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelling", cancelled.text
+    caller.join(20)
+    assert time.monotonic() - began < 15
+    assert outcome["status"] == "cancelled" and outcome["run_id"] == run_id
+    assert outcome["error"] == "action 'long_then_more' was cancelled"
+    assert record_of(served, run_id)["status"] == "cancelled"
+    assert not any("more ran" in line for line in logs_of(served, run_id))  # no further step
+    assert run(served, "slow", {"seconds": 0})["data"] == "woke"  # the pool recovered
 
 
 def test_action_timeout(served: Any) -> None:

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,10 @@ class _Call:
     deadline: float
     timeout: float
     action: str
+    #: set by ``ActionExecutor.cancel``: no further step starts
+    cancelled: bool = False
+    #: the workers running its code steps now (a cancel kills them)
+    workers: set[Any] = field(default_factory=set)
 
 
 @dataclass
@@ -260,6 +264,9 @@ class ActionExecutor:
         self._secret_lock = threading.Lock()
         self._sys_path: list[str] | None = None
         self._env_lock = threading.Lock()
+        #: invocations in progress, by run id (for ``cancel``)
+        self._calls: dict[str, _Call] = {}
+        self._calls_lock = threading.Lock()
         self._owns_journal = journal is None
         self.journal = journal or RunJournal(store)
         self._owns_pool = pool is None
@@ -394,6 +401,8 @@ class ActionExecutor:
         self.journal.started(run)
         if self.listener is not None:
             self.listener.run_started(run)
+        with self._calls_lock:
+            self._calls[run.id] = call
         try:
             secret_values: list[str] = []
             for ref in sorted(self._secret_refs(name)):
@@ -403,8 +412,13 @@ class ActionExecutor:
             outcome = self._run_action(action, {**defaults, **params}, call, (name,), call.deadline)
         except Exception as exc:  # configuration problems (a missing secret...)
             outcome = _Outcome(None, f"action {name!r}: {exc}", [])
+        finally:
+            with self._calls_lock:
+                del self._calls[run.id]
         error = redact(outcome.error) if isinstance(outcome.error, str) else outcome.error
         status = "succeeded" if error is None else ("timed_out" if outcome.timed_out else "failed")
+        if call.cancelled:
+            status, error = "cancelled", f"action {name!r} was cancelled"
         duration = (time.monotonic() - began) * 1000
         if error is not None:
             call.log.add("error", [f"[stepwell] action {name!r} {status}: {_text(error)}"])
@@ -423,6 +437,18 @@ class ActionExecutor:
             record = RunRecord(**{**run.__dict__, **final})
             self.listener.run_finished(record)
         return ActionResult(run.id, name, status, outcome.data, error, outcome.steps, duration)
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel invocation ``run_id`` if it is in progress here: no further step
+        starts and the workers running its code are killed. False if it is not."""
+        with self._calls_lock:
+            call = self._calls.get(run_id)
+        if call is None:
+            return False
+        call.cancelled = True
+        for worker in list(call.workers):
+            worker.process.kill()
+        return True
 
     def _on_line(self, run: RunRecord) -> Callable[[LogLine], None] | None:
         listener = self.listener
@@ -445,6 +471,8 @@ class ActionExecutor:
             failure: _StepFailed | None = None
             value: Any = None
             try:
+                if call.cancelled:
+                    break
                 if time.monotonic() >= deadline:
                     raise _StepFailed(self._action_timeout(call), timed_out=True)
                 value = self._run_step(action, step, context, call, chain, deadline, prefix)
@@ -463,6 +491,8 @@ class ActionExecutor:
             if failure is None:
                 data, error = value, None
                 continue
+            if call.cancelled:
+                return _Outcome(None, step_error, steps)
             if time.monotonic() >= call.deadline and not failure.timed_out:
                 return _Outcome(None, self._action_timeout(call), steps, True,
                                 failure.traceback)  # fmt: skip
@@ -569,7 +599,10 @@ class ActionExecutor:
         if worker.notes:
             call.log.note(worker.notes)
         tag = f"[{prefix}] "
+        call.workers.add(worker)
         try:
+            if call.cancelled:  # (cancelled while it waited for the worker)
+                raise _StepFailed(f"step {step.name!r} was cancelled before it started")
             result = worker.invoke(
                 job, step_deadline, lambda level, lines: call.log.add(level, lines, tag)
             )
@@ -583,6 +616,7 @@ class ActionExecutor:
         except (TypeError, ValueError, OverflowError) as exc:  # inputs msgpack cannot carry
             raise _StepFailed(f"cannot pass the step its inputs: {exc}") from None
         finally:
+            call.workers.discard(worker)
             self.pool.release(worker)
         if result.get("status") == "ok":
             return result.get("data")
