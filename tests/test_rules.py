@@ -466,6 +466,26 @@ def test_rule_cli(tmp_path: Path) -> None:
         store.close()
 
 
+def test_removing_a_plugin_rules_use_is_refused_unless_forced(tmp_path: Path) -> None:
+    root = make_app(tmp_path / "app", streams={
+        "readings": 'CREATE STREAM readings () WITH (TYPE="table", DATASOURCE="readings")'})
+    runner = CliRunner()
+    assert runner.invoke(cli_app, ["plugin", "install", str(root), str(PLUGIN_SRC)]).exit_code == 0
+    rule_file = tmp_path / "rule.json"
+    rule_file.write_text(json.dumps({"id": "user1", "sql": "SELECT revstr(grp) AS g FROM readings",
+                                     "actions": [{"collect": {"path": "x"}}], "triggered": False}))
+    assert runner.invoke(cli_app, ["rule", "create", str(root), str(rule_file)]).exit_code == 0
+    result = runner.invoke(cli_app, ["plugin", "remove", str(root), "swtest"])
+    assert result.exit_code != 0
+    assert ("plugin 'swtest' is used by rule user1 (function revstr, sink collect): delete or "
+            "change those rules first") in str(result.exception)
+    result = runner.invoke(cli_app, ["plugin", "remove", str(root), "swtest", "--force"])
+    assert result.exit_code == 0 and "removed plugin swtest" in result.stdout
+    assert "rule user1 uses plugin swtest: it fails to start" in result.stderr
+    result = runner.invoke(cli_app, ["rule", "start", str(root), "user1", "--run-for", "1"])
+    assert result.exit_code != 0 and "function revstr() is not a SQL function" in str(result.exception)
+
+
 def _app_listing_a_plugin_and_a_rule(root: Path, rule_id: str) -> Path:
     """An app whose stepwell.yml lists the test plugin and a rule copying 3 readings."""
     import shutil
@@ -631,3 +651,22 @@ def test_a_batch_that_cannot_be_processed_fails_the_rule_without_committing(env)
     engine.stop("nolookup")
     assert [(r["id"], r["label"]) for r in rows_of(store, "nolookup_out", "id")] == [
         (0, "alpha"), (1, None), (2, "alpha")]
+
+
+def test_a_function_no_plugin_provides_is_refused_at_create_and_start(env) -> None:
+    root, store, engine = env
+    with pytest.raises(RuleError, match=r"function revert\(\) is not a SQL function and no "
+                       r"installed plugin provides it \(plugin functions: boom, noval, revstr"):
+        engine.create({"id": "nofn", "sql": "SELECT revert(grp) AS r, upper(grp) AS u FROM readings",
+                       "actions": [{"log": {}}]})
+    assert "nofn" not in [r["id"] for r in engine.list()]
+    # a rule whose plugin went away after it was created is refused at start
+    engine.create({"id": "gone", "sql": "SELECT revstr(grp) AS r FROM readings",
+                   "actions": [{"log": {}}], "triggered": False})
+    engine._fn_cache = set()  # as after `stepwell plugin remove --force`
+    with pytest.raises(RuleError, match=r"function revstr\(\) is not a SQL function"):
+        engine.start("gone")
+    assert "gone" not in engine.running
+    del engine._fn_cache
+    assert engine.rules_using(engine.manager.plugin_for("function", "revstr")) == {
+        "gone": ["function revstr"]}

@@ -117,19 +117,35 @@ def plugin_list(app_path: AppArg = ".", as_json: JsonOpt = False) -> None:
 
 
 @plugin_app.command("remove")
-def plugin_remove(app_path: AppArg, name: Annotated[str, typer.Argument(help="Plugin name")]) -> None:
-    """Remove an installed plugin."""
-    from stepwell.runtimes.plugin.install import PluginInstallError, remove_plugin
+def plugin_remove(
+    app_path: AppArg,
+    name: Annotated[str, typer.Argument(help="Plugin name")],
+    force: Annotated[bool, typer.Option("--force", help="Remove it even if rules use it "
+                                        "(they then fail to start)")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Remove an installed plugin (refused while rules use it, unless --force)."""
+    from stepwell.runtimes.plugin.install import PluginInstallError, get_plugin, remove_plugin
+    from stepwell.streams.rules import plugin_in_use
 
-    root, client = _server(app_path)
+    root, client = _server(app_path, store)
     if client is not None:
-        print(f"removed plugin {_call(client, 'DELETE', f'/api/plugins/{name}')['name']}")
+        removed = _call(client, "DELETE", f"/api/plugins/{name}", params={"force": force})
+        print(f"removed plugin {removed['name']}")
         return
     try:
-        removed = remove_plugin(root, name)
+        plugin = get_plugin(root, name)
     except PluginInstallError as exc:
         _fail(exc)
         return
+    with _engine(app_path, store) as engine:
+        users = engine.rules_using(plugin)
+    if users and not force:
+        _fail(PluginInstallError(plugin_in_use(name, users)))
+    removed = remove_plugin(root, name)
+    for rule_id in users:
+        print(f"warning: rule {rule_id} uses plugin {name}: it fails to start until the plugin "
+              "is installed again", file=sys.stderr)
     print(f"removed plugin {removed.name}")
 
 

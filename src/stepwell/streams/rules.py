@@ -191,6 +191,23 @@ def _what_failed(exc: Exception) -> str:
     return inner if found else f"{type(exc).__name__}: {text}"
 
 
+_duckdb_functions: set[str] = set()
+
+
+def _sql_functions() -> set[str]:
+    """The names of DuckDB's functions and macros (read once)."""
+    if not _duckdb_functions:
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        try:
+            rows = con.sql("SELECT DISTINCT function_name FROM duckdb_functions()").fetchall()
+        finally:
+            con.close()
+        _duckdb_functions.update(str(name).lower() for (name,) in rows)
+    return _duckdb_functions
+
+
 # -- metrics -------------------------------------------------------------------------------
 
 
@@ -930,6 +947,7 @@ class RuleEngine:
         if stream.lookup:
             raise RuleError(f"{where}: {compiled.stream!r} is a lookup table: read a stream "
                             f"and JOIN the table (FROM <stream> JOIN {compiled.stream} ON ...)")
+        self._check_functions_exist(compiled, where)
         if not stream.is_table:
             self.manager.plugin_for("source", stream.type)
         for kind, _props in rule.actions:
@@ -941,6 +959,48 @@ class RuleEngine:
             if problem is not None:
                 raise RuleError(f"{where}: function {site.symbol}(): {problem}")
         return compiled
+
+    def _check_functions_exist(self, compiled: CompiledRule, where: str) -> None:
+        """Refuse a call of a function that is neither DuckDB's nor a plugin's (it
+        would fail on every event)."""
+        import sqlglot
+        from sqlglot import exp
+
+        tree = sqlglot.parse_one(compiled.sql, read="duckdb")
+        for node in tree.find_all(exp.Anonymous):
+            name = str(node.name).lower()
+            if name.startswith("sw_fn_") or name in _sql_functions():
+                continue
+            known = ", ".join(sorted(self._function_symbols())) or "none"
+            raise RuleError(
+                f"{where}: function {name}() is not a SQL function and no installed plugin "
+                f"provides it (plugin functions: {known}); install the plugin that does "
+                f"(`stepwell plugin install {self.app_root} PATH`) or correct the name")
+
+    def rules_using(self, plugin: Any) -> dict[str, list[str]]:
+        """The rules that use a symbol of ``plugin`` (an installed plugin): rule id ->
+        what they use, e.g. ``["function revert", "sink print"]``."""
+        import sqlglot
+        from sqlglot import exp
+
+        from stepwell.streams.parser import _func_name
+
+        users: dict[str, list[str]] = {}
+        for rule_id in self._ids():
+            try:
+                rule = self._known(rule_id).rule
+                tree = sqlglot.parse_one(rule.sql.strip().rstrip(";"), read="mysql")
+            except (RuleError, StreamError, sqlglot.errors.SqlglotError):
+                continue
+            functions = {_func_name(n) for n in tree.find_all(exp.Func)}
+            sources = {self.streams[t.name].type for t in tree.find_all(exp.Table)
+                       if t.name in self.streams}  # fmt: skip
+            used = [f"function {f}" for f in sorted(functions & set(plugin.functions))]
+            used += [f"source {s}" for s in sorted(sources & set(plugin.sources))]
+            used += [f"sink {k}" for k in sorted({k for k, _ in rule.actions} & set(plugin.sinks))]
+            if used:
+                users[rule_id] = used
+        return users
 
     def _function_symbols(self) -> set[str]:
         if not hasattr(self, "_fn_cache"):
@@ -1110,6 +1170,15 @@ class RuleEngine:
                 log.warning("rule %s: stop: %s", runtime.rule.id, exc)
         if stop_plugins:
             self.manager.stop_all()
+
+
+def plugin_in_use(name: str, users: dict[str, list[str]]) -> str:
+    """Why plugin ``name``, which rules still use (see :meth:`RuleEngine.rules_using`),
+    is not removed, and what to do."""
+    listed = "; ".join(f"rule {rule_id} ({', '.join(used)})" for rule_id, used in users.items())
+    return (f"plugin {name!r} is used by {listed}: delete or change those rules first "
+            "(`stepwell rule delete APP RULE`), or remove it anyway with --force "
+            "(`?force=true` in the API; the rules then fail to start)")
 
 
 def start_rules(app: Any, store: Store, say: Callable[[str], None] | None = None) -> RuleEngine | None:

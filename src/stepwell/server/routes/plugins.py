@@ -29,7 +29,7 @@ from stepwell.runtimes.plugin.install import get_plugin
 from stepwell.server.context import ServerContext, get_ctx
 from stepwell.server.errors import ApiError
 from stepwell.streams import RuleError, StreamError
-from stepwell.streams.rules import RuleEngine, RuleNotFound
+from stepwell.streams.rules import RuleEngine, RuleNotFound, plugin_in_use
 
 router = APIRouter(prefix="/api", tags=["plugins and rules"])
 
@@ -170,11 +170,16 @@ def post_plugin(body: PluginInstall, ctx: ServerContext = Depends(get_ctx)) -> P
 
 @router.delete("/plugins/{name}", response_model=RemovedPlugin, summary="Remove a plugin")
 def delete_plugin(name: str = Path(description="Plugin name", max_length=200),
+                  force: bool = Query(False, description="Remove it even if rules use it "
+                                      "(they then fail to start)"),
                   ctx: ServerContext = Depends(get_ctx)) -> RemovedPlugin:
     try:
-        get_plugin(ctx.app.root, name)
+        plugin = get_plugin(ctx.app.root, name)
     except PluginInstallError as exc:
         raise ApiError(404, str(exc)) from None
+    users = _guard(lambda: rule_engine(ctx)).rules_using(plugin)
+    if users and not force:
+        raise ApiError(409, plugin_in_use(name, users))
     _manager(ctx).stop_plugin(name)
     removed = _guard(lambda: remove_plugin(ctx.app.root, name))
     _functions_changed(ctx)
