@@ -978,3 +978,40 @@ def test_a_dead_idle_worker_is_replaced_not_handed_a_call(one_worker: Any) -> No
     time.sleep(0.2)
     result = one_worker.invoke("nap", {"t": 0}, {"id": "t", "roles": []})
     assert result.status == "succeeded", result.error
+
+
+def test_shutdown_lets_calls_end_then_cancels_them_and_refuses_new_ones(tmp_path: Path) -> None:
+    root = write_app(tmp_path / "app", {"stepwell.yml": """
+        actions:
+          - name: long
+            steps:
+              - {name: s, timeout: 60s, code: "import time; print('in'); time.sleep(30)"}
+          - name: echo
+            steps:
+              - {name: e, code: "return params"}
+    """})
+    server = ThreadServer(root, shutdown_timeout=1.0)
+    outcome: dict[str, Any] = {}
+    with server.client() as client:
+        caller = threading.Thread(target=lambda: outcome.update(
+            client.post("/api/actions/long/run", json={}).json()))
+        caller.start()
+        wait_for(lambda: client.get("/api/runs", params={"status": "running"}).json()["runs"], 10,
+                 what="the long call")  # fmt: skip
+        stopper = threading.Thread(target=server.stop)
+        began = time.monotonic()
+        stopper.start()
+        refused = wait_for(lambda: (r := client.post("/api/actions/echo/run", json={}))
+                           .status_code == 503 and r, 5, what="a refused call")  # fmt: skip
+        assert "shutting down" in refused.json()["error"]["message"]
+        caller.join(20)
+        stopper.join(30)
+    assert outcome["status"] == "cancelled", outcome
+    assert time.monotonic() - began < 15
+    from stepwell.store import open_store
+
+    store = open_store(None, root)
+    try:
+        assert store.get_run(outcome["run_id"]).status == "cancelled"
+    finally:
+        store.close()

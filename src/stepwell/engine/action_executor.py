@@ -79,6 +79,10 @@ class InvalidInput(ValueError):
     """Params or user that are not JSON objects of the expected shape."""
 
 
+class ShuttingDown(RuntimeError):
+    """The executor is draining (the server is stopping) and takes no new calls."""
+
+
 @dataclass
 class StepResult:
     """How one step of an action went."""
@@ -266,7 +270,8 @@ class ActionExecutor:
         self._env_lock = threading.Lock()
         #: invocations in progress, by run id (for ``cancel``)
         self._calls: dict[str, _Call] = {}
-        self._calls_lock = threading.Lock()
+        self._calls_changed = threading.Condition()
+        self._accepting = True
         self._owns_journal = journal is None
         self.journal = journal or RunJournal(store)
         self._owns_pool = pool is None
@@ -398,11 +403,25 @@ class ActionExecutor:
         call = _Call(run=run, log=_CallLog(RunLog(self.journal, run.id, redact, on_line)),  # type: ignore[arg-type]
                      redact=redact, user=user, deadline=began + timeout, timeout=timeout,
                      action=name)  # fmt: skip
+        with self._calls_changed:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down and takes no new action calls; "
+                                   "call again once it is back")  # fmt: skip
+            self._calls[run.id] = call
         self.journal.started(run)
         if self.listener is not None:
             self.listener.run_started(run)
-        with self._calls_lock:
-            self._calls[run.id] = call
+        try:
+            return self._finish(run, call, action, params, began)
+        finally:  # (after its record is with the journal: a drain waits for that)
+            with self._calls_changed:
+                del self._calls[run.id]
+                self._calls_changed.notify_all()
+
+    def _finish(self, run: RunRecord, call: _Call, action: Any, params: Mapping[str, Any],
+                began: float) -> ActionResult:  # fmt: skip
+        """Run the registered call ``call`` and record how it ended."""
+        name, redact = call.action, call.redact
         try:
             secret_values: list[str] = []
             for ref in sorted(self._secret_refs(name)):
@@ -412,9 +431,6 @@ class ActionExecutor:
             outcome = self._run_action(action, {**defaults, **params}, call, (name,), call.deadline)
         except Exception as exc:  # configuration problems (a missing secret...)
             outcome = _Outcome(None, f"action {name!r}: {exc}", [])
-        finally:
-            with self._calls_lock:
-                del self._calls[run.id]
         error = redact(outcome.error) if isinstance(outcome.error, str) else outcome.error
         status = "succeeded" if error is None else ("timed_out" if outcome.timed_out else "failed")
         if call.cancelled:
@@ -441,7 +457,7 @@ class ActionExecutor:
     def cancel(self, run_id: str) -> bool:
         """Cancel invocation ``run_id`` if it is in progress here: no further step
         starts and the workers running its code are killed. False if it is not."""
-        with self._calls_lock:
+        with self._calls_changed:
             call = self._calls.get(run_id)
         if call is None:
             return False
@@ -449,6 +465,24 @@ class ActionExecutor:
         for worker in list(call.workers):
             worker.process.kill()
         return True
+
+    def drain(self, timeout: float, grace: float = 10.0) -> list[str]:
+        """Take no new calls; let those in progress end within ``timeout`` seconds,
+        then cancel the rest and give them ``grace`` seconds to answer their
+        callers. Returns the ids of the runs it cancelled."""
+        with self._calls_changed:
+            self._accepting = False
+            self._calls_changed.wait_for(lambda: not self._calls, timeout)
+        late = self.cancel_all()
+        with self._calls_changed:
+            self._calls_changed.wait_for(lambda: not self._calls, grace)
+        return late
+
+    def cancel_all(self) -> list[str]:
+        """Cancel every call in progress; returns their run ids."""
+        with self._calls_changed:
+            running = list(self._calls)
+        return [run_id for run_id in running if self.cancel(run_id)]
 
     def _on_line(self, run: RunRecord) -> Callable[[LogLine], None] | None:
         listener = self.listener

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -53,9 +54,20 @@ def drain(ctx: ServerContext) -> None:
     event streams, commit the webhook rows already queued, let running steps end
     within ``shutdown_timeout``, then cancel the rest. A second call does nothing new."""
     ctx.scheduler.stop_accepting()
+    cancelled: list[str] = []
+    drainer = None
+    if ctx.actions is not None:  # action calls in progress drain alongside the steps
+        executor = ctx.actions.executor
+        drainer = threading.Thread(
+            target=lambda: cancelled.extend(executor.drain(ctx.settings.shutdown_timeout)),
+            name="stepwell-drain-actions", daemon=True,
+        )
+        drainer.start()
     ctx.hub.close()
     ctx.ingest.close()
-    cancelled = ctx.scheduler.shutdown(ctx.settings.shutdown_timeout)
+    cancelled += ctx.scheduler.shutdown(ctx.settings.shutdown_timeout)
+    if drainer is not None:
+        drainer.join()
     if cancelled:
         log.warning("cancelled %d run(s) still running at shutdown: %s",
                     len(cancelled), ", ".join(cancelled))

@@ -76,6 +76,8 @@ class ServerContext:
     say: Any = None
     #: the eKuiper-style rule engine, when the app has plugins, streams or rules
     rules: Any = None
+    #: the action executor's service, while the server runs (when the app has actions)
+    actions: Any = None
 
 
 async def get_ctx(request: Request) -> ServerContext:

@@ -256,6 +256,8 @@ class Serving:
     def _hurry(self) -> None:
         if self.ctx is not None:
             self.ctx.scheduler.hurry()
+            if self.ctx.actions is not None:
+                self.ctx.actions.executor.cancel_all()
 
     def _cleanup(self) -> None:
         try:

@@ -25,6 +25,7 @@ from stepwell.engine.action_executor import (
     ActionExecutor,
     ActionNotFound,
     InvalidInput,
+    ShuttingDown,
     normalize_user,
 )
 from stepwell.server.auth import bearer, token_matches
@@ -59,10 +60,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if ctx is not None and ctx.app.actions:
         service = await asyncio.to_thread(ActionService, ctx)
     app.state.actions = service
+    if ctx is not None:
+        ctx.actions = service  # (the drain at shutdown and run cancels reach it there)
     try:
         yield
     finally:
         app.state.actions = None
+        if ctx is not None:
+            ctx.actions = None
         if service is not None:
             await asyncio.to_thread(service.close)
 
@@ -203,4 +208,6 @@ def run_action(
         raise ApiError(404, str(exc)) from None
     except InvalidInput as exc:
         raise ApiError(422, str(exc)) from None
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc)) from None
     return JSONResponse(result.to_json())

@@ -91,13 +91,12 @@ def _merged(stored: list[LogLine], recent: list[LogLine]) -> list[LogLine]:
 @router.post("/runs/{run_id}/cancel", response_model=CancelResponse, status_code=202,
              summary="Cancel a queued or running run",
              responses={409: {"description": "The run has ended or is not run by this server"}})
-def cancel_run(request: Request, run_id: str = RunId,
-               ctx: ServerContext = Depends(get_ctx)) -> CancelResponse:  # fmt: skip
+def cancel_run(run_id: str = RunId, ctx: ServerContext = Depends(get_ctx)) -> CancelResponse:
     run = _run(ctx, run_id)
     if run.status in FINISHED:
         raise ApiError(409, f"run {run_id} has already ended ({run.status})")
     outcome = ctx.scheduler.cancel(run_id)
-    actions = getattr(request.app.state, "actions", None)
+    actions = ctx.actions
     if outcome is None and actions is not None and actions.executor.cancel(run_id):
         outcome = "cancelling"  # an action call: its caller gets the cancelled result
     if outcome is None:
