@@ -390,6 +390,9 @@ class RuleRuntime:
         self.event_time = bool(options.get("isEventTime", False))
         self.late_tolerance = int(options.get("lateTolerance", 0))
         self.processes = options.get("functionProcesses")
+        #: a plugin function call unanswered this long is dropped and its process
+        #: killed (eKuiper's function timeout is 5 s)
+        self.function_timeout = float(options.get("functionTimeoutMs", 5000)) / 1000
         self.poll_interval = float(options.get("pollIntervalMs", 200)) / 1000
         #: a lookup table is read again after this long even without a commit notice
         #: (commits by other processes), and at once after one
@@ -433,7 +436,7 @@ class RuleRuntime:
         pools = {s.symbol: self.manager.function_pool(s.symbol, self.processes)
                  for s in self.compiled.functions}
         sites = [UdfSite(s.udf_name, s.symbol, s.arity, s.aggregate,
-                         context_json(self.rule.id, "project", s.func_id))
+                         context_json(self.rule.id, "project", s.func_id), self.function_timeout)
                  for s in self.compiled.functions]
         register_udfs(self._con, sites, pools, self._replay)
         state = self.store.get_state(state_key(self.rule.id))
@@ -1170,6 +1173,9 @@ class RuleEngine:
                 log.warning("rule %s: stop: %s", runtime.rule.id, exc)
         if stop_plugins:
             self.manager.stop_all()
+            for runtime in runtimes:  # a loop still in a plugin call ends now that it failed
+                for thread in runtime._threads:  # (a thread left inside DuckDB aborts the exit)
+                    thread.join(5)
 
 
 def plugin_in_use(name: str, users: dict[str, list[str]]) -> str:

@@ -56,6 +56,10 @@ class FunctionCallError(PluginError):
     """A plugin function answered ``state: false`` with an error text."""
 
 
+class FunctionTimeout(PluginError):
+    """A plugin function call got no answer in time (its process was killed)."""
+
+
 def meta(rule_id: str, op_id: str, instance_id: int = 0) -> dict[str, Any]:
     return {"ruleId": rule_id, "opId": op_id, "instanceId": instance_id}
 
@@ -372,22 +376,25 @@ class FunctionChannel:
         ctrl = control_arg(symbol, "func", meta("", "", 0))
         process.command("start", ctrl, remember=self._key)
 
-    def call(self, payload: bytes, deadline: float | None = None) -> bytes:
+    def call(self, payload: bytes, deadline: float | None = None,
+             timeout: float | None = None) -> bytes:
         """One raw request/reply; retried once on a restarted process after a crash.
         Ends by ``deadline`` (a ``time.monotonic()`` value: a step's time limit), or
-        raises :class:`DeadlinePassed`."""
+        raises :class:`DeadlinePassed`. A call unanswered after ``timeout`` seconds
+        (default ``CALL_TIMEOUT``) raises :class:`FunctionTimeout`, and the plugin
+        process, stuck in it, is killed (its watchdog starts it again)."""
         what = f"function {self.symbol!r} (plugin {self.process.plugin.name!r})"
         with self._lock:
             for attempt in range(2):
                 generation = self.process.generation
                 alive = lambda g=generation: self.process.alive() and self.process.generation == g  # noqa: E731
-                timeout = self.CALL_TIMEOUT
+                limit = timeout or self.CALL_TIMEOUT
                 if deadline is not None:
-                    timeout = min(timeout, deadline - time.monotonic())
-                    if timeout <= 0:
+                    limit = min(limit, deadline - time.monotonic())
+                    if limit <= 0:
                         raise DeadlinePassed(f"{what}: the step's time limit passed")
                 try:
-                    return request_reply(self._sock, payload, alive, timeout, what)
+                    return request_reply(self._sock, payload, alive, limit, what)
                 except PluginCrashed:
                     if attempt:
                         raise
@@ -396,12 +403,20 @@ class FunctionChannel:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise DeadlinePassed(f"{what}: still running when the step's time "
                                              "limit passed") from None  # fmt: skip
-                    raise
+                    raise self._hung(what, limit) from None
             raise AssertionError("unreachable")
+
+    def _hung(self, what: str, limit: float) -> FunctionTimeout:
+        """The call got no answer in time: kill the process stuck in it (a late
+        answer would otherwise hold this channel), its watchdog starts it again."""
+        pid = self.process.pid
+        self.process.kill()
+        return FunctionTimeout(f"{what} did not answer in {limit:g}s; its process (pid {pid}) "
+                               "was killed and is restarted")
 
     def _await_restart(self, generation: int) -> None:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.process.stopping:
             if self.process.generation != generation and self.process._ready.is_set():
                 return
             time.sleep(0.02)

@@ -46,9 +46,11 @@ def json_default(value: Any) -> Any:
 class _Batch:
     """Requests shared out between the pool's channel threads."""
 
-    def __init__(self, requests: Sequence[bytes], deadline: float | None) -> None:
+    def __init__(self, requests: Sequence[bytes], deadline: float | None,
+                 timeout: float | None = None) -> None:
         self.requests = requests
         self.deadline = deadline
+        self.timeout = timeout
         self.replies: list[bytes | BaseException | None] = [None] * len(requests)
         self.next = itertools.count()
         self.remaining = len(requests)
@@ -99,7 +101,7 @@ class FunctionPool:
                 if i >= total:
                     break
                 try:
-                    replies[i] = channel.call(requests[i], batch.deadline)
+                    replies[i] = channel.call(requests[i], batch.deadline, batch.timeout)
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     replies[i] = exc
                 finished += 1
@@ -109,17 +111,22 @@ class FunctionPool:
                     if batch.remaining == 0:
                         batch.done.set()
 
-    def call_raw(self, requests: Sequence[bytes], deadline: float | None = None) -> list[bytes]:
+    def call_raw(self, requests: Sequence[bytes], deadline: float | None = None,
+                 timeout: float | None = None, *, errors: bool = False) -> list[Any]:
         """Send every request, spread over all channels; replies in request order.
-        Each call ends by ``deadline`` (``time.monotonic()``), if given."""
-        if len(requests) == 1:  # no hand-off for a lone call
-            return [self.channels[0].call(requests[0], deadline)]
-        batch = _Batch(requests, deadline)
+        Each call ends by ``deadline`` (``time.monotonic()``), if given, and takes
+        at most ``timeout`` seconds (see ``FunctionChannel.call``). A failed call
+        raises, after all were made; with ``errors`` its exception is in its place."""
+        if len(requests) == 1 and not errors:  # no hand-off for a lone call
+            return [self.channels[0].call(requests[0], deadline, timeout)]
+        batch = _Batch(requests, deadline, timeout)
         with self._cond:
             for queue in self._queues:
                 queue.append(batch)
             self._cond.notify_all()
         batch.done.wait()
+        if errors:
+            return list(batch.replies)
         out: list[bytes] = []
         for reply in batch.replies:
             if isinstance(reply, BaseException):
@@ -130,7 +137,7 @@ class FunctionPool:
 
     def exec_many(
         self, rows: Sequence[Sequence[Any]], context: str, replay: CallReplay | None = None,
-        deadline: float | None = None,
+        deadline: float | None = None, timeout: float | None = None,
     ) -> list[Any]:
         """``Exec`` for each argument list in ``rows``; raises on the first failed call
         (every call is made first). ``replay`` keeps or reuses the replies; calls end
@@ -143,12 +150,13 @@ class FunctionPool:
             + b"}"
             for args in rows
         ]
-        replies = (replay.call(self, requests) if replay is not None
-                   else self._counted(requests, deadline))
+        replies = (replay.call(self, requests, timeout) if replay is not None
+                   else self._counted(requests, deadline, timeout))
         return [decode_reply(reply, self.symbol) for reply in replies]
 
-    def _counted(self, requests: Sequence[bytes], deadline: float | None = None) -> list[bytes]:
-        replies = self.call_raw(requests, deadline)
+    def _counted(self, requests: Sequence[bytes], deadline: float | None = None,
+                 timeout: float | None = None, *, errors: bool = False) -> list[Any]:
+        replies = self.call_raw(requests, deadline, timeout, errors=errors)
         self.calls += len(replies)
         return replies
 
@@ -198,10 +206,13 @@ class CallReplay:
         self._made: list[tuple[str, Sequence[bytes], list[bytes]]] | None = None
         self._kept: dict[tuple[str, bytes], collections.deque[bytes]] | None = None
 
-    def call(self, pool: FunctionPool, requests: Sequence[bytes]) -> list[bytes]:
-        """The replies to ``requests``: kept ones while replaying, else the plugin's."""
+    def call(self, pool: FunctionPool, requests: Sequence[bytes],
+             timeout: float | None = None) -> list[bytes]:
+        """The replies to ``requests``: kept ones while replaying, else the plugin's.
+        A call that failed (timed out, say) is kept as its exception, raised again
+        when replayed, so a hung call is not made again."""
         if self._kept is None:
-            replies = pool._counted(requests)
+            replies = pool._counted(requests, None, timeout, errors=True)
         else:
             with self._lock:
                 out: list[bytes | None] = []
@@ -209,11 +220,14 @@ class CallReplay:
                     kept = self._kept.get((pool.symbol, request))
                     out.append(kept.popleft() if kept else None)
             missing = [request for request, reply in zip(requests, out, strict=True) if reply is None]
-            fresh = iter(pool._counted(missing) if missing else [])
+            fresh = iter(pool._counted(missing, None, timeout, errors=True) if missing else [])
             replies = [reply if reply is not None else next(fresh) for reply in out]
         with self._lock:
             if self._made is not None:
                 self._made.append((pool.symbol, requests, replies))
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
         return replies
 
     def record(self) -> None:
@@ -246,6 +260,8 @@ class UdfSite:
     arity: int
     aggregate: bool
     context: str  # JSON string of {"ruleId", "opId", "instanceId", "funcId"}
+    #: seconds a call may take (None: the channel's CALL_TIMEOUT)
+    timeout: float | None = None
 
 
 def make_udf(
@@ -265,7 +281,7 @@ def make_udf(
             args: list[list[Any]] = [[] for _ in values[0]]
         else:
             args = [[None if v is None else loads(v) for v in row] for row in zip(*values, strict=True)]
-        results = pool.exec_many(args, site.context, replay, deadline)
+        results = pool.exec_many(args, site.context, replay, deadline, site.timeout)
         return pa.array(
             [None if r is None else json.dumps(r, default=json_default) for r in results],
             pa.string(),

@@ -279,6 +279,11 @@ class PluginProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def stopping(self) -> bool:
+        """Being stopped for good (not restarted)."""
+        return self._stopping
+
     def ready(self) -> bool:
         """Running and done replaying its symbols (not dead nor restarting)."""
         return self._ready.is_set() and self.alive()
