@@ -357,3 +357,10 @@ def test_a_validate_that_returns_none_is_explained(manager: PluginManager) -> No
     problem = manager.function_pool("noval").validate([])
     assert problem == ("validation failed: its validate() returned None; return '' to accept "
                        "the arguments, or the reason to refuse them")
+
+
+def test_a_reply_that_is_not_an_object_names_the_function() -> None:
+    from stepwell.runtimes.plugin.channels import decode_reply
+
+    with pytest.raises(FunctionCallError, match=r"function 'gl' sent an invalid reply b'\[1, 2\]'"):
+        decode_reply(b"[1, 2]", "gl")

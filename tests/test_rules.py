@@ -452,6 +452,7 @@ def test_rule_cli(tmp_path: Path) -> None:
     assert "stepwell.rule.cli1 sink result for rule cli1: [{" in result.stderr
     status = json.loads(result.stdout)
     assert status["records_in"] == 4 and status["records_out"] == 4 and status["errors"] == 0
+    assert status["status"] == "stopped"  # what the run ended as, not "running"
     result = runner.invoke(cli_app, ["rule", "status", str(root), "cli1"])
     assert json.loads(result.output)["records_out"] == 4
     assert runner.invoke(cli_app, ["rule", "stop", str(root), "cli1"]).exit_code == 0

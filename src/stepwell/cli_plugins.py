@@ -264,10 +264,12 @@ def rule_start(
         _guard(lambda: engine.start(rule_id, run_here=run_here))
         if run_here:
             _wait(run_for)
+            runtime = engine.running.get(rule_id)
             status = engine.status(rule_id)
             engine.stop_all()
-            status = {**status, **{k: v for k, v in engine.status(rule_id).items()
-                                   if k not in ("status",)}}
+            status = {**status, **engine.status(rule_id)}
+            if runtime is not None:  # what the run ended as: stopped, or failed
+                status["status"] = runtime.status
             _print(status)
             return
     print(f"rule {rule_id} marked running (it runs with `stepwell serve`)")

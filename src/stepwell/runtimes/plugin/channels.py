@@ -435,7 +435,10 @@ def decode_reply(reply: bytes, symbol: str) -> Any:
     try:
         data = json.loads(reply)
     except ValueError:
-        raise FunctionCallError(f"function {symbol!r} sent an invalid reply {reply[:80]!r}") from None
+        data = None
+    if not isinstance(data, dict):
+        raise FunctionCallError(f"function {symbol!r} sent an invalid reply {reply[:80]!r} "
+                                '(not {"state": ..., "result": ...})') from None
     if data.get("state"):
         return data.get("result")
     result = data.get("result")
