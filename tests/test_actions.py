@@ -123,6 +123,9 @@ APP = {
                   time.sleep(params.get("seconds", 5))
                   return "woke"
                 timeout: 1s
+          - name: missing_lib
+            steps:
+              - {name: m, code: "import bs4"}
           - name: long_then_more
             steps:
               - name: nap
@@ -434,6 +437,13 @@ def test_a_running_action_can_be_cancelled(served: Any) -> None:
     assert record_of(served, run_id)["status"] == "cancelled"
     assert not any("more ran" in line for line in logs_of(served, run_id))  # no further step
     assert run(served, "slow", {"seconds": 0})["data"] == "woke"  # the pool recovered
+
+
+def test_a_missing_library_says_how_to_install_it(served: Any) -> None:
+    result = run(served, "missing_lib")
+    assert result["status"] == "failed"
+    assert "No module named 'bs4' (not installed: add beautifulsoup4 to a requirements file" in result["error"]
+    assert "requirements_file:" in result["error"]
 
 
 def test_action_timeout(served: Any) -> None:

@@ -74,17 +74,37 @@ def error_summary(exc: BaseException, app_root: str | None = None) -> str:
         if not frame.filename.startswith(_OWN_ROOT) and not frame.filename.startswith("<"):
             where = f" (at {_app_relative(frame.filename, app_root)}:{frame.lineno})"
             break
-    try:
-        message = str(exc).strip()
-    except Exception as broken:  # noqa: BLE001 - the user's own __str__ failed
-        message = f"(its message could not be made: {type(broken).__name__} in its __str__)"
     if isinstance(exc, SyntaxError) and exc.lineno:
         message = exc.msg  # where: the file and line of the code that does not parse
         if exc.filename and not exc.filename.startswith("<"):
             where = f" (at {_app_relative(exc.filename, app_root)}:{exc.lineno})"
         else:
             message += f" (line {exc.lineno})"
-    return (f"{type(exc).__name__}: {message}" if message else type(exc).__name__) + where
+        return f"{type(exc).__name__}: {message}{where}"
+    return exception_text(exc) + where
+
+
+def exception_text(exc: BaseException) -> str:
+    """``Type: message`` of a user exception (whatever its ``__str__`` does), with
+    what to do when that is clear (a module that is not installed)."""
+    try:
+        message = str(exc).strip()
+    except Exception as broken:  # noqa: BLE001 - the user's own __str__ failed
+        message = f"(its message could not be made: {type(broken).__name__} in its __str__)"
+    if isinstance(exc, ModuleNotFoundError) and exc.name and "." not in exc.name:
+        package = _PIP_NAMES.get(exc.name, exc.name)
+        message += (f" (not installed: add {package} to a requirements file named by the "
+                    f"app's requirements_file:, which stepwell installs once and reuses)")  # fmt: skip
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+#: Import names whose package on PyPI is called otherwise.
+_PIP_NAMES = {
+    "bs4": "beautifulsoup4", "jwt": "PyJWT", "sklearn": "scikit-learn", "yaml": "PyYAML",
+    "PIL": "Pillow", "cv2": "opencv-python", "dateutil": "python-dateutil", "bson": "pymongo",
+    "jose": "python-jose", "dotenv": "python-dotenv", "llama_index": "llama-index",
+    "google": "protobuf", "azure": "azure-cosmos",
+}  # fmt: skip
 
 
 def _app_relative(filename: str, app_root: str | None) -> str:

@@ -51,6 +51,7 @@ from stepwell.runtimes.action.code import (
 from stepwell.sandbox import linux
 from stepwell.sandbox.client import HostLink, LogStream
 from stepwell.sandbox.policy import signal_name
+from stepwell.sandbox.worker import exception_text
 
 #: Synthetic package the app folder is importable as (shared with node steps).
 APP_PACKAGE = "stepwell_app"
@@ -154,11 +155,9 @@ def run_job(job: dict[str, Any], app_root: str) -> dict[str, Any]:
                 "error": f"the step called exit({exc.code if exc.code is not None else ''}); "
                          f"return a value or raise an exception instead"}  # fmt: skip
     except BaseException as exc:  # noqa: BLE001 - every failure goes back as the step's error
-        message = str(exc).strip()
-        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
         return {
             "status": "error",
-            "error": text + _location(exc, filename, where, app_root),
+            "error": exception_text(exc) + _location(exc, filename, where, app_root),
             "traceback": _user_traceback(exc, filename, where, app_root),
             "memory_error": isinstance(exc, MemoryError),
         }
