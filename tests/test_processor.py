@@ -302,6 +302,24 @@ def test_sleep_and_unawaited_coroutine_warning(tmp_path):
     assert any("repeated 3 times" in m for m in warnings)  # one line, counted, not one per row
 
 
+def test_prints_and_log_lines_keep_their_order_in_the_run_log(tmp_path):
+    statement = (
+        'print("p1", INPUT_DATA[0]["n"])\n'
+        'log.info("l2 " + str(INPUT_DATA[0]["n"]))\n'
+        'print("p3")\n'
+        'log.warn("l4")\n'
+        'return [{"y": 1}]'
+    )
+    app = processor_app(tmp_path, statement)
+    proc = by_step(run_app(app))["proc"]
+    assert proc.status == "succeeded", proc.error
+    mine = [(level, m) for level, m in log_lines(app, proc.id) if m[:1] in "pl"]
+    assert mine == [
+        entry for n in range(3)
+        for entry in (("info", f"p1 {n}"), ("info", f"l2 {n}"), ("info", "p3"), ("warn", "l4"))
+    ]
+
+
 def test_timeout_is_timed_out(tmp_path):
     app = processor_app(tmp_path, "await sleep(30)\nreturn []", mode="bulk", extra="timeout: 1s")
     proc = by_step(run_app(app))["proc"]

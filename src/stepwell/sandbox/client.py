@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from stepwell.sandbox.protocol import Channel
@@ -30,6 +30,9 @@ class HostLink:
         self.outputs: list[LogStream] = []
         #: a ``last`` frame was sent: nothing more goes out
         self._finished = False
+        #: called before a print is taken in: a runtime with log lines of its own
+        #: waiting (a processor's ``log.info``) sends them first, keeping their order
+        self.before_print: Callable[[], None] | None = None
 
     def forked(self) -> bool:
         """True in a process the step forked: it shares the channel but owns no run."""
@@ -155,6 +158,8 @@ class LogStream(io.TextIOBase):
             # follows what ours is writing (as on a terminal), taken in once ours is done
             self._interrupted.append(text)
             return len(text)
+        if self.link.before_print is not None:
+            self.link.before_print()
         with self._lock:  # (threads print at once; the flusher sends meanwhile)
             self._take(text)
             due = bool(self._pending) and (
@@ -208,6 +213,11 @@ class LogStream(io.TextIOBase):
             budget["lines"] -= 1
             budget["chars"] -= len(line)
             self._pending.append(line)
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether lines wait to be sent."""
+        return bool(self._pending or self._interrupted)
 
     def flush(self) -> None:
         """Send the pending lines, unless this thread is in the middle of a frame or of

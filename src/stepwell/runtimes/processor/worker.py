@@ -72,6 +72,9 @@ class LogSink:
         self._pending: list[tuple[str, str]] = []
         self._last_send = time.monotonic()
         self._repeats: dict[Any, list[Any]] = {}
+        # the run log keeps prints and log lines in the order they were made: a print
+        # sends the log lines before it, a log line the prints before it
+        link.before_print = self._send_pending
 
     def emit(self, level: str, message: Any) -> None:
         text = message if type(message) is str else str(message)
@@ -79,6 +82,10 @@ class LogSink:
             self.errors += 1
             if self.first_error is None:
                 self.first_error = text
+        for stream in self.link.outputs:
+            if stream.has_pending:
+                self._send_pending()  # (lines of ours before those prints first)
+                stream.flush()
         self._pending.append((level, text))
         if len(self._pending) >= LOG_LINES or time.monotonic() - self._last_send > LOG_SECONDS:
             self.flush()
@@ -104,6 +111,11 @@ class LogSink:
                 stream.flush()
             except Exception:
                 pass
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        if not self._pending or self.link.busy_here():
+            return
         pending, self._pending = self._pending, []
         self._last_send = time.monotonic()
         start = 0
