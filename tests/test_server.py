@@ -734,7 +734,11 @@ def test_api_resources(pipeline):
         assert server.ctx.scheduler.wait_idle(30)
         not_json = client.post("/api/runs", content=b"step=enrich",
                                headers={"content-type": "application/x-www-form-urlencoded"})
-        assert not_json.status_code == 422 and not_json.json()["error"]["code"] == "invalid"
+        assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "bad_request"
+        assert not_json.json()["error"]["message"].startswith("the body is not JSON: ")
+        cut = client.post("/api/runs", content=b'{"step":')  # as the action routes say it
+        assert cut.status_code == 400, cut.text
+        assert cut.json()["error"]["message"].startswith("the body is not JSON: ")
         assert client.get("/api/nothing").json()["error"]["code"] == "not_found"
         health = client.get("/api/health").json()
         assert health["status"] == "ok" and health["store"] == "duckdb"

@@ -68,6 +68,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        broken = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if broken is not None:  # as the routes that read their body themselves say it
+            loc = broken.get("loc", ())
+            at = f" (at character {loc[1]})" if len(loc) > 1 else ""
+            reason = (broken.get("ctx") or {}).get("error") or broken.get("msg")
+            return error_response(400, f"the body is not JSON: {reason}{at}")
         problems = [
             {"where": ".".join(str(p) for p in err.get("loc", ())), "problem": err.get("msg")}
             for err in exc.errors()
