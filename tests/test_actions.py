@@ -123,6 +123,9 @@ APP = {
                   time.sleep(params.get("seconds", 5))
                   return "woke"
                 timeout: 1s
+          - name: reads_a_file
+            steps:
+              - {name: q, sql: "SELECT * FROM 'secrets.toml'"}
           - name: missing_lib
             steps:
               - {name: m, code: "import bs4"}
@@ -437,6 +440,14 @@ def test_a_running_action_can_be_cancelled(served: Any) -> None:
     assert record_of(served, run_id)["status"] == "cancelled"
     assert not any("more ran" in line for line in logs_of(served, run_id))  # no further step
     assert run(served, "slow", {"seconds": 0})["data"] == "woke"  # the pool recovered
+
+
+def test_sql_reading_a_file_is_refused_with_advice_for_actions(served: Any) -> None:
+    result = run(served, "reads_a_file")
+    assert result["status"] == "failed"
+    assert "table 'secrets.toml' is not one of this step's tables" in result["error"]
+    assert "an action's SQL reads the app's tables only" in result["error"]
+    assert "Table(" not in result["error"]
 
 
 def test_a_missing_library_says_how_to_install_it(served: Any) -> None:

@@ -691,7 +691,11 @@ class ActionExecutor:
         try:
             bound = bind_sql(text, variables, dialect, where)
             allowed = {name: name for name in self._table_names()}
-            checked = restrict_select(bound, allowed, dialect, where=where)
+            checked = restrict_select(
+                bound, allowed, dialect, where=where,
+                advice="an action's SQL reads the app's tables only (declared under `tables:` "
+                       "or written by its steps), not files or other databases",
+            )  # fmt: skip
         except SqlNotAllowed as exc:
             raise _StepFailed(str(exc)) from None
         limit = step.timeout or DEFAULT_STEP_TIMEOUT

@@ -72,10 +72,16 @@ def _one_statement(sql: str, dialect: str, where: str, expected: str) -> Any:
     return statements[0]
 
 
-def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: str) -> str:
+#: What a step whose SQL names a table it has not declared is told to do.
+DECLARE_TABLE_ADVICE = "declare it with Table({name!r}) or list it in the step's inputs"
+
+
+def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: str,
+                    advice: str = DECLARE_TABLE_ADVICE) -> str:  # fmt: skip
     """Return ``sql`` rewritten so names in ``allowed`` (alias -> table) point at
     their tables; raise ``SqlNotAllowed`` for anything but one SELECT reading only
-    those tables. ``where`` names the step or file for error messages."""
+    those tables. ``where`` names the step or file for error messages; ``advice``
+    (formatted with ``name``) says what to do about a table not in ``allowed``."""
     from sqlglot import exp
 
     dialect = sqlglot_dialect(dialect)
@@ -84,7 +90,7 @@ def restrict_select(sql: str, allowed: Mapping[str, str], dialect: str, where: s
         raise SqlNotAllowed(
             f"{where}: only SELECT queries are allowed here, not {tree.key.upper()}"
         )
-    return _restrict_tables(tree, allowed, dialect, where)
+    return _restrict_tables(tree, allowed, dialect, where, advice)
 
 
 def tables_read(sql: str, dialect: str) -> set[str]:
@@ -102,7 +108,8 @@ def tables_of(tree: Any) -> set[str]:
     return {table.name for table in tree.find_all(exp.Table)} - ctes
 
 
-def _restrict_tables(tree: Any, allowed: Mapping[str, str], dialect: str, where: str) -> str:
+def _restrict_tables(tree: Any, allowed: Mapping[str, str], dialect: str, where: str,
+                     advice: str = DECLARE_TABLE_ADVICE) -> str:  # fmt: skip
     """``tree`` as SQL with the names in ``allowed`` pointing at their tables; refuses
     other tables, table functions and functions that reach outside them."""
     from sqlglot import exp
@@ -137,8 +144,7 @@ def _restrict_tables(tree: Any, allowed: Mapping[str, str], dialect: str, where:
         elif name not in targets:
             raise SqlNotAllowed(
                 f"{where}: table {name!r} is not one of this step's tables "
-                f"({', '.join(sorted(allowed)) or 'none'}); declare it with Table({name!r}) "
-                f"or list it in the step's inputs"
+                f"({', '.join(sorted(allowed)) or 'none'}); " + advice.format(name=name)
             )
     return tree.sql(dialect=dialect)
 
