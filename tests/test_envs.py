@@ -304,3 +304,35 @@ def test_key_follows_includes_and_editables(tmp_path: Path) -> None:
     (root / "localpkg" / "__pycache__").mkdir()
     (root / "localpkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(os.urandom(8))
     assert env_key(req) == key
+
+
+def test_action_calls_run_in_the_app_environment_and_log_it(
+    app: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stepwell.app import load_app
+    from stepwell.engine.action_executor import ActionExecutor
+    from stepwell.store import open_store
+
+    monkeypatch.setenv("STEPWELL_CACHE_DIR", str(tmp_path / "cache"))
+    (app / "stepwell.yml").write_text(
+        "requirements_file: requirements.txt\n"
+        "actions:\n"
+        "  - name: who\n"
+        "    steps:\n"
+        "      - {name: w, code: 'import swtestpkg; return swtestpkg.WHO'}\n"
+    )
+    os.system(f"chmod -R a+rX {tmp_path}")
+    spec = load_app(app)
+    store = open_store(None, spec.root)
+    executor = ActionExecutor(spec, store, warm=0)
+    try:
+        results = [executor.invoke("who", {}, {"id": "t", "roles": []}) for _ in range(2)]
+    finally:
+        executor.close()
+    try:
+        assert [r.data for r in results] == ["wheel swtestpkg"] * 2, [r.error for r in results]
+        notes = [[line.message for line in store.get_logs(r.run_id)] for r in results]
+    finally:
+        store.close()
+    assert notes[0][0].startswith("[stepwell] environment ") and " for requirements.txt: built in " in notes[0][0]
+    assert notes[1][0].endswith("for requirements.txt: reused")

@@ -217,6 +217,8 @@ class _Call:
     cancelled: bool = False
     #: the workers running its code steps now (a cancel kills them)
     workers: set[Any] = field(default_factory=set)
+    #: its log has said which requirements environment its code runs in
+    env_logged: bool = False
 
 
 @dataclass
@@ -267,6 +269,8 @@ class ActionExecutor:
         self._secret_stamp: Any = None
         self._secret_lock = threading.Lock()
         self._sys_path: list[str] | None = None
+        #: the run-log line about the requirements environment (see ``_log_environment``)
+        self._env_note: str | None = None
         self._env_lock = threading.Lock()
         #: invocations in progress, by run id (for ``cancel``)
         self._calls: dict[str, _Call] = {}
@@ -316,10 +320,24 @@ class ActionExecutor:
                 if requirements:
                     from stepwell.engine.envs import env_for_app
 
-                    self._sys_path = [str(env_for_app(self.app.root, requirements).site_packages)]
+                    env = env_for_app(self.app.root, requirements)
+                    self._sys_path = [str(env.site_packages)]
+                    built = "reused" if env.reused else f"built in {env.build_seconds:.1f}s"
+                    self._env_note = (f"[stepwell] environment {env.key[:12]} for "
+                                      f"{requirements}: {built}")  # fmt: skip
                 else:
                     self._sys_path = []
             return self._sys_path
+
+    def _log_environment(self, call: _Call) -> None:
+        """Say in the call's log, once, which requirements environment its code runs
+        in (as step runs do): built for the first call, reused after."""
+        if self._env_note is None or call.env_logged:
+            return
+        call.env_logged = True
+        with self._env_lock:
+            note, self._env_note = self._env_note, self._env_note.rsplit(": ", 1)[0] + ": reused"
+        call.log.add("info", [note])
 
     def _start_worker(self) -> WarmWorker:
         from stepwell.sandbox.launcher import WorkerLimits, start_worker
@@ -632,6 +650,7 @@ class ActionExecutor:
         step_deadline = min(deadline, time.monotonic() + limit)
         if worker.notes:
             call.log.note(worker.notes)
+        self._log_environment(call)
         tag = f"[{prefix}] "
         call.workers.add(worker)
         try:
