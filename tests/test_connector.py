@@ -249,6 +249,31 @@ def test_a_code_change_reads_every_partition_again(tmp_path):
     assert settled.info["partitions"]["read"] == 0
 
 
+def test_a_change_to_an_app_module_the_connector_imports_reads_every_partition_again(tmp_path):
+    app = connector_app(tmp_path / "app", dedent("""
+        import pandas as pd
+        from helpers import FACTOR
+        from lib.scale import offset
+        def context(credentials):
+            return {}
+        def list_objects(context, metadata):
+            yield {"name": "only", "fingerprint": "v1", "is_prefix": False}
+        def read_pandas_dataframe(context, metadata):
+            return pd.DataFrame({"v": [10 * FACTOR + offset()]})
+    """), files={"helpers.py": "FACTOR = 1\n", "lib/__init__.py": "",
+                 "lib/scale.py": "from .base import BASE\ndef offset():\n    return BASE\n",
+                 "lib/base.py": "BASE = 0\n", "unrelated.py": "X = 1\n"})
+    assert run_app(app)[0].status == "succeeded"
+    (app / "unrelated.py").write_text("X = 2\n")  # not imported: nothing to read again
+    assert run_app(app)[0].info["partitions"]["read"] == 0
+    for file, text, expected in (("helpers.py", "FACTOR = 2\n", 20), ("lib/base.py", "BASE = 5\n", 25)):
+        (app / file).write_text(text)
+        (again,) = run_app(app)
+        assert again.status == "succeeded", again.error
+        assert again.info["partitions"]["read"] == 1, file
+        assert [r["v"] for r in rows(app, "out")] == [expected]
+
+
 def test_a_reset_output_table_makes_every_partition_be_read_again(tmp_path):
     app = connector_app(tmp_path / "app", SOURCE_CONNECTOR)
     set_source(app, {"a": ("a1", 2), "b": ("b1", 3)})

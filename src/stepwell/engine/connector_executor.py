@@ -36,6 +36,7 @@ refresh lists it again (:func:`_record_prefixes`).
 
 from __future__ import annotations
 
+import ast
 import collections
 import datetime as dt
 import hashlib
@@ -87,14 +88,77 @@ class ConnectorSetupError(ValueError):
 
 def code_hash(app_root: Path, step: Any, requirements_file: str | None) -> str:
     """Content hash of what decides a partition's rows besides its data: the
-    connector file, the parser and the app's requirements file."""
+    connector file and the app's modules it imports, the parser and the app's
+    requirements file."""
     digest = hashlib.sha256(CODE_HASH_VERSION)
-    digest.update((app_root / step.file).read_bytes())
+    connector = (app_root / step.file).resolve()
+    digest.update(connector.read_bytes())
+    root = app_root.resolve()
+    for path in app_modules_used(app_root, connector):
+        if path != connector:  # (a connector importing nothing hashes as it always did)
+            digest.update(f"\nmodule {path.relative_to(root)}\n".encode())
+            digest.update(path.read_bytes())
     digest.update(f"\nparser={step.parser or ''}\n".encode())
     if requirements_file:
         path = app_root / requirements_file
         digest.update(path.read_bytes() if path.exists() else b"<missing>")
     return digest.hexdigest()
+
+
+def app_modules_used(app_root: Path, file: Path) -> list[Path]:
+    """``file`` and the files of the app's own modules it imports, directly or
+    through each other (found by reading their import statements; modules outside
+    the app folder are not followed)."""
+    root = app_root.resolve()
+    found: dict[Path, None] = {}
+    todo = [file.resolve()]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found[path] = None
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (OSError, SyntaxError, ValueError):
+            continue  # (the run itself reports a connector that does not parse)
+        for name in _imported_names(tree, path, root):
+            todo.extend(_module_files(root, name))
+    return sorted(found, key=str)
+
+
+def _imported_names(tree: ast.AST, path: Path, root: Path) -> list[str]:
+    """Dotted names of the modules ``tree`` imports (relative ones resolved to names
+    from the app folder; ``from a import b`` gives ``a`` and ``a.b``)."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = path.parent
+                for _ in range(node.level - 1):
+                    package = package.parent
+                try:
+                    prefix = ".".join(package.relative_to(root).parts)
+                except ValueError:
+                    continue
+                base = ".".join(p for p in (prefix, base) if p)
+            names += [base] if base else []
+            names += [f"{base}.{alias.name}" if base else alias.name for alias in node.names]
+    return names
+
+
+def _module_files(root: Path, name: str) -> list[Path]:
+    """The app folder's files of module ``name`` and of the packages above it."""
+    files = []
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        base = root.joinpath(*parts[:depth])
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                files.append(candidate.resolve())
+    return files
 
 
 def worker_options(runner: Runner, active: ActiveRun, sys_path: list[str]) -> dict[str, Any]:
