@@ -320,6 +320,15 @@ def test_prints_and_log_lines_keep_their_order_in_the_run_log(tmp_path):
     ]
 
 
+def test_an_exception_in_row_mode_names_the_input_row(tmp_path):
+    statement = 'if INPUT_DATA[0]["n"] == 1:\n    raise ValueError("boom")\nreturn [{"y": 1}]'
+    app = processor_app(tmp_path, statement)
+    proc = by_step(run_app(app))["proc"]
+    assert proc.status == "failed"
+    assert proc.error.startswith("ValueError: boom [input row 1] (at proc.py:2)"), proc.error
+    assert "<stepwell row loop>" not in proc.traceback and 'File "proc.py", line 2' in proc.traceback
+
+
 def test_timeout_is_timed_out(tmp_path):
     app = processor_app(tmp_path, "await sleep(30)\nreturn []", mode="bulk", extra="timeout: 1s")
     proc = by_step(run_app(app))["proc"]

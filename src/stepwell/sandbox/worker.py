@@ -54,8 +54,8 @@ def user_traceback(exc: BaseException, app_root: str | None = None) -> str:
     for current, joint in reversed(chain):
         lines.append("Traceback (most recent call last):\n")
         for frame in traceback.extract_tb(current.__traceback__):
-            if frame.filename.startswith(_OWN_ROOT) or frame.filename.startswith("<frozen"):
-                continue
+            if frame.filename.startswith((_OWN_ROOT, "<frozen", "<stepwell")):
+                continue  # (stepwell's own code, also the code it generates)
             name = _app_relative(frame.filename, app_root)
             lines.append(f'  File "{name}", line {frame.lineno}, in {frame.name}\n')
             if frame.line:
@@ -91,6 +91,9 @@ def exception_text(exc: BaseException) -> str:
         message = str(exc).strip()
     except Exception as broken:  # noqa: BLE001 - the user's own __str__ failed
         message = f"(its message could not be made: {type(broken).__name__} in its __str__)"
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list) and notes:  # (what stepwell or the user added: the row...)
+        message += "".join(f" [{note}]" for note in notes if isinstance(note, str))
     if isinstance(exc, ModuleNotFoundError) and exc.name and "." not in exc.name:
         package = _PIP_NAMES.get(exc.name, exc.name)
         message += (f" (not installed: add {package} to a requirements file named by the "

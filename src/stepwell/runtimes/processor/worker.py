@@ -182,12 +182,13 @@ def _row_builder(names: list[str]) -> Callable[..., dict[str, Any]]:
 
 _ROW_LOOP = """
 async def row_loop(inputs, count, function, checkpoint, log, sleep, sink, failed, out_index,
-                   columns, name_set):
+                   columns, name_set, at):
     keep = out_index.append
     {unpack}
     {appends}
     {header}
         row = {row}
+        at[0] = index
         errors = sink.errors
         result = await function([row], checkpoint, log, sleep)
         if sink.errors != errors:
@@ -513,10 +514,15 @@ class ProcessorRun:
         def failed(index: int) -> None:
             self.failed_executions.append((first_input + index, sink.first_error or ""))
 
-        problem = await self._loops[key](
-            inputs, count, self.statement.function, self.checkpoint, self.log, sleep, sink,
-            failed, out_index, columns, self.schema.name_set,
-        )
+        at = [0]  # the index of the row being run
+        try:
+            problem = await self._loops[key](
+                inputs, count, self.statement.function, self.checkpoint, self.log, sleep, sink,
+                failed, out_index, columns, self.schema.name_set, at,
+            )
+        except Exception as exc:  # the statement raised: say on which row
+            exc.add_note(f"input row {first_input + at[0]}")
+            raise
         if problem is not None:
             kind, index, value = problem
             if kind == "result":
