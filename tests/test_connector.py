@@ -575,6 +575,21 @@ def test_infer_schema_fixes_column_types_without_reading_data(tmp_path, schema):
                        "patterns_id": "str"}
 
 
+@pytest.mark.parametrize("result, message", [
+    ("[{'a': 1}]", "returned a list of dict; return a pandas DataFrame (or yield DataFrames), "
+                   "e.g. pd.DataFrame(rows)"),
+    ("pd.DataFrame({'a': [1, 'x', 2.5, None]})", "column 'a' cannot be stored: it mixes float, "
+                                                  "int, str values"),
+])
+def test_read_results_that_cannot_be_stored_say_what_to_return(tmp_path, result, message):
+    code = (CONTRACT["head"] + "import pandas as pd\n" + CONTRACT["list"]
+            + f"def read_pandas_dataframe(context, metadata):\n    return {result}\n")
+    (run,) = run_app(connector_app(tmp_path / "app", code))
+    assert run.status == "failed"
+    assert run.error.startswith("partition 'a' failed: ConnectorError: "), run.error
+    assert message in run.error, run.error
+
+
 def test_infer_schema_creates_the_table_before_any_partition_exists(tmp_path):
     code = SCHEMA_CONNECTOR.replace('FILES = {"a.csv"', 'FILES = {} or {"a.csv"').replace(
         "for name in FILES:", "for name in []:"

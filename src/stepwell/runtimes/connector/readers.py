@@ -166,10 +166,31 @@ def from_pandas(result: Any, what: str) -> Iterator[pa.Table]:
             yield from slices(frame)
             continue
         if not isinstance(frame, pd.DataFrame):
+            got = (f"a {type(result).__name__} of {type(frame).__name__}"
+                   if frame is not result else f"a {type(frame).__name__}")  # fmt: skip
             raise ConnectorError(
-                f"{what} returned a {type(frame).__name__}; return a pandas DataFrame"
+                f"{what} returned {got}; return a pandas DataFrame (or yield DataFrames), "
+                f"e.g. pd.DataFrame(rows) for a list of dicts"
             )
-        yield from slices(pa.Table.from_pandas(frame, preserve_index=False))
+        yield from slices(_frame_to_arrow(frame, what))
+
+
+def _frame_to_arrow(frame: Any, what: str) -> pa.Table:
+    """``frame`` as Arrow; a column Arrow cannot type as a whole is named, with what to do."""
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        for column in frame.columns:
+            try:
+                pa.array(frame[column], from_pandas=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as found:
+                kinds = sorted({type(v).__name__ for v in frame[column] if v is not None})
+                raise ConnectorError(
+                    f"{what}: column {column!r} cannot be stored: it mixes "
+                    f"{', '.join(kinds)} values ({str(found).splitlines()[0]}); give it one "
+                    f"type, e.g. df[{str(column)!r}] = df[{str(column)!r}].astype(str)"
+                ) from None
+        raise ConnectorError(f"{what}: the DataFrame cannot be stored: {exc}") from None
 
 
 def from_spark(result: Any, what: str) -> Iterator[pa.Table]:
