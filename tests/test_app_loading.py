@@ -764,8 +764,15 @@ def test_processor_requirements(tmp_path: Path) -> None:
     app_with(tmp_path, "steps:\n  - name: p\n    processor: score.py\n    output: t\n")
     assert str(load_error(tmp_path)) == (
         f"{tmp_path / 'stepwell.yml'}:2: steps[0].output_schema: a processor step needs"
-        " `output_schema` (add e.g. `output_schema: {id: int, score: float}`)"
+        " a non-empty `output_schema` (add e.g. `output_schema: {id: int, score: float}`)"
     )
+    app_with(tmp_path, "steps:\n  - name: p\n    processor: score.py\n    output: t\n"
+                       "    output_schema: {}\n")  # fmt: skip
+    assert "steps[0].output_schema: a processor step needs a non-empty `output_schema`" in str(
+        load_error(tmp_path))
+    app_with(tmp_path, "steps:\n  - name: p\n    processor: score.py\n    output: t\n"
+                       "    output_schema: {y: decimal(12,2)}\n")  # fmt: skip
+    assert "unknown type 'decimal(12' (quote it inside { }" in str(load_error(tmp_path))
     app_with(
         tmp_path,
         "steps:\n  - name: p\n    processor: score.py\n    output: t\n    output_schema: {x: int}\n"

@@ -353,6 +353,9 @@ def logical_type(type_name: str) -> str | None:
 
 def _output_type(value: Any) -> str:
     hint = f"use one of {', '.join(LOGICAL_TYPES)} or decimal(p,s)"
+    if isinstance(value, str) and value.lower().startswith("decimal(") and ")" not in value:
+        # YAML's flow style {y: decimal(12,2)} splits at the comma
+        hint = 'quote it inside { }: {y: "decimal(12,2)"}, or write the schema one field per line'
     if not isinstance(value, str) or logical_type(value) is None:
         fail(f"unknown type {value!r}", hint)
     return logical_type(value) or ""
@@ -732,9 +735,9 @@ class StepSpec(_Model):
                     ("output", "output: my_table"),
                     ("output_schema", "output_schema: {id: int, score: float}"),
                 ):
-                    if data.get(key) is None:
+                    if data.get(key) is None or data.get(key) in ({}, ""):
                         fail(
-                            f"a processor step needs `{key}`",
+                            f"a processor step needs a non-empty `{key}`",
                             f"add e.g. `{example}`",
                             key,
                         )
