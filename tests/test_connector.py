@@ -575,6 +575,13 @@ def test_infer_schema_fixes_column_types_without_reading_data(tmp_path, schema):
                        "patterns_id": "str"}
 
 
+def test_type_hints_copied_without_their_import_get_a_hint(tmp_path):
+    code = CONTRACT["head"].replace("def context(credentials):", "def context(credentials) -> Dict:")
+    (run,) = run_app(connector_app(tmp_path / "app", code + CONTRACT["list"] + CONTRACT["read"]))
+    assert run.status == "failed"
+    assert "NameError: name 'Dict' is not defined (add `from typing import Dict` at the top" in run.error
+
+
 @pytest.mark.parametrize("result, message", [
     ("[{'a': 1}]", "returned a list of dict; return a pandas DataFrame (or yield DataFrames), "
                    "e.g. pd.DataFrame(rows)"),

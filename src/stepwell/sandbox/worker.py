@@ -94,12 +94,20 @@ def exception_text(exc: BaseException) -> str:
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list) and notes:  # (what stepwell or the user added: the row...)
         message += "".join(f" [{note}]" for note in notes if isinstance(note, str))
+    if type(exc) is NameError and exc.name in _TYPING_NAMES:  # code copied with its hints
+        message += f" (add `from typing import {exc.name}` at the top of the file)"
     if isinstance(exc, ModuleNotFoundError) and exc.name and "." not in exc.name:
         package = _PIP_NAMES.get(exc.name, exc.name)
         message += (f" (not installed: add {package} to a requirements file named by the "
                     f"app's requirements_file:, which stepwell installs once and reuses)")  # fmt: skip
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
+
+#: Names of ``typing`` that code written against another product's docs uses unimported.
+_TYPING_NAMES = frozenset({
+    "Any", "Dict", "List", "Optional", "Union", "Tuple", "Set", "Iterator", "Iterable",
+    "Generator", "Callable", "Mapping", "Sequence",
+})  # fmt: skip
 
 #: Import names whose package on PyPI is called otherwise.
 _PIP_NAMES = {
