@@ -643,7 +643,8 @@ class ActionExecutor:
         try:  # waiting for a free worker is not the step's time: only the action's
             worker = self.pool.acquire(deadline)
         except TimeoutError:
-            raise _StepFailed(self._waited_out(call, step, waiting_since), timed_out=True) from None
+            waited = time.monotonic() - waiting_since
+            raise _StepFailed(self._waited_out(call, step, waited), timed_out=True) from None
         except WorkerFailed as exc:
             raise _StepFailed(str(exc)) from None
         waited = time.monotonic() - waiting_since
@@ -660,10 +661,8 @@ class ActionExecutor:
                 job, step_deadline, lambda level, lines: call.log.add(level, lines, tag)
             )
         except StepTimedOut:
-            error = self._step_timeout(step, limit, step_deadline, call)
-            if error.startswith("action") and waited >= 0.1:
-                error = self._waited_out(call, step, waiting_since, waited)
-            raise _StepFailed(error, timed_out=True) from None
+            raise _StepFailed(self._step_timeout(step, limit, step_deadline, call, waited),
+                              timed_out=True) from None  # fmt: skip
         except WorkerFailed as exc:
             raise _StepFailed(call.redact(str(exc))) from None
         except (TypeError, ValueError, OverflowError) as exc:  # inputs msgpack cannot carry
@@ -681,16 +680,18 @@ class ActionExecutor:
             error = f"memory limit {format_bytes(memory)} exceeded ({error})"
         raise _StepFailed(error, traceback=result.get("traceback"))
 
-    def _waited_out(self, call: _Call, step: Any, since: float, waited: float | None = None) -> str:
+    def _waited_out(self, call: _Call, step: Any, waited: float) -> str:
         """The action's time ran out, much of it spent waiting for a worker."""
-        waited = time.monotonic() - since if waited is None else waited
         return (f"{self._action_timeout(call)}: step {step.name!r} waited {waited:.1f}s for a "
                 f"free worker (all {self.pool.max_workers} were busy; STEPWELL_ACTION_WORKERS "
                 f"allows more)")  # fmt: skip
 
-    def _step_timeout(self, step: Any, limit: float, step_deadline: float, call: _Call) -> str:
+    def _step_timeout(self, step: Any, limit: float, step_deadline: float, call: _Call,
+                      waited: float = 0.0) -> str:  # fmt: skip
+        """Whose time ran out: the action's (after a wait for a worker, if it waited
+        long enough to matter) or the step's."""
         if step_deadline >= call.deadline - 1e-6 and call.deadline - time.monotonic() < limit:
-            return f"action {call.action!r} exceeded its time limit ({call.timeout:g}s)"
+            return self._waited_out(call, step, waited) if waited >= 0.1 else self._action_timeout(call)
         return f"step {step.name!r} exceeded its time limit ({limit:g}s)"
 
     # -- sql steps ------------------------------------------------------------------
