@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -218,7 +219,10 @@ def test_a_sink_that_failed_mid_push_gets_the_payload_again(env, tmp_path: Path,
     assert [r["id"] for r in sink_lines(out) if r["id"] != 3] == [0, 1, 2, 4]
     assert [r["id"] for r in sink_lines(out)].count(3) >= 2
     assert status["status"] == "running" and status["acks_ok"] == 5 and status["acks_error"] >= 1
-    assert status["errors"] == status["acks_error"] and "retry " in status["last_error"]
+    # (a process that died is one more error: the crash, counted in plugin_crashes)
+    assert status["plugin_crashes"] == (1 if how == "exit" else 0)
+    assert status["errors"] == status["acks_error"] + status["plugin_crashes"]
+    assert "retry " in status["last_error"] or "exited with status 9" in status["last_error"]
     assert [r["id"] for r in rows_of(store, f"{how}_out", "id")] == list(range(5))
 
 
@@ -695,3 +699,69 @@ def test_a_function_call_that_hangs_times_out_and_its_process_is_restarted(env) 
     wait_for(lambda: all(c.process.ready() for c in pool.channels))
     assert {channel.process.pid for channel in pool.channels} != pids
     assert pool.exec([0], CTX)["rule"] == "r1"
+
+
+# -- plugin crashes in a rule's status --------------------------------------------------------
+
+
+class _Lines(logging.Handler):
+    """Keeps the messages logged to a logger (whether or not it propagates)."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__(logging.INFO)
+        self.logger = logging.getLogger(logger)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> _Lines:
+        self.level_before = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+
+def test_a_plugin_crash_loop_shows_in_the_rule_status(env) -> None:
+    root, store, engine = env
+    engine.add_stream(parse_stream(
+        'CREATE STREAM crashy () WITH (TYPE="counter", DATASOURCE="c", CONF_KEY="crashy")'))
+    engine.create({"id": "crashloop", "sql": "SELECT id FROM crashy",
+                   "actions": [{"table": {"name": "crashloop_out"}}]})
+    engine.start("crashloop")  # its source's process exits at event 2, each time it runs
+    status = wait_for(lambda: (s := engine.status("crashloop"))["plugin_restarts"] >= 2 and s,
+                      timeout=30)
+    engine.stop("crashloop")
+    assert status["plugin_crashes"] >= 2 and status["errors"] >= 2  # it used to say 0 errors
+    assert "plugin 'swtest' (pid " in status["last_error"]
+    assert "exited with status 7" in status["last_error"]
+    assert "it runs this rule's source 'counter'" in status["last_error"]
+    assert engine.status("crashloop")["plugin_crashes"] >= 2  # kept once stopped
+
+
+def test_a_source_its_restarted_plugin_refuses_is_an_error_and_not_logged_as_replayed(
+    env, tmp_path: Path
+) -> None:
+    root, store, engine = env
+    mark = tmp_path / "once"
+    engine.add_stream(parse_stream(
+        f'CREATE STREAM once () WITH (TYPE="counter", DATASOURCE="{mark}", CONF_KEY="crashonce")'))
+    engine.create({"id": "once", "sql": "SELECT id FROM once",
+                   "actions": [{"table": {"name": "once_out"}}]})
+    with _Lines("stepwell.plugin") as logged:
+        engine.start("once")  # exits at event 2; started again, the source refuses to start
+        status = wait_for(lambda: (s := engine.status("once"))["plugin_restarts"] == 1
+                          and s["errors"] == 2 and s, timeout=20)
+    engine.stop("once")
+    assert status["plugin_crashes"] == 1
+    assert ("plugin 'swtest' restarted (pid " in status["last_error"]
+            and "but refused to start this rule's source 'counter' again: ValueError: counter "
+                "will not start again after its crash" in status["last_error"])
+    assert "until the rule is started again (`stepwell rule stop APP once`" in status["last_error"]
+    restarted = [line for line in logged.lines if " restarted (pid " in line]
+    assert len(restarted) == 1 and restarted[0].endswith(
+        "0 of 1 symbols replayed (1 failed: once_once_0_counter)")  # it said "1 symbols replayed"

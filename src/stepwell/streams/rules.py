@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import functools
 import json
 import logging
 import threading
@@ -227,6 +228,10 @@ class RuleMetrics:
     acks_error: int = 0
     started_at: str | None = None
     last_output_at: str | None = None
+    #: exits of plugin processes the rule uses that the host did not ask for
+    plugin_crashes: int = 0
+    #: times those processes were started again (after a crash or a kill by the host)
+    plugin_restarts: int = 0
 
     def error(self, text: str) -> None:
         self.errors += 1
@@ -423,6 +428,8 @@ class RuleRuntime:
         #: how long a stop waits for the batch in flight to reach the sinks
         self.stop_timeout = float(options.get("stopTimeoutMs", 5000)) / 1000
         self._stopped = False
+        #: (plugin process, callback) pairs telling this rule of its plugins' crashes
+        self._watching: list[tuple[Any, Callable[[Any], None]]] = []
 
     # -- lifecycle
     def start(self) -> None:
@@ -465,8 +472,55 @@ class RuleRuntime:
                 action.stop()
             self._stop_input()
             raise
+        self._watch_plugins()
         self.status = "running"
         loop.start()
+
+    # -- the plugin processes it uses
+    def _plugin_uses(self) -> dict[Any, dict[str, str]]:
+        """Each plugin process the rule uses -> {key of a symbol it started there:
+        what it is to the rule, e.g. "source 'counter'"}."""
+        uses: dict[Any, dict[str, str]] = collections.defaultdict(dict)
+        if self._source is not None:
+            uses[self._source.process][self._source.key] = f"source {self._source.symbol!r}"
+        for action in self.actions:
+            if isinstance(action, _SinkAction) and action.channel is not None:
+                uses[action.channel.process][action.channel.key] = f"sink {action.symbol!r}"
+        for symbol in sorted({site.symbol for site in self.compiled.functions} if self.compiled else ()):
+            for channel in self.manager.function_pool(symbol, self.processes).channels:
+                uses[channel.process][channel.key] = f"function {symbol!r}"
+        return uses
+
+    def _watch_plugins(self) -> None:
+        for process, uses in self._plugin_uses().items():
+            callback = functools.partial(self._on_plugin_event, uses)
+            process.watch(callback)
+            self._watching.append((process, callback))
+
+    def _unwatch_plugins(self) -> None:
+        watching, self._watching = self._watching, []
+        for process, callback in watching:
+            process.unwatch(callback)
+
+    def _on_plugin_event(self, uses: dict[str, str], event: Any) -> None:
+        """A plugin process the rule uses crashed, was restarted, or could not be:
+        count it in the rule's status (an operator sees a crash loop there)."""
+        used = ", ".join(sorted(set(uses.values())))
+        if event.kind == "exited" and not event.requested:
+            self.metrics.plugin_crashes += 1
+            self.metrics.error(f"{event.text} [it runs this rule's {used}; "
+                               f"{self.metrics.plugin_crashes} plugin crashes since the rule started]")
+        elif event.kind == "restarted":
+            self.metrics.plugin_restarts += 1
+            for key, why in event.failed.items():
+                if key in uses:
+                    self.metrics.error(
+                        f"plugin {event.plugin!r} restarted (pid {event.pid}) but refused to start "
+                        f"this rule's {uses[key]} again: {why}; it stays stopped until the rule is "
+                        f"started again (`stepwell rule stop APP {self.rule.id}`, then `start`)")
+        elif event.kind == "restart_failed":
+            self.metrics.error(f"{event.text} [it runs this rule's {used}; it is tried again "
+                               "with backoff]")
 
     def _start_input(self) -> None:
         if self.stream.is_table:
@@ -509,6 +563,7 @@ class RuleRuntime:
         if self._stopped:
             return
         self._stopped = True
+        self._unwatch_plugins()  # (what the plugins do now is not this rule's doing)
         self._stop_input()
         self._stopping.set()
         self._wake.set()

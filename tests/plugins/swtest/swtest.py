@@ -9,7 +9,11 @@ from ekuiper import Context, Function, PluginConfig, Sink, Source, plugin
 
 
 class Counter(Source):
-    """Emits ``count`` numbered events, ``interval`` ms apart, then waits for close."""
+    """Emits ``count`` numbered events, ``interval`` ms apart, then waits for close.
+
+    ``exit_at: n`` makes the process exit (status 7) before event ``n``; with
+    ``refuse_after_crash`` it first writes ``<datasource>.crashed`` and, that file
+    existing, ``configure`` refuses to start the source again."""
 
     def __init__(self) -> None:
         self.running = True
@@ -19,6 +23,8 @@ class Counter(Source):
     def configure(self, datasource: str, conf: dict) -> None:
         self.datasource = datasource
         self.conf = conf
+        if conf.get("refuse_after_crash") and os.path.exists(datasource + ".crashed"):
+            raise ValueError(f"counter will not start again after its crash ({datasource})")
 
     def open(self, ctx: Context) -> None:
         count = int(self.conf.get("count", 5))
@@ -28,6 +34,8 @@ class Counter(Source):
         for i in range(count):
             if not self.running:
                 return
+            if i == self.conf.get("exit_at"):
+                self._crash()
             event = {"id": i, "value": i * 10, "ts": start + i * step,
                      "grp": "a" if i % 2 == 0 else "b", "topic": self.datasource,
                      "pid": os.getpid()}
@@ -38,6 +46,13 @@ class Counter(Source):
             ctx.emit_error("counter finished")
         while self.running:
             time.sleep(0.02)
+
+    def _crash(self) -> None:
+        if self.conf.get("refuse_after_crash"):
+            with open(self.datasource + ".crashed", "a") as f:
+                f.write("crashed\n")
+        print(f"counter: exiting at event {self.conf['exit_at']}", flush=True)
+        os._exit(7)
 
     def close(self, ctx: Context) -> None:
         self.running = False

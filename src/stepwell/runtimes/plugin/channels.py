@@ -90,7 +90,8 @@ class SourceChannel:
         self.process, self.symbol, self.meta = process, symbol, m
         self.config, self.datasource = config, datasource
         self._on_message, self._on_error = on_message, on_error
-        self._key = f"{_stem(m)}_{symbol}"
+        #: the key its start command is remembered by (replayed after a crash)
+        self.key = f"{_stem(m)}_{symbol}"
         self._sock: pynng.Socket | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -98,12 +99,12 @@ class SourceChannel:
     def start(self) -> None:
         self._sock = _socket(pynng.Pull0, 500)
         self._sock.listen(self.process.url(f"{_stem(self.meta)}.ipc"))
-        self._thread = threading.Thread(target=self._read, name=f"source-{self._key}", daemon=True)
+        self._thread = threading.Thread(target=self._read, name=f"source-{self.key}", daemon=True)
         self._thread.start()
         config = {**self.config, "datasource": self.datasource}
         ctrl = control_arg(self.symbol, "source", self.meta, config, datasource=self.datasource)
         try:
-            self.process.command("start", ctrl, remember=self._key)
+            self.process.command("start", ctrl, remember=self.key)
         except BaseException:
             self._close_socket()
             raise
@@ -121,7 +122,7 @@ class SourceChannel:
             except pynng.NNGException as exc:
                 if self._closing:
                     return
-                log.warning("source %s: receive failed: %s", self._key, exc)
+                log.warning("source %s: receive failed: %s", self.key, exc)
                 time.sleep(0.05)
                 continue
             try:
@@ -142,14 +143,16 @@ class SourceChannel:
             self._sock.close()
 
     def stop(self) -> None:
+        # forgotten first: a restart under way must not start it again on a closed socket
+        self.process.forget(self.key)
         self._close_socket()
         ctrl = control_arg(self.symbol, "source", self.meta)
         try:
-            self.process.command("stop", ctrl, forget=self._key)
+            self.process.command("stop", ctrl, forget=self.key)
         except PluginError as exc:
-            log.warning("source %s: stop: %s", self._key, exc)
+            log.warning("source %s: stop: %s", self.key, exc)
         finally:
-            self.process.forget(self._key)
+            self.process.forget(self.key)
 
 
 class SinkFailed(PluginError):
@@ -175,7 +178,8 @@ class SinkChannel:
                  config: dict[str, Any]) -> None:
         self.process, self.symbol, self.meta, self.config = process, symbol, m, config
         self.require_ack = bool(config.get("requireAck", False))
-        self._key = f"{_stem(m)}_{symbol}"
+        #: the key its start command is remembered by (replayed after a crash)
+        self.key = f"{_stem(m)}_{symbol}"
         self._ack: pynng.Socket | None = None
         self._push: pynng.Socket | None = None
         self._closing = False
@@ -193,7 +197,7 @@ class SinkChannel:
         self._ack.listen(self.process.url(f"{_stem(self.meta)}_ack.ipc"))
         ctrl = control_arg(self.symbol, "sink", self.meta, self.config)
         try:
-            self.process.command("start", ctrl, remember=self._key)
+            self.process.command("start", ctrl, remember=self.key)
             self._push = _socket(pynng.Push0, 500)
             self._push.send_timeout = 500  # (polls for interrupt() while the sink is full)
             self._push.reconnect_time_min, self._push.reconnect_time_max = 20, 200
@@ -203,7 +207,7 @@ class SinkChannel:
             self._close_sockets()
             raise
         if not self.require_ack:
-            threading.Thread(target=self._drain, name=f"sink-ack-{self._key}", daemon=True).start()
+            threading.Thread(target=self._drain, name=f"sink-ack-{self.key}", daemon=True).start()
 
     def _on_pipe_lost(self, _pipe: Any) -> None:
         self._pipes_lost += 1
@@ -323,10 +327,10 @@ class SinkChannel:
         ctrl = control_arg(self.symbol, "sink", self.meta, self.config)
         try:
             self.process.command("stop", control_arg(self.symbol, "sink", self.meta),
-                                 forget=self._key)
+                                 forget=self.key)
         except PluginError as exc:
             log.info("%s: stop before restart: %s", self.what, exc)
-        self.process.command("start", ctrl, remember=self._key)
+        self.process.command("start", ctrl, remember=self.key)
         log.warning("%s was closed by its plugin; started it again", self.what)
 
     def _discard_acks(self) -> None:
@@ -351,15 +355,16 @@ class SinkChannel:
 
     def stop(self) -> None:
         self._closing = True
+        self.process.forget(self.key)  # (not started again by a restart under way)
         with self._lock:
             self._close_sockets()
         ctrl = control_arg(self.symbol, "sink", self.meta)
         try:
-            self.process.command("stop", ctrl, forget=self._key)
+            self.process.command("stop", ctrl, forget=self.key)
         except PluginError as exc:
-            log.warning("sink %s: stop: %s", self._key, exc)
+            log.warning("sink %s: stop: %s", self.key, exc)
         finally:
-            self.process.forget(self._key)
+            self.process.forget(self.key)
 
 
 class FunctionChannel:
@@ -369,12 +374,13 @@ class FunctionChannel:
 
     def __init__(self, process: PluginProcess, symbol: str) -> None:
         self.process, self.symbol = process, symbol
-        self._key = f"func_{symbol}"
+        #: the key its start command is remembered by (replayed after a crash)
+        self.key = f"func_{symbol}"
         self._sock = _socket(pynng.Rep0, 500)
         self._sock.listen(process.url(f"func_{symbol}.ipc"))
         self._lock = threading.Lock()
         ctrl = control_arg(symbol, "func", meta("", "", 0))
-        process.command("start", ctrl, remember=self._key)
+        process.command("start", ctrl, remember=self.key)
 
     def call(self, payload: bytes, deadline: float | None = None,
              timeout: float | None = None) -> bytes:
@@ -410,7 +416,7 @@ class FunctionChannel:
         """The call got no answer in time: kill the process stuck in it (a late
         answer would otherwise hold this channel), its watchdog starts it again."""
         pid = self.process.pid
-        self.process.kill()
+        self.process.kill(reason=f"{what} did not answer in {limit:g}s")
         return FunctionTimeout(f"{what} did not answer in {limit:g}s; its process (pid {pid}) "
                                "was killed and is restarted")
 

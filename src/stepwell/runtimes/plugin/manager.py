@@ -156,7 +156,7 @@ class PluginManager:
             for proc in procs:
                 log.info("plugin %r: restarting pid %s on its new code", plugin_name, proc.pid)
                 proc.plugin = plugin
-                proc.kill()  # its watchdog starts it again
+                proc.kill(reason="reinstalled with new code")  # its watchdog starts it again
         return len(procs)
 
     def stop_plugin(self, plugin_name: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import itertools
 import json
 import logging
@@ -45,6 +46,7 @@ from stepwell.runtimes.plugin.install import InstalledPlugin
 __all__ = [
     "PluginError",
     "PluginProcess",
+    "ProcessEvent",
     "control_arg",
     "namespaces_available",
     "request_reply",
@@ -69,6 +71,24 @@ class PluginError(RuntimeError):
 
 class PluginCrashed(PluginError):
     """The plugin process exited while the host was waiting for it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessEvent:
+    """What happened to a plugin process, for whoever watches it (a rule's status).
+
+    ``kind`` is ``exited`` (it died: ``requested`` when the host killed it, e.g. a
+    hung function call, else a crash), ``restarted`` (running again; ``failed``
+    maps each remembered start command that could not be replayed to why) or
+    ``restart_failed`` (``text`` says why; it is tried again)."""
+
+    kind: str
+    plugin: str
+    pid: int | None
+    text: str
+    status: int | None = None
+    requested: bool = False
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # -- private /tmp -----------------------------------------------------------------
@@ -256,10 +276,16 @@ class PluginProcess:
         self.private = namespaces_available() if private_tmp is None else private_tmp
         self.folder = tempfile.mkdtemp(prefix="swp-", dir="/tmp") if self.private else "/tmp"
         self.generation = 0
+        #: times it was started again (after a crash or a kill by the host)
         self.restarts = 0
+        #: times it exited without the host asking (a kill by the host is not a crash)
+        self.crashes = 0
         self.output: collections.deque[str] = collections.deque(maxlen=200)
         self.last_exit: int | None = None
         self._on_restart = on_restart
+        self._watchers: list[Callable[[ProcessEvent], None]] = []
+        #: why the host killed the process (None: it died by itself)
+        self._kill_reason: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()  # serialises control commands
         self._started: dict[str, bytes] = {}  # key -> start command, replayed after a crash
@@ -390,8 +416,25 @@ class PluginProcess:
                 self._started[remember] = payload
 
     def forget(self, key: str) -> None:
-        with self._lock:
-            self._started.pop(key, None)
+        """Drop a remembered start command (its symbol is being stopped): it is not
+        replayed after a crash, even by a restart under way."""
+        self._started.pop(key, None)  # (no lock: a restart in progress holds it)
+
+    # -- watchers
+    def watch(self, callback: Callable[[ProcessEvent], None]) -> None:
+        """Have ``callback`` told of every exit and restart of this process."""
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[ProcessEvent], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
+    def _notify(self, event: ProcessEvent) -> None:
+        for callback in list(self._watchers):
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - a watcher must not stop the restarts
+                log.exception("plugin %r: a watcher of its process failed", self.plugin.name)
 
     # -- crash handling
     def _watch(self) -> None:
@@ -404,43 +447,82 @@ class PluginProcess:
             status = proc.wait()
             if self._stopping:
                 return
-            self.last_exit = status
-            self._ready.clear()
             if time.monotonic() - began > 30:
                 backoff = 0.1
-            log.warning(
-                "plugin %r (pid %s) exited with status %s; restarting in %.1fs. Last output: %s",
-                self.plugin.name, proc.pid, status, backoff, self.tail(),
-            )
+            self._exited(proc.pid, status, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
             if self._stopping:
                 return
-            try:
-                with self._lock:
-                    self._spawn()
-                    self._await_handshake()
-                    self.restarts += 1
-                    for key, payload in list(self._started.items()):
-                        answer = request_reply(
-                            self._ctrl, payload, self.alive, COMMAND_TIMEOUT,
-                            f"plugin {self.plugin.name!r} replay {key}",
-                        )
-                        if answer != b"ok":
-                            log.error("plugin %r: replaying %s failed: %s", self.plugin.name,
-                                      key, _last_line(answer.decode(errors="replace")))
-                self._ready.set()
-                log.info("plugin %r restarted (pid %s), %d symbols replayed",
-                         self.plugin.name, self.pid, len(self._started))
-                if self._on_restart is not None:
-                    self._on_restart(self)
-            except PluginError as exc:
-                log.error("plugin %r: restart failed: %s", self.plugin.name, exc)
-                self._kill()
+            self._restart()
 
-    def kill(self) -> None:
-        """Simulate a crash (tests): SIGKILL the process; the watchdog restarts it."""
+    def _exited(self, pid: int, status: int, backoff: float) -> None:
+        """Log and tell the watchers that the process ended (a crash, or a kill by the host)."""
+        self.last_exit = status
+        self._ready.clear()
+        reason, self._kill_reason = self._kill_reason, None
+        name = self.plugin.name
+        if reason is None:
+            self.crashes += 1
+            text = (f"plugin {name!r} (pid {pid}) exited with status {status} (crash "
+                    f"{self.crashes} of this process); restarting in {backoff:.1f}s. "
+                    f"Last output: {self.tail()}")
+            log.warning("%s", text)
+        else:
+            text = f"plugin {name!r} (pid {pid}) was killed by the host: {reason}; restarting in {backoff:.1f}s"
+            log.info("%s", text)
+        self._notify(ProcessEvent("exited", name, pid, text, status=status,
+                                  requested=reason is not None))
+
+    def _restart(self) -> None:
+        """Start the process again and replay its remembered start commands."""
+        name = self.plugin.name
+        try:
+            with self._lock:
+                self._spawn()
+                self._await_handshake()
+                self.restarts += 1
+                replayed, failed = self._replay()
+        except PluginError as exc:
+            log.error("plugin %r: restart failed: %s", name, exc)
+            self._kill_reason = "its restart failed"  # (not one more crash)
+            self._kill()
+            self._notify(ProcessEvent("restart_failed", name, self.pid,
+                                      f"plugin {name!r} could not be restarted: {exc}"))
+            return
+        self._ready.set()
+        text = (f"plugin {name!r} restarted (pid {self.pid}), {replayed} of "
+                f"{replayed + len(failed)} symbols replayed")
+        if failed:
+            text += f" ({len(failed)} failed: {', '.join(failed)})"
+        (log.warning if failed else log.info)("%s", text)
+        if self._on_restart is not None:
+            self._on_restart(self)
+        self._notify(ProcessEvent("restarted", name, self.pid, text, failed=failed))
+
+    def _replay(self) -> tuple[int, dict[str, str]]:
+        """Send the remembered start commands again: how many the plugin took, and
+        the keys of the others with its answer."""
+        failed: dict[str, str] = {}
+        replayed = 0
+        for key, payload in list(self._started.items()):
+            if key not in self._started:
+                continue  # forgotten meanwhile: its symbol is being stopped
+            answer = request_reply(self._ctrl, payload, self.alive, COMMAND_TIMEOUT,
+                                   f"plugin {self.plugin.name!r} replay {key}")
+            if answer == b"ok":
+                replayed += 1
+                continue
+            failed[key] = _last_line(answer.decode(errors="replace"))
+            log.error("plugin %r: replaying %s failed: %s", self.plugin.name, key, failed[key])
+        return replayed, failed
+
+    def kill(self, reason: str | None = None) -> None:
+        """SIGKILL the process; its watchdog restarts it. ``reason`` says why the
+        host does so (a hung call, new code); without one it counts as a crash
+        (tests simulate crashes this way)."""
         if self._proc is not None:
+            self._kill_reason = reason
             self._proc.kill()
 
     def _kill(self) -> None:

@@ -111,6 +111,9 @@ class RuleStatus(BaseModel):
     started_at: str | None = None
     last_output_at: str | None = None
     queued: int | None = None
+    plugin_crashes: int | None = Field(None, description="Exits of the rule's plugin processes "
+                                       "the host did not ask for (each is also an error)")
+    plugin_restarts: int | None = Field(None, description="Times those processes were started again")
     function_processes: dict[str, int] | None = None
     desired: str
     sql: str
