@@ -156,7 +156,9 @@ def test_function_validate_exec_is_aggregate(manager: PluginManager) -> None:
     assert rev.exec_many([["ab"], [None], ["xyz"]], CTX) == ["ba", None, "zyx"]
     assert manager.function_pool("scale").exec([3, 4], CTX) == 12
     assert manager.function_pool("spread").exec([[1, 9, 4]], CTX) == 8
-    with pytest.raises(FunctionCallError, match="TypeError"):
+    # the error names the function and its plugin (when one symbol name is shadowed)
+    with pytest.raises(FunctionCallError, match=r"^function 'scale' \(plugin 'swtest'\) failed: "
+                                                r"TypeError"):
         manager.function_pool("scale").exec(["a", "b"], CTX)
     # raw protocol answers, as documented for the SDK
     channel = rev.channels[0]
@@ -364,3 +366,27 @@ def test_a_reply_that_is_not_an_object_names_the_function() -> None:
 
     with pytest.raises(FunctionCallError, match=r"function 'gl' sent an invalid reply b'\[1, 2\]'"):
         decode_reply(b"[1, 2]", "gl")
+
+
+def test_a_plugin_that_never_handshakes_shows_its_output_and_a_hint(
+    app_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stepwell.runtimes.plugin import process
+
+    folder = copy_plugin(tmp_path / "src")
+    (folder / "swtest.py").write_text(
+        "import time\nprint('silent plugin: I will never handshake')\ntime.sleep(3600)\n")
+    install_plugin(app_dir, folder)
+    monkeypatch.setattr(process, "HANDSHAKE_TIMEOUT", 2.0)
+    mgr = PluginManager(app_dir, processes=1)
+    try:
+        with pytest.raises(PluginError) as caught:
+            mgr.function_pool("revstr")
+    finally:
+        mgr.stop_all()
+    message = str(caught.value)
+    assert message.startswith("plugin 'swtest' (pid ")
+    assert ("sent no handshake in 2s and was killed; its output: silent plugin: I will never "
+            "handshake. Its main program must start the ekuiper SDK, "
+            "`plugin.start(PluginConfig('swtest', ...))`") in message
+    assert "STEPWELL_PLUGIN_INIT_TIMEOUT" in message

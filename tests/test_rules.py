@@ -394,7 +394,8 @@ def test_a_function_failing_on_one_event_drops_only_that_event(env) -> None:
     assert engine.manager.function_pool("scale").calls == 5
     status = engine.status("scaled")
     assert status["errors"] == 1
-    assert status["last_error"].startswith("FunctionCallError: function 'scale' failed: TypeError")
+    assert status["last_error"].startswith(
+        "FunctionCallError: function 'scale' (plugin 'swtest') failed: TypeError")
     assert '"id": 2' in status["last_error"] and status["last_error"].endswith("dropped)")
 
 
@@ -630,7 +631,7 @@ def test_a_function_failing_on_one_event_of_a_window_drops_only_that_event(env) 
     assert engine.manager.function_pool("scale").calls == 20  # each event's call made once
     status = engine.status("winfail")
     assert status["errors"] == 1 and status["status"] == "stopped"
-    assert "function 'scale' failed: TypeError" in status["last_error"]
+    assert "function 'scale' (plugin 'swtest') failed: TypeError" in status["last_error"]
     assert '"id": 13' in status["last_error"] and status["last_error"].endswith("dropped)")
     # the position is committed past all 20 events: a restart emits nothing again
     engine.start("winfail")

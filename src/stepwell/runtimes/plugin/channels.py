@@ -431,19 +431,22 @@ class FunctionChannel:
     def request(self, func: str, arg: Any) -> Any:
         """A ``Validate``/``IsAggregate``/``Exec`` call, decoded; raises on ``state: false``."""
         reply = self.call(json.dumps({"func": func, "arg": arg}).encode())
-        return decode_reply(reply, self.symbol)
+        return decode_reply(reply, self.symbol, self.process.plugin.name)
 
     def close(self) -> None:
         self._sock.close()
 
 
-def decode_reply(reply: bytes, symbol: str) -> Any:
+def decode_reply(reply: bytes, symbol: str, plugin: str | None = None) -> Any:
+    """The result of a function call's ``reply``; raises :class:`FunctionCallError`
+    (naming the function and, if given, its plugin) when it failed or is garbled."""
+    what = f"function {symbol!r}" + (f" (plugin {plugin!r})" if plugin else "")
     try:
         data = json.loads(reply)
     except ValueError:
         data = None
     if not isinstance(data, dict):
-        raise FunctionCallError(f"function {symbol!r} sent an invalid reply {reply[:80]!r} "
+        raise FunctionCallError(f"{what} sent an invalid reply {reply[:80]!r} "
                                 '(not {"state": ..., "result": ...})') from None
     if data.get("state"):
         return data.get("result")
@@ -451,4 +454,4 @@ def decode_reply(reply: bytes, symbol: str) -> Any:
     if result is None:
         return None
     lines = [line for line in str(result).strip().splitlines() if line.strip()]
-    raise FunctionCallError(f"function {symbol!r} failed: {lines[-1] if lines else result}")
+    raise FunctionCallError(f"{what} failed: {lines[-1] if lines else result}")

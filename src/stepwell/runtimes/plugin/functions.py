@@ -152,7 +152,8 @@ class FunctionPool:
         ]
         replies = (replay.call(self, requests, timeout) if replay is not None
                    else self._counted(requests, deadline, timeout))
-        return [decode_reply(reply, self.symbol) for reply in replies]
+        plugin = self.channels[0].process.plugin.name
+        return [decode_reply(reply, self.symbol, plugin) for reply in replies]
 
     def _counted(self, requests: Sequence[bytes], deadline: float | None = None,
                  timeout: float | None = None, *, errors: bool = False) -> list[Any]:

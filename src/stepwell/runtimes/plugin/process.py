@@ -342,9 +342,16 @@ class PluginProcess:
         except (OSError, subprocess.SubprocessError) as exc:
             raise PluginError(f"plugin {self.plugin.name!r}: cannot start {argv[0]}: {exc}") from exc
         self.generation += 1
-        threading.Thread(
+        self._pump_thread = threading.Thread(
             target=self._pump, args=(self._proc,), name=f"plugin-{self.plugin.name}-out", daemon=True
-        ).start()
+        )
+        self._pump_thread.start()
+
+    def _read_all_output(self, timeout: float = 1.0) -> None:
+        """Wait (briefly) until what the dead process printed has been read."""
+        pump = getattr(self, "_pump_thread", None)
+        if pump is not None:
+            pump.join(timeout)
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         plugin_log = logging.getLogger(f"stepwell.plugin.{self.plugin.name}")
@@ -365,17 +372,29 @@ class PluginProcess:
                 message = self._ctrl.recv()
             except pynng.Timeout:
                 if not self.alive():
+                    self._read_all_output()
                     raise PluginCrashed(
                         f"{what} exited with status {self._proc.poll() if self._proc else '?'} "
                         f"before its handshake{self._misnamed()}; its output: {self.tail()}"
                     ) from None
                 if time.monotonic() > deadline:
                     self._kill()
-                    raise PluginError(f"{what} sent no handshake in {HANDSHAKE_TIMEOUT:g}s"
-                                      f"{self._misnamed()}") from None  # fmt: skip
+                    self._read_all_output()
+                    raise PluginError(self._no_handshake(what)) from None
                 continue
             if message[:1] == b"h":
                 return
+
+    def _no_handshake(self, what: str) -> str:
+        """Why a plugin that runs but never dialled back was given up, and what to check."""
+        misnamed = self._misnamed()
+        hint = "" if misnamed else (
+            f". Its main program must start the ekuiper SDK, "
+            f"`plugin.start(PluginConfig({self.plugin.name!r}, ...))`, without blocking "
+            "before it (a slow start may get more time with STEPWELL_PLUGIN_INIT_TIMEOUT, "
+            "in seconds)")
+        return (f"{what} sent no handshake in {HANDSHAKE_TIMEOUT:g}s and was killed{misnamed}; "
+                f"its output: {self.tail()}{hint}")
 
     def _misnamed(self) -> str:
         """Why, when the plugin's code dialled another name's socket than ours."""
