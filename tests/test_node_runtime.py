@@ -57,6 +57,37 @@ PIPELINE = {
 }
 
 
+def test_rows_in_counts_the_rows_a_stream_handed_to_the_code(tmp_path, store_url):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: make
+                node: make.py
+              - name: some
+                node: some.py
+        """,
+        "make.py": """
+            from patterns import Table
+            Table("items", "w").append([{"n": n} for n in range(50)])
+        """,
+        "some.py": """
+            from patterns import Table
+            out = Table("taken", "w")
+            taken = 0
+            for row in Table("items").as_stream():
+                out.append({"n": row["n"]})
+                taken += 1
+                if taken == 10:
+                    break  # the rest of the batch was sent, and is left for the next run
+        """,
+    })
+    make, first = run_app(app, store_url)
+    assert (first.status, first.rows_in, first.rows_out) == ("succeeded", 10, 10)
+    (second,) = run_app(app, store_url, steps=["some"])
+    assert (second.rows_in, second.rows_out) == (10, 10)
+    assert [r["n"] for r in rows(app, "taken", store_url, order_by="n")] == list(range(20))
+
+
 def test_stream_processes_each_row_once_across_runs(tmp_path, store_url):
     app = write_app(tmp_path / "app", PIPELINE)
     first = run_app(app, store_url)

@@ -369,8 +369,14 @@ class WorkerSession:
     # -- commit points ---------------------------------------------------
     def op_commit(self, message: dict, _body: bytes) -> dict:
         self._commit(message, counts=True)
-        self.committed_rows_in = self.staged.committed_rows_in = self.rows_in
+        # (rows read ahead and not consumed yet come again after a rollback)
+        self.committed_rows_in = self.staged.committed_rows_in = self._consumed(message)
         return {}
+
+    def _consumed(self, message: dict) -> int:
+        """Rows the step has consumed: those sent, less what its streams read ahead
+        and have not handed to its code yet (the worker says how many)."""
+        return self.rows_in - max(int(message.get("unread") or 0), 0)
 
     def _commit(
         self, message: dict, run_fields: dict[str, Any] | None = None, counts: bool = False
@@ -383,7 +389,7 @@ class WorkerSession:
         new_positions = None if positions == self._committed_positions else positions
         new_state = None if state == self._committed_state else state
         if counts and (self.staged.open or new_positions is not None or new_state is not None):
-            run_fields = {"rows_in": self.rows_in, "rows_out": self.staged.rows_out}
+            run_fields = {"rows_in": self._consumed(message), "rows_out": self.staged.rows_out}
         self.staged.commit(new_positions, new_state, run_fields=run_fields)
         if positions is not None:
             self._committed_positions = positions
@@ -412,14 +418,15 @@ class WorkerSession:
         info = {}
         if message.get("request_new_run"):
             info["request_new_run"] = message["request_new_run"]
-        status = "succeeded" if self.rows_in or self.staged.rows_out else "succeeded_no_data"
+        rows_in = self._consumed(message)
+        status = "succeeded" if rows_in or self.staged.rows_out else "succeeded_no_data"
         if message.get("run_status") in ("succeeded", "succeeded_no_data", "succeeded_with_errors"):
             status = message["run_status"]  # the runtime decides (processor statuses)
             info.update(message.get("run_info") or {})
         fields = {
             "status": status,
             "ended_at": dt.datetime.now(dt.UTC),
-            "rows_in": self.rows_in,
+            "rows_in": rows_in,
             "rows_out": self.staged.rows_out,
             "info": info,
         }

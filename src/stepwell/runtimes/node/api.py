@@ -434,6 +434,11 @@ class Stream:
             return None
         return self._rows[self._index]
 
+    @property
+    def unread(self) -> int:
+        """Rows of the batch in hand not yielded yet."""
+        return len(self._rows) - self._index - 1 if self._batch is not None else 0
+
     def _forget_current(self) -> None:
         self._batch = None
         self._index = -1

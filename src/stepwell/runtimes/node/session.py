@@ -159,12 +159,16 @@ class NodeSession:
     def _effects(self) -> dict[str, Any]:
         for table in self.tables.values():
             table._send_buffer()
+        # rows the host sent that no stream has yielded yet (read ahead in batches):
+        # the run's rows_in counts what the step consumed
+        unread = sum(stream.unread for stream in self.streams)
         if not self._memory_loaded:  # neither read nor changed: nothing to write
-            return {"positions": None, "state": None, "state_reset": False}
+            return {"positions": None, "state": None, "state_reset": False, "unread": unread}
         return {
             "positions": self.positions(),
             "state": self.state,
             "state_reset": self.state_reset,
+            "unread": unread,
         }
 
     def commit(self) -> None:
