@@ -746,6 +746,7 @@ def test_values_of_a_storable_type_that_cannot_be_stored(tmp_path, value, proble
     (run,) = run_app(app)
     assert run.status == "failed"
     assert run.error.startswith(f"RecordError: table 't', row 1, field 'v': {problem}"), run.error
+    assert "(in the rows written from n.py:3 on)" in run.error  # (checked when sent, at the end)
 
 
 def test_printing_from_a_signal_handler_or_del_while_printing(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,8 @@ class Table:
         self._connected = required or not declared or name in declared
         self._session = session
         self._buffer: list[dict[str, Any]] = []
+        #: (file, line) of the code that wrote the buffer's first row
+        self._buffer_from: tuple[str, int] | None = None
         self._buffer_mode = "append"
         self._rows_written = 0
         self._options: dict[str, Any] = {
@@ -197,6 +200,8 @@ class Table:
             self._send_buffer()
             self._buffer_mode = mode
         if isinstance(data, list):
+            if not self._buffer:
+                self._buffer_from = _user_line()
             self._buffer.extend(data)
             if len(self._buffer) >= FLUSH_ROWS:
                 self._send_buffer()
@@ -209,6 +214,8 @@ class Table:
         if type(records) is dict and self.mode == "w" and self._buffer_mode == "append":
             # the per-row hot path of stream loops
             buffer = self._buffer
+            if not buffer:
+                self._buffer_from = _user_line()
             buffer.append(records.copy())
             if len(buffer) >= FLUSH_ROWS:
                 self._send_buffer()
@@ -322,7 +329,15 @@ class Table:
         if not self._buffer:
             return
         rows, self._buffer = self._buffer, []
-        data = records_to_arrow(rows, self.table_name, self._rows_written)
+        try:
+            data = records_to_arrow(rows, self.table_name, self._rows_written)
+        except RecordError as exc:  # (rows are checked when sent, in batches)
+            where = self._buffer_from
+            if where is None:
+                raise
+            root = str(self._session.start.get("app_root") or "").rstrip("/") + "/"
+            file = where[0][len(root):] if where[0].startswith(root) else where[0]
+            raise RecordError(f"{exc} (in the rows written from {file}:{where[1]} on)") from None
         self._ship(data, self._buffer_mode)
 
     def _ship(self, data: Any, mode: str) -> None:
@@ -330,6 +345,14 @@ class Table:
             return
         self._session.write(self.table_name, data, mode=mode, **self._options)
         self._rows_written += data.num_rows
+
+
+def _user_line() -> tuple[str, int] | None:
+    """(file, line) of the nearest caller outside this module."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
 
 
 def _shape(batches: Iterator, as_format: str, chunksize: int | None) -> Any:
