@@ -345,7 +345,13 @@ def test_a_plugin_whose_code_uses_another_name_says_so(app_dir: Path, tmp_path: 
     code = folder / "swtest.py"
     code.write_text(code.read_text().replace('PluginConfig(\n        "swtest",', 'PluginConfig(\n        "otherplug",'))
     assert '"otherplug"' in code.read_text()
-    install_plugin(app_dir, folder)
+    # install starts it once (as eKuiper 2 does), so the misnaming is reported there
+    with pytest.raises(PluginInstallError, match=r"plugin 'swtest' was not installed \(it is started "
+                       r"once to check it, as eKuiper does\): plugin 'swtest' \(pid \d+\) will "
+                       r"never handshake: its code calls PluginConfig\('otherplug', \.\.\.\)"):
+        install_plugin(app_dir, folder)
+    assert list_plugins(app_dir) == [] and not (app_dir / ".stepwell" / "plugins" / ".swtest.installing").exists()
+    install_plugin(app_dir, folder, check=False)  # installed unchecked: found at first use
     mgr = PluginManager(app_dir, processes=1)
     try:
         with pytest.raises(PluginError, match=r"its code calls PluginConfig\('otherplug', \.\.\.\) "
@@ -376,7 +382,7 @@ def test_a_plugin_that_never_handshakes_shows_its_output_and_a_hint(
     folder = copy_plugin(tmp_path / "src")
     (folder / "swtest.py").write_text(
         "import time\nprint('silent plugin: I will never handshake')\ntime.sleep(3600)\n")
-    install_plugin(app_dir, folder)
+    install_plugin(app_dir, folder, check=False)
     monkeypatch.setattr(process, "HANDSHAKE_TIMEOUT", 2.0)
     mgr = PluginManager(app_dir, processes=1)
     try:
@@ -390,3 +396,47 @@ def test_a_plugin_that_never_handshakes_shows_its_output_and_a_hint(
             "handshake. Its main program must start the ekuiper SDK, "
             "`plugin.start(PluginConfig('swtest', ...))`") in message
     assert "STEPWELL_PLUGIN_INIT_TIMEOUT" in message
+
+
+def test_install_starts_the_plugin_once_and_describe_shows_it(app_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    # a manifest listing a function its code does not provide is refused at install
+    lacking = copy_plugin(tmp_path / "lacking", lambda m: m["functions"].append("nosuchfn"))
+    result = runner.invoke(cli_app, ["plugin", "install", str(app_dir), str(lacking)])
+    assert result.exit_code != 0
+    assert ("plugin 'swtest' was not installed (it is started once to check it, as eKuiper "
+            "does): plugin 'swtest' lists function 'nosuchfn' in swtest.json but its process did "
+            "not start it") in str(result.exception)
+    assert "add it to the functions of PluginConfig('swtest', ...)" in str(result.exception)
+    assert list_plugins(app_dir) == []
+    # a working one: installed, its process stopped after the check
+    result = runner.invoke(cli_app, ["plugin", "install", str(app_dir), str(PLUGIN_SRC)])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert _plugin_processes(app_dir) == []
+    assert list_plugins(app_dir)[0].aggregate_functions == ["spread"]
+    result = runner.invoke(cli_app, ["plugin", "describe", str(app_dir), "swtest"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    lines = result.output.splitlines()
+    assert lines[0].startswith("swtest v0.1.0 [python, swtest.py, env ")
+    assert "  source counter: profiles: crashonce, crashy, default, fast" in lines
+    assert "  sink collect" in lines
+    assert "  function revstr: reverse a string (stepwell test plugin); not an aggregate" in lines
+    assert "  function spread: aggregate" in lines
+    described = json.loads(runner.invoke(cli_app, ["plugin", "describe", str(app_dir), "swtest",
+                                                   "--json"]).output)
+    assert described["functions"][0] == "revstr" and described["symbols"][0] == {
+        "kind": "source", "name": "counter", "profiles": ["crashonce", "crashy", "default", "fast"]}
+    result = runner.invoke(cli_app, ["plugin", "describe", str(app_dir), "nope"])
+    assert result.exit_code != 0 and "plugin 'nope' is not installed" in str(result.exception)
+
+
+def _plugin_processes(app_dir: Path) -> list[int]:
+    """Pids of running processes whose command line names a file of ``app_dir``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(app_dir).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found

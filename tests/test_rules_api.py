@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from plugin_helpers import PLUGIN_SRC, append_rows, make_app
+from plugin_helpers import PLUGIN_SRC, append_rows, copy_plugin, make_app
 from serverutil import ThreadServer, table_rows, wait_for
 from typer.testing import CliRunner
 
@@ -45,11 +45,24 @@ def test_plugin_and_rule_cli_through_the_running_server(app_root: Path, tmp_path
     rule_file.write_text(json.dumps({"id": "cli1", "sql": "SELECT id, revstr(grp) AS g FROM readings",
                                      "actions": [{"table": {"name": "cli_out"}}]}))
     with ThreadServer(app_root) as server, server.client() as http:
+        # install starts the plugin once: a misnamed one is refused at once, naming why
+        misnamed = copy_plugin(tmp_path / "misnamed", name="misnamed")
+        response = http.post("/api/plugins", json={"path": str(misnamed)})
+        assert response.status_code == 422
+        assert ("plugin 'misnamed' was not installed (it is started once to check it, as eKuiper "
+                "does)") in response.json()["error"]["message"]
+        assert ("its code calls PluginConfig('swtest', ...) but the plugin is named 'misnamed'"
+                in response.json()["error"]["message"])
         assert "installed plugin swtest" in _ok(runner.invoke(cli_app, ["plugin", "install", root,
                                                                         str(PLUGIN_SRC)]))
         listed = json.loads(_ok(runner.invoke(cli_app, ["plugin", "list", root, "--json"])))
         assert [p["name"] for p in listed] == ["swtest"] and "revstr" in listed[0]["functions"]
         assert "swtest" in _ok(runner.invoke(cli_app, ["plugin", "list", root]))
+        described = json.loads(_ok(runner.invoke(cli_app, ["plugin", "describe", root, "swtest",
+                                                            "--json"])))
+        assert described["aggregate_functions"] == ["spread"]
+        assert {"kind": "function", "name": "spread", "aggregate": True} in described["symbols"]
+        assert http.get("/api/plugins/nope").status_code == 404
 
         assert _ok(runner.invoke(cli_app, ["rule", "create", root, str(rule_file)])) == "rule cli1 created\n"
         assert json.loads(_ok(runner.invoke(cli_app, ["rule", "list", root, "--json"])))[0]["id"] == "cli1"

@@ -23,7 +23,8 @@ import typer
 
 from stepwell.cli_common import AppArg, CliError, JsonOpt, StoreOpt, show_plugin_output
 
-plugin_app = typer.Typer(no_args_is_help=True, help="eKuiper portable plugins: install, list, remove.")
+plugin_app = typer.Typer(no_args_is_help=True,
+                         help="eKuiper portable plugins: install, list, describe, remove.")
 rule_app = typer.Typer(no_args_is_help=True, help="eKuiper-style rules: create, list, start, stop, delete, status.")
 
 RuleId = Annotated[str, typer.Argument(help="Rule id")]
@@ -114,6 +115,49 @@ def plugin_list(app_path: AppArg = ".", as_json: JsonOpt = False) -> None:
             f"env {p.env_key[:12]}" if p.env_key else "no environment")
         print(f"{p.name} {p.version} [{p.language}, {env}] sources={p.sources} sinks={p.sinks} "
               f"functions={p.functions}")
+
+
+@plugin_app.command("describe")
+def plugin_describe(
+    app_path: AppArg,
+    name: Annotated[str, typer.Argument(help="Plugin name")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show an installed plugin: its metadata and symbols (eKuiper's describe plugin)."""
+    from stepwell.runtimes.plugin.install import PluginInstallError, describe_plugin
+
+    root, client = _server(app_path)
+    if client is not None:
+        info = _call(client, "GET", f"/api/plugins/{name}")
+    else:
+        try:
+            info = describe_plugin(root, name)
+        except PluginInstallError as exc:
+            _fail(exc)
+            return
+    if as_json:
+        _print(info)
+        return
+    for line in _description_lines(info):
+        print(line)
+
+
+def _description_lines(info: dict[str, Any]) -> list[str]:
+    """``plugin describe``'s text: the plugin, where it came from, one line per symbol."""
+    env = (f"conda env {info['conda_env']}" if info.get("conda_env") else
+           f"env {info['env_key'][:12]}" if info.get("env_key") else "no environment")
+    lines = [f"{info['name']} {info['version']} [{info['language']}, {info['executable']}, {env}]",
+             f"  installed {info.get('installed_at') or '?'} from {info.get('source_path') or '?'}"]
+    for symbol in info["symbols"]:
+        details = [symbol[key] for key in ("description", "hint") if symbol.get(key)]
+        if "aggregate" in symbol:
+            details.append("aggregate" if symbol["aggregate"] else "not an aggregate")
+        if symbol.get("profiles"):
+            details.append(f"profiles: {', '.join(symbol['profiles'])}")
+        text = f"  {symbol['kind']} {symbol['name']}"
+        lines.append(f"{text}: {'; '.join(details)}" if details else text)
+    lines += [f"  warning: {warning}" for warning in info.get("warnings") or []]
+    return lines
 
 
 @plugin_app.command("remove")

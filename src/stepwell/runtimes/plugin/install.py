@@ -32,6 +32,7 @@ __all__ = [
     "InstalledPlugin",
     "PluginInstallError",
     "content_hash",
+    "describe_plugin",
     "get_plugin",
     "install_plugin",
     "list_plugins",
@@ -71,6 +72,9 @@ class InstalledPlugin:
     installed_at: str = ""
     source_path: str = ""
     warnings: list[str] = field(default_factory=list)
+    #: its functions that are aggregates, as they said when it was started at
+    #: install (None: it was installed without that check)
+    aggregate_functions: list[str] | None = None
 
     @property
     def path(self) -> Path:
@@ -244,10 +248,14 @@ def symbol_owner(app_root: Path, kind: str, symbol: str) -> InstalledPlugin | No
     return None
 
 
-def install_plugin(app_root: Path, path: Path, *, force: bool = False) -> InstalledPlugin:
+def install_plugin(app_root: Path, path: Path, *, force: bool = False,
+                   check: bool = True) -> InstalledPlugin:
     """Install (or reinstall) the plugin at ``path`` into the app; see the module docstring.
 
     An installed plugin with identical content is kept as is unless ``force``.
+    With ``check`` the plugin is started once before it replaces what was
+    installed (as eKuiper 2 does): one that does not start, answers under
+    another name or lacks a function it lists is refused, naming why.
     """
     path = Path(path).expanduser().resolve()
     if not path.exists():
@@ -282,14 +290,36 @@ def install_plugin(app_root: Path, path: Path, *, force: bool = False) -> Instal
     try:
         command, env_key, conda_env, warnings = _environment(staging, manifest)
         _run_install_script(staging, command)
+        record = _record(name, staging, manifest, command, env_key, conda_env, digest, path, warnings)
+        if check:
+            record.aggregate_functions = _started_once(record)
         shutil.rmtree(target, ignore_errors=True)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    record = InstalledPlugin(
+    record.folder = str(target.resolve())
+    (target / RECORD).write_text(json.dumps(asdict(record), indent=2) + "\n")
+    return record
+
+
+def _started_once(plugin: InstalledPlugin) -> list[str]:
+    """Start the plugin once (see ``install_plugin``): its aggregate functions."""
+    from stepwell.runtimes.plugin.manager import check_plugin
+    from stepwell.runtimes.plugin.process import PluginError
+
+    try:
+        return check_plugin(plugin)
+    except PluginError as exc:
+        raise PluginInstallError(f"plugin {plugin.name!r} was not installed (it is started once "
+                                 f"to check it, as eKuiper does): {exc}") from None
+
+
+def _record(name: str, folder: Path, manifest: Manifest, command: list[str], env_key: str | None,
+            conda_env: str | None, digest: str, path: Path, warnings: list[str]) -> InstalledPlugin:
+    return InstalledPlugin(
         name=name,
-        folder=str(target.resolve()),
+        folder=str(folder.resolve()),
         version=manifest.version,
         language=manifest.language,
         executable=manifest.executable,
@@ -304,8 +334,66 @@ def install_plugin(app_root: Path, path: Path, *, force: bool = False) -> Instal
         source_path=str(path),
         warnings=warnings,
     )
-    (target / RECORD).write_text(json.dumps(asdict(record), indent=2) + "\n")
-    return record
+
+
+def describe_plugin(app_root: Path, name: str) -> dict[str, Any]:
+    """An installed plugin as ``plugin describe`` shows it (eKuiper's ``describe
+    plugin``): its install record plus ``symbols``, one entry per symbol with
+    ``kind``, ``name`` and what its metadata files say (``description``, a
+    function's ``hint`` and ``aggregate``, a source's config ``profiles``)."""
+    plugin = get_plugin(app_root, name)
+    symbols = []
+    for kind, symbol in plugin.symbols():
+        entry: dict[str, Any] = {"kind": kind, "name": symbol}
+        entry.update(_symbol_metadata(plugin, kind, symbol))
+        symbols.append(entry)
+    return {**asdict(plugin), "symbols": symbols}
+
+
+def _symbol_metadata(plugin: InstalledPlugin, kind: str, symbol: str) -> dict[str, Any]:
+    """What the plugin's metadata files say of one symbol (eKuiper layout:
+    ``sources/<s>.json``, ``sinks/<s>.json``, ``functions/*.json`` listing functions)."""
+    folder = plugin.path / f"{kind}s"
+    info: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        data = _json_or_none(path)
+        if not isinstance(data, dict):
+            continue
+        listed = [f for f in data.get("functions") or [] if isinstance(f, dict) and f.get("name") == symbol]
+        if path.stem != symbol and not listed:
+            continue
+        description = _english((data.get("about") or {}).get("description"))
+        if description:
+            info["description"] = description
+        if listed and _english(listed[0].get("hint")):
+            info["hint"] = _english(listed[0].get("hint"))
+        break
+    if kind == "function" and plugin.aggregate_functions is not None:
+        info["aggregate"] = symbol in plugin.aggregate_functions
+    if kind == "source":
+        profiles = plugin.path / "sources" / f"{symbol}.yaml"
+        if profiles.is_file():
+            import yaml
+
+            try:
+                info["profiles"] = sorted(yaml.safe_load(profiles.read_text()) or {})
+            except (yaml.YAMLError, TypeError):
+                info["profiles"] = []
+    return info
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _english(text: Any) -> str | None:
+    """A metadata text: a plain string, or eKuiper's ``{"en_US": ..., "zh_CN": ...}``."""
+    if isinstance(text, dict):
+        text = text.get("en_US") or next(iter(text.values()), None)
+    return str(text) if text else None
 
 
 def remove_plugin(app_root: Path, name: str) -> InstalledPlugin:

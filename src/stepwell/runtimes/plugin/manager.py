@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pynng
+
 from stepwell.runtimes.plugin.channels import FunctionChannel, SinkChannel, SourceChannel
 from stepwell.runtimes.plugin.functions import FunctionPool
 from stepwell.runtimes.plugin.install import (
@@ -30,7 +32,7 @@ from stepwell.runtimes.plugin.install import (
 )
 from stepwell.runtimes.plugin.process import PluginError, PluginProcess, namespaces_available
 
-__all__ = ["PluginManager", "default_processes", "shared_manager"]
+__all__ = ["PluginManager", "check_plugin", "default_processes", "shared_manager"]
 
 log = logging.getLogger("stepwell.plugin")
 
@@ -43,6 +45,39 @@ def default_processes() -> int:
     else:
         wanted = 2
     return wanted if namespaces_available() else 1
+
+
+def check_plugin(plugin: InstalledPlugin) -> list[str]:
+    """Start ``plugin`` once and stop it, as eKuiper 2 does at install: its process
+    must handshake (under its own name) and serve every function its manifest
+    lists. Returns the functions that are aggregates; raises :class:`PluginError`
+    saying what is wrong. (Sources and sinks are not started: they would run.)"""
+    try:
+        proc = PluginProcess(plugin)
+    except pynng.AddressInUse:  # (no private /tmp, and the plugin runs already)
+        return []
+    try:
+        proc.start()
+        return [symbol for symbol in plugin.functions if _serves_function(proc, symbol)]
+    finally:
+        proc.quiet()
+        proc.stop()
+
+
+def _serves_function(proc: PluginProcess, symbol: str) -> bool:
+    """Start function ``symbol`` in ``proc`` and ask it IsAggregate (its answer)."""
+    name = proc.plugin.name
+    try:
+        channel = FunctionChannel(proc, symbol)
+    except PluginError as exc:
+        raise PluginError(
+            f"plugin {name!r} lists function {symbol!r} in {name}.json but its process did not "
+            f"start it ({exc}); add it to the functions of PluginConfig({name!r}, ...) in its "
+            "code, or remove it from the manifest") from None
+    try:
+        return bool(channel.request("IsAggregate", None))
+    finally:
+        channel.close()
 
 
 class PluginManager:

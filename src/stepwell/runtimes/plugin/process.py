@@ -377,6 +377,11 @@ class PluginProcess:
                         f"{what} exited with status {self._proc.poll() if self._proc else '?'} "
                         f"before its handshake{self._misnamed()}; its output: {self.tail()}"
                     ) from None
+                misnamed = self._misnamed()
+                if misnamed:  # (the SDK would retry its dial for 5 s, then exit)
+                    self._kill()
+                    raise PluginError(f"{what} will never handshake{misnamed}; it was killed. "
+                                      f"Its output: {self.tail()}") from None
                 if time.monotonic() > deadline:
                     self._kill()
                     self._read_all_output()

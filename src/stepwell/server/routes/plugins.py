@@ -25,7 +25,7 @@ from stepwell.runtimes.plugin import (
     remove_plugin,
     shared_manager,
 )
-from stepwell.runtimes.plugin.install import get_plugin
+from stepwell.runtimes.plugin.install import describe_plugin, get_plugin
 from stepwell.server.context import ServerContext, get_ctx
 from stepwell.server.errors import ApiError
 from stepwell.streams import RuleError, StreamError
@@ -54,6 +54,28 @@ class PluginInfo(BaseModel):
     installed_at: str = ""
     source_path: str = ""
     warnings: list[str] = Field(default_factory=list)
+    aggregate_functions: list[str] | None = Field(
+        None, description="Its aggregate functions, as it said when started at install "
+        "(null: installed without that check)")
+
+
+class SymbolInfo(BaseModel):
+    """One symbol of a plugin, with what its metadata files say."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str = Field(description="source | sink | function")
+    name: str
+    description: str | None = None
+    hint: str | None = Field(None, description="A function's usage hint")
+    aggregate: bool | None = Field(None, description="Whether a function is an aggregate")
+    profiles: list[str] | None = Field(None, description="A source's config profiles (CONF_KEY)")
+
+
+class PluginDescription(PluginInfo):
+    """An installed plugin and its symbols (eKuiper's describe plugin)."""
+
+    symbols: list[SymbolInfo]
 
 
 class PluginList(BaseModel):
@@ -169,6 +191,16 @@ def post_plugin(body: PluginInstall, ctx: ServerContext = Depends(get_ctx)) -> P
         _manager(ctx).reload_plugin(plugin.name)
     _functions_changed(ctx)
     return PluginInfo(**vars(plugin))
+
+
+@router.get("/plugins/{name}", response_model=PluginDescription, response_model_exclude_unset=True,
+            summary="An installed plugin: its metadata and symbols")
+def get_plugin_description(name: str = Path(description="Plugin name", max_length=200),
+                           ctx: ServerContext = Depends(get_ctx)) -> Any:
+    try:
+        return describe_plugin(ctx.app.root, name)
+    except PluginInstallError as exc:
+        raise ApiError(404, str(exc)) from None
 
 
 @router.delete("/plugins/{name}", response_model=RemovedPlugin, summary="Remove a plugin")
