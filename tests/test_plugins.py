@@ -418,14 +418,14 @@ def test_install_starts_the_plugin_once_and_describe_shows_it(app_dir: Path, tmp
     assert result.exit_code == 0, result.output + str(result.exception)
     lines = result.output.splitlines()
     assert lines[0].startswith("swtest v0.1.0 [python, swtest.py, env ")
-    assert "  source counter: profiles: crashonce, crashy, default, fast" in lines
+    assert "  source counter: profiles: crashonce, crashy, default, fast, flood" in lines
     assert "  sink collect" in lines
     assert "  function revstr: reverse a string (stepwell test plugin); not an aggregate" in lines
     assert "  function spread: aggregate" in lines
     described = json.loads(runner.invoke(cli_app, ["plugin", "describe", str(app_dir), "swtest",
                                                    "--json"]).output)
     assert described["functions"][0] == "revstr" and described["symbols"][0] == {
-        "kind": "source", "name": "counter", "profiles": ["crashonce", "crashy", "default", "fast"]}
+        "kind": "source", "name": "counter", "profiles": ["crashonce", "crashy", "default", "fast", "flood"]}
     result = runner.invoke(cli_app, ["plugin", "describe", str(app_dir), "nope"])
     assert result.exit_code != 0 and "plugin 'nope' is not installed" in str(result.exception)
 

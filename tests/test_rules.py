@@ -766,3 +766,45 @@ def test_a_source_its_restarted_plugin_refuses_is_an_error_and_not_logged_as_rep
     restarted = [line for line in logged.lines if " restarted (pid " in line]
     assert len(restarted) == 1 and restarted[0].endswith(
         "0 of 1 symbols replayed (1 failed: once_once_0_counter)")  # it said "1 symbols replayed"
+
+
+# -- a plugin source faster than its rule -------------------------------------------------------
+
+
+def test_a_flooding_source_is_bounded_by_buffer_length_and_a_stop_counts_what_it_discards(
+    env,
+) -> None:
+    root, store, engine = env
+    engine.add_stream(parse_stream(
+        'CREATE STREAM flood () WITH (TYPE="counter", DATASOURCE="f", CONF_KEY="flood")'))
+    # each batch of 5 takes ~1 s in the plugin, while the source sends 2000 events at once
+    engine.create({"id": "flood", "sql": "SELECT id, whoami(0.4) AS w FROM flood",
+                   "actions": [{"table": {"name": "flood_out"}}],
+                   "options": {"bufferLength": 20, "batchSize": 5, "stopTimeoutMs": 100}})
+    with _Lines("stepwell.rules") as logged:
+        engine.start("flood")
+        # every event is processed, waiting in the buffer, or dropped
+        status = wait_for(lambda: (s := engine.status("flood"))["records_in"] + s["queued"]
+                          + s["dropped"] == 2000 and s, timeout=30)
+        assert status["queued"] <= 20  # (it held 138k events, 307 MB, in the audit)
+        assert status["dropped"] > 0
+        engine.stop("flood")
+    status = engine.status("flood")
+    assert status["records_in"] + status["dropped"] == 2000  # nothing unaccounted for
+    discarded = [line for line in logged.lines if "not processed within stopTimeoutMs" in line]
+    assert len(discarded) == 1 and discarded[0].startswith("rule 'flood' stopped with ")
+    assert "events from source 'counter' (stream flood) not processed within stopTimeoutMs " \
+        "(100 ms): they were discarded (a plugin source cannot send them again; counted in " \
+        "dropped)" in status["last_error"]
+    full = [line for line in logged.lines if "is full" in line]
+    # once per burst, not per event (a second burst only if the loop emptied half the buffer
+    # while the source still sent, which its 2000 quick events do not allow in practice)
+    assert 1 <= len(full) <= 2
+    assert full[0] == ("rule flood: its buffer of 20 events from source 'counter' (stream flood) "
+                       "is full: new events are dropped (counted in the rule's status as dropped) "
+                       "until it has room; raise the rule option bufferLength, or make the rule "
+                       "keep up (batchSize, functionProcesses)")
+    with pytest.raises(RuleError, match=r"rule 'bad_buffer': option bufferLength must be a whole "
+                       r"number of events, at least 1 \(default 1024\), not 0"):
+        engine.create({"id": "bad_buffer", "sql": "SELECT id FROM flood", "actions": [{"log": {}}],
+                       "options": {"bufferLength": 0}})

@@ -69,6 +69,8 @@ __all__ = ["RuleEngine", "RuleError", "RuleMetrics", "RuleRuntime", "result_rows
 log = logging.getLogger("stepwell.rules")
 
 INDEX_KEY = "rules:index"
+#: eKuiper's default bufferLength: events of a plugin source a rule holds at most
+DEFAULT_BUFFER_LENGTH = 1024
 _ARROW_TYPES = {
     "bigint": pa.int64(), "float": pa.float64(), "string": pa.string(), "boolean": pa.bool_(),
     "datetime": pa.timestamp("ms"), "bytea": pa.binary(),
@@ -232,6 +234,9 @@ class RuleMetrics:
     plugin_crashes: int = 0
     #: times those processes were started again (after a crash or a kill by the host)
     plugin_restarts: int = 0
+    #: plugin-source events never processed: they came while the rule's buffer was
+    #: full (bufferLength), or were still waiting when the rule stopped
+    dropped: int = 0
 
     def error(self, text: str) -> None:
         self.errors += 1
@@ -243,6 +248,14 @@ class RuleMetrics:
         self.latency_ms_last = round(ms, 3)
         self.latency_ms_max = round(max(self.latency_ms_max, ms), 3)
         self.latency_ms_avg = round(ms if not self.batches else 0.9 * self.latency_ms_avg + 0.1 * ms, 3)
+
+
+def checked_buffer_length(value: Any, where: str) -> int:
+    """``value`` as a bufferLength (a whole number of events, at least 1), or a RuleError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RuleError(f"{where}: option bufferLength must be a whole number of events, at "
+                        f"least 1 (default {DEFAULT_BUFFER_LENGTH}), not {value!r}")
+    return value
 
 
 def _now_iso() -> str:
@@ -409,6 +422,15 @@ class RuleRuntime:
         self.compiled: CompiledRule | None = None
         self.actions: list[_Action] = []
         self._queue: collections.deque[Event] = collections.deque()
+        #: most events of a plugin source waiting to be processed (eKuiper's
+        #: bufferLength); set from the rule's options or the source's config at start
+        self.buffer_length = DEFAULT_BUFFER_LENGTH
+        #: events dropped in the current burst of a full buffer (0: none going on),
+        #: and when the last one was
+        self._burst = 0
+        self._last_drop = 0.0
+        #: when a stop gives up processing the events still waiting
+        self._stop_deadline = float("inf")
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -539,6 +561,7 @@ class RuleRuntime:
 
         plugin = self.manager.plugin_for("source", self.stream.type)
         config = plugin.source_config(self.stream.type, self.stream.conf_key)
+        self.buffer_length = self._buffer_length(config)
         for key, option in (("format", "FORMAT"), ("key", "KEY"), ("timestamp", "TIMESTAMP"),
                             ("timestampFormat", "TIMESTAMP_FORMAT")):
             if option in self.stream.options:
@@ -547,6 +570,12 @@ class RuleRuntime:
             self.stream.type, meta(self.rule.id, self.stream.name), config,
             self.stream.datasource, self._on_message, self._on_source_error,
         )
+
+    def _buffer_length(self, source_config: dict[str, Any]) -> int:
+        """The rule option ``bufferLength``, else the source profile's, else 1024."""
+        value = self.rule.options.get("bufferLength", source_config.get("bufferLength",
+                                                                        DEFAULT_BUFFER_LENGTH))
+        return checked_buffer_length(value, f"rule {self.rule.id!r}")
 
     def _stop_input(self) -> None:
         source, self._source = self._source, None  # (the loop may stop it too, on failure)
@@ -563,6 +592,7 @@ class RuleRuntime:
         if self._stopped:
             return
         self._stopped = True
+        self._stop_deadline = time.monotonic() + self.stop_timeout
         self._unwatch_plugins()  # (what the plugins do now is not this rule's doing)
         self._stop_input()
         self._stopping.set()
@@ -577,6 +607,7 @@ class RuleRuntime:
                     action.interrupt()
         for thread in self._threads:
             thread.join(10)
+        self._discard_waiting()  # (a loop still running ends without them)
         for action in self.actions:
             try:
                 action.stop()
@@ -589,7 +620,10 @@ class RuleRuntime:
         self._save_status(force=True)
 
     # -- input
-    def _push(self, rows: list[tuple[dict[str, Any], Any]], meta: Any = None) -> None:
+    def _push(self, rows: list[tuple[dict[str, Any], Any]], meta: Any = None, *,
+              bounded: bool = False) -> None:
+        """Queue ``rows`` as events; ``bounded`` (a plugin source): only as many as
+        the buffer has room for."""
         now = time.monotonic()
         wall = int(time.time() * 1000)
         meta = meta if isinstance(meta, dict) else None
@@ -601,15 +635,63 @@ class RuleRuntime:
             self._seq += 1
             events.append(Event(ts, row, self._seq, position, now, meta))
         with self._cond:
-            self._queue.extend(events)
+            self._queue.extend(self._within_buffer(events) if bounded else events)
             self._cond.notify_all()
+
+    def _within_buffer(self, events: list[Event]) -> list[Event]:
+        """The events the buffer has room for (called holding ``_cond``). The others
+        are dropped and counted: blocking the plugin is no option (the SDK gives up a
+        send after 1 s and then stops its source for good). A burst of drops is
+        logged once, when it starts and when it is over: the buffer is half empty
+        and nothing was dropped for a second (not each time a batch makes room)."""
+        room = max(self.buffer_length - len(self._queue), 0)
+        if len(events) <= room:
+            if (self._burst and len(self._queue) <= self.buffer_length // 2
+                    and time.monotonic() - self._last_drop >= 1.0):
+                self._end_burst()
+            return events
+        dropped = len(events) - room
+        self._last_drop = time.monotonic()
+        self.metrics.dropped += dropped
+        if not self._burst:
+            log.warning(
+                "rule %s: its buffer of %d events from source %r (stream %s) is full: new events "
+                "are dropped (counted in the rule's status as dropped) until it has room; raise "
+                "the rule option bufferLength, or make the rule keep up (batchSize, "
+                "functionProcesses)", self.rule.id, self.buffer_length, self.stream.type,
+                self.stream.name)
+        self._burst += dropped
+        return events[:room]
+
+    def _end_burst(self) -> None:
+        log.warning("rule %s: its buffer has room again; %d events from source %r were dropped "
+                    "while it was full", self.rule.id, self._burst, self.stream.type)
+        self._burst = 0
+
+    def _discard_waiting(self, why: str = "") -> None:
+        """The rule stopped (or failed: ``why``) with plugin-source events still
+        waiting: drop them, saying how many (a plugin source cannot send them again)."""
+        if self.stream.is_table:
+            return  # (read again from the committed position at the next start)
+        with self._cond:
+            count = len(self._queue)
+            self._queue.clear()
+        if not count:
+            return
+        self.metrics.dropped += count
+        why = why or f"not processed within stopTimeoutMs ({self.stop_timeout * 1000:g} ms)"
+        text = (f"rule {self.rule.id!r} stopped with {count} events from source "
+                f"{self.stream.type!r} (stream {self.stream.name}) {why}: they were discarded "
+                "(a plugin source cannot send them again; counted in dropped)")
+        log.warning("%s", text)
+        self.metrics.error(text)
 
     def _on_message(self, message: Any, meta: Any) -> None:
         items = message if isinstance(message, list) else [message]
         rows = [(m, None) for m in items if isinstance(m, dict)]
         if len(rows) != len(items):
             self.metrics.error(f"source {self.stream.type!r} sent a message that is not an object")
-        self._push(rows, meta)
+        self._push(rows, meta, bounded=True)
 
     def _on_source_error(self, text: str) -> None:
         self.metrics.error(f"source {self.stream.type!r}: {text}")
@@ -671,8 +753,10 @@ class RuleRuntime:
 
     def _loop(self) -> None:
         while True:
-            if self._stopping.is_set() and (self.stream.is_table or not self._queue):
+            if self._stopping.is_set() and (self.stream.is_table or not self._queue
+                                            or time.monotonic() > self._stop_deadline):
                 # (a table's rows not taken yet are read again from the committed position)
+                self._discard_waiting()
                 return
             events = self._take()
             try:
@@ -694,15 +778,16 @@ class RuleRuntime:
         if self.stream.is_table:
             return ("nothing of them was committed: the rule reads them again when it "
                     "starts (a sink may get some results twice)")  # fmt: skip
-        return (f"they are lost, with {len(self._queue)} queued events (plugin source "
-                f"{self.stream.type!r} cannot send them again)")  # fmt: skip
+        return f"they are lost (plugin source {self.stream.type!r} cannot send them again)"
 
     def _abandon(self, events: list[Event], reason: str) -> None:
         """The rule is stopping and the batch's results did not all reach the sinks:
         commit none of it."""
         self._discard_pending()
+        self._discard_waiting()  # (first: last_error is then why the batch was not delivered)
         self.metrics.error(f"rule {self.rule.id!r} stopped before the results of {len(events)} "
                            f"events were delivered ({reason}); {self._fate()}")
+        self._save_status(force=True)  # (a stop that gave up on the loop saved before this)
 
     def _fail(self, events: list[Event], reason: str) -> None:
         """Processing a batch failed: commit none of it, stop the input and show the
@@ -711,6 +796,7 @@ class RuleRuntime:
         self.status = "failed"
         self._stopping.set()
         self._stop_input()
+        self._discard_waiting("not processed, as it failed")  # (first: last_error says why)
         self.metrics.error(
             f"rule {self.rule.id!r} failed on a batch of {len(events)} events and stopped: "
             f"{reason}; {self._fate()}. Fix the cause, then start the rule again "
@@ -791,6 +877,7 @@ class RuleRuntime:
         try:
             return self._query(events, pane)
         except Exception as exc:  # noqa: BLE001 - told apart event by event below
+            self._check_not_given_up(exc)
             if len(events) == 1:
                 self._drop(events[0], exc)
                 return []
@@ -817,10 +904,19 @@ class RuleRuntime:
             try:
                 rows.extend(self._query([event], pane))
             except Exception as exc:  # noqa: BLE001 - this event only
+                self._check_not_given_up(exc)
                 self._drop(event, exc)
                 continue
             kept.append(event)
         return kept, rows
+
+    def _check_not_given_up(self, exc: Exception) -> None:
+        """A query failed after a stop gave up waiting for the batch (its plugin
+        processes are being stopped, say): abandon the batch as a whole rather than
+        drop each event as failed."""
+        if self._stopping.is_set() and time.monotonic() > self._stop_deadline:
+            raise _Undelivered(f"the batch was still being queried when stopTimeoutMs "
+                               f"({self.stop_timeout * 1000:g} ms) passed: {_what_failed(exc)}")
 
     def _drop_window(self, pane: Pane, events: list[Event], exc: Exception) -> None:
         bounds = (f"window [{pane.start}, {pane.end})" if pane.start is not None
@@ -986,8 +1082,10 @@ class RuleEngine:
                       data.get("created_at", ""))
 
     def compile(self, rule: RuleDef) -> CompiledRule:
-        """Compile a rule's SQL, checking its stream, functions and actions."""
+        """Compile a rule's SQL, checking its stream, functions, actions and options."""
         where = f"rule {rule.id!r}"
+        if "bufferLength" in rule.options:
+            checked_buffer_length(rule.options["bufferLength"], where)
         compiled = compile_rule(
             rule.sql,
             rule_id=rule.id,

@@ -136,6 +136,9 @@ class RuleStatus(BaseModel):
     plugin_crashes: int | None = Field(None, description="Exits of the rule's plugin processes "
                                        "the host did not ask for (each is also an error)")
     plugin_restarts: int | None = Field(None, description="Times those processes were started again")
+    dropped: int | None = Field(None, description="Plugin-source events never processed: they came "
+                                "while the rule's buffer (bufferLength) was full, or still waited "
+                                "when it stopped")
     function_processes: dict[str, int] | None = None
     desired: str
     sql: str
