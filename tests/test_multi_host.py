@@ -89,3 +89,52 @@ def test_streams_lose_no_row_when_hosts_commit_out_of_id_order(make_pg_database,
     assert len(events) == 5 * SLOW_ROWS + 8 * 3
     assert sorted(copied) == sorted(events)  # each row copied once: none lost, none twice
     assert time.monotonic() - began < 300
+
+
+def test_runs_of_another_host_are_left_to_it_unless_their_step_lock_shows_it_gone(
+    tmp_path, make_pg_database
+):
+    """A host cannot look at another machine's processes: its runs are neither closed
+    as orphans nor adopted here; one whose step's run lock a later run finds free
+    (long after it started) has lost its host."""
+    import datetime as dt
+
+    from apputil import run_app
+
+    from stepwell.engine.hosts import this_host
+    from stepwell.store import open_store
+    from stepwell.store.base import RunRecord
+
+    url = make_pg_database()
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: s\n    node: s.py\n  - name: t\n    node: s.py\n",
+        "s.py": "print('ran')\n",
+    })
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead, now = int(gone.stdout), dt.datetime.now(dt.UTC)
+    elsewhere = {"host": "another-machine/4026531836"}
+    records = [
+        RunRecord(id="01a-recent", step="t", status="running", started_at=now, host_pid=dead,
+                  info=elsewhere),
+        RunRecord(id="01b-old", step="s", status="running", host_pid=dead, info=elsewhere,
+                  started_at=now - dt.timedelta(minutes=5)),
+        RunRecord(id="01c-queued", step="t", status="queued", host_pid=dead, info=elsewhere),
+        RunRecord(id="01d-local", step="t", status="running", started_at=now, host_pid=dead,
+                  info={"host": this_host()}),
+    ]  # fmt: skip
+    store = open_store(url, app)
+    try:
+        store.create_runs(records)
+    finally:
+        store.close()
+    assert [r.status for r in run_app(app, url, steps=["s"])] == ["succeeded_no_data"]
+    store = open_store(url, app)
+    try:
+        status = {r.id: (r.status, r.error or "") for r in map(store.get_run, [r.id for r in records])}
+    finally:
+        store.close()
+    assert status["01a-recent"] == ("running", "")  # its host may well be alive
+    assert status["01c-queued"] == ("queued", "")  # its server runs it once it is back
+    assert status["01b-old"][0] == "killed" and "its host (another-machine/" in status["01b-old"][1]
+    assert status["01d-local"][0] == "killed"  # a process of this host that is gone

@@ -294,7 +294,9 @@ def runs(
     """List runs, newest first."""
     from stepwell.server.models import RunSummary
 
-    with _backend(app_path, store) as (_spec, backend):
+    with _backend(app_path, store) as (spec, backend):
+        if step is not None and not step.startswith("action:"):
+            spec.step(step)  # a misspelt step is an error listing the steps, not "no runs"
         records = backend.list_runs(step=step, limit=limit)
     if as_json:
         _print_json([{**RunSummary.of(r).cli_json(), **_partition_counts(r)} for r in records])

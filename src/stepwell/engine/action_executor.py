@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepwell.engine.hosts import this_host
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.runtimes.action import templating
 from stepwell.runtimes.action.code import template_problem
@@ -415,7 +416,7 @@ class ActionExecutor:
         timeout = action.timeout or DEFAULT_ACTION_TIMEOUT
         run = RunRecord(id=ids.new_id(), step=RUN_PREFIX + name, status="running",
                         trigger=trigger, started_at=_now(), host_pid=os.getpid(),
-                        info={"action": name, "user": user["id"]})  # fmt: skip
+                        info={"action": name, "user": user["id"], "host": this_host()})  # fmt: skip
         redact = Redactor([])
         on_line = self._on_line(run)
         call = _Call(run=run, log=_CallLog(RunLog(self.journal, run.id, redact, on_line)),  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stepwell.engine.bytecode import AppBytecode
+from stepwell.engine.hosts import on_this_host, process_alive, this_host
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.engine.preload import pandas_by_step, prestart_forkservers, step_wants_pandas
 from stepwell.engine.staging import StagedRun
@@ -106,13 +107,16 @@ def _now() -> dt.datetime:
 
 
 def recover_orphans(store: Store) -> list[str]:
-    """Close runs left ``running`` by a host process that no longer exists.
+    """Close runs left ``running`` by a host process of this machine that no longer
+    exists (another machine's runs are its business: see ``_close_abandoned``).
 
     Their uncommitted effects were never committed, so only the record needs
     fixing. Returns the ids it closed."""
     closed = []
     for run in store.list_runs(limit=None, statuses=("running", "queued")):
-        if run.host_pid and run.host_pid != os.getpid() and _alive(run.host_pid):
+        if not on_this_host(run):
+            continue
+        if run.host_pid and run.host_pid != os.getpid() and process_alive(run.host_pid):
             continue
         if run.host_pid == os.getpid():
             continue
@@ -136,14 +140,10 @@ def recover_orphans(store: Store) -> list[str]:
     return closed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+#: A run of another host whose step's run lock is free this long after it started
+#: is taken for one whose host died (the lock is held for all of a run but its first
+#: and last milliseconds).
+ABANDONED_AFTER_SECONDS = 60.0
 
 
 class Runner:
@@ -181,6 +181,26 @@ class Runner:
         self.recovered: list[str] = []
         if recover:  # (a Ray task must not: other hosts' pids mean nothing on its node)
             self.recovered = recover_orphans(store)
+
+    def _close_abandoned(self, step: str, run_id: str) -> None:
+        """On a store several hosts share: with the step's run lock held here, no other
+        run of the step is executing anywhere, so one still ``running`` on another
+        host (whose process this host cannot look at) has lost its host."""
+        if not getattr(getattr(self.store, "dialect", None), "shared", False):
+            return
+        now = _now()
+        for other in self.store.list_runs(step=step, limit=20, statuses=("running",)):
+            started = other.started_at
+            if other.id == run_id or on_this_host(other) or started is None:
+                continue
+            if (now - started).total_seconds() < ABANDONED_AFTER_SECONDS:
+                continue
+            self.store.update_run(
+                other.id, status="killed", ended_at=now,
+                error=(f"its host ({(other.info or {}).get('host')}, pid {other.host_pid}) "
+                       f"stopped while this run was in progress (a later run of the step "
+                       f"found its run lock free); nothing after its last commit point was kept"),
+            )  # fmt: skip
 
     # -- preparation -----------------------------------------------------
     def _context(self, step: Any) -> StepContext:
@@ -262,6 +282,7 @@ class Runner:
             trigger=trigger,
             started_at=_now(),
             host_pid=os.getpid(),
+            info={"host": this_host()},
         )
         handle = _RunHandle()
         with self._active_lock:
@@ -368,10 +389,10 @@ class Runner:
         existing: bool,
     ) -> RunRecord:
         unrecorded = None
-        if existing and self.store.get_run(run.id) is not None:
+        if existing and (queued := self.store.get_run(run.id)) is not None:
             self.store.update_run(
                 run.id, status=run.status, trigger=run.trigger, started_at=run.started_at,
-                host_pid=run.host_pid,
+                host_pid=run.host_pid, info={**(queued.info or {}), "host": this_host()},
             )
         elif problem is None and step.kind in _RECORDED_LATE:
             unrecorded = run  # a short run's record is written once, when it ends
@@ -399,6 +420,7 @@ class Runner:
                 outcome = Outcome("failed", f"step {step.name!r}: {step.kind} steps are not supported yet")
             else:
                 with self.store.run_lock(step.name):
+                    self._close_abandoned(step.name, run.id)
                     outcome = execute(ActiveRun(step, run, context, staged, log, redact, early_worker))
         except Exception as exc:  # configuration problems: secrets, environment, files
             if staged is not None:

@@ -53,7 +53,8 @@ from typing import Any
 
 from croniter import croniter
 
-from stepwell.engine.runner import SUCCESS, NullListener, RunListener, Runner, _alive
+from stepwell.engine.hosts import on_this_host, process_alive, this_host
+from stepwell.engine.runner import SUCCESS, NullListener, RunListener, Runner
 from stepwell.store import ids
 from stepwell.store.base import LogLine, RunRecord, Store
 
@@ -471,7 +472,7 @@ class Scheduler:
             return Ticket(pending.run_id, step, coalesced=True)
         if run_id is None:
             run_id = ids.new_id()
-            info: dict[str, Any] = {}
+            info: dict[str, Any] = {"host": this_host()}
             if delay > 0:
                 info["not_before"] = not_before
             if deferred:
@@ -624,7 +625,9 @@ class Scheduler:
         for run in reversed(self.store.list_runs(limit=None, statuses=("queued",))):
             if run.started_at is not None:
                 continue
-            if run.host_pid and run.host_pid != os.getpid() and _alive(run.host_pid):
+            if not on_this_host(run):
+                continue  # another machine's server owns it (it runs it once it is back)
+            if run.host_pid and run.host_pid != os.getpid() and process_alive(run.host_pid):
                 continue  # another live server owns it
             if run.step not in known:
                 self.store.update_run(

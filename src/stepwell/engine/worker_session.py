@@ -429,9 +429,9 @@ class WorkerSession:
             "rows_in": rows_in,
             "rows_out": self.staged.rows_out,
             "info": info,
+            # (a host that wrongly took this run for dead may have written one)
+            "error": self.redact(str(message["run_error"])) if message.get("run_error") else None,
         }
-        if message.get("run_error"):
-            fields["error"] = self.redact(str(message["run_error"]))
         self.log.flush()
         self._commit(message, run_fields=fields)
         self._done = Outcome(status, info=info, fields=fields)

@@ -49,9 +49,9 @@ def read_server_info(app_root: Path) -> ServerInfo | None:
         info = ServerInfo(**{k: data[k] for k in ServerInfo.__dataclass_fields__})
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         return None
-    from stepwell.engine.runner import _alive
+    from stepwell.engine.hosts import process_alive
 
-    if not _alive(info.pid):
+    if not process_alive(info.pid):
         with contextlib.suppress(OSError):
             path.unlink()
         return None
