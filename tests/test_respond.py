@@ -144,6 +144,15 @@ def test_a_run_failing_with_the_request_in_hand_answers_502_at_once(tmp_path):
         (row,) = [r for r in table_rows(client, "fragile_questions") if r["q"] == "boom"]
         assert row["patterns_request_key"] in error["message"]  # the request is kept
         assert len(server.ctx.hub.responses) == 0
+        # the failing row now comes first in every run: a later request's run fails on
+        # it before reaching its own row, and that request is told so at once (not 504)
+        began = time.monotonic()
+        later = client.post("/api/webhooks/fragile", json={"q": "after"})
+        assert time.monotonic() - began < 30
+        assert later.status_code == 502, later.text
+        message = later.json()["error"]["message"]
+        assert "of step 'fragile', which reads the request's row, ended failed without " \
+               "answering it: ValueError: cannot answer boom" in message
 
 
 def test_respond_outside_the_server_returns_false_and_says_so(tmp_path):

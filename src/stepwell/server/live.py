@@ -18,11 +18,12 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from stepwell.server.models import LogLineModel, RunDetail
-from stepwell.server.responses import PendingResponses
+from stepwell.server.responses import PendingResponses, RequestFailed
 from stepwell.store.base import LogLine, RunRecord
 
 #: Events a slow client has not read yet beyond this many are dropped for it
@@ -72,6 +73,9 @@ class LiveHub:
         self.closed = False
         #: webhook requests waiting for a step's respond_to_request
         self.responses = PendingResponses()
+        #: the tables a step reads (set by the server: failed runs answer the
+        #: requests waiting on them)
+        self.tables_read_by: Callable[[str], set[str]] = lambda _step: set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -138,6 +142,12 @@ class LiveHub:
         with self._lock:
             self._recent.pop(run.id, None)
         self.publish(run.id, run_event("end", run))
+        if run.status in ("failed", "timed_out", "killed") and run.started_at and len(self.responses):
+            tables = self.tables_read_by(run.step)
+            if tables:
+                self.responses.fail_readers(tables, run.started_at, RequestFailed(
+                    f"run {run.id} of step {run.step!r}, which reads the request's row, "
+                    f"ended {run.status} without answering it: {run.error}"))
 
     def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
         pass

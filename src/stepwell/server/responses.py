@@ -12,6 +12,7 @@ that fails while the request's row is in hand answers it with the error
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 from typing import Any
 
@@ -32,6 +33,8 @@ class PendingResponses:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+        #: request key -> (its table, when its row was committed)
+        self._rows: dict[str, tuple[str, dt.datetime]] = {}
 
     def expect(self, key: str) -> asyncio.Future[Any]:
         """A future that ``deliver(key, ...)`` resolves (call on the event loop)."""
@@ -45,6 +48,24 @@ class PendingResponses:
         """Stop waiting for ``key`` (answered, timed out, or the client left)."""
         with self._lock:
             self._waiting.pop(key, None)
+            self._rows.pop(key, None)
+
+    def stored(self, key: str, table: str, posted: dt.datetime) -> None:
+        """The row of request ``key``, posted at ``posted``, is committed to ``table``
+        (a run starting after ``posted`` may be the one to read it: the run its commit
+        triggers can start before the commit call returns)."""
+        with self._lock:
+            if key in self._waiting:
+                self._rows[key] = (table, posted)
+
+    def fail_readers(self, tables: set[str], since: dt.datetime, error: RequestFailed) -> int:
+        """Answer with ``error`` the requests whose rows, in ``tables``, were stored
+        before ``since``: a run that started then, read those tables and failed
+        could not answer them (it stopped on an earlier row, say), and the next one
+        would fail the same way. How many were answered."""
+        with self._lock:
+            keys = [key for key, (table, at) in self._rows.items() if table in tables and at <= since]
+        return sum(self.deliver(key, error) for key in keys)
 
     def deliver(self, key: str, payload: Any) -> bool:
         """Answer request ``key`` (with ``payload``, or with the error when it is a

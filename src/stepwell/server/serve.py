@@ -168,6 +168,7 @@ class Serving:
         store = open_store(self.store_url, self.spec.root)
         try:
             hub = LiveHub()
+            hub.tables_read_by = self._tables_read_by
             scheduler = Scheduler(
                 self.spec, store, max_workers=self.settings.workers, listener=hub,
                 environ=self.environ,
@@ -246,6 +247,10 @@ class Serving:
         tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
         os.replace(tmp, self._info_path)
         self._ready.set()
+
+    def _tables_read_by(self, step: str) -> set[str]:
+        found = next((s for s in self.spec.steps if s.name == step), None)
+        return set(found.input_tables()) if found is not None else set()
 
     def _exit_requested(self) -> None:
         if self.ctx is not None:

@@ -8,6 +8,7 @@ a step passes to ``respond_to_request`` for that key (see ``server.responses``).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -84,7 +85,9 @@ async def _ingest_and_respond(ctx: ServerContext, hook: Any, rows: list[dict]) -
     key = ids.new_id()
     answer = ctx.hub.responses.expect(key)  # before the row exists: no answer can be missed
     try:
+        posted = dt.datetime.now(dt.UTC)
         (row_id,) = await _ingest(ctx, hook, [{**rows[0], REQUEST_KEY_COLUMN: key}])
+        ctx.hub.responses.stored(key, hook.table, posted)
         try:
             payload = await asyncio.wait_for(answer, hook.respond_timeout)
         except ServerStopping:
