@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stepwell.engine.hosts import this_host
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
@@ -58,6 +58,9 @@ from stepwell.runtimes.action.pool import (
 from stepwell.store import ids
 from stepwell.store.base import LogLine, RunRecord, Store
 from stepwell.store.schema import jsonable
+
+if TYPE_CHECKING:
+    from stepwell.engine.envs import EnvInfo
 
 #: Time limit of a step without ``timeout:`` (seconds).
 DEFAULT_STEP_TIMEOUT = 30.0
@@ -270,8 +273,10 @@ class ActionExecutor:
         self._secret_stamp: Any = None
         self._secret_lock = threading.Lock()
         self._sys_path: list[str] | None = None
-        #: the run-log line about the requirements environment (see ``_log_environment``)
-        self._env_note: str | None = None
+        #: the requirements environment code runs in, and whether a call's log has
+        #: said so yet (the first one says how it was had; see ``_log_environment``)
+        self._env: EnvInfo | None = None
+        self._env_said = False
         self._env_lock = threading.Lock()
         #: invocations in progress, by run id (for ``cancel``)
         self._calls: dict[str, _Call] = {}
@@ -321,11 +326,8 @@ class ActionExecutor:
                 if requirements:
                     from stepwell.engine.envs import env_for_app
 
-                    env = env_for_app(self.app.root, requirements)
-                    self._sys_path = [str(env.site_packages)]
-                    built = "reused" if env.reused else f"built in {env.build_seconds:.1f}s"
-                    self._env_note = (f"[stepwell] environment {env.key[:12]} for "
-                                      f"{requirements}: {built}")  # fmt: skip
+                    self._env = env_for_app(self.app.root, requirements)
+                    self._sys_path = [str(self._env.site_packages)]
                 else:
                     self._sys_path = []
             return self._sys_path
@@ -333,12 +335,12 @@ class ActionExecutor:
     def _log_environment(self, call: _Call) -> None:
         """Say in the call's log, once, which requirements environment its code runs
         in (as step runs do): built for the first call, reused after."""
-        if self._env_note is None or call.env_logged:
+        if self._env is None or call.env_logged:
             return
         call.env_logged = True
         with self._env_lock:
-            note, self._env_note = self._env_note, self._env_note.rsplit(": ", 1)[0] + ": reused"
-        call.log.add("info", [note])
+            first_use, self._env_said = not self._env_said, True
+        call.log.add("info", [self._env.log_line(self.app.requirements_file, first_use)])
 
     def _start_worker(self) -> WarmWorker:
         from stepwell.sandbox.launcher import WorkerLimits, start_worker

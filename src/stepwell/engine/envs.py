@@ -99,6 +99,12 @@ class EnvInfo:
     reused: bool
     build_seconds: float
 
+    def log_line(self, requirements_file: str, first_use: bool) -> str:
+        """What a run's log says of the environment it runs in (built by this
+        process for its first use, else reused)."""
+        how = "reused" if self.reused or not first_use else f"built in {self.build_seconds:.1f}s"
+        return f"[stepwell] environment {self.key[:12]} for {requirements_file}: {how}"
+
 
 def default_cache_dir() -> Path:
     """``$STEPWELL_CACHE_DIR`` if set, else ``~/.cache/stepwell/envs``."""

@@ -227,14 +227,11 @@ class Runner:
             return []
         from stepwell.engine.envs import env_for_app
 
-        if not self._env_checked:
+        first_use = not self._env_checked
+        if first_use:
             self._env = env_for_app(self.app.root, self.app.requirements_file)
             self._env_checked = True
-            how = "reused" if self._env.reused else f"built in {self._env.build_seconds:.1f}s"
-        else:
-            how = "reused"
-        log.add("info", [f"[stepwell] environment {self._env.key[:12]} for "
-                         f"{self.app.requirements_file}: {how}"])
+        log.add("info", [self._env.log_line(self.app.requirements_file, first_use)])
         return self._env_paths()
 
     def _env_paths(self) -> list[str]:
