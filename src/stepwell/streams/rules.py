@@ -194,21 +194,17 @@ def _what_failed(exc: Exception) -> str:
     return inner if found else f"{type(exc).__name__}: {text}"
 
 
-_duckdb_functions: set[str] = set()
-
-
-def _sql_functions() -> set[str]:
+@functools.cache
+def _sql_functions() -> frozenset[str]:
     """The names of DuckDB's functions and macros (read once)."""
-    if not _duckdb_functions:
-        import duckdb
+    import duckdb
 
-        con = duckdb.connect(":memory:")
-        try:
-            rows = con.sql("SELECT DISTINCT function_name FROM duckdb_functions()").fetchall()
-        finally:
-            con.close()
-        _duckdb_functions.update(str(name).lower() for (name,) in rows)
-    return _duckdb_functions
+    con = duckdb.connect(":memory:")
+    try:
+        rows = con.sql("SELECT DISTINCT function_name FROM duckdb_functions()").fetchall()
+    finally:
+        con.close()
+    return frozenset(str(name).lower() for (name,) in rows)
 
 
 # -- metrics -------------------------------------------------------------------------------

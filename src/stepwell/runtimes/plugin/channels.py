@@ -143,16 +143,15 @@ class SourceChannel:
             self._sock.close()
 
     def stop(self) -> None:
-        # forgotten first: a restart under way must not start it again on a closed socket
+        # forgotten first (once is enough: only a start remembers it again): a restart
+        # under way must not start it again on a closed socket
         self.process.forget(self.key)
         self._close_socket()
         ctrl = control_arg(self.symbol, "source", self.meta)
         try:
-            self.process.command("stop", ctrl, forget=self.key)
+            self.process.command("stop", ctrl)
         except PluginError as exc:
             log.warning("source %s: stop: %s", self.key, exc)
-        finally:
-            self.process.forget(self.key)
 
 
 class SinkFailed(PluginError):
@@ -360,11 +359,9 @@ class SinkChannel:
             self._close_sockets()
         ctrl = control_arg(self.symbol, "sink", self.meta)
         try:
-            self.process.command("stop", ctrl, forget=self.key)
+            self.process.command("stop", ctrl)
         except PluginError as exc:
             log.warning("sink %s: stop: %s", self.key, exc)
-        finally:
-            self.process.forget(self.key)
 
 
 class FunctionChannel:
