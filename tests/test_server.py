@@ -306,6 +306,42 @@ def test_cron_per_second_runs_never_overlap(tmp_path):
     _no_overlap(runs)
 
 
+def test_servers_sharing_a_store_run_each_cron_tick_once(tmp_path, pg_url):
+    files = {
+        "stepwell.yml": """
+            steps:
+              - name: tick
+                node: tick.py
+                trigger: "* * * * * *"
+        """,
+        "tick.py": "print('tick')\n",
+    }
+    # two copies of the app (one server per app folder), one PostgreSQL store
+    first, second = write_app(tmp_path / "a", files), write_app(tmp_path / "b", files)
+    began = time.time()
+    with ThreadServer(first, store_url=pg_url) as one, ThreadServer(second, store_url=pg_url):
+        with one.client() as client:
+            wait_for(lambda: len([r for r in runs_of(client, "tick") if r["ended_at"]]) >= 8,
+                     30, what="eight ended runs of the tick step")
+    ended = time.time()
+    store = open_store(pg_url, first)
+    try:
+        runs = store.list_runs(step="tick", limit=None)
+    finally:
+        store.close()
+    by_status: dict[str, list] = {}
+    for run in runs:
+        by_status.setdefault(run.status, []).append(run)
+    ran = by_status.get("succeeded_no_data", [])
+    ticks = int(ended) - int(began) + 1  # whole seconds in the window: ticks at most
+    assert 3 <= len(ran) <= ticks, (len(ran), ticks, sorted(by_status))
+    assert not by_status.get("failed"), by_status["failed"][0].error  # no lock conflicts
+    skipped = by_status.get("cancelled", [])
+    assert skipped, "the second server never lost a tick"
+    assert all("was already run by run" in r.error and "each tick once" in r.error for r in skipped)
+    assert set(by_status) <= {"succeeded_no_data", "cancelled", "queued", "running"}
+
+
 def test_missed_cron_ticks_run_once_after_restart(tmp_path, store_url):
     app = write_app(tmp_path / "hourly", {
         "stepwell.yml": """

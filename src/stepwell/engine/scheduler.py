@@ -29,7 +29,9 @@ Dispatch is pushed, never polled:
 
 Restarts. The last cron tick acted on is kept per step in the store (state of
 the reserved key :data:`BOOKKEEPING_KEY`), written when the run for that tick
-starts. On start, a step whose schedule had ticks while the server was down
+starts, in a transaction holding a lock every host shares: of servers sharing a
+store, the first to start a tick's run serves it and the others close theirs as
+cancelled. On start, a step whose schedule had ticks while the server was down
 runs **once** (not once per missed tick), then follows its schedule. Runs that
 were queued when the server stopped are taken over and run; a run that was
 in progress when the host died is closed as ``killed`` (nothing after its last
@@ -219,27 +221,14 @@ class Scheduler:
                 wait = float(info.get("not_before") or 0.0) - now
                 self._enqueue(run.step, run.trigger, run_id=run.id, delay=wait)
                 self._slots[run.step].deferred |= set(info.get("deferred_tables") or [])
-        book = self._read_bookkeeping()
-        cron_book = book.get("cron", {})
-        changed = False
-        for step in self.app.steps:
-            if step.trigger in ("manual", "upstream"):
-                continue
-            slot = self._slots[step.name]
-            slot.cron = step.trigger
-            entry = cron_book.get(step.name)
-            if entry and entry.get("expr") == step.trigger and entry.get("last_tick") is not None:
-                due = next_tick(step.trigger, float(entry["last_tick"]))
-                if due <= now:  # ticks were missed while no server ran: run once
-                    with self._cv:
-                        self._enqueue(step.name, "cron", cron_tick=last_tick(step.trigger, now))
-            else:  # a new schedule starts now; nothing before it was missed
-                cron_book[step.name] = {"expr": step.trigger, "last_tick": now}
-                changed = True
+        cron_steps = [step for step in self.app.steps if step.trigger not in ("manual", "upstream")]
+        missed = self._start_schedules(cron_steps, now) if cron_steps else set()
+        for step in cron_steps:
+            self._slots[step.name].cron = step.trigger
+            if step.name in missed:  # ticks were missed while no server ran: run once
+                with self._cv:
+                    self._enqueue(step.name, "cron", cron_tick=last_tick(step.trigger, now))
             self._schedule_tick(step.name, next_tick(step.trigger, now))
-        if changed:
-            book["cron"] = cron_book
-            self._write_bookkeeping(book)
         self._resume_requested_runs(now)
         self._resume_readers_of_killed_runs()
         self._timer_thread = threading.Thread(target=self._timer_loop, name="stepwell-timer", daemon=True)
@@ -544,7 +533,10 @@ class Scheduler:
                     return
                 self._slots[step].started = True  # (shutdown waits for it from now on)
             if pending.cron_tick is not None:
-                self._record_tick(step, pending.cron_tick)
+                served_by = self._claim_tick(step, pending.cron_tick, pending.run_id)
+                if served_by is not None and pending.trigger == "cron" and pending.triggers == 1:
+                    self._skip_served_tick(step, pending, served_by)
+                    return
             record = self.runner.run_step(step, pending.trigger, run_id=pending.run_id)
         except Exception:
             log.exception("run %s of step %r failed to run", pending.run_id, step)
@@ -639,26 +631,68 @@ class Scheduler:
             adopted.append(run)
         return adopted
 
+
     # -- bookkeeping in the store ------------------------------------------------------
-    def _read_bookkeeping(self) -> dict[str, Any]:
-        return dict(self.store.get_state(BOOKKEEPING_KEY) or {})
-
-    def _write_bookkeeping(self, book: dict[str, Any]) -> None:
+    def _update_bookkeeping(self, change: Callable[[dict[str, Any]], bool]) -> None:
+        """Apply ``change`` to the bookkeeping in one transaction holding its lock, so
+        that servers sharing the store see and keep each other's entries (``change``
+        returns whether it changed anything)."""
         with self._book_lock, self.store.transaction() as tx:
-            tx.set_state(BOOKKEEPING_KEY, book)
-            tx.commit()
-
-    def _record_tick(self, step: str, tick: float) -> None:
-        """Remember that the run for cron tick ``tick`` of ``step`` has started."""
-        expr = self._slots[step].cron
-        with self._book_lock:
-            book = self._read_bookkeeping()
-            cron = book.setdefault("cron", {})
-            entry = cron.get(step) or {}
-            if entry.get("expr") == expr and float(entry.get("last_tick") or 0) >= tick:
-                return
-            cron[step] = {"expr": expr, "last_tick": tick}
-            with self.store.transaction() as tx:
+            tx.lock(BOOKKEEPING_KEY)
+            book = tx.get_state(BOOKKEEPING_KEY)
+            if change(book):
                 tx.set_state(BOOKKEEPING_KEY, book)
                 tx.commit()
 
+    def _start_schedules(self, steps: list[Any], now: float) -> set[str]:
+        """Record the cron schedules that are new (or changed) as starting now; returns
+        the steps whose schedules had ticks after the last tick acted on."""
+        missed: set[str] = set()
+
+        def change(book: dict[str, Any]) -> bool:
+            missed.clear()
+            cron = book.setdefault("cron", {})
+            changed = False
+            for step in steps:
+                entry = cron.get(step.name)
+                if entry and entry.get("expr") == step.trigger and entry.get("last_tick") is not None:
+                    if next_tick(step.trigger, float(entry["last_tick"])) <= now:
+                        missed.add(step.name)
+                else:  # a new schedule starts now; nothing before it was missed
+                    cron[step.name] = {"expr": step.trigger, "last_tick": now}
+                    changed = True
+            return changed
+
+        self._update_bookkeeping(change)
+        return missed
+
+    def _claim_tick(self, step: str, tick: float, run_id: str) -> dict[str, Any] | None:
+        """Record that run ``run_id`` serves cron tick ``tick`` of ``step``. Returns
+        None, or, when that tick (or a later one) was acted on already (by a server
+        sharing this store), the entry that says so."""
+        expr = self._slots[step].cron
+        served: list[dict[str, Any]] = []
+
+        def change(book: dict[str, Any]) -> bool:
+            cron = book.setdefault("cron", {})
+            entry = cron.get(step) or {}
+            if entry.get("expr") == expr and float(entry.get("last_tick") or 0) >= tick:
+                served.append(entry)
+                return False
+            cron[step] = {"expr": expr, "last_tick": tick, "run_id": run_id, "host": this_host()}
+            return True
+
+        self._update_bookkeeping(change)
+        return served[0] if served else None
+
+    def _skip_served_tick(self, step: str, pending: _Pending, served_by: dict[str, Any]) -> None:
+        """Close the queued run of a cron tick that another server ran already."""
+        tick = _utc(pending.cron_tick or 0.0).strftime("%Y-%m-%d %H:%M:%S UTC")
+        by = f"run {served_by['run_id']}" if served_by.get("run_id") else "an earlier run"
+        if served_by.get("host"):
+            by += f" on host {served_by['host']}"
+        self.store.update_run(
+            pending.run_id, status="cancelled", ended_at=_utc(self.clock()),
+            error=f"cron tick {tick} of step {step!r} was already run by {by} (servers "
+                  "sharing a store run each tick once)",
+        )  # fmt: skip

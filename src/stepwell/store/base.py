@@ -219,6 +219,16 @@ class Transaction(abc.ABC):
         """Run SQL inside this transaction (sees its own uncommitted writes)."""
 
     @abc.abstractmethod
+    def lock(self, name: str) -> None:
+        """Wait for, then hold until this transaction ends, the lock called ``name``
+        that every process writing this store shares (nothing to do on a store only
+        one process opens: its threads use their own locks)."""
+
+    @abc.abstractmethod
+    def get_state(self, step: str) -> dict[str, Any]:
+        """``step``'s state as this transaction sees it ({} when it has none)."""
+
+    @abc.abstractmethod
     def set_state(self, step: str, state: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod

@@ -58,7 +58,7 @@ DIALECT = Dialect(
     secondary_indexes=True,
     bootstrap_lock="SELECT pg_advisory_xact_lock(5172935101)",
     shared=True,
-    table_shape_lock="SELECT pg_advisory_xact_lock(hashtextextended(?, 0))",
+    named_lock="SELECT pg_advisory_xact_lock(hashtextextended(?, 0))",
 )
 #: First key of the advisory locks that tie an id lease to its transaction.
 LEASE_LOCK_CLASS = 1398230065

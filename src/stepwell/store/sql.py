@@ -91,12 +91,13 @@ class Dialect:
     bootstrap_lock: str | None
     #: whether several hosts may write the store at once (see ``Transaction.lease_ids``)
     shared: bool = False
-    #: statement taking a transaction-long lock on a table name (parameter: the
-    #: name) before its shape changes, so that writers racing to create or widen
-    #: one table wait for each other instead of failing (None: one process)
-    table_shape_lock: str | None = None
+    #: statement taking a transaction-long lock on a name (parameter: the name)
+    #: that every host writing the store shares (``Transaction.lock``): writers
+    #: racing to create or widen one table wait for each other instead of failing
+    #: (None: one process opens the store)
+    named_lock: str | None = None
     #: text of the error a transaction gets when another one changed the same table
-    #: first and it cannot wait for it (None: writers wait, see ``table_shape_lock``)
+    #: first and it cannot wait for it (None: writers wait, see ``named_lock``)
     concurrent_change_error: str | None = None
     #: (text of an error, what to add to its message): advice the backend's own
     #: message does not give, or gives wrongly for stepwell's users
@@ -422,6 +423,11 @@ def _select_runs(
     return [_run_from_row(row) for row in session.fetchall(sql, params)]
 
 
+def _read_state(session: Session, step: str) -> dict[str, Any]:
+    rows = session.fetchall(f"SELECT CAST(value AS TEXT) FROM {META}.state WHERE step = ?", [step])
+    return (loads_tagged(rows[0][0]) or {}) if rows else {}
+
+
 def insert_runs(session: Session, runs: Sequence[RunRecord]) -> None:
     """Insert run records (one statement per 100)."""
     row = "(" + ", ".join(_json_param(session) if f == "info" else "?" for f in _RUN_FIELDS) + ")"
@@ -682,9 +688,9 @@ class SQLTransaction(Transaction):
         plan = sch.plan_columns(
             name, existing, data.schema, case_insensitive=self._d.case_insensitive
         )
-        if (plan.create or plan.add or plan.alter) and self._d.table_shape_lock:
+        if (plan.create or plan.add or plan.alter) and self._d.named_lock:
             # another host may be changing it too: wait for it, then look again
-            s.execute(self._d.table_shape_lock, [f"stepwell-table:{name}"])
+            s.execute(self._d.named_lock, [f"stepwell-table:{name}"])
             plan = sch.plan_columns(
                 name, table_columns(s, name), data.schema,
                 case_insensitive=self._d.case_insensitive,
@@ -852,6 +858,15 @@ class SQLTransaction(Transaction):
     def query(self, sql: str) -> pa.Table:
         with self._op("query") as s:
             return sch.clean_result(s.fetch_arrow(sql))
+
+    def lock(self, name: str) -> None:
+        if self._d.named_lock:
+            with self._op(f"lock {name!r}") as s:
+                s.execute(self._d.named_lock, [name])
+
+    def get_state(self, step: str) -> dict[str, Any]:
+        with self._op(f"read state of step {step!r}") as s:
+            return _read_state(s, step)
 
     def set_state(self, step: str, state: dict[str, Any]) -> None:
         with self._op(f"set state of step {step!r}") as s:
@@ -1161,10 +1176,7 @@ class SQLStore(Store):
 
     def get_state(self, step: str) -> dict[str, Any]:
         with self._autocommit(read_only=True, single=True) as s:
-            rows = s.fetchall(
-                f"SELECT CAST(value AS TEXT) FROM {META}.state WHERE step = ?", [step]
-            )
-        return (loads_tagged(rows[0][0]) or {}) if rows else {}
+            return _read_state(s, step)
 
     def get_positions(self, step: str) -> list[StreamPosition]:
         with self._autocommit(read_only=True, single=True) as s:
