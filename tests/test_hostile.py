@@ -154,6 +154,16 @@ CASES: dict[str, Case] = {
         "timed_out", r"the step exceeded its time limit \(timeout 1s\)",
         settings={"timeout": "1s"},
     ),
+    "time_limit_signal_ignored": Case(  # the host kills it after its grace second
+        "signal.signal(signal.SIGUSR2, signal.SIG_IGN)\nwhile True:\n    pass",
+        "timed_out", r"^the step exceeded its time limit \(timeout 1s\)$",
+        settings={"timeout": "1s"},
+    ),
+    "time_limit_swallowed": Case(
+        "while True:\n    try:\n        while True:\n            pass\n    except BaseException:\n        pass",
+        "timed_out", r"^the step exceeded its time limit \(timeout 1s\)$",
+        settings={"timeout": "1s"},
+    ),
     "cpu_burner": Case(
         "n = 0\nwhile True:\n    n += 1",
         "timed_out", r"CPU time limit 1s exceeded",

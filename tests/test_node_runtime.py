@@ -835,8 +835,11 @@ def test_killed_worker_and_timeout(tmp_path):
     })
     suicide, slow, graceful = run_app(app)
     assert suicide.status == "killed" and "SIGKILL, not by a stepwell limit" in suicide.error
-    assert slow.status == "timed_out" and "timeout 1s" in slow.error
-    # what it printed just before it hung reached the log before it was killed
+    assert slow.status == "timed_out"
+    # the error says where the code was when the limit passed; the traceback too
+    assert slow.error == "the step exceeded its time limit (timeout 1s); it was stopped at slow.py:6"
+    assert 'File "slow.py", line 6' in slow.traceback and "TimeLimitReached" in slow.traceback
+    # what it printed just before it hung reached the log
     assert logs(app, slow.id) == ["first", "sleeping now"]
     assert graceful.status == "succeeded", graceful.error
     assert rows(app, "k") == [] and rows(app, "s") == []

@@ -36,6 +36,9 @@ from stepwell.store.sql import quote
 RECORD_AFTER = 0.2
 #: Requests still served after a deferred write error.
 _AFTER_WRITE_ERROR_OPS = frozenset({"done", "log", "rollback"})
+#: Seconds a worker past its time limit has to say where its code was stopped
+#: before it is killed (Python code stops at once; code stuck in C may not).
+TIME_LIMIT_GRACE = 1.0
 
 
 class RequestFailed(Exception):
@@ -143,9 +146,7 @@ class WorkerSession:
                     # failure on the worker's next request instead
                     self._deferred_error = reply.get("error")
         except TimeoutError:
-            self.worker.kill()
-            self.staged.rollback()
-            return Outcome("timed_out", f"the step exceeded its time limit{self.limit_note}")
+            return self._stop_at_time_limit()
         except (PeerGone, ConnectionError):  # ConnectionError: it died before reading
             self.staged.rollback()
             if self._done is not None:
@@ -162,6 +163,37 @@ class WorkerSession:
         finally:
             self._close_scans()
         return self._done
+
+    def _stop_at_time_limit(self) -> Outcome:
+        """The run is past its time limit: nothing of it is kept. Ask the step's code
+        to stop where it is (the error then says where that was: file, line, input
+        row), give it ``TIME_LIMIT_GRACE`` seconds to say so, then kill the worker."""
+        self.staged.rollback()
+        stopped: dict[str, Any] = {}
+        if self.worker.stop_at_time_limit():
+            channel = self.worker.channel
+            give_up = time.monotonic() + TIME_LIMIT_GRACE
+            try:
+                while not stopped and (remaining := give_up - time.monotonic()) > 0:
+                    channel.sock.settimeout(remaining)
+                    message, body = channel.recv()
+                    op = message.get("op")
+                    if op == "done":
+                        stopped = message
+                    elif op in ("log", "respond"):  # its last lines; a waiting request's 502
+                        reply, reply_body = self._dispatch(op, message, body)
+                        if op not in NOTIFY_OPS:
+                            channel.send(reply, reply_body)
+                    elif op not in NOTIFY_OPS:  # nothing else is done for it any more
+                        channel.send({"ok": False, "error": "the run's time limit has passed"})
+            except (TimeoutError, PeerGone, ConnectionError, ProtocolError, OSError):
+                pass
+        self.worker.kill()
+        error = f"the step exceeded its time limit{self.limit_note}"
+        if stopped.get("stopped_at"):
+            error += f"; it was stopped at {stopped['stopped_at']}"
+        traceback = stopped.get("traceback") if "stopped_at" in stopped else None
+        return Outcome("timed_out", self.redact(error), self.redact(traceback))
 
     def _record_when_due(self, record_at: float) -> None:
         """Wait for the worker's next frame until ``record_at`` at most, then write

@@ -16,8 +16,9 @@ serves requests on the control socket ``FD`` (a ``SOCK_SEQPACKET`` socket):
 - fork-server -> host, on the run's socket: ``{"pid": ..., "notes": [...]}``
   once forked (or ``{"error": ...}``), later ``{"exit": <wait status>, "cpu":
   <seconds>, "stderr": <tail>}`` when the worker has ended;
-- host -> fork-server, on the run's socket: ``{"op": "kill"}``; closing the
-  run's socket kills the run too.
+- host -> fork-server, on the run's socket: ``{"op": "kill"}`` (closing the
+  run's socket kills the run too), or ``{"op": "stop_at_time_limit"}``: send the
+  worker ``TIME_LIMIT_SIGNAL``, which stops the step's code where it is.
 
 Each run gets a fresh PID namespace: the fork-server unshares one for its
 next children, spawns a tiny init there (``ns_init``: it reads a pipe only the
@@ -77,7 +78,13 @@ from stepwell.sandbox.lazy_numpy import (
     settle_pyarrow,
 )
 from stepwell.sandbox.ns_init import InitProgram
-from stepwell.sandbox.policy import PRELOAD_ENV, SANDBOX_TMP, SandboxSpec, hidden_folders
+from stepwell.sandbox.policy import (
+    PRELOAD_ENV,
+    SANDBOX_TMP,
+    TIME_LIMIT_SIGNAL,
+    SandboxSpec,
+    hidden_folders,
+)
 
 #: Of ``PRELOAD``, what the lean fork-server (``-pandas``) leaves out besides numpy:
 #: pandas, and the runtimes of the steps that always come from the other one
@@ -674,6 +681,8 @@ class ForkServer:
                 op = unpack(data).get("op")
             except Exception:
                 op = None
+            if op == "stop_at_time_limit" and not run.exited:
+                _kill(run.pid, TIME_LIMIT_SIGNAL)
             if op != "kill":
                 return
         # a kill request, or the host closed this run's socket: end the run
@@ -754,9 +763,9 @@ def _reset_run_dir(path: str, mount_points: list[str], uid: int | None) -> bool:
     return True
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int, signum: int = signal.SIGKILL) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
 

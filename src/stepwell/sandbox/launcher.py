@@ -36,6 +36,7 @@ from stepwell.sandbox.policy import (
     HIDE_ENV,
     PRELOAD_ENV,
     SKIP_ENV,
+    TIME_LIMIT_SIGNAL,
     SandboxSpec,
     describe_exit,
     hidden_folders,
@@ -88,6 +89,11 @@ class WorkerProcess:
 
     def kill(self) -> None:
         raise NotImplementedError
+
+    def stop_at_time_limit(self) -> bool:
+        """Send the worker ``TIME_LIMIT_SIGNAL`` (its step's code then stops where it
+        is and reports where); False when that cannot be done."""
+        return False
 
     def wait(self, timeout: float = 5.0) -> int | None:
         """The raw wait status once the worker has ended (None if unknown)."""
@@ -143,6 +149,12 @@ class SubprocessWorker(WorkerProcess):
                 self.proc.kill()
             except ProcessLookupError:
                 pass
+
+    def stop_at_time_limit(self) -> bool:
+        if self.proc.poll() is not None:
+            return False
+        self.proc.send_signal(TIME_LIMIT_SIGNAL)
+        return True
 
     def ended(self) -> bool:
         return self.proc.poll() is not None
@@ -200,6 +212,15 @@ class ForkedWorker(WorkerProcess):
                 self.run_sock.send(msgpack.packb({"op": "kill"}))
             except OSError:
                 pass
+
+    def stop_at_time_limit(self) -> bool:
+        if self._ended:
+            return False
+        try:
+            self.run_sock.send(msgpack.packb({"op": "stop_at_time_limit"}))
+        except OSError:
+            return False
+        return True
 
     def ended(self) -> bool:
         while not self._ended and select.select([self.run_sock], [], [], 0)[0]:

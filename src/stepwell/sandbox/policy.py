@@ -36,6 +36,10 @@ DEFAULT_OPEN_FILES = 4096
 DEFAULT_FILE_SIZE = 8 * 1024**3
 #: Exit code a worker uses when it ran out of memory and could not report it.
 MEMORY_EXIT_CODE = 86
+#: Signal the host sends (through the fork-server) to a worker whose run has
+#: passed its time limit: the step's code stops where it is and the worker
+#: reports where that was, before it is killed.
+TIME_LIMIT_SIGNAL = signal.SIGUSR2
 
 #: Where the sandbox's private temp dir is mounted (also HOME and TMPDIR).
 SANDBOX_TMP = "/tmp"

@@ -14,6 +14,7 @@ import gc
 import importlib
 import mmap
 import os
+import signal
 import site
 import socket
 import sys
@@ -23,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from stepwell.sandbox.client import HostLink, capture_output
-from stepwell.sandbox.policy import MEMORY_EXIT_CODE
+from stepwell.sandbox.policy import MEMORY_EXIT_CODE, TIME_LIMIT_SIGNAL
 from stepwell.sandbox.protocol import Channel, PeerGone
 
 #: Source folders of stepwell itself: frames from here are not the user's.
@@ -66,14 +67,56 @@ def user_traceback(exc: BaseException, app_root: str | None = None) -> str:
     return "".join(lines)
 
 
+class TimeLimitReached(BaseException):
+    """Raised in the step's code when the host says the run's time limit has passed
+    (a BaseException, so that ``except Exception`` in user code does not hold it)."""
+
+
+def _time_limit_reached(_signum: int, _frame: Any) -> None:
+    signal.signal(TIME_LIMIT_SIGNAL, signal.SIG_IGN)  # once is enough
+    stop = TimeLimitReached("the run's time limit has passed")
+    stop.awaiting = _awaiting()  # type: ignore[attr-defined]
+    raise stop
+
+
+def _awaiting() -> list[tuple[str, int]]:
+    """(file, line) of the frames where this thread's asyncio tasks wait, innermost
+    first: when the code is stopped while its event loop waits, the traceback shows
+    only the loop."""
+    asyncio = sys.modules.get("asyncio")
+    try:
+        tasks = asyncio.all_tasks() if asyncio is not None else ()
+    except RuntimeError:  # no event loop running
+        return []
+    frames = []
+    for task in tasks:
+        chain, coro = [], task.get_coro()
+        while coro is not None and len(chain) < 100:  # down the chain of awaits
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                chain.append((frame.f_code.co_filename, frame.f_lineno))
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        frames += reversed(chain)
+    return frames
+
+
+def user_frame(exc: BaseException, app_root: str | None = None) -> str | None:
+    """``file:line`` of the user's code ``exc`` came from: the innermost frame it
+    passed through in the app's folder (else outside stepwell), or where the step's
+    asyncio tasks were waiting when it was raised."""
+    frames = [(f.filename, f.lineno) for f in reversed(traceback.extract_tb(exc.__traceback__))]
+    frames += getattr(exc, "awaiting", [])
+    inside = (app_root or "").rstrip("/") + "/"
+    in_app = [f for f in frames if app_root and f[0].startswith(inside)]
+    for filename, lineno in in_app or [f for f in frames if not f[0].startswith((_OWN_ROOT, "<"))]:
+        return f"{_app_relative(filename, app_root)}:{lineno}"
+    return None
+
+
 def error_summary(exc: BaseException, app_root: str | None = None) -> str:
     """One line: the exception and the innermost user frame that raised it."""
-    where = ""
-    tb: TracebackType | None = exc.__traceback__
-    for frame in reversed(traceback.extract_tb(tb)):
-        if not frame.filename.startswith(_OWN_ROOT) and not frame.filename.startswith("<"):
-            where = f" (at {_app_relative(frame.filename, app_root)}:{frame.lineno})"
-            break
+    frame = user_frame(exc, app_root)
+    where = f" (at {frame})" if frame else ""
     if isinstance(exc, SyntaxError) and exc.lineno:
         message = exc.msg  # where: the file and line of the code that does not parse
         if exc.filename and not exc.filename.startswith("<"):
@@ -156,8 +199,12 @@ def _prepare(message: dict[str, Any]) -> None:
 def _report_failure(link: HostLink, exc: BaseException, app_root: str | None) -> None:
     error = error_summary(exc, app_root)
     trace = user_traceback(exc, app_root)
+    details: dict[str, Any] = {}
+    if isinstance(exc, TimeLimitReached):  # where the step's code was stopped
+        notes = getattr(exc, "__notes__", None) or []
+        details["stopped_at"] = ", ".join([*filter(None, [user_frame(exc, app_root)]), *notes])
     link.notify("done", status="error", error=error, traceback=trace,
-                memory_error=isinstance(exc, MemoryError))  # fmt: skip
+                memory_error=isinstance(exc, MemoryError), **details)  # fmt: skip
 
 
 def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None = None) -> int:
@@ -193,6 +240,7 @@ def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None =
             pass
         return 1
     _add_site_dirs(start.get("sys_path", []))
+    signal.signal(TIME_LIMIT_SIGNAL, _time_limit_reached)
     try:
         load_entry(start["entry"])(link, start)
         return 0

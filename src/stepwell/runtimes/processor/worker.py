@@ -520,7 +520,7 @@ class ProcessorRun:
                 inputs, count, self.statement.function, self.checkpoint, self.log, sleep, sink,
                 failed, out_index, columns, self.schema.name_set, at,
             )
-        except Exception as exc:  # the statement raised: say on which row
+        except BaseException as exc:  # the statement raised (or was stopped): say on which row
             exc.add_note(f"input row {first_input + at[0]}")
             raise
         if problem is not None:
