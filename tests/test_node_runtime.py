@@ -1735,3 +1735,22 @@ def test_an_exception_whose_str_fails_is_still_named(tmp_path):
     assert run.status == "failed"
     assert run.error.startswith("Odd: (its message could not be made: ValueError in its __str__)")
     assert "(at odd.py:4)" in run.error
+
+
+def test_an_error_raised_inside_a_library_names_the_line_of_the_step_that_called_it(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: parse\n    node: parse.py\n",
+        "parse.py": """
+            import json
+
+            def load(text):
+                return json.loads(text)
+
+            load("{not json")
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "failed"
+    assert run.error.startswith("JSONDecodeError: Expecting property name"), run.error
+    assert run.error.endswith("(at parse.py:4)"), run.error  # not json/decoder.py
+    assert "json/decoder.py" in run.traceback  # the library's frames stay in the traceback
