@@ -1521,6 +1521,31 @@ def test_an_integer_beyond_64_bits_is_named_as_such():
         records_to_arrow([{"a": 1}, {"a": 2**70}], "t")
 
 
+@pytest.mark.parametrize(("value", "problem"), [
+    (float("nan"), "the value holds NaN or an infinity, which JSON cannot; write None instead"),
+    (float("inf"), "the value holds NaN or an infinity, which JSON cannot; write None instead"),
+    (type("Foo", (), {})(), "a value of type Foo cannot be stored in JSON (inside a dict or list)"),
+])
+def test_a_nested_value_json_cannot_hold_is_named_not_stored_as_garbage(value, problem):
+    """Inside a dict or list, NaN was stored as `NaN` (not JSON: PostgreSQL's jsonb
+    refused it with a raw COPY error) and an object as '<Foo object at 0x…>'."""
+    from stepwell.runtimes.node.records import RecordError, records_to_arrow
+
+    with pytest.raises(RecordError) as info:
+        records_to_arrow([{"a": {"k": 1}}, {"a": {"k": [value]}}], "t")
+    assert str(info.value).startswith(f"table 't', row 1, field 'a': {problem}"), info.value
+
+
+def test_nested_bytes_and_objects_with_their_own_str_are_stored_as_json():
+    import json
+    from pathlib import PurePosixPath
+
+    from stepwell.runtimes.node.records import records_to_arrow
+
+    table = records_to_arrow([{"a": {"b": b"\x00\xff", "p": PurePosixPath("/x"), "s": (1,)}}], "t")
+    assert json.loads(table.column("a")[0].as_py()) == {"b": "AP8=", "p": "/x", "s": [1]}
+
+
 @pytest.mark.parametrize(
     ("limit", "elapsed", "expected"),
     [(60, 47.0, True), (60, 49.0, False), (3600, 3470.0, True), (3600, 3490.0, False)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 from collections.abc import Iterable
@@ -26,7 +27,31 @@ def _json_default(value: Any) -> Any:
         return item()
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")  # as the store's JSON has them
+    if type(value).__str__ is object.__str__ and type(value).__repr__ is object.__repr__:
+        # str() would store '<Foo object at 0x…>', which says nothing and reads back as text
+        raise TypeError(f"a value of type {type(value).__name__} cannot be stored in JSON")
     return str(value)
+
+
+def _json_texts(name: str, values: list[Any], where: str, first_row: int) -> list[str | None]:
+    """Each nested value as JSON text; a value JSON cannot hold raises RecordError."""
+    texts: list[str | None] = []
+    for index, value in enumerate(values):
+        try:
+            texts.append(None if value is None else json.dumps(
+                value, default=_json_default, allow_nan=False))
+        except ValueError as exc:  # NaN and infinities (JSON has no such numbers), cycles
+            problem = ("the value holds NaN or an infinity, which JSON cannot; write None instead"
+                       if "float" in str(exc) else f"the value cannot be stored as JSON: {exc}")
+        except TypeError as exc:
+            problem = (f"{exc} (inside a dict or list); convert it to str, int, float, bool, "
+                       "datetime, date, Decimal, dict or list")
+        else:
+            continue
+        raise RecordError(f"{where}, row {first_row + index}, field {name!r}: {problem}") from None
+    return texts
 
 
 def _column(name: str, values: list[Any], where: str, first_row: int) -> pa.Array | tuple:
@@ -42,8 +67,7 @@ def _column(name: str, values: list[Any], where: str, first_row: int) -> pa.Arra
                     f"{where}, row {first_row + index}, field {name!r}: the value is "
                     f"nested more than {MAX_NESTING} levels deep; flatten it or store it as text"
                 )
-        texts = [None if v is None else json.dumps(v, default=_json_default) for v in values]
-        return pa.array(texts, pa.string()), True
+        return pa.array(_json_texts(name, values, where, first_row), pa.string()), True
     try:
         return pa.array(values), False
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, UnicodeError) as exc:
