@@ -675,6 +675,23 @@ def test_missing_node_file(tmp_path: Path) -> None:
     )
 
 
+def test_a_node_file_that_is_a_folder_is_named_as_one(tmp_path: Path) -> None:
+    app_with(tmp_path, "steps:\n  - name: a\n    node: n.py\n")
+    (tmp_path / "n.py").mkdir()
+    assert str(load_error(tmp_path)) == (
+        f"{tmp_path / 'stepwell.yml'}:3: steps[0].node: node file 'n.py' is a folder, not a file"
+        " (give the path of a file inside it, or fix the path)"
+    )
+
+
+def test_an_app_file_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "stepwell.yml").write_bytes(b"title: x\nsteps: []\ndescription: caf\xe9\n")
+    assert str(load_error(tmp_path)) == (
+        f"{tmp_path / 'stepwell.yml'}:3: file is not UTF-8 text (byte 0xe9 at line 3, column 17)"
+        " (save it as UTF-8)"
+    )
+
+
 def test_file_outside_the_app_folder(tmp_path: Path) -> None:
     app_with(tmp_path / "app", "steps:\n  - name: a\n    node: ../a.py\n")
     (tmp_path / "a.py").write_text("")

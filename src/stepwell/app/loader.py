@@ -227,8 +227,14 @@ def _parse_yaml(text: str, file: str) -> _Doc:
 def _read_yaml_file(path: Path, display: str) -> _Doc:
     try:
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise AppError("file is not UTF-8 text", file=display, hint="save it as UTF-8") from None
+    except UnicodeDecodeError as exc:
+        data = path.read_bytes()
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise AppError(
+            f"file is not UTF-8 text (byte {data[exc.start]:#04x} at line {line}, column {column})",
+            file=display, line=line, hint="save it as UTF-8",
+        ) from None
     except OSError as exc:
         raise AppError(
             f"cannot read the file: {exc.strerror or exc}", file=display, hint="check the path"
@@ -833,6 +839,9 @@ def _check_file(
             path, f"{what} {relative!r} is outside the app folder", f"move it into {root}"
         )
     exists = target.exists() if allow_dir else target.is_file()
+    if not exists and target.is_dir():
+        raise doc.error(path, f"{what} {relative!r} is a folder, not a file",
+                        "give the path of a file inside it, or fix the path")
     if not exists:
         raise doc.error(path, f"{what} {relative!r} not found", f"create {target} or fix the path")
     return target
