@@ -302,6 +302,24 @@ def test_missing_app_folder_and_file(tmp_path: Path) -> None:
     assert str(error) == f"{tmp_path / 'nope.yml'}: no such app folder or file (check the path)"
 
 
+@pytest.mark.parametrize(("name", "content"), [
+    ("n.py", b"from patterns import Table\nTable('t').read()\n"),
+    ("data.csv", b"id,name\n1,a\n"),
+    ("data.parquet", b"PAR1\x00\xff"),
+])
+def test_a_code_or_data_file_passed_as_the_app_is_named_as_not_an_app_file(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    """`stepwell run app/n.py` or `stepwell load data.csv TABLE APP` reported the
+    file's YAML syntax ('expected <document start>') or 'must be a mapping'."""
+    (tmp_path / name).write_bytes(content)
+    assert str(load_error(tmp_path / name)) == (
+        f"{tmp_path / name}: not an app file (an app file is YAML with keys such as `steps:`)"
+        " (pass the app folder (the one holding stepwell.yml) or the app file, and check the"
+        " order of the arguments (`stepwell COMMAND --help`))"
+    )
+
+
 def test_empty_app_file_is_an_empty_app(tmp_path: Path) -> None:
     write_app(tmp_path, {"stepwell.yml": "# nothing yet\n"})
     app = load_app(tmp_path)

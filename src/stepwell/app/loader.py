@@ -609,9 +609,25 @@ def load_app(path: str | Path) -> AppSpec:
     app_file = _find_app_file(Path(path))
     display = str(app_file)
     root = app_file.parent.resolve()
-    doc = _read_yaml_file(app_file, display)
-    if doc.data is None:
+    named_yaml = app_file.suffix.lower() in (".yml", ".yaml")
+    try:
+        doc = _read_yaml_file(app_file, display)
+    except AppError:
+        if named_yaml:
+            raise
+        doc = None
+    if doc is not None and doc.data is None:
         doc.data = {}
+    if not named_yaml and (doc is None or not isinstance(doc.data, dict)):
+        # a step's code or a data file passed where the app goes (`stepwell run a.py`,
+        # `stepwell load data.csv TABLE APP`): its YAML errors would only confuse
+        raise AppError(
+            "not an app file (an app file is YAML with keys such as `steps:`)",
+            file=display,
+            hint="pass the app folder (the one holding stepwell.yml) or the app file, "
+            "and check the order of the arguments (`stepwell COMMAND --help`)",
+        )
+    assert doc is not None
     if not isinstance(doc.data, dict):
         raise AppError(
             "the app file must be a mapping of keys",
