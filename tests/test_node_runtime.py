@@ -858,6 +858,9 @@ def test_sql_step_with_patterns_templates(tmp_path, store_url):
               - name: bad
                 sql: bad.sql
                 output: nothing
+              - name: early
+                sql: early.sql
+                output: nothing2
         """,
         "source.py": """
             from patterns import Table
@@ -865,8 +868,14 @@ def test_sql_step_with_patterns_templates(tmp_path, store_url):
         """,
         "summary.sql": "select c, sum(v) as total from {{ Table(\"sales\") }} group by c order by c\n",
         "bad.sql": "delete from sales\n",
+        "early.sql": "select * from {{ Table(\"later\") }}\n",
     })
-    runs = run_app(app, store_url)
+    (early,) = run_app(app, store_url, steps=["early"])
+    assert early.status == "failed"  # the database's words were 'Catalog Error: ... pg_sequences'
+    assert early.error == ("step 'early': early.sql: table 'later' does not exist yet (nothing "
+                           "has written it): run the step that writes it first, or load rows "
+                           "into it with `stepwell load`")
+    runs = run_app(app, store_url, steps=["source", "summary", "bad"])
     assert [r.status for r in runs] == ["succeeded", "succeeded", "failed"]
     assert [(r["c"], int(r["total"])) for r in rows(app, "summary", store_url, "c")] == [("x", 3), ("y", 3)]
     assert "only SELECT" in runs[2].error and "bad.sql" in runs[2].error

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from stepwell.runtimes.sqlcheck import restrict_select, template_tables
+from stepwell.runtimes.sqlcheck import restrict_select, tables_read, template_tables
 from stepwell.store.base import ID_COLUMN
 
 
@@ -27,9 +27,23 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
     checked = restrict_select(sql, allowed, dialect, where=str(step.file))
     from stepwell.runtimes.plugin.sqludf import query_with_plugin_functions
 
-    result = query_with_plugin_functions(checked, app_root, staged.store, dialect, deadline)
-    if result is None:
-        result = staged.query(checked)
+    try:
+        result = query_with_plugin_functions(checked, app_root, staged.store, dialect, deadline)
+        if result is None:
+            result = staged.query(checked)
+    except Exception:
+        # as read_sql does: a table nothing wrote yet, not the database's own words
+        # ('Catalog Error: ... Did you mean "pg_sequences"?')
+        read = tables_read(checked, dialect)
+        missing = [t for t in dict.fromkeys(allowed.values())
+                   if t in read and staged.store.table_info(t, count_rows=False) is None]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"{step.file}: table {missing[0]!r} does not exist yet (nothing has written "
+                "it): run the step that writes it first, or load rows into it with "
+                "`stepwell load`"
+            ) from None
+        raise
     output = step.sql_output()
     if staged.store.table_info(output, count_rows=False) is not None:
         staged.truncate(output)
