@@ -645,6 +645,10 @@ def test_secrets_are_never_read_from_the_app_file(tmp_path: Path) -> None:
         ("-5", "bad duration -5: it must be more than zero"),
         ("0s", "bad duration '0s': it must be more than zero"),
         ("true", "bad duration True"),
+        # these loaded, and the run failed: 'timestamp out of range for platform time_t'
+        ("99999999999999999999", "bad duration 99999999999999999999: it must be at most 100 years"),
+        (".inf", "bad duration inf: it must be at most 100 years"),
+        (".nan", "bad duration nan: it must be more than zero"),
     ],
 )
 def test_bad_duration(tmp_path: Path, value: str, problem: str) -> None:
@@ -654,6 +658,15 @@ def test_bad_duration(tmp_path: Path, value: str, problem: str) -> None:
         f"{tmp_path / 'stepwell.yml'}:4: steps[0].timeout: {problem} (write seconds as a number,"
         ' or a duration such as "30s", "10m", "1h" or "1h30m")'
     )
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999", "9999999999TiB", ".inf", ".nan"])
+def test_a_memory_size_beyond_what_a_limit_holds(tmp_path: Path, value: str) -> None:
+    """These loaded, and the run failed: 'Integer value out of range'."""
+    app_with(tmp_path, f"steps:\n  - name: a\n    node: a.py\n    memory: {value}\n")
+    error = str(load_error(tmp_path))
+    assert error.startswith(f"{tmp_path / 'stepwell.yml'}:4: steps[0].memory: bad memory size ")
+    assert ": it must be at most 1EiB (write bytes as a number" in error, error
 
 
 def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:

@@ -165,6 +165,8 @@ _DURATION_UNITS: dict[str, float] = {
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)")
 _NUMBER = re.compile(r"\s*\d+(?:\.\d+)?\s*")
 _DURATION_HINT = 'write seconds as a number, or a duration such as "30s", "10m", "1h" or "1h30m"'
+#: The longest duration (seconds) a limit may have: 100 years.
+MAX_DURATION = 100 * 365 * 86400.0
 
 
 def parse_duration(value: Any) -> float:
@@ -196,8 +198,10 @@ def parse_duration(value: Any) -> float:
                 fail(f"bad duration {value!r}", _DURATION_HINT)
     else:
         fail(f"bad duration {value!r}", _DURATION_HINT)
-    if seconds <= 0:
+    if not seconds > 0:  # (NaN too)
         fail(f"bad duration {value!r}: it must be more than zero", _DURATION_HINT)
+    if seconds > MAX_DURATION:  # a deadline that far out is beyond what clocks can hold
+        fail(f"bad duration {value!r}: it must be at most 100 years", _DURATION_HINT)
     return seconds
 
 
@@ -224,6 +228,8 @@ _MEMORY_UNITS: dict[str, int] = {
 _MEMORY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 #: The smallest memory limit (bytes) a worker can start with.
 MIN_MEMORY = 1024**2
+#: The largest memory limit (bytes): 1EiB.
+MAX_MEMORY = 1024**6
 _MEMORY_HINT = 'write bytes as a number, or a size such as "512MiB", "1GiB", "100MB" or "1G"'
 
 
@@ -246,6 +252,8 @@ def parse_memory(value: Any) -> int:
         size = float(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
     else:
         fail(f"bad memory size {value!r}", _MEMORY_HINT)
+    if not size <= MAX_MEMORY:  # (NaN and infinity too) a limit's value must fit the kernel's
+        fail(f"bad memory size {value!r}: it must be at most 1EiB", _MEMORY_HINT)
     if size < MIN_MEMORY:  # a worker cannot start in less (plain numbers are bytes)
         guess = f'; did you mean "{value}MiB"?' if isinstance(value, int | float) and value >= 1 else ""
         fail(f"memory size {value!r} is below the 1MiB a worker needs{guess}", _MEMORY_HINT)
