@@ -893,6 +893,11 @@ def test_bad_values_have_type_hints(tmp_path: Path) -> None:
     assert str(load_error(tmp_path)).startswith(
         f"{tmp_path / 'stepwell.yml'}:4: steps[0].processes: bad value 0: must be greater than 0"
     )
+    app_with(tmp_path, "steps:\n  - name: a\n    node: a.py\n    processes: 99999999999999999999\n")
+    assert str(load_error(tmp_path)) == (  # it loaded, and runs failed: 'Integer value out of range'
+        f"{tmp_path / 'stepwell.yml'}:4: steps[0].processes: bad value 99999999999999999999: must"
+        " be at most 2147483647 (use a smaller number)"
+    )
     app_with(tmp_path, "store: mysql://x\n")
     assert str(load_error(tmp_path)).startswith(
         f"{tmp_path / 'stepwell.yml'}:1: store: bad store 'mysql://x'"

@@ -335,6 +335,11 @@ def _describe(
             f"bad value {_short(value)}: must be greater than {ctx.get('gt')}",
             "use a larger number",
         )
+    if kind == "less_than_equal":
+        return (
+            f"bad value {_short(value)}: must be at most {ctx.get('le')}",
+            "use a smaller number",
+        )
     if kind in _EXPECTED:
         expected, hint = _EXPECTED[kind]
         return f"bad value {_short(value)}: {expected}", hint

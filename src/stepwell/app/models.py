@@ -409,7 +409,7 @@ MemorySize = Annotated[int, BeforeValidator(parse_memory)]
 TableName = Annotated[str, AfterValidator(_table_name)]
 StepName = Annotated[str, AfterValidator(_step_name)]
 LogicalType = Annotated[str, BeforeValidator(_output_type)]
-PositiveInt = Annotated[int, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0, le=2**31 - 1)]  # (a larger count overflows a limit)
 
 
 class _Model(BaseModel):
