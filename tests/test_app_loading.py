@@ -1210,6 +1210,25 @@ def test_find_secret_refs() -> None:
     assert find_secret_refs(value) == {"alpha", "beta", "connection.warehouse"}
 
 
+@pytest.mark.parametrize(("app_yaml", "line", "key", "ref"), [
+    ("steps:\n  - name: a\n    node: a.py\n    parameters: {k: '${{ secret.key }}'}\n",
+     4, "steps[0].parameters.k", "${{ secret.key }}"),
+    ("steps:\n  - name: a\n    node: a.py\n    parameters:\n      h: [x, 'Bearer ${{secrets.a b}}']\n",
+     5, "steps[0].parameters.h[1]", "${{secrets.a b}}"),
+    ("steps:\n  - name: c\n    connector: a.py\n    output: o\n    credentials: '${{ secrets.bucket.key }}'\n",
+     5, "steps[0].credentials", "${{ secrets.bucket.key }}"),
+])
+def test_a_malformed_secret_reference_is_an_error(
+    tmp_path: Path, app_yaml: str, line: int, key: str, ref: str
+) -> None:
+    """`${{ secret.key }}` (a typo) reached the step as that text, e.g. as an API key."""
+    app_with(tmp_path, app_yaml)
+    assert str(load_error(tmp_path)) == (
+        f"{tmp_path / 'stepwell.yml'}:{line}: {key}: {ref!r} is not a secret reference (write "
+        "${{ secrets.<name> }} with a name of letters, digits, '_' and '-')"
+    )
+
+
 def test_resolve_from_env(tmp_path: Path) -> None:
     env = {
         "STEPWELL_SECRET_EXAMPLE_KEY": "k-123",

@@ -46,6 +46,7 @@ from stepwell.app.models import (
     WebhookSpec,
     format_key_path,
 )
+from stepwell.app.secrets import malformed_refs
 
 __all__ = ["APP_FILE_NAMES", "SqlTables", "load_app", "scan_sql_tables"]
 
@@ -938,6 +939,23 @@ def _finish(doc: _Doc, root: Path, app_file: Path, fmt: str, parts: _Parts) -> A
                 doc.warn(path + ("schema",), f"{problem} ({hint})")
             else:
                 raise doc.error(path + ("schema",), problem, hint)
+
+    # Secret references: a malformed one would reach the step as the text written.
+    for step, path, _ in parts.steps:
+        values_key = "parameter_values" if fmt == "patterns" else "parameters"
+        pending: list[tuple[KeyPath, Any]] = [(path + (values_key,), step.parameters),
+                                              (path + ("credentials",), step.credentials)]
+        while pending:
+            where, value = pending.pop()
+            if isinstance(value, str) and (bad := malformed_refs(value)):
+                raise doc.error(
+                    where, f"{bad[0]!r} is not a secret reference",
+                    "write ${{ secrets.<name> }} with a name of letters, digits, '_' and '-'",
+                )
+            if isinstance(value, Mapping):
+                pending.extend((where + (k,), v) for k, v in value.items())
+            elif isinstance(value, list):
+                pending.extend((where + (i,), v) for i, v in enumerate(value))
 
     # References between steps.
     known_steps = [s.name for s, _, _ in parts.steps]

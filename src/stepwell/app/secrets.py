@@ -43,6 +43,7 @@ __all__ = [
     "env_var_name",
     "find_secret_refs",
     "lookup",
+    "malformed_refs",
     "resolve",
 ]
 
@@ -52,6 +53,15 @@ SECRETS_FILE = Path(".stepwell") / "secrets.toml"
 _REF = re.compile(
     r"\$\{\{\s*(?:(?P<scope>secrets|connection)\s*\.\s*)?(?P<name>[A-Za-z_][A-Za-z0-9_-]*)\s*\}\}"
 )
+
+
+_TEMPLATE = re.compile(r"\$\{\{.*?\}\}")
+
+
+def malformed_refs(text: str) -> list[str]:
+    """The ``${{ … }}`` pieces of ``text`` that are not secret references (a typo such
+    as ``${{ secret.key }}`` would otherwise reach the step as it is written)."""
+    return [m.group() for m in _TEMPLATE.finditer(text) if not _REF.fullmatch(m.group())]
 
 
 class SecretError(Exception):
