@@ -134,6 +134,10 @@ def test_unknown_table_run_and_step_are_clear(tmp_path):
     assert result.returncode == 1 and "no run" in result.stderr
     result = cli("run", str(app), "ghost")
     assert result.returncode == 1 and "ghost" in result.stderr and "a" in result.stderr
+    for command in ("runs", "table"):  # runs showed DuckDB's 'Binder Error: LIMIT/OFFSET ...'
+        result = cli(command, str(app), *(["ghost"] if command == "table" else []), "--limit", "-1")
+        assert result.returncode == 2, result.stderr
+        assert "Invalid value for '--limit': Input should be greater than or equal to 0" in result.stderr
 
 
 def test_patterns_graph_yml_app_runs_unchanged(tmp_path):

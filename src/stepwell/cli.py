@@ -222,7 +222,7 @@ def load(
 def table(
     app_path: AppArg,
     name: Annotated[str, typer.Argument(help="Table name")],
-    limit: Annotated[int, typer.Option(help="Rows to show")] = 20,
+    limit: Annotated[int, typer.Option(help="Rows to show", min=0)] = 20,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
@@ -287,7 +287,7 @@ _COLUMNS_SHOWN = 30
 def runs(
     app_path: AppArg = ".",
     step: Annotated[str | None, typer.Option(help="Only this step's runs")] = None,
-    limit: Annotated[int, typer.Option(help="How many")] = 50,
+    limit: Annotated[int, typer.Option(help="How many", min=0)] = 50,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
 ) -> None:
