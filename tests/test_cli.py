@@ -299,6 +299,7 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "latin1.csv").write_bytes("a\nok\n\u00e9t\u00e9\n".encode("latin-1"))
     (tmp_path / "header.csv").write_bytes(b"a\xff,b\n1,2\n")
     (tmp_path / "utf16.csv").write_bytes("a,b\n1,2\n".encode("utf-16"))
+    (tmp_path / "parts").mkdir()  # was: "unsupported file type ''"
     for name, problem in (
         ("empty.csv", "Empty CSV file"),
         ("bad.jsonl", "JSON parse error: Missing a name for object member. on line 2"),
@@ -308,6 +309,7 @@ def test_load_errors_name_the_file(tmp_path):
         ("header.csv", "line 1 is not UTF-8 text"),
         ("utf16.csv", "the file is UTF-16 text; save it as UTF-8"),
         ("deep.jsonl", "field 'v' is nested more than 100 levels deep; flatten it first"),
+        ("parts", "a folder, not a file; load its files one at a time"),
     ):
         result = cli("load", str(app), "t", str(tmp_path / name))
         assert result.returncode == 1

@@ -16,6 +16,9 @@ def read_file(path: Path) -> pa.Table:
     that cannot be read as its type raises ValueError naming it."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a file; load its files one at a time "
+                         "(.csv, .jsonl, .json or .parquet)")
     try:
         return _read(path)
     except ValueError as exc:  # (pyarrow's ArrowInvalid and UnicodeDecodeError are ValueErrors)
