@@ -849,6 +849,18 @@ def test_logs(store: Store) -> None:
     assert store.get_logs("none") == []
 
 
+def test_a_nul_in_a_log_line_or_run_error_is_kept_as_shown(store: Store) -> None:
+    """What user code printed or raised may hold NUL; PostgreSQL's text refused it,
+    which lost the run's record and failed the whole `stepwell run`."""
+    ts = datetime(2024, 1, 1, 12, tzinfo=UTC)
+    store.append_logs([LogLine("r1", 1, ts, "info", "a\x00b")])
+    assert [line.message for line in store.get_logs("r1")] == ["a\\x00b"]
+    store.create_run(RunRecord(id="01n", step="s", status="failed", error="bad \x00 nul"))
+    store.update_run("01n", traceback="ValueError: bad \x00 nul")
+    run = store.get_run("01n")
+    assert (run.error, run.traceback) == ("bad \\x00 nul", "ValueError: bad \\x00 nul")
+
+
 def test_state(store: Store) -> None:
     assert store.get_state("s") == {}
     value = {"count": 3, "nested": {"l": [1, "x", None]}, "when": datetime(2024, 1, 1, tzinfo=UTC)}

@@ -399,7 +399,14 @@ def _run_params(key: str, value: Any) -> Any:
         return _utc(value)
     if key == "info":
         return dumps_tagged(value or {})
-    return value
+    return _shown_nul(value)
+
+
+def _shown_nul(value: Any) -> Any:
+    """Text a run record or log line holds (what user code printed or raised) with
+    NUL shown as ``\\x00``: PostgreSQL's text cannot hold the character itself, and
+    refusing it would lose the run's record and fail the command that ran it."""
+    return value.replace("\x00", "\\x00") if isinstance(value, str) and "\x00" in value else value
 
 
 def hinted_error(d: Dialect, message: str, exc: BaseException) -> StoreError:
@@ -1159,7 +1166,7 @@ class SQLStore(Store):
                 "seq": [line.seq for line in lines],
                 "ts": [_utc(line.ts) for line in lines],
                 "level": [line.level for line in lines],
-                "message": [line.message for line in lines],
+                "message": [_shown_nul(line.message) for line in lines],
             },
             schema=_LOG_SCHEMA,
         )
