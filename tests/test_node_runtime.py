@@ -749,6 +749,26 @@ def test_values_of_a_storable_type_that_cannot_be_stored(tmp_path, value, proble
     assert "(in the rows written from n.py:3 on)" in run.error  # (checked when sent, at the end)
 
 
+def test_bytes_written_to_sys_stdout_buffer_reach_the_log(tmp_path):
+    """`sys.stdout.buffer` (used by code and libraries writing bytes) was missing:
+    AttributeError: 'LogStream' object has no attribute 'buffer'."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: n\n    node: n.py\n",
+        "n.py": """
+            import sys
+            assert sys.stdout.encoding == "utf-8"
+            sys.stdout.buffer.write("caf\u00e9 ".encode()[:4])  # a character split over writes
+            sys.stdout.buffer.write("caf\u00e9 ".encode()[4:] + b"\\xff\\n")
+            sys.stderr.buffer.write(b"to stderr\\n")
+            sys.stdout.buffer.flush()
+            print("after")
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "succeeded_no_data", run.error
+    assert logs(app, run.id) == ["caf\u00e9 \ufffd", "to stderr", "after"]
+
+
 def test_printing_from_a_signal_handler_or_del_while_printing(tmp_path):
     """A print that starts inside another print (a signal handler, a __del__ run by
     the garbage collector) neither deadlocks nor loses or repeats a line; nor do

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import sys
@@ -145,10 +146,23 @@ class LogStream(io.TextIOBase):
         self._send_lock = threading.RLock()
         #: the process whose thread sends pending lines late (threads do not survive a fork)
         self._flusher_pid: int | None = None
+        self._buffer: _LogBytes | None = None
         _STREAMS.add(self)
 
     def writable(self) -> bool:
         return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    @property
+    def buffer(self) -> _LogBytes:
+        """``sys.stdout.buffer``: bytes written there join the log as UTF-8 text (code
+        and libraries writing bytes failed with AttributeError)."""
+        if self._buffer is None:
+            self._buffer = _LogBytes(self)
+        return self._buffer
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
@@ -252,6 +266,30 @@ class LogStream(io.TextIOBase):
     def _after_fork(self) -> None:
         # (the fork may have caught another thread holding them)
         self._lock, self._send_lock = threading.RLock(), threading.RLock()
+
+
+class _LogBytes(io.BufferedIOBase):
+    """The binary side of a ``LogStream``: bytes are decoded as UTF-8 (a character
+    split over writes is joined; bytes that are not UTF-8 become U+FFFD)."""
+
+    def __init__(self, text: LogStream):
+        self._text = text
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if isinstance(data, str):
+            raise TypeError("a bytes-like object is required, not 'str'")
+        size = memoryview(data).nbytes
+        text = self._decoder.decode(bytes(data))
+        if text:
+            self._text.write(text)
+        return size
+
+    def flush(self) -> None:
+        self._text.flush()
 
 
 _STREAMS: weakref.WeakSet[LogStream] = weakref.WeakSet()
