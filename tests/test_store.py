@@ -950,6 +950,14 @@ def test_invalid_table_names_are_rejected(store: Store, name: str) -> None:
     assert repr(name) in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["", "a\x00b"])
+def test_invalid_column_names_say_what_to_do(store: Store, name: str) -> None:
+    with store.transaction() as tx, pytest.raises(StoreError) as info:
+        tx.append("t", pa.table({name: [1]}))
+    assert str(info.value) == (f"table 't': invalid column name {name!r}: a column's name "
+                               "cannot be empty or hold NUL; rename the field")
+
+
 # -- DuckDB specifics ----------------------------------------------------------------------------
 
 

@@ -138,7 +138,8 @@ def check_table_name(name: str, dialect: Dialect) -> str:
 
 def check_column_name(table: str, name: str, dialect: Dialect) -> None:
     if not name or "\x00" in name:
-        raise InvalidName(f"table {table!r}: invalid column name {name!r}")
+        raise InvalidName(f"table {table!r}: invalid column name {name!r}: a column's name "
+                          "cannot be empty or hold NUL; rename the field")
     limit = dialect.max_identifier_length
     if limit is not None and len(name.encode()) > limit:
         raise InvalidName(
