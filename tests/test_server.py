@@ -782,6 +782,20 @@ def test_api_resources(pipeline):
         assert "/api/webhooks/{name}" in spec["paths"] and "/api/runs/{run_id}/events" in spec["paths"]
 
 
+def test_runs_paging_refuses_a_before_that_is_no_run_id(steps_app):
+    # compared as text, `before=garbage` listed every run and `before=` none: a 422 says why
+    with ThreadServer(steps_app) as server, server.client() as client:
+        run_id = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]
+        assert server.ctx.scheduler.wait_idle(30)
+        for before in ("garbage", "", run_id.upper(), run_id + "0", "u" * 26):
+            bad = client.get("/api/runs", params={"before": before})
+            assert bad.status_code == 422, (before, bad.text)
+            assert bad.json()["error"]["message"].startswith(f"before={before!r} is not a run id")
+        assert client.get("/api/runs", params={"before": run_id}).json()["runs"] == []
+        newer = "z" * 26  # a well-formed id of no run still pages
+        assert [r["id"] for r in client.get("/api/runs", params={"before": newer}).json()["runs"]] == [run_id]
+
+
 def test_state_changes_wait_for_a_running_step(steps_app):
     with ThreadServer(steps_app) as server, server.client() as client:
         run_id = client.post("/api/runs", json={"step": "slow"}).json()["run_id"]

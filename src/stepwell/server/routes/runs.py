@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -29,6 +30,8 @@ router = APIRouter(prefix="/api", tags=["runs"])
 RunId = Path(description="Run id (lowercase ULID)", max_length=64)
 #: Seconds between keep-alive comments on an idle event stream.
 KEEPALIVE_SECONDS = 15.0
+#: A run id as the store orders them (``before=`` pages by it): a lowercase ULID.
+RUN_ID_FORM = re.compile(r"[0-9a-hjkmnp-tv-z]{26}")
 
 
 def _run(ctx: ServerContext, run_id: str) -> RunRecord:
@@ -50,6 +53,9 @@ def list_runs(
 ) -> RunList:
     if status is not None and status not in RUN_STATUSES:
         raise ApiError(422, f"no run status {status!r}; statuses: {', '.join(RUN_STATUSES)}")
+    if before is not None and not RUN_ID_FORM.fullmatch(before):  # (else compared as text)
+        raise ApiError(422, f"before={before!r} is not a run id (26 characters, digits and "
+                            "lowercase letters): pass the id of the last run of the page before")
     records = ctx.store.list_runs(
         step=step, limit=limit, statuses=None if status is None else [status], trigger=trigger,
         before=before,
