@@ -50,6 +50,8 @@ APP = {
             output: file_rows
           - name: waits
             node: waits.py
+          - name: breaks
+            node: breaks.py
         actions:
           - name: greet
             steps:
@@ -83,10 +85,13 @@ APP = {
         print("waiting started", flush=True)
         time.sleep(60)
     """,
+    "breaks.py": """
+        raise RuntimeError("no-spaces-" + "x" * 3000)
+    """,
     "streams/items_s.json": json.dumps(
         {"sql": 'CREATE STREAM items_s () WITH (TYPE="table", DATASOURCE="items")'}),
 }
-STEPS = ["files", "produce", "summarize", "waits"]
+STEPS = ["breaks", "files", "produce", "summarize", "waits"]
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -340,6 +345,42 @@ def test_plugins_and_rules_with_start_and_stop(served, ui: Browser) -> None:
     expect(rule.locator(".status")).to_have_text("running")
     with served.client() as client:
         assert client.get("/api/rules/copy/status").json()["status"] == "running"
+
+
+def page_width(page: Page) -> int:
+    """How wide the page's content is (wider than the window: it scrolls sideways)."""
+    return page.evaluate("document.documentElement.scrollWidth")
+
+
+def test_long_words_and_wide_tables_do_not_widen_the_page(served, ui: Browser) -> None:
+    failed = run_step(served, "breaks")
+    assert failed["status"] == "failed"
+    with served.client() as client:
+        loaded = client.post("/api/tables/wide_ui/rows", json=[{f"c{i:03d}": i for i in range(300)}])
+        assert loaded.status_code == 200, loaded.text
+    page = ui.open(f"{served.url}/ui/#/runs/{failed['id']}")  # an error without spaces wraps
+    expect(page.locator("dl.facts .error-text")).to_contain_text("no-spaces-" + "x" * 100)
+    assert page_width(page) <= 1280
+    page.goto(f"{served.url}/ui/#/tables/wide_ui")  # 300 columns scroll inside their card
+    expect(page.locator("#rows th")).to_have_count(301)  # (and patterns_id)
+    assert page.evaluate("document.getElementById('rows').scrollWidth") > 1280
+    assert page_width(page) <= 1280
+    name = "t" * 200  # a name and a message without spaces
+    page.goto(f"{served.url}/ui/#/tables/{name}")
+    expect(page.locator("#no-table")).to_contain_text(f"table '{name}' does not exist")
+    assert page_width(page) <= 1280
+
+
+def test_a_malformed_address_is_no_such_page(served, ui: Browser) -> None:
+    page = ui.open(f"{served.url}/ui/#/tables/%E0%A4")  # decoding it threw: a blank page
+    expect(page.locator("h1")).to_have_text("Not found")
+    expect(page.locator("#view code")).to_have_text("/tables/%E0%A4")
+    page.goto(f"{served.url}/ui/#/runs")
+    expect(page.locator("h1")).to_have_text("Runs")
+    # a malformed token in the address stopped the whole page from starting
+    fresh = ui.open(f"{served.url}/ui/#token=%E0%A4")
+    expect(fresh.locator("svg.graph g.node-step")).to_have_count(len(STEPS))
+    expect(fresh).to_have_url(re.compile(r"/ui/#/graph$"))
 
 
 # -- the token ----------------------------------------------------------------------------------

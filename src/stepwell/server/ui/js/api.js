@@ -38,7 +38,13 @@ export function clearToken() {
 export function takeTokenFromFragment() {
   const match = location.hash.match(/^#token=([^&/]+)/);
   if (!match) return false;
-  setToken(decodeURIComponent(match[1]));
+  let token = match[1];
+  try {
+    token = decodeURIComponent(token);
+  } catch {
+    // malformed (`%E0`): used as written; the server says whether it is the token
+  }
+  setToken(token);
   history.replaceState(null, "", location.pathname + location.search + "#/graph");
   return true;
 }

@@ -84,6 +84,15 @@ export class Page {
 
 let current = null;
 
+/** The address' path segments decoded, or null when one is malformed (`%E0`). */
+function decodeAll(parts) {
+  try {
+    return parts.map(decodeURIComponent);
+  } catch {
+    return null;
+  }
+}
+
 /** Show the view the address' fragment names (the graph by default). */
 async function route() {
   if (takeTokenFromFragment()) {
@@ -103,12 +112,12 @@ async function route() {
   for (const a of document.querySelectorAll("#nav a")) {
     a.classList.toggle("active", Boolean(match) && a.dataset.section === match[2]);
   }
-  if (!match) {
+  const params = match && decodeAll(match[0].slice(1));
+  if (!params) {
     root.append(h("h1", {}, "Not found"), h("p", {}, "No such page: ", h("code", {}, path)));
     return;
   }
-  const [found, view] = match;
-  const params = found.slice(1).map(decodeURIComponent);
+  const view = match[1];
   try {
     await view(page, ...params);
   } catch (error) {
