@@ -563,6 +563,18 @@ def test_cancel_running_and_queued_runs(steps_app, store_url):
 
 
 # -- security ------------------------------------------------------------------------------
+def test_the_api_docs_page_shows_the_app_title_as_text(tmp_path):
+    # the title was pasted into /docs' markup as it is: `</title><script>` ran there
+    title = '</title><script>window.__xss = 1</script> & co'
+    app = write_app(tmp_path / "titled", {"stepwell.yml": f"title: {json.dumps(title)}\n"})
+    with ThreadServer(app) as server, server.client() as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "<script>window.__xss" not in page.text
+        assert "</title><script>" not in page.text
+        assert "<title>stepwell: &lt;/title&gt;&lt;script&gt;window.__xss = 1&lt;/script&gt; &amp; co" in page.text
+        assert client.get("/openapi.json").json()["info"]["title"] == f"stepwell: {title}"
+
+
 def test_loopback_needs_no_token_but_webhook_tokens_hold(pipeline):
     with ThreadServer(pipeline) as server, server.client() as client:
         assert client.get("/api/health").status_code == 200

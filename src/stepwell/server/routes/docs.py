@@ -7,6 +7,8 @@ machine without internet; the same page here loads the copy packaged in
 
 from __future__ import annotations
 
+import html
+
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
@@ -23,7 +25,7 @@ def install(api: FastAPI) -> None:
     def docs() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=api.openapi_url or "/openapi.json",
-            title=f"{api.title} - API docs",
+            title=html.escape(f"{api.title} - API docs"),  # (pasted into the page's markup)
             swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js",
             swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
             swagger_favicon_url=f"{ASSETS_PATH}/favicon-32x32.png",
