@@ -3,6 +3,7 @@ real worker processes, real stores (DuckDB, and PostgreSQL where marked)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import signal
@@ -530,6 +531,29 @@ def test_sse_streams_log_lines_live_then_the_end(steps_app):
         assert "event: end" in text
         missing = client.get("/api/runs/nope/events")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_a_finished_runs_stored_log_lines_go_out_in_few_writes(tmp_path):
+    # one write per stored line: a 100,000-line log took ~10 s to reach a browser
+    from stepwell.server.routes.runs import _events
+
+    app = write_app(tmp_path / "loud", {"stepwell.yml": "steps: [{name: loud, node: loud.py}]\n",
+                                        "loud.py": "for i in range(1200):\n    print(f'line {i}')\n"})
+    with ThreadServer(app) as server, server.client() as client:
+        run_id = client.post("/api/runs", json={"step": "loud"}).json()["run_id"]
+        assert wait_run(client, run_id)["status"] == "succeeded_no_data"
+        ctx = server.ctx
+        queue, recent = ctx.hub.subscribe(run_id)
+
+        async def writes() -> list[bytes]:
+            return [w async for w in _events(None, ctx, ctx.store.get_run(run_id), queue, recent)]
+
+        sent = asyncio.run(writes())
+        text = b"".join(sent).decode()
+        assert text.startswith("event: status") and "event: end" in text
+        assert [json.loads(line[5:])["message"] for line in text.splitlines()
+                if line.startswith("data:") and '"seq"' in line] == [f"line {i}" for i in range(1200)]
+        assert len(sent) <= 10, len(sent)  # status, the lines 500 at a time, end
 
 
 def test_cancel_running_and_queued_runs(steps_app, store_url):
