@@ -52,6 +52,8 @@ APP = {
             node: waits.py
           - name: breaks
             node: breaks.py
+          - name: loud
+            node: loud.py
         actions:
           - name: greet
             steps:
@@ -85,13 +87,17 @@ APP = {
         print("waiting started", flush=True)
         time.sleep(60)
     """,
+    "loud.py": """
+        for i in range(20_000):
+            print(f"loud line {i}")
+    """,
     "breaks.py": """
         raise RuntimeError("no-spaces-" + "x" * 3000)
     """,
     "streams/items_s.json": json.dumps(
         {"sql": 'CREATE STREAM items_s () WITH (TYPE="table", DATASOURCE="items")'}),
 }
-STEPS = ["breaks", "files", "produce", "summarize", "waits"]
+STEPS = ["breaks", "files", "loud", "produce", "summarize", "waits"]
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -277,6 +283,26 @@ def test_live_log_of_a_running_step_and_cancel(served, ui: Browser) -> None:
     expect(page.locator("dl.facts .status")).to_have_text("cancelled")
     expect(page.locator("#cancel-run")).to_be_hidden()
     expect(page.locator(".live")).to_be_hidden()
+
+
+def test_a_long_log_is_added_a_part_at_a_time(served, ui: Browser) -> None:
+    # 100,000 lines added in one frame froze the page for seconds before the first showed
+    run = run_step(served, "loud")
+    with served.client() as client:
+        total = len(client.get(f"/api/runs/{run['id']}/logs").json()["lines"])
+    assert total >= 20_000
+    page = ui.open(f"{served.url}/ui/#/runs")
+    page.evaluate("""() => {  // how many lines each change of the log added
+      window.__added = [];
+      new MutationObserver((changes) => changes.forEach((c) => c.target.id === "log"
+        && c.addedNodes.length && window.__added.push(c.addedNodes.length)))
+        .observe(document.getElementById("view"), {childList: true, subtree: true});
+    }""")
+    page.evaluate("(id) => { location.hash = `#/runs/${id}`; }", run["id"])
+    expect(page.locator("#log li")).to_have_count(total, timeout=60_000)
+    added = page.evaluate("window.__added")
+    assert sum(added) == total and max(added) <= 2000, added
+    expect(page.locator("#log li").last).to_contain_text("loud line 19999")
 
 
 def test_connector_partitions_on_the_step_page(served, ui: Browser) -> None:

@@ -8,6 +8,8 @@ import {
 } from "../dom.js";
 
 const PAGE = 100;
+/** Log lines added to the page per animation frame (the rest in the next ones). */
+const LINES_PER_FRAME = 2000;
 
 /** #/runs: newest first, filtered by status, a page of 100 at a time. */
 export async function runsView(page) {
@@ -107,15 +109,17 @@ export async function runView(page, runId) {
     }
     fill(details, extra);
   };
-  // Lines are added once per animation frame, in one go: measuring the scroll
-  // position per line forced a layout per line (a 20,000-line log took minutes).
+  // Lines are added once per animation frame, up to LINES_PER_FRAME at a time:
+  // measuring the scroll position per line forced a layout per line (a 20,000-line
+  // log took minutes), and adding a 100,000-line log in one frame froze the page
+  // for seconds before its first line showed.
   let pending = [];
   const addLines = () => {
     const follow = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     const batch = document.createDocumentFragment();
-    for (const line of pending) batch.append(logLine(line));
+    for (const line of pending.splice(0, LINES_PER_FRAME)) batch.append(logLine(line));
     log.append(batch);
-    pending = [];
+    if (pending.length) requestAnimationFrame(addLines);
     if (follow) log.scrollTop = log.scrollHeight;
   };
   const addLine = (line) => {
