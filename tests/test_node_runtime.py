@@ -1753,6 +1753,18 @@ def test_a_huge_error_message_is_kept_short_in_the_run_record(tmp_path):
     assert "x" * 100_000 in run.traceback
 
 
+def test_a_cut_error_closes_the_right_to_left_override_it_holds(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: rtl\n    node: rtl.py\n",
+        "rtl.py": "raise ValueError('\\u202e boom ' + 'Z' * 5000)\n",
+    })
+    (run,) = run_app(app)
+    assert "\u202e boom" in run.error
+    # the override ends before stepwell's own words, which then read left to right
+    assert "Z\u202c... (" in run.error, run.error
+    assert run.error.endswith("more characters; the whole text is in the run's traceback)")
+
+
 def test_read_sql_takes_jinja_names_and_says_when_a_table_is_missing(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: w\n    node: w.py\n  - name: r\n    node: r.py\n",

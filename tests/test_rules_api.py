@@ -107,10 +107,16 @@ def test_rule_created_through_the_api_writes_its_table_rows(app_root: Path) -> N
         assert status["records_out"] == 6 and status["desired"] == "running"
         assert http.get("/api/rules").json()["rules"] == [
             {"id": "api1", "status": "running", "sql": "SELECT id, revstr(grp) AS g FROM readings"}]
+        definition = http.get("/api/rules/api1").json()
+        assert {k: definition[k] for k in ("id", "sql", "actions", "options", "desired")} == {
+            "id": "api1", "sql": "SELECT id, revstr(grp) AS g FROM readings",
+            "actions": [{"table": {"name": "api_out"}}], "options": {}, "desired": "running"}
+        assert definition["created_at"]
 
         # the server's JSON error bodies
         for method, path, body, status_code in [
             ("GET", "/api/rules/nope/status", None, 404),
+            ("GET", "/api/rules/nope", None, 404),
             ("POST", "/api/rules/nope/start", None, 404),
             ("DELETE", "/api/plugins/nope", None, 404),
             ("POST", "/api/rules", {"id": "api1", "sql": "SELECT * FROM readings",

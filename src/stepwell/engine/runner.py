@@ -658,8 +658,25 @@ def _capped(error: str | None) -> str | None:
     if error is None or len(error) <= MAX_ERROR_CHARS:
         return error
     more = len(error) - MAX_ERROR_CHARS
-    return (f"{error[:MAX_ERROR_CHARS]}... ({more:,} more characters; the whole text is "
+    cut = error[:MAX_ERROR_CHARS]
+    return (f"{cut}{_closing_bidi(cut)}... ({more:,} more characters; the whole text is "
             "in the run's traceback)")  # fmt: skip
+
+
+def _closing_bidi(text: str) -> str:
+    """The bidi closers for the embeddings, overrides and isolates ``text`` leaves
+    open (a right-to-left override in a cut error would reverse what follows it)."""
+    open_isolates, open_embeddings = 0, 0
+    for char in text:
+        if char in "\u2066\u2067\u2068":
+            open_isolates += 1
+        elif char == "\u2069" and open_isolates:
+            open_isolates -= 1
+        elif char in "\u202a\u202b\u202d\u202e":
+            open_embeddings += 1
+        elif char == "\u202c" and open_embeddings:
+            open_embeddings -= 1
+    return "\u202c" * open_embeddings + "\u2069" * open_isolates
 
 
 def _seconds(value: float | None) -> str:

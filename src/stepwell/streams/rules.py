@@ -1200,6 +1200,11 @@ class RuleEngine:
                         "sql": known.rule.sql})
         return out
 
+    def describe(self, rule_id: str) -> dict[str, Any]:
+        """The rule's definition as created, whether it is to run, and since when."""
+        known = self._known(rule_id)
+        return {**known.rule.to_json(), "desired": known.desired, "created_at": known.created_at}
+
     def _status_word(self, rule_id: str, known: _Known) -> str:
         runtime = self.running.get(rule_id)
         if runtime is not None:

@@ -101,6 +101,17 @@ class RuleList(BaseModel):
     rules: list[RuleSummary]
 
 
+class RuleDefinition(BaseModel):
+    """A rule as it was created (eKuiper's ``GET /rules/{id}``), and whether it is to run."""
+
+    id: str
+    sql: str
+    actions: list[dict[str, Any]] = Field(description='[{"<sink>": {...props}}, ...]')
+    options: dict[str, Any]
+    desired: str = Field(description="running (started with the server) or stopped")
+    created_at: str
+
+
 class RuleCreated(BaseModel):
     id: str
     status: str = Field(description="running (started in the server) or stopped")
@@ -246,6 +257,12 @@ def post_rule(
     if desired == "running":
         _guard(lambda: engine.start(rule.id))
     return RuleCreated(id=rule.id, status=desired)
+
+
+@router.get("/rules/{rule_id}", response_model=RuleDefinition, summary="A rule's definition")
+def get_rule(rule_id: str = RuleId, ctx: ServerContext = Depends(get_ctx)) -> RuleDefinition:
+    engine = _guard(lambda: rule_engine(ctx))
+    return RuleDefinition(**_guard(lambda: engine.describe(rule_id)))
 
 
 @router.post("/rules/{rule_id}/start", response_model=RuleChanged, summary="Start a rule in the server")

@@ -62,7 +62,7 @@ function actionCard(page, action) {
     h("h2", {}, action.name),
     action.description ? h("p", {}, action.description) : null,
     h("p", { class: "hint" }, action.params.length
-      ? `Params with defaults: ${action.params.join(", ")}` : "No params with defaults.",
+      ? `Params with defaults: ${action.params.join(", ")}.` : "No params with defaults.",
     " Steps: ", action.steps.map((s) => `${s.name} (${s.kind})`).join(" → ")),
     form, output);
 }
