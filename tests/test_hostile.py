@@ -344,6 +344,22 @@ def test_huge_log_output_is_capped_and_cheap(tmp_path, listeners, server_pid):
     assert normal.status == "succeeded"
 
 
+def test_huge_output_below_python_is_capped_too(tmp_path, listeners, server_pid):
+    """A flood written to fd 1 itself, by the step and by a subprocess (under Python,
+    where print's own limits do not see it): the log keeps its limit, the run ends."""
+    case = Case("block = b'spam ' * 200 + b'\\n'\nfor i in range(120_000):\n    os.write(1, block)\n"
+                "import subprocess\nsubprocess.run(['head', '-c', '50000000', '/dev/zero'])\n"
+                'raise RuntimeError("flooded")', "failed", r"RuntimeError: flooded")  # fmt: skip
+    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    (hostile,) = run_app(app, steps=["hostile"])
+    assert hostile.status == "failed" and "flooded" in hostile.error
+    lines = logs(app, hostile.id)
+    assert 10_000 < len(lines) <= 100_000 and lines[0] == "spam " * 200
+    assert "log limit reached" in lines[-1]
+    (normal,) = run_app(app, steps=["normal"])
+    assert normal.status == "succeeded"
+
+
 @pytest.mark.parametrize("name", ["socket_network_off", "forge_commit_for_other_step"])
 def test_hostile_on_postgres(name, tmp_path, make_pg_database, listeners, server_pid):
     """The same containment with a PostgreSQL store; the step cannot reach its server."""

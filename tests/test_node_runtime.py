@@ -1820,3 +1820,22 @@ def test_an_error_raised_inside_a_library_names_the_line_of_the_step_that_called
     assert run.error.startswith("JSONDecodeError: Expecting property name"), run.error
     assert run.error.endswith("(at parse.py:4)"), run.error  # not json/decoder.py
     assert "json/decoder.py" in run.traceback  # the library's frames stay in the traceback
+
+
+def test_what_subprocesses_and_c_code_print_joins_the_log_in_order(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: tools\n    node: tools.py\n",
+        "tools.py": """
+            import os, subprocess
+            print("first")
+            os.system("echo from-system")
+            subprocess.run(["echo", "from-subprocess"])
+            os.write(1, "from-fd1 é\\n".encode())
+            print("from-print")
+            os.write(1, b"no newline at the end")
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "succeeded_no_data", run.error
+    assert logs(app, run.id) == ["first", "from-system", "from-subprocess", "from-fd1 é",
+                                 "from-print", "no newline at the end"]

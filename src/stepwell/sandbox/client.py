@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import codecs
+import fcntl
 import io
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,8 +29,8 @@ class HostLink:
         # (reentrant only so that ``busy_here`` can ask whether this thread holds it)
         self._lock = threading.RLock()
         self._pid = os.getpid()
-        #: the run's captured stdout/stderr: what they hold goes out before ``done``
-        self.outputs: list[LogStream] = []
+        #: the run's captured outputs: what they hold goes out before ``done``
+        self.outputs: list[LogStream | DescriptorCapture] = []
         #: a ``last`` frame was sent: nothing more goes out
         self._finished = False
         #: called before a print is taken in: a runtime with log lines of its own
@@ -290,6 +292,61 @@ class _LogBytes(io.BufferedIOBase):
 
     def flush(self) -> None:
         self._text.flush()
+
+
+class DescriptorCapture:
+    """What is written to file descriptor 1 under Python (``os.system``, a
+    subprocess's output, C code), into the run log as ``print`` output is: fd 1
+    becomes a pipe that this process empties when the kernel says data came
+    (``SIGIO``, handled between two bytecodes of the main thread) and before the
+    run's ``done``. (fd 2 stays the fork-server's pipe, so the last words of a
+    process that crashes are kept for its exit report.) Install it with
+    ``capture_descriptor_output`` in the main thread, before the step's code runs."""
+
+    def __init__(self, stream: LogStream):
+        self._bytes = stream.buffer
+        self._draining = False
+        read, write = os.pipe()
+        self._read = read
+        os.set_blocking(read, False)
+        try:  # room for a burst written while the main thread is busy in C code
+            fcntl.fcntl(read, fcntl.F_SETPIPE_SZ, 1 << 20)
+        except OSError:
+            pass
+        signal.signal(signal.SIGIO, self._on_signal)
+        fcntl.fcntl(read, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(read, fcntl.F_SETFL, fcntl.fcntl(read, fcntl.F_GETFL) | os.O_ASYNC)
+        os.dup2(write, 1)
+        os.close(write)
+
+    def _on_signal(self, _signum: int, _frame: Any) -> None:
+        if not self._draining:  # (one that arrives while we drain: that drain reads on)
+            self.drain()
+
+    def drain(self) -> None:
+        """Take what the pipe holds into the log."""
+        self._draining = True
+        try:
+            while True:
+                try:
+                    chunk = os.read(self._read, 1 << 16)
+                except OSError:  # (BlockingIOError: nothing more for now)
+                    return
+                if not chunk:
+                    return
+                self._bytes.write(chunk)
+        finally:
+            self._draining = False
+
+    def close_out(self) -> None:
+        self.drain()
+
+
+def capture_descriptor_output(link: HostLink) -> None:
+    """Route fd 1 into the run's stdout log stream (see ``DescriptorCapture``); the
+    capture is emptied before the stream is closed at ``done``."""
+    stream = next(s for s in link.outputs if isinstance(s, LogStream))
+    link.outputs.insert(0, DescriptorCapture(stream))
 
 
 _STREAMS: weakref.WeakSet[LogStream] = weakref.WeakSet()

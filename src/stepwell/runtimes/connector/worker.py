@@ -30,7 +30,7 @@ from stepwell.runtimes.connector.contract import (
     walk_listing,
 )
 from stepwell.runtimes.connector.readers import LocalSpark, read_partition
-from stepwell.sandbox.client import HostLink
+from stepwell.sandbox.client import HostLink, capture_descriptor_output
 from stepwell.sandbox.protocol import pack
 from stepwell.sandbox.worker import error_summary, user_traceback
 
@@ -80,6 +80,7 @@ def _send_leaves(
 
 def list_entry(link: HostLink, start: dict[str, Any]) -> None:
     """List the connector's partitions and hand them to the host."""
+    capture_descriptor_output(link)
     credentials = start.pop("credentials", None)
     functions = _load(start)
     if functions.read_name == "read_bytes" and not start.get("parser"):
@@ -127,6 +128,7 @@ def read_entry(link: HostLink, start: dict[str, Any]) -> None:
     """Read the partitions the host hands out, one after the other."""
     import pyarrow as pa
 
+    capture_descriptor_output(link)
     credentials = start.pop("credentials", None)
     functions = _load(start)
     context = functions.context(credentials)

@@ -11,7 +11,7 @@ from typing import Any
 from stepwell.runtimes.node import api
 from stepwell.runtimes.node.session import NodeSession
 from stepwell.runtimes.node.shipped_code import ShippedCodeLoader, use_shipped_code
-from stepwell.sandbox.client import HostLink
+from stepwell.sandbox.client import HostLink, capture_descriptor_output
 from stepwell.sandbox.worker import error_summary
 
 #: Synthetic package the app folder is mounted as, so ``from . import common`` works.
@@ -95,6 +95,7 @@ def prepare(message: dict[str, Any]) -> None:
 def run(link: HostLink, start: dict[str, Any]) -> None:
     global _prepared
     prepared, _prepared = _prepared, None
+    capture_descriptor_output(link)  # what subprocesses and C code print joins the log
     session = NodeSession(link, start)
     api._session = session
     if prepared is not None and prepared[0] == _key(start):
