@@ -344,9 +344,11 @@ class DescriptorCapture:
 
 def capture_descriptor_output(link: HostLink) -> None:
     """Route fd 1 into the run's stdout log stream (see ``DescriptorCapture``); the
-    capture is emptied before the stream is closed at ``done``."""
-    stream = next(s for s in link.outputs if isinstance(s, LogStream))
-    link.outputs.insert(0, DescriptorCapture(stream))
+    capture is emptied before the stream is closed at ``done``. Nothing to do for a
+    link whose prints are not captured (a runtime called in-process, as by tests)."""
+    streams = [s for s in getattr(link, "outputs", []) if isinstance(s, LogStream)]
+    if streams:
+        link.outputs.insert(0, DescriptorCapture(streams[0]))
 
 
 _STREAMS: weakref.WeakSet[LogStream] = weakref.WeakSet()
