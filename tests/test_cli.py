@@ -353,3 +353,31 @@ def test_tables_names_at_most_30_columns_per_table(tmp_path):
     assert "c29 int" in listed and "c30 int" not in listed and "71 more (--json lists all)" in listed
     (wide,) = json.loads(_ok(cli("tables", str(app), "--json")).stdout)
     assert len(wide["columns"]) == 101  # with patterns_id
+
+
+def test_run_shows_stepwells_own_warnings_once(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: gen\n    node: gen.py\n  - name: read\n    node: read.py\n",
+        "gen.py": """
+            from patterns import State, Table
+            state = State()
+            second = state.get_value("ran", False)
+            rows = [{"n": 3, "ts": None}, {"n": 4, "ts": 40}] if second else [{"n": 1, "ts": 10}]
+            Table("events", "w").append(rows)
+            state.set_value("ran", True)
+            print("[stepwell] a user's own line is not one of stepwell's warnings")
+        """,
+        "read.py": """
+            from patterns import Table
+            out = Table("seen", "w")
+            for r in Table("events").as_stream(order_by="ts").consume_records():
+                out.append({"n": r["n"]})
+        """,
+    })
+    first = _ok(cli("run", str(app)))
+    assert "warning" not in first.stdout
+    second = _ok(cli("run", str(app)))  # rows the stream skips: said where the user looks
+    warnings = [line for line in second.stdout.splitlines() if "warning" in line]
+    assert warnings == ["  warning (read): table 'events': 1 row(s) have no ts (null); a stream "
+                        "ordered by ts has read past them and will not read them: give them a "
+                        "ts, or stream by patterns_id"], second.stdout

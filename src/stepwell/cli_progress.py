@@ -6,10 +6,13 @@ import threading
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stepwell.store.base import LogLine, PartitionRecord, RunRecord
 
+#: Distinct stepwell warnings `stepwell run` shows under its progress lines at most.
+MAX_WARNINGS_SHOWN = 20
 _DONE_STYLE = {"succeeded": "green", "succeeded_no_data": "green", "succeeded_with_errors": "yellow"}
 
 
@@ -45,6 +48,8 @@ class RunProgress:
         self._parts: dict[tuple[str, str], int] = {}
         self._part_counts: dict[str, str] = {}
         self._parts_lock = threading.Lock()
+        #: stepwell's own warnings already shown (the same one for every run: once)
+        self._warned: set[str] = set()
 
     def __enter__(self) -> RunProgress:
         self._bar.__enter__()
@@ -99,7 +104,14 @@ class RunProgress:
                 )
 
     def log_line(self, run: RunRecord, line: LogLine) -> None:
-        pass
+        # stepwell's own warnings (rows a stream skips, isolation not available, ...)
+        # are shown here too: in the run log alone, nobody would see them
+        if line.level != "warn" or not line.message.startswith("[stepwell] "):
+            return
+        message = line.message.removeprefix("[stepwell] ")
+        if message not in self._warned and len(self._warned) < MAX_WARNINGS_SHOWN:
+            self._warned.add(message)
+            self._bar.console.print(f"  [yellow]warning[/] ({escape(run.step)}): {escape(message)}")
 
     def run_finished(self, run: RunRecord) -> None:
         task = self._tasks.get(run.id)
