@@ -1839,3 +1839,19 @@ def test_what_subprocesses_and_c_code_print_joins_the_log_in_order(tmp_path):
     assert run.status == "succeeded_no_data", run.error
     assert logs(app, run.id) == ["first", "from-system", "from-subprocess", "from-fd1 é",
                                  "from-print", "no newline at the end"]
+
+
+def test_reading_a_table_nothing_has_written_says_so_in_the_log(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: s\n    node: s.py\n    inputs: {x: nowhere}\n",
+        "s.py": """
+            from patterns import Table
+            print(Table("x").read())
+            print(list(Table("x").as_stream().consume_records()))
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "succeeded_no_data"
+    assert logs(app, run.id) == [
+        "[stepwell] table 'nowhere' does not exist (nothing has written it yet): the step read "
+        "no rows from it", "[]", "[]"]

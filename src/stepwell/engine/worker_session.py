@@ -108,6 +108,8 @@ class WorkerSession:
         self.imported_numpy = False
         #: (table, column) of streams whose null order values the log has been told of
         self._null_orders_said: set[tuple[str, str]] = set()
+        #: tables the step read that do not exist, as told in the log
+        self._missing_said: set[str] = set()
 
     # -- the loop --------------------------------------------------------
     def serve(self, start: dict[str, Any]) -> Outcome:
@@ -249,6 +251,12 @@ class WorkerSession:
         table = str(message["table"])
         info = self.store.table_info(table, count_rows=False)
         if info is None:
+            if table not in self._missing_said:  # a typo in its name, or its writer never ran
+                self._missing_said.add(table)
+                self.log.add("warn", [
+                    f"[stepwell] table {table!r} does not exist (nothing has written it "
+                    "yet): the step read no rows from it"
+                ])  # fmt: skip
             return {"scan": None, "version": 0}
         order_by = message.get("order_by")
         after = message.get("after")
