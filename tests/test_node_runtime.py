@@ -892,7 +892,7 @@ def test_sql_step_with_patterns_templates(tmp_path, store_url):
     })
     (early,) = run_app(app, store_url, steps=["early"])
     assert early.status == "failed"  # the database's words were 'Catalog Error: ... pg_sequences'
-    assert early.error == ("step 'early': early.sql: table 'later' does not exist yet (nothing "
+    assert early.error == ("early.sql: table 'later' does not exist yet (nothing "
                            "has written it): run the step that writes it first, or load rows "
                            "into it with `stepwell load`")
     runs = run_app(app, store_url, steps=["source", "summary", "bad"])

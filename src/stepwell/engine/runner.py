@@ -422,7 +422,7 @@ class Runner:
         except Exception as exc:  # configuration problems: secrets, environment, files
             if staged is not None:
                 staged.rollback()
-            outcome = Outcome("failed", redact(f"step {step.name!r}: {exc}"))
+            outcome = Outcome("failed", redact(str(exc)))  # (the run is the step's: no prefix)
         if handle.cancel_reason is not None and outcome.status not in SUCCESS:
             outcome = Outcome("cancelled", handle.cancel_reason)
         log.flush()
