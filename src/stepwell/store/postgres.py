@@ -201,7 +201,10 @@ class _Pool:
         try:
             conn = psycopg.connect(self.url, autocommit=False, connect_timeout=30)
         except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to PostgreSQL at {redact(self.url)}: {exc}") from exc
+            reason = str(exc).strip()
+            if "Is the server running" not in reason:  # (psycopg's own hint otherwise)
+                reason += " (check the URL's user, password and database)"
+            raise StoreError(f"cannot connect to PostgreSQL at {redact(self.url)}: {reason}") from exc
         conn.execute("SET TIME ZONE 'UTC'")
         conn.commit()
         return conn
