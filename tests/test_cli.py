@@ -40,7 +40,7 @@ def test_init_run_tables_runs_logs_state(tmp_path):
     only = json.loads(_ok(cli("runs", str(app), "--step", "ingest", "--json")).stdout)
     assert {r["step"] for r in only} == {"ingest"} and len(only) == 2
     misspelt = cli("runs", str(app), "--step", "ingets")
-    assert misspelt.returncode == 1 and "no step named 'ingets'" in misspelt.stderr
+    assert misspelt.returncode == 1 and "no step named 'ingets' (did you mean 'ingest'?" in misspelt.stderr
     log = _ok(cli("logs", str(app), runs[0]["id"])).stdout
     assert "10 new events" in log
     state = json.loads(_ok(cli("state", str(app), "count_events")).stdout)

@@ -14,6 +14,7 @@ the object being validated, where the problem sits).
 
 from __future__ import annotations
 
+import difflib
 import heapq
 import re
 from collections.abc import Iterable, Mapping
@@ -937,11 +938,13 @@ class AppSpec(AppFile):
         for step in self.steps:
             if step.name == name:
                 return step
-        known = ", ".join(step.name for step in self.steps) or "(none)"
+        names = [step.name for step in self.steps]
+        close = difflib.get_close_matches(name, names, n=1)
         key = self._steps_key()
         raise self._error(
             f"no step named {name!r}",
-            f"known steps: {known}",
+            (f"did you mean {close[0]!r}? " if close else "")
+            + f"known steps: {', '.join(names) or '(none)'}",
             key,
             self._locations.get(key, (key, None))[1],
         )
