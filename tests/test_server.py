@@ -529,6 +529,14 @@ def test_sse_streams_log_lines_live_then_the_end(steps_app):
             text = response.read().decode()
         assert text.count("event: log") == 5 and text.rstrip().endswith("}")
         assert "event: end" in text
+        # the last lines only, after how many there are before them
+        with client.stream("GET", f"/api/runs/{run_id}/events", params={"tail": 2}) as response:
+            text = response.read().decode()
+        assert 'event: earlier\ndata: {"lines":3}' in text and text.count("event: log") == 2
+        assert '"message":"line 3"' in text and '"message":"line 2"' not in text
+        tail = client.get(f"/api/runs/{run_id}/logs", params={"tail": 2}).json()["lines"]
+        assert [line["message"] for line in tail] == ["line 3", "line 4"]
+        assert client.get(f"/api/runs/{run_id}/logs", params={"tail": 0}).status_code == 422
         missing = client.get("/api/runs/nope/events")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 

@@ -299,9 +299,16 @@ def test_a_long_log_is_added_a_part_at_a_time(served, ui: Browser) -> None:
         .observe(document.getElementById("view"), {childList: true, subtree: true});
     }""")
     page.evaluate("(id) => { location.hash = `#/runs/${id}`; }", run["id"])
+    # the last 5,000 lines first, and what there is before them
+    expect(page.locator("#log li")).to_have_count(5000, timeout=60_000)
+    expect(page.locator("#log li").last).to_contain_text("loud line 19999")
+    expect(page.locator("#log-earlier")).to_contain_text(f"{total - 5000:,} earlier lines are not shown")
+    page.locator("#log-show-all").click()
     expect(page.locator("#log li")).to_have_count(total, timeout=60_000)
+    expect(page.locator("#log-earlier")).to_be_hidden()
     added = page.evaluate("window.__added")
-    assert sum(added) == total and max(added) <= 2000, added
+    assert sum(added) == 5000 + total and max(added) <= 2000, added
+    expect(page.locator("#log li").first).to_contain_text("loud line 0")
     expect(page.locator("#log li").last).to_contain_text("loud line 19999")
 
 

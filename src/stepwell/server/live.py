@@ -37,7 +37,7 @@ PROGRESS_INTERVAL = 0.25
 
 @dataclass
 class RunEvent:
-    """One server-sent event: ``kind`` is status, log, progress, end or closing."""
+    """One server-sent event: ``kind`` is status, earlier, log, progress, end or closing."""
 
     kind: str
     data: dict[str, Any]

@@ -82,11 +82,13 @@ def get_run(run_id: str = RunId, ctx: ServerContext = Depends(get_ctx)) -> RunDe
 def get_logs(
     run_id: str = RunId,
     after: int = Query(-1, ge=-1, description="Only lines with seq greater than this"),
+    tail: int | None = Query(None, ge=1, description="Only the last this many of those lines"),
     ctx: ServerContext = Depends(get_ctx),
 ) -> LogList:
     _run(ctx, run_id)
     lines = _merged(ctx.store.get_logs(run_id), ctx.hub.recent(run_id))
-    return LogList(run_id=run_id, lines=[LogLineModel.of(line) for line in lines if line.seq > after])
+    lines = [line for line in lines if line.seq > after]
+    return LogList(run_id=run_id, lines=[LogLineModel.of(line) for line in lines[-tail if tail else 0:]])
 
 
 def _merged(stored: list[LogLine], recent: list[LogLine]) -> list[LogLine]:
@@ -123,9 +125,12 @@ def cancel_run(run_id: str = RunId, ctx: ServerContext = Depends(get_ctx)) -> Ca
     responses={200: {"content": {"text/event-stream": {}}, "description": (
         "An event stream: `status` (the run record), `log` (one log line, id = seq), "
         "`progress` (rows in/out), then `end` (the final run record). Stored lines "
-        "come first, then live ones.")}},
+        "come first, then live ones; with `tail`, only the last stored lines, after an "
+        "`earlier` event counting the others.")}},
 )
 async def run_events(request: Request, run_id: str = RunId,
+                     tail: int | None = Query(None, ge=1, description="Only the last this many "
+                                              "stored lines (then every live one)"),
                      ctx: ServerContext = Depends(get_ctx)) -> StreamingResponse:
     queue, recent = ctx.hub.subscribe(run_id)
     try:
@@ -134,18 +139,21 @@ async def run_events(request: Request, run_id: str = RunId,
         ctx.hub.unsubscribe(run_id, queue)
         raise
     return StreamingResponse(
-        _events(request, ctx, run, queue, recent),
+        _events(request, ctx, run, queue, recent, tail),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _events(request: Request, ctx: ServerContext, run: RunRecord,
-                  queue: asyncio.Queue[RunEvent], recent: list[LogLine]) -> AsyncIterator[bytes]:
+async def _events(request: Request, ctx: ServerContext, run: RunRecord, queue: asyncio.Queue[RunEvent],
+                  recent: list[LogLine], tail: int | None) -> AsyncIterator[bytes]:
     try:
         yield run_event("status", run).encode()
         last_seq = -1
         stored = _merged(await asyncio.to_thread(ctx.store.get_logs, run.id), recent)
+        if tail and len(stored) > tail:
+            yield RunEvent("earlier", {"lines": len(stored) - tail}).encode()
+            stored = stored[-tail:]
         for start in range(0, len(stored), STORED_LINES_PER_WRITE):
             batch = stored[start:start + STORED_LINES_PER_WRITE]
             yield b"".join(log_event(line).encode() for line in batch)

@@ -10,6 +10,8 @@ import {
 const PAGE = 100;
 /** Log lines added to the page per animation frame (the rest in the next ones). */
 const LINES_PER_FRAME = 2000;
+/** A run page shows the last this many stored log lines (and every live one). */
+const LOG_TAIL = 5000;
 
 /** #/runs: newest first, filtered by status, a page of 100 at a time. */
 export async function runsView(page) {
@@ -87,13 +89,14 @@ export async function runView(page, runId) {
   const about = h("div");
   const details = h("div");
   const log = h("ol", { class: "log", id: "log" });
+  const earlier = h("p", { class: "hint", id: "log-earlier", hidden: true });
   const live = h("span", { class: "live", hidden: true }, "following live…");
   const cancel = h("button", { type: "button", class: "danger", id: "cancel-run", hidden: true },
     "Cancel");
   page.root.append(
     h("div", { class: "title-row" }, h("h1", {}, "Run ", h("span", { class: "mono" }, runId)), cancel),
     about, details,
-    h("section", { class: "card" }, h("h2", {}, "Log ", live), log),
+    h("section", { class: "card" }, h("h2", {}, "Log ", live), earlier, log),
   );
 
   let run = null;
@@ -129,6 +132,22 @@ export async function runView(page, runId) {
     pending.push(line);
   };
 
+  // A long log shows its last LOG_TAIL lines first; the rest on request.
+  const showEarlier = (count) => {
+    const all = h("button", { type: "button", id: "log-show-all" }, "Show all lines");
+    all.addEventListener("click", () => page.guard(async () => {
+      all.disabled = true;
+      const { lines } = await api(`${path}/logs`, { signal: page.signal });
+      earlier.hidden = true;
+      pending = [];
+      seen.clear();
+      log.replaceChildren();
+      lines.forEach(addLine);
+    }));
+    fill(earlier, `${count.toLocaleString()} earlier lines are not shown. `, all);
+    earlier.hidden = false;
+  };
+
   cancel.addEventListener("click", () => page.guard(async () => {
     const answer = await api(`${path}/cancel`, { method: "POST" });
     cancel.hidden = true;
@@ -144,8 +163,9 @@ export async function runView(page, runId) {
   live.hidden = FINISHED.has(run.status);
   let ended = false;
   try {
-    await followEvents(`${path}/events`, ({ event, data }) => {
+    await followEvents(`${path}/events?tail=${LOG_TAIL}`, ({ event, data }) => {
       if (event === "log") addLine(data);
+      else if (event === "earlier") showEarlier(data.lines);
       else if (event === "status") show(data);
       else if (event === "progress") show({ ...run, rows_in: data.rows_in, rows_out: data.rows_out });
       else if (event === "end") {
@@ -164,7 +184,7 @@ export async function runView(page, runId) {
     // the stream broke off (server stopping, network): show the run as stored now
     await page.guard(async () => {
       show(await api(path, { signal: page.signal }));
-      const { lines } = await api(`${path}/logs`, { signal: page.signal });
+      const { lines } = await api(`${path}/logs?tail=${LOG_TAIL}`, { signal: page.signal });
       lines.forEach(addLine);
     });
   }
