@@ -1855,3 +1855,22 @@ def test_reading_a_table_nothing_has_written_says_so_in_the_log(tmp_path):
     assert logs(app, run.id) == [
         "[stepwell] table 'nowhere' does not exist (nothing has written it yet): the step read "
         "no rows from it", "[]", "[]"]
+
+
+def test_a_write_the_host_refuses_names_the_line_its_rows_came_from(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: s\n    node: s.py\n",
+        "s.py": """
+            from patterns import Table
+            t = Table("out", "w")
+            t.append({"x": 1})
+            t.flush()
+            t.append({"x": "two"})
+            t.flush()
+        """,
+    })
+    (run,) = run_app(app)
+    assert run.status == "failed"
+    assert "column 'x': existing type int cannot hold incoming str values" in run.error
+    assert "(in the rows written from s.py:5 on)" in run.error, run.error
+    assert rows(app, "out") == [{"x": 1, "patterns_id": rows(app, "out")[0]["patterns_id"]}]

@@ -145,8 +145,11 @@ class WorkerSession:
                     self._done = Outcome("failed", reply.get("error"))
                 elif not reply.get("ok"):
                     # writes are not answered (so host and worker overlap): report the
-                    # failure on the worker's next request instead
-                    self._deferred_error = reply.get("error")
+                    # failure on the worker's next request instead, naming the user's
+                    # line the rows came from when the worker said it
+                    origin = message.get("origin")
+                    error = reply.get("error")
+                    self._deferred_error = f"{error} ({origin})" if isinstance(origin, str) else error
         except TimeoutError:
             return self._stop_at_time_limit()
         except (PeerGone, ConnectionError):  # ConnectionError: it died before reading

@@ -207,7 +207,7 @@ class Table:
                 self._send_buffer()
         else:  # an Arrow table (from a DataFrame): keep order, ship as is
             self._send_buffer()
-            self._ship(data, mode)
+            self._ship(data, mode, _user_line())
 
     def append(self, records: Any) -> None:
         """Append a dict, a list of dicts or a DataFrame."""
@@ -318,7 +318,7 @@ class Table:
         if kind == "replace":
             self.reset()
         if data.num_rows:
-            self._ship(data, "append")
+            self._ship(data, "append", _user_line())
         return data.num_rows
 
     def flush(self) -> None:
@@ -332,18 +332,23 @@ class Table:
         try:
             data = records_to_arrow(rows, self.table_name, self._rows_written)
         except RecordError as exc:  # (rows are checked when sent, in batches)
-            where = self._buffer_from
-            if where is None:
+            if self._buffer_from is None:
                 raise
-            root = str(self._session.start.get("app_root") or "").rstrip("/") + "/"
-            file = where[0][len(root):] if where[0].startswith(root) else where[0]
-            raise RecordError(f"{exc} (in the rows written from {file}:{where[1]} on)") from None
-        self._ship(data, self._buffer_mode)
+            raise RecordError(f"{exc} ({self._origin(self._buffer_from)})") from None
+        self._ship(data, self._buffer_mode, self._buffer_from)
 
-    def _ship(self, data: Any, mode: str) -> None:
+    def _origin(self, where: tuple[str, int]) -> str:
+        """Where rows came from, as errors about them say it."""
+        root = str(self._session.start.get("app_root") or "").rstrip("/") + "/"
+        file = where[0][len(root):] if where[0].startswith(root) else where[0]
+        return f"in the rows written from {file}:{where[1]} on"
+
+    def _ship(self, data: Any, mode: str, where: tuple[str, int] | None) -> None:
         if not self._connected:
             return
-        self._session.write(self.table_name, data, mode=mode, **self._options)
+        # the host's own checks of these rows (schema, types) then name that line too
+        origin = self._origin(where) if where is not None else None
+        self._session.write(self.table_name, data, mode=mode, origin=origin, **self._options)
         self._rows_written += data.num_rows
 
 
