@@ -631,7 +631,6 @@ class Scheduler:
             adopted.append(run)
         return adopted
 
-
     # -- bookkeeping in the store ------------------------------------------------------
     def _update_bookkeeping(self, change: Callable[[dict[str, Any]], bool]) -> None:
         """Apply ``change`` to the bookkeeping in one transaction holding its lock, so
@@ -650,7 +649,6 @@ class Scheduler:
         missed: set[str] = set()
 
         def change(book: dict[str, Any]) -> bool:
-            missed.clear()
             cron = book.setdefault("cron", {})
             changed = False
             for step in steps:
