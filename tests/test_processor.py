@@ -336,8 +336,9 @@ def test_timeout_is_timed_out(tmp_path):
     assert proc.error == "the step exceeded its time limit (timeout 1s); it was stopped at proc.py:1"
 
 
-def test_a_timeout_in_row_mode_names_the_input_row(tmp_path):
-    statement = 'if INPUT_DATA[0]["n"] == 2:\n    while True:\n        pass\nreturn [{"y": 1}]'
+@pytest.mark.parametrize("busy", ["while True:\n        pass", "await sleep(30)"])
+def test_a_timeout_in_row_mode_names_the_input_row(tmp_path, busy):
+    statement = f'if INPUT_DATA[0]["n"] == 2:\n    {busy}\nreturn [{{"y": 1}}]'
     app = processor_app(tmp_path, statement, extra="timeout: 1s")
     proc = by_step(run_app(app))["proc"]
     assert proc.status == "timed_out"

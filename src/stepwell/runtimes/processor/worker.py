@@ -38,6 +38,7 @@ from stepwell.runtimes.processor.guard import (
 )
 from stepwell.runtimes.processor.schema import OutputSchema, SchemaError, describe_value
 from stepwell.sandbox.client import HostLink
+from stepwell.sandbox.worker import TimeLimitReached
 
 #: The column every tracked input table has; the input position is its last value read.
 ID_COLUMN = "patterns_id"
@@ -273,6 +274,8 @@ class ProcessorRun:
         self.rows_built = 0  # output rows checked and converted (ahead of rows_out by one batch)
         self.executions = 0
         self.failed_executions: list[tuple[int | None, str]] = []
+        #: in row mode, while the rows of a batch run: the input row being run
+        self._running_row: Callable[[], int] | None = None
         self.position: tuple[int, Any] | None = None  # (table version, last patterns_id)
         self.last_output: pa.Table | None = None
         self.failure: BaseException | None = None
@@ -341,7 +344,12 @@ class ProcessorRun:
         gc.set_threshold(*GC_THRESHOLDS)
         try:
             self._check_checkpoint_column(None)
-            asyncio.run(self._main())
+            try:
+                asyncio.run(self._main())
+            except TimeLimitReached as exc:  # (stopped while its event loop waited: in an await)
+                if self._running_row is not None and not getattr(exc, "__notes__", None):
+                    exc.add_note(f"input row {self._running_row()}")
+                raise
             gc.collect()  # unawaited coroutines still referenced are reported now
             self.sink.report_repeats()
             if self.failure is not None:
@@ -515,6 +523,7 @@ class ProcessorRun:
             self.failed_executions.append((first_input + index, sink.first_error or ""))
 
         at = [0]  # the index of the row being run
+        self._running_row = lambda: first_input + at[0]
         try:
             problem = await self._loops[key](
                 inputs, count, self.statement.function, self.checkpoint, self.log, sleep, sink,
@@ -523,6 +532,7 @@ class ProcessorRun:
         except BaseException as exc:  # the statement raised (or was stopped): say on which row
             exc.add_note(f"input row {first_input + at[0]}")
             raise
+        self._running_row = None
         if problem is not None:
             kind, index, value = problem
             if kind == "result":
