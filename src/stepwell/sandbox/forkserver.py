@@ -47,7 +47,6 @@ import importlib
 import os
 import pwd
 import selectors
-import shutil
 import signal
 import socket
 import stat
@@ -336,7 +335,7 @@ class ForkServer:
             os.close(channel_fd)
             os.close(stderr_fd)
             os.close(stderr_read)
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            remove_tree(tmpdir)
             self._reply(sock, {"error": f"cannot start a worker: {exc}"})
             sock.close()
             return
@@ -658,17 +657,19 @@ class ForkServer:
             self.selector.unregister(run.stderr_fd)
             os.close(run.stderr_fd)
             run.stderr_fd = None
-        self._recycle_dir(run.tmpdir)
+        # without a PID namespace, processes the run left (setsid, double fork) may
+        # live on with this dir as their /tmp: a later run must not get it
+        self._recycle_dir(run.tmpdir, reuse=run.init_pid is not None)
 
-    def _recycle_dir(self, path: str) -> None:
+    def _recycle_dir(self, path: str, reuse: bool = True) -> None:
         """Keep a finished run's temp dir for a later run if the run left nothing in
         it (the usual case), else remove it."""
-        if len(self.spare_dirs) < MAX_SPARE_DIRS and _reset_run_dir(
+        if reuse and len(self.spare_dirs) < MAX_SPARE_DIRS and _reset_run_dir(
             path, self._tmp_mount_points, self.uid
         ):
             self.spare_dirs.append(path)
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
 
     def _on_run_message(self, run: Run) -> None:
         assert run.sock is not None
@@ -729,7 +730,7 @@ class ForkServer:
                     if done:
                         break
                     time.sleep(0.01)
-        shutil.rmtree(self.base_dir, ignore_errors=True)
+        remove_tree(self.base_dir)
         self.init_program.close()
 
 
@@ -761,6 +762,65 @@ def _reset_run_dir(path: str, mount_points: list[str], uid: int | None) -> bool:
     except OSError:
         return False
     return True
+
+
+def remove_tree(path: str) -> None:
+    """Remove folder ``path`` and what a run left in it, however deep it nests
+    (``shutil.rmtree`` recurses once per level: a run that made a folder 1,000
+    levels deep had it fail with RecursionError and its temp dir stay on disk). A
+    level at a time: the subfolders of the top folder's subfolders move up into it,
+    so the removal needs no recursion and no long paths. Errors are ignored."""
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return
+    moved = 0
+    try:
+        for _pass in range(1 << 20):  # (bounded: a process left alive may keep adding)
+            names = os.listdir(top)
+            if not names:
+                break
+            progress = False
+            for name in names:
+                try:
+                    os.unlink(name, dir_fd=top)
+                    progress = True
+                    continue
+                except IsADirectoryError:
+                    pass
+                except OSError:
+                    continue
+                try:
+                    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+                except OSError:
+                    continue
+                try:
+                    for child in os.listdir(inner):
+                        try:
+                            os.unlink(child, dir_fd=inner)
+                        except IsADirectoryError:
+                            moved += 1
+                            os.rename(child, f".up{moved}", src_dir_fd=inner, dst_dir_fd=top)
+                        except OSError:
+                            pass
+                    os.rmdir(name, dir_fd=top)
+                    progress = True
+                except OSError:
+                    pass
+                finally:
+                    os.close(inner)
+            if not progress:
+                break
+    finally:
+        os.close(top)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _kill(pid: int, signum: int = signal.SIGKILL) -> None:
