@@ -195,9 +195,10 @@ class WorkerSession:
                 pass
         self.worker.kill()
         error = f"the step exceeded its time limit{self.limit_note}"
-        if stopped.get("stopped_at"):
-            error += f"; it was stopped at {stopped['stopped_at']}"
-        traceback = stopped.get("traceback") if "stopped_at" in stopped else None
+        where = _text(stopped.get("stopped_at"))  # (the step may forge this frame)
+        if where:
+            error += f"; it was stopped at {where}"
+        traceback = _text(stopped.get("traceback")) if "stopped_at" in stopped else None
         return Outcome("timed_out", self.redact(error), self.redact(traceback))
 
     def _record_when_due(self, record_at: float) -> None:
@@ -454,7 +455,7 @@ class WorkerSession:
             self._done = Outcome(
                 "failed",
                 self.redact(str(message.get("error") or "the step failed")),
-                self.redact(message.get("traceback")),
+                self.redact(_text(message.get("traceback"))),
                 info={"memory_error": True} if message.get("memory_error") else {},
             )
             return {}
@@ -532,6 +533,12 @@ class WorkerSession:
     def _progress(self) -> None:
         if self.on_progress:
             self.on_progress(self.rows_in, self.staged.rows_out)
+
+
+def _text(value: Any) -> str | None:
+    """A text field of a worker's frame: the step can forge frames, so anything but
+    text (a number where a traceback goes) is dropped, not passed on to fail later."""
+    return value if isinstance(value, str) else None
 
 
 def _field_types(fields: Any, table: str, option: str) -> dict[str, pa.DataType]:
