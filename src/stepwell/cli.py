@@ -13,7 +13,15 @@ from typing import Annotated, Any
 
 import typer
 
-from stepwell.cli_common import AppArg, CliError, JsonOpt, SandboxOpt, StoreOpt, show_plugin_output
+from stepwell.cli_common import (
+    AppArg,
+    CliError,
+    JsonOpt,
+    SandboxOpt,
+    StoreOpt,
+    printable,
+    show_plugin_output,
+)
 from stepwell.cli_common import use_sandbox as _use_sandbox
 
 app = typer.Typer(
@@ -196,9 +204,9 @@ def _report_failures(app_path: str, runs: list[Any], store: str | None) -> None:
         where = f" --store {redact(store)}"
     for r in failed:
         details = f" (details: stepwell logs {app_path} {r.id}{where})" if r.id else ""
-        print(f"error: step {r.step!r} {r.status}: {r.error}{details}", file=sys.stderr)
+        print(f"error: step {r.step!r} {r.status}: {printable(r.error)}{details}", file=sys.stderr)
         if _verbose and r.traceback:
-            print(r.traceback, file=sys.stderr)
+            print(printable(r.traceback), file=sys.stderr)
     if failed:
         raise typer.Exit(1)
 
@@ -252,7 +260,10 @@ def _cell(value: Any) -> str:
     if value is None:
         return "[dim]null[/]"
     text = value.isoformat() if hasattr(value, "isoformat") else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    text = text if len(text) <= 60 else text[:57] + "..."
+    from rich.markup import escape
+
+    return escape(printable(text))  # (a value is data, not markup: "[/]" broke the preview)
 
 
 @app.command()
@@ -302,6 +313,7 @@ def runs(
         _print_json([{**RunSummary.of(r).cli_json(), **_partition_counts(r)} for r in records])
         return
     from rich.table import Table as RichTable
+    from rich.text import Text
 
     view = RichTable(box=None, pad_edge=False)
     with_parts = any(_partition_counts(r) for r in records)
@@ -315,7 +327,8 @@ def runs(
             r.started_at.strftime("%m-%d %H:%M:%S") if r.started_at else "",
             f"{seconds:.2f}" if seconds is not None else "",
             f"{r.rows_in:,}", f"{r.rows_out:,}",
-            *([_partitions_text(r)] if with_parts else []), (r.error or "")[:200],
+            *([_partitions_text(r)] if with_parts else []),
+            Text(printable((r.error or "")[:200])),  # (the step's text: no markup)
         )
     _console().print(view)
 
@@ -356,11 +369,11 @@ def logs(
             raise CliError(f"no run {run_id!r} (list runs with `stepwell runs {app_path}`)")
         lines = backend.get_logs(run_id)
     for line in lines:
-        print(f"{line.ts.strftime('%H:%M:%S.%f')[:-3]} {line.level:5} {line.message}")
+        print(f"{line.ts.strftime('%H:%M:%S.%f')[:-3]} {line.level:5} {printable(line.message)}")
     if record.error:
-        print(f"{record.status}: {record.error}")
+        print(f"{record.status}: {printable(record.error)}")
         if record.traceback:
-            print(record.traceback.rstrip())
+            print(printable(record.traceback.rstrip()))
 
 
 # -- state --------------------------------------------------------------------

@@ -25,6 +25,17 @@ SandboxOpt = Annotated[
 ]
 
 
+#: Control characters (C0 but tab and newline, DEL, C1) as their escapes: a step's
+#: output and errors are shown on the terminal, where an escape sequence in them
+#: would run (set the title or clipboard, hide or rewrite lines).
+_CONTROLS = {c: repr(chr(c))[1:-1] for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (9, 10)}
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print on a terminal: control characters are escaped."""
+    return str(text).translate(_CONTROLS)
+
+
 class CliError(Exception):
     """A failure to report as one line on stderr (by ``stepwell.cli.main``)."""
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from stepwell.cli_common import printable
 from stepwell.store.base import LogLine, PartitionRecord, RunRecord
 
 #: Distinct stepwell warnings `stepwell run` shows under its progress lines at most.
@@ -93,7 +94,8 @@ class RunProgress:
                     self._bar.remove_task(line)
                 if partition.status == "failed":
                     self._bar.console.print(
-                        f"    [red]partition {name} failed[/]: {(partition.error or '')[:200]}"
+                        f"    [red]partition {escape(printable(name))} failed[/]: "
+                        f"{escape(printable((partition.error or '')[:200]))}"
                     )
             self._part_counts[run.id] = f"partitions {done:,}/{total:,}"
             task = self._tasks.get(run.id)
@@ -111,7 +113,9 @@ class RunProgress:
         message = line.message.removeprefix("[stepwell] ")
         if message not in self._warned and len(self._warned) < MAX_WARNINGS_SHOWN:
             self._warned.add(message)
-            self._bar.console.print(f"  [yellow]warning[/] ({escape(run.step)}): {escape(message)}")
+            self._bar.console.print(
+                f"  [yellow]warning[/] ({escape(run.step)}): {escape(printable(message))}"
+            )
 
     def run_finished(self, run: RunRecord) -> None:
         task = self._tasks.get(run.id)
