@@ -221,6 +221,47 @@ CASES: dict[str, Case] = {
         'os.write(3, struct.pack("!II", 2**31, 2**31))\nimport time\ntime.sleep(5)',
         "failed", r"the worker broke the wire protocol: frame too large",
     ),
+    "forged_stop_report_in_grace": Case(  # text fields of another type: still timed out
+        "import time\nfrom stepwell.runtimes.node import api\n"
+        "try:\n    while True:\n        time.sleep(0.01)\nexcept BaseException:\n"
+        '    api._session.link.channel.send({"op": "done", "status": "ok", "traceback": 12345,\n'
+        '                                    "stopped_at": "nowhere"})\n'
+        "    time.sleep(5)",
+        "timed_out", r"^the step exceeded its time limit \(timeout 1s\); it was stopped at nowhere$",
+        settings={"timeout": "1s"},  # (a secret: the host masks secrets in what the frame says)
+        parameters={"victim_key": "${{ secrets.victim_key }}"},
+    ),
+    "log_flood_in_grace": Case(  # the grace second stays a second
+        "import time\nfrom stepwell.runtimes.node import api\n"
+        "try:\n    while True:\n        time.sleep(0.01)\nexcept BaseException:\n"
+        "    while True:\n"
+        '        api._session.link.channel.send({"op": "log", "level": "info", "lines": ["x" * 1000] * 1000})',
+        "timed_out", r"^the step exceeded its time limit \(timeout 1s\)$",
+        settings={"timeout": "1s"},
+    ),
+    "stdout_pipe_full_sigio_blocked": Case(  # the writer blocks; the time limit still stops it
+        "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGIO])\nimport subprocess\n"
+        "subprocess.run(['head', '-c', '50000000', '/dev/zero'])",
+        "timed_out", r"timeout 2s\); it was stopped at hostile\.py:\d+",
+        settings={"timeout": "2s"},
+    ),
+    "time_limit_signal_blocked": Case(
+        "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])\nwhile True:\n    pass",
+        "timed_out", r"^the step exceeded its time limit \(timeout 1s\)$",
+        settings={"timeout": "1s"},
+    ),
+    "file_descriptors_exhausted": Case(  # the failure is still reported
+        "fds = []\ntry:\n    while True:\n        fds.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "except OSError:\n    raise RuntimeError(f'exhausted after {len(fds)}')",
+        "failed", r"RuntimeError: exhausted after \d+",
+    ),
+    "descriptors_to_the_host": Case(  # SCM_RIGHTS on the channel: the host gets none
+        "import msgpack\nbody = msgpack.packb({'op': 'log', 'level': 'info', 'lines': ['fd']})\n"
+        "s = socket.socket(fileno=os.dup(3))\nfd = os.open('/tmp', os.O_RDONLY)\n"
+        "socket.send_fds(s, [struct.pack('!II', len(body), 0) + body], [fd] * 50)\n"
+        'raise RuntimeError("sent")',
+        "failed", r"RuntimeError: sent",
+    ),
     "frame_then_silence": Case(
         'os.write(3, struct.pack("!II", 1000, 0) + b"\\x81")\nimport time\ntime.sleep(30)',
         "timed_out", r"timeout 2s",
@@ -386,3 +427,136 @@ def test_announced_huge_frame_costs_the_host_nothing(tmp_path, listeners, server
     _contained(app, case)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 200 * 1024, f"the host grew by {grown_kib} KiB"
+
+
+def _run_dirs() -> list[Path]:
+    """The private temp dirs of runs (used, kept for later runs) of both fork-servers."""
+    found = []
+    for pandas in (True, False):
+        pid = forkserver(pandas).pid
+        found += [d for top in Path("/tmp").glob(f"stepwell-fs-{pid}-*") for d in top.iterdir()]
+    return found
+
+
+def test_deep_tree_in_tmp_is_removed(tmp_path, listeners, server_pid):
+    """A folder 1,500 levels deep left in /tmp (shutil.rmtree recursed per level and
+    gave up with RecursionError, leaving the run's files on the host's disk)."""
+    code = "os.chdir('/tmp')\nfor i in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n" \
+           'raise RuntimeError("deep")'
+    case = Case(code, "failed", r"RuntimeError: deep")
+    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    _contained(app, case)
+    import time
+
+    deadline = time.monotonic() + 10
+    while (left := [d for d in _run_dirs() if (d / "d").exists()]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, "the run's files stayed on the host"
+
+
+SURVIVOR = """
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        libc.prctl(1, 0)  # no death signal
+        os.closerange(0, 1 << 16)
+        import time
+        end = time.monotonic() + 8
+        while time.monotonic() < end:  # quiet until another run uses this /tmp
+            try:
+                names = [n for n in os.listdir("/tmp") if n.startswith("secret")]
+                if names:
+                    open("/tmp/seen", "w").write(open("/tmp/" + names[0]).read())
+            except OSError:
+                pass
+            time.sleep(0.01)
+        os._exit(0)
+    os._exit(0)
+import time
+time.sleep(0.3)  # (until it has left the run's session)
+raise RuntimeError("left a process behind")
+"""
+
+LATER_RUN = """
+import os, time
+from patterns import Parameter
+open("/tmp/secret", "w").write(Parameter("victim_key"))
+time.sleep(0.3)
+assert not os.path.exists("/tmp/seen"), "an earlier run's process read this run's /tmp"
+"""
+
+
+@pytest.mark.parametrize("skip", ["", "pid"])
+def test_process_left_behind_never_sees_a_later_run(skip, tmp_path, monkeypatch, listeners, server_pid):
+    """A double-forked, setsid process outlives its run where the run has no PID
+    namespace (the kernel refused one): the run's temp dir must not be handed to a
+    later run, where that process would read the later run's files (its secrets)."""
+    import shutil
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("STEPWELL_SANDBOX_SKIP", skip)
+    # (apps outside /tmp: temp dirs are then reused across apps, see _reset_run_dir)
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="stepwell-hostile-"))
+    base.chmod(0o755)
+    try:
+        case = Case(SURVIVOR, "failed", r"RuntimeError: left a process behind")
+        app = _app(base / "app", case, listeners[1], listeners[0])
+        _contained(app, case)
+        apps = [_app(base / f"app{i}", case, listeners[1], listeners[0]) for i in range(4)]
+        for other in apps:
+            (other / "victim.py").write_text(LATER_RUN)
+        with ThreadPoolExecutor(4) as pool:  # at once: each takes a temp dir the server has
+            for _ in range(2):
+                for (victim,) in pool.map(lambda a: run_app(a, steps=["victim"]), apps):
+                    assert victim.status == "succeeded_no_data", victim.error
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_tmp_left_empty_is_reset_for_the_next_run(tmp_path, listeners, server_pid):
+    """A run that changes its /tmp itself (mode, setgid, extended attributes) and
+    leaves it empty: a later run gets it back as new."""
+    code = "os.setxattr('/tmp', 'user.planted', b'1')\nos.chmod('/tmp', 0o3777)\n" \
+           'raise RuntimeError("changed /tmp")'
+    case = Case(code, "failed", r"RuntimeError: changed /tmp")
+    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    (app / "victim.py").write_text(
+        "import os, stat\n"
+        "assert stat.S_IMODE(os.stat('/tmp').st_mode) == 0o700, oct(os.stat('/tmp').st_mode)\n"
+        "assert os.listxattr('/tmp') == [], os.listxattr('/tmp')\n"
+    )
+    _contained(app, case)
+    for _ in range(2):
+        (victim,) = run_app(app, steps=["victim"])
+        assert victim.status == "succeeded_no_data", victim.error
+        assert run_app(app, steps=["hostile"])[0].status == "failed"
+
+
+def test_step_text_cannot_drive_the_terminal(tmp_path, listeners, server_pid):
+    """Escape sequences and rich markup in a step's output, error and rows: the CLI
+    shows them as text (`stepwell runs` crashed on "[/]" in an error, `stepwell
+    table` on one in a value, and `stepwell logs`/`run` wrote escapes to the terminal)."""
+    from apputil import cli
+
+    code = ('print("\\x1b]0;title\\x07\\x1b[2Jcleared")\n'
+            'raise RuntimeError("\\x1b]52;c;cHduZWQ=\\x07 [/] [bold]x")')  # fmt: skip
+    case = Case(code, "failed", r"RuntimeError: \x1b\]52")
+    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    hostile = _contained(app, case)
+    (app / "victim.py").write_text(
+        'from patterns import Table\nTable("shown", "w").append({"v": "[/] \\x1b[8mhidden"})\n'
+    )
+    assert run_app(app, steps=["victim"])[0].status == "succeeded"
+    outputs = [
+        cli("run", str(app), "hostile"),
+        cli("runs", str(app)),
+        cli("logs", str(app), hostile.id),
+        cli("table", str(app), "shown"),
+    ]
+    for result in outputs:
+        assert "Traceback" not in result.stderr, result.stderr
+        assert "\x1b]" not in result.stdout + result.stderr
+        assert "\x1b[8m" not in result.stdout + result.stderr
+    assert "\\x1b]52;c;cHduZWQ=\\x07" in outputs[0].stderr
+    assert "[/]" in outputs[1].stdout and "\\x1b]0;title" in outputs[2].stdout
