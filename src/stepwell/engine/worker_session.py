@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun
-from stepwell.runtimes.sqlcheck import restrict_select, table_statement, tables_read
+from stepwell.runtimes.sqlcheck import restrict_select, table_statement, unwritten_tables
 from stepwell.sandbox.launcher import WorkerProcess
 from stepwell.sandbox.protocol import (
     NOTIFY_OPS,
@@ -348,9 +348,9 @@ class WorkerSession:
         try:
             return {}, self.staged.query(sql)
         except Exception:
-            read = tables_read(sql, self.store.dialect.name)
-            missing = [t for t in dict.fromkeys(allowed.values())
-                       if t in read and self.store.table_info(t, count_rows=False) is None]  # fmt: skip
+            store = self.store
+            missing = unwritten_tables(sql, allowed.values(), store.dialect.name,
+                                       lambda t: store.table_info(t, count_rows=False) is not None)
             if missing:
                 raise ValueError(
                     f"read_sql: table {missing[0]!r} does not exist yet (nothing has written "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from stepwell.runtimes.sqlcheck import restrict_select, tables_read, template_tables
+from stepwell.runtimes.sqlcheck import restrict_select, template_tables, unwritten_tables
 from stepwell.store.base import ID_COLUMN
 
 
@@ -34,9 +34,9 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
     except Exception:
         # as read_sql does: a table nothing wrote yet, not the database's own words
         # ('Catalog Error: ... Did you mean "pg_sequences"?')
-        read = tables_read(checked, dialect)
-        missing = [t for t in dict.fromkeys(allowed.values())
-                   if t in read and staged.store.table_info(t, count_rows=False) is None]  # fmt: skip
+        store = staged.store
+        missing = unwritten_tables(checked, allowed.values(), dialect,
+                                   lambda t: store.table_info(t, count_rows=False) is not None)
         if missing:
             raise ValueError(
                 f"{step.file}: table {missing[0]!r} does not exist yet (nothing has written "

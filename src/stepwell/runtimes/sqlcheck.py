@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,14 @@ def tables_read(sql: str, dialect: str) -> set[str]:
     import sqlglot
 
     return tables_of(sqlglot.parse_one(sql, read=sqlglot_dialect(dialect)))
+
+
+def unwritten_tables(sql: str, tables: Iterable[str], dialect: str,
+                     exists: Callable[[str], bool]) -> list[str]:  # fmt: skip
+    """Of ``tables``, those the (checked) query ``sql`` reads that do not exist yet:
+    why it failed, in words a user can act on rather than the database's."""
+    read = tables_read(sql, dialect)
+    return [t for t in dict.fromkeys(tables) if t in read and not exists(t)]
 
 
 def tables_of(tree: Any) -> set[str]:
