@@ -146,7 +146,7 @@ async def run_events(request: Request, run_id: str = RunId,
 
 
 async def _events(request: Request, ctx: ServerContext, run: RunRecord, queue: asyncio.Queue[RunEvent],
-                  recent: list[LogLine], tail: int | None) -> AsyncIterator[bytes]:
+                  recent: list[LogLine], tail: int | None = None) -> AsyncIterator[bytes]:
     try:
         yield run_event("status", run).encode()
         last_seq = -1
