@@ -343,6 +343,53 @@ def test_servers_sharing_a_store_run_each_cron_tick_once(tmp_path, pg_url):
     assert set(by_status) <= {"succeeded_no_data", "cancelled", "queued", "running"}
 
 
+@pytest.mark.parametrize("busy", [True, False])
+def test_a_cron_run_that_found_its_step_running_elsewhere_gives_its_tick_back(tmp_path, busy):
+    """Unit: a run that claimed its cron tick but did nothing because the step runs on
+    another server (its run lock is taken) gives the tick back, for that server's run
+    queued behind to serve; a run that did run keeps it."""
+    from stepwell.app import load_app
+    from stepwell.engine.scheduler import Scheduler, _Pending
+    from stepwell.store.base import RUN_LOCK_BUSY
+
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": 'steps:\n  - name: tick\n    node: tick.py\n    trigger: "0 * * * *"\n',
+        "tick.py": "",
+    })
+    spec = load_app(app)
+    store = open_store(None, spec.root)
+
+    class OneRunRunner:  # the run's outcome only: the lock is another server's in one case
+        def __init__(self, _app, _store, **_settings):
+            self.recovered = []
+
+        def run_step(self, step, trigger, run_id=None):
+            error = f"{RUN_LOCK_BUSY}, so this run did nothing" if busy else None
+            store.update_run(run_id, status="failed" if busy else "succeeded_no_data", error=error)
+            return store.get_run(run_id)
+
+    try:
+        scheduler = Scheduler(spec, store, runner_factory=OneRunRunner)
+        scheduler._slots["tick"].cron = "0 * * * *"
+        before = {"expr": "0 * * * *", "last_tick": 3600.0, "run_id": "earlier", "host": "h"}
+        with store.transaction() as tx:
+            tx.set_state(BOOKKEEPING_KEY, {"cron": {"tick": before}})
+            tx.commit()
+        with scheduler._cv:
+            ticket = scheduler._enqueue("tick", "cron", cron_tick=7200.0)
+            pending = scheduler._slots["tick"].pending
+        assert isinstance(pending, _Pending)
+        scheduler._execute("tick", pending)
+        entry = store.get_state(BOOKKEEPING_KEY)["cron"]["tick"]
+        if busy:
+            assert entry == before  # the other server's queued run claims 7200 itself
+        else:
+            assert entry["last_tick"] == 7200.0 and entry["run_id"] == ticket.run_id
+        scheduler.shutdown(timeout=1)
+    finally:
+        store.close()
+
+
 def test_missed_cron_ticks_run_once_after_restart(tmp_path, store_url):
     app = write_app(tmp_path / "hourly", {
         "stepwell.yml": """

@@ -31,7 +31,8 @@ Restarts. The last cron tick acted on is kept per step in the store (state of
 the reserved key :data:`BOOKKEEPING_KEY`), written when the run for that tick
 starts, in a transaction holding a lock every host shares: of servers sharing a
 store, the first to start a tick's run serves it and the others close theirs as
-cancelled. On start, a step whose schedule had ticks while the server was down
+cancelled (a run that finds the step running on another server gives its tick
+back: that server has it queued). On start, a step whose schedule had ticks while the server was down
 runs **once** (not once per missed tick), then follows its schedule. Runs that
 were queued when the server stopped are taken over and run; a run that was
 in progress when the host died is closed as ``killed`` (nothing after its last
@@ -58,7 +59,7 @@ from croniter import croniter
 from stepwell.engine.hosts import on_this_host, process_alive, this_host
 from stepwell.engine.runner import SUCCESS, NullListener, RunListener, Runner
 from stepwell.store import ids
-from stepwell.store.base import LogLine, RunRecord, Store
+from stepwell.store.base import RUN_LOCK_BUSY, LogLine, RunRecord, Store
 
 log = logging.getLogger("stepwell.scheduler")
 
@@ -532,12 +533,17 @@ class Scheduler:
                     self._unstarted_cancels.discard(pending.run_id)
                     return
                 self._slots[step].started = True  # (shutdown waits for it from now on)
+            claimed: dict[str, Any] | None = None
             if pending.cron_tick is not None:
-                served_by = self._claim_tick(step, pending.cron_tick, pending.run_id)
+                served_by, claimed = self._claim_tick(step, pending.cron_tick, pending.run_id)
                 if served_by is not None and pending.trigger == "cron" and pending.triggers == 1:
                     self._skip_served_tick(step, pending, served_by)
                     return
             record = self.runner.run_step(step, pending.trigger, run_id=pending.run_id)
+            if claimed is not None and RUN_LOCK_BUSY in (record.error or ""):
+                # the step runs on another server, which has this tick queued behind
+                # that run: the tick is its to serve, not lost with this run
+                self._give_back_tick(step, pending.run_id, claimed)
         except Exception:
             log.exception("run %s of step %r failed to run", pending.run_id, step)
             try:
@@ -664,12 +670,15 @@ class Scheduler:
         self._update_bookkeeping(change)
         return missed
 
-    def _claim_tick(self, step: str, tick: float, run_id: str) -> dict[str, Any] | None:
+    def _claim_tick(
+        self, step: str, tick: float, run_id: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """Record that run ``run_id`` serves cron tick ``tick`` of ``step``. Returns
-        None, or, when that tick (or a later one) was acted on already (by a server
-        sharing this store), the entry that says so."""
+        (the entry saying that this tick, or a later one, was acted on already, by a
+        server sharing this store, or None; the entry this claim replaced, if made)."""
         expr = self._slots[step].cron
         served: list[dict[str, Any]] = []
+        replaced: list[dict[str, Any]] = []
 
         def change(book: dict[str, Any]) -> bool:
             cron = book.setdefault("cron", {})
@@ -677,11 +686,28 @@ class Scheduler:
             if entry.get("expr") == expr and float(entry.get("last_tick") or 0) >= tick:
                 served.append(entry)
                 return False
+            replaced.append(entry)
             cron[step] = {"expr": expr, "last_tick": tick, "run_id": run_id, "host": this_host()}
             return True
 
         self._update_bookkeeping(change)
-        return served[0] if served else None
+        return (served[0] if served else None), (replaced[0] if replaced else None)
+
+    def _give_back_tick(self, step: str, run_id: str, replaced: dict[str, Any]) -> None:
+        """Undo ``_claim_tick`` of run ``run_id`` (which did nothing), unless a later
+        claim came since."""
+
+        def change(book: dict[str, Any]) -> bool:
+            cron = book.setdefault("cron", {})
+            if (cron.get(step) or {}).get("run_id") != run_id:
+                return False
+            if replaced:
+                cron[step] = replaced
+            else:
+                cron.pop(step, None)
+            return True
+
+        self._update_bookkeeping(change)
 
     def _skip_served_tick(self, step: str, pending: _Pending, served_by: dict[str, Any]) -> None:
         """Close the queued run of a cron tick that another server ran already."""

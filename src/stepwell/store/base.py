@@ -41,6 +41,11 @@ class StoreError(Exception):
     """A store operation failed; the message says what and what to do."""
 
 
+#: How a run that found its step's run lock taken by another process begins its
+#: error (the run did nothing; see ``Store.run_lock``).
+RUN_LOCK_BUSY = "it is already running in another process on this store"
+
+
 class InvalidName(StoreError):
     """A table or column name the store cannot take (the message says why)."""
 

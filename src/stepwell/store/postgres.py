@@ -30,7 +30,7 @@ from psycopg.types.string import TextLoader
 
 from stepwell.store import ids
 from stepwell.store import schema as sch
-from stepwell.store.base import ID_COLUMN, StoreError, Transaction
+from stepwell.store.base import ID_COLUMN, RUN_LOCK_BUSY, StoreError, Transaction
 from stepwell.store.sql import META, Dialect, Session, SQLStore, SQLTransaction, quote
 
 DIALECT = Dialect(
@@ -465,9 +465,8 @@ class PostgresStore(SQLStore):
                 raise StoreError(f"PostgreSQL at {redact(self.url)}: {exc}") from exc
             if not got:
                 raise StoreError(
-                    "it is already running in another process on this store, so this run "
-                    "did nothing (one run of a step at a time keeps its stream positions "
-                    "and state exactly-once): wait for that run to end"
+                    f"{RUN_LOCK_BUSY}, so this run did nothing (one run of a step at a time "
+                    "keeps its stream positions and state exactly-once): wait for that run to end"
                 )
             yield
         finally:
