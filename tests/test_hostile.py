@@ -454,6 +454,23 @@ def test_deep_tree_in_tmp_is_removed(tmp_path, listeners, server_pid):
     assert not left, "the run's files stayed on the host"
 
 
+def test_many_files_left_in_tmp_are_removed_between_runs(tmp_path, listeners, server_pid):
+    """A run leaving 30,000 files in /tmp: its folder is set aside at once and removed a
+    part at a time while the fork-server is idle (removing it in one go held up the
+    next runs for seconds); the next runs work meanwhile."""
+    code = "for i in range(30_000):\n    open(f'/tmp/f{i}', 'w').close()\n" \
+           'raise RuntimeError("littered")'
+    case = Case(code, "failed", r"RuntimeError: littered")
+    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    _contained(app, case)  # (the next run succeeds)
+    import time
+
+    deadline = time.monotonic() + 30
+    while (left := [d for d in _run_dirs() if d.name.startswith("trash-")]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, "the run's files stayed on the host"
+
+
 SURVIVOR = """
 if os.fork() == 0:
     os.setsid()

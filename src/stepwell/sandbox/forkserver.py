@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import itertools
 import os
 import pwd
 import selectors
@@ -106,6 +107,8 @@ DEFAULT_SANDBOX_USER = "nobody"
 MAX_MESSAGE = 4 * 1024 * 1024
 #: Temp dirs kept ready for runs at most (making and removing one costs disk writes).
 MAX_SPARE_DIRS = 4
+#: Entries of a finished run's temp dir removed per idle moment (a few milliseconds).
+TRASH_BUDGET = 2000
 STDERR_TAIL = 4000
 
 
@@ -235,6 +238,10 @@ class ForkServer:
         self.spare_dirs: list[str] = []
         #: the next run's worker, forked while the fork-server had nothing else to do
         self.spare: Spare | None = None
+        #: temp dirs of finished runs set aside, removed a part at a time while idle
+        #: (a run that left a million files must not hold up the next runs)
+        self.trash: list[str] = []
+        self._trash_names = itertools.count(1)
         #: the last run's sandbox: the next spare prepares its filesystem view
         self.last_spec: SandboxSpec | None = None
         self._spare_retry_at = 0.0
@@ -257,6 +264,8 @@ class ForkServer:
                     self._make_spare_dir()
                 elif self.spare is None:
                     self._make_spare()
+                elif self.trash and remove_tree(self.trash[-1], budget=TRASH_BUDGET):
+                    self.trash.pop()
             for key, _ in events:
                 kind, run = key.data
                 if kind == "control":
@@ -271,7 +280,7 @@ class ForkServer:
     def _idle_timeout(self) -> float | None:
         """0 while there is work to do ahead of time, else wait for events (after a
         failure to prepare something, wait a little before trying again)."""
-        if len(self.spare_dirs) >= 2 and self.spare is not None:
+        if len(self.spare_dirs) >= 2 and self.spare is not None and not self.trash:
             return None
         return max(0.0, self._spare_retry_at - time.monotonic())
 
@@ -668,8 +677,14 @@ class ForkServer:
             path, self._tmp_mount_points, self.uid
         ):
             self.spare_dirs.append(path)
-        else:
+            return
+        trash = os.path.join(self.base_dir, f"trash-{next(self._trash_names)}")
+        try:  # (at once: a run's folder may hold more than can be removed between runs)
+            os.rename(path, trash)
+        except OSError:
             remove_tree(path)
+        else:
+            self.trash.append(trash)
 
     def _on_run_message(self, run: Run) -> None:
         assert run.sock is not None
@@ -764,12 +779,18 @@ def _reset_run_dir(path: str, mount_points: list[str], uid: int | None) -> bool:
     return True
 
 
-def remove_tree(path: str) -> None:
+#: Names for the folders ``remove_tree`` moves up a level (unique across its calls).
+_MOVED_UP = itertools.count(1)
+
+
+def remove_tree(path: str, budget: int | None = None) -> bool:
     """Remove folder ``path`` and what a run left in it, however deep it nests
     (``shutil.rmtree`` recurses once per level: a run that made a folder 1,000
     levels deep had it fail with RecursionError and its temp dir stay on disk). A
     level at a time: the subfolders of the top folder's subfolders move up into it,
-    so the removal needs no recursion and no long paths. Errors are ignored."""
+    so the removal needs no recursion and no long paths. Errors are ignored.
+    ``budget``: stop after about that many entries, to go on in a later call;
+    returns True once ``path`` is gone (or cannot be removed further)."""
     try:
         top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
@@ -777,8 +798,8 @@ def remove_tree(path: str) -> None:
             os.unlink(path)
         except OSError:
             pass
-        return
-    moved = 0
+        return True
+    left = budget if budget is not None else -1
     try:
         for _pass in range(1 << 20):  # (bounded: a process left alive may keep adding)
             names = os.listdir(top)
@@ -786,6 +807,9 @@ def remove_tree(path: str) -> None:
                 break
             progress = False
             for name in names:
+                left -= 1
+                if left == 0:
+                    return False
                 try:
                     os.unlink(name, dir_fd=top)
                     progress = True
@@ -803,8 +827,8 @@ def remove_tree(path: str) -> None:
                         try:
                             os.unlink(child, dir_fd=inner)
                         except IsADirectoryError:
-                            moved += 1
-                            os.rename(child, f".up{moved}", src_dir_fd=inner, dst_dir_fd=top)
+                            os.rename(child, f".up{next(_MOVED_UP)}", src_dir_fd=inner,
+                                      dst_dir_fd=top)
                         except OSError:
                             pass
                     os.rmdir(name, dir_fd=top)
@@ -821,6 +845,7 @@ def remove_tree(path: str) -> None:
         os.rmdir(path)
     except OSError:
         pass
+    return True
 
 
 def _kill(pid: int, signum: int = signal.SIGKILL) -> None:
