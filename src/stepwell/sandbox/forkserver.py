@@ -107,8 +107,10 @@ DEFAULT_SANDBOX_USER = "nobody"
 MAX_MESSAGE = 4 * 1024 * 1024
 #: Temp dirs kept ready for runs at most (making and removing one costs disk writes).
 MAX_SPARE_DIRS = 4
-#: Entries of a finished run's temp dir removed per idle moment (a few milliseconds).
+#: Entries of a finished run's temp dir removed per idle moment (a few milliseconds),
+#: and the most parts removed of one before it is left as it is.
 TRASH_BUDGET = 2000
+MAX_TRASH_PARTS = 5000
 STDERR_TAIL = 4000
 
 
@@ -239,8 +241,9 @@ class ForkServer:
         #: the next run's worker, forked while the fork-server had nothing else to do
         self.spare: Spare | None = None
         #: temp dirs of finished runs set aside, removed a part at a time while idle
-        #: (a run that left a million files must not hold up the next runs)
-        self.trash: list[str] = []
+        #: (a run that left a million files must not hold up the next runs), with
+        #: the number of parts removed so far
+        self.trash: list[list] = []
         self._trash_names = itertools.count(1)
         #: the last run's sandbox: the next spare prepares its filesystem view
         self.last_spec: SandboxSpec | None = None
@@ -264,8 +267,8 @@ class ForkServer:
                     self._make_spare_dir()
                 elif self.spare is None:
                     self._make_spare()
-                elif self.trash and remove_tree(self.trash[-1], budget=TRASH_BUDGET):
-                    self.trash.pop()
+                elif self.trash:
+                    self._remove_trash()
             for key, _ in events:
                 kind, run = key.data
                 if kind == "control":
@@ -684,7 +687,16 @@ class ForkServer:
         except OSError:
             remove_tree(path)
         else:
-            self.trash.append(trash)
+            self.trash.append([trash, 0])
+
+    def _remove_trash(self) -> None:
+        """Remove the next part of the last temp dir set aside. (Given up on after
+        ``MAX_TRASH_PARTS``: a process a run without PID namespace left behind may
+        keep adding files, and the fork-server must not spin on them for ever.)"""
+        item = self.trash[-1]
+        item[1] += 1
+        if remove_tree(item[0], budget=TRASH_BUDGET) or item[1] >= MAX_TRASH_PARTS:
+            self.trash.pop()
 
     def _on_run_message(self, run: Run) -> None:
         assert run.sock is not None
