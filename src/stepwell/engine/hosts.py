@@ -34,3 +34,11 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def owned_elsewhere(run: Any) -> bool:
+    """Whether ``run`` belongs to a process other than this one that may still be
+    there: one of another host (which this one cannot look at), or a live one here."""
+    if not on_this_host(run):
+        return True
+    return bool(run.host_pid) and run.host_pid != os.getpid() and process_alive(run.host_pid)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stepwell.engine.bytecode import AppBytecode
-from stepwell.engine.hosts import on_this_host, process_alive, this_host
+from stepwell.engine.hosts import on_this_host, owned_elsewhere, this_host
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.engine.preload import pandas_by_step, prestart_forkservers, step_wants_pandas
 from stepwell.engine.staging import StagedRun
@@ -114,11 +114,7 @@ def recover_orphans(store: Store) -> list[str]:
     fixing. Returns the ids it closed."""
     closed = []
     for run in store.list_runs(limit=None, statuses=("running", "queued")):
-        if not on_this_host(run):
-            continue
-        if run.host_pid and run.host_pid != os.getpid() and process_alive(run.host_pid):
-            continue
-        if run.host_pid == os.getpid():
+        if owned_elsewhere(run) or run.host_pid == os.getpid():
             continue
         if run.status == "queued":  # left by a stopped `stepwell serve`, never started
             store.update_run(

@@ -56,7 +56,7 @@ from typing import Any
 
 from croniter import croniter
 
-from stepwell.engine.hosts import on_this_host, process_alive, this_host
+from stepwell.engine.hosts import owned_elsewhere, this_host
 from stepwell.engine.runner import SUCCESS, NullListener, RunListener, Runner
 from stepwell.store import ids
 from stepwell.store.base import RUN_LOCK_BUSY, LogLine, RunRecord, Store
@@ -623,10 +623,8 @@ class Scheduler:
         for run in reversed(self.store.list_runs(limit=None, statuses=("queued",))):
             if run.started_at is not None:
                 continue
-            if not on_this_host(run):
-                continue  # another machine's server owns it (it runs it once it is back)
-            if run.host_pid and run.host_pid != os.getpid() and process_alive(run.host_pid):
-                continue  # another live server owns it
+            if owned_elsewhere(run):
+                continue  # a live server here, or one of another machine (once it is back)
             if run.step not in known:
                 self.store.update_run(
                     run.id, status="cancelled", ended_at=_utc(self.clock()),
