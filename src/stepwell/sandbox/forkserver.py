@@ -241,9 +241,9 @@ class ForkServer:
         #: the next run's worker, forked while the fork-server had nothing else to do
         self.spare: Spare | None = None
         #: temp dirs of finished runs set aside, removed a part at a time while idle
-        #: (a run that left a million files must not hold up the next runs), with
-        #: the number of parts removed so far
-        self.trash: list[list] = []
+        #: (a run that left a million files must not hold up the next runs): path ->
+        #: parts removed so far
+        self.trash: dict[str, int] = {}
         self._trash_names = itertools.count(1)
         #: the last run's sandbox: the next spare prepares its filesystem view
         self.last_spec: SandboxSpec | None = None
@@ -675,7 +675,7 @@ class ForkServer:
 
     def _recycle_dir(self, path: str, reuse: bool = True) -> None:
         """Keep a finished run's temp dir for a later run if the run left nothing in
-        it (the usual case), else remove it."""
+        it (the usual case), else set it aside to be removed while idle."""
         if reuse and len(self.spare_dirs) < MAX_SPARE_DIRS and _reset_run_dir(
             path, self._tmp_mount_points, self.uid
         ):
@@ -687,16 +687,16 @@ class ForkServer:
         except OSError:
             remove_tree(path)
         else:
-            self.trash.append([trash, 0])
+            self.trash[trash] = 0
 
     def _remove_trash(self) -> None:
-        """Remove the next part of the last temp dir set aside. (Given up on after
+        """Remove the next part of the first temp dir set aside. (Given up on after
         ``MAX_TRASH_PARTS``: a process a run without PID namespace left behind may
         keep adding files, and the fork-server must not spin on them for ever.)"""
-        item = self.trash[-1]
-        item[1] += 1
-        if remove_tree(item[0], budget=TRASH_BUDGET) or item[1] >= MAX_TRASH_PARTS:
-            self.trash.pop()
+        path = next(iter(self.trash))
+        self.trash[path] += 1
+        if remove_tree(path, budget=TRASH_BUDGET) or self.trash[path] >= MAX_TRASH_PARTS:
+            del self.trash[path]
 
     def _on_run_message(self, run: Run) -> None:
         assert run.sock is not None
