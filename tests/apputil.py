@@ -16,6 +16,28 @@ from stepwell.engine.runner import Runner
 from stepwell.store import open_store
 from stepwell.store.base import RunRecord
 
+#: Two steps: ``gen``'s second run writes a row with no ``ts`` behind the position
+#: of ``read``'s stream ordered by ts (the stream never reads it; the log says so).
+#: ``gen`` also prints a line looking like stepwell's own.
+NULL_ORDER_APP = {
+    "stepwell.yml": "steps:\n  - name: gen\n    node: gen.py\n  - name: read\n    node: read.py\n",
+    "gen.py": """
+        from patterns import State, Table
+        state = State()
+        second = state.get_value("ran", False)
+        rows = [{"n": 3, "ts": None}, {"n": 4, "ts": 40}] if second else [{"n": 1, "ts": 10}]
+        Table("events", "w").append(rows)
+        state.set_value("ran", True)
+        print("[stepwell] a user's own line is not one of stepwell's warnings")
+    """,
+    "read.py": """
+        from patterns import Table
+        out = Table("seen", "w")
+        for r in Table("events").as_stream(order_by="ts").consume_records():
+            out.append({"n": r["n"]})
+    """,
+}
+
 
 def write_app(root: Path, files: dict[str, str]) -> Path:
     """Write ``files`` (name -> text, dedented) under ``root``."""

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from apputil import cli, write_app
+from apputil import NULL_ORDER_APP, cli, write_app
 from serverutil import ThreadServer
 
 
@@ -356,24 +356,7 @@ def test_tables_names_at_most_30_columns_per_table(tmp_path):
 
 
 def test_run_shows_stepwells_own_warnings_once(tmp_path):
-    app = write_app(tmp_path / "app", {
-        "stepwell.yml": "steps:\n  - name: gen\n    node: gen.py\n  - name: read\n    node: read.py\n",
-        "gen.py": """
-            from patterns import State, Table
-            state = State()
-            second = state.get_value("ran", False)
-            rows = [{"n": 3, "ts": None}, {"n": 4, "ts": 40}] if second else [{"n": 1, "ts": 10}]
-            Table("events", "w").append(rows)
-            state.set_value("ran", True)
-            print("[stepwell] a user's own line is not one of stepwell's warnings")
-        """,
-        "read.py": """
-            from patterns import Table
-            out = Table("seen", "w")
-            for r in Table("events").as_stream(order_by="ts").consume_records():
-                out.append({"n": r["n"]})
-        """,
-    })
+    app = write_app(tmp_path / "app", NULL_ORDER_APP)
     first = _ok(cli("run", str(app)))
     assert "warning" not in first.stdout
     second = _ok(cli("run", str(app)))  # rows the stream skips: said where the user looks

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from apputil import app_runner, logs, rows, run_app, write_app
+from apputil import NULL_ORDER_APP, app_runner, logs, rows, run_app, write_app
 
 
 @pytest.fixture(params=["duckdb", "postgres"])
@@ -1624,23 +1624,7 @@ def test_a_second_as_stream_continues_the_first_and_reset_restarts_it(tmp_path):
 
 
 def test_a_null_order_value_behind_a_streams_position_is_warned(tmp_path):
-    app = write_app(tmp_path / "app", {
-        "stepwell.yml": "steps:\n  - name: gen\n    node: gen.py\n  - name: read\n    node: read.py\n",
-        "gen.py": """
-            from patterns import State, Table
-            state = State()
-            second = state.get_value("ran", False)
-            rows = [{"n": 3, "ts": None}, {"n": 4, "ts": 40}] if second else [{"n": 1, "ts": 10}]
-            Table("events", "w").append(rows)
-            state.set_value("ran", True)
-        """,
-        "read.py": """
-            from patterns import Table
-            out = Table("seen", "w")
-            for r in Table("events").as_stream(order_by="ts").consume_records():
-                out.append({"n": r["n"]})
-        """,
-    })
+    app = write_app(tmp_path / "app", NULL_ORDER_APP)
     run_app(app)
     gen, read = run_app(app)
     assert read.status == "succeeded"
