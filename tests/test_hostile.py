@@ -149,6 +149,16 @@ CASES: dict[str, Case] = {
         "killed", r"memory limit 256MiB exceeded",
         settings={"memory": "256MiB"},
     ),
+    "fill_tmp": Case(  # /tmp is memory: its size is the `tmp` limit
+        'with open("/tmp/fill", "wb") as out:\n    while True:\n        out.write(b"x" * 1024**2)',
+        "failed", r"No space left on device.* /tmp holds at most 8MiB, its `tmp` limit",
+        settings={"tmp": "8MiB"},
+    ),
+    "files_fill_tmp": Case(  # and so is every empty file: one inode per 4 KiB of it
+        'for i in range(10_000):\n    open(f"/tmp/f{i}", "w").close()',
+        "failed", r"No space left on device.* /tmp holds at most 8MiB, its `tmp` limit",
+        settings={"tmp": "8MiB"},
+    ),
     "infinite_loop": Case(
         "while True:\n    pass",
         "timed_out", r"the step exceeded its time limit \(timeout 1s\)",
@@ -438,13 +448,34 @@ def _run_dirs() -> list[Path]:
     return found
 
 
-def test_deep_tree_in_tmp_is_removed(tmp_path, listeners, server_pid):
-    """A folder 1,500 levels deep left in /tmp (shutil.rmtree recursed per level and
-    gave up with RecursionError, leaving the run's files on the host's disk)."""
-    code = "os.chdir('/tmp')\nfor i in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n" \
-           'raise RuntimeError("deep")'
+#: Where the kernel refuses a mount namespace (``STEPWELL_SANDBOX_SKIP=mount``), a run's
+#: temp dir (``TMPDIR``) is a folder of the fork-server's on the host's disk; else
+#: /tmp is a file system in memory that ends with the run.
+TMP_KINDS = ["", "mount"]
+
+
+@pytest.fixture
+def open_dir():
+    """A folder the sandbox user may enter (without a mount namespace, a sandbox sees
+    the host's /tmp, where pytest's own folders are closed to it)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="stepwell-hostile-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("skip", TMP_KINDS)
+def test_deep_tree_in_tmp_is_removed(skip, tmp_path, open_dir, monkeypatch, listeners, server_pid):
+    """A folder 1,500 levels deep left in the temp dir (shutil.rmtree recursed per
+    level and gave up with RecursionError, leaving the run's files on the host's disk)."""
+    monkeypatch.setenv("STEPWELL_SANDBOX_SKIP", skip)
+    code = "os.chdir(os.environ['TMPDIR'])\nfor i in range(1500):\n    os.mkdir('d')\n" \
+           "    os.chdir('d')\nraise RuntimeError('deep')"
     case = Case(code, "failed", r"RuntimeError: deep")
-    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    app = _app((open_dir if skip else tmp_path) / "app", case, listeners[1], listeners[0])
     _contained(app, case)
     import time
 
@@ -454,14 +485,17 @@ def test_deep_tree_in_tmp_is_removed(tmp_path, listeners, server_pid):
     assert not left, "the run's files stayed on the host"
 
 
-def test_many_files_left_in_tmp_are_removed_between_runs(tmp_path, listeners, server_pid):
-    """A run leaving 30,000 files in /tmp: its folder is set aside at once and removed a
-    part at a time while the fork-server is idle (removing it in one go held up the
-    next runs for seconds); the next runs work meanwhile."""
-    code = "for i in range(30_000):\n    open(f'/tmp/f{i}', 'w').close()\n" \
+@pytest.mark.parametrize("skip", TMP_KINDS)
+def test_many_files_left_in_tmp_are_removed_between_runs(skip, tmp_path, open_dir, monkeypatch,
+                                                          listeners, server_pid):  # fmt: skip
+    """A run leaving 30,000 files in its temp dir: a host folder is set aside at once
+    and removed a part at a time while the fork-server is idle (removing it in one go
+    held up the next runs for seconds); the next runs work meanwhile."""
+    monkeypatch.setenv("STEPWELL_SANDBOX_SKIP", skip)
+    code = "for i in range(30_000):\n    open(os.path.join(os.environ['TMPDIR'], f'f{i}'), 'w').close()\n" \
            'raise RuntimeError("littered")'
     case = Case(code, "failed", r"RuntimeError: littered")
-    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    app = _app((open_dir if skip else tmp_path) / "app", case, listeners[1], listeners[0])
     _contained(app, case)  # (the next run succeeds)
     import time
 
@@ -469,6 +503,7 @@ def test_many_files_left_in_tmp_are_removed_between_runs(tmp_path, listeners, se
     while (left := [d for d in _run_dirs() if d.name.startswith("trash-")]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, "the run's files stayed on the host"
+    assert not [d for d in _run_dirs() if (d / "f0").exists()]
 
 
 SURVIVOR = """
@@ -478,12 +513,13 @@ if os.fork() == 0:
         libc.prctl(1, 0)  # no death signal
         os.closerange(0, 1 << 16)
         import time
+        tmp = os.environ["TMPDIR"]
         end = time.monotonic() + 8
-        while time.monotonic() < end:  # quiet until another run uses this /tmp
+        while time.monotonic() < end:  # quiet until another run uses this temp dir
             try:
-                names = [n for n in os.listdir("/tmp") if n.startswith("secret")]
+                names = [n for n in os.listdir(tmp) if n.startswith("secret")]
                 if names:
-                    open("/tmp/seen", "w").write(open("/tmp/" + names[0]).read())
+                    open(os.path.join(tmp, "seen"), "w").write(open(os.path.join(tmp, names[0])).read())
             except OSError:
                 pass
             time.sleep(0.01)
@@ -497,51 +533,49 @@ raise RuntimeError("left a process behind")
 LATER_RUN = """
 import os, time
 from patterns import Parameter
-open("/tmp/secret", "w").write(Parameter("victim_key"))
+tmp = os.environ["TMPDIR"]
+open(os.path.join(tmp, "secret"), "w").write(Parameter("victim_key"))
 time.sleep(0.3)
-assert not os.path.exists("/tmp/seen"), "an earlier run's process read this run's /tmp"
+assert not os.path.exists(os.path.join(tmp, "seen")), "an earlier run's process read this run's temp dir"
 """
 
 
-@pytest.mark.parametrize("skip", ["", "pid"])
-def test_process_left_behind_never_sees_a_later_run(skip, tmp_path, monkeypatch, listeners, server_pid):
+@pytest.mark.parametrize("skip", ["", "pid", "pid,mount"])
+def test_process_left_behind_never_sees_a_later_run(skip, open_dir, monkeypatch, listeners, server_pid):
     """A double-forked, setsid process outlives its run where the run has no PID
     namespace (the kernel refused one): the run's temp dir must not be handed to a
     later run, where that process would read the later run's files (its secrets)."""
-    import shutil
-    import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setenv("STEPWELL_SANDBOX_SKIP", skip)
-    # (apps outside /tmp: temp dirs are then reused across apps, see _reset_run_dir)
-    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="stepwell-hostile-"))
-    base.chmod(0o755)
-    try:
-        case = Case(SURVIVOR, "failed", r"RuntimeError: left a process behind")
-        app = _app(base / "app", case, listeners[1], listeners[0])
-        _contained(app, case)
-        apps = [_app(base / f"app{i}", case, listeners[1], listeners[0]) for i in range(4)]
-        for other in apps:
-            (other / "victim.py").write_text(LATER_RUN)
-        with ThreadPoolExecutor(4) as pool:  # at once: each takes a temp dir the server has
-            for _ in range(2):
-                for (victim,) in pool.map(lambda a: run_app(a, steps=["victim"]), apps):
-                    assert victim.status == "succeeded_no_data", victim.error
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    # (apps outside /tmp: host temp dirs are then reused across apps)
+    case = Case(SURVIVOR, "failed", r"RuntimeError: left a process behind")
+    app = _app(open_dir / "app", case, listeners[1], listeners[0])
+    _contained(app, case)
+    apps = [_app(open_dir / f"app{i}", case, listeners[1], listeners[0]) for i in range(4)]
+    for other in apps:
+        (other / "victim.py").write_text(LATER_RUN)
+    with ThreadPoolExecutor(4) as pool:  # at once: each takes a temp dir the server has
+        for _ in range(2):
+            for (victim,) in pool.map(lambda a: run_app(a, steps=["victim"]), apps):
+                assert victim.status == "succeeded_no_data", victim.error
 
 
-def test_tmp_left_empty_is_reset_for_the_next_run(tmp_path, listeners, server_pid):
-    """A run that changes its /tmp itself (mode, setgid, extended attributes) and
+@pytest.mark.parametrize("skip", TMP_KINDS)
+def test_tmp_left_empty_is_reset_for_the_next_run(skip, tmp_path, open_dir, monkeypatch, listeners,
+                                                   server_pid):  # fmt: skip
+    """A run that changes its temp dir itself (mode, setgid, extended attributes) and
     leaves it empty: a later run gets it back as new."""
-    code = "os.setxattr('/tmp', 'user.planted', b'1')\nos.chmod('/tmp', 0o3777)\n" \
-           'raise RuntimeError("changed /tmp")'
-    case = Case(code, "failed", r"RuntimeError: changed /tmp")
-    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    monkeypatch.setenv("STEPWELL_SANDBOX_SKIP", skip)
+    code = "tmp = os.environ['TMPDIR']\ntry:\n    os.setxattr(tmp, 'user.planted', b'1')\n" \
+           "except OSError:  # (tmpfs before Linux 6.6 has no user attributes)\n    pass\n" \
+           "os.chmod(tmp, 0o3777)\nraise RuntimeError('changed its temp dir')"
+    case = Case(code, "failed", r"RuntimeError: changed its temp dir")
+    app = _app((open_dir if skip else tmp_path) / "app", case, listeners[1], listeners[0])
     (app / "victim.py").write_text(
-        "import os, stat\n"
-        "assert stat.S_IMODE(os.stat('/tmp').st_mode) == 0o700, oct(os.stat('/tmp').st_mode)\n"
-        "assert os.listxattr('/tmp') == [], os.listxattr('/tmp')\n"
+        "import os, stat\ntmp = os.environ['TMPDIR']\n"
+        "assert stat.S_IMODE(os.stat(tmp).st_mode) == 0o700, oct(os.stat(tmp).st_mode)\n"
+        "assert os.listxattr(tmp) == [], os.listxattr(tmp)\n"
     )
     _contained(app, case)
     for _ in range(2):

@@ -64,6 +64,8 @@ facts = {
     "app_file": attempt(lambda: open("data.txt").read()),
     "write_app": attempt(lambda: open("new.txt", "w").write("x")),
     "write_tmp": attempt(write_tmp),
+    "tmp_fs": [line.split()[2] for line in open("/proc/self/mounts") if line.split()[1] == "/tmp"],
+    "tmp_bytes": os.statvfs("/tmp").f_blocks * os.statvfs("/tmp").f_frsize,
     "store_dir": attempt(lambda: os.listdir(".stepwell")),
     "connect": attempt(connect),
     "no_new_privs": [line.split()[1] for line in open("/proc/self/status") if line.startswith("NoNewPrivs")],
@@ -131,6 +133,8 @@ def test_isolation_of_a_run(tmp_path, listener):
     # a fresh private /tmp (holding only the way to the app when the app is under /tmp)
     way = _ways_under_tmp(app.resolve(), Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())
     assert facts["write_tmp"] == ["ok", sorted(["mine.txt", *way])]
+    # a file system in memory of its own, of the default `tmp` size
+    assert facts["tmp_fs"] == ["tmpfs"] and facts["tmp_bytes"] == 1024**3
     assert facts["store_dir"] == ["ok", []]  # the store's folder is hidden
     assert facts["connect"][0] == "error" and "Network is unreachable" in facts["connect"][1]
     assert facts["no_new_privs"] == ["1"] and facts["seccomp"] == ["2"]
@@ -689,29 +693,31 @@ def _last_run_id(app) -> str:
 
 
 def test_a_run_temp_dir_is_reused_only_when_left_empty(tmp_path):
+    """(The host folders that are a run's /tmp where the kernel refuses a mount
+    namespace.)"""
     from stepwell.sandbox.forkserver import _reset_run_dir
 
-    run_dir, points = tmp_path / "run", ["apps/app"]
-    (run_dir / "apps" / "app").mkdir(parents=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     owner = os.stat(run_dir).st_uid
     os.chmod(run_dir, 0o777)
     try:
         os.setxattr(run_dir, "user.left", b"behind")
     except OSError:  # a file system without user attributes: nothing to clear
         pass
-    assert _reset_run_dir(str(run_dir), points, owner)
+    assert _reset_run_dir(str(run_dir), owner)
     assert os.listxattr(run_dir) == [] and os.stat(run_dir).st_mode & 0o777 == 0o700
-    assert not _reset_run_dir(str(run_dir), ["other/app"], owner)  # made for another app
-    assert not _reset_run_dir(str(run_dir), points, owner + 1)  # not the sandbox user's
+    assert not _reset_run_dir(str(run_dir), owner + 1)  # not the sandbox user's
     (run_dir / "note.txt").write_text("left by the run")
-    assert not _reset_run_dir(str(run_dir), points, owner)
+    assert not _reset_run_dir(str(run_dir), owner)
     (run_dir / "note.txt").unlink()
-    (run_dir / "apps" / "app" / "inner").mkdir()
-    assert not _reset_run_dir(str(run_dir), points, owner)
-    (run_dir / "apps" / "app" / "inner").rmdir()
-    (run_dir / "apps" / "app").rmdir()
-    (run_dir / "apps" / "app").symlink_to("/etc")  # a mount point swapped for a link
-    assert not _reset_run_dir(str(run_dir), points, owner)
+    (run_dir / "inner").mkdir()
+    assert not _reset_run_dir(str(run_dir), owner)
+    (run_dir / "inner").rmdir()
+    assert _reset_run_dir(str(run_dir), owner)
+    run_dir.rmdir()
+    run_dir.symlink_to("/etc")  # the folder swapped for a link
+    assert not _reset_run_dir(str(run_dir), owner)
 
 
 def test_nothing_a_run_leaves_on_its_temp_dir_reaches_later_runs(tmp_path):

@@ -61,6 +61,7 @@ Table("seen", "w").append({
     "uid_map": " ".join(open("/proc/self/uid_map").read().split()),
     "write_app": can_write(os.path.join(os.path.dirname(__file__), "written.txt")),
     "write_tmp": can_write("/tmp/written.txt"),
+    "tmp_fs": ",".join(line.split()[2] for line in open("/proc/self/mounts") if line.split()[1] == "/tmp"),
     "host_env": os.environ.get("HOST_ONLY", ""),
     "hidden": listing(hidden),
 })
@@ -158,6 +159,7 @@ def test_a_sandbox_started_by_an_ordinary_user_is_isolated(open_tmp):
         assert seen["hidden"] == ""  # shown empty: nobody owns key.pem, but may not see it
         # one uid inside (0), mapped to the fork-server's namespace's only one (nobody)
         assert seen["uid_map"] == "0 0 1"
+        assert seen["tmp_fs"] == "tmpfs"  # a /tmp of its own, in memory
         assert seen["pid"] == 2 and set(seen["pids"].split(",")) <= {"1", "2"}  # no host process
     else:  # the kernel refuses user namespaces to ordinary users here: the log says so
         assert any("namespace unavailable" in line for line in notes), notes

@@ -426,7 +426,7 @@ class _Model(BaseModel):
 
 # --------------------------------------------------------------------------- limits
 
-LIMIT_KEYS: tuple[str, ...] = ("timeout", "memory", "cpu", "processes", "network")
+LIMIT_KEYS: tuple[str, ...] = ("timeout", "memory", "cpu", "processes", "network", "tmp")
 
 
 class Limits(_Model):
@@ -442,6 +442,8 @@ class Limits(_Model):
     """Maximum number of processes/threads the step may start."""
     network: bool | None = None
     """Whether the step may use the network."""
+    tmp: MemorySize | None = None
+    """Bytes the step's private ``/tmp`` may hold (it lives in memory)."""
 
     def merged(self, override: Limits) -> Limits:
         """These limits with every value set in ``override`` replacing ours."""
@@ -652,6 +654,7 @@ class StepSpec(_Model):
     cpu: Duration | None = None
     processes: PositiveInt | None = None
     network: bool | None = None
+    tmp: MemorySize | None = None
 
     # processor (Integray style)
     mode: Literal["row", "bulk"] | None = None

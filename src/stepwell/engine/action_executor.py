@@ -352,6 +352,7 @@ class ActionExecutor:
         limits = WorkerLimits(
             memory=getattr(defaults, "memory", None),
             processes=getattr(defaults, "processes", None),
+            tmp=getattr(defaults, "tmp", None),
             network=network if network is not None else mode != "strict",
         )
         sys_path = self._environment()

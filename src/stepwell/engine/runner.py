@@ -27,7 +27,7 @@ from stepwell.runtimes.node import host as node_host
 from stepwell.runtimes.processor import host as processor_host
 from stepwell.runtimes.sql import run_sql_step
 from stepwell.sandbox.launcher import WorkerLimits, start_worker
-from stepwell.sandbox.policy import DEFAULT_PROCESSES, format_bytes, sandbox_mode
+from stepwell.sandbox.policy import DEFAULT_PROCESSES, DEFAULT_TMP, format_bytes, sandbox_mode
 from stepwell.store import ids
 from stepwell.store.base import LogLine, PartitionRecord, RunRecord, Store
 
@@ -213,7 +213,7 @@ class Runner:
         network = limits.network if limits.network is not None else self.sandbox != "strict"
         worker_limits = WorkerLimits(
             memory=limits.memory, cpu=limits.cpu, processes=limits.processes,
-            network=network,
+            network=network, tmp=limits.tmp,
         )
         return StepContext(resolved, secret_values, timeout, worker_limits)
 
@@ -640,6 +640,13 @@ def _limit_outcome(outcome: Outcome, limits: WorkerLimits) -> Outcome:
         processes = limits.processes or DEFAULT_PROCESSES
         return Outcome(
             "failed", f"{error} (process limit {processes} reached)", outcome.traceback,
+            outcome.info,
+        )
+    if outcome.status == "failed" and "[Errno 28]" in error:  # ENOSPC: only /tmp and /dev/shm
+        tmp = format_bytes(limits.tmp if limits.tmp is not None else DEFAULT_TMP)
+        return Outcome(
+            "failed", f"{error} (the step's /tmp holds at most {tmp}, its `tmp` limit; set a "
+            "larger `tmp` on the step or in the app's `defaults`)", outcome.traceback,
             outcome.info,
         )
     return outcome

@@ -80,7 +80,6 @@ from stepwell.sandbox.lazy_numpy import (
 from stepwell.sandbox.ns_init import InitProgram
 from stepwell.sandbox.policy import (
     PRELOAD_ENV,
-    SANDBOX_TMP,
     TIME_LIMIT_SIGNAL,
     SandboxSpec,
     hidden_folders,
@@ -235,8 +234,9 @@ class ForkServer:
         #: namespace along.
         self.init_program = InitProgram()
         self.lifeline_read, self.lifeline_write = os.pipe()
-        #: private temp dirs ready for a run: made ahead of time, or left empty by an
-        #: earlier run (creating and removing one each cost a disk round trip)
+        #: host folders ready to be a run's temp dir where the kernel refuses a mount
+        #: namespace (elsewhere /tmp is a file system in memory of the run's own, and
+        #: they stay empty): made ahead of time, or left empty by an earlier run
         self.spare_dirs: list[str] = []
         #: the next run's worker, forked while the fork-server had nothing else to do
         self.spare: Spare | None = None
@@ -248,9 +248,6 @@ class ForkServer:
         #: the last run's sandbox: the next spare prepares its filesystem view
         self.last_spec: SandboxSpec | None = None
         self._spare_retry_at = 0.0
-        #: folders of the last run that reappear inside its /tmp (an app under /tmp):
-        #: their mount points are made ahead of time in spare temp dirs
-        self._tmp_mount_points: list[str] = []
         try:
             self.own_pidns: int | None = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -323,7 +320,6 @@ class ForkServer:
         sock = socket.socket(fileno=run_fd)
         try:
             spec = SandboxSpec.from_dict(message["spec"])
-            self._remember_tmp_mount_points(spec)
             self.last_spec = spec
             spare = self._take_spare(spec)
             if spare is not None and spare.tmpdir is not None:
@@ -640,20 +636,7 @@ class ForkServer:
         if self.uid is not None:
             os.chown(path, self.uid, self.gid if self.gid is not None else -1)
         os.chmod(path, 0o700)
-        for inner in self._tmp_mount_points:
-            try:
-                os.makedirs(os.path.join(path, inner), 0o755, exist_ok=True)
-            except OSError:
-                pass
         return path
-
-    def _remember_tmp_mount_points(self, spec: SandboxSpec) -> None:
-        points = []
-        for raw in [spec.app_root, *spec.read_paths]:
-            real = os.path.realpath(raw) if raw else ""
-            if real.startswith(SANDBOX_TMP + "/"):
-                points.append(real[len(SANDBOX_TMP) + 1 :])
-        self._tmp_mount_points = points[:8]
 
     def _make_spare_dir(self) -> None:
         try:
@@ -676,9 +659,7 @@ class ForkServer:
     def _recycle_dir(self, path: str, reuse: bool = True) -> None:
         """Keep a finished run's temp dir for a later run if the run left nothing in
         it (the usual case), else set it aside to be removed while idle."""
-        if reuse and len(self.spare_dirs) < MAX_SPARE_DIRS and _reset_run_dir(
-            path, self._tmp_mount_points, self.uid
-        ):
+        if reuse and len(self.spare_dirs) < MAX_SPARE_DIRS and _reset_run_dir(path, self.uid):
             self.spare_dirs.append(path)
             return
         trash = os.path.join(self.base_dir, f"trash-{next(self._trash_names)}")
@@ -761,27 +742,16 @@ class ForkServer:
         self.init_program.close()
 
 
-def _reset_run_dir(path: str, mount_points: list[str], uid: int | None) -> bool:
-    """Whether run temp dir ``path`` holds nothing but the (empty) folders made for
-    ``mount_points``, so another run may use it; if so, also undo what the run could
-    change on the dir itself (its mode and extended attributes, ACLs included)."""
-    expected = {""}
-    for point in mount_points:
-        parts = point.split("/")
-        expected.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+def _reset_run_dir(path: str, uid: int | None) -> bool:
+    """Whether run temp dir ``path`` is empty, so another run may use it; if so,
+    also undo what the run could change on the dir itself (its mode and extended
+    attributes, ACLs included)."""
     try:
         info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
             return False
-        for inner in expected:
-            folder = os.path.join(path, inner) if inner else path
-            if inner:  # made by the fork-server: a real folder the sandbox cannot write
-                info = os.lstat(folder)
-                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-                    return False
-            for name in os.listdir(folder):
-                if (f"{inner}/{name}" if inner else name) not in expected:
-                    return False
+        if os.listdir(path):
+            return False
         for name in os.listxattr(path, follow_symlinks=False):
             os.removexattr(path, name, follow_symlinks=False)
         if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:

@@ -7,8 +7,8 @@ order:
 1. die with the fork-server, prefer this process to the OOM killer, new session,
    only the channel and stderr stay open;
 2. new mount and IPC namespaces;
-3. the filesystem: everything read-only, a private temp dir at ``/tmp`` (also
-   HOME and TMPDIR), a private ``/dev/shm``, a fresh ``/proc`` showing only the
+3. the filesystem: everything read-only, a private file system in memory at
+   ``/tmp`` of the step's ``tmp`` size (also HOME and TMPDIR), a private ``/dev/shm``, a fresh ``/proc`` showing only the
    sandbox's processes, the store's folder hidden behind an empty tmpfs, and
    folders the sandbox user cannot traverse (``/root``) replaced by an empty
    tmpfs in which only the paths the step needs (the app, Python, its
@@ -47,7 +47,8 @@ class ChildPlan:
     """A run's sandbox as decided by the fork-server before it forks."""
 
     spec: SandboxSpec
-    #: the private temp dir on the host (mounted at /tmp inside)
+    #: a private temp dir on the host: the run's /tmp only where the kernel refuses
+    #: a mount namespace (else /tmp is a file system in memory of the run's own)
     tmpdir: str
     #: user and group to become before the user namespace (None: stay as we are)
     uid: int | None
@@ -220,16 +221,14 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
     for path in read_paths:
         if any(_under(path, c) for c in covers):
             clones.append((path, linux.open_tree(path, linux.OPEN_TREE_CLONE | linux.AT_RECURSIVE)))
-    tmp_clone = linux.open_tree(plan.tmpdir, linux.OPEN_TREE_CLONE)
     for target in sorted(covers, key=len):
         kind = covers[target]
         if kind == "tmp":
-            linux.move_mount_fd(tmp_clone, target)
+            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, _tmp_options(plan))
         elif kind == "shm":
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64m,mode=1777")
         else:
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,mode=0755")
-    os.close(tmp_clone)
     for path, fd in clones:
         os.makedirs(path, 0o755, exist_ok=True)
         linux.move_mount_fd(fd, path)
@@ -251,6 +250,16 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
                 "[stepwell] sandbox: private /proc unavailable; host processes are visible in /proc"
             )
     _make_read_only()
+
+
+def _tmp_options(plan: ChildPlan) -> str:
+    """Mount options of the run's private /tmp: a file system in memory of the
+    step's ``tmp`` size (one inode per 4 KiB of it, so a run cannot spend the
+    kernel's memory on empty files either), owned by the user the step runs as."""
+    size = max(plan.spec.tmp, 1024**2)
+    uid = plan.uid if plan.uid is not None else os.geteuid()
+    gid = plan.gid if plan.gid is not None else os.getegid()
+    return f"size={size},nr_inodes={max(size // 4096, 1024)},mode=0700,uid={uid},gid={gid}"
 
 
 def _make_read_only() -> None:
@@ -391,7 +400,7 @@ class PreparedView:
         folders' identities count too: a view shows the folder it was built from,
         so an app folder replaced since (same path, new directory) needs a new one."""
         folders = [spec.app_root, *spec.read_paths, *spec.hide_paths]
-        return (*folders, "|", *spec.skip, "|", *(_identity(f) for f in folders))
+        return (*folders, "|", *spec.skip, "|", spec.tmp, *(_identity(f) for f in folders))
 
 
 def _identity(path: str | None) -> tuple[int, int] | None:

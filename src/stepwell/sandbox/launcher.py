@@ -33,6 +33,7 @@ import msgpack
 
 from stepwell.sandbox.policy import (
     DEFAULT_PROCESSES,
+    DEFAULT_TMP,
     HIDE_ENV,
     PRELOAD_ENV,
     SKIP_ENV,
@@ -65,6 +66,8 @@ class WorkerLimits:
     cpu: float | None = None
     processes: int | None = None
     network: bool = True
+    #: size of the private /tmp (None: ``DEFAULT_TMP``)
+    tmp: int | None = None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -527,6 +530,7 @@ def start_worker(
         cpu=limits.cpu,
         processes=limits.processes if limits.processes is not None else DEFAULT_PROCESSES,
         network=limits.network,
+        tmp=limits.tmp if limits.tmp is not None else DEFAULT_TMP,
         skip=skipped_features(os.environ.get(SKIP_ENV, "")),
         strict=mode == "strict",
     )

@@ -34,6 +34,8 @@ SKIPPABLE = ("user", "pid", "mount", "ipc", "net", "seccomp")
 DEFAULT_PROCESSES = 512
 DEFAULT_OPEN_FILES = 4096
 DEFAULT_FILE_SIZE = 8 * 1024**3
+#: Size of a run's private /tmp (a file system in memory) when nothing sets ``tmp``.
+DEFAULT_TMP = 1024**3
 #: Exit code a worker uses when it ran out of memory and could not report it.
 MEMORY_EXIT_CODE = 86
 #: Signal the host sends (through the fork-server) to a worker whose run has
@@ -95,6 +97,8 @@ class SandboxSpec:
     processes: int | None = None
     open_files: int = DEFAULT_OPEN_FILES
     file_size: int = DEFAULT_FILE_SIZE
+    #: bytes the private /tmp may hold (its files and folders together)
+    tmp: int = DEFAULT_TMP
     network: bool = True
     skip: list[str] = field(default_factory=list)
     #: refuse to run when any isolation feature is unavailable
