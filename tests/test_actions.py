@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -229,6 +230,16 @@ APP = {
                   import asyncio
                   await asyncio.sleep(0.01)
                   return "awaited"
+          - name: stuck
+            steps:
+              - {name: spin, python: steps/spin.py, timeout: 1s}
+              - {name: waits, code: "import asyncio\\nawait asyncio.sleep(params['t'])", timeout: 1s}
+    """,
+    "steps/spin.py": """
+        from .helpers import spin
+        if params.get("spin"):
+            spin()
+        return "done"
     """,
     "steps/load_user.py": """
         import json
@@ -242,6 +253,10 @@ APP = {
     "steps/helpers.py": """
         def tag(value):
             return f"#{value}"
+
+        def spin():
+            while True:
+                pass
     """,
     "steps/broken.py": """
         x = 1
@@ -411,10 +426,33 @@ def test_step_timeout_kills_the_worker_and_the_pool_recovers(served: Any) -> Non
     result = run(served, "slow")
     assert time.monotonic() - began < 5
     assert result["status"] == "timed_out"
-    assert result["error"] == "step 'sleep' exceeded its time limit (1s)"
-    assert result["steps"][0]["error"] == "step 'sleep' exceeded its time limit (1s)"
+    # it says where its code was when it was stopped: the line of the app file
+    assert _stopped_at(served, result["error"], "step 'sleep' exceeded its time limit (1s)") \
+        == 'time.sleep(params.get("seconds", 5))'
+    assert result["steps"][0]["error"] == result["error"]
     assert run(served, "slow", {"seconds": 0})["data"] == "woke"
     assert record_of(served, result["run_id"])["status"] == "timed_out"
+
+
+def _stopped_at(server: Any, error: str, reason: str) -> str:
+    """The line of the app's files a time limit's error says the code was stopped at."""
+    said, _, where = error.partition("; it was stopped at ")
+    assert said == reason, error
+    path, _, line = where.rpartition(":")
+    return (server.root / path).read_text().splitlines()[int(line) - 1].strip()
+
+
+def test_a_timed_out_step_says_where_in_its_files_and_awaits_it_was(served: Any) -> None:
+    result = run(served, "stuck", {"spin": True})
+    assert result["status"] == "timed_out"
+    assert _stopped_at(served, result["error"], "step 'spin' exceeded its time limit (1s)") \
+        in ("while True:", "pass")
+    assert "at steps/helpers.py:" in result["error"]  # (called from steps/spin.py)
+    result = run(served, "stuck", {"t": 30})
+    assert result["status"] == "timed_out"
+    assert re.fullmatch(r"step 'waits' exceeded its time limit \(1s\); it was stopped at "
+                        r"stepwell\.yml:\d+", result["error"]), result["error"]
+    assert run(served, "stuck", {"t": 0})["status"] == "succeeded"
 
 
 def test_a_running_action_can_be_cancelled(served: Any) -> None:
@@ -462,7 +500,9 @@ def test_action_timeout(served: Any) -> None:
     result = run(served, "slow_action")
     assert time.monotonic() - began < 3.5
     assert result["status"] == "timed_out"
-    assert "action 'slow_action' exceeded its time limit (1s)" in result["error"]
+    assert _stopped_at(served, result["error"], "step 'sleep': action 'slow_action' exceeded its time limit (1s)") \
+        == '- {name: sleep, code: "import time; time.sleep(4); return 1", timeout: 10s}'
+
 
 
 def test_syntax_error_in_a_file_names_its_line(served: Any) -> None:

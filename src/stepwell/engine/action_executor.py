@@ -664,9 +664,11 @@ class ActionExecutor:
             result = worker.invoke(
                 job, step_deadline, lambda level, lines: call.log.add(level, lines, tag)
             )
-        except StepTimedOut:
-            raise _StepFailed(self._step_timeout(step, limit, step_deadline, call, waited),
-                              timed_out=True) from None  # fmt: skip
+        except StepTimedOut as exc:
+            error = self._step_timeout(step, limit, step_deadline, call, waited)
+            if exc.where:
+                error += f"; it was stopped at {call.redact(exc.where)}"
+            raise _StepFailed(error, timed_out=True) from None
         except WorkerFailed as exc:
             raise _StepFailed(call.redact(str(exc))) from None
         except (TypeError, ValueError, OverflowError) as exc:  # inputs msgpack cannot carry

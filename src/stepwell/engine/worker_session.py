@@ -22,6 +22,7 @@ from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun
 from stepwell.runtimes.sqlcheck import restrict_select, table_statement, unwritten_tables
 from stepwell.sandbox.launcher import WorkerProcess
+from stepwell.sandbox.policy import TIME_LIMIT_GRACE
 from stepwell.sandbox.protocol import (
     NOTIFY_OPS,
     PeerGone,
@@ -36,9 +37,6 @@ from stepwell.store.sql import quote
 RECORD_AFTER = 0.2
 #: Requests still served after a deferred write error.
 _AFTER_WRITE_ERROR_OPS = frozenset({"done", "log", "rollback"})
-#: Seconds a worker past its time limit has to say where its code was stopped
-#: before it is killed (Python code stops at once; code stuck in C may not).
-TIME_LIMIT_GRACE = 1.0
 
 
 class RequestFailed(Exception):

@@ -42,6 +42,9 @@ MEMORY_EXIT_CODE = 86
 #: passed its time limit: the step's code stops where it is and the worker
 #: reports where that was, before it is killed.
 TIME_LIMIT_SIGNAL = signal.SIGUSR2
+#: Seconds a worker past its time limit has to say where its code was stopped
+#: before it is killed (Python code stops at once; code stuck in C may not).
+TIME_LIMIT_GRACE = 1.0
 
 #: Where the sandbox's private temp dir is mounted (also HOME and TMPDIR).
 SANDBOX_TMP = "/tmp"

@@ -72,7 +72,8 @@ class TimeLimitReached(BaseException):
     (a BaseException, so that ``except Exception`` in user code does not hold it)."""
 
 
-def _time_limit_reached(_signum: int, _frame: Any) -> None:
+def time_limit_reached(_signum: int, _frame: Any) -> None:
+    """Handler of ``TIME_LIMIT_SIGNAL``: stop the step's code where it is."""
     signal.signal(TIME_LIMIT_SIGNAL, signal.SIG_IGN)  # once is enough
     stop = TimeLimitReached("the run's time limit has passed")
     stop.awaiting = _awaiting()  # type: ignore[attr-defined]
@@ -240,7 +241,7 @@ def serve(channel: Channel, notes: list[str] | None = None, refuse: str | None =
             pass
         return 1
     _add_site_dirs(start.get("sys_path", []))
-    signal.signal(TIME_LIMIT_SIGNAL, _time_limit_reached)
+    signal.signal(TIME_LIMIT_SIGNAL, time_limit_reached)
     try:
         load_entry(start["entry"])(link, start)
         return 0

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stepwell.sandbox.launcher import WorkerProcess
+from stepwell.sandbox.policy import TIME_LIMIT_GRACE
 from stepwell.sandbox.protocol import NOTIFY_OPS, PeerGone, ProtocolError
 
 log = logging.getLogger("stepwell.actions")
@@ -39,7 +40,12 @@ class WorkerFailed(Exception):
 
 
 class StepTimedOut(Exception):
-    """The invocation did not end before its deadline; its worker was killed."""
+    """The invocation did not end before its deadline; its worker was killed.
+    ``where``: ``file:line`` where the step's code was stopped, if it said."""
+
+    def __init__(self, where: str | None = None):
+        super().__init__(where)
+        self.where = where
 
 
 class WarmWorker:
@@ -91,23 +97,12 @@ class WarmWorker:
         try:
             channel.sock.settimeout(_remaining(deadline))
             channel.send({"ok": True, "job": job})
-            while True:
-                if deadline is not None:
-                    channel.sock.settimeout(_remaining(deadline))
-                message, _ = channel.recv()
-                op = message.get("op")
-                if op == "result":
-                    if message.get("memory_error"):
-                        self.healthy = False
-                    return message
-                if op == "log":
-                    on_log(str(message.get("level") or "info"), list(message.get("lines") or []))
-                elif op not in NOTIFY_OPS:
-                    channel.send({"ok": False, "error": f"{op!r} is not available to action steps"})
+            return self._result(deadline, on_log)
         except TimeoutError:
             self.healthy = False
+            where = self._stop_at_time_limit(on_log)
             self.process.kill()
-            raise StepTimedOut() from None
+            raise StepTimedOut(where) from None
         except (OSError, ProtocolError) as exc:
             self.healthy = False
             if isinstance(exc, (PeerGone, ConnectionError)):
@@ -115,6 +110,37 @@ class WarmWorker:
                 raise WorkerFailed(f"the worker running the step ended: {reason}") from None
             self.process.kill()
             raise WorkerFailed(f"the worker broke the wire protocol: {exc}") from None
+
+    def _result(self, deadline: float | None,
+                on_log: Callable[[str, list[str]], None]) -> dict[str, Any]:  # fmt: skip
+        """The invocation's ``result`` frame (its log lines to ``on_log`` meanwhile)."""
+        channel = self.process.channel
+        while True:
+            if deadline is not None:
+                channel.sock.settimeout(_remaining(deadline))
+            message, _ = channel.recv()
+            op = message.get("op")
+            if op == "result":
+                if message.get("memory_error"):
+                    self.healthy = False
+                return message
+            if op == "log":
+                on_log(str(message.get("level") or "info"), list(message.get("lines") or []))
+            elif op not in NOTIFY_OPS:
+                channel.send({"ok": False, "error": f"{op!r} is not available to action steps"})
+
+    def _stop_at_time_limit(self, on_log: Callable[[str, list[str]], None]) -> str | None:
+        """Past its deadline: ask the step's code to stop where it is and wait
+        ``TIME_LIMIT_GRACE`` seconds for it to say where that was (its last log lines
+        come too). The step can forge its frames: only text is taken."""
+        if not self.process.stop_at_time_limit():
+            return None
+        try:
+            result = self._result(time.monotonic() + TIME_LIMIT_GRACE, on_log)
+        except (OSError, ProtocolError):  # (TimeoutError included: it did not say)
+            return None
+        where = result.get("stopped_at")
+        return where if isinstance(where, str) and where else None
 
     def alive(self) -> bool:
         """Whether an idle worker is still there: one waiting for a job sends

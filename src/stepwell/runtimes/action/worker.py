@@ -50,8 +50,8 @@ from stepwell.runtimes.action.code import (
 )
 from stepwell.sandbox import linux
 from stepwell.sandbox.client import HostLink, LogStream
-from stepwell.sandbox.policy import signal_name
-from stepwell.sandbox.worker import exception_text
+from stepwell.sandbox.policy import TIME_LIMIT_SIGNAL, signal_name
+from stepwell.sandbox.worker import TimeLimitReached, exception_text, time_limit_reached
 
 #: Synthetic package the app folder is importable as (shared with node steps).
 APP_PACKAGE = "stepwell_app"
@@ -97,14 +97,16 @@ def _fresh_log_budget() -> None:
         streams[0].budget.update(lines=MAX_LOG_LINES - 1, chars=MAX_LOG_CHARS - 1000, dropped=0)
 
 
-def _location(exc: BaseException, filename: str, where: str, app_root: str) -> str:
-    """`` (at file:line)`` of the innermost frame in the step's code or the app's files."""
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if frame.filename == filename:
-            return f" (at {where}:{frame.lineno})"
-        if app_root and frame.filename.startswith(app_root.rstrip("/") + "/"):
-            return f" (at {frame.filename[len(app_root.rstrip('/')) + 1:]}:{frame.lineno})"
-    return ""
+def _frame(exc: BaseException, filename: str, where: str, app_root: str) -> str | None:
+    """``file:line`` of the innermost frame in the step's code or the app's files (or
+    where its asyncio tasks waited, for the time limit's stop)."""
+    frames = [(f.filename, f.lineno) for f in reversed(traceback.extract_tb(exc.__traceback__))]
+    for name, line in frames + getattr(exc, "awaiting", []):
+        if name == filename:
+            return f"{where}:{line}"
+        if app_root and name.startswith(app_root.rstrip("/") + "/"):
+            return f"{name[len(app_root.rstrip('/')) + 1:]}:{line}"
+    return None
 
 
 def _user_traceback(exc: BaseException, filename: str, where: str, app_root: str) -> str:
@@ -155,12 +157,16 @@ def run_job(job: dict[str, Any], app_root: str) -> dict[str, Any]:
                 "error": f"the step called exit({exc.code if exc.code is not None else ''}); "
                          f"return a value or raise an exception instead"}  # fmt: skip
     except BaseException as exc:  # noqa: BLE001 - every failure goes back as the step's error
-        return {
+        frame = _frame(exc, filename, where, app_root)
+        result = {
             "status": "error",
-            "error": exception_text(exc) + _location(exc, filename, where, app_root),
+            "error": exception_text(exc) + (f" (at {frame})" if frame else ""),
             "traceback": _user_traceback(exc, filename, where, app_root),
             "memory_error": isinstance(exc, MemoryError),
         }
+        if isinstance(exc, TimeLimitReached):
+            result["stopped_at"] = frame or ""
+        return result
     try:
         return {"status": "ok", "data": to_wire(value)}
     except NotPassable as exc:
@@ -178,7 +184,11 @@ def serve(link: HostLink, start: dict[str, Any]) -> None:
     _fresh_log_budget()
     gc.collect()
     gc.freeze()  # invocations then copy fewer of this process's pages
-    _Invocations(link, app_root).serve(ready={"pid": os.getpid(), "failed_imports": failed})
+    invocations = _Invocations(link, app_root)
+    # the host's time-limit signal comes to this process: the invocation's code is
+    # what must stop (and say where it was)
+    signal.signal(TIME_LIMIT_SIGNAL, invocations.pass_time_limit_on)
+    invocations.serve(ready={"pid": os.getpid(), "failed_imports": failed})
 
 
 #: What an invocation's process tells the warm worker, on a pipe of its own.
@@ -214,6 +224,8 @@ class _Invocations:
         self.link = link
         self.app_root = app_root
         self.spares: collections.deque[_Spare] = collections.deque()
+        #: pid of the invocation whose turn it is
+        self.current: int | None = None
         with contextlib.suppress(OSError):  # (then orphans go to the namespace's init)
             linux.prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
@@ -229,8 +241,18 @@ class _Invocations:
                 self._discard(current)
                 continue
             os.close(current.go)
-            if not self._follow(current):
-                return
+            self.current = current.pid
+            try:
+                if not self._follow(current):
+                    return
+            finally:
+                self.current = None
+
+    def pass_time_limit_on(self, _signum: int, _frame: Any) -> None:
+        """Signal handler: the current invocation's time is up."""
+        if self.current is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.current, TIME_LIMIT_SIGNAL)
 
     def _discard(self, spare: _Spare) -> None:
         for fd in (spare.go, spare.said):
@@ -286,6 +308,7 @@ class _Invocations:
         if pid == 0:
             code = 70
             try:
+                signal.signal(TIME_LIMIT_SIGNAL, time_limit_reached)
                 os.setpgid(0, 0)
                 for spare in self.spares:  # the others' pipes are none of its business
                     os.close(spare.go)
