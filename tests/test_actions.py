@@ -747,6 +747,29 @@ def test_cli_without_a_server(tmp_path: Path) -> None:
     assert not_object.returncode == 1 and "--params must be a JSON object" in not_object.stderr
 
 
+def test_a_full_tmp_names_the_apps_tmp_limit(tmp_path: Path) -> None:
+    root = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            defaults: {tmp: 4MiB}
+            actions:
+              - name: spool
+                steps:
+                  - name: write
+                    code: |
+                      with open("/tmp/spool", "wb") as out:
+                          out.write(b"x" * (params["mib"] * 1024**2))
+                      return "spooled"
+        """,
+    })
+    full = json.loads(cli("action", str(root), "spool", "--params", '{"mib": 8}').stdout)
+    assert full["status"] == "failed"
+    assert "No space left on device" in full["error"]
+    assert "(/tmp holds at most 4MiB, its `tmp` limit; set a larger `tmp` in the app's " \
+           "`defaults`)" in full["error"]
+    fits = json.loads(cli("action", str(root), "spool", "--params", '{"mib": 2}').stdout)
+    assert fits["data"] == "spooled"
+
+
 def test_template_inside_inline_code_fails_to_load(tmp_path: Path) -> None:
     root = write_app(tmp_path / "app", {
         "stepwell.yml": """

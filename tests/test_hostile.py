@@ -151,12 +151,12 @@ CASES: dict[str, Case] = {
     ),
     "fill_tmp": Case(  # /tmp is memory: its size is the `tmp` limit
         'with open("/tmp/fill", "wb") as out:\n    while True:\n        out.write(b"x" * 1024**2)',
-        "failed", r"No space left on device.* /tmp holds at most 8MiB, its `tmp` limit",
+        "failed", r"No space left on device.* \(/tmp holds at most 8MiB, its `tmp` limit",
         settings={"tmp": "8MiB"},
     ),
     "files_fill_tmp": Case(  # and so is every empty file: one inode per 4 KiB of it
         'for i in range(10_000):\n    open(f"/tmp/f{i}", "w").close()',
-        "failed", r"No space left on device.* /tmp holds at most 8MiB, its `tmp` limit",
+        "failed", r"No space left on device.* \(/tmp holds at most 8MiB, its `tmp` limit",
         settings={"tmp": "8MiB"},
     ),
     "infinite_loop": Case(

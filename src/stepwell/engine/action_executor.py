@@ -678,12 +678,14 @@ class ActionExecutor:
             self.pool.release(worker)
         if result.get("status") == "ok":
             return result.get("data")
-        error = str(result.get("error") or "the step failed")
-        memory = getattr(getattr(self.app, "defaults", None), "memory", None)
-        if result.get("memory_error") and memory:
-            from stepwell.sandbox.policy import format_bytes
+        from stepwell.sandbox.policy import format_bytes, with_tmp_limit
 
+        error = str(result.get("error") or "the step failed")
+        defaults = getattr(self.app, "defaults", None)
+        memory = getattr(defaults, "memory", None)
+        if result.get("memory_error") and memory:
             error = f"memory limit {format_bytes(memory)} exceeded ({error})"
+        error = with_tmp_limit(error, getattr(defaults, "tmp", None), "in the app's `defaults`")
         raise _StepFailed(error, traceback=result.get("traceback"))
 
     def _waited_out(self, call: _Call, step: Any, waited: float) -> str:

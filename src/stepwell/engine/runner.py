@@ -27,7 +27,7 @@ from stepwell.runtimes.node import host as node_host
 from stepwell.runtimes.processor import host as processor_host
 from stepwell.runtimes.sql import run_sql_step
 from stepwell.sandbox.launcher import WorkerLimits, start_worker
-from stepwell.sandbox.policy import DEFAULT_PROCESSES, DEFAULT_TMP, format_bytes, sandbox_mode
+from stepwell.sandbox.policy import DEFAULT_PROCESSES, format_bytes, sandbox_mode, with_tmp_limit
 from stepwell.store import ids
 from stepwell.store.base import LogLine, PartitionRecord, RunRecord, Store
 
@@ -642,13 +642,10 @@ def _limit_outcome(outcome: Outcome, limits: WorkerLimits) -> Outcome:
             "failed", f"{error} (process limit {processes} reached)", outcome.traceback,
             outcome.info,
         )
-    if outcome.status == "failed" and "[Errno 28]" in error:  # ENOSPC: only /tmp and /dev/shm
-        tmp = format_bytes(limits.tmp if limits.tmp is not None else DEFAULT_TMP)
-        return Outcome(
-            "failed", f"{error} (the step's /tmp holds at most {tmp}, its `tmp` limit; set a "
-            "larger `tmp` on the step or in the app's `defaults`)", outcome.traceback,
-            outcome.info,
-        )
+    if outcome.status == "failed":
+        where = "on the step or in the app's `defaults`"
+        return Outcome("failed", with_tmp_limit(error, limits.tmp, where), outcome.traceback,
+                       outcome.info)  # fmt: skip
     return outcome
 
 

@@ -127,6 +127,15 @@ def format_bytes(size: int) -> str:
     return f"{size}B"
 
 
+def with_tmp_limit(error: str, tmp: int | None, where: str = "on the step") -> str:
+    """``error`` with the ``tmp`` limit named when it says no space was left (in the
+    sandbox only /tmp, and /dev/shm, can fill up: the rest is read-only)."""
+    if "[Errno 28]" not in error:
+        return error
+    size = format_bytes(tmp if tmp is not None else DEFAULT_TMP)
+    return f"{error} (/tmp holds at most {size}, its `tmp` limit; set a larger `tmp` {where})"
+
+
 def format_seconds(seconds: float) -> str:
     return f"{seconds:g}s"
 
