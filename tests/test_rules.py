@@ -808,3 +808,35 @@ def test_a_flooding_source_is_bounded_by_buffer_length_and_a_stop_counts_what_it
                        r"number of events, at least 1 \(default 1024\), not 0"):
         engine.create({"id": "bad_buffer", "sql": "SELECT id FROM flood", "actions": [{"log": {}}],
                        "options": {"bufferLength": 0}})
+
+
+def test_a_rule_keeps_calling_its_functions_after_another_rule_grows_their_pool(env) -> None:
+    """Rule B asking for more function processes than rule A started with: A's calls
+    went to the old pool, whose threads B's bigger pool had stopped (A hung)."""
+    root, store, engine = env
+    append_rows(store, "readings", _readings(4))
+    engine.create({"id": "small", "sql": "SELECT id, scale(v, 10) AS s FROM readings",
+                   "actions": [{"table": {"name": "small_out"}}]})
+    engine.start("small")
+    wait_for(lambda: engine.status("small")["records_out"] == 4)
+    engine.create({"id": "big", "sql": "SELECT id, scale(v, 100) AS s FROM readings",
+                   "actions": [{"table": {"name": "big_out"}}],
+                   "options": {"functionProcesses": 3}})
+    engine.start("big")
+    wait_for(lambda: engine.status("big")["records_out"] == 4)
+    append_rows(store, "readings", _readings(6, start=4))  # several events per batch
+    engine.notify("readings")
+    wait_for(lambda: engine.status("small")["records_out"] == 10, timeout=20)
+    wait_for(lambda: engine.status("big")["records_out"] == 10, timeout=20)
+    # a crash of a process the bigger pool added counts for both rules
+    import os
+    import signal
+
+    added = engine.manager.function_pool("scale").channels[2].process
+    os.kill(added.pid, signal.SIGKILL)
+    for rule in ("small", "big"):
+        status = wait_for(lambda r=rule: (s := engine.status(r))["plugin_crashes"] >= 1 and s)
+        assert "it runs this rule's function 'scale'" in status["last_error"]
+    engine.stop("small")
+    engine.stop("big")
+    assert [r["id"] for r in rows_of(store, "small_out", "id")] == list(range(10))

@@ -448,6 +448,8 @@ class RuleRuntime:
         self._stopped = False
         #: (plugin process, callback) pairs telling this rule of its plugins' crashes
         self._watching: list[tuple[Any, Callable[[Any], None]]] = []
+        #: the function pools its query calls, by symbol
+        self._pools: dict[str, Any] = {}
 
     # -- lifecycle
     def start(self) -> None:
@@ -460,6 +462,7 @@ class RuleRuntime:
         self._con.execute("SET TimeZone = 'UTC'")
         pools = {s.symbol: self.manager.function_pool(s.symbol, self.processes)
                  for s in self.compiled.functions}
+        self._pools = pools
         sites = [UdfSite(s.udf_name, s.symbol, s.arity, s.aggregate,
                          context_json(self.rule.id, "project", s.func_id), self.function_timeout)
                  for s in self.compiled.functions]
@@ -504,8 +507,8 @@ class RuleRuntime:
         for action in self.actions:
             if isinstance(action, _SinkAction) and action.channel is not None:
                 uses[action.channel.process][action.channel.key] = f"sink {action.symbol!r}"
-        for symbol in sorted({site.symbol for site in self.compiled.functions} if self.compiled else ()):
-            for channel in self.manager.function_pool(symbol, self.processes).channels:
+        for symbol, pool in sorted(self._pools.items()):
+            for channel in pool.channels:
                 uses[channel.process][channel.key] = f"function {symbol!r}"
         return uses
 
@@ -514,11 +517,22 @@ class RuleRuntime:
             callback = functools.partial(self._on_plugin_event, uses)
             process.watch(callback)
             self._watching.append((process, callback))
+        for pool in self._pools.values():  # (another rule may add processes to them)
+            pool.on_grow.append(self._on_pool_grown)
 
     def _unwatch_plugins(self) -> None:
         watching, self._watching = self._watching, []
         for process, callback in watching:
             process.unwatch(callback)
+        for pool in self._pools.values():
+            if self._on_pool_grown in pool.on_grow:
+                pool.on_grow.remove(self._on_pool_grown)
+
+    def _on_pool_grown(self, _channels: list[Any]) -> None:
+        """A function pool the rule calls has more processes now: watch them too."""
+        self._unwatch_plugins()
+        if not self._stopped:
+            self._watch_plugins()
 
     def _on_plugin_event(self, uses: dict[str, str], event: Any) -> None:
         """A plugin process the rule uses crashed, was restarted, or could not be:

@@ -21,7 +21,7 @@ import collections
 import itertools
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,12 +73,26 @@ class FunctionPool:
         self._queues: list[list[_Batch]] = [[] for _ in channels]
         self._cond = threading.Condition()
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._serve, args=(i,), name=f"fn-{symbol}-{i}", daemon=True)
-            for i in range(len(channels))
-        ]
-        for thread in self._threads:
-            thread.start()
+        #: called with the new channels when the pool grows (rules watch their processes)
+        self.on_grow: list[Callable[[list[FunctionChannel]], None]] = []
+        self._start_threads(0)
+
+    def _start_threads(self, first: int) -> None:
+        for i in range(first, len(self.channels)):
+            threading.Thread(target=self._serve, args=(i,), name=f"fn-{self.symbol}-{i}",
+                             daemon=True).start()  # fmt: skip
+
+    def grow(self, channels: list[FunctionChannel]) -> None:
+        """Serve on ``channels`` too (more processes of the plugin). In place: every
+        rule holding this pool then spreads its calls over them."""
+        with self._cond:
+            first = len(self.channels)
+            self.channels = [*self.channels, *channels]  # (new lists: readers never see them half-made)
+            self._queues = [*self._queues, *([] for _ in channels)]
+            self._start_threads(first)
+            listeners = list(self.on_grow)
+        for listener in listeners:
+            listener(channels)
 
     @property
     def size(self) -> int:
@@ -182,14 +196,10 @@ class FunctionPool:
             self._is_aggregate = bool(result)
         return self._is_aggregate
 
-    def close_threads_only(self) -> None:
-        """Stop this pool's threads but keep its channels (they move to a bigger pool)."""
+    def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-    def close(self) -> None:
-        self.close_threads_only()
         for channel in self.channels:
             channel.close()
 

@@ -156,13 +156,13 @@ class PluginManager:
             if pool is not None and pool.size >= wanted:
                 return pool
             plugin = self.plugin_for("function", symbol)
-            channels = list(pool.channels) if pool is not None else []
-            if pool is not None:
-                pool.close_threads_only()
-            for proc in self._processes(plugin.name, wanted)[len(channels):]:
-                channels.append(FunctionChannel(proc, symbol))
-            pool = FunctionPool(symbol, channels)
-            self._pools[symbol] = pool
+            have = pool.size if pool is not None else 0
+            channels = [FunctionChannel(proc, symbol)
+                        for proc in self._processes(plugin.name, wanted)[have:]]  # fmt: skip
+            if pool is None:
+                pool = self._pools[symbol] = FunctionPool(symbol, channels)
+            else:
+                pool.grow(channels)
             return pool
 
     def source(self, symbol: str, m: dict[str, Any], config: dict[str, Any], datasource: str,
