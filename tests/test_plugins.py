@@ -440,3 +440,47 @@ def _plugin_processes(app_dir: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+class _SlowChannel:
+    """A stand-in for a plugin process's function channel: each call takes 50 ms."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def call(self, request: bytes, deadline: float | None = None, timeout: float | None = None) -> bytes:
+        self.calls += 1
+        time.sleep(0.05)
+        return b'{"state": true, "result": 1}'
+
+    def close(self) -> None:
+        pass
+
+
+def test_closing_a_function_pool_ends_the_calls_in_flight() -> None:
+    """A pool closed while a batch was being served (its plugin stopped by `plugin remove
+    --force`): the caller gets an error at once instead of waiting for ever."""
+    import threading
+
+    from stepwell.runtimes.plugin.functions import FunctionPool
+
+    channels = [_SlowChannel(), _SlowChannel()]
+    pool = FunctionPool("slow", channels)  # type: ignore[arg-type]
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            outcome["replies"] = pool.call_raw([b"{}"] * 100)
+        except Exception as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.2)
+    pool.close()
+    caller.join(5)
+    assert not caller.is_alive(), "the call still waits"
+    assert "function 'slow' is no longer served" in str(outcome["error"])
+    assert sum(c.calls for c in channels) < 20  # (the calls in progress end, no more start)
+    with pytest.raises(Exception, match="function 'slow' is no longer served"):
+        pool.call_raw([b"{}"] * 3)  # (it waited for ever: no thread serves a closed pool)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepwell.runtimes.plugin.channels import FunctionChannel, decode_reply
+from stepwell.runtimes.plugin.process import PluginError
 
 __all__ = ["CallReplay", "FunctionPool", "UdfSite", "context_json", "json_default", "make_udf", "register_udfs"]
 
@@ -58,6 +59,24 @@ class _Batch:
         self.done = threading.Event()
         if not requests:
             self.done.set()
+
+    def finished(self, count: int) -> None:
+        """``count`` more replies are in."""
+        if count:
+            with self.lock:
+                self.remaining -= count
+                if self.remaining == 0:
+                    self.done.set()
+
+    def fail_rest(self, error: BaseException) -> None:
+        """Answer every request no channel has taken yet with ``error``."""
+        count = 0
+        for i in self.next:
+            if i >= len(self.requests):
+                break
+            self.replies[i] = error
+            count += 1
+        self.finished(count)
 
 
 class FunctionPool:
@@ -114,16 +133,19 @@ class FunctionPool:
             for i in batch.next:
                 if i >= total:
                     break
-                try:
-                    replies[i] = channel.call(requests[i], batch.deadline, batch.timeout)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    replies[i] = exc
+                if self._closed:  # (the rest: ``close`` answers them)
+                    replies[i] = self._gone()
+                else:
+                    try:
+                        replies[i] = channel.call(requests[i], batch.deadline, batch.timeout)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        replies[i] = exc
                 finished += 1
-            if finished:
-                with batch.lock:
-                    batch.remaining -= finished
-                    if batch.remaining == 0:
-                        batch.done.set()
+            batch.finished(finished)
+
+    def _gone(self) -> PluginError:
+        return PluginError(f"function {self.symbol!r} is no longer served: its plugin was "
+                           f"stopped (removed, or the host is shutting down)")  # fmt: skip
 
     def call_raw(self, requests: Sequence[bytes], deadline: float | None = None,
                  timeout: float | None = None, *, errors: bool = False) -> list[Any]:
@@ -131,10 +153,14 @@ class FunctionPool:
         Each call ends by ``deadline`` (``time.monotonic()``), if given, and takes
         at most ``timeout`` seconds (see ``FunctionChannel.call``). A failed call
         raises, after all were made; with ``errors`` its exception is in its place."""
+        if self._closed:
+            raise self._gone()
         if len(requests) == 1 and not errors:  # no hand-off for a lone call
             return [self.channels[0].call(requests[0], deadline, timeout)]
         batch = _Batch(requests, deadline, timeout)
         with self._cond:
+            if self._closed:
+                raise self._gone()
             for queue in self._queues:
                 queue.append(batch)
             self._cond.notify_all()
@@ -197,9 +223,15 @@ class FunctionPool:
         return self._is_aggregate
 
     def close(self) -> None:
+        """Stop serving: calls waiting or in flight end with an error at once."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            waiting = {id(b): b for queue in self._queues for b in queue}.values()
+            for queue in self._queues:
+                queue.clear()
+        for batch in waiting:
+            batch.fail_rest(self._gone())
         for channel in self.channels:
             channel.close()
 

@@ -507,7 +507,9 @@ class PluginProcess:
                 self._await_handshake()
                 self.restarts += 1
                 replayed, failed = self._replay()
-        except PluginError as exc:
+        except (PluginError, pynng.NNGException) as exc:
+            if self._stopping:  # (stopped meanwhile: its sockets were closed under it)
+                return
             log.error("plugin %r: restart failed: %s", name, exc)
             self._kill_reason = "its restart failed"  # (not one more crash)
             self._kill()
