@@ -524,6 +524,27 @@ def test_read_interfaces(tmp_path, interface):
     )
 
 
+def test_a_parquet_partition_larger_than_tmp_names_the_limit(tmp_path):
+    """Parquet partitions are spooled to the worker's /tmp (a file system in memory of
+    the step's `tmp` size) before they are read."""
+    code = dedent(INTERFACE_HEAD) + dedent("""
+        def read_bytes(context, metadata):
+            rows = [{"id": i, "blob": f"{i:08d}" * 64} for i in range(8000)]
+            buffer = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(rows), buffer, compression="none")
+            yield buffer.getvalue()
+    """)
+    app = connector_app(tmp_path / "app", code, step="parser: parquet\ntmp: 2MiB")
+    (run,) = run_app(app)
+    assert run.status == "failed"
+    assert "No space left on device" in run.error
+    assert "(/tmp holds at most 2MiB, its `tmp` limit; set a larger `tmp` on the step" in run.error
+    (app / "stepwell.yml").write_text((app / "stepwell.yml").read_text().replace("2MiB", "64MiB"))
+    (run,) = run_app(app)
+    assert run.status == "succeeded", run.error
+    assert len(rows(app, "out")) == 16000
+
+
 SCHEMA_CONNECTOR = """
     import pyarrow as pa
     import pandas as pd

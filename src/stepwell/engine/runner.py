@@ -467,7 +467,7 @@ class Runner:
     def _run_connector(self, active: ActiveRun) -> Outcome:
         from stepwell.engine.connector_executor import run_connector
 
-        return run_connector(self, active)
+        return _limit_outcome(run_connector(self, active), active.context.worker_limits)
 
     def _respond(self, run: RunRecord, request_key: str, payload: Any) -> bool:
         respond = getattr(self.listener, "respond", None)
