@@ -1099,3 +1099,71 @@ def test_shutdown_lets_calls_end_then_cancels_them_and_refuses_new_ones(tmp_path
         assert store.get_run(outcome["run_id"]).status == "cancelled"
     finally:
         store.close()
+
+
+@pytest.fixture
+def litter_worker(tmp_path: Path) -> Any:
+    """An executor whose pool has a single warm worker, for an app with a small /tmp."""
+    from stepwell.engine.action_executor import ActionExecutor
+    from stepwell.store import open_store
+
+    root = write_app(tmp_path / "app", {"stepwell.yml": """
+        defaults: {tmp: 4MiB}
+        actions:
+          - name: litter
+            steps:
+              - name: l
+                code: |
+                  import os, uuid
+                  with open(f"/tmp/{params['who']}.txt", "w") as out:
+                      out.write(params["secret"])
+                  with open(f"/tmp/{uuid.uuid4().hex}.bin", "wb") as out:
+                      out.write(b"x" * 3 * 1024**2)
+                  os.makedirs("/tmp/.cache/deep/er")
+                  os.symlink("/etc", "/tmp/etc-link")
+                  os.chmod("/tmp", 0o777)
+                  return "littered"
+          - name: peek
+            steps:
+              - {name: p, code: "import os; return [sorted(os.listdir('/tmp')), oct(os.stat('/tmp').st_mode & 0o777)]"}
+          - name: detach
+            steps:
+              - name: d
+                code: |
+                  import subprocess
+                  loop = "while true; do date > /tmp/still-here; sleep 0.05; done"
+                  return subprocess.Popen(["sh", "-c", loop], start_new_session=True).pid
+          - name: running
+            steps:
+              - name: r
+                code: |
+                  try:
+                      with open(f"/proc/{params['pid']}/stat") as f:
+                          return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+                  except FileNotFoundError:
+                      return False
+    """})
+    app = load_app(root)
+    store = open_store(None, app.root)
+    executor = ActionExecutor(app, store, environ={**os.environ, "STEPWELL_ACTION_WORKERS": "1",
+                                                  "STEPWELL_ACTION_WARM": "1"})
+    try:
+        yield executor
+    finally:
+        executor.close()
+        store.close()
+
+
+def _call(executor: Any, name: str, params: dict[str, Any] | None = None, who: str = "t") -> Any:
+    result = executor.invoke(name, params or {}, {"id": who, "roles": []})
+    assert result.status == "succeeded", result.error
+    return result.data
+
+
+def test_a_process_a_call_started_in_a_session_of_its_own_ends_with_the_call(
+    litter_worker: Any,
+) -> None:
+    pid = _call(litter_worker, "detach")
+    assert isinstance(pid, int)
+    wait_for(lambda: _call(litter_worker, "running", {"pid": pid}) is False, 10,
+             what="the process the call started in its own session to end")

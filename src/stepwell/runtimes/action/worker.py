@@ -293,13 +293,34 @@ class _Invocations:
             os.close(pidfd)
         ending = _ending(status)
         _reap_orphans()
+        ended = self._end_strays()
         if _STOP in current.heard:
             self._stop()
             return False
         if _TOOK in current.heard and _ANSWERING not in current.heard:
             self.link.notify("result", status="error", traceback=None, memory_error=False,
                              error=f"the step's process ended before it returned: {ending}")  # fmt: skip
+        if not ended:  # this worker ends too: the host replaces it
+            self._stop()
+            return False
         return True
+
+    def _end_strays(self) -> bool:
+        """Kill what the call left running outside its process group (a process in
+        a session of its own, or a group of its own, comes to this one, the
+        subreaper, once its parent has ended); False when some would not end."""
+        for _ in range(_STRAY_ROUNDS):  # (their children come to us as they die)
+            spares = {spare.pid for spare in self.spares}
+            strays = [pid for pid in _children() if pid not in spares]
+            if not strays:
+                return True
+            for pid in strays:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in strays:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        return False
 
     def _fork(self) -> _Spare:
         go_read, go_write = os.pipe()
@@ -336,6 +357,38 @@ class _Invocations:
         for spare in self.spares:  # (each reads end-of-file and exits)
             self._discard(spare)
         self.spares.clear()
+
+
+#: Times ``_end_strays`` kills what is left before it gives up on the worker.
+_STRAY_ROUNDS = 50
+
+
+def _children() -> list[int]:
+    """This process's children: from ``/proc/self/task/*/children`` where the
+    kernel has it, else from every process's ``stat`` (few, in a PID namespace);
+    none known when ``/proc`` is not of this process's PID namespace."""
+    me, pids = os.getpid(), []
+    try:
+        if os.readlink("/proc/self") != str(me):  # another PID namespace's /proc
+            return []
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as listing:
+                pids += [int(pid) for pid in listing.read().split()]
+        return pids
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+            except OSError:  # (ended meanwhile)
+                continue
+            if int(fields[1]) == me:
+                pids.append(int(name))
+    return pids
 
 
 def _reap_orphans() -> None:
