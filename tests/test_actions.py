@@ -1114,24 +1114,29 @@ def litter_worker(tmp_path: Path) -> Any:
             steps:
               - name: l
                 code: |
-                  import os, uuid
-                  with open(f"/tmp/{params['who']}.txt", "w") as out:
+                  import os, tempfile, uuid
+                  tmp = tempfile.gettempdir()  # (/tmp, unless there is no mount namespace)
+                  with open(f"{tmp}/{params['who']}.txt", "w") as out:
                       out.write(params["secret"])
-                  with open(f"/tmp/{uuid.uuid4().hex}.bin", "wb") as out:
+                  with open(f"{tmp}/{uuid.uuid4().hex}.bin", "wb") as out:
                       out.write(b"x" * 3 * 1024**2)
-                  os.makedirs("/tmp/.cache/deep/er")
-                  os.symlink("/etc", "/tmp/etc-link")
-                  os.chmod("/tmp", 0o777)
+                  os.makedirs(f"{tmp}/.cache/deep/er")
+                  os.symlink("/etc", f"{tmp}/etc-link")
+                  os.chmod(tmp, 0o777)
                   return "littered"
           - name: peek
             steps:
-              - {name: p, code: "import os; return [sorted(os.listdir('/tmp')), oct(os.stat('/tmp').st_mode & 0o777)]"}
+              - name: p
+                code: |
+                  import os, tempfile
+                  tmp = tempfile.gettempdir()
+                  return [sorted(os.listdir(tmp)), oct(os.stat(tmp).st_mode & 0o777)]
           - name: detach
             steps:
               - name: d
                 code: |
                   import subprocess
-                  loop = "while true; do date > /tmp/still-here; sleep 0.05; done"
+                  loop = "while true; do date > $TMPDIR/still-here; sleep 0.05; done"
                   return subprocess.Popen(["sh", "-c", loop], start_new_session=True).pid
           - name: running
             steps:
@@ -1160,6 +1165,16 @@ def _call(executor: Any, name: str, params: dict[str, Any] | None = None, who: s
     return result.data
 
 
+def test_what_a_call_leaves_in_tmp_is_gone_for_the_next_call(litter_worker: Any) -> None:
+    """A warm worker's calls share its sandbox: what one leaves in /tmp would reach
+    the next call, whoever makes it, and fill the worker's `tmp` limit call by call."""
+    before = _call(litter_worker, "peek")
+    for _ in range(3):  # 3 MiB each, 4 MiB in all: only when each call's files go
+        assert _call(litter_worker, "litter", {"who": "mallory", "secret": "4111-1111"},
+                     who="mallory") == "littered"  # fmt: skip
+        assert _call(litter_worker, "peek", who="alice") == before
+
+
 def test_a_process_a_call_started_in_a_session_of_its_own_ends_with_the_call(
     litter_worker: Any,
 ) -> None:
@@ -1167,3 +1182,4 @@ def test_a_process_a_call_started_in_a_session_of_its_own_ends_with_the_call(
     assert isinstance(pid, int)
     wait_for(lambda: _call(litter_worker, "running", {"pid": pid}) is False, 10,
              what="the process the call started in its own session to end")
+    assert "still-here" not in _call(litter_worker, "peek")[0]

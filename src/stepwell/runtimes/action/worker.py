@@ -33,6 +33,7 @@ import inspect
 import os
 import select
 import signal
+import stat
 import sys
 import traceback
 import types
@@ -226,6 +227,15 @@ class _Invocations:
         self.spares: collections.deque[_Spare] = collections.deque()
         #: pid of the invocation whose turn it is
         self.current: int | None = None
+        #: the calls' temp dir (TMPDIR, also HOME; the sandbox's /tmp), its mode and
+        #: what it held before any call (the way to an app under /tmp, the stderr
+        #: file of a worker without sandbox): see _empty_tmp
+        self.tmp = os.environ.get("TMPDIR") or None
+        try:
+            self.tmp_mode = stat.S_IMODE(os.lstat(self.tmp).st_mode) if self.tmp else 0o700
+            self.tmp_kept = frozenset(os.listdir(self.tmp) if self.tmp else ())
+        except OSError:
+            self.tmp = None
         with contextlib.suppress(OSError):  # (then orphans go to the namespace's init)
             linux.prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
@@ -293,7 +303,7 @@ class _Invocations:
             os.close(pidfd)
         ending = _ending(status)
         _reap_orphans()
-        ended = self._end_strays()
+        ended = self._end_strays() and self._empty_tmp()
         if _STOP in current.heard:
             self._stop()
             return False
@@ -304,6 +314,20 @@ class _Invocations:
             self._stop()
             return False
         return True
+
+    def _empty_tmp(self) -> bool:
+        """Remove what the call left in the temp dir and undo a change to its mode:
+        the calls of a warm worker share its sandbox, and the next may be another
+        user's (and what each left would count against the app's `tmp` limit for
+        all). False when some of it stays."""
+        if self.tmp is None:
+            return True
+        try:
+            if stat.S_IMODE(os.lstat(self.tmp).st_mode) != self.tmp_mode:
+                os.chmod(self.tmp, self.tmp_mode)
+            return _empty_folder(self.tmp, self.tmp_kept)
+        except OSError:
+            return False
 
     def _end_strays(self) -> bool:
         """Kill what the call left running outside its process group (a process in
@@ -389,6 +413,23 @@ def _children() -> list[int]:
             if int(fields[1]) == me:
                 pids.append(int(name))
     return pids
+
+
+def _empty_folder(path: str, keep: frozenset[str]) -> bool:
+    """Remove what folder ``path`` holds but the entries named ``keep``; whether
+    nothing else is left."""
+    names = [name for name in os.listdir(path) if name not in keep]
+    if not names:  # (the usual case: nothing more to do)
+        return True
+    from stepwell.sandbox.forkserver import remove_tree
+
+    for name in names:
+        inner = os.path.join(path, name)
+        if stat.S_ISDIR(os.lstat(inner).st_mode):
+            with contextlib.suppress(OSError):  # (one the call made unreadable)
+                os.chmod(inner, 0o700)
+        remove_tree(inner)
+    return not any(os.path.lexists(os.path.join(path, name)) for name in names)
 
 
 def _reap_orphans() -> None:
