@@ -159,6 +159,11 @@ CASES: dict[str, Case] = {
         "failed", r"No space left on device.* \(/tmp holds at most 8MiB, its `tmp` limit",
         settings={"tmp": "8MiB"},
     ),
+    "fill_shm": Case(  # /dev/shm has a size of its own: the `tmp` limit is not to blame
+        'with open("/dev/shm/fill", "wb") as out:\n    while True:\n        out.write(b"x" * 1024**2)',
+        "failed", r"^(?!.*its `tmp` limit).*No space left on device \(/dev/shm holds at most 64MiB,",
+        settings={"tmp": "256MiB"},
+    ),
     "infinite_loop": Case(
         "while True:\n    pass",
         "timed_out", r"the step exceeded its time limit \(timeout 1s\)",

@@ -36,7 +36,7 @@ import stat
 from dataclasses import dataclass, field
 
 from stepwell.sandbox import linux
-from stepwell.sandbox.policy import SANDBOX_TMP, SandboxSpec, format_bytes
+from stepwell.sandbox.policy import SANDBOX_TMP, SHM_SIZE, SandboxSpec, format_bytes
 
 #: File descriptor the worker's channel is moved to.
 CHANNEL_FD = 3
@@ -226,7 +226,8 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
         if kind == "tmp":
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, _tmp_options(plan))
         elif kind == "shm":
-            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64m,mode=1777")
+            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                        f"size={SHM_SIZE},mode=1777")  # fmt: skip
         else:
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,mode=0755")
     for path, fd in clones:

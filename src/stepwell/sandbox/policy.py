@@ -36,6 +36,8 @@ DEFAULT_OPEN_FILES = 4096
 DEFAULT_FILE_SIZE = 8 * 1024**3
 #: Size of a run's private /tmp (a file system in memory) when nothing sets ``tmp``.
 DEFAULT_TMP = 1024**3
+#: Size of a run's private /dev/shm (whatever its ``tmp`` limit).
+SHM_SIZE = 64 * 1024**2
 #: Exit code a worker uses when it ran out of memory and could not report it.
 MEMORY_EXIT_CODE = 86
 #: Signal the host sends (through the fork-server) to a worker whose run has
@@ -127,10 +129,19 @@ def format_bytes(size: int) -> str:
     return f"{size}B"
 
 
+#: What a worker adds to a "no space left" error of its full /dev/shm.
+SHM_FULL = "(/dev/shm holds at most"
+
+
+def shm_full_note() -> str:
+    """`` (/dev/shm holds at most 64MiB, ...)`` for a "no space left" error."""
+    return f" {SHM_FULL} {format_bytes(SHM_SIZE)}, whatever the `tmp` limit; write big files to /tmp)"
+
+
 def with_tmp_limit(error: str, tmp: int | None, where: str = "on the step") -> str:
     """``error`` with the ``tmp`` limit named when it says no space was left (in the
     sandbox only /tmp, and /dev/shm, can fill up: the rest is read-only)."""
-    if "[Errno 28]" not in error:
+    if "[Errno 28]" not in error or SHM_FULL in error:  # (the worker named /dev/shm)
         return error
     size = format_bytes(tmp if tmp is not None else DEFAULT_TMP)
     return f"{error} (/tmp holds at most {size}, its `tmp` limit; set a larger `tmp` {where})"

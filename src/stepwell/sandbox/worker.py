@@ -24,7 +24,12 @@ from types import TracebackType
 from typing import Any
 
 from stepwell.sandbox.client import HostLink, capture_output
-from stepwell.sandbox.policy import MEMORY_EXIT_CODE, TIME_LIMIT_SIGNAL
+from stepwell.sandbox.policy import (
+    MEMORY_EXIT_CODE,
+    SANDBOX_TMP,
+    TIME_LIMIT_SIGNAL,
+    shm_full_note,
+)
 from stepwell.sandbox.protocol import Channel, PeerGone
 
 #: Source folders of stepwell itself: frames from here are not the user's.
@@ -138,6 +143,8 @@ def exception_text(exc: BaseException) -> str:
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list) and notes:  # (what stepwell or the user added: the row...)
         message += "".join(f" [{note}]" for note in notes if isinstance(note, str))
+    if "[Errno 28]" in message and _shm_is_full(exc):  # else the host names the `tmp` limit
+        message += shm_full_note()
     if type(exc) is NameError and exc.name in _TYPING_NAMES:  # code copied with its hints
         message += f" (add `from typing import {exc.name}` at the top of the file)"
     if isinstance(exc, ModuleNotFoundError) and exc.name and "." not in exc.name:
@@ -145,6 +152,24 @@ def exception_text(exc: BaseException) -> str:
         message += (f" (not installed: add {package} to a requirements file named by the "
                     f"app's requirements_file:, which stepwell installs once and reuses)")  # fmt: skip
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _shm_is_full(exc: BaseException) -> bool:
+    """Whether "no space left" ``exc`` is /dev/shm's (of a size of its own), not
+    /tmp's: the file it names is in /dev/shm or, when it names none, /dev/shm is
+    full and /tmp is not."""
+    name = getattr(exc, "filename", None)
+    if isinstance(name, str) and name:
+        return os.path.realpath(name).startswith("/dev/shm/")
+    try:
+        shm, tmp = os.statvfs("/dev/shm"), os.statvfs(SANDBOX_TMP)
+    except OSError:
+        return False
+
+    def full(fs: os.statvfs_result) -> bool:
+        return fs.f_bavail * fs.f_frsize < 1024**2 or (fs.f_files > 0 and fs.f_favail == 0)
+
+    return full(shm) and not full(tmp)
 
 
 #: Names of ``typing`` that code written against another product's docs uses unimported.
