@@ -1123,6 +1123,9 @@ def litter_worker(tmp_path: Path) -> Any:
                   os.makedirs(f"{tmp}/.cache/deep/er")
                   os.symlink("/etc", f"{tmp}/etc-link")
                   os.chmod(tmp, 0o777)
+                  if tmp == "/tmp":  # (and /dev/shm is the sandbox's own too)
+                      with open(f"/dev/shm/{params['who']}", "w") as out:
+                          out.write(params["secret"])
                   return "littered"
           - name: peek
             steps:
@@ -1130,7 +1133,8 @@ def litter_worker(tmp_path: Path) -> Any:
                 code: |
                   import os, tempfile
                   tmp = tempfile.gettempdir()
-                  return [sorted(os.listdir(tmp)), oct(os.stat(tmp).st_mode & 0o777)]
+                  shm = sorted(os.listdir("/dev/shm")) if tmp == "/tmp" else []
+                  return [sorted(os.listdir(tmp)), oct(os.stat(tmp).st_mode & 0o777), shm]
           - name: detach
             steps:
               - name: d

@@ -51,7 +51,7 @@ from stepwell.runtimes.action.code import (
 )
 from stepwell.sandbox import linux
 from stepwell.sandbox.client import HostLink, LogStream
-from stepwell.sandbox.policy import TIME_LIMIT_SIGNAL, signal_name
+from stepwell.sandbox.policy import SANDBOX_TMP, TIME_LIMIT_SIGNAL, signal_name
 from stepwell.sandbox.worker import TimeLimitReached, exception_text, time_limit_reached
 
 #: Synthetic package the app folder is importable as (shared with node steps).
@@ -236,6 +236,10 @@ class _Invocations:
             self.tmp_kept = frozenset(os.listdir(self.tmp) if self.tmp else ())
         except OSError:
             self.tmp = None
+        #: /dev/shm is the sandbox's own too where /tmp is (a mount namespace of its
+        #: own), else the host's: then what is in it is not the calls' alone
+        self.shm = "/dev/shm" if self.tmp == SANDBOX_TMP and os.path.isdir("/dev/shm") else None
+        self.shm_kept = frozenset(os.listdir(self.shm) if self.shm else ())
         with contextlib.suppress(OSError):  # (then orphans go to the namespace's init)
             linux.prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
@@ -316,16 +320,17 @@ class _Invocations:
         return True
 
     def _empty_tmp(self) -> bool:
-        """Remove what the call left in the temp dir and undo a change to its mode:
-        the calls of a warm worker share its sandbox, and the next may be another
-        user's (and what each left would count against the app's `tmp` limit for
-        all). False when some of it stays."""
+        """Remove what the call left in the temp dir (and /dev/shm) and undo a change
+        to the temp dir's mode: the calls of a warm worker share its sandbox, and the
+        next may be another user's (and what each left would count against the app's
+        `tmp` limit for all). False when some of it stays."""
         if self.tmp is None:
             return True
         try:
             if stat.S_IMODE(os.lstat(self.tmp).st_mode) != self.tmp_mode:
                 os.chmod(self.tmp, self.tmp_mode)
-            return _empty_folder(self.tmp, self.tmp_kept)
+            clean = _empty_folder(self.tmp, self.tmp_kept)
+            return (_empty_folder(self.shm, self.shm_kept) if self.shm else True) and clean
         except OSError:
             return False
 
