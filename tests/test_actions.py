@@ -759,6 +759,16 @@ def test_a_full_tmp_names_the_apps_tmp_limit(tmp_path: Path) -> None:
                       with open("/tmp/spool", "wb") as out:
                           out.write(b"x" * (params["mib"] * 1024**2))
                       return "spooled"
+              - name: mapped
+                steps:
+                  - name: touch
+                    code: |
+                      import mmap
+                      with open("/tmp/mapped", "wb+") as file:
+                          file.truncate(8 * 1024**2)
+                          pages = mmap.mmap(file.fileno(), 8 * 1024**2)
+                          for i in range(0, 8 * 1024**2, 4096):
+                              pages[i] = 1
         """,
     })
     full = json.loads(cli("action", str(root), "spool", "--params", '{"mib": 8}').stdout)
@@ -768,6 +778,11 @@ def test_a_full_tmp_names_the_apps_tmp_limit(tmp_path: Path) -> None:
            "`defaults`)" in full["error"]
     fits = json.loads(cli("action", str(root), "spool", "--params", '{"mib": 2}').stdout)
     assert fits["data"] == "spooled"
+    # a mapped file's pages past it: the step's process dies of SIGBUS, told nothing else
+    mapped = json.loads(cli("action", str(root), "mapped").stdout)
+    assert mapped["status"] == "failed"
+    assert "killed by SIGBUS (as a memory-mapped file is when its pages do not fit: /tmp " \
+           "holds at most 4MiB, its `tmp` limit" in mapped["error"], mapped["error"]
 
 
 def test_template_inside_inline_code_fails_to_load(tmp_path: Path) -> None:

@@ -164,6 +164,13 @@ CASES: dict[str, Case] = {
         "failed", r"^(?!.*its `tmp` limit).*No space left on device \(/dev/shm holds at most 64MiB,",
         settings={"tmp": "256MiB"},
     ),
+    "mmap_past_tmp": Case(  # pages of a mapped file that /tmp has no room for: SIGBUS
+        'import mmap\nfile = open("/tmp/mapped", "wb+")\nfile.truncate(64 * 1024**2)\n'
+        'pages = mmap.mmap(file.fileno(), 64 * 1024**2)\n'
+        'for i in range(0, 64 * 1024**2, 4096):\n    pages[i] = 1',
+        "killed", r"killed by SIGBUS \(.*/tmp holds at most 8MiB, its `tmp` limit",
+        settings={"tmp": "8MiB"},
+    ),
     "infinite_loop": Case(
         "while True:\n    pass",
         "timed_out", r"the step exceeded its time limit \(timeout 1s\)",

@@ -642,9 +642,9 @@ def _limit_outcome(outcome: Outcome, limits: WorkerLimits) -> Outcome:
             "failed", f"{error} (process limit {processes} reached)", outcome.traceback,
             outcome.info,
         )
-    if outcome.status == "failed":
+    if outcome.status == "failed" or (outcome.status == "killed" and error):
         where = "on the step or in the app's `defaults`"
-        return Outcome("failed", with_tmp_limit(error, limits.tmp, where), outcome.traceback,
+        return Outcome(outcome.status, with_tmp_limit(error, limits.tmp, where), outcome.traceback,
                        outcome.info)  # fmt: skip
     return outcome
 

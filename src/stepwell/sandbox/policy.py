@@ -140,10 +140,16 @@ def shm_full_note() -> str:
 
 def with_tmp_limit(error: str, tmp: int | None, where: str = "on the step") -> str:
     """``error`` with the ``tmp`` limit named when it says no space was left (in the
-    sandbox only /tmp, and /dev/shm, can fill up: the rest is read-only)."""
+    sandbox only /tmp, and /dev/shm, can fill up: the rest is read-only), or when
+    the step died of SIGBUS (what touching a memory-mapped file's page gets when
+    its file system has no room for the page: the step is told nothing else)."""
+    size = format_bytes(tmp if tmp is not None else DEFAULT_TMP)
+    if "killed by SIGBUS" in error and "memory limit" not in error:
+        return (f"{error} (as a memory-mapped file is when its pages do not fit: /tmp holds "
+                f"at most {size}, its `tmp` limit, and /dev/shm {format_bytes(SHM_SIZE)}; "
+                f"set a larger `tmp` {where})")  # fmt: skip
     if "[Errno 28]" not in error or SHM_FULL in error:  # (the worker named /dev/shm)
         return error
-    size = format_bytes(tmp if tmp is not None else DEFAULT_TMP)
     return f"{error} (/tmp holds at most {size}, its `tmp` limit; set a larger `tmp` {where})"
 
 
