@@ -1186,6 +1186,22 @@ def test_a_memory_limit_too_small_to_start_a_worker(tmp_path: Path) -> None:
     ), str(error)
 
 
+@pytest.mark.parametrize("where, text, problem", [
+    ("steps[0].tmp", "steps:\n  - name: a\n    node: a.py\n    tmp: 0\n",
+     'tmp size 0 is below the 1MiB /tmp holds at least'),
+    ("steps[0].tmp", "steps:\n  - name: a\n    node: a.py\n    tmp: 512\n",
+     'tmp size 512 is below the 1MiB /tmp holds at least; did you mean "512MiB"?'),
+    ("defaults.tmp", "defaults:\n  tmp: lots\nsteps:\n  - name: a\n    node: a.py\n",
+     "bad tmp size 'lots'"),
+])
+def test_a_bad_tmp_size_is_called_a_tmp_size(tmp_path: Path, where: str, text: str,
+                                             problem: str) -> None:  # fmt: skip
+    """(Not a memory size below what a worker needs: /tmp is no worker's memory.)"""
+    app_with(tmp_path, text)
+    error = str(load_error(tmp_path))
+    assert f"{where}: {problem} (write bytes" in error, error
+
+
 def test_logical_type_aliases() -> None:
     assert logical_type("Integer") == "int"
     assert logical_type("TEXT") == "str"

@@ -234,31 +234,38 @@ MAX_MEMORY = 1024**6
 _MEMORY_HINT = 'write bytes as a number, or a size such as "512MiB", "1GiB", "100MB" or "1G"'
 
 
-def parse_memory(value: Any) -> int:
+def parse_memory(value: Any, *, what: str = "memory size",
+                 least: str = "the 1MiB a worker needs") -> int:
     """Parse a memory size into bytes.
 
     Plain numbers are bytes. Units: ``KiB/MiB/GiB/TiB`` (and ``Ki``, ``K``,
     ``M``, ``G``, ``T``) are powers of 1024; ``KB/MB/GB/TB`` are powers of
     1000. Units are case-insensitive: ``"512MiB"``, ``"1GiB"``, ``"100MB"``,
-    ``"1G"``.
+    ``"1G"``. ``what`` and ``least`` name the size and its minimum in errors.
     """
     if isinstance(value, bool):
-        fail(f"bad memory size {value!r}", _MEMORY_HINT)
+        fail(f"bad {what} {value!r}", _MEMORY_HINT)
     if isinstance(value, int | float):
         size = float(value)
     elif isinstance(value, str):
         match = _MEMORY.fullmatch(value)
         if not match or match.group(2).lower() not in _MEMORY_UNITS:
-            fail(f"bad memory size {value!r}", _MEMORY_HINT)
+            fail(f"bad {what} {value!r}", _MEMORY_HINT)
         size = float(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
     else:
-        fail(f"bad memory size {value!r}", _MEMORY_HINT)
+        fail(f"bad {what} {value!r}", _MEMORY_HINT)
     if not size <= MAX_MEMORY:  # (NaN and infinity too) a limit's value must fit the kernel's
-        fail(f"bad memory size {value!r}: it must be at most 1EiB", _MEMORY_HINT)
+        fail(f"bad {what} {value!r}: it must be at most 1EiB", _MEMORY_HINT)
     if size < MIN_MEMORY:  # a worker cannot start in less (plain numbers are bytes)
         guess = f'; did you mean "{value}MiB"?' if isinstance(value, int | float) and value >= 1 else ""
-        fail(f"memory size {value!r} is below the 1MiB a worker needs{guess}", _MEMORY_HINT)
+        fail(f"{what} {value!r} is below {least}{guess}", _MEMORY_HINT)
     return int(size)
+
+
+def parse_tmp(value: Any) -> int:
+    """Parse a ``tmp`` size: a memory size (the private /tmp lives in memory) of
+    1MiB at least, but not a worker's memory, so errors call it a tmp size."""
+    return parse_memory(value, what="tmp size", least="the 1MiB /tmp holds at least")
 
 
 def _parse_trigger(value: Any) -> str:
@@ -406,6 +413,7 @@ def _none_to_empty_dict(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds; accepts ``"30s"``, ``"10m"``, ``"1h30m"`` or a number."""
 MemorySize = Annotated[int, BeforeValidator(parse_memory)]
+TmpSize = Annotated[int, BeforeValidator(parse_tmp)]
 """Bytes; accepts ``"512MiB"``, ``"1GiB"``, ``"100MB"``, ``"1G"`` or a number."""
 TableName = Annotated[str, AfterValidator(_table_name)]
 StepName = Annotated[str, AfterValidator(_step_name)]
@@ -442,7 +450,7 @@ class Limits(_Model):
     """Maximum number of processes/threads the step may start."""
     network: bool | None = None
     """Whether the step may use the network."""
-    tmp: MemorySize | None = None
+    tmp: TmpSize | None = None
     """Bytes the step's private ``/tmp`` may hold (it lives in memory)."""
 
     def merged(self, override: Limits) -> Limits:
@@ -654,7 +662,7 @@ class StepSpec(_Model):
     cpu: Duration | None = None
     processes: PositiveInt | None = None
     network: bool | None = None
-    tmp: MemorySize | None = None
+    tmp: TmpSize | None = None
 
     # processor (Integray style)
     mode: Literal["row", "bulk"] | None = None
