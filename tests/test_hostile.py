@@ -596,6 +596,21 @@ def test_tmp_left_empty_is_reset_for_the_next_run(skip, tmp_path, open_dir, monk
         assert run_app(app, steps=["hostile"])[0].status == "failed"
 
 
+def test_without_a_mount_namespace_the_log_says_the_tmp_limit_does_not_hold(
+    open_dir, monkeypatch, listeners, server_pid,
+):
+    """There /tmp is a folder on the host's disk: 20 MiB fit in a `tmp: 8MiB` step's,
+    and the run's log must not let the operator think otherwise."""
+    monkeypatch.setenv("STEPWELL_SANDBOX_SKIP", "mount")
+    code = 'with open(os.environ["TMPDIR"] + "/big", "wb") as out:\n    out.write(b"x" * 20 * 1024**2)'
+    case = Case(code, "succeeded", r"^$", settings={"tmp": "8MiB"})
+    app = _app(open_dir / "app", case, listeners[1], listeners[0])
+    (run,) = run_app(app, steps=["hostile"])
+    assert run.status == "succeeded", run.error
+    notes = [line for line in logs(app, run.id) if "mount namespace unavailable" in line]
+    assert notes and "the `tmp` limit (8MiB) does not hold" in notes[0], notes
+
+
 def test_step_text_cannot_drive_the_terminal(tmp_path, listeners, server_pid):
     """Escape sequences and rich markup in a step's output, error and rows: the CLI
     shows them as text (`stepwell runs` crashed on "[/]" in an error, `stepwell

@@ -73,6 +73,16 @@ def _note_unavailable(plan: ChildPlan, what: str, exc: OSError | str, consequenc
     plan.notes.append(f"[stepwell] sandbox: {what} unavailable ({reason}); running {consequence}")
 
 
+def _consequence(plan: ChildPlan, name: str) -> str:
+    """What running without namespace ``name`` means (without a mount namespace,
+    also that the run's /tmp is a host folder its `tmp` limit does not bound)."""
+    consequence = _NAMESPACES[name][2]
+    if name == "mount":
+        consequence += (f"; its /tmp (TMPDIR) is a folder on the host's disk, where the `tmp` "
+                        f"limit ({format_bytes(plan.spec.tmp)}) does not hold")  # fmt: skip
+    return consequence
+
+
 def _write(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -128,7 +138,8 @@ def _unshare_namespaces(plan: ChildPlan, names: list[str]) -> set[str]:
     got: set[str] = set()
     todo = {}
     for name in names:
-        flag, label, consequence = _NAMESPACES[name]
+        flag, label, _ = _NAMESPACES[name]
+        consequence = _consequence(plan, name)
         if name in plan.spec.skip:
             _note_unavailable(plan, label, "disabled by STEPWELL_SANDBOX_SKIP", consequence)
         else:
@@ -148,7 +159,7 @@ def _unshare_namespaces(plan: ChildPlan, names: list[str]) -> set[str]:
             linux.unshare(flag)
             got.add(name)
         except OSError as exc:
-            _note_unavailable(plan, _NAMESPACES[name][1], exc, _NAMESPACES[name][2])
+            _note_unavailable(plan, _NAMESPACES[name][1], exc, _consequence(plan, name))
     return got
 
 
