@@ -1166,6 +1166,9 @@ def litter_worker(tmp_path: Path) -> Any:
                           return f.read().rsplit(")", 1)[1].split()[0] != "Z"
                   except FileNotFoundError:
                       return False
+          - name: end_worker
+            steps:
+              - {name: e, code: "import os, signal; os.kill(os.getppid(), signal.SIGKILL); return 1"}
     """})
     app = load_app(root)
     store = open_store(None, app.root)
@@ -1202,3 +1205,13 @@ def test_a_process_a_call_started_in_a_session_of_its_own_ends_with_the_call(
     wait_for(lambda: _call(litter_worker, "running", {"pid": pid}) is False, 10,
              what="the process the call started in its own session to end")
     assert "still-here" not in _call(litter_worker, "peek")[0]
+
+
+def test_a_call_after_one_that_ended_its_worker_gets_a_new_worker(litter_worker: Any) -> None:
+    """The worker a call killed went back to the pool (its result came first) and was
+    handed the next call, whoever made it, which failed: "the worker running the step
+    ended". A worker gone before the call's code said anything is replaced, the call
+    given to another."""
+    for _ in range(3):
+        litter_worker.invoke("end_worker", {}, {"id": "mallory", "roles": []})
+        assert _call(litter_worker, "peek", who="alice")[1] == "0o700"

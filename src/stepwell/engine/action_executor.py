@@ -53,6 +53,7 @@ from stepwell.runtimes.action.pool import (
     StepTimedOut,
     WarmWorker,
     WorkerFailed,
+    WorkerGone,
     WorkerPool,
 )
 from stepwell.store import ids
@@ -643,6 +644,29 @@ class ActionExecutor:
             "data": context["data"], "error": context["error"], "params": context["params"],
             "user": context["user"], "variables": variables,
         }  # fmt: skip
+        for tries_left in (1, 0):  # (once more on a worker gone before the call began)
+            try:
+                result = self._invoke(job, step, call, deadline, limit, prefix)
+                break
+            except WorkerGone as exc:
+                if not tries_left:
+                    raise _StepFailed(call.redact(str(exc))) from None
+        if result.get("status") == "ok":
+            return result.get("data")
+        from stepwell.sandbox.policy import format_bytes, with_tmp_limit
+
+        error = str(result.get("error") or "the step failed")
+        defaults = getattr(self.app, "defaults", None)
+        memory = getattr(defaults, "memory", None)
+        if result.get("memory_error") and memory:
+            error = f"memory limit {format_bytes(memory)} exceeded ({error})"
+        error = with_tmp_limit(error, getattr(defaults, "tmp", None), "in the app's `defaults`")
+        raise _StepFailed(error, traceback=result.get("traceback"))
+
+    def _invoke(self, job: dict[str, Any], step: Any, call: _Call, deadline: float,
+                limit: float, prefix: str) -> dict[str, Any]:  # fmt: skip
+        """The step's job run by a worker of the pool: its result frame. Raises
+        ``WorkerGone`` when the worker had ended before the job reached it."""
         waiting_since = time.monotonic()
         try:  # waiting for a free worker is not the step's time: only the action's
             worker = self.pool.acquire(deadline)
@@ -661,7 +685,7 @@ class ActionExecutor:
         try:
             if call.cancelled:  # (cancelled while it waited for the worker)
                 raise _StepFailed(f"step {step.name!r} was cancelled before it started")
-            result = worker.invoke(
+            return worker.invoke(
                 job, step_deadline, lambda level, lines: call.log.add(level, lines, tag)
             )
         except StepTimedOut as exc:
@@ -669,6 +693,8 @@ class ActionExecutor:
             if exc.where:
                 error += f"; it was stopped at {call.redact(exc.where)}"
             raise _StepFailed(error, timed_out=True) from None
+        except WorkerGone:
+            raise
         except WorkerFailed as exc:
             raise _StepFailed(call.redact(str(exc))) from None
         except (TypeError, ValueError, OverflowError) as exc:  # inputs msgpack cannot carry
@@ -676,17 +702,6 @@ class ActionExecutor:
         finally:
             call.workers.discard(worker)
             self.pool.release(worker)
-        if result.get("status") == "ok":
-            return result.get("data")
-        from stepwell.sandbox.policy import format_bytes, with_tmp_limit
-
-        error = str(result.get("error") or "the step failed")
-        defaults = getattr(self.app, "defaults", None)
-        memory = getattr(defaults, "memory", None)
-        if result.get("memory_error") and memory:
-            error = f"memory limit {format_bytes(memory)} exceeded ({error})"
-        error = with_tmp_limit(error, getattr(defaults, "tmp", None), "in the app's `defaults`")
-        raise _StepFailed(error, traceback=result.get("traceback"))
 
     def _waited_out(self, call: _Call, step: Any, waited: float) -> str:
         """The action's time ran out, much of it spent waiting for a worker."""

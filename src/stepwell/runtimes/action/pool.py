@@ -39,6 +39,11 @@ class WorkerFailed(Exception):
     """The worker could not serve the invocation (it died, or broke the protocol)."""
 
 
+class WorkerGone(WorkerFailed):
+    """The worker had ended before the invocation sent anything (a call before
+    may have killed it after its result): the job may go to another worker."""
+
+
 class StepTimedOut(Exception):
     """The invocation did not end before its deadline; its worker was killed.
     ``where``: ``file:line`` where the step's code was stopped, if it said."""
@@ -57,6 +62,8 @@ class WarmWorker:
         self.started = time.monotonic()
         self.uses = 0
         self.healthy = True
+        #: the invocation under way has sent a frame (so it ran)
+        self._heard = False
         self.failed_imports: list[str] = []
         channel = process.channel
         try:
@@ -94,6 +101,7 @@ class WarmWorker:
         (the worker is then unusable)."""
         channel = self.process.channel
         self.uses += 1
+        self._heard = False
         try:
             channel.sock.settimeout(_remaining(deadline))
             channel.send({"ok": True, "job": job})
@@ -107,7 +115,8 @@ class WarmWorker:
             self.healthy = False
             if isinstance(exc, (PeerGone, ConnectionError)):
                 status, reason = self.process.exit_outcome()
-                raise WorkerFailed(f"the worker running the step ended: {reason}") from None
+                gone = WorkerFailed if self._heard else WorkerGone
+                raise gone(f"the worker running the step ended: {reason}") from None
             self.process.kill()
             raise WorkerFailed(f"the worker broke the wire protocol: {exc}") from None
 
@@ -119,6 +128,7 @@ class WarmWorker:
             if deadline is not None:
                 channel.sock.settimeout(_remaining(deadline))
             message, _ = channel.recv()
+            self._heard = True
             op = message.get("op")
             if op == "result":
                 if message.get("memory_error"):
