@@ -388,6 +388,9 @@ class _Invocations:
         self.spares.clear()
 
 
+#: Entries a call left in /tmp that a warm worker removes at most; it ends instead
+#: (a new worker, with a new /tmp, is quicker for the next call).
+_CLEAN_BUDGET = 5000
 #: Times ``_end_strays`` kills what is left before it gives up on the worker.
 _STRAY_ROUNDS = 50
 
@@ -422,18 +425,23 @@ def _children() -> list[int]:
 
 def _empty_folder(path: str, keep: frozenset[str]) -> bool:
     """Remove what folder ``path`` holds but the entries named ``keep``; whether
-    nothing else is left."""
+    nothing else is left. Gives up after ``_CLEAN_BUDGET`` entries: the next call
+    waits for this, and a worker ending (its /tmp with it) costs it less."""
     names = [name for name in os.listdir(path) if name not in keep]
     if not names:  # (the usual case: nothing more to do)
         return True
+    if len(names) > _CLEAN_BUDGET:
+        return False
     from stepwell.sandbox.forkserver import remove_tree
 
+    share = max(2, _CLEAN_BUDGET // len(names))  # (of the budget, for each entry)
     for name in names:
         inner = os.path.join(path, name)
         if stat.S_ISDIR(os.lstat(inner).st_mode):
             with contextlib.suppress(OSError):  # (one the call made unreadable)
                 os.chmod(inner, 0o700)
-        remove_tree(inner)
+        if not remove_tree(inner, budget=share):
+            return False
     return not any(os.path.lexists(os.path.join(path, name)) for name in names)
 
 
