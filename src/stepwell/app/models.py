@@ -413,8 +413,9 @@ def _none_to_empty_dict(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds; accepts ``"30s"``, ``"10m"``, ``"1h30m"`` or a number."""
 MemorySize = Annotated[int, BeforeValidator(parse_memory)]
-TmpSize = Annotated[int, BeforeValidator(parse_tmp)]
 """Bytes; accepts ``"512MiB"``, ``"1GiB"``, ``"100MB"``, ``"1G"`` or a number."""
+TmpSize = Annotated[int, BeforeValidator(parse_tmp)]
+"""A ``MemorySize`` for ``tmp`` (its errors call it a tmp size)."""
 TableName = Annotated[str, AfterValidator(_table_name)]
 StepName = Annotated[str, AfterValidator(_step_name)]
 LogicalType = Annotated[str, BeforeValidator(_output_type)]
