@@ -1169,6 +1169,9 @@ def litter_worker(tmp_path: Path) -> Any:
           - name: end_worker
             steps:
               - {name: e, code: "import os, signal; os.kill(os.getppid(), signal.SIGKILL); return 1"}
+          - name: stop_worker
+            steps:
+              - {name: e, code: "import os, signal; os.kill(os.getppid(), signal.SIGSTOP); return 1"}
     """})
     app = load_app(root)
     store = open_store(None, app.root)
@@ -1249,3 +1252,13 @@ def test_a_call_after_one_that_ended_its_worker_gets_a_new_worker(litter_worker:
     for _ in range(3):
         litter_worker.invoke("end_worker", {}, {"id": "mallory", "roles": []})
         assert _call(litter_worker, "peek", who="alice")[1] == "0o700"
+
+
+def test_a_call_after_one_that_stopped_its_worker_gets_a_new_worker(litter_worker: Any) -> None:
+    """A call may stop its worker (SIGSTOP: calls run as the worker's user): the next
+    call, whoever made it, was handed the stopped worker and waited out its time limit."""
+    for _ in range(2):
+        assert litter_worker.invoke("stop_worker", {}, {"id": "mallory", "roles": []}).data == 1
+        began = time.monotonic()
+        assert _call(litter_worker, "peek", who="alice")[1] == "0o700"
+        assert time.monotonic() - began < 10

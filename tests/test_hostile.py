@@ -253,6 +253,14 @@ CASES: dict[str, Case] = {
         settings={"timeout": "1s"},  # (a secret: the host masks secrets in what the frame says)
         parameters={"victim_key": "${{ secrets.victim_key }}"},
     ),
+    "forged_long_stop_report": Case(  # where it says it was: a file and a line fit in 300
+        "import time\nfrom stepwell.runtimes.node import api\n"
+        "try:\n    while True:\n        time.sleep(0.01)\nexcept BaseException:\n"
+        '    api._session.link.channel.send({"op": "done", "status": "ok", "stopped_at": "x" * 10**5})\n'
+        "    time.sleep(5)",
+        "timed_out", r"^the step exceeded its time limit \(timeout 1s\); it was stopped at x{300}$",
+        settings={"timeout": "1s"},
+    ),
     "log_flood_in_grace": Case(  # the grace second stays a second
         "import time\nfrom stepwell.runtimes.node import api\n"
         "try:\n    while True:\n        time.sleep(0.01)\nexcept BaseException:\n"

@@ -901,3 +901,19 @@ def test_hidden_folders_are_empty_in_every_view_but_for_what_a_step_needs(monkey
         for pandas in (False, True):
             forkserver(pandas).shutdown()
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_a_missing_standard_library_module_is_not_sent_to_a_requirements_file(monkeypatch):
+    """A stdlib module a sandbox cannot import: left out of the build (tkinter on
+    Debian), or unreadable (a Python under /root, without a mount namespace to show
+    it): neither is fixed by pip, which is what the error said."""
+    from stepwell.sandbox import worker
+
+    missing = ModuleNotFoundError("No module named 'tkinter'", name="tkinter")
+    assert worker.exception_text(missing).endswith(
+        "(part of Python's standard library, but left out of this Python's build)")
+    monkeypatch.setattr(worker.os, "access", lambda path, mode: False)
+    text = worker.exception_text(ModuleNotFoundError("No module named 'asyncio'", name="asyncio"))
+    assert "which the sandbox's user may not read" in text and "requirements" not in text
+    other = ModuleNotFoundError("No module named 'bs4'", name="bs4")
+    assert "add beautifulsoup4 to a requirements file" in worker.exception_text(other)

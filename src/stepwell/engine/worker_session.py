@@ -22,7 +22,7 @@ from stepwell.engine.logs import Redactor, RunLog
 from stepwell.engine.staging import StagedRun
 from stepwell.runtimes.sqlcheck import restrict_select, table_statement, unwritten_tables
 from stepwell.sandbox.launcher import WorkerProcess
-from stepwell.sandbox.policy import TIME_LIMIT_GRACE
+from stepwell.sandbox.policy import MAX_STOPPED_AT, TIME_LIMIT_GRACE
 from stepwell.sandbox.protocol import (
     NOTIFY_OPS,
     PeerGone,
@@ -195,7 +195,7 @@ class WorkerSession:
         error = f"the step exceeded its time limit{self.limit_note}"
         where = _text(stopped.get("stopped_at"))  # (the step may forge this frame)
         if where:
-            error += f"; it was stopped at {where}"
+            error += f"; it was stopped at {where[:MAX_STOPPED_AT]}"
         traceback = _text(stopped.get("traceback")) if "stopped_at" in stopped else None
         return Outcome("timed_out", self.redact(error), self.redact(traceback))
 

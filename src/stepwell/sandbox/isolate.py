@@ -482,16 +482,3 @@ def _set_environment(wanted: dict[str, str]) -> None:
     for key, value in wanted.items():
         if os.environ.get(key) != value:
             os.environ[key] = value
-
-
-def describe_limits(spec: SandboxSpec) -> str:
-    """One line naming the limits in force (for debugging output)."""
-    parts = []
-    if spec.memory is not None:
-        parts.append(f"memory {format_bytes(spec.memory)}")
-    if spec.cpu is not None:
-        parts.append(f"cpu {spec.cpu:g}s")
-    if spec.processes is not None:
-        parts.append(f"processes {spec.processes}")
-    parts.append("network on" if spec.network else "network off")
-    return ", ".join(parts)

@@ -47,6 +47,9 @@ TIME_LIMIT_SIGNAL = signal.SIGUSR2
 #: Seconds a worker past its time limit has to say where its code was stopped
 #: before it is killed (Python code stops at once; code stuck in C may not).
 TIME_LIMIT_GRACE = 1.0
+#: Characters of where a stopped step says it was that its error keeps (the step
+#: may forge that report: a file, a line and an input row fit in far less).
+MAX_STOPPED_AT = 300
 
 #: Where the sandbox's private temp dir is mounted (also HOME and TMPDIR).
 SANDBOX_TMP = "/tmp"

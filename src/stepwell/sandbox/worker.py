@@ -147,11 +147,23 @@ def exception_text(exc: BaseException) -> str:
         message += shm_full_note()
     if type(exc) is NameError and exc.name in _TYPING_NAMES:  # code copied with its hints
         message += f" (add `from typing import {exc.name}` at the top of the file)"
-    if isinstance(exc, ModuleNotFoundError) and exc.name and "." not in exc.name:
+    if isinstance(exc, ModuleNotFoundError) and exc.name in sys.stdlib_module_names:
+        message += _stdlib_module_missing()
+    elif isinstance(exc, ModuleNotFoundError) and exc.name and "." not in exc.name:
         package = _PIP_NAMES.get(exc.name, exc.name)
         message += (f" (not installed: add {package} to a requirements file named by the "
                     f"app's requirements_file:, which stepwell installs once and reuses)")  # fmt: skip
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _stdlib_module_missing() -> str:
+    """Why a module of Python's standard library cannot be imported."""
+    library = os.path.dirname(os.__file__)
+    if os.access(library, os.R_OK | os.X_OK):
+        return " (part of Python's standard library, but left out of this Python's build)"
+    return (f" (part of Python's standard library, which the sandbox's user may not read: "
+            f"{library} is closed to it, and without a mount namespace it cannot be shown "
+            f"to it; use a Python installed where every user may read it)")
 
 
 def _shm_is_full(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stepwell.sandbox.launcher import WorkerProcess
-from stepwell.sandbox.policy import TIME_LIMIT_GRACE
+from stepwell.sandbox.policy import MAX_STOPPED_AT, TIME_LIMIT_GRACE
 from stepwell.sandbox.protocol import NOTIFY_OPS, PeerGone, ProtocolError
 
 log = logging.getLogger("stepwell.actions")
@@ -33,6 +33,8 @@ log = logging.getLogger("stepwell.actions")
 ENTRY = "stepwell.runtimes.action.worker:serve"
 #: Seconds a new worker gets to set itself up (imports included).
 STARTUP_TIMEOUT = 60.0
+#: Seconds between looks at whether a worker that has not taken its call was stopped.
+STOP_CHECK = 0.25
 
 
 class WorkerFailed(Exception):
@@ -125,6 +127,8 @@ class WarmWorker:
         """The invocation's ``result`` frame (its log lines to ``on_log`` meanwhile)."""
         channel = self.process.channel
         while True:
+            if not self._heard:
+                self._wait_for_first_frame(deadline)
             if deadline is not None:
                 channel.sock.settimeout(_remaining(deadline))
             message, _ = channel.recv()
@@ -139,6 +143,18 @@ class WarmWorker:
             elif op not in NOTIFY_OPS:
                 channel.send({"ok": False, "error": f"{op!r} is not available to action steps"})
 
+    def _wait_for_first_frame(self, deadline: float | None) -> None:
+        """Wait for the invocation's first frame (on the socket, not reading it: a
+        frame is never cut). A worker an earlier call stopped (SIGSTOP) would never
+        send one: it is given up at once rather than waited out (``WorkerGone``)."""
+        sock = self.process.channel.sock
+        while not select.select([sock], [], [], min(_remaining(deadline) or STOP_CHECK, STOP_CHECK))[0]:
+            if _stopped(self.process.pid):
+                self.healthy = False
+                self.process.kill()
+                raise WorkerGone("the worker was stopped (SIGSTOP, by an earlier call) before "
+                                 "it took the call")  # fmt: skip
+
     def _stop_at_time_limit(self, on_log: Callable[[str, list[str]], None]) -> str | None:
         """Past its deadline: ask the step's code to stop where it is and wait
         ``TIME_LIMIT_GRACE`` seconds for it to say where that was (its last log lines
@@ -150,18 +166,20 @@ class WarmWorker:
         except (OSError, ProtocolError):  # (TimeoutError included: it did not say)
             return None
         where = result.get("stopped_at")
-        return where if isinstance(where, str) and where else None
+        return where[:MAX_STOPPED_AT] if isinstance(where, str) and where else None
 
     def alive(self) -> bool:
-        """Whether an idle worker is still there: one waiting for a job sends
-        nothing, so anything to read on its channel (end-of-file, above all) means
-        it died meanwhile (killed, or its fork-server gone)."""
+        """Whether an idle worker is still there and able to work: one waiting for
+        a job sends nothing, so anything to read on its channel (end-of-file, above
+        all) means it died meanwhile (killed, or its fork-server gone); and a call
+        may have stopped it (SIGSTOP: its calls run as its user, in its sandbox),
+        when the next call, whoever made it, would wait out its whole time limit."""
         poller = select.poll()
         try:
             poller.register(self.process.channel.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         except (OSError, ValueError):  # (a closed socket)
             return False
-        return not poller.poll(0)
+        return not poller.poll(0) and not _stopped(self.process.pid)
 
     def stop(self) -> None:
         """Ask the worker to exit, then release the process."""
@@ -173,6 +191,15 @@ class WarmWorker:
                 pass
         self.process.kill()
         self.process.close()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (by a signal, or a tracer)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 def _remaining(deadline: float | None) -> float | None:
