@@ -403,9 +403,12 @@ def _children() -> list[int]:
     try:
         if os.readlink("/proc/self") != str(me):  # another PID namespace's /proc
             return []
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as listing:
-                pids += [int(pid) for pid in listing.read().split()]
+        for task in os.listdir("/proc/self/task"):  # (os.open: a call waits for this)
+            fd = os.open(f"/proc/self/task/{task}/children", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                pids += [int(pid) for pid in os.read(fd, 1 << 16).split()]
+            finally:
+                os.close(fd)
         return pids
     except FileNotFoundError:
         pass
