@@ -1138,6 +1138,10 @@ def litter_worker(tmp_path: Path) -> Any:
                   os.makedirs(f"{tmp}/.cache/deep/er")
                   os.symlink("/etc", f"{tmp}/etc-link")
                   os.chmod(tmp, 0o777)
+                  try:
+                      os.setxattr(tmp, "user.note", params["secret"].encode())
+                  except OSError:  # (no user attributes on this file system)
+                      pass
                   if tmp == "/tmp":  # (and /dev/shm is the sandbox's own too)
                       with open(f"/dev/shm/{params['who']}", "w") as out:
                           out.write(params["secret"])
@@ -1149,7 +1153,8 @@ def litter_worker(tmp_path: Path) -> Any:
                   import os, tempfile
                   tmp = tempfile.gettempdir()
                   shm = sorted(os.listdir("/dev/shm")) if tmp == "/tmp" else []
-                  return [sorted(os.listdir(tmp)), oct(os.stat(tmp).st_mode & 0o777), shm]
+                  return [sorted(os.listdir(tmp)), oct(os.stat(tmp).st_mode & 0o777), shm,
+                          os.listxattr(tmp)]
           - name: detach
             steps:
               - name: d

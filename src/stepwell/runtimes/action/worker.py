@@ -329,6 +329,8 @@ class _Invocations:
         try:
             if stat.S_IMODE(os.lstat(self.tmp).st_mode) != self.tmp_mode:
                 os.chmod(self.tmp, self.tmp_mode)
+            for name in os.listxattr(self.tmp, follow_symlinks=False):  # (a note left there)
+                os.removexattr(self.tmp, name, follow_symlinks=False)
             clean = _empty_folder(self.tmp, self.tmp_kept)
             return (_empty_folder(self.shm, self.shm_kept) if self.shm else True) and clean
         except OSError:
