@@ -8,12 +8,13 @@ order:
    only the channel and stderr stay open;
 2. new mount and IPC namespaces;
 3. the filesystem: everything read-only, a private file system in memory at
-   ``/tmp`` of the step's ``tmp`` size (also HOME and TMPDIR), a private ``/dev/shm``, a fresh ``/proc`` showing only the
-   sandbox's processes, the store's folder hidden behind an empty tmpfs, and
-   folders the sandbox user cannot traverse (``/root``) replaced by an empty
-   tmpfs in which only the paths the step needs (the app, Python, its
-   environment) reappear. Steps 2-3 depend only on the app's folders, so a
-   spare worker does them (``prepare_view``) before its run arrives;
+   ``/tmp`` of the step's ``tmp`` size (also HOME and TMPDIR), a private
+   ``/dev/shm``, a fresh ``/proc`` showing only the sandbox's processes, the
+   store's folder hidden behind an empty tmpfs, and folders the sandbox user
+   cannot traverse (``/root``) replaced by an empty tmpfs in which only the
+   paths the step needs (the app, Python, its environment) reappear. Steps 2-3
+   depend only on the app's folders (and the ``tmp`` size), so a spare worker
+   does them (``prepare_view``) before its run arrives;
 4. a new network namespace when the step has no network;
 5. rlimits (memory, CPU time, open files, file size, no core files);
 6. drop to an unprivileged user (when the fork-server is root), then a new user
