@@ -840,3 +840,29 @@ def test_a_rule_keeps_calling_its_functions_after_another_rule_grows_their_pool(
     engine.stop("small")
     engine.stop("big")
     assert [r["id"] for r in rows_of(store, "small_out", "id")] == list(range(10))
+
+
+def test_a_batch_a_stop_gave_up_on_is_not_committed_after_the_rule_restarted(env) -> None:
+    """A stop that gave up waiting for the loop (stuck in a slow function call) left it
+    running: it committed its batch later, after the restarted rule had read the same
+    rows again from the old position (every row written twice)."""
+    root, store, engine = env
+    append_rows(store, "readings", _readings(3))
+    rule = {"id": "zombie", "sql": "SELECT id, whoami(CASE WHEN id = 0 THEN 11.5 ELSE 0 END) "
+            "AS w FROM readings", "actions": [{"table": {"name": "zombie_out"}}],
+            "options": {"stopTimeoutMs": 100, "functionTimeoutMs": 60000}}
+    engine.create(rule)
+    engine.start("zombie")
+    wait_for(lambda: engine.status("zombie")["records_in"] == 3)
+    began = time.monotonic()
+    engine.stop("zombie")  # gives up after stopTimeoutMs and 10 s more: the call goes on
+    status = engine.status("zombie")
+    assert status["records_out"] == 0
+    assert "gave up waiting" in status["last_error"] and "not committed" in status["last_error"]
+    engine.create({**rule, "sql": "SELECT id, whoami(0) AS w FROM readings"}, replace=True)
+    engine.start("zombie")  # reads the 3 rows again: they were not committed
+    wait_for(lambda: engine.status("zombie")["records_out"] == 3)
+    time.sleep(max(0.0, began + 12.5 - time.monotonic()))  # the old loop's call has ended
+    engine.stop("zombie")
+    assert [r["id"] for r in rows_of(store, "zombie_out", "id")] == [0, 1, 2]
+    assert engine.status("zombie")["records_out"] == 3

@@ -446,6 +446,10 @@ class RuleRuntime:
         #: how long a stop waits for the batch in flight to reach the sinks
         self.stop_timeout = float(options.get("stopTimeoutMs", 5000)) / 1000
         self._stopped = False
+        #: set by a stop that gave up waiting for the loop (stuck in a call, say): the
+        #: batch it still holds must not be committed, as a restarted rule reads it again
+        self._given_up = False
+        self._commit_lock = threading.Lock()
         #: (plugin process, callback) pairs telling this rule of its plugins' crashes
         self._watching: list[tuple[Any, Callable[[Any], None]]] = []
         #: the function pools its query calls, by symbol
@@ -617,6 +621,8 @@ class RuleRuntime:
                     action.interrupt()
         for thread in self._threads:
             thread.join(10)
+        if loop is not None and loop.is_alive():
+            self._give_up()
         self._discard_waiting()  # (a loop still running ends without them)
         for action in self.actions:
             try:
@@ -627,7 +633,17 @@ class RuleRuntime:
             self._con.close()  # (a loop still running keeps it: it ends with the process)
         if self.status == "running":
             self.status = "stopped"
-        self._save_status(force=True)
+        self._write_status()
+
+    def _give_up(self) -> None:
+        """The loop did not end in time: the batch it is processing is never committed
+        (a commit under way ends first), and the status says so."""
+        with self._commit_lock:
+            self._given_up = True
+        self.metrics.error(
+            f"rule {self.rule.id!r}: the stop gave up waiting for the batch being processed "
+            f"(stopTimeoutMs {self.stop_timeout * 1000:g} ms, then 10 s more); it is not "
+            f"committed: {self._fate()}")
 
     # -- input
     def _push(self, rows: list[tuple[dict[str, Any], Any]], meta: Any = None, *,
@@ -976,6 +992,12 @@ class RuleRuntime:
         moved = self.stream.is_table and position is not None and position != self._committed_position
         if not tables and not moved and not (emitted and self._windower is not None):
             return
+        with self._commit_lock:
+            if self._given_up:  # (the rule may run again already, from the old position)
+                raise _Undelivered("its stop had given up waiting for it")
+            self._commit_staged(tables, position)
+
+    def _commit_staged(self, tables: list[_TableAction], position: Any) -> None:
         from stepwell.engine.staging import StagedRun
 
         staged = StagedRun(self.store, f"rule-{self.rule.id}", state_key(self.rule.id))
@@ -1024,10 +1046,15 @@ class RuleRuntime:
         return [line for a in self.actions if isinstance(a, _LogAction) for line in a.lines]
 
     def _save_status(self, force: bool = False) -> None:
+        if self._given_up:  # (the stop saved its last status; the rule may run again)
+            return
         now = time.monotonic()
         if not force and now - self._last_status_save < 2.0:
             return
-        self._last_status_save = now
+        self._write_status()
+
+    def _write_status(self) -> None:
+        self._last_status_save = time.monotonic()
         try:
             with self.store.transaction() as tx:
                 tx.set_state(status_key(self.rule.id), self.snapshot())
