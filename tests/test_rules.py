@@ -866,3 +866,26 @@ def test_a_batch_a_stop_gave_up_on_is_not_committed_after_the_rule_restarted(env
     engine.stop("zombie")
     assert [r["id"] for r in rows_of(store, "zombie_out", "id")] == [0, 1, 2]
     assert engine.status("zombie")["records_out"] == 3
+
+
+def test_the_status_of_a_running_rule_whose_plugin_was_removed_with_force(env) -> None:
+    """The status asked the plugin manager for the rule's function pools: once the
+    plugin was removed it raised (the API answered 422 'no installed plugin provides
+    a function named ...'), and once reinstalled it started new plugin processes."""
+    from stepwell.runtimes.plugin import remove_plugin
+
+    root, store, engine = env
+    append_rows(store, "readings", _readings(2))
+    engine.create({"id": "orphan", "sql": "SELECT id, scale(v, 10) AS s FROM readings",
+                   "actions": [{"table": {"name": "orphan_out"}}]})
+    engine.start("orphan")
+    wait_for(lambda: engine.status("orphan")["records_out"] == 2)
+    engine.manager.stop_plugin("swtest")  # as `stepwell plugin remove --force` does
+    remove_plugin(root, "swtest")
+    status = engine.status("orphan")
+    assert status["records_out"] == 2 and status["function_processes"] == {"scale": 2}
+    install_plugin(root, PLUGIN_SRC)
+    engine.status("orphan")
+    assert engine.manager.all_processes() == []  # a status starts no plugin process
+    engine.stop("orphan")
+    assert engine.status("orphan")["status"] == "stopped"

@@ -1035,11 +1035,8 @@ class RuleRuntime:
     def snapshot(self) -> dict[str, Any]:
         data = {"id": self.rule.id, "status": self.status, **asdict(self.metrics)}
         data["queued"] = len(self._queue)
-        if self.compiled and self.compiled.functions:
-            data["function_processes"] = {
-                s.symbol: self.manager.function_pool(s.symbol, self.processes).size
-                for s in self.compiled.functions
-            }
+        if self._pools:  # (the pools it holds: asking the manager would start them again)
+            data["function_processes"] = {symbol: pool.size for symbol, pool in self._pools.items()}
         return data
 
     def log_lines(self) -> list[str]:
