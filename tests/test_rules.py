@@ -889,3 +889,29 @@ def test_the_status_of_a_running_rule_whose_plugin_was_removed_with_force(env) -
     assert engine.manager.all_processes() == []  # a status starts no plugin process
     engine.stop("orphan")
     assert engine.status("orphan")["status"] == "stopped"
+
+
+def test_a_rule_whose_function_plugin_was_removed_fails_instead_of_dropping_events(env) -> None:
+    """After plugin remove --force a running rule dropped every event as a failed call
+    and committed its position past them (even once the plugin was installed again)."""
+    from stepwell.runtimes.plugin import remove_plugin
+
+    root, store, engine = env
+    append_rows(store, "readings", _readings(2))
+    engine.create({"id": "removed", "sql": "SELECT id, scale(v, 10) AS s FROM readings",
+                   "actions": [{"table": {"name": "removed_out"}}]})
+    engine.start("removed")
+    wait_for(lambda: engine.status("removed")["records_out"] == 2)
+    engine.manager.stop_plugin("swtest")  # as `stepwell plugin remove --force` does
+    remove_plugin(root, "swtest")
+    append_rows(store, "readings", _readings(3, start=2))
+    engine.notify("readings")
+    status = wait_for(lambda: (s := engine.status("removed"))["status"] == "failed" and s)
+    assert "function 'scale' is no longer served" in status["last_error"]
+    assert "nothing of them was committed" in status["last_error"]
+    assert status["records_out"] == 2
+    install_plugin(root, PLUGIN_SRC)
+    engine.start("removed")  # from the committed position: the 3 rows are not lost
+    wait_for(lambda: engine.status("removed")["records_out"] == 3)
+    engine.stop("removed")
+    assert [r["id"] for r in rows_of(store, "removed_out", "id")] == list(range(5))

@@ -904,6 +904,7 @@ class RuleRuntime:
             return self._query(events, pane)
         except Exception as exc:  # noqa: BLE001 - told apart event by event below
             self._check_not_given_up(exc)
+            self._check_functions_served()
             if len(events) == 1:
                 self._drop(events[0], exc)
                 return []
@@ -931,6 +932,7 @@ class RuleRuntime:
                 rows.extend(self._query([event], pane))
             except Exception as exc:  # noqa: BLE001 - this event only
                 self._check_not_given_up(exc)
+                self._check_functions_served()
                 self._drop(event, exc)
                 continue
             kept.append(event)
@@ -943,6 +945,15 @@ class RuleRuntime:
         if self._stopping.is_set() and time.monotonic() > self._stop_deadline:
             raise _Undelivered(f"the batch was still being queried when stopTimeoutMs "
                                f"({self.stop_timeout * 1000:g} ms) passed: {_what_failed(exc)}")
+
+    def _check_functions_served(self) -> None:
+        """A query failed while a function pool it calls is closed (its plugin was
+        removed with --force, or the host is stopping): every event would fail, so
+        fail the batch as a whole rather than drop each event past the position."""
+        for symbol, pool in self._pools.items():
+            if pool.closed:
+                raise RuleError(f"function {symbol!r} is no longer served: its plugin was "
+                                "stopped (removed, or the host is shutting down)")
 
     def _drop_window(self, pane: Pane, events: list[Event], exc: Exception) -> None:
         bounds = (f"window [{pane.start}, {pane.end})" if pane.start is not None

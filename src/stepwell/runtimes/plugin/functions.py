@@ -117,6 +117,11 @@ class FunctionPool:
     def size(self) -> int:
         return len(self.channels)
 
+    @property
+    def closed(self) -> bool:
+        """Whether it stopped serving (:meth:`close`): every call fails."""
+        return self._closed
+
     def _serve(self, index: int) -> None:
         channel = self.channels[index]
         queue = self._queues[index]
