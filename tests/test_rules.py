@@ -915,3 +915,33 @@ def test_a_rule_whose_function_plugin_was_removed_fails_instead_of_dropping_even
     wait_for(lambda: engine.status("removed")["records_out"] == 3)
     engine.stop("removed")
     assert [r["id"] for r in rows_of(store, "removed_out", "id")] == list(range(5))
+
+
+def test_a_rule_started_while_stop_all_runs_does_not_run_twice(env, tmp_path: Path) -> None:
+    """stop_all took the rules off the engine, then stopped them one by one without its
+    lock: a rule started meanwhile ran twice (its old runtime not yet stopped), and both
+    copies wrote the new rows."""
+    import threading
+
+    root, store, engine = env
+    out = tmp_path / "hang.txt"
+    append_rows(store, "readings", _readings(3))
+    engine.create({"id": "slowstop", "sql": "SELECT id FROM readings",
+                   "actions": [{"collect": {"path": str(out), "requireAck": True, "hang": True}}],
+                   "options": {"stopTimeoutMs": 1500}})
+    engine.create({"id": "copy2", "sql": "SELECT id FROM readings",
+                   "actions": [{"table": {"name": "copy2_out"}}]})
+    engine.start("slowstop")
+    engine.start("copy2")
+    wait_for(lambda: engine.status("copy2")["records_out"] == 3 and sink_lines(out))
+    stopping = threading.Thread(target=engine.stop_all, kwargs={"stop_plugins": False})
+    stopping.start()
+    time.sleep(0.3)  # stop_all waits for slowstop's sink
+    engine.start("copy2")
+    append_rows(store, "readings", _readings(3, start=3))
+    engine.notify("readings")
+    stopping.join(30)
+    wait_for(lambda: engine.status("copy2")["records_out"] == 3)
+    time.sleep(0.3)
+    engine.stop("copy2")
+    assert [r["id"] for r in rows_of(store, "copy2_out", "id")] == list(range(6))

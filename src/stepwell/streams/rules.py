@@ -1366,14 +1366,17 @@ class RuleEngine:
         return started
 
     def stop_all(self, *, stop_plugins: bool = True) -> None:
-        """Stop every running rule (their desired state is kept) and the plugin processes."""
+        """Stop every running rule (their desired state is kept) and the plugin processes.
+
+        The engine's lock is held until every rule stopped: a rule started meanwhile
+        would otherwise run beside its runtime still being stopped (both writing)."""
         with self._lock:
             runtimes, self.running = list(self.running.values()), {}
-        for runtime in runtimes:
-            try:
-                runtime.stop()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("rule %s: stop: %s", runtime.rule.id, exc)
+            for runtime in runtimes:
+                try:
+                    runtime.stop()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("rule %s: stop: %s", runtime.rule.id, exc)
         if stop_plugins:
             self.manager.stop_all()
             for runtime in runtimes:  # a loop still in a plugin call ends now that it failed
