@@ -508,7 +508,8 @@ class PluginProcess:
                 self.restarts += 1
                 replayed, failed = self._replay()
         except (PluginError, pynng.NNGException) as exc:
-            if self._stopping:  # (stopped meanwhile: its sockets were closed under it)
+            if self._stopping:  # stopped meanwhile (its sockets closed under it): the
+                self._kill()  # process just started may have missed the stop's kill
                 return
             log.error("plugin %r: restart failed: %s", name, exc)
             self._kill_reason = "its restart failed"  # (not one more crash)
