@@ -156,3 +156,30 @@ def test_reinstalling_a_plugin_restarts_its_processes_on_the_new_code(
         wait_for(lambda: len(table_rows(http, "hot_out")) == 6, what="rows after the reinstall")
         later = sorted(r["g"] for r in table_rows(http, "hot_out") if r["id"] >= 4)
         assert later == ["A", "B"]  # the new code (the old one returned "a", "b")
+
+
+def test_removing_a_plugin_with_force_fails_the_running_rules_that_use_it(tmp_path: Path) -> None:
+    """A source rule went on "running" with nothing coming, a sink rule retried for a
+    minute: both now stop, failed, naming the removal."""
+    root = make_app(tmp_path / "app", streams={
+        "readings": 'CREATE STREAM readings () WITH (TYPE="table", DATASOURCE="readings")',
+        "demo": 'CREATE STREAM demo () WITH (TYPE="counter", DATASOURCE="topicA")'})
+    store = open_store(None, root)
+    append_rows(store, "readings", _readings(4))
+    store.close()
+    with ThreadServer(root) as server, server.client() as http:
+        assert http.post("/api/plugins", json={"path": str(PLUGIN_SRC)}).status_code == 200
+        for rule in ({"id": "from_source", "sql": "SELECT id FROM demo", "actions": [{"log": {}}]},
+                     {"id": "to_sink", "sql": "SELECT id FROM readings",
+                      "actions": [{"collect": {"path": str(tmp_path / "sink.txt")}}]}):
+            response = http.post("/api/rules", json=rule)
+            assert response.status_code == 200, response.text
+        wait_for(lambda: http.get("/api/rules/to_sink/status").json()["records_out"] == 4,
+                 what="the sink rule's rows")
+        removed = http.delete("/api/plugins/swtest", params={"force": "true"})
+        assert removed.status_code == 200, removed.text
+        for rule_id, used in (("from_source", "source counter"), ("to_sink", "sink collect")):
+            status = http.get(f"/api/rules/{rule_id}/status").json()
+            assert status["status"] == "failed", status
+            assert (f"plugin 'swtest', which provides its {used}, was removed (--force)"
+                    in status["last_error"]), status["last_error"]

@@ -829,6 +829,16 @@ class RuleRuntime:
             f"(`stepwell rule start APP {self.rule.id}`)")
         self._save_status(force=True)
 
+    def fail_now(self, reason: str) -> None:
+        """Stop the rule and show it as failed, saying why (a plugin it uses was
+        removed under it: its source would send nothing more, its sink would be
+        retried for a minute, all for nothing)."""
+        self.stop()
+        self.status = "failed"
+        self.metrics.error(f"rule {self.rule.id!r} stopped: {reason}; start it again once "
+                           f"that is fixed (`stepwell rule start APP {self.rule.id}`)")
+        self._write_status()
+
     def _discard_pending(self) -> None:
         for action in self.actions:
             if isinstance(action, _TableAction):
@@ -1202,6 +1212,16 @@ class RuleEngine:
             if used:
                 users[rule_id] = used
         return users
+
+    def plugin_removed(self, plugin: Any, users: dict[str, list[str]]) -> None:
+        """Plugin ``plugin`` is being removed although rules use it (``users``, from
+        :meth:`rules_using`; `plugin remove --force`): the running ones stop, failed."""
+        with self._lock:
+            for rule_id, used in users.items():
+                runtime = self.running.get(rule_id)
+                if runtime is not None and runtime.status == "running":
+                    runtime.fail_now(f"plugin {plugin.name!r}, which provides its "
+                                     f"{', '.join(used)}, was removed (--force)")
 
     def _function_symbols(self) -> set[str]:
         if not hasattr(self, "_fn_cache"):

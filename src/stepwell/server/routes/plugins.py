@@ -220,15 +220,17 @@ def get_plugin_description(name: str = Path(description="Plugin name", max_lengt
 @router.delete("/plugins/{name}", response_model=RemovedPlugin, summary="Remove a plugin")
 def delete_plugin(name: str = Path(description="Plugin name", max_length=200),
                   force: bool = Query(False, description="Remove it even if rules use it "
-                                      "(they then fail to start)"),
+                                      "(those running stop, failed; they then fail to start)"),
                   ctx: ServerContext = Depends(get_ctx)) -> RemovedPlugin:
     try:
         plugin = get_plugin(ctx.app.root, name)
     except PluginInstallError as exc:
         raise ApiError(404, str(exc)) from None
-    users = _guard(lambda: rule_engine(ctx)).rules_using(plugin)
+    engine = _guard(lambda: rule_engine(ctx))
+    users = engine.rules_using(plugin)
     if users and not force:
         raise ApiError(409, plugin_in_use(name, users))
+    engine.plugin_removed(plugin, users)
     _manager(ctx).stop_plugin(name)
     removed = _guard(lambda: remove_plugin(ctx.app.root, name))
     _functions_changed(ctx)
