@@ -484,3 +484,18 @@ def test_closing_a_function_pool_ends_the_calls_in_flight() -> None:
     assert sum(c.calls for c in channels) < 20  # (the calls in progress end, no more start)
     with pytest.raises(Exception, match="function 'slow' is no longer served"):
         pool.call_raw([b"{}"] * 3)  # (it waited for ever: no thread serves a closed pool)
+
+
+def test_lone_function_calls_take_turns_over_the_pools_processes() -> None:
+    """A batch of one event is called without a hand-off: all such calls went to the
+    pool's first process while the others idled (several rules at a low rate)."""
+    from stepwell.runtimes.plugin.functions import FunctionPool
+
+    channels = [_SlowChannel(), _SlowChannel()]
+    pool = FunctionPool("slow", channels)  # type: ignore[arg-type]
+    try:
+        for _ in range(4):
+            pool.call_raw([b"{}"])
+        assert [c.calls for c in channels] == [2, 2]
+    finally:
+        pool.close()

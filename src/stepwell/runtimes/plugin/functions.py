@@ -88,6 +88,7 @@ class FunctionPool:
         self.symbol = symbol
         self.channels = channels
         self.calls = 0
+        self._turns = itertools.count()
         self._is_aggregate: bool | None = None
         self._queues: list[list[_Batch]] = [[] for _ in channels]
         self._cond = threading.Condition()
@@ -160,8 +161,10 @@ class FunctionPool:
         raises, after all were made; with ``errors`` its exception is in its place."""
         if self._closed:
             raise self._gone()
-        if len(requests) == 1 and not errors:  # no hand-off for a lone call
-            return [self.channels[0].call(requests[0], deadline, timeout)]
+        if len(requests) == 1 and not errors:  # no hand-off for a lone call; the channels
+            channels = self.channels  # take turns (lone calls of several rules all went to one)
+            channel = channels[next(self._turns) % len(channels)]
+            return [channel.call(requests[0], deadline, timeout)]
         batch = _Batch(requests, deadline, timeout)
         with self._cond:
             if self._closed:
