@@ -835,6 +835,9 @@ def _load_error(tmp_path: Path, text: str, files: dict[str, str] | None = None) 
      ":4: actions[0].steps[0].items: `items` cannot be used on a code step"),
     ("actions:\n  - name: a\n    steps:\n      - {name: s, code: 'return 1', colour: red}\n",
      ":4: actions[0].steps[0].colour: unknown key 'colour'"),
+    ("actions:\n  - name: a\n    steps:\n      - {name: s, code: 'return 1', tmp: 8MiB}\n",
+     "unknown key 'tmp' (set `tmp` for action steps in the app's `defaults:` (the app's actions "
+     "share their warm workers); allowed keys:"),
     ("actions:\n  - name: a\n    steps:\n      - {name: s, loop: b}\n",
      ":4: actions[0].steps[0].loop: no action named 'b'"),
     ("actions:\n  - name: a\n    steps:\n      - {name: s, code: 'return 1', python: x.py}\n",

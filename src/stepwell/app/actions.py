@@ -26,7 +26,7 @@ from __future__ import annotations
 import keyword
 import re
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, ClassVar, Literal, NoReturn
 
 from pydantic import (
     BaseModel,
@@ -107,6 +107,13 @@ def _template_problem(value: Any, names: frozenset[str], key: tuple[str | int, .
 class ActionStep(_ActionModel):
     """One step of an action. ``kind`` and ``source`` come from the kind key
     (``python: f.py`` -> kind ``python``, source ``f.py``)."""
+
+    #: hints for keys a step of another kind takes that this one does not
+    UNKNOWN_KEY_HINTS: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("memory", "cpu", "processes", "network", "tmp"),
+        "set `{key}` for action steps in the app's `defaults:` (the app's actions share "
+        "their warm workers)",
+    )
 
     name: Name
     kind: ActionStepKind

@@ -323,6 +323,8 @@ def _describe(
         allowed = owner.yaml_keys() if owner is not None and hasattr(owner, "yaml_keys") else []
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
+        known = getattr(owner, "UNKNOWN_KEY_HINTS", {}).get(key)
+        hint += f"{known.format(key=key)}; " if known else ""
         hint += f"allowed keys: {', '.join(allowed)}" if allowed else "remove it"
         return f"unknown key {key!r}", hint
     if kind == "missing":
