@@ -482,6 +482,73 @@ def test_rows_of_a_run_killed_with_its_host_reach_their_readers_after_restart(tm
         assert client.get("/api/runs/01killed").json()["status"] == "killed"
 
 
+def test_rows_left_unread_by_a_killed_server_reach_their_readers_after_restart(tmp_path, store_url):
+    """A server SIGKILLed in a reader's run (nothing queued behind it), or between a
+    webhook commit and queuing the readers, leaves committed rows no queued run will
+    read: the restart queues the readers whose streams have rows left."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from stepwell.store.base import RunRecord, StreamPosition
+
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            tables: [{name: events}, {name: copied}, {name: other}, {name: seen}]
+            steps:
+              - name: copy
+                node: copy.py
+                trigger: upstream
+              - name: watch
+                node: watch.py
+                trigger: upstream
+        """,
+        "copy.py": """
+            from patterns import Table
+            out = Table("copied", "w")
+            for row in Table("events").as_stream():
+                out.append({"n": row["n"]})
+        """,
+        "watch.py": """
+            from patterns import Table
+            out = Table("seen", "w")
+            for row in Table("other").as_stream():
+                out.append({"n": row["n"]})
+        """,
+    })  # fmt: skip
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    store = open_store(store_url, app)
+    try:
+        from stepwell.store import ids
+
+        keys = [ids.new_id() for _ in range(5)]
+        with store.transaction() as tx:  # webhook rows: 1 and 2 copied, 3 and 4 not yet
+            tx.append("events", pa.table({"n": [1, 2, 3, 4], "patterns_id": keys[:4]}))
+            tx.append("copied", pa.table({"n": [1, 2]}))
+            tx.append("other", pa.table({"n": [7], "patterns_id": keys[4:]}))
+            tx.commit()
+        version = store.table_info("events", count_rows=False).version
+        with store.transaction() as tx:
+            tx.replace_positions("copy", [StreamPosition("copy", "events", ("patterns_id",), version, keys[1], None)])
+            tx.commit()
+        # copy's run died with its host after its commit point; nothing was queued
+        store.create_run(RunRecord(id="01killed", step="copy", status="running", trigger="upstream",
+                                   started_at=dt.datetime.now(dt.UTC), rows_out=2,
+                                   host_pid=int(gone.stdout)))  # fmt: skip
+    finally:
+        store.close()
+    with ThreadServer(app, store_url=store_url) as server, server.client() as client:
+        for step in ("copy", "watch"):  # watch: its rows' commit never queued it
+            runs = wait_for(lambda step=step: [r for r in runs_of(client, step) if r["id"] != "01killed"],
+                            15, what=f"a run of {step}")
+            ended = wait_run(client, runs[0]["id"])
+            assert ended["status"] == "succeeded", ended["error"]
+        assert sorted(r["n"] for r in table_rows(client, "copied")) == [1, 2, 3, 4]
+        assert [r["n"] for r in table_rows(client, "seen")] == [7]
+
+
 def test_triggers_coalesce_and_a_step_never_runs_twice_at_once(steps_app):
     with ThreadServer(steps_app) as server, server.client() as client:
         tickets = [client.post("/api/runs", json={"step": "slow"}).json() for _ in range(5)]

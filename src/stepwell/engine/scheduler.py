@@ -59,7 +59,7 @@ from croniter import croniter
 from stepwell.engine.hosts import owned_elsewhere, this_host
 from stepwell.engine.runner import SUCCESS, NullListener, RunListener, Runner
 from stepwell.store import ids
-from stepwell.store.base import RUN_LOCK_BUSY, LogLine, RunRecord, Store
+from stepwell.store.base import RUN_LOCK_BUSY, LogLine, RunRecord, Store, active_positions
 
 log = logging.getLogger("stepwell.scheduler")
 
@@ -232,6 +232,7 @@ class Scheduler:
             self._schedule_tick(step.name, next_tick(step.trigger, now))
         self._resume_requested_runs(now)
         self._resume_readers_of_killed_runs()
+        self._resume_unread_streams()
         self._timer_thread = threading.Thread(target=self._timer_loop, name="stepwell-timer", daemon=True)
         self._timer_thread.start()
         with self._cv:
@@ -614,6 +615,57 @@ class Scheduler:
             with self._cv:
                 for name in self.readers(steps[run.step].output_tables(), writer=run.step):
                     self._enqueue(name, "upstream")
+
+    def _resume_unread_streams(self) -> None:
+        """Queue the ``upstream`` steps whose streams have committed rows left to read.
+        A host killed during such a step's run (with nothing queued behind it), or
+        between a commit (a webhook batch, a run's last commit point) and queuing its
+        readers, leaves those rows with no run to read them, and nothing new may come
+        to trigger one. (Tables whose writer holds its readers back for a queued
+        follow-up run, ``trigger_downstream=False``, stay held.)"""
+        held: set[str] = set().union(*(slot.deferred for slot in self._slots.values()))
+        for step in self.app.steps:
+            if step.trigger != "upstream" or self._slots[step.name].pending is not None:
+                continue
+            if held & set(step.input_tables()):
+                continue
+            try:
+                unread = self._has_unread_rows(step)
+            except Exception:  # a table being changed, say: its next commit triggers
+                log.exception("could not check the unread rows of step %r", step.name)
+                continue
+            if unread:
+                with self._cv:
+                    self._enqueue(step.name, "upstream")
+
+    def _has_unread_rows(self, step: Any) -> bool:
+        """Whether a stream of ``step`` over one of its input tables has rows after its
+        committed position (a step that never committed one: any row, unless it has
+        run to success since, e.g. reading the table whole)."""
+        inputs = set(step.input_tables())
+        positions = [p for p in active_positions(self.store, step.name) if p.table in inputs]
+        for position in positions:
+            first_column = position.order_by[0] if position.order_by else None
+            batches = self.store.scan(
+                position.table, order_by=list(position.order_by),
+                after=(position.value, position.last_id), batch_rows=1,
+                stream=first_column == "patterns_id",
+            )  # fmt: skip
+            try:
+                if any(batch.num_rows for batch in batches):
+                    return True
+            finally:
+                batches.close()
+        unpositioned = inputs - {p.table for p in positions}
+        if not unpositioned:
+            return False
+        if any(r.status in SUCCESS for r in self.store.list_runs(step=step.name, limit=20)):
+            return False
+        for table in unpositioned:
+            info = self.store.table_info(table)
+            if info is not None and info.row_count:
+                return True
+        return False
 
     def _adopt_queued_runs(self) -> list[RunRecord]:
         """Take over runs left ``queued`` by a server that is gone (before the
