@@ -629,6 +629,9 @@ class Scheduler:
                 continue
             if held & set(step.input_tables()):
                 continue
+            if any(owned_elsewhere(run) for run in self.store.list_runs(
+                    step=step.name, limit=5, statuses=("running", "queued"))):  # fmt: skip
+                continue  # another server sharing the store runs it (it reads those rows)
             try:
                 unread = self._has_unread_rows(step)
             except Exception:  # a table being changed, say: its next commit triggers
