@@ -23,6 +23,20 @@ from stepwell.runtimes.action import templating
 
 SECRET = "sk-live-0123456789-very-secret"
 
+#: An action telling whether process ``params.pid`` still runs (not a zombie), as an
+#: entry of an app file's ``actions:`` list.
+RUNNING_ACTION = """\
+          - name: running
+            steps:
+              - name: r
+                code: |
+                  try:
+                      with open(f"/proc/{params['pid']}/stat") as f:
+                          return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+                  except FileNotFoundError:
+                      return False
+"""
+
 APP = {
     "stepwell.yml": """
         title: actions under test
@@ -199,15 +213,7 @@ APP = {
                 code: |
                   import subprocess
                   return subprocess.Popen(['sleep', '30']).pid
-          - name: running
-            steps:
-              - name: r
-                code: |
-                  try:
-                      with open(f"/proc/{params['pid']}/stat") as f:
-                          return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-                  except FileNotFoundError:
-                      return False
+""" + RUNNING_ACTION + """\
           - name: linger
             steps:
               - name: l
@@ -1165,15 +1171,7 @@ def litter_worker(tmp_path: Path) -> Any:
                   import subprocess
                   loop = "while true; do date > $TMPDIR/still-here; sleep 0.05; done"
                   return subprocess.Popen(["sh", "-c", loop], start_new_session=True).pid
-          - name: running
-            steps:
-              - name: r
-                code: |
-                  try:
-                      with open(f"/proc/{params['pid']}/stat") as f:
-                          return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-                  except FileNotFoundError:
-                      return False
+""" + RUNNING_ACTION + """\
           - name: end_worker
             steps:
               - {name: e, code: "import os, signal; os.kill(os.getppid(), signal.SIGKILL); return 1"}

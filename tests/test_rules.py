@@ -868,20 +868,28 @@ def test_a_batch_a_stop_gave_up_on_is_not_committed_after_the_rule_restarted(env
     assert engine.status("zombie")["records_out"] == 3
 
 
-def test_the_status_of_a_running_rule_whose_plugin_was_removed_with_force(env) -> None:
-    """The status asked the plugin manager for the rule's function pools: once the
-    plugin was removed it raised (the API answered 422 'no installed plugin provides
-    a function named ...'), and once reinstalled it started new plugin processes."""
+def _scale_rule_then_plugin_gone(env, rule_id: str) -> None:
+    """Rule ``rule_id`` calls scale() on 2 rows of readings, into ``<rule_id>_out``; then
+    its plugin's processes stop and the plugin is removed under it (the pools it holds
+    closed, as when the plugin is removed with --force; the rule is not told)."""
     from stepwell.runtimes.plugin import remove_plugin
 
     root, store, engine = env
     append_rows(store, "readings", _readings(2))
-    engine.create({"id": "orphan", "sql": "SELECT id, scale(v, 10) AS s FROM readings",
-                   "actions": [{"table": {"name": "orphan_out"}}]})
-    engine.start("orphan")
-    wait_for(lambda: engine.status("orphan")["records_out"] == 2)
-    engine.manager.stop_plugin("swtest")  # as `stepwell plugin remove --force` does
+    engine.create({"id": rule_id, "sql": "SELECT id, scale(v, 10) AS s FROM readings",
+                   "actions": [{"table": {"name": f"{rule_id}_out"}}]})
+    engine.start(rule_id)
+    wait_for(lambda: engine.status(rule_id)["records_out"] == 2)
+    engine.manager.stop_plugin("swtest")
     remove_plugin(root, "swtest")
+
+
+def test_the_status_of_a_running_rule_whose_plugin_was_removed_with_force(env) -> None:
+    """The status asked the plugin manager for the rule's function pools: once the
+    plugin was removed it raised (the API answered 422 'no installed plugin provides
+    a function named ...'), and once reinstalled it started new plugin processes."""
+    root, store, engine = env
+    _scale_rule_then_plugin_gone(env, "orphan")
     status = engine.status("orphan")
     assert status["records_out"] == 2 and status["function_processes"] == {"scale": 2}
     install_plugin(root, PLUGIN_SRC)
@@ -894,16 +902,8 @@ def test_the_status_of_a_running_rule_whose_plugin_was_removed_with_force(env) -
 def test_a_rule_whose_function_plugin_was_removed_fails_instead_of_dropping_events(env) -> None:
     """After plugin remove --force a running rule dropped every event as a failed call
     and committed its position past them (even once the plugin was installed again)."""
-    from stepwell.runtimes.plugin import remove_plugin
-
     root, store, engine = env
-    append_rows(store, "readings", _readings(2))
-    engine.create({"id": "removed", "sql": "SELECT id, scale(v, 10) AS s FROM readings",
-                   "actions": [{"table": {"name": "removed_out"}}]})
-    engine.start("removed")
-    wait_for(lambda: engine.status("removed")["records_out"] == 2)
-    engine.manager.stop_plugin("swtest")  # as `stepwell plugin remove --force` does
-    remove_plugin(root, "swtest")
+    _scale_rule_then_plugin_gone(env, "removed")
     append_rows(store, "readings", _readings(3, start=2))
     engine.notify("readings")
     status = wait_for(lambda: (s := engine.status("removed"))["status"] == "failed" and s)
