@@ -126,6 +126,14 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     )
 
 
+def proc_stat(pid: int | str) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first, then
+    the parent's pid...): the name may hold spaces and parentheses of its own.
+    Raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[1].split()
+
+
 def _syscall(name: str, *args: object) -> int:
     number = _SYS.get(name)
     if number is None:

@@ -960,10 +960,9 @@ class RuleRuntime:
         """A query failed while a function pool it calls is closed (its plugin was
         removed with --force, or the host is stopping): every event would fail, so
         fail the batch as a whole rather than drop each event past the position."""
-        for symbol, pool in self._pools.items():
+        for pool in self._pools.values():
             if pool.closed:
-                raise RuleError(f"function {symbol!r} is no longer served: its plugin was "
-                                "stopped (removed, or the host is shutting down)")
+                raise RuleError(str(pool.not_served()))
 
     def _drop_window(self, pane: Pane, events: list[Event], exc: Exception) -> None:
         bounds = (f"window [{pane.start}, {pane.end})" if pane.start is not None

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from stepwell.sandbox import linux
 from stepwell.sandbox.launcher import WorkerProcess
 from stepwell.sandbox.policy import MAX_STOPPED_AT, TIME_LIMIT_GRACE
 from stepwell.sandbox.protocol import NOTIFY_OPS, PeerGone, ProtocolError
@@ -196,8 +197,7 @@ class WarmWorker:
 def _stopped(pid: int) -> bool:
     """Whether process ``pid`` is stopped (by a signal, or a tracer)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+        return linux.proc_stat(pid)[0] in (b"T", b"t")
     except (OSError, IndexError):
         return False
 

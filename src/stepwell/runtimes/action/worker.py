@@ -419,8 +419,7 @@ def _children() -> list[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                with open(f"/proc/{name}/stat", "rb") as stat:
-                    fields = stat.read().rsplit(b")", 1)[1].split()
+                fields = linux.proc_stat(name)
             except OSError:  # (ended meanwhile)
                 continue
             if int(fields[1]) == me:

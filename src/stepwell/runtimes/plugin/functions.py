@@ -140,7 +140,7 @@ class FunctionPool:
                 if i >= total:
                     break
                 if self._closed:  # (the rest: ``close`` answers them)
-                    replies[i] = self._gone()
+                    replies[i] = self.not_served()
                 else:
                     try:
                         replies[i] = channel.call(requests[i], batch.deadline, batch.timeout)
@@ -149,7 +149,8 @@ class FunctionPool:
                 finished += 1
             batch.finished(finished)
 
-    def _gone(self) -> PluginError:
+    def not_served(self) -> PluginError:
+        """The error of a call to this pool once it is closed."""
         return PluginError(f"function {self.symbol!r} is no longer served: its plugin was "
                            f"stopped (removed, or the host is shutting down)")  # fmt: skip
 
@@ -160,7 +161,7 @@ class FunctionPool:
         at most ``timeout`` seconds (see ``FunctionChannel.call``). A failed call
         raises, after all were made; with ``errors`` its exception is in its place."""
         if self._closed:
-            raise self._gone()
+            raise self.not_served()
         if len(requests) == 1 and not errors:  # no hand-off for a lone call; the channels
             channels = self.channels  # take turns (lone calls of several rules all went to one)
             channel = channels[next(self._turns) % len(channels)]
@@ -168,7 +169,7 @@ class FunctionPool:
         batch = _Batch(requests, deadline, timeout)
         with self._cond:
             if self._closed:
-                raise self._gone()
+                raise self.not_served()
             for queue in self._queues:
                 queue.append(batch)
             self._cond.notify_all()
@@ -239,7 +240,7 @@ class FunctionPool:
             for queue in self._queues:
                 queue.clear()
         for batch in waiting:
-            batch.fail_rest(self._gone())
+            batch.fail_rest(self.not_served())
         for channel in self.channels:
             channel.close()
 
