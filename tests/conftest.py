@@ -18,6 +18,7 @@ session's shared database), e.g. to run a whole app against PostgreSQL::
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import itertools
 import os
@@ -203,3 +204,27 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         opened = open_store(make_database(), tmp_path)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def host_message_queue() -> Iterator[tuple[str, str]]:
+    """A POSIX message queue of the host's IPC namespace, readable by anyone, with
+    a message in it, seen through an ``mqueue`` mount (as systemd mounts one at
+    /dev/mqueue): (the mount point, the queue's name)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting an mqueue file system needs root")
+    rt = ctypes.CDLL("librt.so.1", use_errno=True)
+    name = f"/stepwell-canary-{os.getpid()}".encode()
+    fd = rt.mq_open(name, os.O_CREAT | os.O_RDWR, 0o644, None)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    assert rt.mq_send(fd, b"host-only message", 17, 0) == 0
+    mount_point = tempfile.mkdtemp(dir="/var/tmp")
+    os.chmod(mount_point, 0o755)
+    subprocess.run(["mount", "-t", "mqueue", "none", mount_point], check=True)
+    try:
+        yield mount_point, name.decode()
+    finally:
+        subprocess.run(["umount", mount_point], check=True)
+        os.rmdir(mount_point)
+        os.close(fd)
+        rt.mq_unlink(name)

@@ -1206,6 +1206,56 @@ def test_what_a_call_leaves_in_tmp_is_gone_for_the_next_call(litter_worker: Any)
         assert _call(litter_worker, "peek", who="alice") == before
 
 
+def test_ipc_objects_a_call_leaves_are_gone_for_the_next_call(
+    tmp_path: Path, host_message_queue: tuple[str, str]
+) -> None:
+    """A warm worker's calls share its IPC namespace: a System V shared memory
+    segment, semaphore set or message queue, or a POSIX message queue, that one
+    call leaves (holding its user's data) would reach the next call, whoever makes
+    it. The POSIX queues show through an ``mqueue`` mount (/dev/mqueue on most
+    hosts: the fixture mounts one), which the sandbox makes the worker's own."""
+    from stepwell.engine.action_executor import ActionExecutor
+    from stepwell.store import open_store
+
+    mount_point, host_queue = host_message_queue
+    root = write_app(tmp_path / "app", {"stepwell.yml": f"""
+        actions:
+          - name: ipc_litter
+            steps:
+              - name: l
+                code: |
+                  import ctypes, os
+                  libc = ctypes.CDLL(None, use_errno=True)
+                  created = [libc.shmget(0x5157, 4096, 0o1666), libc.semget(0x5157, 1, 0o1666),
+                             libc.msgget(0x5157, 0o1666),
+                             libc.mq_open(b"/left-by-mallory", os.O_CREAT | os.O_RDWR, 0o600, None)]
+                  assert -1 not in created, os.strerror(ctypes.get_errno())
+                  return "littered"
+          - name: ipc_peek
+            steps:
+              - name: p
+                code: |
+                  import os
+                  tables = [open(f"/proc/sysvipc/{{kind}}").read().splitlines()[1:]
+                            for kind in ("shm", "sem", "msg")]
+                  return [tables, sorted(os.listdir("{mount_point}"))]
+    """})
+    app = load_app(root)
+    store = open_store(None, app.root)
+    executor = ActionExecutor(app, store, environ={**os.environ, "STEPWELL_ACTION_WORKERS": "1",
+                                                  "STEPWELL_ACTION_WARM": "1"})
+    try:
+        before = _call(executor, "ipc_peek", who="alice")
+        assert before == [[[], [], []], []], "the host's IPC objects are in the worker's view"
+        for _ in range(2):  # (the second time, the keys are free again)
+            assert _call(executor, "ipc_litter", who="mallory") == "littered"
+            assert _call(executor, "ipc_peek", who="alice") == before
+    finally:
+        executor.close()
+        store.close()
+    assert host_queue[1:] in os.listdir(mount_point)  # (the host's own queue is untouched)
+
+
 def test_a_call_leaving_many_files_does_not_hold_up_the_next(tmp_path: Path) -> None:
     """Removing 150,000 files took the next call's time (over 2 s, past its 1 s
     limit): past a few thousand, the worker ends, its /tmp with it, and the next

@@ -646,3 +646,20 @@ def test_step_text_cannot_drive_the_terminal(tmp_path, listeners, server_pid):
         assert "\x1b[8m" not in result.stdout + result.stderr
     assert "\\x1b]52;c;cHduZWQ=\\x07" in outputs[0].stderr
     assert "[/]" in outputs[1].stdout and "\\x1b]0;title" in outputs[2].stdout
+
+
+def test_host_message_queues_stay_out_of_reach(tmp_path, host_message_queue, listeners, server_pid):
+    """The run has an IPC namespace of its own, and an ``mqueue`` mount of the host
+    (such as /dev/mqueue) shows the run's own queues, not the host's: through the
+    host's, open() and mq_receive took the host's messages."""
+    mount_point, name = host_message_queue
+    code = (f'print(os.listdir("{mount_point}"))\n'
+            f'fd = os.open("{mount_point}{name}", os.O_RDONLY)\n'
+            "buf = ctypes.create_string_buffer(64)\n"
+            'n = ctypes.CDLL("librt.so.1").mq_receive(fd, buf, 64, None)\n'
+            'Table("loot", "w").append({"v": buf.raw[:n].decode()})')  # fmt: skip
+    case = Case(code, "failed", rf"FileNotFoundError.*{name}")
+    app = _app(tmp_path / "app", case, listeners[1], listeners[0])
+    hostile = _contained(app, case)
+    assert "[]" in logs(app, hostile.id)
+    assert "QSIZE:17" in Path(mount_point + name).read_text()

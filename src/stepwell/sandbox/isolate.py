@@ -41,6 +41,9 @@ from stepwell.sandbox.policy import SANDBOX_TMP, SHM_SIZE, SandboxSpec, format_b
 
 #: File descriptor the worker's channel is moved to.
 CHANNEL_FD = 3
+#: Whether this process, a worker once ``enter_sandbox`` returned, has an IPC
+#: namespace of its own (only then are the IPC objects it sees its runs' alone).
+own_ipc_namespace = False
 
 
 @dataclass
@@ -206,7 +209,7 @@ def _read_paths(plan: ChildPlan) -> list[str]:
     return kept
 
 
-def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
+def _setup_filesystem(plan: ChildPlan, pidns: bool, own_ipc: bool) -> None:
     spec = plan.spec
     covers: dict[str, str] = {}
     if os.path.isdir(SANDBOX_TMP):
@@ -253,6 +256,8 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
         if os.path.isdir(path):
             linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4k,mode=0755")
     proc_flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    if own_ipc:
+        _cover_message_queues(proc_flags)
     try:
         linux.mount("proc", "/proc", "proc", proc_flags, "hidepid=invisible")
     except OSError:
@@ -263,6 +268,15 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool) -> None:
                 "[stepwell] sandbox: private /proc unavailable; host processes are visible in /proc"
             )
     _make_read_only()
+
+
+def _cover_message_queues(flags: int) -> None:
+    """Mount the run's own POSIX message queues over each ``mqueue`` mount of the
+    host (such as ``/dev/mqueue``): the host's would show the host's queues, and
+    open() on one of them reads its messages whatever the IPC namespace."""
+    for target, fstype in linux.mounts():
+        if fstype == "mqueue" and os.path.isdir(target):
+            linux.mount("mqueue", target, "mqueue", flags)
 
 
 def _tmp_options(plan: ChildPlan) -> str:
@@ -292,12 +306,7 @@ def _make_read_only() -> None:
     except OSError as exc:
         if exc.errno != 38:  # ENOSYS: an older kernel; remount one by one below
             raise
-    mounts = []
-    with open("/proc/self/mountinfo") as info:
-        for line in info:
-            fields = line.split()
-            mounts.append(fields[4].encode().decode("unicode_escape"))
-    for target in mounts:
+    for target, _ in linux.mounts():
         if target in writable:
             continue
         flags = linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID
@@ -406,6 +415,8 @@ class PreparedView:
     tmp_inside: str
     #: notes on isolation features the kernel refused
     notes: list[str]
+    #: True when the view has an IPC namespace of its own
+    own_ipc: bool = False
 
     @staticmethod
     def key(spec: SandboxSpec) -> tuple:
@@ -436,12 +447,12 @@ def prepare_view(plan: ChildPlan) -> PreparedView:
     tmp_inside = plan.tmpdir
     if "mount" in namespaces:
         try:
-            _setup_filesystem(plan, plan.pidns)
+            _setup_filesystem(plan, plan.pidns, "ipc" in namespaces)
             tmp_inside = SANDBOX_TMP
         except OSError as exc:
             _note_unavailable(plan, "read-only filesystem", exc,
                               "with the host's filesystem (file permissions still apply)")  # fmt: skip
-    return PreparedView(privileged, tmp_inside, list(plan.notes))
+    return PreparedView(privileged, tmp_inside, list(plan.notes), "ipc" in namespaces)
 
 
 def enter_sandbox(
@@ -461,6 +472,8 @@ def enter_sandbox(
         view = prepare_view(plan)
     else:
         plan.notes.extend(n for n in view.notes if n not in plan.notes)
+    global own_ipc_namespace
+    own_ipc_namespace = view.own_ipc
     if not spec.network:
         _unshare_namespaces(plan, ["net"])
     _apply_rlimits(plan)

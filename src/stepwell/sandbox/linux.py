@@ -126,6 +126,46 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     )
 
 
+def mounts() -> list[tuple[str, str]]:
+    """This mount namespace's mounts as (mount point, file system type), in the
+    order of ``/proc/self/mountinfo`` (parents before what is mounted on them)."""
+    found = []
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            found.append((fields[4].encode().decode("unicode_escape"), fstype))
+    return found
+
+
+#: System V IPC object kinds: their ``/proc/sysvipc`` file and their ``*ctl`` call.
+_SYSV_IPC = {"shm": "shmctl", "sem": "semctl", "msg": "msgctl"}
+_IPC_RMID = 0
+
+
+def sysv_ipc_objects() -> set[tuple[str, int]]:
+    """The System V IPC objects (kind, id) of this process's IPC namespace."""
+    found = set()
+    for kind in _SYSV_IPC:
+        with open(f"/proc/sysvipc/{kind}") as table:
+            next(table)  # (the column names)
+            found.update((kind, int(line.split()[1])) for line in table)
+    return found
+
+
+def remove_sysv_ipc(kind: str, ident: int) -> None:
+    """Remove System V IPC object ``ident`` of ``kind`` (``shm``, ``sem``, ``msg``)."""
+    if kind == "sem":
+        _check(_libc.semctl(ident, 0, _IPC_RMID), f"semctl {ident}")
+    else:
+        _check(getattr(_libc, _SYSV_IPC[kind])(ident, _IPC_RMID, None), f"{kind}ctl {ident}")
+
+
+def mq_unlink(name: str) -> None:
+    """Remove POSIX message queue ``name`` (as listed in an ``mqueue`` mount)."""
+    _check(_libc.mq_unlink(("/" + name).encode()), f"mq_unlink {name}")
+
+
 def proc_stat(pid: int | str) -> list[bytes]:
     """The fields of ``/proc/<pid>/stat`` after the command name (state first, then
     the parent's pid...): the name may hold spaces and parentheses of its own.

@@ -49,7 +49,7 @@ from stepwell.runtimes.action.code import (
     syntax_message,
     to_wire,
 )
-from stepwell.sandbox import linux
+from stepwell.sandbox import isolate, linux
 from stepwell.sandbox.client import HostLink, LogStream
 from stepwell.sandbox.policy import SANDBOX_TMP, TIME_LIMIT_SIGNAL, signal_name
 from stepwell.sandbox.worker import TimeLimitReached, exception_text, time_limit_reached
@@ -240,6 +240,18 @@ class _Invocations:
         #: own), else the host's: then what is in it is not the calls' alone
         self.shm = "/dev/shm" if self.tmp == SANDBOX_TMP and os.path.isdir("/dev/shm") else None
         self.shm_kept = frozenset(os.listdir(self.shm) if self.shm else ())
+        #: System V IPC objects and POSIX message queues (where an ``mqueue`` mount
+        #: lists them) are the calls' alone where the worker has an IPC namespace of
+        #: its own, and what was there before any call: see _clear_ipc
+        self.ipc = isolate.own_ipc_namespace
+        self.mqueue: str | None = None
+        try:
+            self.ipc_kept = linux.sysv_ipc_objects() if self.ipc else set()
+            if self.ipc:
+                self.mqueue = next((path for path, kind in linux.mounts() if kind == "mqueue"), None)
+            self.mqueue_kept = frozenset(os.listdir(self.mqueue) if self.mqueue else ())
+        except OSError:  # (a kernel without System V IPC)
+            self.ipc = False
         with contextlib.suppress(OSError):  # (then orphans go to the namespace's init)
             linux.prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
@@ -307,7 +319,7 @@ class _Invocations:
             os.close(pidfd)
         ending = _ending(status)
         _reap_orphans()
-        ended = self._end_strays() and self._empty_tmp()
+        ended = self._end_strays() and self._empty_tmp() and self._clear_ipc()
         if _STOP in current.heard:
             self._stop()
             return False
@@ -335,6 +347,22 @@ class _Invocations:
             return (_empty_folder(self.shm, self.shm_kept) if self.shm else True) and clean
         except OSError:
             return False
+
+    def _clear_ipc(self) -> bool:
+        """Remove the System V IPC objects and POSIX message queues the call left:
+        the next call, maybe another user's, would find what is in them. False when
+        some of it stays."""
+        if not self.ipc:
+            return True
+        try:
+            for kind, ident in linux.sysv_ipc_objects() - self.ipc_kept:
+                linux.remove_sysv_ipc(kind, ident)
+            if self.mqueue:
+                for name in set(os.listdir(self.mqueue)) - self.mqueue_kept:
+                    linux.mq_unlink(name)
+        except OSError:
+            return False
+        return True
 
     def _end_strays(self) -> bool:
         """Kill what the call left running outside its process group (a process in
