@@ -549,6 +549,58 @@ def test_rows_left_unread_by_a_killed_server_reach_their_readers_after_restart(t
         assert [r["n"] for r in table_rows(client, "seen")] == [7]
 
 
+def test_rows_a_killed_server_never_showed_a_whole_table_reader_reach_it_after_restart(
+    tmp_path, store_url
+):
+    """A reader without a stream (a SQL step reading the table whole) whose writer
+    committed just before the server was SIGKILLed, with the reader not queued yet:
+    the restart runs it, as the writer's rows came after its last run began. A
+    reader that ran after its writer's last rows is left alone."""
+    import pyarrow as pa
+
+    from stepwell.store.base import RunRecord
+
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            tables: [{name: ticks}, {name: other}]
+            steps:
+              - {name: writer, node: writer.py, outputs: {ticks: ticks}}
+              - {name: total, sql: total.sql, trigger: upstream}
+              - {name: other_writer, node: writer.py, outputs: {other: other}}
+              - {name: other_total, sql: other_total.sql, trigger: upstream}
+        """,
+        "writer.py": "from patterns import Table\nTable('ticks', 'w').append({'n': 0})\n",
+        "total.sql": "select count(*) as n from {{ Table('ticks') }}",
+        "other_total.sql": "select count(*) as n from {{ Table('other') }}",
+    })  # fmt: skip
+    now = dt.datetime.now(dt.UTC)
+
+    def run(id: str, step: str, began: int, ended: int, rows_out: int = 0) -> RunRecord:
+        return RunRecord(id=id, step=step, status="succeeded", started_at=now + dt.timedelta(seconds=began),
+                         ended_at=now + dt.timedelta(seconds=ended), rows_out=rows_out)  # fmt: skip
+
+    store = open_store(store_url, app)
+    try:
+        with store.transaction() as tx:
+            tx.append("ticks", pa.table({"n": [1, 2, 3]}))
+            tx.append("other", pa.table({"n": [1]}))
+            tx.commit()
+        for record in (run("01total", "total", 0, 1), run("01writer", "writer", 2, 3, rows_out=3),
+                       run("01other", "other_writer", 0, 1, rows_out=1),
+                       run("01othertotal", "other_total", 2, 3)):  # fmt: skip
+            store.create_run(record)
+    finally:
+        store.close()
+    with ThreadServer(app, store_url=store_url) as server, server.client() as client:
+        runs = wait_for(lambda: [r for r in runs_of(client, "total") if r["id"] != "01total"],
+                        15, what="a run of total")  # fmt: skip
+        ended = wait_run(client, runs[0]["id"])
+        assert ended["status"] == "succeeded", ended["error"]
+        assert [row["n"] for row in table_rows(client, "total")] == [3]
+        assert server.ctx.scheduler.wait_idle(30)
+        assert [r["id"] for r in runs_of(client, "other_total")] == ["01othertotal"]
+
+
 def test_triggers_coalesce_and_a_step_never_runs_twice_at_once(steps_app):
     with ThreadServer(steps_app) as server, server.client() as client:
         tickets = [client.post("/api/runs", json={"step": "slow"}).json() for _ in range(5)]

@@ -232,7 +232,7 @@ class Scheduler:
             self._schedule_tick(step.name, next_tick(step.trigger, now))
         self._resume_requested_runs(now)
         self._resume_readers_of_killed_runs()
-        self._resume_unread_streams()
+        self._resume_unread_rows()
         self._timer_thread = threading.Thread(target=self._timer_loop, name="stepwell-timer", daemon=True)
         self._timer_thread.start()
         with self._cv:
@@ -616,8 +616,8 @@ class Scheduler:
                 for name in self.readers(steps[run.step].output_tables(), writer=run.step):
                     self._enqueue(name, "upstream")
 
-    def _resume_unread_streams(self) -> None:
-        """Queue the ``upstream`` steps whose streams have committed rows left to read.
+    def _resume_unread_rows(self) -> None:
+        """Queue the ``upstream`` steps with committed rows left to read.
         A host killed during such a step's run (with nothing queued behind it), or
         between a commit (a webhook batch, a run's last commit point) and queuing its
         readers, leaves those rows with no run to read them, and nothing new may come
@@ -643,8 +643,10 @@ class Scheduler:
 
     def _has_unread_rows(self, step: Any) -> bool:
         """Whether a stream of ``step`` over one of its input tables has rows after its
-        committed position (a step that never committed one: any row, unless it has
-        run to success since, e.g. reading the table whole)."""
+        committed position; for a table it reads without a stream (a SQL step, say),
+        whether it has rows and the step never succeeded, or a step wrote rows to it
+        after the step's last successful run began (rows a webhook or a load added
+        since then are not seen this way: their tables' next commit triggers it)."""
         inputs = set(step.input_tables())
         positions = [p for p in active_positions(self.store, step.name) if p.table in inputs]
         for position in positions:
@@ -662,8 +664,14 @@ class Scheduler:
         unpositioned = inputs - {p.table for p in positions}
         if not unpositioned:
             return False
-        if any(r.status in SUCCESS for r in self.store.list_runs(step=step.name, limit=20)):
-            return False
+        done = [r for r in self.store.list_runs(step=step.name, limit=20) if r.status in SUCCESS]
+        if done:  # it reads those tables whole: has a step written to them since?
+            since = done[0].started_at
+            writers = [s.name for s in self.app.steps if unpositioned & set(s.output_tables())]
+            return since is not None and any(
+                run.rows_out and run.ended_at is not None and run.ended_at > since
+                for writer in writers for run in self.store.list_runs(step=writer, limit=5)
+            )  # fmt: skip
         for table in unpositioned:
             info = self.store.table_info(table)
             if info is not None and info.row_count:
