@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import platform
+import re
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -134,8 +135,16 @@ def mounts() -> list[tuple[str, str]]:
         for line in info:
             fields = line.split()
             fstype = fields[fields.index("-") + 1]
-            found.append((fields[4].encode().decode("unicode_escape"), fstype))
+            found.append((_OCTAL_ESCAPE.sub(_unescape, fields[4]), fstype))
     return found
+
+
+#: How mountinfo writes a space, tab, newline or backslash in a path (``\040``).
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return chr(int(match.group(1), 8))
 
 
 #: System V IPC object kinds: their ``/proc/sysvipc`` file and their ``*ctl`` call.
