@@ -123,6 +123,12 @@ CASES: dict[str, Case] = {
         's = socket.socket(socket.AF_UNIX)\ns.connect(Parameter("unix_path"))',
         "failed", r"(FileNotFoundError|PermissionError|ConnectionRefusedError)",
     ),
+    "host_unix_socket_network_off": Case(  # (a socket the sandbox can see: see _app)
+        's = socket.socket(socket.AF_UNIX)\ns.connect(Parameter("visible_unix_path"))',
+        "failed", r"OSError: \[Errno 97\] Address family not supported by protocol \(at hostile\.py:\d+\) "
+                  r"\(a step without network may not open Unix sockets either; set `network: true`",
+        settings={"network": False},
+    ),
     # -- resources ----------------------------------------------------------
     "fork_bomb": Case(
         "while True:\n    os.fork()",
@@ -303,7 +309,8 @@ CASES: dict[str, Case] = {
 def _app(root: Path, case: Case, unix_path: str, port: int) -> Path:
     settings = "".join(f"\n    {k}: {v if not isinstance(v, bool) else str(v).lower()}"
                        for k, v in case.settings.items())  # fmt: skip
-    parameters = {"port": port, "unix_path": unix_path, "app": str(root), **case.parameters}
+    parameters = {"port": port, "unix_path": unix_path, "visible_unix_path": VISIBLE_UNIX_SOCKET,
+                  "app": str(root), **case.parameters}  # fmt: skip
     params = ", ".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in parameters.items())
     return write_app(root, {
         "stepwell.yml": f"""
@@ -324,9 +331,15 @@ steps:
     })  # fmt: skip
 
 
+#: A Unix socket anyone may connect to, in a folder the sandbox sees (as a host
+#: service's, such as /run/dbus/system_bus_socket).
+VISIBLE_UNIX_SOCKET = f"/var/tmp/stepwell-hostile-{os.getpid()}/host.sock"
+
+
 @pytest.fixture(scope="module")
 def listeners(tmp_path_factory):
-    """A loopback TCP listener and a unix socket in a host folder: targets to reach."""
+    """A loopback TCP listener and Unix sockets: one in a host folder the sandbox
+    cannot see, one (``VISIBLE_UNIX_SOCKET``) where it can: targets to reach."""
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
     tcp.listen(16)
@@ -334,9 +347,17 @@ def listeners(tmp_path_factory):
     unix = socket.socket(socket.AF_UNIX)
     unix.bind(path)
     unix.listen(16)
+    visible_dir = Path(VISIBLE_UNIX_SOCKET).parent
+    visible_dir.mkdir(mode=0o755)
+    visible = socket.socket(socket.AF_UNIX)
+    visible.bind(VISIBLE_UNIX_SOCKET)
+    os.chmod(VISIBLE_UNIX_SOCKET, 0o777)
+    visible.listen(16)
     yield tcp.getsockname()[1], path
-    tcp.close()
-    unix.close()
+    for listener in (tcp, unix, visible):
+        listener.close()
+    os.unlink(VISIBLE_UNIX_SOCKET)
+    visible_dir.rmdir()
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ from stepwell.store.schema import jsonable
 
 if TYPE_CHECKING:
     from stepwell.engine.envs import EnvInfo
+    from stepwell.sandbox.launcher import WorkerLimits
 
 #: Time limit of a step without ``timeout:`` (seconds).
 DEFAULT_STEP_TIMEOUT = 30.0
@@ -343,26 +344,32 @@ class ActionExecutor:
             first_use, self._env_said = not self._env_said, True
         call.log.add("info", [self._env.log_line(self.app.requirements_file, first_use)])
 
-    def _start_worker(self) -> WarmWorker:
-        from stepwell.sandbox.launcher import WorkerLimits, start_worker
+    def _worker_limits(self) -> WorkerLimits:
+        """The limits of the app's action workers: its ``defaults`` (no network
+        unless they say so under ``--sandbox strict``)."""
+        from stepwell.sandbox.launcher import WorkerLimits
         from stepwell.sandbox.policy import sandbox_mode
 
         defaults = getattr(self.app, "defaults", None)
-        mode = sandbox_mode(self.sandbox)
         network = getattr(defaults, "network", None)
-        limits = WorkerLimits(
+        return WorkerLimits(
             memory=getattr(defaults, "memory", None),
             processes=getattr(defaults, "processes", None),
             tmp=getattr(defaults, "tmp", None),
-            network=network if network is not None else mode != "strict",
+            network=network if network is not None else sandbox_mode(self.sandbox) != "strict",
         )
+
+    def _start_worker(self) -> WarmWorker:
+        from stepwell.sandbox.launcher import start_worker
+
+        limits = self._worker_limits()
         sys_path = self._environment()
         # the lean fork-server (no pandas): each invocation forks the worker, and a
         # smaller process forks faster; what the app's actions import is imported
         # by the worker itself (``warm_imports``), pandas included
         process = start_worker(self.app.root, limits=limits, read_paths=sys_path,
-                               hide_paths=_store_paths(self.store, self.app.root), mode=mode,
-                               pandas=False)  # fmt: skip
+                               hide_paths=_store_paths(self.store, self.app.root),
+                               mode=self.sandbox, pandas=False)  # fmt: skip
         start = {
             "op": "start",
             "entry": ENTRY,
@@ -653,14 +660,14 @@ class ActionExecutor:
                     raise _StepFailed(call.redact(str(exc))) from None
         if result.get("status") == "ok":
             return result.get("data")
-        from stepwell.sandbox.policy import format_bytes, with_tmp_limit
+        from stepwell.sandbox.policy import format_bytes, with_network_note, with_tmp_limit
 
         error = str(result.get("error") or "the step failed")
-        defaults = getattr(self.app, "defaults", None)
-        memory = getattr(defaults, "memory", None)
-        if result.get("memory_error") and memory:
-            error = f"memory limit {format_bytes(memory)} exceeded ({error})"
-        error = with_tmp_limit(error, getattr(defaults, "tmp", None), "in the app's `defaults`")
+        limits = self._worker_limits()
+        if result.get("memory_error") and limits.memory:
+            error = f"memory limit {format_bytes(limits.memory)} exceeded ({error})"
+        where = "in the app's `defaults`"
+        error = with_network_note(with_tmp_limit(error, limits.tmp, where), limits.network, where)
         raise _StepFailed(error, traceback=result.get("traceback"))
 
     def _invoke(self, job: dict[str, Any], step: Any, call: _Call, deadline: float,

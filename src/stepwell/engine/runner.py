@@ -27,7 +27,13 @@ from stepwell.runtimes.node import host as node_host
 from stepwell.runtimes.processor import host as processor_host
 from stepwell.runtimes.sql import run_sql_step
 from stepwell.sandbox.launcher import WorkerLimits, start_worker
-from stepwell.sandbox.policy import DEFAULT_PROCESSES, format_bytes, sandbox_mode, with_tmp_limit
+from stepwell.sandbox.policy import (
+    DEFAULT_PROCESSES,
+    format_bytes,
+    sandbox_mode,
+    with_network_note,
+    with_tmp_limit,
+)
 from stepwell.store import ids
 from stepwell.store.base import LogLine, PartitionRecord, RunRecord, Store
 
@@ -644,8 +650,8 @@ def _limit_outcome(outcome: Outcome, limits: WorkerLimits) -> Outcome:
         )
     if outcome.status == "failed" or (outcome.status == "killed" and error):
         where = "on the step or in the app's `defaults`"
-        return Outcome(outcome.status, with_tmp_limit(error, limits.tmp, where), outcome.traceback,
-                       outcome.info)  # fmt: skip
+        error = with_network_note(with_tmp_limit(error, limits.tmp, where), limits.network, where)
+        return Outcome(outcome.status, error, outcome.traceback, outcome.info)
     return outcome
 
 

@@ -22,7 +22,9 @@ order:
    per user namespace, so concurrent runs do not share it). A fork-server that
    is not root enters the user namespace first instead, to gain the rights for
    steps 2-4 there;
-7. no capabilities, no new privileges, not dumpable, and a seccomp filter.
+7. no capabilities, no new privileges, not dumpable, and a seccomp filter (which,
+   for a step without network, also refuses Unix sockets: the host's services
+   listen on some that anyone may connect to).
 
 Every feature the kernel refuses is skipped and reported as a note; the worker
 writes those notes into the run log (and strict mode refuses to run).
@@ -395,7 +397,7 @@ def _harden(plan: ChildPlan) -> None:
                           "without a system-call filter")  # fmt: skip
     else:
         try:
-            linux.install_seccomp()
+            linux.install_seccomp(unix_sockets=plan.spec.network)
         except OSError as exc:
             _note_unavailable(plan, "seccomp filter", exc, "without a system-call filter")
     linux.prctl(linux.PR_SET_DUMPABLE, 0)

@@ -14,6 +14,7 @@ import errno
 import os
 import platform
 import re
+import socket
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -297,7 +298,7 @@ _DENIED_X86_64 = {
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
     "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442,
 }  # fmt: skip
-_X86_64_CLONE, _X86_64_CLONE3 = 56, 435
+_X86_64_CLONE, _X86_64_CLONE3, _X86_64_SOCKET = 56, 435, 41
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_JSET_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 _SECCOMP_RET_ALLOW = 0x7FFF0000
@@ -313,56 +314,74 @@ def seccomp_supported() -> bool:
     return _MACHINE == "x86_64"
 
 
-def _seccomp_program() -> bytes:
+def _seccomp_program(unix_sockets: bool = True) -> bytes:
     """A classic-BPF filter: deny the calls above with EPERM, namespace-creating
     ``clone`` flags with EPERM, ``clone3`` with ENOSYS (libc falls back to
-    ``clone``, whose flags can be checked), and kill on a foreign architecture."""
-    insns: list[tuple[int, int, int, int]] = []
+    ``clone``, whose flags can be checked), and kill on a foreign architecture.
+    Without ``unix_sockets``, ``socket(AF_UNIX, ...)`` fails with EAFNOSUPPORT: a
+    step without network then cannot reach the host's services through their
+    Unix sockets either (``socketpair``, which reaches no one, still works)."""
+    insns: list[tuple[int, int | str, int | str, int]] = []
+    labels: dict[str, int] = {}
 
-    def op(code: int, jt: int, jf: int, k: int) -> None:
+    def op(code: int, jt: int | str, jf: int | str, k: int) -> None:
         insns.append((code, jt, jf, k))
 
-    eperm = _SECCOMP_RET_ERRNO | errno.EPERM
-    enosys = _SECCOMP_RET_ERRNO | errno.ENOSYS
-    denied = sorted(_DENIED_X86_64.values())
+    def label(name: str) -> None:
+        labels[name] = len(insns)
+
     op(_BPF_LD_W_ABS, 0, 0, 4)  # seccomp_data.arch
     op(_BPF_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64)
     op(_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS)
     op(_BPF_LD_W_ABS, 0, 0, 0)  # seccomp_data.nr
-    # layout after this point: [x32 check] [denied...] [clone] [clone3] ALLOW EPERM ENOSYS CLONE-ARGS
-    n_checks = 1 + len(denied) + 2
-    allow_at = 4 + n_checks  # index of the ALLOW return
-    eperm_at, enosys_at, clone_args_at = allow_at + 1, allow_at + 2, allow_at + 3
-
-    def jump_to(target: int) -> int:
-        return target - (len(insns) + 1)
-
-    op(_BPF_JGE_K, jump_to(eperm_at), 0, 0x40000000)  # x32 ABI: refuse outright
-    for number in denied:
-        op(_BPF_JEQ_K, jump_to(eperm_at), 0, number)
-    op(_BPF_JEQ_K, jump_to(clone_args_at), 0, _X86_64_CLONE)
-    op(_BPF_JEQ_K, jump_to(enosys_at), 0, _X86_64_CLONE3)
+    op(_BPF_JGE_K, "eperm", 0, 0x40000000)  # x32 ABI: refuse outright
+    for number in sorted(_DENIED_X86_64.values()):
+        op(_BPF_JEQ_K, "eperm", 0, number)
+    op(_BPF_JEQ_K, "clone", 0, _X86_64_CLONE)
+    op(_BPF_JEQ_K, "enosys", 0, _X86_64_CLONE3)
+    if not unix_sockets:
+        op(_BPF_JEQ_K, "socket", 0, _X86_64_SOCKET)
     op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)
-    op(_BPF_RET_K, 0, 0, eperm)
-    op(_BPF_RET_K, 0, 0, enosys)
+    label("eperm")
+    op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM)
+    label("enosys")
+    op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS)
+    label("clone")
     op(_BPF_LD_W_ABS, 0, 0, 16)  # low 32 bits of args[0]: the clone flags
     op(_BPF_JSET_K, 0, 1, NAMESPACE_FLAGS)
-    op(_BPF_RET_K, 0, 0, eperm)
+    op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM)
     op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)
-    return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+    if not unix_sockets:
+        label("socket")
+        op(_BPF_LD_W_ABS, 0, 0, 16)  # low 32 bits of args[0]: the address family
+        op(_BPF_JEQ_K, 0, 1, socket.AF_UNIX)
+        op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT)
+        op(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)
+
+    def offset(at: int, target: int | str) -> int:  # (forward only, from the next one)
+        return target if isinstance(target, int) else labels[target] - (at + 1)
+
+    return b"".join(struct.pack("=HBBI", code, offset(at, jt), offset(at, jf), k)
+                    for at, (code, jt, jf, k) in enumerate(insns))  # fmt: skip
 
 
-def install_seccomp() -> None:
+def install_seccomp(unix_sockets: bool = True) -> None:
     """Install the filter (needs no_new_privs or CAP_SYS_ADMIN). x86_64 only."""
     if not seccomp_supported():
         raise OSError(errno.ENOSYS, f"no seccomp filter for {_MACHINE}")
-    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(_SECCOMP_FPROG))
+    program = _SECCOMP_FPROG if unix_sockets else _SECCOMP_FPROG_NO_UNIX
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(program[0]))
+
+
+def _compiled(program: bytes) -> tuple[_SockFprog, ctypes.Array[ctypes.c_char]]:
+    """A filter as ``prctl`` takes it (with the buffer it points into, kept alive)."""
+    buffer = ctypes.create_string_buffer(program, len(program) or 1)
+    return _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p)), buffer
 
 
 #: Built once (in the fork-server) rather than in every worker.
-_SECCOMP_PROGRAM = _seccomp_program() if seccomp_supported() else b""
-_SECCOMP_BUFFER = ctypes.create_string_buffer(_SECCOMP_PROGRAM, len(_SECCOMP_PROGRAM) or 1)
-_SECCOMP_FPROG = _SockFprog(len(_SECCOMP_PROGRAM) // 8, ctypes.cast(_SECCOMP_BUFFER, ctypes.c_void_p))
+_SECCOMP_FPROG = _compiled(_seccomp_program() if seccomp_supported() else b"")
+_SECCOMP_FPROG_NO_UNIX = _compiled(_seccomp_program(unix_sockets=False) if seccomp_supported() else b"")
 
 
 def warm_up() -> None:
@@ -371,4 +390,4 @@ def warm_up() -> None:
     prctl(3)  # PR_GET_DUMPABLE
     header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
     ctypes.byref(header), ctypes.byref(data), ctypes.byref(_MountAttr(0, 0, 0, 0))
-    ctypes.addressof(_SECCOMP_FPROG)
+    ctypes.addressof(_SECCOMP_FPROG[0]), ctypes.addressof(_SECCOMP_FPROG_NO_UNIX[0])

@@ -156,6 +156,15 @@ def with_tmp_limit(error: str, tmp: int | None, where: str = "on the step") -> s
     return f"{error} (/tmp holds at most {size}, its `tmp` limit; set a larger `tmp` {where})"
 
 
+def with_network_note(error: str, network: bool, where: str = "on the step") -> str:
+    """``error`` with the reason when a step without network was refused a Unix
+    socket (its sandbox's seccomp filter answers ``socket(AF_UNIX)`` so)."""
+    if network or "[Errno 97]" not in error:
+        return error
+    return (f"{error} (a step without network may not open Unix sockets either; set "
+            f"`network: true` {where} to use them)")  # fmt: skip
+
+
 def format_seconds(seconds: float) -> str:
     return f"{seconds:g}s"
 
