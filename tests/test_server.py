@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import shutil
 import signal
 import threading
 import time
@@ -1348,11 +1349,24 @@ def test_a_stale_server_file_is_ignored_and_removed(steps_app):
     info.parent.mkdir(parents=True, exist_ok=True)
     info.write_text(json.dumps({"url": "http://127.0.0.1:9", "host": "127.0.0.1", "port": 9,
                                 "pid": dead.pid, "token_path": "", "store_key": "x",
-                                "started_at": "2020-01-01T00:00:00+00:00"}))
+                                "started_at": "2020-01-01T00:00:00+00:00",
+                                "app_root": str(steps_app)}))
     result = cli("tables", str(steps_app), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
     assert not info.exists()
+
+
+def test_a_server_file_copied_from_another_app_is_not_its_server(steps_app, tmp_path):
+    other = write_app(tmp_path / "other", {"stepwell.yml": "steps:\n  - {name: own, node: own.py}\n",
+                                           "own.py": "print('own step')\n"})
+    with ThreadServer(steps_app):
+        (other / ".stepwell").mkdir()
+        shutil.copy(steps_app / ".stepwell" / "server.json", other / ".stepwell")  # a copied folder
+        ran = cli("run", str(other), "own")  # (the other app's server has no step 'own')
+        assert ran.returncode == 0, ran.stderr
+        runs = json.loads(cli("runs", str(other), "--json").stdout)
+        assert [r["step"] for r in runs] == ["own"]
 
 
 def test_a_killed_server_leaves_nothing_half_committed(steps_app):

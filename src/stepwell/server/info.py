@@ -34,6 +34,8 @@ class ServerInfo:
     token_path: str
     store_key: str
     started_at: str
+    #: the app folder it serves: a copy of the folder (with its .stepwell) is another app
+    app_root: str
 
     def token(self) -> str | None:
         from stepwell.server.auth import TokenFile
@@ -42,7 +44,8 @@ class ServerInfo:
 
 
 def read_server_info(app_root: Path) -> ServerInfo | None:
-    """The live server of the app, if any (a stale file is removed)."""
+    """The live server of the app, if any (a stale file is removed; one copied
+    with the folder from another app, whose server it names, is ignored)."""
     path = state_dir(app_root) / SERVER_FILE
     try:
         data = json.loads(path.read_text())
@@ -54,5 +57,7 @@ def read_server_info(app_root: Path) -> ServerInfo | None:
     if not process_alive(info.pid):
         with contextlib.suppress(OSError):
             path.unlink()
+        return None
+    if Path(info.app_root) != Path(app_root).resolve():
         return None
     return info

@@ -4,7 +4,8 @@ While a server runs for an app, ``APP/.stepwell/server.json`` says where::
 
     {"url": "http://127.0.0.1:8765", "host": "127.0.0.1", "port": 8765,
      "pid": 4242, "token_path": "/abs/APP/.stepwell/token",
-     "store_key": "<sha256 of the store URL>", "started_at": "..."}
+     "store_key": "<sha256 of the store URL>", "started_at": "...",
+     "app_root": "/abs/APP"}
 
 Other `stepwell` commands on the app read it to talk to the API instead of
 opening the store (DESIGN section 7a). It is written once the server accepts
@@ -240,7 +241,7 @@ class Serving:
             url=self.url, host=self.settings.host, port=int(port), pid=os.getpid(),
             token_path=str(self.ctx.tokens.path if self.ctx else ""),
             store_key=store_key(self.store_url),
-            started_at=dt.datetime.now(dt.UTC).isoformat(),
+            started_at=dt.datetime.now(dt.UTC).isoformat(), app_root=str(self.spec.root),
         )
         self._info_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._info_path.with_name(SERVER_FILE + ".tmp")
