@@ -26,7 +26,8 @@ from serverutil import (
 
 from stepwell.engine.scheduler import BOOKKEEPING_KEY
 from stepwell.store import open_store
-from stepwell.store.base import PartitionRecord
+from stepwell.store.base import PartitionRecord, RunRecord
+from stepwell.store.ids import new_id
 
 HOOK_SECRET = "s3cret-hook-token-value"
 
@@ -1228,6 +1229,24 @@ def test_cli_goes_through_the_api_while_serving_with_the_same_output(tmp_path, p
             continue
         assert result.stdout == expected.stdout, command
     assert len(json.loads(local[("table", app, "enriched", "--json")].stdout)) == 2
+
+
+def test_cli_runs_limit_is_the_same_through_the_api(steps_app):
+    now = dt.datetime.now(dt.UTC)
+    store = open_store(None, steps_app)
+    try:  # more runs than the API gives in one page
+        store.create_runs([RunRecord(new_id(), "chatty", "succeeded", started_at=now, ended_at=now)
+                           for _ in range(1005)])
+    finally:
+        store.close()
+    app = str(steps_app)
+    commands = [("runs", app, "--json", "--limit", "0"), ("runs", app, "--json", "--limit", "1003")]
+    local = [cli(*c) for c in commands]
+    with ThreadServer(steps_app):
+        remote = [cli(*c) for c in commands]
+    assert [(r.returncode, r.stdout, r.stderr) for r in remote] == [
+        (r.returncode, r.stdout, r.stderr) for r in local]
+    assert json.loads(local[0].stdout) == [] and len(json.loads(local[1].stdout)) == 1003
 
 
 def test_ctrl_c_on_cli_run_cancels_the_run_on_the_server(steps_app):

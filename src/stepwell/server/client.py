@@ -21,6 +21,7 @@ from stepwell.server.models import (
     RowsPage,
     RunDetail,
     RunList,
+    RunSummary,
     StepState,
     TableList,
     TableSummary,
@@ -109,7 +110,16 @@ class ServerClient:
 
     # -- runs -------------------------------------------------------------------------
     def list_runs(self, step: str | None = None, limit: int = 100) -> list[RunRecord]:
-        runs = RunList.model_validate(self.get_json("/api/runs", step=step, limit=limit)).runs
+        """Up to ``limit`` runs, newest first, any number (the API pages them by 1000)."""
+        runs: list[RunSummary] = []
+        while len(runs) < limit:
+            page = RunList.model_validate(self.get_json(
+                "/api/runs", step=step, limit=min(limit - len(runs), 1000),
+                before=runs[-1].id if runs else None,
+            )).runs
+            runs.extend(page)
+            if not page:
+                break
         return [r.to_record() for r in runs]
 
     def get_run(self, run_id: str) -> RunRecord | None:
