@@ -753,6 +753,18 @@ def test_cli_without_a_server(tmp_path: Path) -> None:
     assert not_object.returncode == 1 and "--params must be a JSON object" in not_object.stderr
 
 
+def test_cli_caller_without_user_is_the_same_with_a_server(tmp_path: Path) -> None:
+    root = write_app(tmp_path / "app", {
+        "stepwell.yml": "actions:\n  - name: who\n    steps:\n      - {name: w, code: return user}\n",
+    })
+    local = cli("action", str(root), "who")
+    with ThreadServer(root):
+        remote = cli("action", str(root), "who")
+    assert remote.returncode == local.returncode == 0, remote.stderr + local.stderr
+    assert json.loads(remote.stdout)["data"] == json.loads(local.stdout)["data"] == {
+        "id": "local", "roles": []}
+
+
 def test_a_full_tmp_names_the_apps_tmp_limit(tmp_path: Path) -> None:
     root = write_app(tmp_path / "app", {
         "stepwell.yml": """

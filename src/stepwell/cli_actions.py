@@ -81,11 +81,13 @@ def action(
 def _remote(client: Any, name: str, params: dict[str, Any], user: Any, spec: Any) -> dict[str, Any]:
     import httpx
 
+    from stepwell.engine.action_executor import LOCAL_USER
     from stepwell.server.client import ApiError
 
-    headers = {"X-Stepwell-Trigger": "cli"}
-    if user is not None:
-        headers["X-Stepwell-User"] = json.dumps(user)
+    # without --user, the caller is the local user here as without a server (the
+    # server's token alone would make it the app's owner)
+    headers = {"X-Stepwell-Trigger": "cli",
+               "X-Stepwell-User": json.dumps(LOCAL_USER if user is None else user)}
     timeout = max((a.timeout or 90.0) for a in spec.actions if a.name == name) + 30
     try:
         response = client.request("POST", f"/api/actions/{name}/run", json=params, headers=headers,
