@@ -284,6 +284,37 @@ def test_ctrl_c_cancels_the_run_in_progress_and_records_it(tmp_path):
     assert cli("table", str(app), "out").returncode == 1  # nothing of it was kept
 
 
+def test_ctrl_c_outside_a_run_says_aborted(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from stepwell.server.info import store_key
+
+    app = write_app(tmp_path / "app", {"stepwell.yml": "title: t\n"})
+    hung = socket.create_server(("127.0.0.1", 0))  # a "server" that never answers
+    hung.settimeout(30)
+    (app / ".stepwell").mkdir()
+    (app / ".stepwell" / "server.json").write_text(json.dumps({
+        "url": f"http://127.0.0.1:{hung.getsockname()[1]}", "host": "127.0.0.1",
+        "port": hung.getsockname()[1], "pid": os.getpid(),
+        "token_path": str(app / ".stepwell" / "token"),
+        "store_key": store_key(None), "started_at": "2020-01-01T00:00:00+00:00",
+        "app_root": str(app.resolve())}))
+    proc = subprocess.Popen([sys.executable, "-m", "stepwell.cli", "tables", str(app)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        hung.accept()[0]  # it asks the server for its health, and waits
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        hung.close()
+    assert (proc.returncode, err) == (130, "aborted\n")
+
+
 def test_run_says_when_the_app_has_no_steps(tmp_path):
     app = write_app(tmp_path / "app", {"stepwell.yml": "title: empty\n"})
     result = _ok(cli("run", str(app)))

@@ -24,7 +24,20 @@ from stepwell.cli_common import (
 )
 from stepwell.cli_common import use_sandbox as _use_sandbox
 
+
+class _Commands(typer.core.TyperGroup):
+    """The commands, with Ctrl-C outside a step's run reported by :func:`main`
+    ("aborted", exit 130): typer made it a silent exit 130."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise typer.Abort() from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="Run Python steps on data: sandboxed, incremental, exactly once.",
