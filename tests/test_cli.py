@@ -315,6 +315,21 @@ def test_ctrl_c_outside_a_run_says_aborted(tmp_path):
     assert (proc.returncode, err) == (130, "aborted\n")
 
 
+def test_a_failure_is_one_line_when_its_message_has_several(tmp_path):
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: bad\n    node: bad.py\n",
+        "bad.py": 'raise ValueError("first line\\nsecond line")\n',
+    })
+    failed = cli("run", str(app))
+    assert failed.returncode == 1
+    (line,) = failed.stderr.splitlines()
+    assert "ValueError: first line second line (at bad.py:1)" in line
+    refused = cli("tables", str(app), "--store", "postgresql://nobody@127.0.0.1:1/none")
+    assert refused.returncode == 1
+    (line,) = refused.stderr.splitlines()  # (libpq adds a hint line to "connection refused")
+    assert line.startswith("error: cannot connect to PostgreSQL at postgresql://nobody@127.0.0.1:1/none")
+
+
 def test_run_says_when_the_app_has_no_steps(tmp_path):
     app = write_app(tmp_path / "app", {"stepwell.yml": "title: empty\n"})
     result = _ok(cli("run", str(app)))

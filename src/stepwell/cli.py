@@ -19,6 +19,7 @@ from stepwell.cli_common import (
     JsonOpt,
     SandboxOpt,
     StoreOpt,
+    one_line,
     printable,
     show_plugin_output,
 )
@@ -217,7 +218,7 @@ def _report_failures(app_path: str, runs: list[Any], store: str | None) -> None:
         where = f" --store {redact(store)}"
     for r in failed:
         details = f" (details: stepwell logs {app_path} {r.id}{where})" if r.id else ""
-        print(f"error: step {r.step!r} {r.status}: {printable(r.error)}{details}", file=sys.stderr)
+        print(f"error: step {r.step!r} {r.status}: {one_line(r.error)}{details}", file=sys.stderr)
         if _verbose and r.traceback:
             print(printable(r.traceback), file=sys.stderr)
     if failed:
@@ -503,7 +504,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if _verbose:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
 
 

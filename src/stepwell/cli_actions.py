@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from stepwell.cli_common import AppArg, CliError, SandboxOpt, StoreOpt
+from stepwell.cli_common import AppArg, CliError, SandboxOpt, StoreOpt, one_line
 from stepwell.cli_common import use_sandbox as _use_sandbox
 
 #: What each option's JSON looks like, for the error messages.
@@ -72,7 +72,7 @@ def action(
     print(json.dumps(result, indent=2))
     if result.get("error") is not None:
         error = result["error"]
-        text = error if isinstance(error, str) else json.dumps(error)
+        text = one_line(error if isinstance(error, str) else json.dumps(error))
         print(f"error: action {name!r} {result.get('status', 'failed')}: {text} (log: stepwell logs "
               f"{app_path} {result.get('run_id')})", file=sys.stderr)
         raise typer.Exit(1)

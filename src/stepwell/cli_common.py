@@ -36,6 +36,12 @@ def printable(text: object) -> str:
     return str(text).translate(_CONTROLS)
 
 
+def one_line(text: object) -> str:
+    """``text`` printable and on one line: a failure is one line on stderr, also when
+    its message has several (a driver's hint, a SQL excerpt, a step's own error)."""
+    return printable(" ".join(line.strip() for line in str(text).splitlines() if line.strip()))
+
+
 class CliError(Exception):
     """A failure to report as one line on stderr (by ``stepwell.cli.main``)."""
 
