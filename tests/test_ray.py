@@ -4,12 +4,20 @@ node's fork-server), and the store is a real PostgreSQL database."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from apputil import cli, write_app
+from apputil import cli, rows, write_app
 
-from stepwell.store import open_store
+from stepwell.engine.hosts import this_host
+from stepwell.store import ids, open_store
+from stepwell.store.base import RunRecord
 
 pytest.importorskip("ray", reason="the ray extra is not installed (uv sync --extra ray)")
 
@@ -105,3 +113,74 @@ def test_the_ray_executor_needs_a_shared_store(tmp_path):
     assert not (app / ".stepwell").exists() or not any((app / ".stepwell").glob("*.duckdb"))
     unknown = cli("run", str(app), "--executor", "dask")
     assert unknown.returncode != 0 and "unknown executor 'dask'" in unknown.stderr
+
+
+#: A step copying a stream, with a commit point every 10 rows, slow enough to be
+#: killed in the middle.
+COPY_APP = {
+    "stepwell.yml": "steps:\n  - name: copy\n    node: copy.py\n"
+                    "    inputs: {src: src}\n    outputs: {out: out}\n",
+    "copy.py": """
+        import time
+        from patterns import Table
+        src = Table("src").as_stream()
+        out = Table("out", "w")
+        for i, row in enumerate(src.consume_records()):
+            out.append({"n": row["n"]})
+            if i % 10 == 9:
+                src.checkpoint()
+                time.sleep(0.2)
+    """,
+}
+
+
+def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, make_pg_database):
+    url = make_pg_database()
+    app = write_app(tmp_path / "app", COPY_APP)
+    source = tmp_path / "src.jsonl"
+    source.write_text("".join(json.dumps({"n": n}) + "\n" for n in range(200)))
+    assert cli("load", str(app), "src", str(source), "--store", url).returncode == 0
+    store = open_store(url, app)
+    try:
+        # what a Ray task of this node leaves when its driver is killed mid-run: the
+        # next task on the node closes it
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        orphan = RunRecord(id=ids.new_id(), step="copy", status="running", host_pid=gone.pid,
+                           started_at=dt.datetime.now(dt.UTC), info={"host": this_host()})
+        store.create_run(orphan)
+        command = subprocess.Popen(
+            [sys.executable, "-m", "stepwell.cli", "run", str(app), "--executor", "ray",
+             "--store", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # a run with a commit point behind it
+                runs = [r for r in store.list_runs(step="copy", statuses=("running",))
+                        if r.id != orphan.id and r.rows_out >= 20]  # fmt: skip
+                if runs:
+                    break
+                time.sleep(0.1)
+            assert runs, "the run never got going"
+            os.kill(runs[0].host_pid, signal.SIGKILL)  # the Ray worker hosting the run
+            _out, err = command.communicate(timeout=120)
+        finally:
+            command.kill()
+        # the command ends, naming the run and what happened to it
+        assert command.returncode == 1, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(
+            "error: step 'copy' killed: the Ray worker running it died"), err
+        assert f"stepwell logs {app} {runs[0].id}" in errors[0]
+        killed = store.get_run(runs[0].id)
+        assert killed.status == "killed" and killed.ended_at is not None
+        recovered = store.get_run(orphan.id)
+        assert recovered.status == "killed" and f"pid {gone.pid}" in recovered.error
+        # running again goes on from the last commit point: every row exactly once
+        again = cli("run", str(app), "--executor", "ray", "--store", url, timeout=300)
+        assert again.returncode == 0, again.stderr
+        assert sorted(r["n"] for r in rows(app, "out", url)) == list(range(200))
+        assert not store.list_runs(statuses=("running", "queued"))
+    finally:
+        store.close()
+

@@ -18,6 +18,7 @@ variables of the driver travel with the tasks (as task arguments).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import os
 import time
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from stepwell.engine.app_run import MAX_FOLLOW_UPS, follow_up_delay
-from stepwell.store.base import RunRecord
+from stepwell.store import ids
+from stepwell.store.base import RunRecord, Store
 
 _SECRET_PREFIX = "STEPWELL_SECRET_"
 
@@ -48,9 +50,9 @@ def _ray() -> Any:
     return ray
 
 
-def run_step_task(app_root: str, store_url: str, step: str, trigger: str,
+def run_step_task(app_root: str, store_url: str, step: str, trigger: str, run_id: str,
                   secrets: dict[str, str], sandbox: str | None) -> dict[str, Any]:  # fmt: skip
-    """One run, in a Ray worker: the run record as a dict."""
+    """Run ``run_id`` of ``step``, in a Ray worker: the run record as a dict."""
     from stepwell.app import load_app
     from stepwell.engine.runner import Runner
     from stepwell.store import open_store
@@ -60,9 +62,10 @@ def run_step_task(app_root: str, store_url: str, step: str, trigger: str,
     try:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(_SECRET_PREFIX)}
         environ.update(secrets)
-        # runs of other hosts are not this task's to close: their pids mean nothing here
-        runner = Runner(spec, store, environ=environ, sandbox=sandbox, recover=False)
-        return dataclasses.asdict(runner.run_step(step, trigger))
+        # it closes the runs left `running` by dead processes of this node (a Ray
+        # worker or driver killed mid-run); other nodes' runs it leaves alone
+        runner = Runner(spec, store, environ=environ, sandbox=sandbox)
+        return dataclasses.asdict(runner.run_step(step, trigger, run_id=run_id))
     finally:
         store.close()
 
@@ -83,6 +86,19 @@ def run_steps_on_ray(
             "the Ray executor needs a PostgreSQL store that every node can reach: "
             "--store postgresql://... (an embedded DuckDB file belongs to one process)"
         )
+    from stepwell.store import open_store
+
+    # opened here first: a wrong URL is one clear error before any Ray work, and a
+    # task that dies without closing its run leaves the closing to this process
+    store = open_store(store_url, spec.root)
+    try:
+        return _run_steps(spec, store, store_url, names, address, listener, sandbox)
+    finally:
+        store.close()
+
+
+def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str],
+               address: str | None, listener: Any, sandbox: str | None) -> list[RunRecord]:  # fmt: skip
     ray = _ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -102,43 +118,63 @@ def run_steps_on_ray(
         }  # fmt: skip
         follow_ups = dict.fromkeys(names, 0)
         queued = list(names)  # not submitted yet, in dependency order
-        running: dict[Any, str] = {}
+        running: dict[Any, RunRecord] = {}
         done: set[str] = set()
         runs: list[RunRecord] = []
 
         def submit(name: str, trigger: str) -> None:
-            ref = task.remote(str(spec.root), store_url, name, trigger, secrets, sandbox)
-            running[ref] = name
+            # the id is made here, so that the run can be closed if its task dies
+            run = RunRecord(id=ids.new_id(), step=name, status="running", trigger=trigger,
+                            started_at=dt.datetime.now(dt.UTC))  # fmt: skip
+            ref = task.remote(str(spec.root), store_url, name, trigger, run.id, secrets, sandbox)
+            running[ref] = run
+            if listener is not None:
+                listener.run_started(run)
 
         while queued or running:
             for name in [n for n in queued if waits_for[n] <= done]:
                 queued.remove(name)
                 submit(name, "manual")
             (ref,), _ = ray.wait(list(running), num_returns=1)
-            name = running.pop(ref)
-            run = _record(ray, ref, name)
+            run = _record(ray, ref, running.pop(ref), store)
             runs.append(run)
             if listener is not None:
-                listener.run_started(run)
                 listener.run_finished(run)
             delay = follow_up_delay(run)
-            if delay is not None and follow_ups[name] < MAX_FOLLOW_UPS:
-                follow_ups[name] += 1
+            if delay is not None and follow_ups[run.step] < MAX_FOLLOW_UPS:
+                follow_ups[run.step] += 1
                 time.sleep(delay)
-                submit(name, "request_new_run")
+                submit(run.step, "request_new_run")
             else:
-                done.add(name)
+                done.add(run.step)
         return runs
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _record(ray: Any, ref: Any, step: str) -> RunRecord:
-    """The task's run record; a task that itself failed (its node died, say) becomes
-    a failed run so the other steps still run and the command reports it."""
+def _record(ray: Any, ref: Any, run: RunRecord, store: Store) -> RunRecord:
+    """The record of the run that task ``ref`` hosted. A task that died before it
+    closed its run (its Ray worker or node was killed, say) leaves it to this
+    process: the run ends ``killed`` (``failed`` if the task raised), nothing
+    after its last commit point kept, and the other steps still run."""
     try:
         return RunRecord(**ray.get(ref))
     except Exception as exc:  # noqa: BLE001 - reported as the run's error
-        return RunRecord(id="", step=step, status="failed",
-                         error=f"the Ray task running step {step!r} failed: {exc}")  # fmt: skip
+        problem = exc
+    recorded = store.get_run(run.id)
+    if recorded is not None and recorded.status not in ("queued", "running"):
+        return recorded  # it ended before its task did
+    if isinstance(problem, ray.exceptions.RayTaskError):
+        status, error = "failed", f"its Ray task failed: {problem.cause!r}"
+    else:
+        status, error = "killed", f"the Ray worker running it died ({problem})"
+    closed = dataclasses.replace(
+        recorded or run, status=status, ended_at=dt.datetime.now(dt.UTC),
+        error=f"{error}; nothing after its last commit point was kept",
+    )
+    if recorded is None:  # (short runs are recorded when they end)
+        store.create_run(closed)
+    else:
+        store.update_run(run.id, status=closed.status, ended_at=closed.ended_at, error=closed.error)
+    return closed

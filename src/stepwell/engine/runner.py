@@ -157,7 +157,6 @@ class Runner:
         listener: RunListener | None = None,
         environ: Mapping[str, str] | None = None,
         sandbox: str | None = None,
-        recover: bool = True,
     ):
         self.app = app
         self.store = store
@@ -180,9 +179,7 @@ class Runner:
         #: step name, with what they were made for
         self._prepared: dict[str, tuple[tuple, Any]] = {}
         #: ids of the runs of gone host processes this runner closed when it started
-        self.recovered: list[str] = []
-        if recover:  # (a Ray task must not: other hosts' pids mean nothing on its node)
-            self.recovered = recover_orphans(store)
+        self.recovered: list[str] = recover_orphans(store)
 
     def _close_abandoned(self, step: str, run_id: str) -> None:
         """On a store several hosts share: with the step's run lock held here, no other
@@ -267,7 +264,8 @@ class Runner:
         then: str | None = None,
     ) -> RunRecord:
         """Run step ``name`` once. ``run_id`` names a run record created beforehand
-        with status ``queued`` (by the scheduler); without it a new record is made.
+        with status ``queued`` (by the scheduler), or the id the new record gets (the
+        Ray executor's driver makes it); without it a new record is made.
 
         ``then`` names the step expected to run next: its worker is forked and
         sandboxed while this run goes on (it starts no user code before its own run
