@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -184,3 +185,23 @@ def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, make_pg_data
     finally:
         store.close()
 
+
+def test_a_wrong_ray_address_is_one_clear_error(tmp_path, make_pg_database, pg_cluster):
+    url = make_pg_database()
+    app = write_app(tmp_path / "app", {"stepwell.yml": "steps:\n  - name: s\n    node: s.py\n",
+                                       "s.py": "print('hi')\n"})
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    try:
+        for address, says in [
+            (f"127.0.0.1:{closed.getsockname()[1]}", "cannot reach a Ray cluster at"),
+            (f"127.0.0.1:{pg_cluster.port}", "does not answer like a Ray cluster"),  # not Ray
+        ]:
+            result = cli("run", str(app), "--executor", "ray", "--ray-address", address,
+                         "--store", url, timeout=60)  # (Ray itself would retry for minutes)
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            assert result.returncode == 1 and len(lines) == 1, result.stderr
+            assert lines[0].startswith("error: ") and says in lines[0], result.stderr
+            assert "ray start --head" in lines[0]
+    finally:
+        closed.close()

@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,8 @@ from stepwell.store import ids
 from stepwell.store.base import RunRecord, Store
 
 _SECRET_PREFIX = "STEPWELL_SECRET_"
+#: What an HTTP/2 (so gRPC, so Ray) client sends first.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class RayExecutorError(RuntimeError):
@@ -102,6 +105,9 @@ def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str],
     ray = _ray()
     started_here = not ray.is_initialized()
     if started_here:
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            _check_address(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.ERROR)
@@ -151,6 +157,28 @@ def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str],
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_address(address: str) -> None:
+    """Fail at once when nothing answering like a Ray cluster is at ``address``:
+    ``ray.init`` would retry for many minutes, printing warnings."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    advice = ("start one there with `ray start --head`, or give the address it prints "
+              "(--ray-address HOST:PORT)")  # fmt: skip
+    if not host or not port.isdigit():
+        raise RayExecutorError(f"Ray address {address!r} is not HOST:PORT: {advice}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as sock:
+            # Ray speaks gRPC: an HTTP/2 server answers the client preface with
+            # its SETTINGS frame (frame type 4, the frame header's fourth byte)
+            sock.sendall(_HTTP2_PREFACE)
+            reply = sock.recv(9)
+    except OSError as exc:
+        raise RayExecutorError(f"cannot reach a Ray cluster at {address} ({exc}): {advice}") from None
+    if len(reply) < 4 or reply[3] != 4:
+        raise RayExecutorError(f"{address} does not answer like a Ray cluster: {advice}")
 
 
 def _record(ray: Any, ref: Any, run: RunRecord, store: Store) -> RunRecord:
