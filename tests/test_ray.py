@@ -205,3 +205,58 @@ def test_a_wrong_ray_address_is_one_clear_error(tmp_path, make_pg_database, pg_c
             assert "ray start --head" in lines[0]
     finally:
         closed.close()
+
+
+def test_a_follow_up_run_waiting_for_its_time_holds_up_no_other_step(tmp_path, make_pg_database):
+    """A run asking for another one in 15 s: the driver slept those 15 s, and a step
+    whose upstream ended meanwhile waited with it. Then a Ctrl-C cancels the runs in
+    progress (their tasks killed), says so and exits 130."""
+    url = make_pg_database()
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - {name: again, node: again.py}
+              - {name: slow, node: slow.py, outputs: {out: made}}
+              - {name: after, node: after.py, inputs: {made: made}}
+              - {name: sleepy, node: sleepy.py}
+        """,
+        "again.py": """
+            from patterns import State
+            state = State()
+            if not state.get_value("asked"):
+                state.set_value("asked", True)
+                state.request_new_run(wait_atleast_seconds=15)
+        """,
+        "slow.py": "import time\nfrom patterns import Table\ntime.sleep(2)\nTable('out', 'w').append({'n': 1})\n",
+        "after.py": "print('after')\n",
+        "sleepy.py": "import time\ntime.sleep(120)\n",
+    })  # fmt: skip
+    result = cli("run", str(app), "again", "slow", "after", "--executor", "ray", "--store", url,
+                 timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    store = open_store(url, app)
+    try:
+        (slow,), (after,) = store.list_runs(step="slow"), store.list_runs(step="after")
+        follow_up, first = store.list_runs(step="again")
+        assert follow_up.trigger == "request_new_run"
+        assert follow_up.started_at - first.ended_at >= dt.timedelta(seconds=15)
+        assert after.started_at - slow.ended_at < dt.timedelta(seconds=6), (slow.ended_at, after.started_at)
+        command = subprocess.Popen(
+            [sys.executable, "-m", "stepwell.cli", "run", str(app), "sleepy", "--executor", "ray",
+             "--store", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not store.list_runs(step="sleepy", statuses=("running",)):
+                time.sleep(0.1)
+            (running,) = store.list_runs(step="sleepy", statuses=("running",))
+            command.send_signal(signal.SIGINT)
+            _out, err = command.communicate(timeout=60)
+        finally:
+            command.kill()
+        assert command.returncode == 130, err
+        assert f"interrupted: step 'sleepy' cancelled (run {running.id})" in err, err
+        cancelled = store.get_run(running.id)
+        assert cancelled.status == "cancelled" and cancelled.error.startswith("interrupted (Ctrl-C)")
+    finally:
+        store.close()

@@ -171,32 +171,53 @@ def run(
             except RunInterrupted as stop:
                 interrupted, runs = stop, stop.runs
     if interrupted is not None:
-        cancelled = [r for r in runs if r.status == "cancelled"]
-        what = interrupted.note
-        if cancelled and cancelled[-1].started_at is None:
-            what = f"step {cancelled[-1].step!r}'s queued run {cancelled[-1].id} cancelled; "
-        elif cancelled:
-            what = (f"step {cancelled[-1].step!r} cancelled (run {cancelled[-1].id}), nothing "
-                    "since its last commit point kept; ")  # fmt: skip
-        print(f"interrupted: {what}later steps not run", file=sys.stderr)
-        raise typer.Exit(130)
+        _report_interrupted(runs, interrupted.note)
     _report_failures(app_path, runs, store)
+
+
+def _report_interrupted(runs: list[Any], note: str = "") -> None:
+    """The line saying what a Ctrl-C stopped; exit 130."""
+    cancelled = [r for r in runs if r.status == "cancelled"]
+    what = note
+    if cancelled and cancelled[-1].started_at is None:
+        what = f"step {cancelled[-1].step!r}'s queued run {cancelled[-1].id} cancelled; "
+    elif len(cancelled) > 1:
+        what = (f"steps {', '.join(repr(r.step) for r in cancelled)} cancelled (runs "
+                f"{', '.join(r.id for r in cancelled)}), nothing since their last commit "
+                "points kept; ")  # fmt: skip
+    elif cancelled:
+        what = (f"step {cancelled[-1].step!r} cancelled (run {cancelled[-1].id}), nothing "
+                "since its last commit point kept; ")  # fmt: skip
+    print(f"interrupted: {what}later steps not run", file=sys.stderr)
+    raise typer.Exit(130)
 
 
 def _run_on_ray(app_path: str, steps: list[str] | None, store: str | None,
                 address: str | None, sandbox: str | None) -> None:  # fmt: skip
+    import threading
+
+    from stepwell.cli_backend import on_ctrl_c
     from stepwell.cli_progress import RunProgress
     from stepwell.engine.app_run import select_steps
     from stepwell.engine.ray_executor import RayExecutorError, run_steps_on_ray
 
     spec = _load(app_path)
     names = select_steps(spec, steps)
-    with RunProgress(_console(), total_steps=len(names)) as progress:
+    interrupted = threading.Event()
+
+    def on_interrupt(_signum: int, _frame: Any) -> None:  # (a second Ctrl-C: leave now)
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+
+    with RunProgress(_console(), total_steps=len(names)) as progress, on_ctrl_c(on_interrupt):
         try:
             runs = run_steps_on_ray(spec, store or spec.store or "", names, address=address,
-                                    listener=progress, sandbox=sandbox)  # fmt: skip
+                                    listener=progress, sandbox=sandbox, stop=interrupted.is_set)  # fmt: skip
         except RayExecutorError as exc:
             raise CliError(str(exc)) from None
+    if interrupted.is_set():
+        _report_interrupted(runs)
     _report_failures(app_path, runs, store)
 
 

@@ -104,7 +104,7 @@ class RunInterrupted(Exception):
 
 
 @contextmanager
-def _on_ctrl_c(handler: Any) -> Iterator[None]:
+def on_ctrl_c(handler: Any) -> Iterator[None]:
     """Handle SIGINT with ``handler`` while the block runs (in the main thread: only
     it gets signals), also in a process started with SIGINT ignored, as a shell's
     background jobs are."""
@@ -133,7 +133,7 @@ def _interrupt_cancels(runner: Any) -> Iterator[threading.Event]:
         for run_id in runner.active_runs():
             runner.cancel(run_id, "interrupted (Ctrl-C)")
 
-    with _on_ctrl_c(on_interrupt):
+    with on_ctrl_c(on_interrupt):
         yield interrupted
 
 
@@ -155,7 +155,7 @@ class RemoteBackend:
         """Trigger each step on the server and follow its run. A Ctrl-C cancels the
         run in progress there (as without a server) and raises :class:`RunInterrupted`
         once it has ended; a second Ctrl-C leaves at once."""
-        with _on_ctrl_c(signal.default_int_handler):  # Ctrl-C raises KeyboardInterrupt
+        with on_ctrl_c(signal.default_int_handler):  # Ctrl-C raises KeyboardInterrupt
             return self._run_steps(names, listener)
 
     def _run_steps(self, names: Sequence[str], listener: Any) -> list[RunRecord]:

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from stepwell.store import ids
 from stepwell.store.base import RunRecord, Store
 
 _SECRET_PREFIX = "STEPWELL_SECRET_"
+#: Seconds the driver waits for a task at a time (then looks at follow-ups and Ctrl-C).
+_POLL_SECONDS = 0.2
 #: What an HTTP/2 (so gRPC, so Ray) client sends first.
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -81,9 +83,12 @@ def run_steps_on_ray(
     address: str | None = None,
     listener: Any = None,
     sandbox: str | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> list[RunRecord]:
     """Run ``names`` (in dependency order, as ``select_steps`` gives them) as Ray
-    tasks; returns their run records in the order they ended."""
+    tasks; returns their run records in the order they ended. Once ``stop()`` is
+    true (a Ctrl-C), the runs in progress are cancelled (their tasks' workers
+    killed, nothing after their last commit point kept) and no other starts."""
     if not store_url.startswith(("postgresql://", "postgres://")):
         raise RayExecutorError(
             "the Ray executor needs a PostgreSQL store that every node can reach: "
@@ -95,13 +100,13 @@ def run_steps_on_ray(
     # task that dies without closing its run leaves the closing to this process
     store = open_store(store_url, spec.root)
     try:
-        return _run_steps(spec, store, store_url, names, address, listener, sandbox)
+        return _run_steps(spec, store, store_url, names, address, listener, sandbox, stop)
     finally:
         store.close()
 
 
-def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str],
-               address: str | None, listener: Any, sandbox: str | None) -> list[RunRecord]:  # fmt: skip
+def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str], address: str | None,
+               listener: Any, sandbox: str | None, stop: Callable[[], bool]) -> list[RunRecord]:  # fmt: skip
     ray = _ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -125,6 +130,8 @@ def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str],
         follow_ups = dict.fromkeys(names, 0)
         queued = list(names)  # not submitted yet, in dependency order
         running: dict[Any, RunRecord] = {}
+        #: follow-up runs waiting for their time: (when, step)
+        due: list[tuple[float, str]] = []
         done: set[str] = set()
         runs: list[RunRecord] = []
 
@@ -137,22 +144,35 @@ def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str],
             if listener is not None:
                 listener.run_started(run)
 
-        while queued or running:
+        while (queued or running or due) and not stop():
             for name in [n for n in queued if waits_for[n] <= done]:
                 queued.remove(name)
                 submit(name, "manual")
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            run = _record(ray, ref, running.pop(ref), store)
+            now = time.monotonic()
+            for when, name in [d for d in due if d[0] <= now]:
+                due.remove((when, name))
+                submit(name, "request_new_run")
+            # (a short wait: a follow-up's time, or a Ctrl-C, may come first)
+            wait = max(0.0, min([_POLL_SECONDS, *(when - now for when, _ in due)]))
+            if not running:
+                time.sleep(wait)
+                continue
+            ended, _ = ray.wait(list(running), num_returns=1, timeout=wait)
+            if not ended:
+                continue
+            run = _record(ray, ended[0], running.pop(ended[0]), store)
             runs.append(run)
             if listener is not None:
                 listener.run_finished(run)
             delay = follow_up_delay(run)
             if delay is not None and follow_ups[run.step] < MAX_FOLLOW_UPS:
                 follow_ups[run.step] += 1
-                time.sleep(delay)
-                submit(run.step, "request_new_run")
+                due.append((time.monotonic() + delay, run.step))
             else:
                 done.add(run.step)
+        for ref, run in running.items():  # stopped: cancel what still runs
+            ray.cancel(ref, force=True)
+            runs.append(_record(ray, ref, run, store, cancelled=True))
         return runs
     finally:
         if started_here:
@@ -181,11 +201,12 @@ def _check_address(address: str) -> None:
         raise RayExecutorError(f"{address} does not answer like a Ray cluster: {advice}")
 
 
-def _record(ray: Any, ref: Any, run: RunRecord, store: Store) -> RunRecord:
+def _record(ray: Any, ref: Any, run: RunRecord, store: Store, cancelled: bool = False) -> RunRecord:
     """The record of the run that task ``ref`` hosted. A task that died before it
     closed its run (its Ray worker or node was killed, say) leaves it to this
-    process: the run ends ``killed`` (``failed`` if the task raised), nothing
-    after its last commit point kept, and the other steps still run."""
+    process: the run ends ``killed`` (``failed`` if the task raised, ``cancelled``
+    if this process cancelled it), nothing after its last commit point kept, and
+    the other steps still run."""
     try:
         return RunRecord(**ray.get(ref))
     except Exception as exc:  # noqa: BLE001 - reported as the run's error
@@ -193,7 +214,9 @@ def _record(ray: Any, ref: Any, run: RunRecord, store: Store) -> RunRecord:
     recorded = store.get_run(run.id)
     if recorded is not None and recorded.status not in ("queued", "running"):
         return recorded  # it ended before its task did
-    if isinstance(problem, ray.exceptions.RayTaskError):
+    if cancelled:
+        status, error = "cancelled", "interrupted (Ctrl-C)"
+    elif isinstance(problem, ray.exceptions.RayTaskError):
         status, error = "failed", f"its Ray task failed: {problem.cause!r}"
     else:
         status, error = "killed", f"the Ray worker running it died ({problem})"
