@@ -114,6 +114,8 @@ def test_the_ray_executor_needs_a_shared_store(tmp_path):
     assert not (app / ".stepwell").exists() or not any((app / ".stepwell").glob("*.duckdb"))
     unknown = cli("run", str(app), "--executor", "dask")
     assert unknown.returncode != 0 and "unknown executor 'dask'" in unknown.stderr
+    served = cli("serve", str(app), "--executor", "ray", "--port", "0", timeout=60)
+    assert served.returncode == 1 and "needs a PostgreSQL store" in served.stderr, served.stderr
 
 
 #: A step copying a stream, with a commit point every 10 rows, slow enough to be
@@ -260,3 +262,65 @@ def test_a_follow_up_run_waiting_for_its_time_holds_up_no_other_step(tmp_path, m
         assert cancelled.status == "cancelled" and cancelled.error.startswith("interrupted (Ctrl-C)")
     finally:
         store.close()
+
+
+def test_serve_with_the_ray_executor(tmp_path, make_pg_database):
+    """`stepwell serve --executor ray`: each run a Ray task (not in the server's
+    process), upstream triggers from what the task committed, log lines live on
+    the run's event stream while the task runs, and a cancel that kills the task."""
+    from serverutil import ServerProcess, runs_of, table_rows, wait_for, wait_run
+
+    url = make_pg_database()
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - {name: produce, node: produce.py, outputs: {out: made}}
+              - {name: consume, node: consume.py, inputs: {made: made}, outputs: {out: seen},
+                 trigger: upstream}
+              - {name: chatty, node: chatty.py}
+              - {name: sleepy, node: sleepy.py}
+        """,
+        "produce.py": "import os\nfrom patterns import Table\n"
+                      "Table('out', 'w').append([{'n': n, 'pid': os.getpid()} for n in range(3)])\n",
+        "consume.py": """
+            from patterns import Table
+            out = Table("out", "w")
+            for row in Table("made").as_stream().consume_records():
+                out.append({"n": row["n"] * 10})
+        """,
+        "chatty.py": "import time\nfor i in range(4):\n    print(f'line {i}', flush=True)\n    time.sleep(0.7)\n",
+        "sleepy.py": "import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n",
+    })  # fmt: skip
+    with ServerProcess(app, "--executor", "ray", "--store", url, timeout=180) as server, \
+            server.client() as client:  # fmt: skip
+        produced = client.post("/api/runs", json={"step": "produce"}).json()["run_id"]
+        assert wait_run(client, produced, timeout=120)["status"] == "succeeded"
+        consumed = wait_for(lambda: runs_of(client, "consume"), 60, what="the upstream run")
+        assert wait_run(client, consumed[0]["id"], timeout=120)["status"] == "succeeded"
+        assert sorted(r["n"] for r in table_rows(client, "seen")) == [0, 10, 20]
+        assert {r["pid"] for r in table_rows(client, "made")} != {server.proc.pid}
+        assert client.get(f"/api/runs/{produced}").json()["host_pid"] != server.proc.pid
+
+        chatty = client.post("/api/runs", json={"step": "chatty"}).json()["run_id"]
+        events: list[tuple[float, str, dict]] = []
+        with client.stream("GET", f"/api/runs/{chatty}/events", timeout=120) as response:
+            kind = None
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    events.append((time.monotonic(), kind, json.loads(line[5:])))
+                    if kind == "end":
+                        break
+        logs = [(t, e) for t, k, e in events if k == "log"]
+        assert [e["message"] for _, e in logs] == [f"line {i}" for i in range(4)]
+        assert events[-1][2]["status"] == "succeeded_no_data"
+        assert events[-1][0] - logs[0][0] > 1.0  # the first line came while the run went on
+
+        sleepy = client.post("/api/runs", json={"step": "sleepy"}).json()["run_id"]
+        wait_for(lambda: client.get(f"/api/runs/{sleepy}").json()["status"] == "running", 120,
+                 what="the sleepy run to start")  # fmt: skip
+        assert client.post(f"/api/runs/{sleepy}/cancel").json()["status"] == "cancelling"
+        ended = wait_run(client, sleepy, timeout=60)
+        assert ended["status"] == "cancelled", ended
+    assert server.proc.returncode == 0, server.output()

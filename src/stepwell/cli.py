@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 import traceback
 from contextlib import contextmanager
@@ -130,16 +131,20 @@ def init(
 
 
 # -- run --------------------------------------------------------------------
+ExecutorOpt = Annotated[str, typer.Option(
+    help="local (the fork-server pool here) or ray (each run a Ray task; needs a "
+         "PostgreSQL --store)")]  # fmt: skip
+RayAddressOpt = Annotated[str | None, typer.Option(
+    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")]  # fmt: skip
+
+
 @app.command()
 def run(
     app_path: AppArg = ".",
     steps: Annotated[list[str] | None, typer.Argument(help="Steps to run (default: all)")] = None,
     store: StoreOpt = None,
-    executor: Annotated[str, typer.Option(
-        help="local (the fork-server pool here) or ray (each run a Ray task; needs a "
-             "PostgreSQL --store)")] = "local",
-    ray_address: Annotated[str | None, typer.Option(
-        help="Ray cluster to join (default: start a local one)")] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     sandbox: SandboxOpt = None,
 ) -> None:
     """Run steps once, in dependency order, with a progress display."""
@@ -443,6 +448,8 @@ def serve(
     ] = None,
     rotate_token: Annotated[bool, typer.Option("--rotate-token", help="Make a new API token first")] = False,
     sandbox: SandboxOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Run the scheduler, the workers and the HTTP API until SIGTERM / Ctrl-C."""
     _use_sandbox(sandbox)
@@ -453,7 +460,8 @@ def serve(
     from stepwell.server.serve import ServeError, Serving
 
     settings = ServerSettings.from_env(
-        dict(os.environ), host=host, port=port, workers=workers, shutdown_timeout=shutdown_timeout
+        dict(os.environ), host=host, port=port, workers=workers, shutdown_timeout=shutdown_timeout,
+        executor=executor, ray_address=ray_address,
     )
     try:
         Serving(app_path, store_url=store, settings=settings, rotate_token=rotate_token).run()
@@ -508,6 +516,10 @@ def main() -> None:
     # The host does no linear algebra; numpy's BLAS would start a thread per core
     # that spins for a while, taking CPU from the start-up (about 0.1 s of it).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # a shell starts its background jobs with SIGINT ignored, and Python leaves it
+    # so: `kill -INT` stops every command all the same (as it does `run` and `serve`)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _hoist_verbose(sys.argv)
     try:
         code = app(standalone_mode=False)

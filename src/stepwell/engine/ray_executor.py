@@ -22,12 +22,15 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stepwell.engine.app_run import MAX_FOLLOW_UPS, follow_up_delay
+from stepwell.sandbox.policy import MODE_ENV
 from stepwell.store import ids
 from stepwell.store.base import RunRecord, Store
 
@@ -57,10 +60,17 @@ def _ray() -> Any:
 
 def run_step_task(app_root: str, store_url: str, step: str, trigger: str, run_id: str,
                   secrets: dict[str, str], sandbox: str | None) -> dict[str, Any]:  # fmt: skip
-    """Run ``run_id`` of ``step``, in a Ray worker: the run record as a dict."""
+    """Run ``run_id`` of ``step``, in a Ray worker: ``{"run": the run record as a
+    dict, "tables": the tables its commit points added rows to}``."""
     from stepwell.app import load_app
-    from stepwell.engine.runner import Runner
+    from stepwell.engine.runner import NullListener, Runner
     from stepwell.store import open_store
+
+    class Committed(NullListener):
+        tables: set[str] = set()
+
+        def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
+            self.tables = self.tables | tables
 
     spec = load_app(Path(app_root))
     store = open_store(store_url, spec.root)
@@ -69,10 +79,146 @@ def run_step_task(app_root: str, store_url: str, step: str, trigger: str, run_id
         environ.update(secrets)
         # it closes the runs left `running` by dead processes of this node (a Ray
         # worker or driver killed mid-run); other nodes' runs it leaves alone
-        runner = Runner(spec, store, environ=environ, sandbox=sandbox)
-        return dataclasses.asdict(runner.run_step(step, trigger, run_id=run_id))
+        committed = Committed()
+        runner = Runner(spec, store, environ=environ, sandbox=sandbox, listener=committed)
+        run = runner.run_step(step, trigger, run_id=run_id)
+        return {"run": dataclasses.asdict(run), "tables": sorted(committed.tables)}
     finally:
         store.close()
+
+
+def needs_shared_store(store_url: str) -> None:
+    """Refuse a store the nodes of a Ray cluster cannot share."""
+    if not store_url.startswith(("postgresql://", "postgres://")):
+        raise RayExecutorError(
+            "the Ray executor needs a PostgreSQL store that every node can reach: "
+            "--store postgresql://... (an embedded DuckDB file belongs to one process)"
+        )
+
+
+def join_cluster(address: str | None) -> bool:
+    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``; none: start a
+    local one) unless this process has already; True when it joined here (and
+    should ``ray.shutdown()`` when done)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_address(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)  # fmt: skip
+    except Exception as exc:  # no cluster at that address, or Ray cannot start here
+        where = f"at {address}" if address else "locally"
+        raise RayExecutorError(f"cannot start or join a Ray cluster {where}: {exc}") from None
+    return True
+
+
+def _step_task(ray: Any) -> Any:
+    return ray.remote(run_step_task).options(num_cpus=1, max_retries=0)
+
+
+def _secrets(environ: Mapping[str, str]) -> dict[str, str]:
+    """What of an environment travels with the tasks: the secrets."""
+    return {k: v for k, v in environ.items() if k.startswith(_SECRET_PREFIX)}
+
+
+class RayRunner:
+    """What ``stepwell serve --executor ray`` runs steps with: each run a Ray task,
+    in place of the local :class:`Runner` (the scheduler calls the same methods).
+
+    ``run_step`` waits for its task (on a scheduler thread) and meanwhile passes
+    what the task writes to the store on to the listener as the local runner
+    would: the run's start, its log lines and row counts (read every
+    ``_POLL_SECONDS``); the tables its commit points added rows to come when it
+    ends. A step cannot answer a webhook request from a Ray task (the request
+    waits in this process): its webhook gets no answer."""
+
+    def __init__(self, app: Any, store: Store, *, store_url: str, listener: Any = None,
+                 environ: Mapping[str, str] | None = None, sandbox: str | None = None) -> None:  # fmt: skip
+        from stepwell.engine.runner import NullListener, recover_orphans
+
+        self.app = app
+        self.store = store
+        self.store_url = store_url
+        self.listener = listener or NullListener()
+        environ = os.environ if environ is None else environ
+        self.secrets = _secrets(environ)
+        #: the sandbox mode (``--sandbox``): the tasks' Ray workers may not share our environment
+        self.sandbox = sandbox if sandbox is not None else environ.get(MODE_ENV)
+        #: runs left running by dead processes of this machine, closed (as the local
+        #: runner does; each task does it on its own node)
+        self.recovered: list[str] = recover_orphans(store)
+        self._ray = _ray()
+        self._task = _step_task(self._ray)
+        #: runs in progress: their task, and why they were cancelled (if they were)
+        self._active: dict[str, tuple[Any, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def run_step(self, name: str, trigger: str = "manual", *, run_id: str | None = None,
+                 then: str | None = None) -> RunRecord:  # fmt: skip
+        run = RunRecord(id=run_id or ids.new_id(), step=name, status="running", trigger=trigger,
+                        started_at=dt.datetime.now(dt.UTC))  # fmt: skip
+        ref = self._task.remote(str(self.app.root), self.store_url, name, trigger, run.id,
+                                self.secrets, self.sandbox)  # fmt: skip
+        cancelled: list[str] = []
+        with self._lock:
+            self._active[run.id] = (ref, cancelled)
+        try:
+            seen = _Seen()
+            while not self._ray.wait([ref], timeout=_POLL_SECONDS)[0]:
+                self._pass_on(run, seen)
+            final, tables = _result(self._ray, ref, run, self.store, next(iter(cancelled), None))
+            if not tables and final.rows_out:  # (its task died after a commit point)
+                tables = set(self.app.step(name).output_tables())
+            self._pass_on(final, seen)
+            if tables:
+                self.listener.tables_committed(final, tables)
+            self.listener.run_finished(final)
+            return final
+        finally:
+            with self._lock:
+                self._active.pop(run.id, None)
+
+    def _pass_on(self, run: RunRecord, seen: _Seen) -> None:
+        """Tell the listener what the task wrote to the store since ``seen``."""
+        recorded = self.store.get_run(run.id) if run.status == "running" else run
+        if recorded is None or recorded.status == "queued":
+            return
+        if not seen.started:
+            seen.started = True
+            self.listener.run_started(recorded)
+        for line in self.store.get_logs(run.id, after_seq=seen.seq):
+            seen.seq = line.seq
+            self.listener.log_line(recorded, line)
+        if (recorded.rows_in, recorded.rows_out) != seen.rows:
+            seen.rows = (recorded.rows_in, recorded.rows_out)
+            self.listener.progress(recorded, *seen.rows)
+
+    def cancel(self, run_id: str, reason: str = "stopped on request") -> bool:
+        """Stop run ``run_id`` if it is in progress here: its task's worker is killed
+        (so is the sandboxed worker with it) and the run ends ``cancelled``."""
+        with self._lock:
+            if run_id not in self._active:
+                return False
+            ref, cancelled = self._active[run_id]
+            cancelled.append(reason)
+        self._ray.cancel(ref, force=True)
+        return True
+
+    def active_runs(self) -> list[str]:
+        with self._lock:
+            return list(self._active)
+
+
+@dataclass
+class _Seen:
+    """What ``RayRunner`` has passed on of a run so far."""
+
+    started: bool = False
+    seq: int = -1
+    rows: tuple[int, int] = (0, 0)
 
 
 def run_steps_on_ray(
@@ -89,11 +235,7 @@ def run_steps_on_ray(
     tasks; returns their run records in the order they ended. Once ``stop()`` is
     true (a Ctrl-C), the runs in progress are cancelled (their tasks' workers
     killed, nothing after their last commit point kept) and no other starts."""
-    if not store_url.startswith(("postgresql://", "postgres://")):
-        raise RayExecutorError(
-            "the Ray executor needs a PostgreSQL store that every node can reach: "
-            "--store postgresql://... (an embedded DuckDB file belongs to one process)"
-        )
+    needs_shared_store(store_url)
     from stepwell.store import open_store
 
     # opened here first: a wrong URL is one clear error before any Ray work, and a
@@ -108,20 +250,10 @@ def run_steps_on_ray(
 def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str], address: str | None,
                listener: Any, sandbox: str | None, stop: Callable[[], bool]) -> list[RunRecord]:  # fmt: skip
     ray = _ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            _check_address(address)
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR)
-        except Exception as exc:  # no cluster at that address, or Ray cannot start here
-            where = f"at {address}" if address else "locally"
-            raise RayExecutorError(f"cannot start or join a Ray cluster {where}: {exc}") from None
+    started_here = join_cluster(address)
     try:
-        task = ray.remote(run_step_task).options(num_cpus=1, max_retries=0)
-        secrets = {k: v for k, v in os.environ.items() if k.startswith(_SECRET_PREFIX)}
+        task = _step_task(ray)
+        secrets = _secrets(os.environ)
         wanted = set(names)
         waits_for = {
             name: {b for b in before if b in wanted}
@@ -160,7 +292,7 @@ def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str], ad
             ended, _ = ray.wait(list(running), num_returns=1, timeout=wait)
             if not ended:
                 continue
-            run = _record(ray, ended[0], running.pop(ended[0]), store)
+            run, _tables = _result(ray, ended[0], running.pop(ended[0]), store)
             runs.append(run)
             if listener is not None:
                 listener.run_finished(run)
@@ -172,7 +304,7 @@ def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str], ad
                 done.add(run.step)
         for ref, run in running.items():  # stopped: cancel what still runs
             ray.cancel(ref, force=True)
-            runs.append(_record(ray, ref, run, store, cancelled=True))
+            runs.append(_result(ray, ref, run, store, cancelled="interrupted (Ctrl-C)")[0])
         return runs
     finally:
         if started_here:
@@ -201,21 +333,25 @@ def _check_address(address: str) -> None:
         raise RayExecutorError(f"{address} does not answer like a Ray cluster: {advice}")
 
 
-def _record(ray: Any, ref: Any, run: RunRecord, store: Store, cancelled: bool = False) -> RunRecord:
-    """The record of the run that task ``ref`` hosted. A task that died before it
-    closed its run (its Ray worker or node was killed, say) leaves it to this
-    process: the run ends ``killed`` (``failed`` if the task raised, ``cancelled``
-    if this process cancelled it), nothing after its last commit point kept, and
-    the other steps still run."""
+def _result(ray: Any, ref: Any, run: RunRecord, store: Store,
+            cancelled: str | None = None) -> tuple[RunRecord, set[str]]:  # fmt: skip
+    """The record of the run that task ``ref`` hosted, and the tables its commit
+    points added rows to. A task that died before it closed its run (its Ray
+    worker or node was killed, say) leaves it to this process: the run ends
+    ``killed`` (``failed`` if the task raised, ``cancelled`` for the reason
+    ``cancelled`` if this process cancelled it), nothing after its last commit
+    point kept, and the other steps still run (which tables it added rows to is
+    not known then)."""
     try:
-        return RunRecord(**ray.get(ref))
+        result = ray.get(ref)
+        return RunRecord(**result["run"]), set(result["tables"])
     except Exception as exc:  # noqa: BLE001 - reported as the run's error
         problem = exc
     recorded = store.get_run(run.id)
     if recorded is not None and recorded.status not in ("queued", "running"):
-        return recorded  # it ended before its task did
+        return recorded, set()  # it ended before its task did
     if cancelled:
-        status, error = "cancelled", "interrupted (Ctrl-C)"
+        status, error = "cancelled", cancelled
     elif isinstance(problem, ray.exceptions.RayTaskError):
         status, error = "failed", f"its Ray task failed: {problem.cause!r}"
     else:
@@ -228,4 +364,4 @@ def _record(ray: Any, ref: Any, run: RunRecord, store: Store, cancelled: bool = 
         store.create_run(closed)
     else:
         store.update_run(run.id, status=closed.status, ended_at=closed.ended_at, error=closed.error)
-    return closed
+    return closed, set()

@@ -30,6 +30,10 @@ class ServerSettings:
     #: seconds running steps get to finish on SIGTERM before they are cancelled
     shutdown_timeout: float = 30.0
     workers: int = DEFAULT_WORKERS
+    #: ``local`` (this machine's fork-server pool) or ``ray`` (each run a Ray task)
+    executor: str = "local"
+    #: the Ray cluster to join (None: ``$RAY_ADDRESS``, else start a local one)
+    ray_address: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str], **overrides: Any) -> ServerSettings:

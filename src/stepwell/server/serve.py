@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import gc
 import json
 import os
@@ -129,6 +130,8 @@ class Serving:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._info_path = state_dir(self.spec.root) / SERVER_FILE
+        #: True once this process joined a Ray cluster (``--executor ray``)
+        self._left_ray = False
 
     @property
     def rules(self) -> Any:
@@ -166,13 +169,14 @@ class Serving:
         else:
             token, created = tokens.ensure()
         auth_required = not is_loopback(self.settings.host)
+        runner_factory = self._runner_factory()
         store = open_store(self.store_url, self.spec.root)
         try:
             hub = LiveHub()
             hub.tables_read_by = self._tables_read_by
             scheduler = Scheduler(
                 self.spec, store, max_workers=self.settings.workers, listener=hub,
-                environ=self.environ,
+                environ=self.environ, runner_factory=runner_factory,
             )
             ingest = Ingest(
                 store,
@@ -205,6 +209,29 @@ class Serving:
             self._say(f"listening on {host} beyond loopback: every request needs "
                       f"`Authorization: Bearer <token>` (token in {tokens.path})")
         self._say(self._ui_line(token, created, auth_required, tokens.path))
+
+    def _runner_factory(self) -> Any:
+        """What runs the steps: the local runner, or (``--executor ray``) one making
+        each run a Ray task, once this process has joined the cluster."""
+        from stepwell.engine.runner import Runner
+
+        if self.settings.executor == "local":
+            return Runner
+        if self.settings.executor != "ray":
+            raise ServeError(f"unknown executor {self.settings.executor!r}; use local or ray")
+        from stepwell.engine.ray_executor import (
+            RayExecutorError,
+            RayRunner,
+            join_cluster,
+            needs_shared_store,
+        )
+
+        try:
+            needs_shared_store(self.store_url or "")
+            self._left_ray = join_cluster(self.settings.ray_address)
+        except RayExecutorError as exc:
+            raise ServeError(str(exc)) from None
+        return functools.partial(RayRunner, store_url=self.store_url)
 
     def _ui_line(self, token: str, shown: bool, auth_required: bool, token_path: Path) -> str:
         """Where the web UI is. With a token required, the address carries it in
@@ -276,6 +303,10 @@ class Serving:
             self.ctx.store.close()
         if self._sock is not None:
             self._sock.close()
+        if self._left_ray:  # (the Ray cluster this process started or joined)
+            import ray
+
+            ray.shutdown()
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (blocking; the CLI's `stepwell serve`)."""

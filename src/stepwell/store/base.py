@@ -373,7 +373,8 @@ class Store(abc.ABC):
     def append_logs(self, lines: Sequence[LogLine]) -> None: ...
 
     @abc.abstractmethod
-    def get_logs(self, run_id: str) -> list[LogLine]: ...
+    def get_logs(self, run_id: str, after_seq: int = -1) -> list[LogLine]:
+        """The log lines of run ``run_id`` (those after line ``after_seq``), in order."""
 
     @abc.abstractmethod
     def get_state(self, step: str) -> dict[str, Any]: ...

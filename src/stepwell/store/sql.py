@@ -1174,11 +1174,12 @@ class SQLStore(Store):
         with self._autocommit(single=True) as s:  # (_LOG_SCHEMA is the table's columns)
             s.insert_arrow(f"{META}.logs", data, every_column=True)
 
-    def get_logs(self, run_id: str) -> list[LogLine]:
+    def get_logs(self, run_id: str, after_seq: int = -1) -> list[LogLine]:
         with self._autocommit(read_only=True, single=True) as s:
             rows = s.fetchall(
-                f"SELECT run_id, seq, ts, level, message FROM {META}.logs WHERE run_id = ? ORDER BY seq",
-                [run_id],
+                f"SELECT run_id, seq, ts, level, message FROM {META}.logs "
+                f"WHERE run_id = ? AND seq > ? ORDER BY seq",
+                [run_id, after_seq],
             )
         return [LogLine(r, int(seq), _utc(ts), level, msg) for r, seq, ts, level, msg in rows]
 
