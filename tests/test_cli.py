@@ -410,3 +410,27 @@ def test_run_shows_stepwells_own_warnings_once(tmp_path):
     assert warnings == ["  warning (read): table 'events': 1 row(s) have no ts (null); a stream "
                         "ordered by ts has read past them and will not read them: give them a "
                         "ts, or stream by patterns_id"], second.stdout
+
+
+def test_app_defaults_to_the_current_folder_for_commands_with_more_arguments(tmp_path):
+    """DESIGN 7a: APP defaults to the current directory, also where arguments come
+    after it (`stepwell logs RUN_ID`, `stepwell load TABLE FILE`); a command given
+    an app but not the rest still says what is missing."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: hello\n    node: hello.py\n",
+        "hello.py": "from patterns import Table\nprint('hi there')\nTable('greetings', 'w').append({'n': 1})\n",
+    })  # fmt: skip
+    (tmp_path / "more.jsonl").write_text('{"n": 2}\n')
+    assert cli("run", cwd=app).returncode == 0
+    (run,) = json.loads(cli("runs", "--json", cwd=app).stdout)
+    logs = cli("logs", run["id"], cwd=app)
+    assert logs.returncode == 0 and "hi there" in logs.stdout, logs.stderr
+    loaded = cli("load", "greetings", str(tmp_path / "more.jsonl"), cwd=app)
+    assert loaded.returncode == 0, loaded.stderr
+    table = cli("table", "greetings", "--json", cwd=app)
+    assert sorted(row["n"] for row in json.loads(table.stdout)) == [1, 2]
+    state = cli("state", "hello", cwd=app)
+    assert state.returncode == 0 and json.loads(state.stdout)["step"] == "hello"
+    for args, cwd in [(["logs", str(app)], tmp_path), (["logs", run["id"]], tmp_path)]:
+        missing = cli(*args, cwd=cwd)  # an app and no run id; no app here at all
+        assert missing.returncode == 2 and "Missing argument" in missing.stderr, missing.stderr

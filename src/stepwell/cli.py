@@ -511,6 +511,39 @@ def _hoist_verbose(argv: list[str]) -> None:
         argv.insert(1, "--verbose")
 
 
+def _with_current_app(argv: list[str], missing: typer.BadParameter) -> list[str] | None:
+    """``argv`` with APP given as ``.`` when a command whose first argument is APP
+    got one argument too few in an app's folder (`stepwell logs RUN_ID`): APP
+    defaults to the current directory (DESIGN 7a) for commands with arguments
+    after it too. None when that does not apply: no app file here, or the first
+    argument given is an app (then something else is missing)."""
+    from stepwell.app import APP_FILE_NAMES
+
+    ctx = missing.ctx
+    if type(missing).__name__ != "MissingParameter" or ctx is None:
+        return None
+    arguments = [p for p in ctx.command.params if isinstance(p, typer.core.TyperArgument)]
+    if not arguments or arguments[0].name != "app_path" or missing.param is arguments[0]:
+        return None
+    if not any((Path.cwd() / name).is_file() for name in APP_FILE_NAMES):
+        return None
+    given = ctx.params.get("app_path")
+    if given and (Path(given).is_dir() or Path(given).name in APP_FILE_NAMES):
+        return None
+    at = 1
+    while at < len(argv) and argv[at].startswith("-"):  # (--verbose, the only global option)
+        at += 1
+    names, level = [], ctx
+    while level.parent is not None:  # (`stepwell rule status`: two names)
+        names.insert(0, level.info_name)
+        level = level.parent
+    for name in names:
+        if at >= len(argv) or argv[at] != name:
+            return None
+        at += 1
+    return [*argv[:at], ".", *argv[at:]]
+
+
 def main() -> None:
     """Console-script entry: one clear line on failure, tracebacks with --verbose."""
     # The host does no linear algebra; numpy's BLAS would start a thread per core
@@ -522,7 +555,15 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     _hoist_verbose(sys.argv)
     try:
-        code = app(standalone_mode=False)
+        again = None
+        try:
+            code = app(standalone_mode=False)
+        except typer.BadParameter as missing:
+            again = _with_current_app(sys.argv, missing)
+            if again is None:
+                raise
+        if again is not None:  # (out of the except block: a failure then is its own)
+            code = app(args=again[1:], standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
