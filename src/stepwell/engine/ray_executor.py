@@ -1,4 +1,4 @@
-"""The Ray executor (``stepwell run --executor ray``): each run is a Ray task.
+"""The Ray executor (``stepwell run|serve --executor ray``): each run is a Ray task.
 
 A task hosts one run exactly like the local executor: it loads the app, opens
 the shared PostgreSQL store and runs the step through a :class:`Runner`, whose
@@ -7,7 +7,9 @@ on (a Ray worker process keeps its fork-server warm between tasks). A step is
 submitted as soon as every step it depends on has ended, so independent steps
 run in parallel across the cluster; a run that asks for another one
 (``State.request_new_run``) gets it before its dependents start. User code is
-the same as with the local executor.
+the same as with the local executor. Under ``stepwell serve``, :class:`RayRunner`
+takes the local runner's place: the server's scheduler decides when a step runs,
+Ray where.
 
 Needs ``pip install 'stepwell[ray]'``, a PostgreSQL store every node can reach
 (``--store postgresql://...``), and the app folder at the same path on every
@@ -67,10 +69,11 @@ def run_step_task(app_root: str, store_url: str, step: str, trigger: str, run_id
     from stepwell.store import open_store
 
     class Committed(NullListener):
-        tables: set[str] = set()
+        def __init__(self) -> None:
+            self.tables: set[str] = set()
 
         def tables_committed(self, run: RunRecord, tables: set[str]) -> None:
-            self.tables = self.tables | tables
+            self.tables |= tables
 
     spec = load_app(Path(app_root))
     store = open_store(store_url, spec.root)
