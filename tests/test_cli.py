@@ -434,3 +434,30 @@ def test_app_defaults_to_the_current_folder_for_commands_with_more_arguments(tmp
     for args, cwd in [(["logs", str(app)], tmp_path), (["logs", run["id"]], tmp_path)]:
         missing = cli(*args, cwd=cwd)  # an app and no run id; no app here at all
         assert missing.returncode == 2 and "Missing argument" in missing.stderr, missing.stderr
+
+
+def test_run_through_a_server_follows_the_follow_up_runs(tmp_path):
+    """`stepwell run` while a server serves the app makes the runs it would make
+    without one: a step asking for another run (`State.request_new_run`) gets its
+    follow-ups before the next step starts (the server queues them; the command
+    follows them)."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - {name: again, node: again.py}\n  - {name: after, node: after.py}\n",
+        "again.py": """
+            from patterns import State
+            state = State()
+            n = state.get_value("n", 0) + 1
+            state.set_value("n", n)
+            if n < 3:
+                state.request_new_run(wait_atleast_seconds=0.5)
+        """,
+        "after.py": "print('after')\n",
+    })  # fmt: skip
+    with ThreadServer(app):
+        result = cli("run", str(app))
+        assert result.returncode == 0 and "still asks" not in result.stderr, result.stderr
+        runs = json.loads(cli("runs", str(app), "--json").stdout)
+    assert [(r["step"], r["status"]) for r in reversed(runs)] == [
+        ("again", "succeeded_no_data"), ("again", "succeeded_no_data"), ("again", "succeeded_no_data"),
+        ("after", "succeeded_no_data"),
+    ]  # fmt: skip

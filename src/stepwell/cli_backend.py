@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,24 +160,48 @@ class RemoteBackend:
             return self._run_steps(names, listener)
 
     def _run_steps(self, names: Sequence[str], listener: Any) -> list[RunRecord]:
-        from stepwell.server.client import ApiError
+        from stepwell.engine.app_run import MAX_FOLLOW_UPS, follow_up_delay
 
         runs: list[RunRecord] = []
         for name in names:
             ticket = self.client.trigger(name)
-            try:
-                runs.append(self.client.wait(ticket.run_id, listener))
-            except KeyboardInterrupt:
-                if ticket.coalesced:  # someone else's queued run, merged with ours: theirs too
-                    raise RunInterrupted(runs, f"run {ticket.run_id} of step {name!r} was "
-                                               "queued by another trigger too, so it goes on; ") from None  # fmt: skip
-                try:
-                    self.client.cancel(ticket.run_id)
-                except ApiError:
-                    pass  # it ended meanwhile: its record says how
-                runs.append(self.client.wait(ticket.run_id, listener))
-                raise RunInterrupted(runs) from None
+            self._follow(ticket.run_id, name, ticket.coalesced, runs, listener)
+            # the follow-up runs it asks for (the server makes them), as without a server
+            for _ in range(MAX_FOLLOW_UPS):
+                follow_up = self._follow_up(runs[-1]) if follow_up_delay(runs[-1]) is not None else None
+                if follow_up is None:
+                    break
+                self._follow(follow_up, name, False, runs, listener)
         return runs
+
+    def _follow(self, run_id: str, name: str, coalesced: bool, runs: list[RunRecord],
+                listener: Any) -> None:  # fmt: skip
+        """Wait for run ``run_id`` to end and add it to ``runs``; on Ctrl-C, cancel it
+        (unless another trigger queued it too) and raise :class:`RunInterrupted`."""
+        from stepwell.server.client import ApiError
+
+        try:
+            runs.append(self.client.wait(run_id, listener))
+        except KeyboardInterrupt:
+            if coalesced:  # someone else's queued run, merged with ours: theirs too
+                raise RunInterrupted(runs, f"run {run_id} of step {name!r} was "
+                                           "queued by another trigger too, so it goes on; ") from None  # fmt: skip
+            try:
+                self.client.cancel(run_id)
+            except ApiError:
+                pass  # it ended meanwhile: its record says how
+            runs.append(self.client.wait(run_id, listener))
+            raise RunInterrupted(runs) from None
+
+    def _follow_up(self, run: RunRecord, patience: float = 10.0) -> str | None:
+        """The follow-up run the server queues for ``run`` (just after it ends)."""
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            queued = self.client.get_json(f"/api/steps/{run.step}").get("queued_run")
+            if queued and queued != run.id:
+                return str(queued)
+            time.sleep(0.05)
+        return None
 
 
 def find_server(app_root: Path, store_url: str | None) -> Any | None:
