@@ -166,6 +166,16 @@ def test_function_validate_exec_is_aggregate(manager: PluginManager) -> None:
     assert json.loads(channel.call(b'{"func": "Nope", "arg": []}')) == {"state": False, "result": "invalid func Nope"}
 
 
+def test_plugin_processes_get_none_of_the_hosts_secrets(manager: PluginManager, monkeypatch) -> None:
+    """A plugin process's environment is the sandbox's (PATH, locale, HOME=/tmp):
+    it inherited the host's, with the store's URL (and its password) and secrets."""
+    monkeypatch.setenv("STEPWELL_STORE", "postgresql://stepwell:pw-123@db/stepwell")
+    monkeypatch.setenv("STEPWELL_SECRET_TOKEN", "s3cret-value")
+    seen = manager.function_pool("whoami").exec([0], CTX)
+    assert "STEPWELL_STORE" not in seen["env"] and "STEPWELL_SECRET_TOKEN" not in seen["env"]
+    assert "PATH" in seen["env"] and seen["home"] == "/tmp"
+
+
 def test_function_context_reaches_plugin(manager: PluginManager) -> None:
     who = manager.function_pool("whoami")
     ctx = json.dumps({"ruleId": "ruleX", "opId": "op", "instanceId": 0, "funcId": 3})

@@ -464,7 +464,10 @@ def forkserver(pandas: bool = True) -> ForkServerClient:
     return _FORKSERVERS[pandas]
 
 
-def _worker_env(env: dict[str, str] | None, tmp: str) -> dict[str, str]:
+def sandbox_environment(env: dict[str, str] | None, tmp: str) -> dict[str, str]:
+    """The environment of a process running user code: a few harmless variables of
+    the host's (``PATH``, the locale, the time zone), ``tmp`` as its home and temp
+    dir, and ``env``; never the host's secrets or the store's URL."""
     clean_env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
     clean_env.update(HOME=tmp, TMPDIR=tmp, PYTHONDONTWRITEBYTECODE="1")
     clean_env.update(env or {})
@@ -481,7 +484,7 @@ def _start_subprocess(cwd: Path, env: dict[str, str] | None, limits: WorkerLimit
             [sys.executable, "-I", "-m", "stepwell.sandbox.worker", str(worker_sock.fileno())],
             pass_fds=(worker_sock.fileno(),),
             cwd=str(cwd),
-            env=_worker_env(env, tmpdir.name),
+            env=sandbox_environment(env, tmpdir.name),
             stdin=subprocess.DEVNULL,
             stdout=stderr,
             stderr=stderr,
@@ -522,7 +525,7 @@ def start_worker(
     root = Path(app_root) if app_root is not None else Path(cwd)
     spec = SandboxSpec(
         cwd=str(cwd),
-        env=_worker_env(env, "/tmp"),
+        env=sandbox_environment(env, "/tmp"),
         app_root=str(root.resolve()),
         read_paths=[str(p) for p in read_paths],
         hide_paths=[str(p) for p in hide_paths],

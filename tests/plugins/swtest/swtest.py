@@ -151,7 +151,8 @@ class WhoAmI(Function):
     def exec(self, args: list[Any], ctx: Context) -> Any:
         if args and args[0]:
             time.sleep(float(args[0]))
-        return {"pid": os.getpid(), "rule": ctx.get_rule_id()}
+        return {"pid": os.getpid(), "rule": ctx.get_rule_id(), "env": sorted(os.environ),
+                "home": os.environ.get("HOME")}
 
     def is_aggregate(self) -> bool:
         return False

@@ -42,6 +42,7 @@ from typing import Any
 import pynng
 
 from stepwell.runtimes.plugin.install import InstalledPlugin
+from stepwell.sandbox.launcher import sandbox_environment
 
 __all__ = [
     "PluginError",
@@ -334,6 +335,7 @@ class PluginProcess:
             self._proc = subprocess.Popen(
                 argv,
                 cwd=str((self.plugin.path / self.plugin.executable).parent),
+                env=sandbox_environment(None, "/tmp"),  # (the host's secrets stay with it)
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
