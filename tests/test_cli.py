@@ -281,7 +281,7 @@ def test_ctrl_c_cancels_the_run_in_progress_and_records_it(tmp_path):
     runs = json.loads(_ok(cli("runs", str(app), "--json")).stdout)
     assert [(r["step"], r["status"]) for r in runs] == [("slow", "cancelled")]
     assert "interrupted (Ctrl-C)" in runs[0]["error"]
-    assert cli("table", str(app), "out").returncode == 1  # nothing of it was kept
+    assert json.loads(cli("table", str(app), "out", "--json").stdout) == []  # nothing was kept
 
 
 def test_ctrl_c_outside_a_run_says_aborted(tmp_path):
@@ -461,3 +461,19 @@ def test_run_through_a_server_follows_the_follow_up_runs(tmp_path):
         ("again", "succeeded_no_data"), ("again", "succeeded_no_data"), ("again", "succeeded_no_data"),
         ("after", "succeeded_no_data"),
     ]  # fmt: skip
+
+
+def test_a_declared_table_without_rows_yet_is_empty_not_missing(tmp_path):
+    """`stepwell table` on a table the app declares but nothing has written to yet
+    said it did not exist; a misspelt name is still an error, with suggestions
+    from the declared tables too."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "tables: [{name: orders}]\nsteps:\n  - {name: s, node: s.py, outputs: {out: made}}\n",
+        "s.py": "from patterns import Table\nTable('out', 'w').append({'n': 1})\n",
+    })  # fmt: skip
+    for name in ("orders", "made"):
+        shown = cli("table", str(app), name)
+        assert shown.returncode == 0 and f"table {name!r} has no rows yet" in shown.stdout, shown.stderr
+        assert json.loads(cli("table", str(app), name, "--json").stdout) == []
+    misspelt = cli("table", str(app), "ordrs")
+    assert misspelt.returncode == 1 and "did you mean 'orders'?" in misspelt.stderr, misspelt.stderr

@@ -275,13 +275,20 @@ def table(
     store: StoreOpt = None,
 ) -> None:
     """Preview a table's rows."""
-    with _backend(app_path, store) as (_spec, backend):
+    with _backend(app_path, store) as (spec, backend):
         info = backend.table_info(name)
+        if info is None and name in _declared_tables(spec):
+            if as_json:
+                _print_json([])
+            else:  # (not an error: nothing has been written to it yet)
+                print(f"table {name!r} has no rows yet: {spec.file.name} declares it, and no "
+                      "step or `stepwell load` has written to it")  # fmt: skip
+            return
         if info is None:
             from stepwell.store.base import missing_table_message
 
-            known = [t.name for t in backend.list_tables()]
-            raise CliError(missing_table_message(name, known))
+            known = {t.name for t in backend.list_tables()} | _declared_tables(spec)
+            raise CliError(missing_table_message(name, sorted(known)))
         rows = backend.preview(name, limit)
     if as_json:
         _print_json(rows)
@@ -294,6 +301,14 @@ def table(
     for row in rows:
         view.add_row(*[_cell(row.get(c.name)) for c in info.columns])
     _console().print(view)
+
+
+def _declared_tables(spec: Any) -> set[str]:
+    """The tables the app file names: under ``tables:`` and as steps' outputs."""
+    names = {t.name for t in spec.tables}
+    for step in spec.steps:
+        names.update(step.output_tables())
+    return names
 
 
 def _cell(value: Any) -> str:
