@@ -135,6 +135,20 @@ def wait_run(client: httpx.Client, run_id: str, timeout: float = 60) -> dict[str
     return wait_for(ended, timeout, what=f"run {run_id} to end")
 
 
+def sse_events(response: httpx.Response) -> list[tuple[float, str | None, dict[str, Any]]]:
+    """A run's event stream read to its ``end`` event: (arrival time, kind, data)."""
+    events: list[tuple[float, str | None, dict[str, Any]]] = []
+    kind = None
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            events.append((time.monotonic(), kind, json.loads(line[5:])))
+            if kind == "end":
+                break
+    return events
+
+
 def wait_idle(client: httpx.Client, timeout: float = 60) -> None:
     """Wait until the server runs nothing and has nothing queued."""
     def idle() -> bool:

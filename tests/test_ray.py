@@ -268,7 +268,7 @@ def test_serve_with_the_ray_executor(tmp_path, make_pg_database):
     """`stepwell serve --executor ray`: each run a Ray task (not in the server's
     process), upstream triggers from what the task committed, log lines live on
     the run's event stream while the task runs, and a cancel that kills the task."""
-    from serverutil import ServerProcess, runs_of, table_rows, wait_for, wait_run
+    from serverutil import ServerProcess, runs_of, sse_events, table_rows, wait_for, wait_run
 
     url = make_pg_database()
     app = write_app(tmp_path / "app", {
@@ -302,16 +302,8 @@ def test_serve_with_the_ray_executor(tmp_path, make_pg_database):
         assert client.get(f"/api/runs/{produced}").json()["host_pid"] != server.proc.pid
 
         chatty = client.post("/api/runs", json={"step": "chatty"}).json()["run_id"]
-        events: list[tuple[float, str, dict]] = []
         with client.stream("GET", f"/api/runs/{chatty}/events", timeout=120) as response:
-            kind = None
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((time.monotonic(), kind, json.loads(line[5:])))
-                    if kind == "end":
-                        break
+            events = sse_events(response)
         logs = [(t, e) for t, k, e in events if k == "log"]
         assert [e["message"] for _, e in logs] == [f"line {i}" for i in range(4)]
         assert events[-1][2]["status"] == "succeeded_no_data"

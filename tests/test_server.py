@@ -18,6 +18,7 @@ from serverutil import (
     ServerProcess,
     ThreadServer,
     runs_of,
+    sse_events,
     table_rows,
     wait_for,
     wait_idle,
@@ -674,18 +675,10 @@ def test_request_new_run_without_trigger_downstream_holds_readers_back(tmp_path)
 def test_sse_streams_log_lines_live_then_the_end(steps_app):
     with ThreadServer(steps_app) as server, server.client() as client:
         run_id = client.post("/api/runs", json={"step": "chatty"}).json()["run_id"]
-        events: list[tuple[float, str, dict]] = []
         with client.stream("GET", f"/api/runs/{run_id}/events") as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
-            kind = None
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((time.monotonic(), kind, json.loads(line[5:])))
-                    if kind == "end":
-                        break
+            events = sse_events(response)
         logs = [(t, e) for t, k, e in events if k == "log"]
         assert [e["message"] for _, e in logs] == [f"line {i}" for i in range(5)]
         assert [e["seq"] for _, e in logs] == list(range(5))
