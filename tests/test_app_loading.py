@@ -527,6 +527,44 @@ def test_patterns_nested_graph_is_an_error(tmp_path: Path) -> None:
     )
 
 
+def test_patterns_chart_nodes_and_docs_are_skipped_and_the_graph_runs(tmp_path: Path) -> None:
+    """Patterns templates put chart nodes (a .json Vega spec over `chart_input`) and
+    canvas notes (`docs:`) in graph.yml: nothing to run, so not a reason to refuse it."""
+    from apputil import rows, run_app
+
+    app_dir = tmp_path / "app"  # (the sandbox user cannot enter tmp_path itself)
+    app_dir.mkdir()
+    write_app(
+        app_dir,
+        {
+            "graph.yml": """
+                title: Charts
+                docs:
+                  - id: note1
+                    markdown_file: note.md
+                functions:
+                  - node_file: make.py
+                    id: mk000001
+                  - chart_input: numbers
+                    id: ch000001
+                    node_file: numbers_chart.json
+                    title: Numbers
+                stores:
+                  - table: numbers
+            """,
+            "note.md": "# notes\n",
+            "numbers_chart.json": '{"mark": "bar"}',
+            "make.py": "from patterns import Table\nTable('numbers', 'w').append({'n': 1})\n",
+        },
+    )
+    app = load_app(app_dir)
+    assert [s.name for s in app.steps] == ["make"]
+    assert app.warnings == []
+    (run,) = run_app(app_dir)
+    assert run.status == "succeeded", run.error
+    assert [r["n"] for r in rows(app_dir, "numbers")] == [1]
+
+
 def test_patterns_missing_node_file(tmp_path: Path) -> None:
     write_app(tmp_path, {"graph.yml": "title: t\nfunctions:\n  - id: x\n    node_file: gone.py\n"})
     error = load_error(tmp_path)

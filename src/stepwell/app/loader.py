@@ -69,6 +69,7 @@ _PATTERNS_TOP_IGNORED = frozenset(
         "icon_url",
         "display",
         "id",
+        "docs",  # markdown notes shown on the graph canvas
     }
 )
 _PATTERNS_FUNCTION_KEYS = frozenset(
@@ -766,6 +767,10 @@ def _read_function(
             f"nested graphs are not supported ({node_file})",
             "copy the sub-graph's functions and stores into this graph file",
         )
+    if suffix == ".json":
+        # a chart node (a Vega-Lite spec over its `chart_input` table): Patterns
+        # draws it in the UI; there is nothing to run
+        return
     kind = {".py": "node", ".sql": "sql"}.get(suffix)
     if kind is None:
         raise doc.error(
