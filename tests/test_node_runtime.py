@@ -1176,6 +1176,49 @@ def test_stream_by_a_column_of_a_table_without_patterns_id(tmp_path, store_url):
     assert sorted(r["ts"] for r in rows(app, "seen", store_url)) == list(range(9))
 
 
+def test_a_monotonic_id_or_created_column_from_init_is_the_default_stream_order(tmp_path, store_url):
+    """Patterns: init(add_monotonic_id="id") (or add_created="created_at", with no
+    monotonic id) fills the schema's ordering role, so a downstream as_stream()
+    with no order_by goes by that column; the writer's run is long over by then."""
+    app = write_app(tmp_path / "app", {
+        "graph.yml": """
+            functions:
+              - node_file: feed.py
+              - node_file: consume.py
+        """,
+        "feed.py": """
+            from patterns import State, Table
+            state = State()
+            start = state.get_value("next", 0)
+            by_id = Table("by_id", "w")
+            by_id.init(add_monotonic_id="id")
+            by_id.append([{"n": start + i} for i in range(3)])
+            by_created = Table("by_created", "w")
+            by_created.init(add_monotonic_id=None, add_created="created_at")
+            by_created.append([{"n": start + i} for i in range(3)])
+            state.set_value("next", start + 3)
+        """,
+        "consume.py": """
+            from patterns import Table
+            out = Table("seen", "w")
+            for name in ("by_id", "by_created"):
+                stream = Table(name).as_stream()
+                for record in stream.consume_records():
+                    out.append({"table": name, "order": stream.order_by_field, "n": record["n"]})
+        """,
+    })  # fmt: skip
+    for _ in range(2):
+        feed, consume = run_app(app, store_url)
+        assert consume.status == "succeeded", consume.error
+    seen = rows(app, "seen", store_url, order_by="patterns_id")
+    assert [(r["table"], r["order"], r["n"]) for r in seen] == [
+        *(("by_id", "id", n) for n in range(3)),
+        *(("by_created", "created_at", n) for n in range(3)),
+        *(("by_id", "id", n) for n in range(3, 6)),
+        *(("by_created", "created_at", n) for n in range(3, 6)),
+    ]
+
+
 def test_table_versions_from_a_node(tmp_path, store_url):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": """

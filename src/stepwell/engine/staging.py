@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from stepwell.store import ids, visibility
-from stepwell.store.base import RunRecord, Store, StreamPosition, Transaction
+from stepwell.store.base import ID_COLUMN, RunRecord, Store, StreamPosition, Transaction
 
 
 class StagedRun:
@@ -41,6 +41,8 @@ class StagedRun:
         self._unique_on = dict(unique_on or {})
         self._column_types = dict(column_types or {})
         self._tx: Transaction | None = None
+        #: tables whose stream order the open transaction has recorded
+        self._orders_recorded: set[str] = set()
         #: called after each commit with the tables that got new rows in it
         self.on_commit = on_commit
         self._tables_with_rows: set[str] = set()
@@ -136,6 +138,13 @@ class StagedRun:
         self.rows_out += written
         if written:
             self._tables_with_rows.add(table)
+        # Patterns: a monotonic id under another name (else a created-at column, when
+        # there is no id) fills the schema's ordering role, so streams of the table
+        # go by it when they name no order; it outlives this run, so the store keeps it
+        order = id_column or add_created
+        if written and order and order != ID_COLUMN and table not in self._orders_recorded:
+            self.tx().set_stream_order(table, order)
+            self._orders_recorded.add(table)
         return written
 
     def truncate(self, table: str) -> None:
@@ -191,6 +200,7 @@ class StagedRun:
             self.unrecorded = None
         finally:
             self._tx = None
+            self._orders_recorded.clear()
             visibility.in_flight_done(self)
         self.committed_rows_out = self.rows_out
         tables, self._tables_with_rows = self._tables_with_rows, set()
@@ -198,6 +208,7 @@ class StagedRun:
             self.on_commit(tables)
 
     def rollback(self) -> None:
+        self._orders_recorded.clear()
         if self._tx is not None:
             tx, self._tx = self._tx, None
             try:

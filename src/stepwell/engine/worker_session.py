@@ -242,12 +242,15 @@ class WorkerSession:
         info = self.store.table_info(str(message["table"]), count_rows=message.get("count", True))
         if info is None:
             return {"exists": False, "row_count": 0, "version": 0}
-        return {
+        reply = {
             "exists": True,
             "row_count": info.row_count or 0,
             "version": info.version,
             "columns": {c.name: c.type for c in info.columns},
         }
+        if ID_COLUMN not in reply["columns"]:  # its streams' default order is elsewhere
+            reply["stream_order"] = self.store.stream_order(info.name)
+        return reply
 
     def op_scan_open(self, message: dict, _body: bytes) -> dict | tuple[dict, Any]:
         table = str(message["table"])

@@ -241,6 +241,12 @@ class Transaction(abc.ABC):
         """Record one stream position, replacing the step's one for that table and order."""
 
     @abc.abstractmethod
+    def set_stream_order(self, table: str, column: str) -> None:
+        """Record ``column`` as the default stream order of ``table`` (a table
+        written without ``patterns_id``, whose rows got a monotonic id or a
+        created-at column under another name instead)."""
+
+    @abc.abstractmethod
     def replace_positions(self, step: str, positions: Sequence[StreamPosition]) -> None:
         """Make ``positions`` the step's only stream positions (none: forget them all)."""
 
@@ -303,6 +309,10 @@ class Store(abc.ABC):
         """The table's columns, active version and keys, None if it does not exist.
         ``count_rows=False`` skips counting its rows (a full scan on PostgreSQL) for
         callers that only need its columns or version."""
+
+    @abc.abstractmethod
+    def stream_order(self, name: str) -> str | None:
+        """The column ``Transaction.set_stream_order`` recorded for ``name``, if any."""
 
     @abc.abstractmethod
     def scan(

@@ -308,6 +308,8 @@ def bootstrap_statements(d: Dialect) -> list[str]:
             PRIMARY KEY (step, name))""",
         # stores made before prefixes were recorded
         f"ALTER TABLE {META}.partitions ADD COLUMN IF NOT EXISTS parent {text}",
+        f"""CREATE TABLE IF NOT EXISTS {META}.stream_orders (
+            name {text} PRIMARY KEY, column_name {text} NOT NULL)""",
     ]
     if d.secondary_indexes:
         statements.append(
@@ -884,6 +886,14 @@ class SQLTransaction(Transaction):
                 [step, dumps_tagged(state)],
             )
 
+    def set_stream_order(self, table: str, column: str) -> None:
+        with self._op(f"record the stream order of table {table!r}") as s:
+            s.execute(
+                f"INSERT INTO {META}.stream_orders (name, column_name) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET column_name = excluded.column_name",
+                [check_table_name(table, self._d), column],
+            )
+
     def set_position(self, position: StreamPosition) -> None:
         with self._op(f"set stream position of step {position.step!r}") as s:
             s.execute(
@@ -1036,6 +1046,12 @@ class SQLStore(Store):
             if columns is None:
                 return None
             return _table_info(name, columns, found, _row_count(s, name) if count_rows else None)
+
+    def stream_order(self, name: str) -> str | None:
+        check_table_name(name, self.dialect)
+        with self._autocommit(read_only=True, single=True) as s:
+            rows = s.fetchall(f"SELECT column_name FROM {META}.stream_orders WHERE name = ?", [name])
+        return rows[0][0] if rows else None
 
     def scan(
         self,

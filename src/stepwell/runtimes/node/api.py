@@ -148,15 +148,25 @@ class Table:
         """The table's stream in ``order_by`` order. A run has one stream per table
         and order (as in Patterns): asking again returns it, where it is now, so no
         second stream can commit an older position over the first one's progress."""
-        if not order_by and self.table_name in self._session.table_orders and not self._has_ids():
-            # no patterns_id to go by: the order its schema's field roles give
-            order_by = self._session.table_orders[self.table_name]
+        if not order_by:
+            order_by = self._default_order()
         for stream in self._session.streams:
             if stream.table.table_name == self.table_name and stream.order_by_field == (
                 order_by or ID_COLUMN
             ):
                 return stream
         return Stream(self, order_by, starting_value)
+
+    def _default_order(self) -> str | None:
+        """The order of a table without ``patterns_id`` (None: go by patterns_id): its
+        schema's field roles, else the column ``init(add_monotonic_id=...)`` (or
+        ``add_created=...``) filled when it was written, as in Patterns."""
+        if not self._connected:
+            return None
+        info = self._session.table_info(self.table_name, count=False)
+        if not info.get("exists") or ID_COLUMN in (info.get("columns") or {}):
+            return None
+        return self._session.table_orders.get(self.table_name) or info.get("stream_order")
 
     def _has_ids(self) -> bool:
         """Whether the table has its ``patterns_id`` column (or does not exist yet)."""
