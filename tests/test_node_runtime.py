@@ -1219,6 +1219,32 @@ def test_a_monotonic_id_or_created_column_from_init_is_the_default_stream_order(
     ]
 
 
+def test_replace_starts_a_version_with_the_shape_of_the_new_rows(tmp_path, store_url):
+    """Patterns: replace() is reset() + append(), and a reset table's new version has
+    no schema yet, so the new rows may change a column's type or drop a column
+    (the old version, kept, still has them)."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": "steps:\n  - name: snap\n    node: snap.py\n",
+        "snap.py": """
+            from patterns import State, Table
+            state = State()
+            first = state.get_value("first", True)
+            snapshot = Table("snapshot", "w")
+            if first:
+                snapshot.replace([{"x": 1, "old": "a"}])
+            else:
+                snapshot.replace([{"x": "one", "new": 2.5}])
+            state.set_value("first", False)
+        """,
+    })  # fmt: skip
+    (first,) = run_app(app, store_url)
+    assert first.status == "succeeded", first.error
+    (second,) = run_app(app, store_url)
+    assert second.status == "succeeded", second.error
+    assert [{k: v for k, v in r.items() if k != "patterns_id"}
+            for r in rows(app, "snapshot", store_url)] == [{"x": "one", "new": 2.5}]  # fmt: skip
+
+
 def test_table_versions_from_a_node(tmp_path, store_url):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": """

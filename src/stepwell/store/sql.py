@@ -614,6 +614,10 @@ class SQLTransaction(Transaction):
         self._columns: dict[str, dict[str, str]] = {}
         self._registered: set[str] = set()
         self._changed_shapes = False
+        #: tables this transaction reset and has not written to since: their new,
+        #: empty version takes the shape of the first rows written (a new version
+        #: has no schema yet, as in Patterns: ``replace`` may change column types)
+        self._fresh: set[str] = set()
 
     def _change_shapes(self) -> None:
         """Called before this transaction changes a table's shape or registration:
@@ -694,6 +698,11 @@ class SQLTransaction(Transaction):
             return data
         for column in data.column_names:
             check_column_name(name, column, self._d)
+        if name in self._fresh:
+            self._fresh.discard(name)
+            self._change_shapes()
+            s.execute(f"DROP TABLE {quote(name)}")  # empty, made by this transaction
+            self._columns.pop(name, None)
         existing = self._columns.get(name) or table_columns(s, name)
         plan = sch.plan_columns(
             name, existing, data.schema, case_insensitive=self._d.case_insensitive
@@ -799,6 +808,7 @@ class SQLTransaction(Transaction):
             self._change_shapes()
             s.execute(f"ALTER TABLE {quote(name)} RENAME TO {quote(archived)}")
             self._create_table(s, name, columns)
+            self._fresh.add(name)
             s.execute(
                 f"UPDATE {META}.table_versions SET physical_name = ?, active = FALSE "
                 "WHERE name = ? AND version = ?",
