@@ -312,7 +312,14 @@ def test_serve_with_the_ray_executor(tmp_path, make_pg_database):
         sleepy = client.post("/api/runs", json={"step": "sleepy"}).json()["run_id"]
         wait_for(lambda: client.get(f"/api/runs/{sleepy}").json()["status"] == "running", 120,
                  what="the sleepy run to start")  # fmt: skip
+        # its one line comes live while it sleeps (the task wrote it to the store at its
+        # next line or its end: never, here)
+        with client.stream("GET", f"/api/runs/{sleepy}/events", timeout=10) as response:
+            kinds = (line[6:].strip() for line in response.iter_lines() if line.startswith("event:"))
+            assert next(kind for kind in kinds if kind != "status") == "log"
         assert client.post(f"/api/runs/{sleepy}/cancel").json()["status"] == "cancelling"
         ended = wait_run(client, sleepy, timeout=60)
         assert ended["status"] == "cancelled", ended
+        kept = client.get(f"/api/runs/{sleepy}/logs").json()["lines"]
+        assert [line["message"] for line in kept] == ["sleeping"]
     assert server.proc.returncode == 0, server.output()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -161,6 +162,8 @@ class RunLog:
         redact: Redactor,
         on_line: Callable[[LogLine], None] | None = None,
         flush_seconds: float = 0.5,
+        *,
+        prompt: bool = False,
     ):
         self.store = store
         self.run_id = run_id
@@ -175,21 +178,37 @@ class RunLog:
         self._chars = 0
         self._dropped = 0
         self._last_flush = time.monotonic()
+        #: ``prompt``: lines reach the store ``flush_seconds`` after they came even when
+        #: no more come (a Ray task's lines reach the server only through the store),
+        #: written by a timer thread; the lock keeps the writes whole and in order
+        self._prompt = prompt
+        self._timer: threading.Timer | None = None
+        self._lock = threading.RLock()
 
     def add(self, level: str, lines: Iterable[str], prefix: str = "") -> None:
         """Add output lines. ``prefix`` (e.g. an action step's ``[name] ``) is put in
         front of each line after redaction, so it never splits a secret printed in
         pieces over several lines."""
         now = dt.datetime.now(dt.UTC)
-        for raw in lines:
-            if self._seq + len(self._held) >= MAX_LINES or self._chars >= MAX_CHARS:
-                self._dropped += 1
-                continue
-            text = str(raw)
-            self._chars += min(len(text), MAX_LINE_CHARS)
-            self._held.append((str(level), text, now, prefix))
-        self._release(final=False)
-        if time.monotonic() - self._last_flush > self.flush_seconds:
+        with self._lock:
+            for raw in lines:
+                if self._seq + len(self._held) >= MAX_LINES or self._chars >= MAX_CHARS:
+                    self._dropped += 1
+                    continue
+                text = str(raw)
+                self._chars += min(len(text), MAX_LINE_CHARS)
+                self._held.append((str(level), text, now, prefix))
+            self._release(final=False)
+            if time.monotonic() - self._last_flush > self.flush_seconds:
+                self._write()
+            elif self._prompt and self._pending and self._timer is None:
+                self._timer = threading.Timer(self.flush_seconds, self._timed_write)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _timed_write(self) -> None:
+        with self._lock:
+            self._timer = None
             self._write()
 
     def _release(self, final: bool) -> None:
@@ -210,8 +229,12 @@ class RunLog:
 
     def flush(self) -> None:
         """Write everything out (the run's output has ended, or a commit point)."""
-        self._release(final=True)
-        self._write()
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._release(final=True)
+            self._write()
 
     def _write(self) -> None:
         if self._dropped:

@@ -83,7 +83,10 @@ def run_step_task(app_root: str, store_url: str, step: str, trigger: str, run_id
         # it closes the runs left `running` by dead processes of this node (a Ray
         # worker or driver killed mid-run); other nodes' runs it leaves alone
         committed = Committed()
-        runner = Runner(spec, store, environ=environ, sandbox=sandbox, listener=committed)
+        # (prompt_logs: a line a step prints reaches the server, which reads the store,
+        # while the step goes on, and is kept if the task is killed)
+        runner = Runner(spec, store, environ=environ, sandbox=sandbox, listener=committed,
+                        prompt_logs=True)
         run = runner.run_step(step, trigger, run_id=run_id)
         return {"run": dataclasses.asdict(run), "tables": sorted(committed.tables)}
     finally:

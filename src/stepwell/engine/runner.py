@@ -157,10 +157,14 @@ class Runner:
         listener: RunListener | None = None,
         environ: Mapping[str, str] | None = None,
         sandbox: str | None = None,
+        prompt_logs: bool = False,
     ):
         self.app = app
         self.store = store
         self.listener = listener or NullListener()
+        #: write a run's log lines to the store within ``RunLog.flush_seconds`` even
+        #: when the step prints nothing more (a Ray task: the server reads them there)
+        self.prompt_logs = prompt_logs
         self.environ = dict(os.environ if environ is None else environ)
         #: ``default``, ``strict`` (no network unless a step asks) or ``none``
         self.sandbox = sandbox_mode(sandbox)
@@ -397,7 +401,8 @@ class Runner:
             self.store.create_run(run)
         self.listener.run_started(run)
         redact = Redactor([])
-        log = RunLog(self.store, run.id, redact, lambda line: self.listener.log_line(run, line))
+        log = RunLog(self.store, run.id, redact, lambda line: self.listener.log_line(run, line),
+                     prompt=self.prompt_logs)
         staged = None
         try:
             if problem is not None:
