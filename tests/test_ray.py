@@ -4,6 +4,7 @@ node's fork-server), and the store is a real PostgreSQL database."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -323,3 +324,63 @@ def test_serve_with_the_ray_executor(tmp_path, make_pg_database):
         kept = client.get(f"/api/runs/{sleepy}/logs").json()["lines"]
         assert [line["message"] for line in kept] == ["sleeping"]
     assert server.proc.returncode == 0, server.output()
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """The processes below ``pid``: their command lines, by pid."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                commands[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found[child] = commands.get(child, "")
+        todo += children.get(child, [])
+    return found
+
+
+def test_serve_stops_when_its_ray_cluster_dies(tmp_path, make_pg_database):
+    """The raylet of the server's Ray cluster dies: every run was then recorded
+    `killed` at once while the server went on and said it was fine. It stops, exit 1,
+    saying why; the run that could not start stays queued and the next start runs it."""
+    from serverutil import ServerProcess, wait_run
+
+    url = make_pg_database()
+    app = write_app(tmp_path / "app", {"stepwell.yml": "steps:\n  - {name: s, node: s.py}\n",
+                                       "s.py": "print('ran', flush=True)\n"})  # fmt: skip
+    server = ServerProcess(app, "--executor", "ray", "--store", url, timeout=180)
+    ray_processes: dict[int, str] = {}
+    try:
+        with server.client() as client:
+            first = client.post("/api/runs", json={"step": "s"}).json()["run_id"]
+            assert wait_run(client, first, timeout=120)["status"] == "succeeded_no_data"
+            ray_processes = _descendants(server.proc.pid)
+            (raylet,) = [pid for pid, command in ray_processes.items() if "raylet/raylet" in command]
+            os.kill(raylet, signal.SIGKILL)
+            time.sleep(1)
+            second = client.post("/api/runs", json={"step": "s"}).json()["run_id"]
+        code = server.proc.wait(timeout=60)
+    finally:
+        server.stop()
+        for pid in ray_processes:  # (its workers outlive the raylet)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert code == 1, server.output()
+    assert "error: the Ray cluster's raylet on this machine died" in server.output()
+    store = open_store(url, app)
+    try:
+        assert store.get_run(second).status == "queued"
+    finally:
+        store.close()
+    with ServerProcess(app, "--executor", "ray", "--store", url, timeout=180) as again, \
+            again.client() as client:  # fmt: skip
+        assert wait_run(client, second, timeout=120)["status"] == "succeeded_no_data"
+    assert again.proc.returncode == 0, again.output()

@@ -142,7 +142,8 @@ class RayRunner:
     waits in this process): its webhook gets no answer."""
 
     def __init__(self, app: Any, store: Store, *, store_url: str, listener: Any = None,
-                 environ: Mapping[str, str] | None = None, sandbox: str | None = None) -> None:  # fmt: skip
+                 environ: Mapping[str, str] | None = None, sandbox: str | None = None,
+                 on_cluster_lost: Callable[[str], None] | None = None) -> None:  # fmt: skip
         from stepwell.engine.runner import NullListener, recover_orphans
 
         self.app = app
@@ -161,6 +162,8 @@ class RayRunner:
         #: runs in progress: their task, and why they were cancelled (if they were)
         self._active: dict[str, tuple[Any, list[str]]] = {}
         self._lock = threading.Lock()
+        #: called (with why) when this node's raylet is gone: no task can run any more
+        self.on_cluster_lost = on_cluster_lost
 
     def run_step(self, name: str, trigger: str = "manual", *, run_id: str | None = None,
                  then: str | None = None) -> RunRecord:  # fmt: skip
@@ -175,6 +178,9 @@ class RayRunner:
             seen = _Seen()
             while not self._ray.wait([ref], timeout=_POLL_SECONDS)[0]:
                 self._pass_on(run, seen)
+            lost = self._cluster_lost(ref, run)
+            if lost is not None:
+                return lost
             final, tables = _result(self._ray, ref, run, self.store, next(iter(cancelled), None))
             if not tables and final.rows_out:  # (its task died after a commit point)
                 tables = set(self.app.step(name).output_tables())
@@ -186,6 +192,23 @@ class RayRunner:
         finally:
             with self._lock:
                 self._active.pop(run.id, None)
+
+    def _cluster_lost(self, ref: Any, run: RunRecord) -> RunRecord | None:
+        """When task ``ref`` failed because this node's raylet is gone and its run
+        never started: the run, left ``queued`` for the next server (every later run
+        would fail the same way), after telling ``on_cluster_lost``; else None."""
+        try:
+            self._ray.get(ref, timeout=0)
+            return None
+        except self._ray.exceptions.LocalRayletDiedError as exc:
+            problem = str(exc)
+        except Exception:  # noqa: BLE001 - _result reports it
+            return None
+        recorded = self.store.get_run(run.id)
+        if recorded is None or recorded.status != "queued" or self.on_cluster_lost is None:
+            return None  # it started: it ends killed, as when its worker dies
+        self.on_cluster_lost(f"the Ray cluster's raylet on this machine died ({problem})")
+        return recorded
 
     def _pass_on(self, run: RunRecord, seen: _Seen) -> None:
         """Tell the listener what the task wrote to the store since ``seen``."""

@@ -132,6 +132,8 @@ class Serving:
         self._info_path = state_dir(self.spec.root) / SERVER_FILE
         #: True once this process joined a Ray cluster (``--executor ray``)
         self._left_ray = False
+        #: why the server stopped by itself (the Ray cluster was lost), if it did
+        self._failure: str | None = None
 
     @property
     def rules(self) -> Any:
@@ -231,7 +233,17 @@ class Serving:
             self._left_ray = join_cluster(self.settings.ray_address)
         except RayExecutorError as exc:
             raise ServeError(str(exc)) from None
-        return functools.partial(RayRunner, store_url=self.store_url)
+        return functools.partial(RayRunner, store_url=self.store_url,
+                                 on_cluster_lost=self._cluster_lost)  # fmt: skip
+
+    def _cluster_lost(self, why: str) -> None:
+        """Stop (as on SIGTERM, then exit 1): no run can start any more, and each
+        one triggered would fail. Queued runs stay queued for the next start."""
+        if self._failure is not None or self.server is None:
+            return
+        self._failure = f"{why}; the server stopped (queued runs run after the next start)"
+        self._say(f"stopping: {why}")
+        self.server.handle_exit(signal.SIGTERM, None)
 
     def _ui_line(self, token: str, shown: bool, auth_required: bool, token_path: Path) -> str:
         """Where the web UI is. With a token required, the address carries it in
@@ -322,6 +334,8 @@ class Serving:
             self._cleanup()
         if not self._ready.is_set():
             raise ServeError("the server did not start; see the messages above")
+        if self._failure is not None:
+            raise ServeError(self._failure)
         self._say("stepwell server stopped")
 
     def start_in_thread(self, timeout: float = 60.0) -> str:
