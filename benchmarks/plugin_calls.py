@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -98,7 +99,7 @@ def bench_events(app: Path, events: int, require_ack: bool) -> float:
         yaml.write_text(yaml.read_text() + f"bench:\n  count: {events}\n  interval: 0\n")
     store = open_store(f"duckdb:///{app}/events-{require_ack}.duckdb", app)
     engine = RuleEngine(app, store, manager=PluginManager(app, processes=1))
-    out = app / f"sink-{require_ack}.txt"
+    out = app / "sinks" / f"sink-{require_ack}.txt"
     try:
         engine.add_stream(parse_stream(
             'CREATE STREAM ev () WITH (TYPE="counter", DATASOURCE="b", CONF_KEY="bench")'))
@@ -127,6 +128,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="swbench-", dir="/tmp") as tmp:
         app = Path(tmp)
         (app / "stepwell.yml").write_text("title: bench\n")
+        # the sink writes its file from the plugin's sandbox (as its user): a folder
+        # it may write to
+        (app / "sinks").mkdir()
+        for folder in (app, app / "sinks"):
+            folder.chmod(0o777 if folder.name == "sinks" else 0o755)
+        os.environ["STEPWELL_PLUGIN_WRITE_PATHS"] = str(app / "sinks")
         install_plugin(app, PLUGIN)
         direct = bench_direct(args.calls)
         print(f"direct in-process call: {direct:,.0f} calls/s")

@@ -228,3 +228,12 @@ def host_message_queue() -> Iterator[tuple[str, str]]:
         os.rmdir(mount_point)
         os.close(fd)
         rt.mq_unlink(name)
+
+
+@pytest.fixture
+def sinks_write_to_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Let plugin processes (the test plugin's file sink) write to ``tmp_path``: they
+    run in the run sandbox, as its user, where the host's folders are read-only."""
+    tmp_path.chmod(0o777)
+    monkeypatch.setenv("STEPWELL_PLUGIN_WRITE_PATHS", str(tmp_path))
+    return tmp_path

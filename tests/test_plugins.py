@@ -30,7 +30,8 @@ from stepwell.runtimes.plugin.channels import FunctionCallError, SinkRefused, me
 from stepwell.runtimes.plugin.manifest import ManifestError, parse_manifest
 from stepwell.runtimes.plugin.process import namespaces_available
 
-pytestmark = pytest.mark.timeout(120)
+# (the test plugin's file sink writes to tmp_path)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("sinks_write_to_tmp_path")]
 
 
 @pytest.fixture
@@ -174,6 +175,33 @@ def test_plugin_processes_get_none_of_the_hosts_secrets(manager: PluginManager, 
     seen = manager.function_pool("whoami").exec([0], CTX)
     assert "STEPWELL_STORE" not in seen["env"] and "STEPWELL_SECRET_TOKEN" not in seen["env"]
     assert "PATH" in seen["env"] and seen["home"] == "/tmp"
+
+
+@pytest.mark.skipif(not namespaces_available(), reason="needs user/mount namespaces")
+def test_plugin_processes_run_in_the_run_sandbox(manager: PluginManager, app_dir: Path,
+                                                 tmp_path: Path, monkeypatch) -> None:  # fmt: skip
+    """A plugin process runs as a run does: as the sandbox user (when the host is
+    root), without capabilities, under seccomp, and the app's .stepwell shows it
+    only the plugins (it read the store, the secrets and the token); it writes
+    only to its /tmp and the folders of STEPWELL_PLUGIN_WRITE_PATHS."""
+    (app_dir / ".stepwell" / "secrets.toml").write_text('key = "s3cret"\n')
+    out = tmp_path / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    monkeypatch.setenv("STEPWELL_PLUGIN_WRITE_PATHS", str(out))
+    who = manager.function_pool("whoami")
+    tries = [str(app_dir / "planted.py"), str(out / "sink.txt"), "/tmp/scratch"]
+    seen = who.exec([0, *tries], CTX)
+    assert seen["app_state"] == ["plugins"], seen["app_state"]
+    assert seen["wrote"][tries[0]] in ("Read-only file system", "Permission denied"), seen["wrote"]
+    assert seen["wrote"][tries[1]] == seen["wrote"][tries[2]] == "ok", seen["wrote"]
+    assert not (app_dir / "planted.py").exists() and (out / "sink.txt").read_text() == "planted"
+    status = Path(f"/proc/{seen['pid']}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert fields["CapEff"].strip() == "0000000000000000" and fields["Seccomp"].strip() == "2"
+    if os.geteuid() == 0:
+        assert fields["Uid"].split()[0] == "65534", fields["Uid"]
+    assert manager.function_pool("revstr").exec(["abc"], CTX) == "cba"
 
 
 def test_function_context_reaches_plugin(manager: PluginManager) -> None:

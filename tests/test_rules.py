@@ -18,7 +18,8 @@ from stepwell.streams import RuleEngine, RuleError, StreamError
 from stepwell.streams.parser import WindowSpec, compile_rule, parse_rule, parse_stream
 from stepwell.streams.windows import Event, make_windower
 
-pytestmark = pytest.mark.timeout(120)
+# (the test plugin's file sink writes to tmp_path)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("sinks_write_to_tmp_path")]
 
 T0 = 1_700_000_000_000  # aligned to 10 s
 

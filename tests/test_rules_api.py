@@ -16,7 +16,8 @@ from stepwell.cli import app as cli_app
 from stepwell.server.client import ServerClient
 from stepwell.store import open_store
 
-pytestmark = pytest.mark.timeout(180)
+# (the test plugin's file sink writes to tmp_path)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("sinks_write_to_tmp_path")]
 
 
 def _readings(n: int, start: int = 0) -> list[dict]:

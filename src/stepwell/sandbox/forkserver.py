@@ -153,7 +153,7 @@ class Spare:
     view_key: tuple | None = None
 
 
-def _sandbox_identity(own_user_namespace: bool) -> tuple[int | None, int | None]:
+def sandbox_identity(own_user_namespace: bool) -> tuple[int | None, int | None]:
     """The (uid, gid) sandboxes run as: an unprivileged user when we are root (of
     the host, not of a user namespace of our own, where only our uid exists)."""
     if os.geteuid() != 0 or own_user_namespace:
@@ -168,7 +168,7 @@ def _sandbox_identity(own_user_namespace: bool) -> tuple[int | None, int | None]
         return 65534, 65534
 
 
-def _base_read_paths() -> list[str]:
+def base_read_paths() -> list[str]:
     """Folders a worker reads: the interpreter's prefixes and sys.path."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     paths.update(p for p in sys.path if p)
@@ -222,9 +222,9 @@ class ForkServer:
         self.private_paths = list(private_paths or [])
         self.selector = selectors.DefaultSelector()
         self.runs: dict[int, Run] = {}
-        self.uid, self.gid = _sandbox_identity(own_user_namespace)
+        self.uid, self.gid = sandbox_identity(own_user_namespace)
         self.own_user_namespace = own_user_namespace
-        self.base_paths = _base_read_paths()
+        self.base_paths = base_read_paths()
         self.base_traversable = traversable_ancestors(self.base_paths, self.uid, self.gid)
         self.base_dir = tempfile.mkdtemp(prefix=f"stepwell-fs-{os.getpid()}-")
         os.chmod(self.base_dir, 0o711)

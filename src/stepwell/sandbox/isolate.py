@@ -474,8 +474,16 @@ def enter_sandbox(
         view = prepare_view(plan)
     else:
         plan.notes.extend(n for n in view.notes if n not in plan.notes)
+    return confine(plan, view)
+
+
+def confine(plan: ChildPlan, view: PreparedView) -> list[str]:
+    """Steps 4-7, once the view is built (``prepare_view``): network, rlimits, the
+    user namespace, the process limit, capabilities and seccomp; then the working
+    folder and environment. Returns the notes (features the kernel refused)."""
     global own_ipc_namespace
     own_ipc_namespace = view.own_ipc
+    spec = plan.spec
     if not spec.network:
         _unshare_namespaces(plan, ["net"])
     _apply_rlimits(plan)

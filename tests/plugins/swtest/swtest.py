@@ -151,8 +151,18 @@ class WhoAmI(Function):
     def exec(self, args: list[Any], ctx: Context) -> Any:
         if args and args[0]:
             time.sleep(float(args[0]))
+        state = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+        wrote = {}
+        for path in args[1:]:  # files to try to write (sandbox tests)
+            try:
+                with open(path, "w") as out:
+                    out.write("planted")
+                wrote[path] = "ok"
+            except OSError as exc:
+                wrote[path] = exc.strerror
         return {"pid": os.getpid(), "rule": ctx.get_rule_id(), "env": sorted(os.environ),
-                "home": os.environ.get("HOME")}
+                "home": os.environ.get("HOME"), "app_state": sorted(os.listdir(state)),
+                "wrote": wrote}
 
     def is_aggregate(self) -> bool:
         return False

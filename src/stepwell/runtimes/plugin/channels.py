@@ -98,7 +98,7 @@ class SourceChannel:
 
     def start(self) -> None:
         self._sock = _socket(pynng.Pull0, 500)
-        self._sock.listen(self.process.url(f"{_stem(self.meta)}.ipc"))
+        self.process.listen(self._sock, f"{_stem(self.meta)}.ipc")
         self._thread = threading.Thread(target=self._read, name=f"source-{self.key}", daemon=True)
         self._thread.start()
         config = {**self.config, "datasource": self.datasource}
@@ -193,7 +193,7 @@ class SinkChannel:
 
     def start(self) -> None:
         self._ack = _socket(pynng.Pull0, 500)
-        self._ack.listen(self.process.url(f"{_stem(self.meta)}_ack.ipc"))
+        self.process.listen(self._ack, f"{_stem(self.meta)}_ack.ipc")
         ctrl = control_arg(self.symbol, "sink", self.meta, self.config)
         try:
             self.process.command("start", ctrl, remember=self.key)
@@ -374,7 +374,7 @@ class FunctionChannel:
         #: the key its start command is remembered by (replayed after a crash)
         self.key = f"func_{symbol}"
         self._sock = _socket(pynng.Rep0, 500)
-        self._sock.listen(process.url(f"func_{symbol}.ipc"))
+        process.listen(self._sock, f"func_{symbol}.ipc")
         self._lock = threading.Lock()
         ctrl = control_arg(symbol, "func", meta("", "", 0))
         process.command("start", ctrl, remember=self.key)

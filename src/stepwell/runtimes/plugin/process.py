@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +44,7 @@ import pynng
 
 from stepwell.runtimes.plugin.install import InstalledPlugin
 from stepwell.sandbox.launcher import sandbox_environment
+from stepwell.sandbox.policy import sandbox_mode
 
 __all__ = [
     "PluginError",
@@ -251,10 +253,20 @@ def control_arg(
     return ctrl
 
 
-def _listen(url: str, kind: type[pynng.Socket]) -> pynng.Socket:
+#: Host folders (separated by ``:``) plugin processes may write to, besides their
+#: private /tmp (a file sink's output folder); the sandbox user must be allowed to.
+WRITE_PATHS_ENV = "STEPWELL_PLUGIN_WRITE_PATHS"
+
+
+def plugin_write_paths() -> list[str]:
+    """The existing folders of ``$STEPWELL_PLUGIN_WRITE_PATHS``, resolved."""
+    paths = os.environ.get(WRITE_PATHS_ENV, "").split(":")
+    return sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
+
+
+def _socket(kind: type[pynng.Socket]) -> pynng.Socket:
     sock = kind(recv_timeout=int(_POLL * 1000), send_timeout=5000)
     sock.recv_max_size = 0
-    sock.listen(url)
     return sock
 
 
@@ -276,6 +288,11 @@ class PluginProcess:
         self.index = next(_process_ids)
         self.private = namespaces_available() if private_tmp is None else private_tmp
         self.folder = tempfile.mkdtemp(prefix="swp-", dir="/tmp") if self.private else "/tmp"
+        #: started in the run sandbox (``sandbox.confine``) rather than with a private
+        #: /tmp alone (``STEPWELL_SANDBOX=none`` turns the sandbox off, for debugging)
+        self.confined = self.private and sandbox_mode() != "none"
+        if self.confined:
+            self._give_folder_to_sandbox_user()
         self.generation = 0
         #: times it was started again (after a crash or a kill by the host)
         self.restarts = 0
@@ -292,12 +309,29 @@ class PluginProcess:
         self._started: dict[str, bytes] = {}  # key -> start command, replayed after a crash
         self._stopping = False
         self._ready = threading.Event()
-        self._ctrl = _listen(self.url(f"plugin_{plugin.name}.ipc"), pynng.Rep0)
+        self._ctrl = _socket(pynng.Rep0)
+        self.listen(self._ctrl, f"plugin_{plugin.name}.ipc")
         self._watchdog: threading.Thread | None = None
+
+    def _give_folder_to_sandbox_user(self) -> None:
+        """The private /tmp belongs to the user the sandbox runs as (when the host is
+        root), who must reach the host's sockets in it and may write files there."""
+        from stepwell.sandbox.forkserver import sandbox_identity
+
+        uid, gid = sandbox_identity(own_user_namespace=False)
+        if uid is not None:
+            os.chown(self.folder, uid, gid if gid is not None else -1)
 
     # -- urls
     def url(self, filename: str) -> str:
         return f"ipc://{self.folder}/{filename}"
+
+    def listen(self, sock: pynng.Socket, filename: str) -> None:
+        """Listen on socket file ``filename`` of the private /tmp; a confined process
+        (another user) may connect to it."""
+        sock.listen(self.url(filename))
+        if self.confined:
+            os.chmod(os.path.join(self.folder, filename), 0o666)
 
     @property
     def pid(self) -> int | None:
@@ -329,13 +363,20 @@ class PluginProcess:
 
     def _spawn(self) -> None:
         argv = self.plugin.argv()
+        cwd = str((self.plugin.path / self.plugin.executable).parent)
         keep = _tmp_entries([argv[0], str(self.plugin.path)])
-        preexec = _private_tmp_preexec(self.folder, keep) if self.private else os.setsid
+        env = sandbox_environment(None, "/tmp")  # (the host's secrets stay with it)
+        if not self.private:
+            command, preexec = argv, os.setsid
+        elif self.confined:
+            command, preexec = self._confined(argv, cwd, env, keep), os.setsid
+        else:
+            command, preexec = argv, _private_tmp_preexec(self.folder, keep)
         try:
             self._proc = subprocess.Popen(
-                argv,
-                cwd=str((self.plugin.path / self.plugin.executable).parent),
-                env=sandbox_environment(None, "/tmp"),  # (the host's secrets stay with it)
+                command,
+                cwd=cwd,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -348,6 +389,23 @@ class PluginProcess:
             target=self._pump, args=(self._proc,), name=f"plugin-{self.plugin.name}-out", daemon=True
         )
         self._pump_thread.start()
+
+    def _confined(self, argv: list[str], cwd: str, env: dict[str, str], keep: list[str]) -> list[str]:
+        """The command that starts ``argv`` in the run sandbox (``sandbox.confine``):
+        it may read its interpreter, its environment and its plugin folder; the rest
+        of the app's ``.stepwell`` (the store, secrets, token) it does not see."""
+        interpreter = Path(argv[0])
+        read_paths = {os.path.realpath(p) for p in (self.plugin.path, interpreter.parent.parent,
+                                                     Path(os.path.realpath(interpreter)).parent.parent)}  # fmt: skip
+        writable = plugin_write_paths()
+        state = self.plugin.path.parent.parent  # APP/.stepwell (plugins/<name> in it)
+        hide = [os.path.realpath(state)] if state.name == ".stepwell" else []
+        keep = sorted({*keep, *_tmp_entries(writable)})
+        for name in keep:  # mount points for them in the private /tmp
+            os.makedirs(os.path.join(self.folder, name), exist_ok=True)
+        job = {"argv": argv, "cwd": cwd, "env": env, "tmp_folder": self.folder, "keep": keep,
+               "read_paths": sorted(read_paths), "write_paths": writable, "hide_paths": hide}  # fmt: skip
+        return [sys.executable, "-I", "-m", "stepwell.sandbox.confine", json.dumps(job)]
 
     def _read_all_output(self, timeout: float = 1.0) -> None:
         """Wait (briefly) until what the dead process printed has been read."""

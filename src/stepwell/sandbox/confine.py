@@ -1,0 +1,116 @@
+"""A long-lived program in the run sandbox: ``python -I -m stepwell.sandbox.confine JOB``.
+
+eKuiper plugin processes are programs of their own (the plugin's interpreter and
+main file), started and restarted by the host, not forks of the fork-server.
+This launcher, started in their place, builds the same sandbox a run gets
+(``isolate.prepare_view`` and ``isolate.confine``: mount and IPC namespaces, the
+read-only view in which only the paths the program needs reappear, rlimits, the
+sandbox user in a user namespace of its own, no capabilities, seccomp) and then
+executes the program, which keeps its pid, pipes and session. What differs from
+a run: its ``/tmp`` is the host folder ``tmp_folder`` (the SDK's sockets live
+there, the host listening on the same files), with the top-level ``/tmp``
+entries named in ``keep`` (an app or environment under ``/tmp``) inside it; it
+keeps the network; and it has no PID namespace nor time limit.
+
+It may also write to the host folders ``write_paths`` (a file sink's output
+folder, say). ``JOB`` is JSON: ``{"argv", "cwd", "env", "tmp_folder", "keep",
+"read_paths", "write_paths", "hide_paths"}``. Isolation the kernel refuses is reported on stderr, which the
+host logs, and the program runs with what is available.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from stepwell.sandbox import linux
+from stepwell.sandbox.forkserver import base_read_paths, private_folders, sandbox_identity
+from stepwell.sandbox.isolate import (
+    ChildPlan,
+    PreparedView,
+    confine,
+    prepare_view,
+    traversable_ancestors,
+)
+from stepwell.sandbox.policy import DEFAULT_PROCESSES, SANDBOX_TMP, SandboxSpec
+
+
+def plan_for(job: dict[str, Any]) -> ChildPlan:
+    """The sandbox of ``job``: as a run's, with its own read and hidden folders."""
+    spec = SandboxSpec(cwd=job["cwd"], env=dict(job["env"]),
+                       read_paths=[job["tmp_folder"], *job["read_paths"], *job["write_paths"]],
+                       processes=DEFAULT_PROCESSES)  # fmt: skip
+    uid, gid = sandbox_identity(own_user_namespace=False)
+    base = base_read_paths()
+    return ChildPlan(spec, job["tmp_folder"], uid, gid, base, pidns=False,
+                     private_paths=private_folders(),
+                     base_traversable=traversable_ancestors(base, uid, gid))  # fmt: skip
+
+
+def _tmp_is_the_folder(view: PreparedView, folder: str, keep: list[str]) -> None:
+    """Make the view's ``/tmp`` the host folder ``folder`` (seen in the view at its
+    own path under ``/tmp``), writable, with the ``keep`` entries of the view's
+    ``/tmp`` mounted inside it first."""
+    if view.tmp_inside != SANDBOX_TMP:  # (no mount namespace: /tmp is the host's)
+        return
+    for name in keep:
+        linux.mount(os.path.join(SANDBOX_TMP, name), os.path.join(folder, name), None,
+                    linux.MS_BIND | linux.MS_REC)  # fmt: skip
+    linux.mount(folder, SANDBOX_TMP, None, linux.MS_BIND | linux.MS_REC)
+    linux.mount_setattr(SANDBOX_TMP, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV,
+                        attr_clr=linux.MOUNT_ATTR_RDONLY)  # fmt: skip
+
+
+def _writable(view: PreparedView, paths: list[str]) -> None:
+    """Make the folders ``paths`` writable in the view (each its own mount first, so
+    that only it changes)."""
+    if view.tmp_inside != SANDBOX_TMP:
+        return
+    for path in paths:
+        linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+        linux.mount_setattr(path, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV,
+                            attr_clr=linux.MOUNT_ATTR_RDONLY)  # fmt: skip
+
+
+def _hide(view: PreparedView, folders: list[str], shown: list[str]) -> None:
+    """Cover each of ``folders`` with an empty read-only file system in memory, in
+    which only the folders of ``shown`` inside it appear (a plugin's own folder in
+    the app's .stepwell, which also holds the store, its secrets and token)."""
+    if view.tmp_inside != SANDBOX_TMP:
+        return
+    for folder in folders:
+        inside = [p for p in shown if p.startswith(folder.rstrip("/") + "/")]
+        clones = [(p, linux.open_tree(p, linux.OPEN_TREE_CLONE | linux.AT_RECURSIVE)) for p in inside]
+        linux.mount("tmpfs", folder, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4k,mode=0755")
+        for path, fd in clones:
+            os.makedirs(path, 0o755, exist_ok=True)
+            linux.move_mount_fd(fd, path)
+            os.close(fd)
+        linux.mount_setattr(folder, linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID)
+
+
+def main(argv: list[str] | None = None) -> None:
+    job = json.loads((sys.argv[1:] if argv is None else argv)[0])
+    plan = plan_for(job)
+    try:
+        view = prepare_view(plan)
+        _tmp_is_the_folder(view, job["tmp_folder"], list(job["keep"]))
+        _writable(view, list(job["write_paths"]))
+        _hide(view, list(job["hide_paths"]), list(job["read_paths"]))
+        notes = confine(plan, view)
+    except Exception as exc:  # never run the program in a half-built sandbox
+        print(f"[stepwell] sandbox: could not be set up for {job['argv'][-2]}: {exc} "
+              "(STEPWELL_SANDBOX=none starts plugin processes without it)", file=sys.stderr)
+        raise SystemExit(70) from None
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
+    # a run's worker dies with the fork-server; this program's parent is a thread of
+    # the host, which may end long before the program should
+    linux.prctl(linux.PR_SET_PDEATHSIG, 0)
+    os.execve(job["argv"][0], job["argv"], dict(os.environ))
+
+
+if __name__ == "__main__":
+    main()
