@@ -11,6 +11,7 @@ scrubbed environment, and hidden folders stay hidden.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -38,6 +39,7 @@ pytestmark = [
 ]
 
 PROBE = """
+import json
 import os
 from patterns import Table
 
@@ -163,3 +165,32 @@ def test_a_sandbox_started_by_an_ordinary_user_is_isolated(open_tmp):
         assert seen["pid"] == 2 and set(seen["pids"].split(",")) <= {"1", "2"}  # no host process
     else:  # the kernel refuses user namespaces to ordinary users here: the log says so
         assert any("namespace unavailable" in line for line in notes), notes
+
+
+def test_a_plugin_process_started_by_an_ordinary_user_is_confined(open_tmp):
+    """`sandbox.confine` (how eKuiper plugin processes start) run by an ordinary
+    user: the program runs without capabilities, under seccomp, with the host
+    folder it was given as its /tmp (the SDK's sockets are there), and the rest of
+    the filesystem read-only."""
+    folder = open_tmp / "plugin-tmp"
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    (open_tmp / "stage").mkdir()
+    (open_tmp / "stage2").mkdir()
+    if not _user_namespaces_allowed(open_tmp / "stage2"):
+        pytest.skip("the kernel refuses user namespaces to ordinary users here")
+    probe = ("echo planted > /tmp/note && ls /tmp; grep -E '^(CapEff|Seccomp):' /proc/self/status; "
+             f"touch {shlex.quote(str(open_tmp))}/outside || echo read-only")  # fmt: skip
+    job = {"argv": ["/bin/sh", "-c", probe, "plugin.py", "{}"], "cwd": "/",
+           "env": {"PATH": "/usr/bin:/bin"}, "tmp_folder": str(folder), "keep": [],
+           "read_paths": [], "write_paths": [], "hide_paths": []}  # fmt: skip
+    command = [sys.executable, "-I", "-m", "stepwell.sandbox.confine", json.dumps(job)]
+    result = subprocess.run(_as_nobody(command, open_tmp / "stage"), capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.split()
+    assert "note" in lines and "read-only" in lines, result.stdout
+    assert "CapEff:" in lines and lines[lines.index("CapEff:") + 1] == "0000000000000000"
+    assert lines[lines.index("Seccomp:") + 1] == "2"
+    assert (folder / "note").read_text() == "planted\n" and (folder / "note").stat().st_uid == NOBODY
+    assert not (open_tmp / "outside").exists()
