@@ -31,6 +31,7 @@ from stepwell.runtimes.plugin.process import (
     PluginError,
     PluginProcess,
     control_arg,
+    nng_socket,
     request_reply,
 )
 
@@ -68,12 +69,6 @@ def _stem(m: dict[str, Any]) -> str:
     return f"{m['ruleId']}_{m['opId']}_{m['instanceId']}"
 
 
-def _socket(kind: type[pynng.Socket], timeout_ms: int) -> pynng.Socket:
-    sock = kind(recv_timeout=timeout_ms, send_timeout=5000)
-    sock.recv_max_size = 0
-    return sock
-
-
 class SourceChannel:
     """A running source symbol: messages arrive on a reader thread."""
 
@@ -97,7 +92,7 @@ class SourceChannel:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._sock = _socket(pynng.Pull0, 500)
+        self._sock = nng_socket(pynng.Pull0, 500)
         self.process.listen(self._sock, f"{_stem(self.meta)}.ipc")
         self._thread = threading.Thread(target=self._read, name=f"source-{self.key}", daemon=True)
         self._thread.start()
@@ -192,12 +187,12 @@ class SinkChannel:
         return f"sink {self.symbol!r} (plugin {self.process.plugin.name!r})"
 
     def start(self) -> None:
-        self._ack = _socket(pynng.Pull0, 500)
+        self._ack = nng_socket(pynng.Pull0, 500)
         self.process.listen(self._ack, f"{_stem(self.meta)}_ack.ipc")
         ctrl = control_arg(self.symbol, "sink", self.meta, self.config)
         try:
             self.process.command("start", ctrl, remember=self.key)
-            self._push = _socket(pynng.Push0, 500)
+            self._push = nng_socket(pynng.Push0, 500)
             self._push.send_timeout = 500  # (polls for interrupt() while the sink is full)
             self._push.reconnect_time_min, self._push.reconnect_time_max = 20, 200
             self._push.add_post_pipe_remove_cb(self._on_pipe_lost)
@@ -373,7 +368,7 @@ class FunctionChannel:
         self.process, self.symbol = process, symbol
         #: the key its start command is remembered by (replayed after a crash)
         self.key = f"func_{symbol}"
-        self._sock = _socket(pynng.Rep0, 500)
+        self._sock = nng_socket(pynng.Rep0, 500)
         process.listen(self._sock, f"func_{symbol}.ipc")
         self._lock = threading.Lock()
         ctrl = control_arg(symbol, "func", meta("", "", 0))

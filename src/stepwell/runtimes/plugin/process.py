@@ -264,8 +264,10 @@ def plugin_write_paths() -> list[str]:
     return sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
 
 
-def _socket(kind: type[pynng.Socket]) -> pynng.Socket:
-    sock = kind(recv_timeout=int(_POLL * 1000), send_timeout=5000)
+def nng_socket(kind: type[pynng.Socket], timeout_ms: int = int(_POLL * 1000)) -> pynng.Socket:
+    """A socket of ``kind`` for the plugin protocol: receives wait ``timeout_ms``,
+    sends 5 s, and messages have no size limit."""
+    sock = kind(recv_timeout=timeout_ms, send_timeout=5000)
     sock.recv_max_size = 0
     return sock
 
@@ -309,7 +311,7 @@ class PluginProcess:
         self._started: dict[str, bytes] = {}  # key -> start command, replayed after a crash
         self._stopping = False
         self._ready = threading.Event()
-        self._ctrl = _socket(pynng.Rep0)
+        self._ctrl = nng_socket(pynng.Rep0)
         self.listen(self._ctrl, f"plugin_{plugin.name}.ipc")
         self._watchdog: threading.Thread | None = None
 
