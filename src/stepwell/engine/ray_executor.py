@@ -125,6 +125,16 @@ def _step_task(ray: Any) -> Any:
     return ray.remote(run_step_task).options(num_cpus=1, max_retries=0)
 
 
+def _submit(task: Any, app_root: Path, store_url: str, step: str, trigger: str,
+            secrets: dict[str, str], sandbox: str | None,
+            run_id: str | None = None) -> tuple[RunRecord, Any]:  # fmt: skip
+    """Start a run of ``step`` as Ray task ``task``: the run as it stands, and the
+    task. The id is made here, so that the run can be closed if its task dies."""
+    run = RunRecord(id=run_id or ids.new_id(), step=step, status="running", trigger=trigger,
+                    started_at=dt.datetime.now(dt.UTC))  # fmt: skip
+    return run, task.remote(str(app_root), store_url, step, trigger, run.id, secrets, sandbox)
+
+
 def _secrets(environ: Mapping[str, str]) -> dict[str, str]:
     """What of an environment travels with the tasks: the secrets."""
     return {k: v for k, v in environ.items() if k.startswith(_SECRET_PREFIX)}
@@ -167,10 +177,8 @@ class RayRunner:
 
     def run_step(self, name: str, trigger: str = "manual", *, run_id: str | None = None,
                  then: str | None = None) -> RunRecord:  # fmt: skip
-        run = RunRecord(id=run_id or ids.new_id(), step=name, status="running", trigger=trigger,
-                        started_at=dt.datetime.now(dt.UTC))  # fmt: skip
-        ref = self._task.remote(str(self.app.root), self.store_url, name, trigger, run.id,
-                                self.secrets, self.sandbox)  # fmt: skip
+        run, ref = _submit(self._task, self.app.root, self.store_url, name, trigger, self.secrets,
+                           self.sandbox, run_id)  # fmt: skip
         cancelled: list[str] = []
         with self._lock:
             self._active[run.id] = (ref, cancelled)
@@ -297,10 +305,7 @@ def _run_steps(spec: Any, store: Store, store_url: str, names: Sequence[str], ad
         runs: list[RunRecord] = []
 
         def submit(name: str, trigger: str) -> None:
-            # the id is made here, so that the run can be closed if its task dies
-            run = RunRecord(id=ids.new_id(), step=name, status="running", trigger=trigger,
-                            started_at=dt.datetime.now(dt.UTC))  # fmt: skip
-            ref = task.remote(str(spec.root), store_url, name, trigger, run.id, secrets, sandbox)
+            run, ref = _submit(task, spec.root, store_url, name, trigger, secrets, sandbox)
             running[ref] = run
             if listener is not None:
                 listener.run_started(run)
