@@ -199,23 +199,15 @@ def _report_interrupted(runs: list[Any], note: str = "") -> None:
 
 def _run_on_ray(app_path: str, steps: list[str] | None, store: str | None,
                 address: str | None, sandbox: str | None) -> None:  # fmt: skip
-    import threading
-
-    from stepwell.cli_backend import on_ctrl_c
+    from stepwell.cli_backend import interrupt_event
     from stepwell.cli_progress import RunProgress
     from stepwell.engine.app_run import select_steps
     from stepwell.engine.ray_executor import RayExecutorError, run_steps_on_ray
 
     spec = _load(app_path)
     names = select_steps(spec, steps)
-    interrupted = threading.Event()
-
-    def on_interrupt(_signum: int, _frame: Any) -> None:  # (a second Ctrl-C: leave now)
-        if interrupted.is_set():
-            raise KeyboardInterrupt
-        interrupted.set()
-
-    with RunProgress(_console(), total_steps=len(names)) as progress, on_ctrl_c(on_interrupt):
+    # (run_steps_on_ray cancels the runs in progress once it sees the event)
+    with RunProgress(_console(), total_steps=len(names)) as progress, interrupt_event() as interrupted:
         try:
             runs = run_steps_on_ray(spec, store or spec.store or "", names, address=address,
                                     listener=progress, sandbox=sandbox, stop=interrupted.is_set)  # fmt: skip

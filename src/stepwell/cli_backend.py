@@ -12,8 +12,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -120,22 +120,32 @@ def on_ctrl_c(handler: Any) -> Iterator[None]:
 
 
 @contextmanager
-def _interrupt_cancels(runner: Any) -> Iterator[threading.Event]:
-    """While the block runs, Ctrl-C cancels the run in progress (its worker is
-    killed, its work since the last commit point rolled back and the run recorded
-    ``cancelled``) and sets the event, so that no later step starts. A second
-    Ctrl-C raises KeyboardInterrupt at once."""
+def interrupt_event(on_first: Callable[[], None] | None = None) -> Iterator[threading.Event]:
+    """While the block runs, the first Ctrl-C sets the event it gives (and calls
+    ``on_first``); a second raises KeyboardInterrupt at once."""
     interrupted = threading.Event()
 
     def on_interrupt(_signum: int, _frame: Any) -> None:
         if interrupted.is_set():
             raise KeyboardInterrupt
         interrupted.set()
-        for run_id in runner.active_runs():
-            runner.cancel(run_id, "interrupted (Ctrl-C)")
+        if on_first is not None:
+            on_first()
 
     with on_ctrl_c(on_interrupt):
         yield interrupted
+
+
+def _interrupt_cancels(runner: Any) -> AbstractContextManager[threading.Event]:
+    """``interrupt_event`` whose Ctrl-C cancels the run in progress (its worker is
+    killed, its work since the last commit point rolled back and the run recorded
+    ``cancelled``), and whose event says no later step may start."""
+
+    def cancel_active() -> None:
+        for run_id in runner.active_runs():
+            runner.cancel(run_id, "interrupted (Ctrl-C)")
+
+    return interrupt_event(cancel_active)
 
 
 class RemoteBackend:
