@@ -14,8 +14,9 @@ keeps the network; and it has no PID namespace nor time limit.
 
 It may also write to the host folders ``write_paths`` (a file sink's output
 folder, say). ``JOB`` is JSON: ``{"argv", "cwd", "env", "tmp_folder", "keep",
-"read_paths", "write_paths", "hide_paths"}``. Isolation the kernel refuses is reported on stderr, which the
-host logs, and the program runs with what is available.
+"read_paths", "write_paths", "hide_paths"}``. Isolation the kernel refuses is
+reported on stderr, which the host logs, and the program runs with what is
+available.
 """
 
 from __future__ import annotations
@@ -27,13 +28,7 @@ from typing import Any
 
 from stepwell.sandbox import linux
 from stepwell.sandbox.forkserver import base_read_paths, private_folders, sandbox_identity
-from stepwell.sandbox.isolate import (
-    ChildPlan,
-    PreparedView,
-    confine,
-    prepare_view,
-    traversable_ancestors,
-)
+from stepwell.sandbox.isolate import ChildPlan, confine, prepare_view, traversable_ancestors
 from stepwell.sandbox.policy import DEFAULT_PROCESSES, SANDBOX_TMP, SandboxSpec
 
 
@@ -49,37 +44,28 @@ def plan_for(job: dict[str, Any]) -> ChildPlan:
                      base_traversable=traversable_ancestors(base, uid, gid))  # fmt: skip
 
 
-def _tmp_is_the_folder(view: PreparedView, folder: str, keep: list[str]) -> None:
-    """Make the view's ``/tmp`` the host folder ``folder`` (seen in the view at its
-    own path under ``/tmp``), writable, with the ``keep`` entries of the view's
-    ``/tmp`` mounted inside it first."""
-    if view.tmp_inside != SANDBOX_TMP:  # (no mount namespace: /tmp is the host's)
-        return
-    for name in keep:
-        linux.mount(os.path.join(SANDBOX_TMP, name), os.path.join(folder, name), None,
-                    linux.MS_BIND | linux.MS_REC)  # fmt: skip
-    linux.mount(folder, SANDBOX_TMP, None, linux.MS_BIND | linux.MS_REC)
-    linux.mount_setattr(SANDBOX_TMP, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV,
+def _bind_writable(source: str, target: str) -> None:
+    """Mount ``source`` on ``target`` (a mount of its own, so that only it changes)
+    and make it writable."""
+    linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
+    linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV,
                         attr_clr=linux.MOUNT_ATTR_RDONLY)  # fmt: skip
 
 
-def _writable(view: PreparedView, paths: list[str]) -> None:
-    """Make the folders ``paths`` writable in the view (each its own mount first, so
-    that only it changes)."""
-    if view.tmp_inside != SANDBOX_TMP:
-        return
-    for path in paths:
-        linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
-        linux.mount_setattr(path, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV,
-                            attr_clr=linux.MOUNT_ATTR_RDONLY)  # fmt: skip
+def _tmp_is_the_folder(folder: str, keep: list[str]) -> None:
+    """Make the view's ``/tmp`` the host folder ``folder`` (seen in the view at its
+    own path under ``/tmp``), writable, with the ``keep`` entries of the view's
+    ``/tmp`` mounted inside it first."""
+    for name in keep:
+        linux.mount(os.path.join(SANDBOX_TMP, name), os.path.join(folder, name), None,
+                    linux.MS_BIND | linux.MS_REC)  # fmt: skip
+    _bind_writable(folder, SANDBOX_TMP)
 
 
-def _hide(view: PreparedView, folders: list[str], shown: list[str]) -> None:
+def _hide(folders: list[str], shown: list[str]) -> None:
     """Cover each of ``folders`` with an empty read-only file system in memory, in
     which only the folders of ``shown`` inside it appear (a plugin's own folder in
     the app's .stepwell, which also holds the store, its secrets and token)."""
-    if view.tmp_inside != SANDBOX_TMP:
-        return
     for folder in folders:
         inside = [p for p in shown if p.startswith(folder.rstrip("/") + "/")]
         clones = [(p, linux.open_tree(p, linux.OPEN_TREE_CLONE | linux.AT_RECURSIVE)) for p in inside]
@@ -96,9 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     plan = plan_for(job)
     try:
         view = prepare_view(plan)
-        _tmp_is_the_folder(view, job["tmp_folder"], list(job["keep"]))
-        _writable(view, list(job["write_paths"]))
-        _hide(view, list(job["hide_paths"]), list(job["read_paths"]))
+        if view.tmp_inside == SANDBOX_TMP:  # (else no mount namespace: the host's /tmp)
+            _tmp_is_the_folder(job["tmp_folder"], list(job["keep"]))
+            for path in job["write_paths"]:
+                _bind_writable(path, path)
+            _hide(list(job["hide_paths"]), list(job["read_paths"]))
         notes = confine(plan, view)
     except Exception as exc:  # never run the program in a half-built sandbox
         print(f"[stepwell] sandbox: could not be set up for {job['argv'][-2]}: {exc} "

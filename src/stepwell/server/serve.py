@@ -131,7 +131,7 @@ class Serving:
         self._ready = threading.Event()
         self._info_path = state_dir(self.spec.root) / SERVER_FILE
         #: True once this process joined a Ray cluster (``--executor ray``)
-        self._left_ray = False
+        self._joined_ray = False
         #: why the server stopped by itself (the Ray cluster was lost), if it did
         self._failure: str | None = None
 
@@ -230,7 +230,7 @@ class Serving:
 
         try:
             needs_shared_store(self.store_url or "")
-            self._left_ray = join_cluster(self.settings.ray_address)
+            self._joined_ray = join_cluster(self.settings.ray_address)
         except RayExecutorError as exc:
             raise ServeError(str(exc)) from None
         return functools.partial(RayRunner, store_url=self.store_url,
@@ -315,7 +315,7 @@ class Serving:
             self.ctx.store.close()
         if self._sock is not None:
             self._sock.close()
-        if self._left_ray:  # (the Ray cluster this process started or joined)
+        if self._joined_ray:  # (the Ray cluster this process started or joined)
             import ray
 
             ray.shutdown()
