@@ -28,7 +28,7 @@ from stepwell.runtimes.plugin import (
 )
 from stepwell.runtimes.plugin.channels import FunctionCallError, SinkRefused, meta
 from stepwell.runtimes.plugin.manifest import ManifestError, parse_manifest
-from stepwell.runtimes.plugin.process import namespaces_available
+from stepwell.runtimes.plugin.process import namespaces_available, plugin_write_paths
 
 # (the test plugin's file sink writes to tmp_path)
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("sinks_write_to_tmp_path")]
@@ -202,6 +202,17 @@ def test_plugin_processes_run_in_the_run_sandbox(manager: PluginManager, app_dir
     if os.geteuid() == 0:
         assert fields["Uid"].split()[0] == "65534", fields["Uid"]
     assert manager.function_pool("revstr").exec(["abc"], CTX) == "cba"
+
+
+def test_write_paths_that_are_not_folders_are_named(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A write path that does not exist is left out, and the warning says which."""
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("STEPWELL_PLUGIN_WRITE_PATHS",
+                       f"{tmp_path}::{tmp_path / 'missing'}:{tmp_path / 'a-file'}")  # fmt: skip
+    with caplog.at_level("WARNING", logger="stepwell.plugin"):
+        assert plugin_write_paths() == [os.path.realpath(tmp_path)]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and f"{tmp_path / 'missing'}, which is not a folder" in warned[0]
 
 
 def test_function_context_reaches_plugin(manager: PluginManager) -> None:

@@ -259,9 +259,18 @@ WRITE_PATHS_ENV = "STEPWELL_PLUGIN_WRITE_PATHS"
 
 
 def plugin_write_paths() -> list[str]:
-    """The existing folders of ``$STEPWELL_PLUGIN_WRITE_PATHS``, resolved."""
-    paths = os.environ.get(WRITE_PATHS_ENV, "").split(":")
-    return sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
+    """The existing folders of ``$STEPWELL_PLUGIN_WRITE_PATHS``, resolved; one that
+    is not a folder is left out with a warning (a plugin writing there would fail
+    with a bare "read-only file system")."""
+    folders = set()
+    for path in filter(None, os.environ.get(WRITE_PATHS_ENV, "").split(":")):
+        if os.path.isdir(path):
+            folders.add(os.path.realpath(path))
+        else:
+            log.warning("%s names %s, which is not a folder: plugin processes cannot "
+                        "write there; create it, or take it out of %s",
+                        WRITE_PATHS_ENV, path, WRITE_PATHS_ENV)  # fmt: skip
+    return sorted(folders)
 
 
 def nng_socket(kind: type[pynng.Socket], timeout_ms: int = int(_POLL * 1000)) -> pynng.Socket:
