@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -831,6 +834,52 @@ def test_runs(store: Store) -> None:
         store.update_run("01a", colour="red")
     with pytest.raises(StoreError, match="no run with id 'nope'"):
         store.update_run("nope", status="failed")
+
+
+def test_records_written_later_are_seen_by_every_use_of_the_store(store: Store) -> None:
+    """``create_run_later`` (runs that changed nothing) batches records, but no call
+    of the store can miss one: each writes them first, and a timer writes them
+    within ``late_runs.DELAY`` when nothing else uses the store."""
+    store.create_run_later(RunRecord(id="01x", step="s", status="succeeded_no_data"))
+    assert store.get_run("01x").status == "succeeded_no_data"
+    store.create_run_later(RunRecord(id="01y", step="s", status="failed", error="boom"))
+    store.update_run("01y", traceback="tb")  # (a write, too, sees it)
+    assert [(r.id, r.error, r.traceback) for r in store.list_runs(step="s")] == [
+        ("01y", "boom", "tb"), ("01x", None, None)]  # fmt: skip
+    for n in range(3):
+        store.create_run_later(RunRecord(id=f"01z{n}", step="t", status="succeeded_no_data"))
+    other = open_store(store.url, Path(".")) if store.dialect.shared else None
+    try:  # another host (a PostgreSQL store) sees them once the delay is over
+        deadline = time.monotonic() + 5
+        while store._late_runs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not store._late_runs, "the timer never wrote them"
+        seen = []
+        while len(seen) < 3 and time.monotonic() < deadline:
+            seen = [r.id for r in (other or store).list_runs(step="t")]
+        assert seen == ["01z2", "01z1", "01z0"]
+    finally:
+        if other is not None:
+            other.close()
+
+
+def test_records_written_later_survive_close_and_exit(tmp_path: Path) -> None:
+    """Closing the store writes the waiting records; so does the process's exit
+    when the store was never closed."""
+    url = f"duckdb://{tmp_path / 'store.duckdb'}"
+    store = open_store(url, tmp_path)
+    store.create_run_later(RunRecord(id="01c", step="s", status="succeeded_no_data"))
+    store.close()
+    program = (f"from stepwell.store import open_store, RunRecord\n"
+               f"store = open_store({url!r}, '.')\n"
+               "store.create_run_later(RunRecord(id='01e', step='s', status='failed'))\n")  # fmt: skip
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=60)
+    store = open_store(url, tmp_path)
+    try:
+        assert [(r.id, r.status) for r in store.list_runs()] == [
+            ("01e", "failed"), ("01c", "succeeded_no_data")]  # fmt: skip
+    finally:
+        store.close()
 
 
 def test_logs(store: Store) -> None:

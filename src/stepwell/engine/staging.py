@@ -57,9 +57,10 @@ class StagedRun:
             self.unrecorded = None
 
     def close_record(self, run_fields: Mapping[str, Any]) -> None:
-        """Write the run record's final ``run_fields`` on their own (nothing staged)."""
+        """Write the run record's final ``run_fields`` on their own (nothing staged:
+        a record not written yet may be written with others, ``create_run_later``)."""
         if self.unrecorded is not None:
-            self.store.create_run(dataclasses.replace(self.unrecorded, **run_fields))
+            self.store.create_run_later(dataclasses.replace(self.unrecorded, **run_fields))
             self.unrecorded = None
         else:
             self.store.update_run(self.run_id, **run_fields)

@@ -356,6 +356,13 @@ class Store(abc.ABC):
         for run in runs:
             self.create_run(run)
 
+    def create_run_later(self, run: RunRecord) -> None:
+        """Insert the record of a run that ended having changed nothing else (no
+        rows, state or positions to commit with it). A store may hold it briefly to
+        write it with others (every other call of the store writes it first); this
+        one writes it now."""
+        self.create_run(run)
+
     @abc.abstractmethod
     def update_run(self, run_id: str, **fields: Any) -> None: ...
 

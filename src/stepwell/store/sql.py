@@ -47,6 +47,7 @@ from stepwell.store.base import (
     Transaction,
 )
 from stepwell.store.catalog import MISSING, CatalogCache, CatalogView
+from stepwell.store.late_runs import LateRuns
 
 #: Schema holding the engine's bookkeeping tables.
 META = "stepwell"
@@ -985,6 +986,7 @@ class SQLStore(Store):
         self._closed = False
         # only this process changes the tables of a store no other host writes
         self._catalog = None if self.dialect.shared else CatalogCache()
+        self._late_runs = LateRuns(self.create_runs)
         with self._autocommit() as s:
             bootstrap(s)
 
@@ -1004,6 +1006,7 @@ class SQLStore(Store):
     ) -> Session:
         if self._closed:
             raise StoreError(f"store {self.url} is closed")
+        self._late_runs.flush()  # whatever this session does may need them
         view = self._catalog.view() if self._catalog else None  # before the snapshot
         session = self._new_session(read_only=read_only, snapshot=snapshot, single=single)
         session.catalog = view
@@ -1142,6 +1145,9 @@ class SQLStore(Store):
         with self._autocommit(single=len(runs) <= 100) as s:
             insert_runs(s, runs)
 
+    def create_run_later(self, run: RunRecord) -> None:
+        self._late_runs.add(run)  # see store.late_runs
+
     def update_run(self, run_id: str, **fields: Any) -> None:
         with self._autocommit(single=True) as s:
             update_run(s, run_id, fields)
@@ -1246,6 +1252,7 @@ class SQLStore(Store):
     def close(self) -> None:
         if self._closed:
             return
+        self._late_runs.flush_or_log()
         self._closed = True
         with self._open_lock:
             sessions = list(self._open)
