@@ -74,7 +74,12 @@ def main() -> None:
                 for name in times:
                     began = time.perf_counter()
                     run = runner.run_step(name)
+                    # until its record can be read: a run that changed nothing has it
+                    # written with others' (store/late_runs.py), here by this read
+                    recorded = store.get_run(run.id)
                     seconds = time.perf_counter() - began
+                    if recorded is None or recorded.status != run.status:
+                        raise SystemExit(f"{name}: run {run.id} has no record")
                     if not run.status.startswith("succeeded"):
                         raise SystemExit(f"{name} failed: {run.error}")
                     if name == "proc" and run.rows_in != 3:
