@@ -28,7 +28,7 @@ from typing import Any
 
 from stepwell.sandbox import linux
 from stepwell.sandbox.forkserver import base_read_paths, private_folders, sandbox_identity
-from stepwell.sandbox.isolate import ChildPlan, confine, prepare_view, traversable_ancestors
+from stepwell.sandbox.isolate import ChildPlan, confine, cover, prepare_view, traversable_ancestors
 from stepwell.sandbox.policy import DEFAULT_PROCESSES, SANDBOX_TMP, SandboxSpec
 
 
@@ -66,14 +66,8 @@ def _hide(folders: list[str], shown: list[str]) -> None:
     """Cover each of ``folders`` with an empty read-only file system in memory, in
     which only the folders of ``shown`` inside it appear (a plugin's own folder in
     the app's .stepwell, which also holds the store, its secrets and token)."""
+    cover(dict.fromkeys(folders, "size=4k,mode=0755"), keep=shown)
     for folder in folders:
-        inside = [p for p in shown if p.startswith(folder.rstrip("/") + "/")]
-        clones = [(p, linux.open_tree(p, linux.OPEN_TREE_CLONE | linux.AT_RECURSIVE)) for p in inside]
-        linux.mount("tmpfs", folder, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=4k,mode=0755")
-        for path, fd in clones:
-            os.makedirs(path, 0o755, exist_ok=True)
-            linux.move_mount_fd(fd, path)
-            os.close(fd)
         linux.mount_setattr(folder, linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID)
 
 

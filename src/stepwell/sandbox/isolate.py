@@ -234,23 +234,9 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool, own_ipc: bool) -> None:
                     covers[ancestor] = "shim"
                     break
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    clones = []
-    for path in read_paths:
-        if any(_under(path, c) for c in covers):
-            clones.append((path, linux.open_tree(path, linux.OPEN_TREE_CLONE | linux.AT_RECURSIVE)))
-    for target in sorted(covers, key=len):
-        kind = covers[target]
-        if kind == "tmp":
-            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, _tmp_options(plan))
-        elif kind == "shm":
-            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                        f"size={SHM_SIZE},mode=1777")  # fmt: skip
-        else:
-            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,mode=0755")
-    for path, fd in clones:
-        os.makedirs(path, 0o755, exist_ok=True)
-        linux.move_mount_fd(fd, path)
-        os.close(fd)
+    options = {"tmp": _tmp_options(plan), "shm": f"size={SHM_SIZE},mode=1777",
+               "shim": "size=1m,mode=0755"}  # fmt: skip
+    cover({target: options[kind] for target, kind in covers.items()}, keep=read_paths)
     hidden = list(spec.hide_paths)
     if spec.app_root:
         hidden.append(os.path.join(os.path.realpath(spec.app_root), ".stepwell"))
@@ -270,6 +256,19 @@ def _setup_filesystem(plan: ChildPlan, pidns: bool, own_ipc: bool) -> None:
                 "[stepwell] sandbox: private /proc unavailable; host processes are visible in /proc"
             )
     _make_read_only()
+
+
+def cover(targets: dict[str, str], keep: list[str]) -> None:
+    """Mount an empty tmpfs (with the given mount options) on each of ``targets``,
+    in which the paths of ``keep`` that lie inside one reappear as they were."""
+    clones = [(path, linux.open_tree(path, linux.OPEN_TREE_CLONE | linux.AT_RECURSIVE))
+              for path in keep if any(_under(path, t) for t in targets)]  # fmt: skip
+    for target in sorted(targets, key=len):
+        linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, targets[target])
+    for path, fd in clones:
+        os.makedirs(path, 0o755, exist_ok=True)
+        linux.move_mount_fd(fd, path)
+        os.close(fd)
 
 
 def _cover_message_queues(flags: int) -> None:
