@@ -183,7 +183,8 @@ def test_plugin_processes_run_in_the_run_sandbox(manager: PluginManager, app_dir
     """A plugin process runs as a run does: as the sandbox user (when the host is
     root), without capabilities, under seccomp, and the app's .stepwell shows it
     only the plugins (it read the store, the secrets and the token); it writes
-    only to its /tmp and the folders of STEPWELL_PLUGIN_WRITE_PATHS."""
+    only to its /tmp and the folders of STEPWELL_PLUGIN_WRITE_PATHS; and its /proc
+    shows no host process (their command lines may hold the store's URL)."""
     (app_dir / ".stepwell" / "secrets.toml").write_text('key = "s3cret"\n')
     out = tmp_path / "out"
     out.mkdir(mode=0o777)
@@ -196,7 +197,12 @@ def test_plugin_processes_run_in_the_run_sandbox(manager: PluginManager, app_dir
     assert seen["wrote"][tries[0]] in ("Read-only file system", "Permission denied"), seen["wrote"]
     assert seen["wrote"][tries[1]] == seen["wrote"][tries[2]] == "ok", seen["wrote"]
     assert not (app_dir / "planted.py").exists() and (out / "sink.txt").read_text() == "planted"
-    status = Path(f"/proc/{seen['pid']}/status").read_text()
+    # PID 1 of a PID namespace of its own, where it sees no other process; the host
+    # sees it as the child of the launcher it started
+    assert seen["pid"] == 1 and seen["processes"] == [1], seen["processes"]
+    launcher = who.channels[0].process.pid
+    (pid,) = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     assert fields["CapEff"].strip() == "0000000000000000" and fields["Seccomp"].strip() == "2"
     if os.geteuid() == 0:
@@ -233,7 +239,7 @@ def test_private_tmp_and_parallel_processes(manager: PluginManager) -> None:
     started = time.monotonic()
     results = who.exec_many([[0.2]] * 4, CTX)
     elapsed = time.monotonic() - started
-    assert len({r["pid"] for r in results}) == 2
+    assert len({r["process"] for r in results}) == 2
     assert elapsed < 0.75, elapsed  # one process would need 0.8 s
     # each process sees only its own sockets under /tmp; the host's real /tmp has none of them
     files = manager.function_pool("tmpfiles").exec([], CTX)
@@ -249,8 +255,8 @@ def test_two_apps_same_plugin_do_not_collide(tmp_path: Path) -> None:
             root = make_app(tmp_path / name)
             install_plugin(root, PLUGIN_SRC)
             managers.append(PluginManager(root, processes=1))
-        pids = {m.function_pool("whoami").exec([0], CTX)["pid"] for m in managers}
-        assert len(pids) == 2
+        processes = {m.function_pool("whoami").exec([0], CTX)["process"] for m in managers}
+        assert len(processes) == 2
     finally:
         for m in managers:
             m.stop_all()

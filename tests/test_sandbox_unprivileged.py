@@ -180,7 +180,8 @@ def test_a_plugin_process_started_by_an_ordinary_user_is_confined(open_tmp):
     if not _user_namespaces_allowed(open_tmp / "stage2"):
         pytest.skip("the kernel refuses user namespaces to ordinary users here")
     probe = ("echo planted > /tmp/note && ls /tmp; grep -E '^(CapEff|Seccomp):' /proc/self/status; "
-             f"touch {shlex.quote(str(open_tmp))}/outside || echo read-only")  # fmt: skip
+             f"touch {shlex.quote(str(open_tmp))}/outside || echo read-only; "
+             "echo processes $(ls /proc | grep -E '^[0-9]+$')")  # fmt: skip
     job = {"argv": ["/bin/sh", "-c", probe, "plugin.py", "{}"], "cwd": "/",
            "env": {"PATH": "/usr/bin:/bin"}, "tmp_folder": str(folder), "keep": [],
            "read_paths": [], "write_paths": [], "hide_paths": []}  # fmt: skip
@@ -194,3 +195,8 @@ def test_a_plugin_process_started_by_an_ordinary_user_is_confined(open_tmp):
     assert lines[lines.index("Seccomp:") + 1] == "2"
     assert (folder / "note").read_text() == "planted\n" and (folder / "note").stat().st_uid == NOBODY
     assert not (open_tmp / "outside").exists()
+    # a PID namespace of its own: its /proc shows its shell (1) and the few processes
+    # of the probe's pipeline, numbered from there, and no host process
+    shown = result.stdout.split("processes", 1)[1].split()
+    assert "1" in shown and len(shown) < 6 and all(int(p) < 20 for p in shown), result.stdout
+    assert "unavailable" not in result.stderr, result.stderr

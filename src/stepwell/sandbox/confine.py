@@ -5,12 +5,14 @@ main file), started and restarted by the host, not forks of the fork-server.
 This launcher, started in their place, builds the same sandbox a run gets
 (``isolate.prepare_view`` and ``isolate.confine``: mount and IPC namespaces, the
 read-only view in which only the paths the program needs reappear, rlimits, the
-sandbox user in a user namespace of its own, no capabilities, seccomp) and then
-executes the program, which keeps its pid, pipes and session. What differs from
-a run: its ``/tmp`` is the host folder ``tmp_folder`` (the SDK's sockets live
-there, the host listening on the same files), with the top-level ``/tmp``
-entries named in ``keep`` (an app or environment under ``/tmp``) inside it; it
-keeps the network; and it has no PID namespace nor time limit.
+sandbox user in a user namespace of its own, no capabilities, seccomp) in a PID
+namespace of the program's own, and then executes the program as its PID 1, with
+the launcher's pipes and session; the launcher waits outside as the host's handle
+on it (killing the launcher kills the program and whatever it started). What
+differs from a run: its ``/tmp`` is the host folder ``tmp_folder`` (the SDK's
+sockets live there, the host listening on the same files), with the top-level
+``/tmp`` entries named in ``keep`` (an app or environment under ``/tmp``) inside
+it; it keeps the network; and it has no time limit (the host times its calls).
 
 It may also write to the host folders ``write_paths`` (a file sink's output
 folder, say). ``JOB`` is JSON: ``{"argv", "cwd", "env", "tmp_folder", "keep",
@@ -23,11 +25,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
 from stepwell.sandbox import linux
-from stepwell.sandbox.forkserver import base_read_paths, private_folders, sandbox_identity
+from stepwell.sandbox.forkserver import (
+    base_read_paths,
+    enter_pid_namespace,
+    private_folders,
+    sandbox_identity,
+)
 from stepwell.sandbox.isolate import ChildPlan, confine, cover, prepare_view, traversable_ancestors
 from stepwell.sandbox.policy import DEFAULT_PROCESSES, SANDBOX_TMP, SandboxSpec
 
@@ -71,9 +79,25 @@ def _hide(folders: list[str], shown: list[str]) -> None:
         linux.mount_setattr(folder, linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID)
 
 
+def _own_pid_namespace(plan: ChildPlan) -> bool:
+    """Go on as PID 1 of a PID namespace of the program's own (see
+    ``enter_pid_namespace``): its /proc then shows only its processes (not the
+    host's command lines), and they all end with it. False, with a note, if the
+    kernel refuses."""
+    try:
+        enter_pid_namespace(user_namespace=os.geteuid() != 0)
+    except OSError as exc:
+        plan.notes.append(f"[stepwell] sandbox: PID namespace unavailable "
+                          f"({linux.errno_name(exc)}); host processes may be visible")  # fmt: skip
+        return False
+    plan.pidns = True
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     job = json.loads((sys.argv[1:] if argv is None else argv)[0])
-    plan = plan_for(job)
+    plan = plan_for(job)  # (before our own user namespace, if any: it reads who may enter where)
+    pidns = _own_pid_namespace(plan)
     try:
         view = prepare_view(plan)
         if view.tmp_inside == SANDBOX_TMP:  # (else no mount namespace: the host's /tmp)
@@ -88,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(70) from None
     for note in notes:
         print(note, file=sys.stderr, flush=True)
-    # a run's worker dies with the fork-server; this program's parent is a thread of
-    # the host, which may end long before the program should
-    linux.prctl(linux.PR_SET_PDEATHSIG, 0)
+    # it dies with the launcher outside its PID namespace (the host's handle on it),
+    # not, as a run's worker, with the fork-server; without that namespace its parent
+    # is a thread of the host, which may end long before the program should
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL if pidns else 0)
     os.execve(job["argv"][0], job["argv"], dict(os.environ))
 
 

@@ -922,24 +922,36 @@ def _enter_own_namespaces() -> bool:
     """Without privileges, become root of a user namespace of our own (our uid as 0,
     no other) and PID 1 of a PID namespace it owns: only there may the fork-server
     give each run a PID namespace (and /proc) of its own; the files, processes and
-    network it can reach stay those of its uid. The process the host started stays
-    outside and exits as we do; we die with it. Must run before any thread starts.
+    network it can reach stay those of its uid. Must run before any thread starts.
     Returns False when the kernel refuses (runs then go without PID namespaces, and
     their logs say so)."""
     if os.geteuid() == 0:
         return False
-    uid, gid = os.geteuid(), os.getegid()
     try:
-        linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWPID)
-        map_to_root(uid, gid)
-        server = os.fork()
+        enter_pid_namespace(user_namespace=True)
     except OSError:
         return False  # (a refused map leaves us unable to unshare a PID namespace)
-    if server:  # outside: the host's handle on the fork-server
-        _pid, status = os.waitpid(server, 0)
+    return True
+
+
+def enter_pid_namespace(user_namespace: bool) -> None:
+    """Go on as PID 1 of a new PID namespace (``user_namespace``: of a new user
+    namespace too, where our uid is 0 and no other, which is how a process without
+    privileges may). The process the host started stays outside as its handle: it
+    waits, then ends as we do (with our exit status, or killed by our signal); we
+    die with it. Must run before any thread starts; OSError if the kernel refuses."""
+    uid, gid = os.geteuid(), os.getegid()
+    linux.unshare(linux.CLONE_NEWPID | (linux.CLONE_NEWUSER if user_namespace else 0))
+    if user_namespace:
+        map_to_root(uid, gid)
+    inside = os.fork()
+    if inside:  # outside: the host's handle
+        _pid, status = os.waitpid(inside, 0)
+        if os.WIFSIGNALED(status):
+            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+            os.kill(os.getpid(), os.WTERMSIG(status))
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,9 +3,13 @@
 import json
 import os
 import time
+import uuid
 from typing import Any
 
 from ekuiper import Context, Function, PluginConfig, Sink, Source, plugin
+
+#: tells this process from the others (in a PID namespace of its own each is pid 1)
+PROCESS = uuid.uuid4().hex
 
 
 class Counter(Source):
@@ -160,7 +164,9 @@ class WhoAmI(Function):
                 wrote[path] = "ok"
             except OSError as exc:
                 wrote[path] = exc.strerror
-        return {"pid": os.getpid(), "rule": ctx.get_rule_id(), "env": sorted(os.environ),
+        return {"pid": os.getpid(), "process": PROCESS, "rule": ctx.get_rule_id(),
+                "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                "env": sorted(os.environ),
                 "home": os.environ.get("HOME"), "app_state": sorted(os.listdir(state)),
                 "wrote": wrote}
 
