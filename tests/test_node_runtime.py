@@ -1795,6 +1795,57 @@ def test_a_dataframe_column_of_mixed_shapes_is_stored_as_json(tmp_path):
     assert got[2] is None and json.loads(got[1]) == {"k": 1} and json.loads(got[3]) == {"k": [1, 2]}
 
 
+def test_uuid_values_are_stored_as_their_text(tmp_path):
+    """pyarrow types uuid.UUID values as 16 raw bytes: they are stored as a text
+    column of their canonical form, from records, DataFrames and into a declared
+    Text field alike, so they read back (and compare in SQL) as strings."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            schemas:
+              - schema_file: schemas/Thing.yml
+            tables:
+              - name: things
+                schema: Thing
+            steps:
+              - name: w
+                node: w.py
+              - name: r
+                node: r.py
+        """,
+        "schemas/Thing.yml": "name: Thing\nfields:\n  id: {type: Text}\n",
+        "w.py": """
+            import uuid
+            import pandas as pd
+            from patterns import Table
+            ids = Table("ids", "w")
+            ids.append([{"n": 1, "u": uuid.UUID(int=1)}, {"n": 2, "u": None}])
+            ids.append(pd.DataFrame({"n": [3], "u": [uuid.UUID(int=3)]}))
+            Table("things", "w").append({"id": uuid.UUID(int=4)})
+        """,
+        "r.py": """
+            from patterns import Table
+            for r in Table("ids").read():
+                print(r["n"], type(r["u"]).__name__, r["u"])
+            print(Table("things").read()[0]["id"])
+            print(Table("ids").read_sql(
+                "select n from ids where u = '00000000-0000-0000-0000-000000000003'"))
+        """,
+    })  # fmt: skip
+    w, r = run_app(app)
+    assert w.status == "succeeded", w.error
+    assert r.status == "succeeded", r.error
+    assert logs(app, r.id) == [
+        "1 str 00000000-0000-0000-0000-000000000001",
+        "2 NoneType None",
+        "3 str 00000000-0000-0000-0000-000000000003",
+        "00000000-0000-0000-0000-000000000004",
+        "[{'n': 3}]",
+    ]
+    with app_runner(app) as runner:
+        types = {c.name: c.type for c in runner.store.table_info("ids").columns}
+    assert types["u"] == "str"
+
+
 def test_a_huge_error_message_is_kept_short_in_the_run_record(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: loud\n    node: loud.py\n",

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from stepwell.store import ids, visibility
 from stepwell.store.base import ID_COLUMN, RunRecord, Store, StreamPosition, Transaction
+from stepwell.store.schema import normalize_column
 
 
 class StagedRun:
@@ -99,7 +100,9 @@ class StagedRun:
             if name in data.column_names and data.schema.field(name).type != type_:
                 index = data.column_names.index(name)
                 try:
-                    column = data.column(name).cast(type_)
+                    # from its stored form (a UUID as its text, not its 16 bytes)
+                    _, column = normalize_column(data.schema.field(name), data.column(name))
+                    column = column.cast(type_)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                     raise ValueError(f"field {name!r} does not fit its declared type {type_}: {exc}") from None
                 data = data.set_column(index, pa.field(name, type_), column)

@@ -127,6 +127,21 @@ def _is_json_extension(t: pa.DataType) -> bool:
     return isinstance(t, pa.BaseExtensionType) and t.extension_name == "arrow.json"
 
 
+def _is_uuid_extension(t: pa.DataType) -> bool:
+    """Arrow's UUID type, which pyarrow infers for ``uuid.UUID`` values (16 bytes each)."""
+    return isinstance(t, pa.BaseExtensionType) and t.extension_name == "arrow.uuid"
+
+
+def _uuid_texts(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A UUID column as the values' canonical text (``str(uuid)``): what Python code,
+    SQL and other tools compare and join on, where 16 raw bytes would be opaque."""
+    from uuid import UUID
+
+    texts = [None if raw is None else str(UUID(bytes=raw))
+             for chunk in column.chunks for raw in chunk.storage.to_pylist()]  # fmt: skip
+    return pa.chunked_array([pa.array(texts, pa.string())], pa.string())
+
+
 def _is_nested(t: pa.DataType) -> bool:
     return (
         pa.types.is_struct(t)
@@ -144,6 +159,8 @@ def _logical_of_type(t: pa.DataType) -> str:
     """Logical type a value of Arrow type ``t`` is stored as."""
     if _is_json_extension(t):
         return "json"
+    if _is_uuid_extension(t):
+        return "str"
     if isinstance(t, pa.BaseExtensionType):
         return _logical_of_type(t.storage_type)
     if pa.types.is_dictionary(t):
@@ -271,16 +288,18 @@ def _cast(column: pa.ChunkedArray, target: pa.DataType, *, safe: bool = True) ->
     return column if column.type == target else column.cast(target, safe=safe)
 
 
-def _normalize_column(f: pa.Field, column: pa.ChunkedArray) -> tuple[pa.Field, pa.ChunkedArray]:
+def normalize_column(f: pa.Field, column: pa.ChunkedArray) -> tuple[pa.Field, pa.ChunkedArray]:
     """One column in its canonical Arrow type."""
     t = f.type
+    if _is_uuid_extension(t):
+        return arrow_field(f.name, "str"), _uuid_texts(column)
     if isinstance(t, pa.BaseExtensionType):
         json_ext = _is_json_extension(t)
         column = pa.chunked_array([chunk.storage for chunk in column.chunks], t.storage_type)
         inner = pa.field(f.name, t.storage_type, metadata=JSON_METADATA if json_ext else f.metadata)
-        return _normalize_column(inner, column)
+        return normalize_column(inner, column)
     if pa.types.is_dictionary(t):
-        return _normalize_column(
+        return normalize_column(
             pa.field(f.name, t.value_type, metadata=f.metadata), column.cast(t.value_type)
         )
     logical = logical_type(f)
@@ -311,7 +330,7 @@ def normalize(table: pa.Table, *, name: str | None = None) -> pa.Table:
     metadata ``{b"stepwell.type": b"json"}``, dictionaries are decoded, large and
     view types become their plain forms, integers of any width become int64,
     floats float64, timestamps microseconds (tz-aware ones in UTC), durations
-    int64 microseconds, times and over-wide decimals text. All-null (``null``
+    int64 microseconds, times, over-wide decimals and UUIDs text. All-null (``null``
     typed) columns are kept as they are. Raises ``StoreError`` for duplicate
     column names or values that do not fit (an unsigned integer above 2**63).
     """
@@ -323,7 +342,7 @@ def normalize(table: pa.Table, *, name: str | None = None) -> pa.Table:
     fields, columns = [], []
     for f, column in zip(table.schema, table.columns, strict=True):
         try:
-            nf, ncol = _normalize_column(f, column)
+            nf, ncol = normalize_column(f, column)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise StoreError(
                 f"{where}, column {f.name!r}: cannot store {f.type} values: {exc}"
