@@ -1779,6 +1779,50 @@ def test_default_stream_order_comes_from_the_schema_field_roles(tmp_path):
     assert "as_stream(order_by='<column>'), with one of its columns (n)" in plain.error
 
 
+def test_init_takes_a_strictly_monotonic_ordering(tmp_path):
+    """init(strictly_monotonic_ordering=...) (used by Patterns templates) names the
+    table's default stream order when it has no patterns_id; with patterns_id, the
+    ids stay the order (they increase in commit order, a column of values need not)."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: w
+                node: w.py
+              - name: r
+                node: r.py
+              - name: typo
+                node: typo.py
+        """,
+        "w.py": """
+            from patterns import Table
+            alerts = Table("alerts", mode="w")
+            alerts.init(strictly_monotonic_ordering="timestamp")
+            alerts.append([{"timestamp": 2, "what": "b"}, {"timestamp": 1, "what": "a"}])
+            bare = Table("bare", "w")
+            bare.init(add_monotonic_id=None, strictly_monotonic_ordering="timestamp")
+            bare.append([{"timestamp": 2, "what": "b"}, {"timestamp": 1, "what": "a"}])
+        """,
+        "r.py": """
+            from patterns import Table
+            for name in ("alerts", "bare"):
+                stream = Table(name).as_stream()
+                print(name, stream.order_by_field, [r["what"] for r in stream])
+        """,
+        "typo.py": """
+            from patterns import Table
+            t = Table("other", "w")
+            t.init(strictly_monotonic_ordering="timestmap")
+            t.append({"timestamp": 1})
+        """,
+    })  # fmt: skip
+    w, r, typo = run_app(app)
+    assert w.status == "succeeded", w.error
+    assert r.status == "succeeded", r.error
+    assert logs(app, r.id) == ["alerts patterns_id ['b', 'a']", "bare timestamp ['a', 'b']"]
+    assert typo.status == "failed"
+    assert "init(strictly_monotonic_ordering='timestmap') names no column of the rows" in typo.error
+
+
 def test_a_dataframe_column_of_mixed_shapes_is_stored_as_json(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: w\n    node: w.py\n",

@@ -122,12 +122,20 @@ class StagedRun:
         unique_on: Sequence[str] | None = None,
         id_column: str | None = "patterns_id",
         add_created: str | None = None,
+        ordering: str | None = None,
         schema: Mapping[str, pa.DataType] | None = None,
     ) -> int:
+        """Stage rows of ``table``; ``ordering`` names the column the writer says
+        strictly increases (``init(strictly_monotonic_ordering=...)``)."""
         unique_on = list(unique_on or self._unique_on.get(table) or []) or None
         declared = dict(self._column_types.get(table, {}))
         declared.update(schema or {})
         data = self.prepare(data, id_column=id_column, add_created=add_created, schema=declared)
+        if ordering and data.num_rows and ordering not in data.column_names:
+            raise ValueError(
+                f"table {table!r}: init(strictly_monotonic_ordering={ordering!r}) names no "
+                f"column of the rows written (columns: {', '.join(data.column_names)})"
+            )
         if mode == "upsert":
             if not unique_on:
                 raise ValueError(
@@ -142,10 +150,11 @@ class StagedRun:
         self.rows_out += written
         if written:
             self._tables_with_rows.add(table)
-        # Patterns: a monotonic id under another name (else a created-at column, when
-        # there is no id) fills the schema's ordering role, so streams of the table
-        # go by it when they name no order; it outlives this run, so the store keeps it
-        order = id_column or add_created
+        # Patterns: the ordering the writer names, else a monotonic id under another
+        # name (else a created-at column, when there is no id) fills the schema's
+        # ordering role, so streams of a table without patterns_id go by it when they
+        # name no order; it outlives this run, so the store keeps it
+        order = ordering or id_column or add_created
         if written and order and order != ID_COLUMN and table not in self._orders_recorded:
             self.tx().set_stream_order(table, order)
             self._orders_recorded.add(table)

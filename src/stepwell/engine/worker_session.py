@@ -395,6 +395,7 @@ class WorkerSession:
             unique_on=message.get("unique_on") or (declared.unique_on if declared else None),
             id_column=message.get("id_column"),
             add_created=message.get("add_created"),
+            ordering=message.get("strictly_monotonic_ordering"),
             schema=types or None,
         )
         self._progress()

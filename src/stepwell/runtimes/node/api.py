@@ -82,6 +82,7 @@ class Table:
             "id_column": ID_COLUMN,
             "unique_on": session.table_keys.get(self.table_name),
             "add_created": None,
+            "strictly_monotonic_ordering": None,
             "schema": schema,
         }
         previous = session.tables.get(name)
@@ -191,14 +192,30 @@ class Table:
         add_created: str | None = None,
         add_monotonic_id: str | None = ID_COLUMN,
         auto_indexes: bool = True,
+        strictly_monotonic_ordering: str | None = None,
     ) -> None:
         """Set how rows are written: ``unique_on`` (needed by ``upsert``), the
-        monotonic id column (None disables ``patterns_id``), a created-at column."""
+        monotonic id column (None disables ``patterns_id``), a created-at column,
+        and the column whose values strictly increase row by row
+        (``strictly_monotonic_ordering``, Patterns' field role of that name).
+
+        That column is the table's default stream order only when the table has
+        no ``patterns_id``: the id is given at write and a stream never reads past
+        an id still in flight, so it increases in the order rows become visible,
+        which a column of the rows' own values cannot promise (a run committing
+        later with a smaller value would land behind a stream's position and never
+        be read). With ``patterns_id`` the named column is recorded, not used."""
         if isinstance(unique_on, str):
             unique_on = [unique_on]
+        if strictly_monotonic_ordering is not None and not isinstance(strictly_monotonic_ordering, str):
+            raise TypeError(
+                f"Table({self.port!r}).init(strictly_monotonic_ordering=...) takes one column "
+                f"name, not {type(strictly_monotonic_ordering).__name__}"
+            )
         self._options.update(
             unique_on=unique_on,
             add_created=add_created,
+            strictly_monotonic_ordering=strictly_monotonic_ordering,
             id_column=add_monotonic_id,
             schema=schema if schema is not None else self._options["schema"],
             schema_hints=schema_hints,
