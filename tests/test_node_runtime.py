@@ -1433,6 +1433,59 @@ def test_a_sql_steps_output_streams_each_new_result_once(tmp_path, store_url):
     assert len(big) == 4 and all(orders[r["patterns_id"]] == r["amount"] for r in big)
 
 
+def test_a_sql_steps_output_takes_the_shape_of_each_result(tmp_path, store_url):
+    """A SQL step replaces its output's rows, so an edited query may change a
+    column's type (text -> int, int -> text) or drop one: a result of another shape
+    starts a new version with its shape, and a stream over the output still reads
+    each new result once (a result of the same shape keeps the version)."""
+    app = write_app(tmp_path / "app", {
+        "stepwell.yml": """
+            steps:
+              - name: gen
+                node: gen.py
+              - name: summary
+                sql: summary.sql
+                output: summary
+              - name: follow
+                node: follow.py
+        """,
+        "gen.py": """
+            from patterns import Table
+            Table("src", "w").append({"k": 1})
+        """,
+        "summary.sql": "select 'n' || cast(count(*) as varchar) as c, 'x' as extra from src\n",
+        "follow.py": """
+            from patterns import Table
+            seen = Table("seen", "w")
+            for r in Table("summary").as_stream():
+                seen.append({"got": f"{r['c']!r} {r.get('extra')}"})
+        """,
+    })  # fmt: skip
+
+    def run(query: str | None = None) -> None:
+        if query:
+            (app / "summary.sql").write_text(query)
+        runs = run_app(app, store_url)
+        assert [r.status for r in runs] == ["succeeded"] * 3, [r.error for r in runs]
+
+    def shape() -> tuple[dict[str, str], int]:
+        with app_runner(app, store_url) as runner:
+            info = runner.store.table_info("summary")
+        return {c.name: c.type for c in info.columns}, info.version
+
+    run()
+    run()  # the same shape: rows replaced in place
+    assert shape() == ({"c": "str", "extra": "str", "patterns_id": "str"}, 1)
+    run("select count(*) as c from src\n")  # text -> int (was kept text), extra dropped
+    run()
+    assert shape() == ({"c": "int", "patterns_id": "str"}, 2)
+    run("select cast(count(*) as varchar) as c from src\n")  # int -> text (failed)
+    assert shape() == ({"c": "str", "patterns_id": "str"}, 3)
+    assert [r["got"] for r in rows(app, "seen", store_url, order_by="patterns_id")] == [
+        "'n1' x", "'n2' x", "3 None", "4 None", "'5' None",
+    ]
+
+
 def test_state_and_positions_are_read_only_by_nodes_that_use_them(tmp_path):
     app = write_app(tmp_path / "app", {
         "stepwell.yml": "steps:\n  - name: plain\n    node: plain.py\n  - name: keeps\n    node: keeps.py\n",

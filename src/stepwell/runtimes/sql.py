@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import pyarrow as pa
+
 from stepwell.runtimes.sqlcheck import restrict_select, template_tables, unwritten_tables
-from stepwell.store.base import ID_COLUMN
+from stepwell.store.base import ID_COLUMN, ColumnInfo
+from stepwell.store.schema import NULL, logical_type
 
 
 def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[str],
@@ -45,10 +48,31 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
             ) from None
         raise
     output = step.sql_output()
-    if staged.store.table_info(output, count_rows=False) is not None:
-        staged.truncate(output)
     # Rows get a patterns_id (larger than any earlier run's), so a stream over the
     # output reads each new result once; a result that selects an input's
     # patterns_id keeps those ids instead.
     id_column = None if ID_COLUMN in result.column_names else ID_COLUMN
+    info = staged.store.table_info(output, count_rows=False)
+    if info is not None:
+        if _same_shape(info.columns, result.schema, id_column):
+            staged.truncate(output)
+        else:
+            # The result replaces the rows, so it sets the columns too (as Table.replace
+            # does): a new version, whose first rows give its shape. A stream over the
+            # output reads the new version from its start, so still each result once,
+            # and its position in the old version, whose values may be of the old
+            # column types, is not compared with the new ones.
+            staged.reset(output)
     return staged.write(output, result, mode="append", id_column=id_column)
+
+
+def _same_shape(columns: Iterable[ColumnInfo], result: pa.Schema, id_column: str | None) -> bool:
+    """Whether the output's ``columns`` are exactly the result's (plus the id column
+    the write adds); an all-null result column fits a column of any type."""
+    incoming = {f.name: logical_type(f) for f in result}
+    if id_column:
+        incoming[id_column] = "str"
+    existing = {c.name: c.type for c in columns}
+    return existing.keys() == incoming.keys() and all(
+        incoming[name] in (existing[name], NULL) for name in existing
+    )
