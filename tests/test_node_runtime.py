@@ -1427,6 +1427,8 @@ def test_a_sql_steps_output_streams_each_new_result_once(tmp_path, store_url):
     assert [(r["n"], r["total"]) for r in seen] == [(3, 60), (6, 120)]
     (totals,) = rows(app, "totals", store_url)  # the output holds the latest result only
     assert totals["n"] == 6 and totals["patterns_id"]
+    with app_runner(app, store_url) as runner:  # a result of the same shape: no new version
+        assert runner.store.table_info("totals").version == 1
     # a result that selects an input's patterns_id keeps those ids
     orders = {r["patterns_id"]: r["amount"] for r in rows(app, "orders", store_url)}
     big = rows(app, "big", store_url)

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from stepwell.runtimes.sqlcheck import restrict_select, template_tables, unwritten_tables
 from stepwell.store.base import ID_COLUMN, ColumnInfo
-from stepwell.store.schema import NULL, logical_type
+from stepwell.store.schema import NULL, base_type, logical_type, widen
 
 
 def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[str],
@@ -67,12 +67,18 @@ def run_sql_step(step, app_root: Path, staged, dialect: str, tables: Iterable[st
 
 
 def _same_shape(columns: Iterable[ColumnInfo], result: pa.Schema, id_column: str | None) -> bool:
-    """Whether the output's ``columns`` are exactly the result's (plus the id column
-    the write adds); an all-null result column fits a column of any type."""
+    """Whether the output's ``columns`` are the result's (plus the id column the
+    write adds), each of the same kind: an all-null result column fits any type,
+    and a decimal column takes a result's other precision or scale by widening
+    (PostgreSQL types an unconstrained ``numeric`` by its values, so a sum's
+    precision grows with it: a new version for that would come with every digit)."""
     incoming = {f.name: logical_type(f) for f in result}
     if id_column:
         incoming[id_column] = "str"
     existing = {c.name: c.type for c in columns}
     return existing.keys() == incoming.keys() and all(
-        incoming[name] in (existing[name], NULL) for name in existing
-    )
+        incoming[name] == NULL
+        or (base_type(incoming[name]) == base_type(existing[name])
+            and widen(existing[name], incoming[name]) is not None)
+        for name in existing
+    )  # fmt: skip
