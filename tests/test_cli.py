@@ -477,3 +477,134 @@ def test_a_declared_table_without_rows_yet_is_empty_not_missing(tmp_path):
         assert json.loads(cli("table", str(app), name, "--json").stdout) == []
     misspelt = cli("table", str(app), "ordrs")
     assert misspelt.returncode == 1 and "did you mean 'orders'?" in misspelt.stderr, misspelt.stderr
+
+
+def _script() -> str:
+    """The real `stepwell` console script (what a shell runs)."""
+    import sys
+
+    script = Path(sys.executable).parent / "stepwell"
+    assert script.exists(), f"{script}: run `uv sync` (it installs the console script)"
+    return str(script)
+
+
+def test_ctrl_c_while_the_command_line_is_still_importing_says_aborted(tmp_path):
+    """A Ctrl-C while the console script imports typer, rich and the engine (most of
+    a command's start) printed Python's KeyboardInterrupt traceback."""
+    import os
+    import signal
+    import subprocess
+
+    app = write_app(tmp_path / "app", {"stepwell.yml": "title: t\n"})
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # each import, on stderr, as it ends
+    proc = subprocess.Popen([_script(), "tables", str(app)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stderr:  # type: ignore[union-attr]
+            seen.append(line)
+            if line.split("|")[-1].strip() == "typer":  # typer imported (not yet rich, the store)
+                break
+        proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    err = "".join(line for line in rest.splitlines(keepends=True) if not line.startswith("import time:"))
+    assert (proc.returncode, err, out) == (130, "aborted\n", ""), "".join(seen[-5:]) + rest[-2000:]
+
+
+def test_ctrl_c_while_the_arguments_are_parsed_is_aborted_too(monkeypatch):
+    """typer made a Ctrl-C while it parsed the command line a silent exit 130, where
+    the rest of the CLI says "aborted": it now reaches the console script's handler."""
+    import typer
+
+    from stepwell.cli import dispatch
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(typer.core.TyperGroup, "make_context", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dispatch(["stepwell", "tables", "."])
+
+
+def test_a_broken_pipe_inside_a_command_is_its_error_line(monkeypatch, capsys):
+    """A BrokenPipeError of the command's own (a server's connection, not its
+    output) was a silent exit 1 (typer's handling); it is the error line."""
+    import stepwell.cli
+
+    def broken(*_args, **_kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(stepwell.cli, "_load", broken)
+    assert stepwell.cli.dispatch(["stepwell", "tables", "."]) == 1
+    assert capsys.readouterr().err == "error: [Errno 32] Broken pipe\n"
+
+
+def _into_closed_pipe(*args: str, cwd: Path | None = None, stderr_too: bool = False) -> tuple[int, str]:
+    """Run the real `stepwell` with its stdout (and with ``stderr_too`` its stderr)
+    a pipe whose reader has gone, as in `stepwell runs | head -1` once head has its
+    line: (exit status, stderr)."""
+    import subprocess
+
+    proc = subprocess.Popen([_script(), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()  # type: ignore[union-attr]  # (before it writes: it is still starting)
+    err = "" if stderr_too else proc.stderr.read()  # type: ignore[union-attr]
+    return proc.wait(timeout=120), err
+
+
+def test_every_read_command_into_a_closed_pipe_ends_quietly_with_141(tmp_path):
+    """They exited 1, silently (typer's handling), or with "Exception ignored ...
+    BrokenPipeError" from Python's shutdown; now 141, a process SIGPIPE killed, as
+    git or cat in `... | head -1`. A command's own failure is still exit 1, said."""
+    app = tmp_path / "demo"
+    _ok(cli("init", str(app)))
+    _ok(cli("run", str(app)))
+    run_id = json.loads(_ok(cli("runs", str(app), "--json")).stdout)[0]["id"]
+    for command in (["runs", "."], ["runs", ".", "--json"], ["tables", "."], ["tables", ".", "--json"],
+                    ["table", ".", "events"], ["table", ".", "events", "--json"], ["logs", ".", run_id],
+                    ["state", ".", "count_events"], ["--help"], ["token", ".", "--rotate"]):  # fmt: skip
+        assert _into_closed_pipe(*command, cwd=app) == (141, ""), command
+    status, err = _into_closed_pipe("runs", ".", "--step", "nosuch", cwd=app)
+    assert status == 1 and err.startswith("error: ") and "no step named 'nosuch'" in err, err
+
+
+def test_run_into_a_closed_pipe_still_runs_and_records_every_step(tmp_path):
+    """`stepwell run APP | head -1`: the warning `run` prints under its progress met the
+    closed pipe inside the run, whose BrokenPipeError ended it (no record, its
+    transaction rolled back) and the command (exit 1, later steps not run)."""
+    app = write_app(tmp_path / "app", NULL_ORDER_APP)
+    _ok(cli("run", str(app)))
+    assert _into_closed_pipe("run", str(app)) == (141, "")  # (its second run warns)
+    assert _into_closed_pipe("run", str(app), stderr_too=True) == (141, "")
+    runs = json.loads(_ok(cli("runs", str(app), "--json")).stdout)
+    assert [(r["step"], r["status"]) for r in runs] == [("read", "succeeded"), ("gen", "succeeded")] * 3
+    failing = write_app(tmp_path / "failing", {
+        "stepwell.yml": "steps:\n  - name: bad\n    node: bad.py\n",
+        "bad.py": "raise ValueError('no good')\n",
+    })
+    status, err = _into_closed_pipe("run", str(failing))
+    assert status == 1 and "error: step 'bad' failed: ValueError: no good" in err, err
+
+
+def test_ctrl_c_while_output_waits_for_its_reader_says_aborted(tmp_path):
+    """Ctrl-C while a long output waits for a reader that reads no more (a pager)."""
+    import signal
+    import subprocess
+    import time
+
+    app = write_app(tmp_path / "app", {"stepwell.yml": "title: t\n"})
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"n": i, "text": "x" * 500}) + "\n" for i in range(3000)))
+    _ok(cli("load", str(app), "big", str(rows)))
+    proc = subprocess.Popen([_script(), "table", str(app), "big", "--json", "--limit", "3000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stdout.read(1) == b"["  # type: ignore[union-attr]  # it writes; 1.5 MB do not fit
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (130, b"aborted\n")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,17 +24,35 @@ from stepwell.cli_common import (
     show_plugin_output,
 )
 from stepwell.cli_common import use_sandbox as _use_sandbox
+from stepwell.cli_entry import INTERRUPTED, run_command
+
+
+class _PassedOn(Exception):
+    """A KeyboardInterrupt or BrokenPipeError on its way through typer (see
+    :class:`_Commands`); :func:`dispatch` raises it again."""
+
+
+@contextmanager
+def _past_typer() -> Iterator[None]:
+    try:
+        yield
+    except (KeyboardInterrupt, BrokenPipeError) as exc:
+        raise _PassedOn() from exc
 
 
 class _Commands(typer.core.TyperGroup):
-    """The commands, with Ctrl-C outside a step's run reported by :func:`main`
-    ("aborted", exit 130): typer made it a silent exit 130."""
+    """The commands, with a Ctrl-C while the command line is parsed or a command
+    runs passed on to ``cli_entry`` ("aborted", exit 130) and a broken pipe (to a
+    server) reported by :func:`dispatch`: typer made the one a silent exit 130 and
+    the other a silent exit 1."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _past_typer():
+            return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: Any) -> Any:
-        try:
+        with _past_typer():
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise typer.Abort() from None
 
 
 app = typer.Typer(
@@ -181,7 +198,7 @@ def run(
 
 
 def _report_interrupted(runs: list[Any], note: str = "") -> None:
-    """The line saying what a Ctrl-C stopped; exit 130."""
+    """The line saying what a Ctrl-C stopped; exit 130 (``INTERRUPTED``)."""
     cancelled = [r for r in runs if r.status == "cancelled"]
     what = note
     if cancelled and cancelled[-1].started_at is None:
@@ -194,7 +211,7 @@ def _report_interrupted(runs: list[Any], note: str = "") -> None:
         what = (f"step {cancelled[-1].step!r} cancelled (run {cancelled[-1].id}), nothing "
                 "since its last commit point kept; ")  # fmt: skip
     print(f"interrupted: {what}later steps not run", file=sys.stderr)
-    raise typer.Exit(130)
+    raise typer.Exit(INTERRUPTED)
 
 
 def _run_on_ray(app_path: str, steps: list[str] | None, store: str | None,
@@ -551,42 +568,47 @@ def _with_current_app(argv: list[str], missing: typer.BadParameter) -> list[str]
     return [*argv[:at], ".", *argv[at:]]
 
 
-def main() -> None:
-    """Console-script entry: one clear line on failure, tracebacks with --verbose."""
-    # The host does no linear algebra; numpy's BLAS would start a thread per core
-    # that spins for a while, taking CPU from the start-up (about 0.1 s of it).
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    # a shell starts its background jobs with SIGINT ignored, and Python leaves it
-    # so: `kill -INT` stops every command all the same (as it does `run` and `serve`)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    _hoist_verbose(sys.argv)
+def dispatch(argv: list[str]) -> int:
+    """Run the command ``argv`` names; its exit status. A failure is one clear line
+    on stderr (exit 1), with its traceback under --verbose. A Ctrl-C is left to
+    ``cli_entry.run_command``."""
+    _hoist_verbose(argv)
     try:
         again = None
         try:
-            code = app(standalone_mode=False)
+            code = app(args=argv[1:], standalone_mode=False)
         except typer.BadParameter as missing:
-            again = _with_current_app(sys.argv, missing)
+            again = _with_current_app(argv, missing)
             if again is None:
                 raise
         if again is not None:  # (out of the except block: a failure then is its own)
             code = app(args=again[1:], standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
+        return code if isinstance(code, int) else 0
+    except _PassedOn as passed:
+        if isinstance(passed.__cause__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        return _failed(passed.__cause__)
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
+        return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # usage errors from typer
             exc.show()
-            sys.exit(exc.exit_code)
-        if _verbose:
-            traceback.print_exc()
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(1)
+            return exc.exit_code
+        return _failed(exc)
+
+
+def _failed(exc: BaseException | None) -> int:
+    """Report ``exc`` as one line (and its traceback with --verbose); exit status 1."""
+    if _verbose and exc is not None:
+        traceback.print_exception(exc)
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    return 1
+
+
+def main() -> None:
+    """``python -m stepwell.cli``: :func:`dispatch` as the console script
+    (``cli_entry.main``) runs it, once this module is imported."""
+    run_command(lambda: dispatch(sys.argv))
 
 
 if __name__ == "__main__":
