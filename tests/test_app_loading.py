@@ -1372,3 +1372,41 @@ def test_a_node_reading_an_unknown_table_next_to_its_ports_is_warned(tmp_path: P
     ]
     (tmp_path / "proc.py").write_text("from patterns import Table\nrows = Table('messages').read()\n")
     assert load_app(tmp_path).warnings == []
+
+
+class _Garbage:
+    """Collected with Python code in its finaliser: the GC running it in the middle
+    of a parse lets another thread in."""
+
+    def __del__(self) -> None:
+        sum(range(50))
+
+
+def test_node_code_is_scanned_on_many_threads_at_once() -> None:
+    """CPython 3.11's AST constructor counts its depth per interpreter: threads that
+    parse at the same moment failed with "SystemError: AST constructor recursion
+    depth mismatch" (seen in `stepwell serve` and in a test loading apps on four
+    threads). The loader's parsing takes turns (``app.pyparse``)."""
+    import threading
+
+    source = Path(__file__).read_text()
+    problems: list[str] = []
+
+    def scan() -> None:
+        for _ in range(40):
+            garbage = [_Garbage() for _ in range(50)]
+            for item in garbage:
+                item.cycle = item  # left to the GC, which may run mid-parse
+            del garbage
+            try:
+                scan_node_tables(source, {}, {})
+            except SystemError as exc:
+                problems.append(str(exc))
+                return
+
+    threads = [threading.Thread(target=scan) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert problems == []

@@ -46,6 +46,7 @@ from stepwell.app.models import (
     WebhookSpec,
     format_key_path,
 )
+from stepwell.app.pyparse import parse_python
 from stepwell.app.secrets import malformed_refs
 
 __all__ = ["APP_FILE_NAMES", "SqlTables", "load_app", "scan_sql_tables"]
@@ -548,7 +549,7 @@ def scan_node_tables(
     inputs = inputs or {}
     outputs = outputs or {}
     try:
-        tree = ast.parse(source)
+        tree = parse_python(source)
     except (SyntaxError, ValueError):  # the run reports it, with its line
         return [], []
     reads: list[str] = []

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stepwell.app.pyparse import parse_python
 from stepwell.engine.hosts import this_host
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.runtimes.action import templating
@@ -950,7 +951,7 @@ def warm_imports(app: Any) -> list[str]:
             else:
                 continue
             try:
-                tree = ast.parse(source)
+                tree = parse_python(source)
             except SyntaxError:
                 continue
             for node in ast.walk(tree):

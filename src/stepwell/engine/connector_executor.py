@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from stepwell.app.pyparse import parse_python
 from stepwell.engine.logs import Redactor, RunLog, secret_strings
 from stepwell.engine.staging import StagedRun
 from stepwell.engine.worker_session import Outcome, WorkerSession
@@ -118,7 +119,7 @@ def app_modules_used(app_root: Path, file: Path) -> list[Path]:
             continue
         found[path] = None
         try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
+            tree = parse_python(path.read_bytes(), filename=str(path))
         except (OSError, SyntaxError, ValueError):
             continue  # (the run itself reports a connector that does not parse)
         for name in _imported_names(tree, path, root):

@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from stepwell.app.pyparse import parse_python
+
 #: Words in a node's code that mean it will load numpy or pandas (``import numpy``,
 #: pyarrow's ``to_numpy()``, which needs numpy loaded, ``import pandas``, libraries
 #: built on numpy, ``read_dataframe()``, ``as_format="dataframe"``).
@@ -66,7 +68,7 @@ def _read_node_sources(root: Path, file: str, _mtime_ns: int, _size: int) -> tup
             continue
         sources.append((path, text))
         try:
-            tree = ast.parse(text)
+            tree = parse_python(text)
         except (SyntaxError, ValueError):
             continue  # the run itself reports the error
         todo.extend(_imported_app_files(tree, path.parent, root))
